@@ -1,0 +1,85 @@
+//! Per-object diagnostics: what was wrong with which node or peer, and whether it was left out.
+//!
+//! Pure data, shared by the registry (parse problems) and the topology engine (readiness and
+//! conflicts). Depends only on `serde`.
+
+use std::fmt;
+
+use serde::Serialize;
+
+/// What kind of object a diagnostic is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Subject {
+    /// A Kubernetes Node.
+    Node,
+    /// An external Peer resource.
+    Peer,
+    /// An input document (a file, or an item in it that is not a valid object).
+    Input,
+}
+
+/// One precise problem: which object, which key, what was wrong, and what the engine did.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Diagnostic {
+    /// Kind of the object.
+    pub subject: Subject,
+    /// Name of the node or peer (or the input's description).
+    pub name: String,
+    /// The annotation key or field that was wrong, when one was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// What was wrong, in words.
+    pub problem: String,
+    /// Whether the object was left out of the mesh because of it.
+    pub skipped: bool,
+}
+
+impl Diagnostic {
+    /// A problem with a node's annotation or field that makes the node be left out.
+    pub fn node(name: &str, key: Option<&str>, problem: impl Into<String>) -> Self {
+        Diagnostic {
+            subject: Subject::Node,
+            name: name.to_owned(),
+            key: key.map(str::to_owned),
+            problem: problem.into(),
+            skipped: true,
+        }
+    }
+
+    /// A problem with an external peer's field that makes the peer be left out.
+    pub fn peer(name: &str, key: Option<&str>, problem: impl Into<String>) -> Self {
+        Diagnostic {
+            subject: Subject::Peer,
+            name: name.to_owned(),
+            key: key.map(str::to_owned),
+            problem: problem.into(),
+            skipped: true,
+        }
+    }
+
+    /// Mark the diagnostic as a warning: the object still takes part.
+    pub fn kept(mut self) -> Self {
+        self.skipped = false;
+        self
+    }
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let subject = match self.subject {
+            Subject::Node => "node",
+            Subject::Peer => "peer",
+            Subject::Input => "input",
+        };
+        write!(f, "{subject} {}", self.name)?;
+        if let Some(key) = &self.key {
+            write!(f, ": {key}")?;
+        }
+        write!(f, ": {}", self.problem)?;
+        if self.skipped {
+            write!(f, " (left out of the mesh)")?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,1 @@
+//! Incremental engine (stub while being written).

@@ -1,0 +1,591 @@
+//! The topology engine: from nodes, peers and options to the mesh's segments, and from the mesh
+//! and one local node to that node's [`DesiredState`]. Kilo's semantics (`pkg/mesh/topology.go`,
+//! `routes.go`); differences are listed in `docs/kilo-compatibility.md`.
+//!
+//! Pure: no I/O, no async, no clock (time comes in as [`MeshOptions::now`]), deterministic.
+//! May depend on the model, diagnostics and desired state only; never on netlink, Kubernetes or
+//! tokio (a test in `tests/` checks this).
+
+mod contribute;
+pub mod incremental;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
+
+use ipnetwork::IpNetwork;
+
+use crate::desired::DesiredState;
+use crate::diagnostic::Diagnostic;
+use crate::model::{Endpoint, Granularity, MeshNode, MeshPeer, NodeName, WgKey, host_net};
+
+pub(crate) use contribute::assemble;
+pub(crate) use contribute::{Contribution, LocalContext};
+
+/// Default mesh subnet, as in Kilo.
+pub const DEFAULT_SUBNET: &str = "10.4.0.0/16";
+/// Default WireGuard port, as in Kilo.
+pub const DEFAULT_PORT: u16 = 51820;
+/// Default WireGuard interface name.
+pub const DEFAULT_INTERFACE: &str = "wiremesh0";
+/// Default CNI bridge name.
+pub const DEFAULT_BRIDGE: &str = "wmbr0";
+/// Seconds between heartbeats; a node is fresh while its last-seen is under twice this old.
+pub const CHECK_IN_PERIOD_SECS: i64 = 30;
+
+/// When traffic between nodes of one location is put in an IPIP tunnel (Kilo's `--encapsulate`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encapsulate {
+    /// Never: nodes of a location reach each other directly.
+    Never,
+    /// Only towards nodes outside the local node's internal subnet.
+    CrossSubnet,
+    /// Always (Kilo's default).
+    Always,
+}
+
+impl std::str::FromStr for Encapsulate {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "never" => Ok(Encapsulate::Never),
+            "crosssubnet" => Ok(Encapsulate::CrossSubnet),
+            "always" => Ok(Encapsulate::Always),
+            o => Err(format!("{o:?} is not never, crosssubnet or always")),
+        }
+    }
+}
+
+/// Everything besides nodes and peers that the engine's result depends on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshOptions {
+    /// Segment granularity.
+    pub granularity: Granularity,
+    /// Subnet the segments' mesh IPs are allocated from.
+    pub subnet: IpNetwork,
+    /// Listen port when the local node has no endpoint yet.
+    pub port: u16,
+    /// WireGuard interface name.
+    pub interface: String,
+    /// CNI bridge name.
+    pub bridge: String,
+    /// IPIP encapsulation inside a location.
+    pub encapsulate: Encapsulate,
+    /// Whether to route between nodes of the local location (Kilo's `--local`).
+    pub local_routes: bool,
+    /// Whether wiremesh manages the CNI bridge and pod masquerading (Kilo's `--cni`).
+    pub cni: bool,
+    /// Current Unix time for the last-seen check; `None` skips the check.
+    pub now: Option<i64>,
+    /// Fixed WireGuard MTU; `None` = automatic.
+    pub mtu: Option<u32>,
+    /// Service CIDRs, never masqueraded.
+    pub service_cidrs: Vec<IpNetwork>,
+}
+
+impl Default for MeshOptions {
+    fn default() -> Self {
+        MeshOptions {
+            granularity: Granularity::Location,
+            subnet: DEFAULT_SUBNET.parse().expect("valid default subnet"),
+            port: DEFAULT_PORT,
+            interface: DEFAULT_INTERFACE.to_owned(),
+            bridge: DEFAULT_BRIDGE.to_owned(),
+            encapsulate: Encapsulate::Always,
+            local_routes: true,
+            cni: true,
+            now: None,
+            mtu: None,
+            service_cidrs: Vec::new(),
+        }
+    }
+}
+
+/// A segment's identity and sort key: Kilo's `location:<name>` or `node:<name>`.
+///
+/// The derived order equals Kilo's string order (`location:…` sorts before `node:…`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SegmentKey {
+    /// A logical location shared by several nodes.
+    Location(String),
+    /// A node in a segment of its own.
+    Node(String),
+}
+
+impl std::fmt::Display for SegmentKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SegmentKey::Location(l) => write!(f, "location:{l}"),
+            SegmentKey::Node(n) => write!(f, "node:{n}"),
+        }
+    }
+}
+
+/// The segment a node belongs to under `granularity`.
+pub fn segment_key(node: &MeshNode, granularity: Granularity) -> SegmentKey {
+    match granularity {
+        Granularity::Location if node.internal_ip.is_some() => {
+            SegmentKey::Location(node.location.clone())
+        }
+        _ => SegmentKey::Node(node.name.0.clone()),
+    }
+}
+
+/// One segment: nodes that share one WireGuard identity (their leader's) and one mesh IP.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Segment<'a> {
+    /// The segment's key.
+    pub key: SegmentKey,
+    /// Member nodes, sorted by name.
+    pub nodes: Vec<&'a MeshNode>,
+    /// Index of the leader in `nodes`.
+    pub leader: usize,
+    /// The segment's mesh IP (on its leader's WireGuard interface).
+    pub mesh_ip: IpAddr,
+    /// Allowed IPs: each node's pod CIDRs and internal IP, then the mesh IP.
+    pub allowed_ips: Vec<IpNetwork>,
+    /// Allowed-location-ips of the members, deduplicated, sorted, overlap-filtered.
+    pub allowed_location_ips: Vec<IpNetwork>,
+}
+
+impl<'a> Segment<'a> {
+    /// The leader node.
+    pub fn leader_node(&self) -> &'a MeshNode {
+        self.nodes[self.leader]
+    }
+
+    /// The leader's public key (the segment's WireGuard identity). Ready nodes always have one.
+    pub fn public_key(&self) -> Option<WgKey> {
+        self.leader_node().key
+    }
+
+    /// Display label: the member names joined by commas.
+    pub fn label(&self) -> String {
+        let mut s = String::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            if i > 0 {
+                s.push(',');
+            }
+            s.push_str(n.name.as_str());
+        }
+        s
+    }
+}
+
+/// Build a segment from members sorted by name, with its allocated mesh IP. Allowed-location-ips
+/// are deduplicated and sorted but not yet overlap-filtered.
+pub fn make_segment<'a>(key: SegmentKey, nodes: Vec<&'a MeshNode>, mesh_ip: IpAddr) -> Segment<'a> {
+    let leader = find_leader(&nodes);
+    let mut allowed_ips = Vec::with_capacity(nodes.len() * 2 + 1);
+    let mut alips = BTreeSet::new();
+    for n in &nodes {
+        allowed_ips.extend(n.pod_cidrs.iter().copied());
+        if let Some(ip) = n.internal_ip {
+            allowed_ips.push(host_net(ip.ip()));
+        }
+        alips.extend(n.allowed_location_ips.iter().copied());
+    }
+    allowed_ips.push(host_net(mesh_ip));
+    Segment {
+        key,
+        nodes,
+        leader,
+        mesh_ip,
+        allowed_ips,
+        allowed_location_ips: alips.into_iter().collect(),
+    }
+}
+
+/// Kilo's leader choice among nodes sorted by name: the first volunteer with a public
+/// endpoint, else the first volunteer, else the first node with a public endpoint, else the first.
+pub fn find_leader(nodes: &[&MeshNode]) -> usize {
+    let public = |n: &MeshNode| n.endpoint.as_ref().is_some_and(Endpoint::is_public);
+    nodes
+        .iter()
+        .position(|n| n.leader && public(n))
+        .or_else(|| nodes.iter().position(|n| n.leader))
+        .or_else(|| nodes.iter().position(|n| public(n)))
+        .unwrap_or(0)
+}
+
+/// The `index`-th mesh IP of `subnet` (index 0 is the first address after the network address).
+pub fn allocate(subnet: IpNetwork, index: usize) -> Option<IpAddr> {
+    let offset = u128::try_from(index).ok()?.checked_add(1)?;
+    match subnet {
+        IpNetwork::V4(n) => {
+            let base = u32::from(n.network()) as u128;
+            let ip = u32::try_from(base.checked_add(offset)?).ok()?;
+            let ip = std::net::Ipv4Addr::from(ip);
+            n.contains(ip).then_some(IpAddr::V4(ip))
+        }
+        IpNetwork::V6(n) => {
+            let ip = std::net::Ipv6Addr::from(u128::from(n.network()).checked_add(offset)?);
+            n.contains(ip).then_some(IpAddr::V6(ip))
+        }
+    }
+}
+
+/// Why a node is not ready to take part, or `None` when it is.
+pub fn not_ready_reason(node: &MeshNode, now: Option<i64>) -> Option<&'static str> {
+    if node.key.is_none() {
+        return Some("no WireGuard public key published yet");
+    }
+    if node.endpoint.is_none() {
+        return Some("no endpoint published yet");
+    }
+    if node.pod_cidrs.is_empty() {
+        return Some("no pod CIDR assigned yet");
+    }
+    if let (Some(now), Some(seen)) = (now, node.last_seen)
+        && now - seen >= 2 * CHECK_IN_PERIOD_SECS
+    {
+        return Some("last-seen heartbeat is stale (agent not running?)");
+    }
+    None
+}
+
+/// The whole mesh, independent of which node looks at it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Topology<'a> {
+    /// Granularity used.
+    pub granularity: Granularity,
+    /// Mesh subnet.
+    pub subnet: IpNetwork,
+    /// Segments in Kilo's order; the i-th has the i-th mesh IP.
+    pub segments: Vec<Segment<'a>>,
+    /// External peers that take part, sorted by name, allowed IPs deduplicated among them.
+    pub peers: Vec<MeshPeer>,
+    /// Every node or peer left out or warned about, and why.
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+/// The ready nodes, sorted by name and unique by name and key, plus diagnostics for the rest.
+pub fn ready_nodes<'a>(
+    nodes: impl IntoIterator<Item = &'a MeshNode>,
+    now: Option<i64>,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Vec<&'a MeshNode> {
+    let nodes = nodes.into_iter();
+    let mut ready: Vec<&MeshNode> = Vec::with_capacity(nodes.size_hint().0);
+    for n in nodes {
+        match not_ready_reason(n, now) {
+            None => ready.push(n),
+            Some(why) => diagnostics.push(Diagnostic::node(n.name.as_str(), None, why)),
+        }
+    }
+    ready.sort_by(|a, b| a.name.cmp(&b.name));
+    ready.dedup_by(|b, a| {
+        let dup = a.name == b.name;
+        if dup {
+            diagnostics.push(Diagnostic::node(
+                b.name.as_str(),
+                None,
+                "the same node name appears twice; the first one is used",
+            ));
+        }
+        dup
+    });
+    let mut owners: HashMap<WgKey, &NodeName> = HashMap::with_capacity(ready.len());
+    ready.retain(|n| {
+        let Some(key) = n.key else { return false };
+        match owners.get(&key) {
+            Some(first) => {
+                diagnostics.push(Diagnostic::node(
+                    n.name.as_str(),
+                    Some("key"),
+                    format!("public key {key} is already used by node {first}"),
+                ));
+                false
+            }
+            None => {
+                owners.insert(key, &n.name);
+                true
+            }
+        }
+    });
+    ready
+}
+
+/// External peers that take part: sorted by name, keys not used by nodes, allowed IPs
+/// deduplicated among peers (Kilo's `deduplicatePeerIPs`).
+pub fn ready_peers(
+    peers: &[MeshPeer],
+    node_keys: &dyn Fn(&WgKey) -> Option<String>,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Vec<MeshPeer> {
+    let mut sorted: Vec<&MeshPeer> = peers.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut seen_ips = BTreeSet::new();
+    let mut seen_keys = BTreeMap::new();
+    let mut out = Vec::with_capacity(sorted.len());
+    for p in sorted {
+        if let Some(node) = node_keys(&p.key) {
+            diagnostics.push(Diagnostic::peer(
+                p.name.as_str(),
+                Some("spec.publicKey"),
+                format!("public key {} is already used by node {node}", p.key),
+            ));
+            continue;
+        }
+        if let Some(first) = seen_keys.insert(p.key, p.name.clone()) {
+            seen_keys.insert(p.key, first.clone());
+            diagnostics.push(Diagnostic::peer(
+                p.name.as_str(),
+                Some("spec.publicKey"),
+                format!("public key {} is already used by peer {first}", p.key),
+            ));
+            continue;
+        }
+        let mut q = p.clone();
+        q.allowed_ips.retain(|ip| seen_ips.insert(*ip));
+        out.push(q);
+    }
+    out
+}
+
+/// Build the mesh from all nodes and peers.
+pub fn build<'a>(
+    nodes: impl IntoIterator<Item = &'a MeshNode>,
+    peers: &[MeshPeer],
+    opts: &MeshOptions,
+) -> Topology<'a> {
+    let mut diagnostics = Vec::new();
+    let ready = ready_nodes(nodes, opts.now, &mut diagnostics);
+    let mut groups: BTreeMap<SegmentKey, Vec<&MeshNode>> = BTreeMap::new();
+    if opts.granularity == Granularity::Full {
+        // Each node is its own segment; names are sorted and unique, so is the key order.
+        let mut segments = Vec::with_capacity(ready.len());
+        for (i, n) in ready.iter().enumerate() {
+            let Some(ip) = allocate(opts.subnet, i) else {
+                diagnostics.push(out_of_ips(n, opts.subnet));
+                continue;
+            };
+            segments.push(make_segment(
+                SegmentKey::Node(n.name.0.clone()),
+                vec![*n],
+                ip,
+            ));
+        }
+        return finish(segments, peers, opts, diagnostics);
+    }
+    for n in ready {
+        groups
+            .entry(segment_key(n, opts.granularity))
+            .or_default()
+            .push(n);
+    }
+    let mut segments = Vec::with_capacity(groups.len());
+    for (i, (key, members)) in groups.into_iter().enumerate() {
+        let Some(ip) = allocate(opts.subnet, i) else {
+            for n in members {
+                diagnostics.push(out_of_ips(n, opts.subnet));
+            }
+            continue;
+        };
+        segments.push(make_segment(key, members, ip));
+    }
+    finish(segments, peers, opts, diagnostics)
+}
+
+fn out_of_ips(n: &MeshNode, subnet: IpNetwork) -> Diagnostic {
+    Diagnostic::node(
+        n.name.as_str(),
+        None,
+        format!("the mesh subnet {subnet} has no address left for this node's segment"),
+    )
+}
+
+fn finish<'a>(
+    mut segments: Vec<Segment<'a>>,
+    peers: &[MeshPeer],
+    opts: &MeshOptions,
+    mut diagnostics: Vec<Diagnostic>,
+) -> Topology<'a> {
+    let key_owner: HashMap<WgKey, &NodeName> = segments
+        .iter()
+        .flat_map(|s| s.nodes.iter())
+        .filter_map(|n| n.key.map(|k| (k, &n.name)))
+        .collect();
+    let peers = ready_peers(
+        peers,
+        &|k| key_owner.get(k).map(|n| n.to_string()),
+        &mut diagnostics,
+    );
+    if segments.iter().any(|s| !s.allowed_location_ips.is_empty()) {
+        filter_allowed_location_ips(&mut segments, &peers, &mut diagnostics);
+    }
+    Topology {
+        granularity: opts.granularity,
+        subnet: opts.subnet,
+        segments,
+        peers,
+        diagnostics,
+    }
+}
+
+fn overlaps(a: &IpNetwork, b: &IpNetwork) -> bool {
+    a.contains(b.network()) || b.contains(a.network())
+}
+
+/// Kilo's `filterAllowedLocationIPs`: drop an allowed-location-ip that another location also
+/// claims, that lies inside a segment's allowed IP, or that overlaps an external peer's.
+fn filter_allowed_location_ips(
+    segments: &mut [Segment<'_>],
+    peers: &[MeshPeer],
+    diagnostics: &mut Vec<Diagnostic>,
+) {
+    // Kilo filters segment by segment, each against the already-filtered earlier ones.
+    for i in 0..segments.len() {
+        let candidates = std::mem::take(&mut segments[i].allowed_location_ips);
+        let mut kept = Vec::with_capacity(candidates.len());
+        'ips: for ip in candidates {
+            for (j, s) in segments.iter().enumerate() {
+                let other_alips: &[IpNetwork] = if j == i { &[] } else { &s.allowed_location_ips };
+                if let Some(o) = other_alips.iter().find(|o| overlaps(&ip, o)) {
+                    diagnostics.push(alip_diag(
+                        &segments[i],
+                        ip,
+                        format!("overlaps {o} of {}", s.key),
+                    ));
+                    continue 'ips;
+                }
+                if let Some(o) = s.allowed_ips.iter().find(|o| o.contains(ip.network())) {
+                    diagnostics.push(alip_diag(
+                        &segments[i],
+                        ip,
+                        format!("lies inside allowed IP {o} of {}", s.key),
+                    ));
+                    continue 'ips;
+                }
+            }
+            for p in peers {
+                if let Some(o) = p.allowed_ips.iter().find(|o| overlaps(&ip, o)) {
+                    diagnostics.push(alip_diag(
+                        &segments[i],
+                        ip,
+                        format!("overlaps {o} of peer {}", p.name),
+                    ));
+                    continue 'ips;
+                }
+            }
+            kept.push(ip);
+        }
+        segments[i].allowed_location_ips = kept;
+    }
+}
+
+fn alip_diag(seg: &Segment<'_>, ip: IpNetwork, why: String) -> Diagnostic {
+    let owner = seg
+        .nodes
+        .iter()
+        .find(|n| n.allowed_location_ips.contains(&ip))
+        .map(|n| n.name.to_string())
+        .unwrap_or_else(|| seg.key.to_string());
+    Diagnostic::node(
+        &owner,
+        Some("allowed-location-ips"),
+        format!("{ip} is ignored: it {why}"),
+    )
+    .kept()
+}
+
+/// Why a desired state cannot be computed for the local node.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LocalError {
+    /// The local node is not among the nodes.
+    #[error("node {0} is not in the cluster")]
+    Unknown(String),
+    /// The local node is present but cannot take part.
+    #[error("node {0} cannot take part in the mesh: {1}")]
+    NotReady(String, String),
+}
+
+/// The result of a full computation for one node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// What the node should program.
+    pub desired: DesiredState,
+    /// Problems found in the input.
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+impl<'a> Topology<'a> {
+    /// Index of the segment that holds node `name`, if it takes part.
+    pub fn segment_of(&self, name: &NodeName) -> Option<usize> {
+        self.segments
+            .iter()
+            .position(|s| s.nodes.iter().any(|n| &n.name == name))
+    }
+
+    /// The endpoints the local node should use for NATed peers: its own discoveries first, then
+    /// those of every node in segment order (Kilo's `discoveredEndpoints`).
+    pub fn discovered_endpoints(&self, local: &MeshNode) -> BTreeMap<WgKey, SocketAddr> {
+        let mut out = local.discovered_endpoints.clone();
+        for s in &self.segments {
+            for n in &s.nodes {
+                for (k, v) in &n.discovered_endpoints {
+                    out.entry(*k).or_insert(*v);
+                }
+            }
+        }
+        out
+    }
+
+    /// What node `local` should program.
+    pub fn desired_for(
+        &self,
+        local: &NodeName,
+        opts: &MeshOptions,
+    ) -> Result<DesiredState, LocalError> {
+        self.local_state(local, opts).map(|(d, _)| d)
+    }
+
+    /// What node `local` should program, and the conflicts found while merging (two peers or
+    /// routes claiming the same destination).
+    pub fn local_state(
+        &self,
+        local: &NodeName,
+        opts: &MeshOptions,
+    ) -> Result<(DesiredState, Vec<Diagnostic>), LocalError> {
+        let idx = self.segment_of(local).ok_or_else(|| {
+            match self
+                .diagnostics
+                .iter()
+                .find(|d| d.name == local.as_str() && d.skipped)
+            {
+                Some(d) => LocalError::NotReady(local.to_string(), d.problem.clone()),
+                None => LocalError::Unknown(local.to_string()),
+            }
+        })?;
+        let ctx = LocalContext::new(self, idx, local, opts);
+        let mut contributions = Vec::with_capacity(self.segments.len() + self.peers.len() + 1);
+        contributions.push(ctx.own());
+        for (i, s) in self.segments.iter().enumerate() {
+            contributions.push(ctx.segment(s, i == idx));
+        }
+        for p in &self.peers {
+            contributions.push(ctx.peer(p));
+        }
+        Ok(assemble(&ctx, contributions))
+    }
+}
+
+/// The full computation: build the mesh, then node `local`'s desired state.
+pub fn compute(
+    nodes: &[MeshNode],
+    peers: &[MeshPeer],
+    local: &NodeName,
+    opts: &MeshOptions,
+) -> Result<Plan, LocalError> {
+    let topo = build(nodes, peers, opts);
+    let (desired, conflicts) = topo.local_state(local, opts)?;
+    let mut diagnostics = topo.diagnostics;
+    diagnostics.extend(conflicts);
+    Ok(Plan {
+        desired,
+        diagnostics,
+    })
+}
+
+#[cfg(test)]
+mod tests;
