@@ -1,1 +1,670 @@
-//! Incremental engine (stub while being written).
+//! The incremental engine: holds the cluster view, takes one event at a time and returns the
+//! change to the local node's desired state.
+//!
+//! Common events (a node changes inside its location, an endpoint moves, a key rotates, a node
+//! joins or leaves) recompute only the segments they touch: work proportional to the change.
+//! Events whose effect is global (the local node itself changes, its segment's leader changes,
+//! discovered endpoints change, allowed-location-ips or conflicting claims exist, any external
+//! peer changes) fall back to a full recomputation and a diff. Both paths use the same
+//! per-segment contribution functions as [`super::compute`], so they cannot disagree; a property
+//! test checks that any event sequence ends in the full computation's state.
+//!
+//! Pure: no I/O, no clock, no async. Depends on the topology module, model and desired state.
+
+use std::collections::{BTreeMap, HashMap};
+
+use ipnetwork::IpNetwork;
+
+use super::{
+    Contribution, LocalContext, LocalError, MeshOptions, SegmentKey, allocate, build,
+    make_segment, not_ready_reason, segment_key,
+};
+use crate::desired::{DesiredDelta, DesiredState, Masquerade, Route, Rule, WgPeer};
+use crate::diagnostic::Diagnostic;
+use crate::model::{MeshNode, MeshPeer, NodeName, WgKey};
+
+/// One change in the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A node was added or changed.
+    NodeUpsert(MeshNode),
+    /// A node was removed.
+    NodeRemove(NodeName),
+    /// An external peer was added or changed.
+    PeerUpsert(MeshPeer),
+    /// An external peer was removed.
+    PeerRemove(NodeName),
+}
+
+/// What an event did to the local node's desired state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Update {
+    /// The state changed by this delta (possibly empty).
+    Delta(DesiredDelta),
+    /// The local node became able to take part: here is its whole state.
+    Full(DesiredState),
+    /// The local node cannot take part (any more).
+    Unavailable(LocalError),
+}
+
+/// Who contributed a piece of the desired state.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum Owner {
+    Own,
+    Segment(SegmentKey),
+    Peer(NodeName),
+}
+
+/// The desired state held as indexes, so one contribution can be swapped in O(size · log n).
+#[derive(Debug, Clone, Default)]
+struct Index {
+    peers: BTreeMap<WgKey, WgPeer>,
+    /// Allowed IPs held by some peer, with how many hold them.
+    allowed: BTreeMap<IpNetwork, usize>,
+    routes: BTreeMap<(u32, IpNetwork), Route>,
+    rules: BTreeMap<Rule, usize>,
+    sources: BTreeMap<IpNetwork, usize>,
+    destinations: BTreeMap<IpNetwork, usize>,
+    exempt: BTreeMap<IpNetwork, usize>,
+}
+
+fn count_add(map: &mut BTreeMap<IpNetwork, usize>, items: &[IpNetwork]) -> bool {
+    let mut changed = false;
+    for i in items {
+        let c = map.entry(*i).or_insert(0);
+        changed |= *c == 0;
+        *c += 1;
+    }
+    changed
+}
+
+fn count_remove(map: &mut BTreeMap<IpNetwork, usize>, items: &[IpNetwork]) -> bool {
+    let mut changed = false;
+    for i in items {
+        if let Some(c) = map.get_mut(i) {
+            *c -= 1;
+            if *c == 0 {
+                map.remove(i);
+                changed = true;
+            }
+        }
+    }
+    changed
+}
+
+/// The incremental engine for one local node.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    opts: MeshOptions,
+    local: NodeName,
+    nodes: BTreeMap<NodeName, MeshNode>,
+    peers: BTreeMap<NodeName, MeshPeer>,
+    /// Segment keys in order: position = mesh IP index.
+    order: Vec<SegmentKey>,
+    /// Ready members of each segment, sorted by name.
+    members: HashMap<SegmentKey, Vec<NodeName>>,
+    /// Leader name of each segment.
+    leaders: HashMap<SegmentKey, NodeName>,
+    /// Which ready node holds which key.
+    key_owner: HashMap<WgKey, NodeName>,
+    contributions: HashMap<Owner, Contribution>,
+    ctx: Option<LocalContext>,
+    local_segment: Option<SegmentKey>,
+    index: Index,
+    /// Diagnostics of the last full computation, plus readiness of nodes changed since.
+    global_diagnostics: Vec<Diagnostic>,
+    readiness: BTreeMap<NodeName, Diagnostic>,
+    /// Set when the fast path cannot be trusted: conflicts, allowed-location-ips, no local node.
+    slow: bool,
+    local_error: Option<LocalError>,
+}
+
+impl Engine {
+    /// An engine for node `local` over the given nodes and peers.
+    pub fn new(
+        nodes: impl IntoIterator<Item = MeshNode>,
+        peers: impl IntoIterator<Item = MeshPeer>,
+        local: NodeName,
+        opts: MeshOptions,
+    ) -> Self {
+        let mut e = Engine {
+            opts,
+            local,
+            nodes: nodes.into_iter().map(|n| (n.name.clone(), n)).collect(),
+            peers: peers.into_iter().map(|p| (p.name.clone(), p)).collect(),
+            order: Vec::new(),
+            members: HashMap::new(),
+            leaders: HashMap::new(),
+            key_owner: HashMap::new(),
+            contributions: HashMap::new(),
+            ctx: None,
+            local_segment: None,
+            index: Index::default(),
+            global_diagnostics: Vec::new(),
+            readiness: BTreeMap::new(),
+            slow: true,
+            local_error: None,
+        };
+        e.rebuild();
+        e
+    }
+
+    /// The options the engine computes with.
+    pub fn options(&self) -> &MeshOptions {
+        &self.opts
+    }
+
+    /// All nodes the engine knows, ready or not.
+    pub fn nodes(&self) -> impl Iterator<Item = &MeshNode> {
+        self.nodes.values()
+    }
+
+    /// All external peers the engine knows.
+    pub fn peers(&self) -> impl Iterator<Item = &MeshPeer> {
+        self.peers.values()
+    }
+
+    /// The local node's current desired state.
+    pub fn desired(&self) -> Result<DesiredState, LocalError> {
+        if let Some(e) = &self.local_error {
+            return Err(e.clone());
+        }
+        let Some(ctx) = &self.ctx else {
+            return Err(LocalError::Unknown(self.local.to_string()));
+        };
+        Ok(self.materialize(ctx))
+    }
+
+    /// Problems in the current input, sorted.
+    pub fn diagnostics(&self) -> Vec<Diagnostic> {
+        let mut d = self.global_diagnostics.clone();
+        d.extend(self.readiness.values().cloned());
+        d.sort();
+        d.dedup();
+        d
+    }
+
+    /// Change the current time used for the last-seen check (recomputes everything).
+    pub fn set_now(&mut self, now: Option<i64>) -> Update {
+        self.opts.now = now;
+        self.recompute()
+    }
+
+    fn materialize(&self, ctx: &LocalContext) -> DesiredState {
+        let ix = &self.index;
+        DesiredState {
+            node: ctx.name.to_string(),
+            leader: ctx.leader,
+            interface: ctx.interface(),
+            peers: ix.peers.values().cloned().collect(),
+            routes: {
+                let mut r: Vec<Route> = ix.routes.values().cloned().collect();
+                r.sort();
+                r
+            },
+            rules: ix.rules.keys().cloned().collect(),
+            bridge: ctx.bridge(),
+            masquerade: Masquerade {
+                sources: ix.sources.keys().copied().collect(),
+                destinations: ix.destinations.keys().copied().collect(),
+                exempt: ix.exempt.keys().copied().collect(),
+            },
+        }
+    }
+
+    /// Apply one event.
+    pub fn apply(&mut self, event: Event) -> Update {
+        match event {
+            Event::NodeUpsert(n) => {
+                let name = n.name.clone();
+                let old = self.nodes.insert(name.clone(), n);
+                self.node_changed(&name, old)
+            }
+            Event::NodeRemove(name) => match self.nodes.remove(&name) {
+                Some(old) => self.node_changed(&name, Some(old)),
+                None => Update::Delta(DesiredDelta::default()),
+            },
+            Event::PeerUpsert(p) => {
+                self.peers.insert(p.name.clone(), p);
+                self.recompute()
+            }
+            Event::PeerRemove(name) => {
+                if self.peers.remove(&name).is_none() {
+                    return Update::Delta(DesiredDelta::default());
+                }
+                self.recompute()
+            }
+        }
+    }
+
+    fn ready<'a>(&self, n: Option<&'a MeshNode>) -> Option<&'a MeshNode> {
+        n.filter(|n| not_ready_reason(n, self.opts.now).is_none())
+    }
+
+    /// Handle a changed node; `old` is its previous value (the new one is in `self.nodes`).
+    fn node_changed(&mut self, name: &NodeName, old: Option<MeshNode>) -> Update {
+        match self.try_fast(name, old.as_ref()) {
+            Some(delta) => Update::Delta(delta),
+            None => self.recompute(),
+        }
+    }
+
+    /// The fast path; `None` when the event needs a full recomputation (nothing was changed).
+    fn try_fast(&mut self, name: &NodeName, old: Option<&MeshNode>) -> Option<DesiredDelta> {
+        if self.slow || *name == self.local {
+            return None;
+        }
+        let ctx = self.ctx.clone()?;
+        let local_segment = self.local_segment.clone()?;
+        let new = self.nodes.get(name);
+        let old_ready = self.ready(old);
+        let new_ready = self.ready(new);
+        // Global inputs: discovered endpoints, allowed-location-ips.
+        fn discovered(n: Option<&MeshNode>) -> Option<&BTreeMap<WgKey, std::net::SocketAddr>> {
+            n.map(|n| &n.discovered_endpoints).filter(|d| !d.is_empty())
+        }
+        if discovered(old_ready) != discovered(new_ready) {
+            return None;
+        }
+        if new_ready.is_some_and(|n| !n.allowed_location_ips.is_empty()) {
+            return None;
+        }
+        if let Some(k) = new_ready.and_then(|n| n.key)
+            && self.key_owner.get(&k).is_some_and(|o| o != name)
+        {
+            return None;
+        }
+        let old_seg = old_ready.map(|n| segment_key(n, self.opts.granularity));
+        let new_seg = new_ready.map(|n| segment_key(n, self.opts.granularity));
+        let old_key = old_ready.and_then(|n| n.key);
+        let new_key = new_ready.and_then(|n| n.key);
+
+        // New membership of the touched segments.
+        let mut touched: BTreeMap<SegmentKey, Vec<NodeName>> = BTreeMap::new();
+        for key in [&old_seg, &new_seg].into_iter().flatten() {
+            let mut m = self.members.get(key).cloned().unwrap_or_default();
+            m.retain(|n| n != name);
+            touched.insert(key.clone(), m);
+        }
+        if let Some(k) = &new_seg
+            && let Some(m) = touched.get_mut(k)
+            && let Err(pos) = m.binary_search(name)
+        {
+            m.insert(pos, name.clone());
+        }
+        // New segment order: segments appear or disappear.
+        let mut order = None;
+        let mut first_shift = usize::MAX;
+        for (key, m) in &touched {
+            let pos = self.order.binary_search(key);
+            match (pos, m.is_empty()) {
+                (Ok(i), true) | (Err(i), false) => {
+                    first_shift = first_shift.min(i);
+                    let o = order.get_or_insert_with(|| self.order.clone());
+                    match o.binary_search(key) {
+                        Ok(j) => {
+                            o.remove(j);
+                        }
+                        Err(j) => o.insert(j, key.clone()),
+                    }
+                }
+                _ => {}
+            }
+        }
+        let order_ref = order.as_ref().unwrap_or(&self.order);
+        // The local segment must keep its place (its mesh IP is the interface address).
+        if first_shift != usize::MAX {
+            let local_pos = self.order.binary_search(&local_segment).ok()?;
+            if local_pos >= first_shift {
+                return None;
+            }
+        }
+        // Segments whose contribution must be recomputed.
+        let mut recompute: Vec<SegmentKey> = touched.keys().cloned().collect();
+        if first_shift != usize::MAX {
+            recompute.extend(order_ref.iter().skip(first_shift).cloned());
+            recompute.sort();
+            recompute.dedup();
+        }
+        let mut new_contribs: Vec<(SegmentKey, Option<(Contribution, NodeName)>)> =
+            Vec::with_capacity(recompute.len());
+        for key in &recompute {
+            let members = touched.get(key).or_else(|| self.members.get(key));
+            let Some(members) = members.filter(|m| !m.is_empty()) else {
+                new_contribs.push((key.clone(), None));
+                continue;
+            };
+            let idx = order_ref.binary_search(key).ok()?;
+            let ip = allocate(self.opts.subnet, idx)?;
+            let refs: Vec<&MeshNode> = members.iter().filter_map(|n| self.nodes.get(n)).collect();
+            if refs.len() != members.len() {
+                return None;
+            }
+            let seg = make_segment(key.clone(), refs, ip);
+            let leader = seg.leader_node().name.clone();
+            if *key == local_segment && self.leaders.get(key) != Some(&leader) {
+                return None; // The local node's gateway or leadership changes.
+            }
+            let c = ctx.segment(&seg, *key == local_segment);
+            new_contribs.push((key.clone(), Some((c, leader))));
+        }
+        if !self.claims_are_free(&new_contribs) {
+            return None;
+        }
+
+        // Commit: remove every replaced contribution first, then add the new ones, so a key or
+        // route that moves between two touched segments is not lost.
+        let mut delta = DesiredDelta::default();
+        let mut removed_peers: BTreeMap<WgKey, WgPeer> = BTreeMap::new();
+        let mut nat_changed = false;
+        for (key, _) in &new_contribs {
+            if let Some(old_c) = self.contributions.remove(&Owner::Segment(key.clone())) {
+                if let Some(p) = &old_c.peer {
+                    removed_peers.insert(p.public_key, p.clone());
+                }
+                nat_changed |= self.index_remove(&old_c, &mut delta);
+            }
+        }
+        for (key, c) in new_contribs {
+            match c {
+                Some((c, leader)) => {
+                    nat_changed |= self.index_add(&c, &mut delta);
+                    self.contributions.insert(Owner::Segment(key.clone()), c);
+                    self.leaders.insert(key, leader);
+                }
+                None => {
+                    self.leaders.remove(&key);
+                }
+            }
+        }
+        // A peer re-added unchanged is no change.
+        delta
+            .peers_upserted
+            .retain(|p| removed_peers.get(&p.public_key) != Some(p));
+        let kept: std::collections::BTreeSet<WgKey> = self.index.peers.keys().copied().collect();
+        delta.peers_removed.retain(|k| !kept.contains(k));
+        for (key, m) in touched {
+            if m.is_empty() {
+                self.members.remove(&key);
+            } else {
+                self.members.insert(key, m);
+            }
+        }
+        if let Some(o) = order {
+            self.order = o;
+        }
+        if let Some(k) = old_key {
+            self.key_owner.remove(&k);
+        }
+        if let Some(k) = new_key {
+            self.key_owner.insert(k, name.clone());
+        }
+        match self.nodes.get(name).and_then(|n| not_ready_reason(n, self.opts.now)) {
+            Some(why) => {
+                self.readiness
+                    .insert(name.clone(), Diagnostic::node(name.as_str(), None, why));
+            }
+            None => {
+                self.readiness.remove(name);
+            }
+        }
+        self.normalize_delta(&mut delta);
+        if nat_changed {
+            delta.masquerade = Some(Masquerade {
+                sources: self.index.sources.keys().copied().collect(),
+                destinations: self.index.destinations.keys().copied().collect(),
+                exempt: self.index.exempt.keys().copied().collect(),
+            });
+        }
+        Some(delta)
+    }
+
+    /// Whether the new contributions claim no allowed IP or route that another contribution
+    /// (outside the ones being replaced) holds, and none twice among themselves.
+    fn claims_are_free(&self, new: &[(SegmentKey, Option<(Contribution, NodeName)>)]) -> bool {
+        let replaced: Vec<&Contribution> = new
+            .iter()
+            .filter_map(|(k, _)| self.contributions.get(&Owner::Segment(k.clone())))
+            .collect();
+        let mut ips: HashMap<IpNetwork, ()> = HashMap::new();
+        let mut routes: HashMap<(u32, IpNetwork), ()> = HashMap::new();
+        let mut keys: HashMap<WgKey, ()> = HashMap::new();
+        let freed_ip = |ip: &IpNetwork| {
+            replaced
+                .iter()
+                .any(|c| c.peer.as_ref().is_some_and(|p| p.allowed_ips.contains(ip)))
+        };
+        let freed_route = |k: &(u32, IpNetwork)| {
+            replaced
+                .iter()
+                .any(|c| c.routes.iter().any(|r| (r.table, r.dst) == *k))
+        };
+        for (_, c) in new {
+            let Some((c, _)) = c else { continue };
+            if let Some(p) = &c.peer {
+                if keys.insert(p.public_key, ()).is_some() {
+                    return false;
+                }
+                if let Some(existing) = self.index.peers.get(&p.public_key)
+                    && !replaced.iter().any(|r| r.peer.as_ref() == Some(existing))
+                {
+                    return false;
+                }
+                for ip in &p.allowed_ips {
+                    if ips.insert(*ip, ()).is_some() {
+                        return false;
+                    }
+                    if self.index.allowed.contains_key(ip) && !freed_ip(ip) {
+                        return false;
+                    }
+                }
+            }
+            for r in &c.routes {
+                let k = (r.table, r.dst);
+                if routes.insert(k, ()).is_some() {
+                    return false;
+                }
+                if self.index.routes.contains_key(&k) && !freed_route(&k) {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Remove a contribution from the index, recording what disappears. Returns whether the
+    /// masquerade sets changed.
+    fn index_remove(&mut self, c: &Contribution, delta: &mut DesiredDelta) -> bool {
+        if let Some(p) = &c.peer {
+            self.index.peers.remove(&p.public_key);
+            count_remove(&mut self.index.allowed, &p.allowed_ips);
+            delta.peers_removed.push(p.public_key);
+        }
+        for r in &c.routes {
+            if self.index.routes.remove(&(r.table, r.dst)).is_some() {
+                delta.routes_removed.push(r.clone());
+            }
+        }
+        for r in &c.rules {
+            if let Some(n) = self.index.rules.get_mut(r) {
+                *n -= 1;
+                if *n == 0 {
+                    self.index.rules.remove(r);
+                    delta.rules_removed.push(r.clone());
+                }
+            }
+        }
+        let a = count_remove(&mut self.index.sources, &c.nat_sources);
+        let b = count_remove(&mut self.index.destinations, &c.nat_destinations);
+        let e = count_remove(&mut self.index.exempt, &c.nat_exempt);
+        a | b | e
+    }
+
+    /// Add a contribution to the index, recording what appears.
+    fn index_add(&mut self, c: &Contribution, delta: &mut DesiredDelta) -> bool {
+        if let Some(p) = &c.peer {
+            self.index.peers.insert(p.public_key, p.clone());
+            count_add(&mut self.index.allowed, &p.allowed_ips);
+            delta.peers_upserted.push(p.clone());
+        }
+        for r in &c.routes {
+            self.index.routes.insert((r.table, r.dst), r.clone());
+            delta.routes_added.push(r.clone());
+        }
+        for r in &c.rules {
+            let n = self.index.rules.entry(r.clone()).or_insert(0);
+            if *n == 0 {
+                delta.rules_added.push(r.clone());
+            }
+            *n += 1;
+        }
+        let a = count_add(&mut self.index.sources, &c.nat_sources);
+        let b = count_add(&mut self.index.destinations, &c.nat_destinations);
+        let e = count_add(&mut self.index.exempt, &c.nat_exempt);
+        a | b | e
+    }
+
+    /// Cancel out removals and re-additions of the same thing, and sort.
+    fn normalize_delta(&self, d: &mut DesiredDelta) {
+        // A key both removed and upserted is an upsert.
+        let upserted: std::collections::BTreeSet<WgKey> =
+            d.peers_upserted.iter().map(|p| p.public_key).collect();
+        d.peers_removed.retain(|k| !upserted.contains(k));
+        d.peers_removed.sort();
+        d.peers_removed.dedup();
+        d.peers_upserted.sort();
+        d.peers_upserted.dedup_by(|b, a| a.public_key == b.public_key);
+        let mut added: Vec<Route> = std::mem::take(&mut d.routes_added);
+        let mut removed: Vec<Route> = std::mem::take(&mut d.routes_removed);
+        added.sort();
+        removed.sort();
+        let (a, r) = cancel(added, removed);
+        d.routes_added = a;
+        d.routes_removed = r;
+        let mut ra = std::mem::take(&mut d.rules_added);
+        let mut rr = std::mem::take(&mut d.rules_removed);
+        ra.sort();
+        rr.sort();
+        let (a, r) = cancel(ra, rr);
+        d.rules_added = a;
+        d.rules_removed = r;
+    }
+
+    /// Rebuild every index from scratch and diff against the previous state.
+    fn recompute(&mut self) -> Update {
+        let before = self.desired();
+        self.rebuild();
+        let after = self.desired();
+        match (before, after) {
+            (Ok(b), Ok(a)) => Update::Delta(DesiredDelta::between(&b, &a)),
+            (_, Ok(a)) => Update::Full(a),
+            (_, Err(e)) => Update::Unavailable(e),
+        }
+    }
+
+    fn rebuild(&mut self) {
+        let peers: Vec<MeshPeer> = self.peers.values().cloned().collect();
+        let topo = build(self.nodes.values(), &peers, &self.opts);
+        self.order = topo.segments.iter().map(|s| s.key.clone()).collect();
+        self.members = topo
+            .segments
+            .iter()
+            .map(|s| (s.key.clone(), s.nodes.iter().map(|n| n.name.clone()).collect()))
+            .collect();
+        self.leaders = topo
+            .segments
+            .iter()
+            .map(|s| (s.key.clone(), s.leader_node().name.clone()))
+            .collect();
+        self.key_owner = topo
+            .segments
+            .iter()
+            .flat_map(|s| s.nodes.iter())
+            .filter_map(|n| n.key.map(|k| (k, n.name.clone())))
+            .collect();
+        self.readiness.clear();
+        self.contributions.clear();
+        self.index = Index::default();
+        self.ctx = None;
+        self.local_segment = None;
+        self.local_error = None;
+        let any_alips = topo
+            .segments
+            .iter()
+            .any(|s| s.nodes.iter().any(|n| !n.allowed_location_ips.is_empty()));
+        let Some(idx) = topo.segment_of(&self.local) else {
+            self.local_error = topo.desired_for(&self.local, &self.opts).err();
+            self.global_diagnostics = topo.diagnostics;
+            self.slow = true;
+            return;
+        };
+        let ctx = LocalContext::new(&topo, idx, &self.local, &self.opts);
+        let mut contributions: Vec<(Owner, Contribution)> =
+            Vec::with_capacity(topo.segments.len() + topo.peers.len() + 1);
+        contributions.push((Owner::Own, ctx.own()));
+        for (i, s) in topo.segments.iter().enumerate() {
+            contributions.push((Owner::Segment(s.key.clone()), ctx.segment(s, i == idx)));
+        }
+        for p in &topo.peers {
+            contributions.push((Owner::Peer(p.name.clone()), ctx.peer(p)));
+        }
+        let (state, conflicts) = super::assemble(
+            &ctx,
+            contributions.iter().map(|(_, c)| c.clone()).collect(),
+        );
+        self.slow = any_alips || !conflicts.is_empty();
+        // Index the assembled state (it already resolved any conflicts).
+        let ix = &mut self.index;
+        ix.peers = state.peers.iter().map(|p| (p.public_key, p.clone())).collect();
+        for p in &state.peers {
+            count_add(&mut ix.allowed, &p.allowed_ips);
+        }
+        ix.routes = state
+            .routes
+            .iter()
+            .map(|r| ((r.table, r.dst), r.clone()))
+            .collect();
+        for (_, c) in &contributions {
+            for r in &c.rules {
+                *ix.rules.entry(r.clone()).or_insert(0) += 1;
+            }
+            count_add(&mut ix.sources, &c.nat_sources);
+            count_add(&mut ix.destinations, &c.nat_destinations);
+            count_add(&mut ix.exempt, &c.nat_exempt);
+        }
+        self.contributions = contributions.into_iter().collect();
+        self.local_segment = Some(topo.segments[idx].key.clone());
+        self.ctx = Some(ctx);
+        let mut diags = topo.diagnostics;
+        diags.extend(conflicts);
+        // Readiness diagnostics are tracked per node so the fast path can update them.
+        for d in diags {
+            if d.skipped && d.key.is_none() && self.nodes.get(&NodeName(d.name.clone())).is_some_and(|n| not_ready_reason(n, self.opts.now).is_some()) {
+                self.readiness.insert(NodeName(d.name.clone()), d);
+            } else {
+                self.global_diagnostics.push(d);
+            }
+        }
+    }
+}
+
+/// Remove items present in both sorted lists.
+fn cancel<T: Ord>(added: Vec<T>, removed: Vec<T>) -> (Vec<T>, Vec<T>) {
+    let (mut a_out, mut r_out) = (Vec::new(), Vec::new());
+    let mut a = added.into_iter().peekable();
+    let mut r = removed.into_iter().peekable();
+    loop {
+        match (a.peek(), r.peek()) {
+            (Some(x), Some(y)) if x == y => {
+                a.next();
+                r.next();
+            }
+            (Some(x), Some(y)) if x < y => a_out.extend(a.next()),
+            (Some(_), Some(_)) => r_out.extend(r.next()),
+            (Some(_), None) => a_out.extend(a.next()),
+            (None, Some(_)) => r_out.extend(r.next()),
+            (None, None) => break,
+        }
+    }
+    (a_out, r_out)
+}
