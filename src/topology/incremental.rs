@@ -16,8 +16,8 @@ use std::collections::{BTreeMap, HashMap};
 use ipnetwork::IpNetwork;
 
 use super::{
-    Contribution, LocalContext, LocalError, MeshOptions, SegmentKey, allocate, build,
-    make_segment, not_ready_reason, segment_key,
+    Contribution, LocalContext, LocalError, MeshOptions, SegmentKey, allocate, build, make_segment,
+    not_ready_reason, segment_key,
 };
 use crate::desired::{DesiredDelta, DesiredState, Masquerade, Route, Rule, WgPeer};
 use crate::diagnostic::Diagnostic;
@@ -47,6 +47,15 @@ pub enum Update {
     Unavailable(LocalError),
 }
 
+/// How events were handled so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Events handled by recomputing only the touched segments.
+    pub incremental: u64,
+    /// Events (and the initial build) handled by a full recomputation.
+    pub full: u64,
+}
+
 /// Who contributed a piece of the desired state.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 enum Owner {
@@ -68,28 +77,50 @@ struct Index {
     exempt: BTreeMap<IpNetwork, usize>,
 }
 
-fn count_add(map: &mut BTreeMap<IpNetwork, usize>, items: &[IpNetwork]) -> bool {
-    let mut changed = false;
+/// Count `items` in; every network that appears is toggled in `flips`.
+fn count_add(
+    map: &mut BTreeMap<IpNetwork, usize>,
+    items: &[IpNetwork],
+    flips: &mut Flips,
+    set: u8,
+) {
     for i in items {
         let c = map.entry(*i).or_insert(0);
-        changed |= *c == 0;
+        if *c == 0 {
+            flips.toggle(set, *i);
+        }
         *c += 1;
     }
-    changed
 }
 
-fn count_remove(map: &mut BTreeMap<IpNetwork, usize>, items: &[IpNetwork]) -> bool {
-    let mut changed = false;
+/// Count `items` out; every network that disappears is toggled in `flips`.
+fn count_remove(
+    map: &mut BTreeMap<IpNetwork, usize>,
+    items: &[IpNetwork],
+    flips: &mut Flips,
+    set: u8,
+) {
     for i in items {
         if let Some(c) = map.get_mut(i) {
             *c -= 1;
             if *c == 0 {
                 map.remove(i);
-                changed = true;
+                flips.toggle(set, *i);
             }
         }
     }
-    changed
+}
+
+/// Networks whose presence changed an odd number of times: the net change of a set.
+#[derive(Debug, Default)]
+struct Flips(std::collections::BTreeSet<(u8, IpNetwork)>);
+
+impl Flips {
+    fn toggle(&mut self, set: u8, n: IpNetwork) {
+        if !self.0.remove(&(set, n)) {
+            self.0.insert((set, n));
+        }
+    }
 }
 
 /// The incremental engine for one local node.
@@ -117,6 +148,7 @@ pub struct Engine {
     /// Set when the fast path cannot be trusted: conflicts, allowed-location-ips, no local node.
     slow: bool,
     local_error: Option<LocalError>,
+    stats: EngineStats,
 }
 
 impl Engine {
@@ -144,9 +176,15 @@ impl Engine {
             readiness: BTreeMap::new(),
             slow: true,
             local_error: None,
+            stats: EngineStats::default(),
         };
         e.rebuild();
         e
+    }
+
+    /// How many events took the incremental and the full path.
+    pub fn stats(&self) -> EngineStats {
+        self.stats
     }
 
     /// The options the engine computes with.
@@ -222,7 +260,7 @@ impl Engine {
             }
             Event::NodeRemove(name) => match self.nodes.remove(&name) {
                 Some(old) => self.node_changed(&name, Some(old)),
-                None => Update::Delta(DesiredDelta::default()),
+                None => self.unchanged(),
             },
             Event::PeerUpsert(p) => {
                 self.peers.insert(p.name.clone(), p);
@@ -230,10 +268,18 @@ impl Engine {
             }
             Event::PeerRemove(name) => {
                 if self.peers.remove(&name).is_none() {
-                    return Update::Delta(DesiredDelta::default());
+                    return self.unchanged();
                 }
                 self.recompute()
             }
+        }
+    }
+
+    /// The update for an event that changed nothing.
+    fn unchanged(&self) -> Update {
+        match self.desired() {
+            Ok(_) => Update::Delta(DesiredDelta::default()),
+            Err(e) => Update::Unavailable(e),
         }
     }
 
@@ -244,7 +290,10 @@ impl Engine {
     /// Handle a changed node; `old` is its previous value (the new one is in `self.nodes`).
     fn node_changed(&mut self, name: &NodeName, old: Option<MeshNode>) -> Update {
         match self.try_fast(name, old.as_ref()) {
-            Some(delta) => Update::Delta(delta),
+            Some(delta) => {
+                self.stats.incremental += 1;
+                Update::Delta(delta)
+            }
             None => self.recompute(),
         }
     }
@@ -356,19 +405,19 @@ impl Engine {
         // route that moves between two touched segments is not lost.
         let mut delta = DesiredDelta::default();
         let mut removed_peers: BTreeMap<WgKey, WgPeer> = BTreeMap::new();
-        let mut nat_changed = false;
+        let mut flips = Flips::default();
         for (key, _) in &new_contribs {
             if let Some(old_c) = self.contributions.remove(&Owner::Segment(key.clone())) {
                 if let Some(p) = &old_c.peer {
                     removed_peers.insert(p.public_key, p.clone());
                 }
-                nat_changed |= self.index_remove(&old_c, &mut delta);
+                self.index_remove(&old_c, &mut delta, &mut flips);
             }
         }
         for (key, c) in new_contribs {
             match c {
                 Some((c, leader)) => {
-                    nat_changed |= self.index_add(&c, &mut delta);
+                    self.index_add(&c, &mut delta, &mut flips);
                     self.contributions.insert(Owner::Segment(key.clone()), c);
                     self.leaders.insert(key, leader);
                 }
@@ -399,7 +448,11 @@ impl Engine {
         if let Some(k) = new_key {
             self.key_owner.insert(k, name.clone());
         }
-        match self.nodes.get(name).and_then(|n| not_ready_reason(n, self.opts.now)) {
+        match self
+            .nodes
+            .get(name)
+            .and_then(|n| not_ready_reason(n, self.opts.now))
+        {
             Some(why) => {
                 self.readiness
                     .insert(name.clone(), Diagnostic::node(name.as_str(), None, why));
@@ -409,7 +462,7 @@ impl Engine {
             }
         }
         self.normalize_delta(&mut delta);
-        if nat_changed {
+        if !flips.0.is_empty() {
             delta.masquerade = Some(Masquerade {
                 sources: self.index.sources.keys().copied().collect(),
                 destinations: self.index.destinations.keys().copied().collect(),
@@ -472,12 +525,16 @@ impl Engine {
         true
     }
 
-    /// Remove a contribution from the index, recording what disappears. Returns whether the
-    /// masquerade sets changed.
-    fn index_remove(&mut self, c: &Contribution, delta: &mut DesiredDelta) -> bool {
+    /// Remove a contribution from the index, recording what disappears.
+    fn index_remove(&mut self, c: &Contribution, delta: &mut DesiredDelta, flips: &mut Flips) {
         if let Some(p) = &c.peer {
             self.index.peers.remove(&p.public_key);
-            count_remove(&mut self.index.allowed, &p.allowed_ips);
+            count_remove(
+                &mut self.index.allowed,
+                &p.allowed_ips,
+                &mut Flips::default(),
+                0,
+            );
             delta.peers_removed.push(p.public_key);
         }
         for r in &c.routes {
@@ -494,17 +551,21 @@ impl Engine {
                 }
             }
         }
-        let a = count_remove(&mut self.index.sources, &c.nat_sources);
-        let b = count_remove(&mut self.index.destinations, &c.nat_destinations);
-        let e = count_remove(&mut self.index.exempt, &c.nat_exempt);
-        a | b | e
+        count_remove(&mut self.index.sources, &c.nat_sources, flips, 1);
+        count_remove(&mut self.index.destinations, &c.nat_destinations, flips, 2);
+        count_remove(&mut self.index.exempt, &c.nat_exempt, flips, 3);
     }
 
     /// Add a contribution to the index, recording what appears.
-    fn index_add(&mut self, c: &Contribution, delta: &mut DesiredDelta) -> bool {
+    fn index_add(&mut self, c: &Contribution, delta: &mut DesiredDelta, flips: &mut Flips) {
         if let Some(p) = &c.peer {
             self.index.peers.insert(p.public_key, p.clone());
-            count_add(&mut self.index.allowed, &p.allowed_ips);
+            count_add(
+                &mut self.index.allowed,
+                &p.allowed_ips,
+                &mut Flips::default(),
+                0,
+            );
             delta.peers_upserted.push(p.clone());
         }
         for r in &c.routes {
@@ -518,10 +579,9 @@ impl Engine {
             }
             *n += 1;
         }
-        let a = count_add(&mut self.index.sources, &c.nat_sources);
-        let b = count_add(&mut self.index.destinations, &c.nat_destinations);
-        let e = count_add(&mut self.index.exempt, &c.nat_exempt);
-        a | b | e
+        count_add(&mut self.index.sources, &c.nat_sources, flips, 1);
+        count_add(&mut self.index.destinations, &c.nat_destinations, flips, 2);
+        count_add(&mut self.index.exempt, &c.nat_exempt, flips, 3);
     }
 
     /// Cancel out removals and re-additions of the same thing, and sort.
@@ -533,7 +593,8 @@ impl Engine {
         d.peers_removed.sort();
         d.peers_removed.dedup();
         d.peers_upserted.sort();
-        d.peers_upserted.dedup_by(|b, a| a.public_key == b.public_key);
+        d.peers_upserted
+            .dedup_by(|b, a| a.public_key == b.public_key);
         let mut added: Vec<Route> = std::mem::take(&mut d.routes_added);
         let mut removed: Vec<Route> = std::mem::take(&mut d.routes_removed);
         added.sort();
@@ -563,13 +624,19 @@ impl Engine {
     }
 
     fn rebuild(&mut self) {
+        self.stats.full += 1;
         let peers: Vec<MeshPeer> = self.peers.values().cloned().collect();
         let topo = build(self.nodes.values(), &peers, &self.opts);
         self.order = topo.segments.iter().map(|s| s.key.clone()).collect();
         self.members = topo
             .segments
             .iter()
-            .map(|s| (s.key.clone(), s.nodes.iter().map(|n| n.name.clone()).collect()))
+            .map(|s| {
+                (
+                    s.key.clone(),
+                    s.nodes.iter().map(|n| n.name.clone()).collect(),
+                )
+            })
             .collect();
         self.leaders = topo
             .segments
@@ -583,6 +650,7 @@ impl Engine {
             .filter_map(|n| n.key.map(|k| (k, n.name.clone())))
             .collect();
         self.readiness.clear();
+        self.global_diagnostics.clear();
         self.contributions.clear();
         self.index = Index::default();
         self.ctx = None;
@@ -608,16 +676,17 @@ impl Engine {
         for p in &topo.peers {
             contributions.push((Owner::Peer(p.name.clone()), ctx.peer(p)));
         }
-        let (state, conflicts) = super::assemble(
-            &ctx,
-            contributions.iter().map(|(_, c)| c.clone()).collect(),
-        );
-        self.slow = any_alips || !conflicts.is_empty();
+        let (state, conflicts) =
+            super::assemble(&ctx, contributions.iter().map(|(_, c)| c.clone()).collect());
         // Index the assembled state (it already resolved any conflicts).
         let ix = &mut self.index;
-        ix.peers = state.peers.iter().map(|p| (p.public_key, p.clone())).collect();
+        ix.peers = state
+            .peers
+            .iter()
+            .map(|p| (p.public_key, p.clone()))
+            .collect();
         for p in &state.peers {
-            count_add(&mut ix.allowed, &p.allowed_ips);
+            count_add(&mut ix.allowed, &p.allowed_ips, &mut Flips::default(), 0);
         }
         ix.routes = state
             .routes
@@ -628,23 +697,34 @@ impl Engine {
             for r in &c.rules {
                 *ix.rules.entry(r.clone()).or_insert(0) += 1;
             }
-            count_add(&mut ix.sources, &c.nat_sources);
-            count_add(&mut ix.destinations, &c.nat_destinations);
-            count_add(&mut ix.exempt, &c.nat_exempt);
+            let mut ignore = Flips::default();
+            count_add(&mut ix.sources, &c.nat_sources, &mut ignore, 1);
+            count_add(&mut ix.destinations, &c.nat_destinations, &mut ignore, 2);
+            count_add(&mut ix.exempt, &c.nat_exempt, &mut ignore, 3);
         }
         self.contributions = contributions.into_iter().collect();
         self.local_segment = Some(topo.segments[idx].key.clone());
         self.ctx = Some(ctx);
         let mut diags = topo.diagnostics;
         diags.extend(conflicts);
-        // Readiness diagnostics are tracked per node so the fast path can update them.
+        // Readiness diagnostics are tracked per node so the fast path can update them; any other
+        // diagnostic (duplicate key, conflict, no mesh IP left) means a change elsewhere may bring
+        // a shadowed node back, which only a full recomputation sees.
         for d in diags {
-            if d.skipped && d.key.is_none() && self.nodes.get(&NodeName(d.name.clone())).is_some_and(|n| not_ready_reason(n, self.opts.now).is_some()) {
-                self.readiness.insert(NodeName(d.name.clone()), d);
+            let name = NodeName(d.name.clone());
+            let unready = d.key.is_none()
+                && self
+                    .nodes
+                    .get(&name)
+                    .and_then(|n| not_ready_reason(n, self.opts.now))
+                    .is_some_and(|why| why == d.problem);
+            if unready {
+                self.readiness.insert(name, d);
             } else {
                 self.global_diagnostics.push(d);
             }
         }
+        self.slow = any_alips || !self.global_diagnostics.is_empty();
     }
 }
 

@@ -7,7 +7,14 @@ fn key(b: u8) -> WgKey {
     WgKey([b; 32])
 }
 
-fn node(name: &str, loc: &str, k: u8, endpoint: &str, internal: Option<&str>, pod: &str) -> MeshNode {
+fn node(
+    name: &str,
+    loc: &str,
+    k: u8,
+    endpoint: &str,
+    internal: Option<&str>,
+    pod: &str,
+) -> MeshNode {
     let mut n = MeshNode::new(name);
     n.location = loc.into();
     n.key = Some(key(k));
@@ -35,12 +42,33 @@ fn name(s: &str) -> NodeName {
 
 /// Kilo's test cluster shape: a and d in location 1 (d without internal IP), b and c in 2.
 fn kilo_cluster() -> Vec<MeshNode> {
-    let mut b = node("b", "2", 2, "10.1.0.2:51820", Some("192.168.0.1/32"), "10.2.2.0/24");
+    let mut b = node(
+        "b",
+        "2",
+        2,
+        "10.1.0.2:51820",
+        Some("192.168.0.1/32"),
+        "10.2.2.0/24",
+    );
     b.allowed_location_ips = vec![net("192.168.178.3/32")];
     vec![
-        node("a", "1", 1, "10.1.0.1:51820", Some("192.168.0.1/32"), "10.2.1.0/24"),
+        node(
+            "a",
+            "1",
+            1,
+            "10.1.0.1:51820",
+            Some("192.168.0.1/32"),
+            "10.2.1.0/24",
+        ),
         b,
-        node("c", "2", 3, "10.1.0.3:51820", Some("192.168.0.2/32"), "10.2.3.0/24"),
+        node(
+            "c",
+            "2",
+            3,
+            "10.1.0.3:51820",
+            Some("192.168.0.2/32"),
+            "10.2.3.0/24",
+        ),
         node("d", "1", 4, "10.1.0.4:51820", None, "10.2.4.0/24"),
     ]
 }
@@ -59,14 +87,22 @@ fn leader_is_first_public_volunteer_then_volunteer_then_public_then_first() {
     };
     let cases: Vec<(Vec<MeshNode>, usize)> = vec![
         (vec![private("a", true), public("b", true)], 1),
-        (vec![private("a", false), private("b", true), public("c", false)], 1),
+        (
+            vec![private("a", false), private("b", true), public("c", false)],
+            1,
+        ),
         (vec![private("a", false), public("b", false)], 1),
         (vec![private("a", false), private("b", false)], 0),
         (vec![public("a", false), public("b", false)], 0),
     ];
     for (nodes, want) in cases {
         let refs: Vec<&MeshNode> = nodes.iter().collect();
-        assert_eq!(find_leader(&refs), want, "{:?}", nodes.iter().map(|n| &n.name).collect::<Vec<_>>());
+        assert_eq!(
+            find_leader(&refs),
+            want,
+            "{:?}",
+            nodes.iter().map(|n| &n.name).collect::<Vec<_>>()
+        );
     }
 }
 
@@ -76,7 +112,11 @@ fn segments_are_ordered_like_kilo_and_get_mesh_ips_in_that_order() {
     let topo = build(&nodes, &[], &opts(Granularity::Location));
     let keys: Vec<String> = topo.segments.iter().map(|s| s.key.to_string()).collect();
     assert_eq!(keys, vec!["location:1", "location:2", "node:d"]);
-    let ips: Vec<String> = topo.segments.iter().map(|s| s.mesh_ip.to_string()).collect();
+    let ips: Vec<String> = topo
+        .segments
+        .iter()
+        .map(|s| s.mesh_ip.to_string())
+        .collect();
     assert_eq!(ips, vec!["10.4.0.1", "10.4.0.2", "10.4.0.3"]);
 }
 
@@ -101,13 +141,23 @@ fn location_allowed_ips_are_pod_cidrs_internal_ips_then_mesh_ip() {
 fn full_mesh_peer_has_pod_cidr_internal_ip_and_mesh_ip_and_local_keepalive() {
     let mut nodes = kilo_cluster();
     nodes[0].persistent_keepalive = 25;
-    let d = compute(&nodes, &[], &name("a"), &opts(Granularity::Full)).unwrap().desired;
+    let d = compute(&nodes, &[], &name("a"), &opts(Granularity::Full))
+        .unwrap()
+        .desired;
     assert!(d.leader);
     assert_eq!(d.interface.address, Some(net("10.4.0.1/16")));
     assert_eq!(d.interface.listen_port, 51820);
     assert_eq!(d.peers.len(), 3);
     let b = d.peers.iter().find(|p| p.public_key == key(2)).unwrap();
-    assert_eq!(b.allowed_ips, vec![net("10.2.2.0/24"), net("192.168.0.1/32"), net("10.4.0.2/32"), net("192.168.178.3/32")]);
+    assert_eq!(
+        b.allowed_ips,
+        vec![
+            net("10.2.2.0/24"),
+            net("192.168.0.1/32"),
+            net("10.4.0.2/32"),
+            net("192.168.178.3/32")
+        ]
+    );
     assert!(d.peers.iter().all(|p| p.persistent_keepalive == 25));
     let dd = d.peers.iter().find(|p| p.public_key == key(4)).unwrap();
     assert_eq!(dd.allowed_ips, vec![net("10.2.4.0/24"), net("10.4.0.4/32")]);
@@ -116,12 +166,18 @@ fn full_mesh_peer_has_pod_cidr_internal_ip_and_mesh_ip_and_local_keepalive() {
 #[test]
 fn location_leader_peers_only_with_other_segments_and_routes_them_over_wireguard() {
     let nodes = kilo_cluster();
-    let d = compute(&nodes, &[], &name("a"), &opts(Granularity::Location)).unwrap().desired;
+    let d = compute(&nodes, &[], &name("a"), &opts(Granularity::Location))
+        .unwrap()
+        .desired;
     assert!(d.leader);
     let keys: Vec<WgKey> = d.peers.iter().map(|p| p.public_key).collect();
     assert_eq!(keys, vec![key(2), key(4)]);
     // Pod CIDR of c (location 2) goes to that segment's mesh IP through WireGuard.
-    let r = d.routes.iter().find(|r| r.dst == net("10.2.3.0/24")).unwrap();
+    let r = d
+        .routes
+        .iter()
+        .find(|r| r.dst == net("10.2.3.0/24"))
+        .unwrap();
     assert_eq!(
         r,
         &Route {
@@ -134,23 +190,47 @@ fn location_leader_peers_only_with_other_segments_and_routes_them_over_wireguard
         }
     );
     // Allowed-location-ips of location 2 are routed too.
-    assert!(d.routes.iter().any(|r| r.dst == net("192.168.178.3/32") && r.dev == RouteDev::WireGuard));
+    assert!(
+        d.routes
+            .iter()
+            .any(|r| r.dst == net("192.168.178.3/32") && r.dev == RouteDev::WireGuard)
+    );
 }
 
 #[test]
 fn non_leader_has_no_peers_no_address_and_routes_everything_via_leader_internal_ip() {
     let nodes = kilo_cluster();
-    let d = compute(&nodes, &[], &name("c"), &opts(Granularity::Location)).unwrap().desired;
+    let d = compute(&nodes, &[], &name("c"), &opts(Granularity::Location))
+        .unwrap()
+        .desired;
     assert!(!d.leader);
     assert!(d.peers.is_empty());
     assert_eq!(d.interface.address, None);
     let gw: std::net::IpAddr = "192.168.0.1".parse().unwrap();
-    for dst in ["10.4.0.1/32", "10.4.0.2/32", "10.4.0.3/32", "10.2.1.0/24", "10.2.4.0/24"] {
-        let r = d.routes.iter().find(|r| r.dst == net(dst)).unwrap_or_else(|| panic!("no route to {dst}"));
-        assert_eq!((r.gateway, r.dev, r.onlink), (Some(gw), RouteDev::Private, true), "{dst}");
+    for dst in [
+        "10.4.0.1/32",
+        "10.4.0.2/32",
+        "10.4.0.3/32",
+        "10.2.1.0/24",
+        "10.2.4.0/24",
+    ] {
+        let r = d
+            .routes
+            .iter()
+            .find(|r| r.dst == net(dst))
+            .unwrap_or_else(|| panic!("no route to {dst}"));
+        assert_eq!(
+            (r.gateway, r.dev, r.onlink),
+            (Some(gw), RouteDev::Private, true),
+            "{dst}"
+        );
     }
     // Its own location's other node (b, the leader) is reached directly, not through itself.
-    let r = d.routes.iter().find(|r| r.dst == net("10.2.2.0/24")).unwrap();
+    let r = d
+        .routes
+        .iter()
+        .find(|r| r.dst == net("10.2.2.0/24"))
+        .unwrap();
     assert_eq!(r.gateway, Some(gw));
 }
 
@@ -166,10 +246,26 @@ fn node_without_internal_ip_forms_its_own_segment_in_location_mode() {
 #[test]
 fn private_ip_route_is_skipped_when_it_equals_the_endpoint_ip() {
     let nodes = vec![
-        node("a", "x", 1, "203.0.113.1:51820", Some("203.0.113.1/32"), "10.42.0.0/24"),
-        node("b", "y", 2, "203.0.113.2:51820", Some("203.0.113.2/32"), "10.42.1.0/24"),
+        node(
+            "a",
+            "x",
+            1,
+            "203.0.113.1:51820",
+            Some("203.0.113.1/32"),
+            "10.42.0.0/24",
+        ),
+        node(
+            "b",
+            "y",
+            2,
+            "203.0.113.2:51820",
+            Some("203.0.113.2/32"),
+            "10.42.1.0/24",
+        ),
     ];
-    let d = compute(&nodes, &[], &name("a"), &opts(Granularity::Full)).unwrap().desired;
+    let d = compute(&nodes, &[], &name("a"), &opts(Granularity::Full))
+        .unwrap()
+        .desired;
     assert!(!d.routes.iter().any(|r| r.dst == net("203.0.113.2/32")));
     assert!(d.routes.iter().any(|r| r.dst == net("10.42.1.0/24")));
 }
@@ -180,7 +276,9 @@ fn listen_port_follows_local_endpoint_port() {
         node("a", "x", 1, "203.0.113.1:51999", None, "10.42.0.0/24"),
         node("b", "y", 2, "203.0.113.2:51820", None, "10.42.1.0/24"),
     ];
-    let d = compute(&nodes, &[], &name("a"), &opts(Granularity::Full)).unwrap().desired;
+    let d = compute(&nodes, &[], &name("a"), &opts(Granularity::Full))
+        .unwrap()
+        .desired;
     assert_eq!(d.interface.listen_port, 51999);
 }
 
@@ -194,9 +292,20 @@ fn nat_peer_uses_discovered_endpoint_and_others_keep_theirs() {
     nodes[1].persistent_keepalive = 25; // b is behind NAT
     let seen: std::net::SocketAddr = "198.51.100.7:40000".parse().unwrap();
     nodes[0].discovered_endpoints.insert(key(2), seen);
-    nodes[0].discovered_endpoints.insert(key(3), "198.51.100.8:1".parse().unwrap());
-    let d = compute(&nodes, &[], &name("a"), &opts(Granularity::Full)).unwrap().desired;
-    let ep = |k| d.peers.iter().find(|p| p.public_key == key(k)).unwrap().endpoint.clone();
+    nodes[0]
+        .discovered_endpoints
+        .insert(key(3), "198.51.100.8:1".parse().unwrap());
+    let d = compute(&nodes, &[], &name("a"), &opts(Granularity::Full))
+        .unwrap()
+        .desired;
+    let ep = |k| {
+        d.peers
+            .iter()
+            .find(|p| p.public_key == key(k))
+            .unwrap()
+            .endpoint
+            .clone()
+    };
     assert_eq!(ep(2), Some(Endpoint::Addr(seen)));
     assert_eq!(ep(3).unwrap().to_string(), "203.0.113.3:51820");
 }
@@ -207,8 +316,13 @@ fn dns_endpoint_is_kept_as_a_name() {
         node("a", "x", 1, "203.0.113.1:51820", None, "10.42.0.0/24"),
         node("b", "y", 2, "b.example.com:51820", None, "10.42.1.0/24"),
     ];
-    let d = compute(&nodes, &[], &name("a"), &opts(Granularity::Full)).unwrap().desired;
-    assert_eq!(d.peers[0].endpoint.as_ref().unwrap().to_string(), "b.example.com:51820");
+    let d = compute(&nodes, &[], &name("a"), &opts(Granularity::Full))
+        .unwrap()
+        .desired;
+    assert_eq!(
+        d.peers[0].endpoint.as_ref().unwrap().to_string(),
+        "b.example.com:51820"
+    );
 }
 
 #[test]
@@ -232,7 +346,14 @@ fn node_without_last_seen_counts_as_fresh() {
     let nodes = kilo_cluster();
     let mut o = opts(Granularity::Full);
     o.now = Some(i64::MAX / 2);
-    assert_eq!(compute(&nodes, &[], &name("a"), &o).unwrap().desired.peers.len(), 3);
+    assert_eq!(
+        compute(&nodes, &[], &name("a"), &o)
+            .unwrap()
+            .desired
+            .peers
+            .len(),
+        3
+    );
 }
 
 #[test]
@@ -240,7 +361,9 @@ fn local_node_that_is_not_ready_is_an_error_that_says_why() {
     let mut nodes = kilo_cluster();
     nodes[0].pod_cidrs.clear();
     let e = compute(&nodes, &[], &name("a"), &opts(Granularity::Full)).unwrap_err();
-    assert!(matches!(e, LocalError::NotReady(ref n, ref why) if n == "a" && why.contains("pod CIDR")));
+    assert!(
+        matches!(e, LocalError::NotReady(ref n, ref why) if n == "a" && why.contains("pod CIDR"))
+    );
     let e = compute(&nodes, &[], &name("zz"), &opts(Granularity::Full)).unwrap_err();
     assert_eq!(e, LocalError::Unknown("zz".into()));
 }
@@ -266,11 +389,17 @@ fn external_peer_is_a_wireguard_peer_with_its_psk_and_a_route() {
         persistent_keepalive: 10,
         preshared_key: Some(key(8)),
     };
-    let d = compute(&nodes, &[peer], &name("a"), &opts(Granularity::Location)).unwrap().desired;
+    let d = compute(&nodes, &[peer], &name("a"), &opts(Granularity::Location))
+        .unwrap()
+        .desired;
     let p = d.peers.iter().find(|p| p.public_key == key(9)).unwrap();
     assert_eq!(p.preshared_key, Some(key(8)));
     assert_eq!(p.allowed_ips, vec![net("10.5.0.1/32")]);
-    let r = d.routes.iter().find(|r| r.dst == net("10.5.0.1/32")).unwrap();
+    let r = d
+        .routes
+        .iter()
+        .find(|r| r.dst == net("10.5.0.1/32"))
+        .unwrap();
     assert_eq!((r.dev, r.gateway), (RouteDev::WireGuard, None));
     assert!(d.masquerade.sources.contains(&net("10.5.0.1/32")));
 }
@@ -298,11 +427,27 @@ fn always_encapsulation_sends_location_traffic_through_the_tunnel_with_rules() {
     o.encapsulate = Encapsulate::Always;
     let d = compute(&nodes, &[], &name("b"), &o).unwrap().desired;
     // b leads location 2; c is reached through the IPIP tunnel.
-    let r = d.routes.iter().find(|r| r.dst == net("10.2.3.0/24")).unwrap();
+    let r = d
+        .routes
+        .iter()
+        .find(|r| r.dst == net("10.2.3.0/24"))
+        .unwrap();
     assert_eq!(r.dev, RouteDev::Tunnel);
-    assert!(d.routes.iter().any(|r| r.table == ENCAP_TABLE && r.dst == net("192.168.0.2/32")));
-    assert!(d.rules.iter().any(|r| r.src == Some(net("10.2.2.0/24")) && r.dst == Some(net("192.168.0.2/32"))));
-    assert!(d.rules.iter().any(|r| r.iif.as_deref() == Some("wiremesh0")));
+    assert!(
+        d.routes
+            .iter()
+            .any(|r| r.table == ENCAP_TABLE && r.dst == net("192.168.0.2/32"))
+    );
+    assert!(
+        d.rules
+            .iter()
+            .any(|r| r.src == Some(net("10.2.2.0/24")) && r.dst == Some(net("192.168.0.2/32")))
+    );
+    assert!(
+        d.rules
+            .iter()
+            .any(|r| r.iif.as_deref() == Some("wiremesh0"))
+    );
 }
 
 #[test]
@@ -311,13 +456,26 @@ fn overlapping_allowed_location_ips_of_two_locations_are_dropped_and_reported() 
     nodes[0].allowed_location_ips = vec![net("192.168.178.0/24")];
     let topo = build(&nodes, &[], &opts(Granularity::Location));
     assert!(topo.segments[0].allowed_location_ips.is_empty());
-    assert!(topo.diagnostics.iter().any(|d| d.name == "a" && d.key.as_deref() == Some("allowed-location-ips")));
+    assert!(
+        topo.diagnostics
+            .iter()
+            .any(|d| d.name == "a" && d.key.as_deref() == Some("allowed-location-ips"))
+    );
 }
 
 #[test]
 fn mesh_ips_run_out_gracefully() {
     let nodes: Vec<MeshNode> = (0..5u8)
-        .map(|i| node(&format!("n{i}"), "x", i + 1, "203.0.113.1:1", None, &format!("10.42.{i}.0/24")))
+        .map(|i| {
+            node(
+                &format!("n{i}"),
+                "x",
+                i + 1,
+                "203.0.113.1:1",
+                None,
+                &format!("10.42.{i}.0/24"),
+            )
+        })
         .collect();
     let mut o = opts(Granularity::Full);
     o.subnet = net("10.4.0.0/30"); // room for 3 addresses after the network address
@@ -330,8 +488,16 @@ fn mesh_ips_run_out_gracefully() {
 fn masquerade_exempts_every_mesh_destination_and_service_cidrs() {
     let mut o = opts(Granularity::Full);
     o.service_cidrs = vec![net("10.43.0.0/16")];
-    let d = compute(&kilo_cluster(), &[], &name("a"), &o).unwrap().desired;
-    for n in ["10.2.1.0/24", "10.2.2.0/24", "10.4.0.1/32", "10.43.0.0/16", "192.168.0.2/32"] {
+    let d = compute(&kilo_cluster(), &[], &name("a"), &o)
+        .unwrap()
+        .desired;
+    for n in [
+        "10.2.1.0/24",
+        "10.2.2.0/24",
+        "10.4.0.1/32",
+        "10.43.0.0/16",
+        "192.168.0.2/32",
+    ] {
         assert!(d.masquerade.exempt.contains(&net(n)), "{n}");
     }
     assert_eq!(d.masquerade.sources, vec![net("10.2.1.0/24")]);
@@ -340,7 +506,13 @@ fn masquerade_exempts_every_mesh_destination_and_service_cidrs() {
 
 #[test]
 fn ipv6_subnet_allocates_ipv6_mesh_ips() {
-    assert_eq!(allocate(net("fd10::/64"), 0), Some("fd10::1".parse().unwrap()));
-    assert_eq!(allocate(net("10.4.0.0/16"), 65533), Some("10.4.255.254".parse().unwrap()));
+    assert_eq!(
+        allocate(net("fd10::/64"), 0),
+        Some("fd10::1".parse().unwrap())
+    );
+    assert_eq!(
+        allocate(net("10.4.0.0/16"), 65533),
+        Some("10.4.255.254".parse().unwrap())
+    );
     assert_eq!(allocate(net("10.4.0.0/16"), 65535), None);
 }

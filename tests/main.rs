@@ -1,0 +1,6 @@
+//! One integration test binary (cheap linking): each module is one area.
+
+mod util;
+
+mod boundary;
+mod engine_props;

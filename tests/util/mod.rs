@@ -1,0 +1,3 @@
+//! Shared test helpers: generators for nodes and peers.
+
+pub mod strategy;
