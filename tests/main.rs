@@ -4,3 +4,4 @@ mod util;
 
 mod boundary;
 mod engine_props;
+mod plan_golden;

@@ -1,1 +1,282 @@
-fn main() {}
+//! `meshctl`: look at a wiremesh (or Kilo) mesh: what a node would program, the topology as a
+//! picture, and WireGuard configs for outside machines.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ipnetwork::IpNetwork;
+
+use wiremesh::cli::plan::{DeviceNames, render_json, render_text};
+use wiremesh::cli::{Inputs, auto_granularity, load};
+use wiremesh::graph::{GraphOptions, render_dot, render_svg};
+use wiremesh::model::{Granularity, NodeName};
+use wiremesh::registry::annotations::DEFAULT_TOPOLOGY_LABEL;
+use wiremesh::topology::{self, DEFAULT_INTERFACE, Encapsulate, MeshOptions};
+
+/// Inspect a WireGuard mesh computed the way the wiremesh agent computes it.
+#[derive(Parser)]
+#[command(name = "meshctl", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show what the agent on one node would program: interface, peers, routes, rules.
+    Plan(PlanArgs),
+    /// Draw the mesh: locations, leaders, WireGuard tunnels (SVG or DOT).
+    Graph(GraphArgs),
+    /// Print the WireGuard (wg-quick) configuration for a node or an external peer.
+    Showconf(ShowconfArgs),
+}
+
+/// Where the cluster comes from and how it is meshed.
+#[derive(Args, Clone)]
+struct MeshArgs {
+    /// Nodes as `kubectl get nodes -o json|yaml` prints them.
+    #[arg(long, value_name = "FILE")]
+    nodes: PathBuf,
+    /// External peers (Kilo `Peer` resources), JSON or YAML.
+    #[arg(long, value_name = "FILE")]
+    peers: Option<PathBuf>,
+    /// Mesh granularity; `auto` reads the granularity the agents publish (default location).
+    #[arg(long, value_enum, default_value_t = GranularityArg::Auto)]
+    granularity: GranularityArg,
+    /// Subnet for the WireGuard mesh IPs.
+    #[arg(long, default_value = topology::DEFAULT_SUBNET)]
+    subnet: IpNetwork,
+    /// WireGuard listen port for a node that has no endpoint yet.
+    #[arg(long, default_value_t = topology::DEFAULT_PORT)]
+    port: u16,
+    /// Node label that gives the location when no location annotation is set.
+    #[arg(long, default_value = DEFAULT_TOPOLOGY_LABEL)]
+    topology_label: String,
+    /// IPIP encapsulation between nodes of one location (Kilo's default is always).
+    #[arg(long, value_enum, default_value_t = EncapArg::Always)]
+    encapsulate: EncapArg,
+    /// Name of the WireGuard interface.
+    #[arg(long, default_value = DEFAULT_INTERFACE)]
+    interface: String,
+    /// Service CIDRs, never masqueraded (repeatable).
+    #[arg(long = "service-cidr", value_name = "CIDR")]
+    service_cidrs: Vec<IpNetwork>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum GranularityArg {
+    Auto,
+    Location,
+    Full,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum EncapArg {
+    Never,
+    Crosssubnet,
+    Always,
+}
+
+#[derive(Args)]
+struct PlanArgs {
+    #[command(flatten)]
+    mesh: MeshArgs,
+    /// The node whose plan to show.
+    #[arg(long)]
+    node: String,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = PlanFormat::Text)]
+    output: PlanFormat,
+    /// Name of the underlay interface that holds the node's internal IP (for display).
+    #[arg(long, default_value = "eth0")]
+    private_iface: String,
+    /// Print the time of each phase to stderr (`parse: 1.2 ms`, `engine: 0.3 ms`).
+    #[arg(long)]
+    timings: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PlanFormat {
+    Json,
+    Text,
+}
+
+#[derive(Args)]
+struct GraphArgs {
+    #[command(flatten)]
+    mesh: MeshArgs,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = GraphFormat::Svg)]
+    format: GraphFormat,
+    /// Highlight this node.
+    #[arg(long)]
+    node: Option<String>,
+    /// Write to this file instead of stdout.
+    #[arg(short = 'O', long = "out", value_name = "FILE")]
+    out: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum GraphFormat {
+    Svg,
+    Dot,
+}
+
+#[derive(Args)]
+struct ShowconfArgs {
+    #[command(flatten)]
+    mesh: MeshArgs,
+    #[command(subcommand)]
+    what: ShowconfWhat,
+}
+
+#[derive(Subcommand)]
+enum ShowconfWhat {
+    /// Configuration to run as node NAME.
+    Node {
+        /// The node's name.
+        name: String,
+    },
+    /// Configuration for the external peer NAME (a laptop, another cluster).
+    Peer {
+        /// The peer's name.
+        name: String,
+    },
+}
+
+impl MeshArgs {
+    fn load(&self) -> Result<Inputs> {
+        load(&self.nodes, self.peers.as_deref(), &self.topology_label)
+            .with_context(|| format!("reading {}", self.nodes.display()))
+    }
+
+    fn options(&self, inputs: &Inputs) -> MeshOptions {
+        let granularity = match self.granularity {
+            GranularityArg::Auto => auto_granularity(&inputs.nodes),
+            GranularityArg::Location => Granularity::Location,
+            GranularityArg::Full => Granularity::Full,
+        };
+        MeshOptions {
+            granularity,
+            subnet: self.subnet,
+            port: self.port,
+            interface: self.interface.clone(),
+            encapsulate: match self.encapsulate {
+                EncapArg::Never => Encapsulate::Never,
+                EncapArg::Crosssubnet => Encapsulate::CrossSubnet,
+                EncapArg::Always => Encapsulate::Always,
+            },
+            now: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()
+                .and_then(|d| i64::try_from(d.as_secs()).ok()),
+            service_cidrs: self.service_cidrs.clone(),
+            ..MeshOptions::default()
+        }
+    }
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1000.0
+}
+
+fn plan(args: PlanArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let inputs = args.mesh.load()?;
+    let parse = ms(t0);
+    let opts = args.mesh.options(&inputs);
+    let t1 = Instant::now();
+    let mut plan = topology::compute(
+        &inputs.nodes,
+        &inputs.peers,
+        &NodeName(args.node.clone()),
+        &opts,
+    )?;
+    let engine = ms(t1);
+    let mut diagnostics = inputs.diagnostics;
+    diagnostics.append(&mut plan.diagnostics);
+    plan.diagnostics = diagnostics;
+    let devs = DeviceNames {
+        wireguard: opts.interface.clone(),
+        private: args.private_iface,
+        tunnel: "tunl0".into(),
+    };
+    let text = match args.output {
+        PlanFormat::Json => render_json(&plan, opts.granularity, &devs),
+        PlanFormat::Text => render_text(&plan, opts.granularity, &devs),
+    };
+    std::io::stdout().write_all(text.as_bytes())?;
+    if args.timings {
+        eprintln!("parse: {parse:.2} ms");
+        eprintln!("engine: {engine:.2} ms");
+    }
+    Ok(())
+}
+
+fn graph(args: GraphArgs) -> Result<()> {
+    let inputs = args.mesh.load()?;
+    let opts = args.mesh.options(&inputs);
+    let topo = topology::build(&inputs.nodes, &inputs.peers, &opts);
+    if let Some(n) = &args.node
+        && topo.segment_of(&NodeName(n.clone())).is_none()
+    {
+        bail!("node {n} does not take part in the mesh");
+    }
+    let gopts = GraphOptions {
+        local: args.node.map(NodeName),
+        title: None,
+    };
+    let text = match args.format {
+        GraphFormat::Svg => render_svg(&topo, &gopts),
+        GraphFormat::Dot => render_dot(&topo, &gopts),
+    };
+    for d in topo.diagnostics.iter().chain(&inputs.diagnostics) {
+        eprintln!("warning: {d}");
+    }
+    match args.out {
+        Some(path) => {
+            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?
+        }
+        None => std::io::stdout().write_all(text.as_bytes())?,
+    }
+    Ok(())
+}
+
+fn showconf(args: ShowconfArgs) -> Result<()> {
+    let inputs = args.mesh.load()?;
+    let opts = args.mesh.options(&inputs);
+    let topo = topology::build(&inputs.nodes, &inputs.peers, &opts);
+    let text = match args.what {
+        ShowconfWhat::Node { name } => {
+            wiremesh::showconf::node_config(&topo, &NodeName(name), &opts)?
+        }
+        ShowconfWhat::Peer { name } => {
+            wiremesh::showconf::peer_config(&topo, &NodeName(name), &opts)?
+        }
+    };
+    std::io::stdout().write_all(text.as_bytes())?;
+    Ok(())
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Plan(a) => plan(a),
+        Command::Graph(a) => graph(a),
+        Command::Showconf(a) => showconf(a),
+    };
+    if let Err(e) = result {
+        eprintln!("meshctl: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,65 @@
+//! Shared pieces of the command-line tools: reading the registry files and choosing the
+//! granularity, plus the pure renderers of `meshctl` output.
+//!
+//! May depend on every library module; does file I/O only in [`load`]. Errors are `thiserror`
+//! types; the binaries wrap them with `anyhow`.
+
+pub mod plan;
+
+use std::path::Path;
+
+use crate::diagnostic::Diagnostic;
+use crate::model::{Granularity, MeshNode, MeshPeer};
+use crate::registry::file::{FileError, load_nodes, load_peers};
+
+/// Nodes and peers read from files, with every problem found on the way.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Inputs {
+    /// Valid nodes.
+    pub nodes: Vec<MeshNode>,
+    /// Valid external peers.
+    pub peers: Vec<MeshPeer>,
+    /// Objects left out while parsing.
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+/// Read the nodes file and, if given, the peers file.
+pub fn load(nodes: &Path, peers: Option<&Path>, topology_label: &str) -> Result<Inputs, FileError> {
+    let n = load_nodes(nodes, topology_label)?;
+    let mut inputs = Inputs {
+        nodes: n.items,
+        peers: Vec::new(),
+        diagnostics: n.diagnostics,
+    };
+    if let Some(p) = peers {
+        let p = load_peers(p)?;
+        inputs.peers = p.items;
+        inputs.diagnostics.extend(p.diagnostics);
+    }
+    Ok(inputs)
+}
+
+/// The granularity the cluster's agents publish (first node by name that says), else
+/// `location`, Kilo's default. Like `kgctl --mesh-granularity auto`.
+pub fn auto_granularity(nodes: &[MeshNode]) -> Granularity {
+    let mut named: Vec<&MeshNode> = nodes.iter().filter(|n| n.granularity.is_some()).collect();
+    named.sort_by(|a, b| a.name.cmp(&b.name));
+    named
+        .first()
+        .and_then(|n| n.granularity)
+        .unwrap_or(Granularity::Location)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_granularity_follows_published_annotation_else_location() {
+        let mut a = MeshNode::new("b");
+        a.granularity = Some(Granularity::Full);
+        let b = MeshNode::new("a");
+        assert_eq!(auto_granularity(&[a.clone(), b.clone()]), Granularity::Full);
+        assert_eq!(auto_granularity(&[b]), Granularity::Location);
+    }
+}
