@@ -1,1 +1,97 @@
-fn main() {}
+//! Engine benchmarks: full computation of one node's view at 100, 1000 and 5000 nodes, in full
+//! and location granularity (10 nodes per location), and one incremental event at 5000 nodes.
+//!
+//! Run with `cargo bench --bench engine`; `benches/run.sh` turns the figures into BENCHMARKS.md.
+
+use std::hint::black_box;
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use wiremesh::model::{Granularity, MeshNode, NodeName, WgKey};
+use wiremesh::topology::incremental::{Engine, Event};
+use wiremesh::topology::{Encapsulate, MeshOptions, compute};
+
+/// A synthetic cluster: node i in location i/10, public endpoint, internal IP, /24 pod CIDR.
+fn cluster(n: usize) -> Vec<MeshNode> {
+    (0..n)
+        .map(|i| {
+            let mut node = MeshNode::new(format!("node-{i:05}"));
+            node.location = format!("loc-{:04}", i / 10);
+            let mut key = [0u8; 32];
+            key[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
+            node.key = Some(WgKey(key));
+            let (hi, lo) = ((i >> 8) as u8, (i & 0xff) as u8);
+            node.endpoint = Some(
+                format!("100.{}.{hi}.{lo}:51820", 64 + (i >> 16))
+                    .parse()
+                    .expect("endpoint"),
+            );
+            node.internal_ip = Some(format!("172.16.{hi}.{lo}/16").parse().expect("ip"));
+            node.pod_cidrs = vec![format!("10.{}.{lo}.0/24", 64 + hi).parse().expect("cidr")];
+            node
+        })
+        .collect()
+}
+
+fn opts(g: Granularity) -> MeshOptions {
+    MeshOptions {
+        granularity: g,
+        encapsulate: Encapsulate::Never,
+        ..MeshOptions::default()
+    }
+}
+
+fn full_computation(c: &mut Criterion) {
+    let mut group = c.benchmark_group("compute");
+    for &n in &[100usize, 1000, 5000] {
+        let nodes = cluster(n);
+        let local = NodeName("node-00000".into());
+        for (name, g) in [
+            ("full", Granularity::Full),
+            ("location", Granularity::Location),
+        ] {
+            let o = opts(g);
+            group.bench_with_input(BenchmarkId::new(name, n), &nodes, |b, nodes| {
+                b.iter(|| compute(black_box(nodes), &[], &local, &o).expect("plan"))
+            });
+        }
+    }
+    group.finish();
+}
+
+fn incremental_event(c: &mut Criterion) {
+    let mut group = c.benchmark_group("incremental");
+    let n = 5000;
+    let nodes = cluster(n);
+    for (name, g) in [
+        ("full", Granularity::Full),
+        ("location", Granularity::Location),
+    ] {
+        let mut engine = Engine::new(
+            nodes.clone(),
+            Vec::new(),
+            NodeName("node-00000".into()),
+            opts(g),
+        );
+        // An endpoint moving back and forth on one node far from the local one.
+        let mut a = nodes[n / 2].clone();
+        a.endpoint = Some("198.51.100.1:51820".parse().expect("endpoint"));
+        let b_node = nodes[n / 2].clone();
+        let mut flip = false;
+        group.bench_function(BenchmarkId::new(format!("endpoint-move/{name}"), n), |b| {
+            b.iter(|| {
+                flip = !flip;
+                let ev = if flip { a.clone() } else { b_node.clone() };
+                black_box(engine.apply(Event::NodeUpsert(ev)))
+            })
+        });
+        let stats = engine.stats();
+        assert!(
+            stats.incremental > 0 && stats.full == 1,
+            "events took the full path: {stats:?}"
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(benches, full_computation, incremental_event);
+criterion_main!(benches);

@@ -22,15 +22,29 @@ fn meshctl(args: &[&str]) -> (String, String, bool) {
 fn check_golden(name: &str, args: &[&str]) {
     let (stdout, stderr, ok) = meshctl(args);
     assert!(ok, "meshctl {args:?} failed: {stderr}");
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name);
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
         std::fs::write(&path, &stdout).expect("write golden");
     }
     let want = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    assert_eq!(stdout, want, "output of meshctl {args:?} differs from {}", path.display());
+    assert_eq!(
+        stdout,
+        want,
+        "output of meshctl {args:?} differs from {}",
+        path.display()
+    );
     // The contract: exactly one JSON object with the documented fields.
     let v: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON object");
-    for field in ["node", "leader", "interface", "peers", "routes", "diagnostics"] {
+    for field in [
+        "node",
+        "leader",
+        "interface",
+        "peers",
+        "routes",
+        "diagnostics",
+    ] {
         assert!(v.get(field).is_some(), "missing {field}");
     }
     assert!(v["interface"].get("listen_port").is_some() && v["interface"].get("address").is_some());
@@ -41,7 +55,15 @@ fn three_clouds_plans_match_golden() {
     for node in ["fra-1", "hel-1", "par-1"] {
         check_golden(
             &format!("three-clouds-{node}.json"),
-            &["plan", "--nodes", "examples/three-clouds.yaml", "--node", node, "-o", "json"],
+            &[
+                "plan",
+                "--nodes",
+                "examples/three-clouds.yaml",
+                "--node",
+                node,
+                "-o",
+                "json",
+            ],
         );
     }
 }
@@ -52,8 +74,17 @@ fn locations_plans_match_golden() {
         check_golden(
             &format!("locations-{node}.json"),
             &[
-                "plan", "--nodes", "examples/locations.yaml", "--peers", "examples/peers.yaml",
-                "--node", node, "-o", "json", "--encapsulate", "never",
+                "plan",
+                "--nodes",
+                "examples/locations.yaml",
+                "--peers",
+                "examples/peers.yaml",
+                "--node",
+                node,
+                "-o",
+                "json",
+                "--encapsulate",
+                "never",
             ],
         );
     }
@@ -63,32 +94,77 @@ fn locations_plans_match_golden() {
 fn plan_reports_bad_nodes_and_keeps_the_rest() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("nodes.yaml");
-    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/three-clouds.yaml"))
-        .expect("example")
-        .replace("cpmjjEo1wKcecLnNDXzPhTFGyG68rKbZxhzDpiN/bAI=", "not-a-key");
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/three-clouds.yaml"),
+    )
+    .expect("example")
+    .replace("cpmjjEo1wKcecLnNDXzPhTFGyG68rKbZxhzDpiN/bAI=", "not-a-key");
     std::fs::write(&file, text).expect("write");
-    let (stdout, stderr, ok) = meshctl(&["plan", "--nodes", file.to_str().expect("path"), "--node", "fra-1", "-o", "json"]);
+    let (stdout, stderr, ok) = meshctl(&[
+        "plan",
+        "--nodes",
+        file.to_str().expect("path"),
+        "--node",
+        "fra-1",
+        "-o",
+        "json",
+    ]);
     assert!(ok, "{stderr}");
     let v: serde_json::Value = serde_json::from_str(&stdout).expect("json");
-    assert_eq!(v["peers"].as_array().expect("peers").len(), 1, "hel-1 is left out, par-1 stays");
+    assert_eq!(
+        v["peers"].as_array().expect("peers").len(),
+        1,
+        "hel-1 is left out, par-1 stays"
+    );
     let d = &v["diagnostics"][0];
     assert_eq!(d["name"], "hel-1");
     assert_eq!(d["key"], "kilo.squat.ai/key");
-    assert!(d["problem"].as_str().expect("problem").contains("not-a-key"));
+    assert!(
+        d["problem"]
+            .as_str()
+            .expect("problem")
+            .contains("not-a-key")
+    );
 }
 
 #[test]
 fn plan_timings_print_parse_and_engine_phases() {
-    let (_, stderr, ok) = meshctl(&["plan", "--nodes", "examples/three-clouds.yaml", "--node", "fra-1", "--timings"]);
+    let (_, stderr, ok) = meshctl(&[
+        "plan",
+        "--nodes",
+        "examples/three-clouds.yaml",
+        "--node",
+        "fra-1",
+        "--timings",
+    ]);
     assert!(ok);
     let lines: Vec<&str> = stderr.lines().collect();
-    assert!(lines.iter().any(|l| l.starts_with("parse: ") && l.ends_with(" ms")), "{stderr}");
-    assert!(lines.iter().any(|l| l.starts_with("engine: ") && l.ends_with(" ms")), "{stderr}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("parse: ") && l.ends_with(" ms")),
+        "{stderr}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("engine: ") && l.ends_with(" ms")),
+        "{stderr}"
+    );
 }
 
 #[test]
 fn plan_for_unknown_node_fails_with_a_message() {
-    let (_, stderr, ok) = meshctl(&["plan", "--nodes", "examples/three-clouds.yaml", "--node", "nope"]);
+    let (_, stderr, ok) = meshctl(&[
+        "plan",
+        "--nodes",
+        "examples/three-clouds.yaml",
+        "--node",
+        "nope",
+    ]);
     assert!(!ok);
-    assert!(stderr.contains("node nope is not in the cluster"), "{stderr}");
+    assert!(
+        stderr.contains("node nope is not in the cluster"),
+        "{stderr}"
+    );
 }

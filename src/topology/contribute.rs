@@ -4,7 +4,9 @@
 //! Pure. Both the full computation and the incremental engine build the state from these same
 //! functions, so they cannot disagree on semantics.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use rustc_hash::{FxHashMap, FxHashSet};
 use std::net::{IpAddr, SocketAddr};
 
 use ipnetwork::IpNetwork;
@@ -28,6 +30,94 @@ pub(crate) struct Contribution {
     pub nat_exempt: Vec<IpNetwork>,
 }
 
+/// Where contributions are written: one segment's [`Contribution`], or the [`Accumulator`] of a
+/// full computation (which avoids a set of small vectors per segment).
+pub(crate) trait Sink {
+    fn peer(&mut self, p: WgPeer);
+    fn route(&mut self, r: Route);
+    fn rule(&mut self, r: Rule);
+    fn nat_sources(&mut self, n: &[IpNetwork]);
+    fn nat_destinations(&mut self, n: &[IpNetwork]);
+    fn nat_exempt(&mut self, n: &[IpNetwork]);
+}
+
+impl Sink for Contribution {
+    fn peer(&mut self, p: WgPeer) {
+        self.peer = Some(p);
+    }
+    fn route(&mut self, r: Route) {
+        self.routes.push(r);
+    }
+    fn rule(&mut self, r: Rule) {
+        self.rules.push(r);
+    }
+    fn nat_sources(&mut self, n: &[IpNetwork]) {
+        self.nat_sources.extend_from_slice(n);
+    }
+    fn nat_destinations(&mut self, n: &[IpNetwork]) {
+        self.nat_destinations.extend_from_slice(n);
+    }
+    fn nat_exempt(&mut self, n: &[IpNetwork]) {
+        self.nat_exempt.extend_from_slice(n);
+    }
+}
+
+/// All contributions of a computation, in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Accumulator {
+    pub peers: Vec<WgPeer>,
+    pub routes: Vec<Route>,
+    pub rules: Vec<Rule>,
+    pub nat_sources: Vec<IpNetwork>,
+    pub nat_destinations: Vec<IpNetwork>,
+    pub nat_exempt: Vec<IpNetwork>,
+}
+
+impl Accumulator {
+    /// An accumulator sized for `segments` segments.
+    pub fn with_capacity(segments: usize) -> Self {
+        Accumulator {
+            peers: Vec::with_capacity(segments),
+            routes: Vec::with_capacity(segments * 2),
+            rules: Vec::new(),
+            nat_sources: Vec::new(),
+            nat_destinations: Vec::new(),
+            nat_exempt: Vec::with_capacity(segments * 2),
+        }
+    }
+
+    /// Append a finished contribution.
+    pub fn absorb(&mut self, c: &Contribution) {
+        self.peers.extend(c.peer.iter().cloned());
+        self.routes.extend_from_slice(&c.routes);
+        self.rules.extend_from_slice(&c.rules);
+        self.nat_sources.extend_from_slice(&c.nat_sources);
+        self.nat_destinations.extend_from_slice(&c.nat_destinations);
+        self.nat_exempt.extend_from_slice(&c.nat_exempt);
+    }
+}
+
+impl Sink for Accumulator {
+    fn peer(&mut self, p: WgPeer) {
+        self.peers.push(p);
+    }
+    fn route(&mut self, r: Route) {
+        self.routes.push(r);
+    }
+    fn rule(&mut self, r: Rule) {
+        self.rules.push(r);
+    }
+    fn nat_sources(&mut self, n: &[IpNetwork]) {
+        self.nat_sources.extend_from_slice(n);
+    }
+    fn nat_destinations(&mut self, n: &[IpNetwork]) {
+        self.nat_destinations.extend_from_slice(n);
+    }
+    fn nat_exempt(&mut self, n: &[IpNetwork]) {
+        self.nat_exempt.extend_from_slice(n);
+    }
+}
+
 /// What the local node's view depends on besides the segment being looked at.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct LocalContext {
@@ -49,6 +139,7 @@ pub(crate) struct LocalContext {
     pub bridge: String,
     pub mtu: Option<u32>,
     pub service_cidrs: Vec<IpNetwork>,
+    pub subnet: IpNetwork,
 }
 
 impl LocalContext {
@@ -100,6 +191,7 @@ impl LocalContext {
             bridge: opts.bridge.clone(),
             mtu: opts.mtu,
             service_cidrs: opts.service_cidrs.clone(),
+            subnet: crate::model::network_of(subnet),
         }
     }
 
@@ -157,7 +249,7 @@ impl LocalContext {
     }
 
     /// Routes (and rules) between nodes of the local segment (Kilo's `local` routes).
-    fn local_segment_routes(&self, seg: &Segment<'_>, c: &mut Contribution) {
+    fn local_segment_routes(&self, seg: &Segment<'_>, c: &mut impl Sink) {
         let Some(me) = self.private_ip else { return };
         if !self.local_routes {
             return;
@@ -168,7 +260,7 @@ impl LocalContext {
                 continue;
             }
             for cidr in &n.pod_cidrs {
-                c.routes.push(self.encap(Route {
+                c.route(self.encap(Route {
                     table: MAIN_TABLE,
                     dst: *cidr,
                     gateway: Some(their.ip()),
@@ -184,7 +276,7 @@ impl LocalContext {
             };
             if encapsulated {
                 let dst = host_net(their.ip());
-                c.routes.push(Route {
+                c.route(Route {
                     table: ENCAP_TABLE,
                     dst,
                     gateway: Some(their.ip()),
@@ -193,7 +285,7 @@ impl LocalContext {
                     onlink: true,
                 });
                 for cidr in &self.pod_cidrs {
-                    c.rules.push(Rule {
+                    c.rule(Rule {
                         src: Some(*cidr),
                         dst: Some(dst),
                         iif: None,
@@ -201,7 +293,7 @@ impl LocalContext {
                     });
                 }
                 if self.leader {
-                    c.rules.push(Rule {
+                    c.rule(Rule {
                         src: None,
                         dst: Some(dst),
                         iif: Some(self.interface.clone()),
@@ -215,11 +307,16 @@ impl LocalContext {
     /// The contribution of segment `seg`; `is_local` when it is the local node's own segment.
     pub fn segment(&self, seg: &Segment<'_>, is_local: bool) -> Contribution {
         let mut c = Contribution::default();
-        c.nat_exempt.push(host_net(seg.mesh_ip));
-        c.nat_exempt.extend(seg.allowed_ips.iter().copied());
+        self.segment_into(seg, is_local, &mut c);
+        c
+    }
+
+    /// Write the contribution of segment `seg` into `c`.
+    pub fn segment_into(&self, seg: &Segment<'_>, is_local: bool, c: &mut impl Sink) {
+        // The mesh IP (last allowed IP) is covered by the subnet exemption in `own`.
+        c.nat_exempt(&seg.allowed_ips[..seg.allowed_ips.len().saturating_sub(1)]);
         if is_local && self.cni {
-            c.nat_destinations
-                .extend(seg.allowed_location_ips.iter().copied());
+            c.nat_destinations(&seg.allowed_location_ips);
         }
         let leader = seg.leader_node();
         let seg_endpoint = leader
@@ -227,68 +324,73 @@ impl LocalContext {
             .and_then(|k| self.endpoint(leader.endpoint.as_ref(), k, leader.persistent_keepalive));
         if self.leader {
             if is_local {
-                self.local_segment_routes(seg, &mut c);
-                return c;
+                self.local_segment_routes(seg, c);
+                return;
             }
-            let Some(key) = leader.key else { return c };
-            let mut allowed = seg.allowed_ips.clone();
-            allowed.extend(seg.allowed_location_ips.iter().copied());
-            c.peer = Some(WgPeer {
+            let Some(key) = leader.key else { return };
+            let gw = Some(seg.mesh_ip);
+            let endpoint_ip = seg_endpoint.as_ref().and_then(Endpoint::ip);
+            let mut allowed =
+                Vec::with_capacity(seg.allowed_ips.len() + seg.allowed_location_ips.len());
+            allowed.extend_from_slice(&seg.allowed_ips);
+            allowed.extend_from_slice(&seg.allowed_location_ips);
+            c.peer(WgPeer {
                 public_key: key,
-                endpoint: seg_endpoint.clone(),
+                endpoint: seg_endpoint,
                 allowed_ips: allowed,
                 persistent_keepalive: self.keepalive,
                 preshared_key: None,
                 name: seg.label(),
             });
-            let gw = Some(seg.mesh_ip);
-            let endpoint_ip = seg_endpoint.as_ref().and_then(Endpoint::ip);
             for n in &seg.nodes {
                 for cidr in &n.pod_cidrs {
-                    c.routes.push(self.via_wireguard(*cidr, gw));
+                    c.route(self.via_wireguard(*cidr, gw));
                 }
                 if let Some(ip) = n.internal_ip
                     && Some(ip.ip()) != endpoint_ip
                 {
-                    c.routes.push(self.via_wireguard(host_net(ip.ip()), gw));
+                    c.route(self.via_wireguard(host_net(ip.ip()), gw));
                 }
             }
             for a in &seg.allowed_location_ips {
-                c.routes.push(self.via_wireguard(*a, gw));
+                c.route(self.via_wireguard(*a, gw));
             }
-            return c;
+            return;
         }
         // A non-leader sends everything remote to its leader over the private network.
-        c.routes.push(self.via_leader(host_net(seg.mesh_ip)));
+        c.route(self.via_leader(host_net(seg.mesh_ip)));
         if is_local {
-            self.local_segment_routes(seg, &mut c);
-            return c;
+            self.local_segment_routes(seg, c);
+            return;
         }
         for n in &seg.nodes {
             for cidr in &n.pod_cidrs {
-                c.routes.push(self.via_leader(*cidr));
+                c.route(self.via_leader(*cidr));
             }
         }
         for n in &seg.nodes {
             if let Some(ip) = n.internal_ip {
-                c.routes.push(self.via_leader(host_net(ip.ip())));
+                c.route(self.via_leader(host_net(ip.ip())));
             }
         }
         for a in &seg.allowed_location_ips {
-            c.routes.push(self.via_leader(*a));
+            c.route(self.via_leader(*a));
         }
-        c
     }
 
     /// The contribution of an external peer.
     pub fn peer(&self, p: &MeshPeer) -> Contribution {
-        let mut c = Contribution {
-            nat_exempt: p.allowed_ips.clone(),
-            nat_sources: p.allowed_ips.clone(),
-            ..Contribution::default()
-        };
+        let mut c = Contribution::default();
+        self.peer_into(p, &mut c);
+        c
+    }
+
+    /// Write the contribution of an external peer into `c`.
+    pub fn peer_into(&self, p: &MeshPeer, c: &mut impl Sink) {
+        c.nat_exempt(&p.allowed_ips);
+        c.nat_sources(&p.allowed_ips);
         if self.leader {
-            c.peer = Some(WgPeer {
+            c.peer(WgPeer {
                 public_key: p.key,
                 endpoint: self.endpoint(p.endpoint.as_ref(), p.key, p.persistent_keepalive),
                 allowed_ips: p.allowed_ips.clone(),
@@ -297,24 +399,30 @@ impl LocalContext {
                 name: p.name.to_string(),
             });
             for a in &p.allowed_ips {
-                c.routes.push(self.via_wireguard(*a, None));
+                c.route(self.via_wireguard(*a, None));
             }
         } else {
             for a in &p.allowed_ips {
-                c.routes.push(self.via_leader(*a));
+                c.route(self.via_leader(*a));
             }
         }
+    }
+
+    /// The local node's own contribution: pod masquerading, and no masquerading towards the
+    /// mesh subnet or the service CIDRs.
+    pub fn own(&self) -> Contribution {
+        let mut c = Contribution::default();
+        self.own_into(&mut c);
         c
     }
 
-    /// The local node's own contribution: pod masquerading and service CIDR exemptions.
-    pub fn own(&self) -> Contribution {
-        let mut c = Contribution::default();
+    /// Write the local node's own contribution into `c`.
+    pub fn own_into(&self, c: &mut impl Sink) {
         if self.cni {
-            c.nat_sources.extend(self.pod_cidrs.iter().copied());
+            c.nat_sources(&self.pod_cidrs);
         }
-        c.nat_exempt.extend(self.service_cidrs.iter().copied());
-        c
+        c.nat_exempt(&[self.subnet]);
+        c.nat_exempt(&self.service_cidrs);
     }
 
     /// Interface settings.
@@ -360,68 +468,68 @@ fn sorted_unique(mut v: Vec<IpNetwork>) -> Vec<IpNetwork> {
     v
 }
 
-/// Merge contributions, in order, into a desired state. Where two contributions claim the same
-/// allowed IP or route destination the first keeps it; each such conflict is returned as a
-/// diagnostic (an empty list means the contributions were disjoint).
-pub(crate) fn assemble(
-    ctx: &LocalContext,
-    contributions: Vec<Contribution>,
-) -> (DesiredState, Vec<Diagnostic>) {
+/// Merge the accumulated contributions, in order, into a desired state. Where two contributions
+/// claim the same allowed IP or route destination the first keeps it; each such conflict is
+/// returned as a diagnostic (an empty list means the contributions were disjoint).
+pub(crate) fn assemble(ctx: &LocalContext, acc: Accumulator) -> (DesiredState, Vec<Diagnostic>) {
+    let Accumulator {
+        mut peers,
+        mut routes,
+        mut rules,
+        nat_sources,
+        nat_destinations,
+        nat_exempt,
+    } = acc;
     let mut diagnostics = Vec::new();
-    let mut peers = Vec::new();
-    let mut routes = Vec::new();
-    let mut rules = Vec::new();
-    let (mut sources, mut destinations, mut exempt) = (Vec::new(), Vec::new(), Vec::new());
-    let mut claimed: HashMap<IpNetwork, usize> = HashMap::new();
-    for c in contributions {
-        if let Some(mut p) = c.peer {
-            p.allowed_ips.retain(|ip| match claimed.get(ip) {
-                None => {
-                    claimed.insert(*ip, peers.len());
-                    true
-                }
-                Some(_) => {
-                    diagnostics.push(
-                        Diagnostic::node(
-                            &p.name,
-                            None,
-                            format!(
-                                "allowed IP {ip} is already routed to another peer; not added here"
-                            ),
-                        )
-                        .kept(),
-                    );
-                    false
-                }
-            });
-            peers.push(p);
-        }
-        routes.extend(c.routes);
-        rules.extend(c.rules);
-        sources.extend(c.nat_sources);
-        destinations.extend(c.nat_destinations);
-        exempt.extend(c.nat_exempt);
+    let mut claimed: FxHashSet<IpNetwork> = FxHashSet::default();
+    claimed.reserve(peers.len() * 3);
+    for p in &mut peers {
+        let name = &p.name;
+        p.allowed_ips.retain(|ip| {
+            let fresh = claimed.insert(*ip);
+            if !fresh {
+                diagnostics.push(
+                    Diagnostic::node(
+                        name,
+                        None,
+                        format!(
+                            "allowed IP {ip} is already routed to another peer; not added here"
+                        ),
+                    )
+                    .kept(),
+                );
+            }
+            fresh
+        });
     }
     peers.sort_unstable_by(|a, b| a.public_key.cmp(&b.public_key));
-    // Stable sort keeps contribution order among equal destinations: the first one wins.
-    routes.sort_by(|a: &Route, b: &Route| (a.table, a.dst).cmp(&(b.table, b.dst)));
-    routes.dedup_by(|b, a| {
-        let dup = a.table == b.table && a.dst == b.dst;
-        if dup && a != b {
-            diagnostics.push(
-                Diagnostic::node(
-                    &ctx.name.0,
-                    None,
-                    format!(
-                        "two routes to {} in table {}; the first is used",
-                        a.dst, a.table
-                    ),
-                )
-                .kept(),
-            );
+    // The first route to a destination wins; later ones are conflicts.
+    let mut seen: FxHashMap<(u32, IpNetwork), usize> = FxHashMap::default();
+    seen.reserve(routes.len());
+    let mut keep = vec![true; routes.len()];
+    for (i, r) in routes.iter().enumerate() {
+        if let Some(&first) = seen.get(&(r.table, r.dst)) {
+            keep[i] = false;
+            if routes[first] != *r {
+                diagnostics.push(
+                    Diagnostic::node(
+                        &ctx.name.0,
+                        None,
+                        format!(
+                            "two routes to {} in table {}; the first is used",
+                            r.dst, r.table
+                        ),
+                    )
+                    .kept(),
+                );
+            }
+        } else {
+            seen.insert((r.table, r.dst), i);
         }
-        dup
-    });
+    }
+    let mut k = keep.into_iter();
+    routes.retain(|_| k.next().unwrap_or(false));
+    routes.sort_unstable();
     rules.sort_unstable();
     rules.dedup();
     let desired = DesiredState {
@@ -433,9 +541,9 @@ pub(crate) fn assemble(
         rules,
         bridge: ctx.bridge(),
         masquerade: Masquerade {
-            sources: sorted_unique(sources),
-            destinations: sorted_unique(destinations),
-            exempt: sorted_unique(exempt),
+            sources: sorted_unique(nat_sources),
+            destinations: sorted_unique(nat_destinations),
+            exempt: sorted_unique(nat_exempt),
         },
     };
     (desired, diagnostics)

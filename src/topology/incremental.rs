@@ -430,8 +430,9 @@ impl Engine {
         delta
             .peers_upserted
             .retain(|p| removed_peers.get(&p.public_key) != Some(p));
-        let kept: std::collections::BTreeSet<WgKey> = self.index.peers.keys().copied().collect();
-        delta.peers_removed.retain(|k| !kept.contains(k));
+        delta
+            .peers_removed
+            .retain(|k| !self.index.peers.contains_key(k));
         for (key, m) in touched {
             if m.is_empty() {
                 self.members.remove(&key);
@@ -676,8 +677,13 @@ impl Engine {
         for p in &topo.peers {
             contributions.push((Owner::Peer(p.name.clone()), ctx.peer(p)));
         }
-        let (state, conflicts) =
-            super::assemble(&ctx, contributions.iter().map(|(_, c)| c.clone()).collect());
+        let (state, conflicts) = super::assemble(&ctx, {
+            let mut acc = super::Accumulator::with_capacity(contributions.len());
+            for (_, c) in &contributions {
+                acc.absorb(c);
+            }
+            acc
+        });
         // Index the assembled state (it already resolved any conflicts).
         let ix = &mut self.index;
         ix.peers = state

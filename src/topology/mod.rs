@@ -9,7 +9,9 @@
 mod contribute;
 pub mod incremental;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+
+use rustc_hash::FxHashMap;
 use std::net::{IpAddr, SocketAddr};
 
 use ipnetwork::IpNetwork;
@@ -19,7 +21,7 @@ use crate::diagnostic::Diagnostic;
 use crate::model::{Endpoint, Granularity, MeshNode, MeshPeer, NodeName, WgKey, host_net};
 
 pub(crate) use contribute::assemble;
-pub(crate) use contribute::{Contribution, LocalContext};
+pub(crate) use contribute::{Accumulator, Contribution, LocalContext};
 
 /// Default mesh subnet, as in Kilo.
 pub const DEFAULT_SUBNET: &str = "10.4.0.0/16";
@@ -285,7 +287,8 @@ pub fn ready_nodes<'a>(
         }
         dup
     });
-    let mut owners: HashMap<WgKey, &NodeName> = HashMap::with_capacity(ready.len());
+    let mut owners: FxHashMap<WgKey, &NodeName> = FxHashMap::default();
+    owners.reserve(ready.len());
     ready.retain(|n| {
         let Some(key) = n.key else { return false };
         match owners.get(&key) {
@@ -401,11 +404,16 @@ fn finish<'a>(
     opts: &MeshOptions,
     mut diagnostics: Vec<Diagnostic>,
 ) -> Topology<'a> {
-    let key_owner: HashMap<WgKey, &NodeName> = segments
-        .iter()
-        .flat_map(|s| s.nodes.iter())
-        .filter_map(|n| n.key.map(|k| (k, &n.name)))
-        .collect();
+    // Only external peers need the key owners (a peer may not reuse a node's key).
+    let key_owner: FxHashMap<WgKey, &NodeName> = if peers.is_empty() {
+        FxHashMap::default()
+    } else {
+        segments
+            .iter()
+            .flat_map(|s| s.nodes.iter())
+            .filter_map(|n| n.key.map(|k| (k, &n.name)))
+            .collect()
+    };
     let peers = ready_peers(
         peers,
         &|k| key_owner.get(k).map(|n| n.to_string()),
@@ -558,15 +566,15 @@ impl<'a> Topology<'a> {
             }
         })?;
         let ctx = LocalContext::new(self, idx, local, opts);
-        let mut contributions = Vec::with_capacity(self.segments.len() + self.peers.len() + 1);
-        contributions.push(ctx.own());
+        let mut acc = Accumulator::with_capacity(self.segments.len() + self.peers.len());
+        ctx.own_into(&mut acc);
         for (i, s) in self.segments.iter().enumerate() {
-            contributions.push(ctx.segment(s, i == idx));
+            ctx.segment_into(s, i == idx, &mut acc);
         }
         for p in &self.peers {
-            contributions.push(ctx.peer(p));
+            ctx.peer_into(p, &mut acc);
         }
-        Ok(assemble(&ctx, contributions))
+        Ok(assemble(&ctx, acc))
     }
 }
 

@@ -494,7 +494,7 @@ fn masquerade_exempts_every_mesh_destination_and_service_cidrs() {
     for n in [
         "10.2.1.0/24",
         "10.2.2.0/24",
-        "10.4.0.1/32",
+        "10.4.0.0/16",
         "10.43.0.0/16",
         "192.168.0.2/32",
     ] {
