@@ -462,8 +462,16 @@ impl LocalContext {
     }
 }
 
+/// A cheap sort key with the same order as `IpNetwork`'s `Ord` (family, address, prefix).
+pub(crate) fn net_key(n: &IpNetwork) -> (u8, u128, u8) {
+    match n {
+        IpNetwork::V4(v4) => (0, u128::from(u32::from(v4.ip())), v4.prefix()),
+        IpNetwork::V6(v6) => (1, u128::from(v6.ip()), v6.prefix()),
+    }
+}
+
 fn sorted_unique(mut v: Vec<IpNetwork>) -> Vec<IpNetwork> {
-    v.sort_unstable();
+    v.sort_unstable_by_key(net_key);
     v.dedup();
     v
 }
@@ -529,7 +537,8 @@ pub(crate) fn assemble(ctx: &LocalContext, acc: Accumulator) -> (DesiredState, V
     }
     let mut k = keep.into_iter();
     routes.retain(|_| k.next().unwrap_or(false));
-    routes.sort_unstable();
+    // Destinations are unique now, so ordering by (table, destination) is `Route`'s order.
+    routes.sort_unstable_by_key(|r| (r.table, net_key(&r.dst)));
     rules.sort_unstable();
     rules.dedup();
     let desired = DesiredState {

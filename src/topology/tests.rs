@@ -516,3 +516,15 @@ fn ipv6_subnet_allocates_ipv6_mesh_ips() {
     );
     assert_eq!(allocate(net("10.4.0.0/16"), 65535), None);
 }
+
+#[test]
+fn net_key_orders_like_ipnetwork() {
+    let mut a: Vec<IpNetwork> = ["10.4.0.0/16", "10.4.0.0/24", "9.255.0.0/16", "fd00::/8", "::1/128", "10.42.0.0/24", "0.0.0.0/0"]
+        .iter()
+        .map(|s| net(s))
+        .collect();
+    let mut b = a.clone();
+    a.sort();
+    b.sort_by_key(super::contribute::net_key);
+    assert_eq!(a, b);
+}
