@@ -5,3 +5,4 @@ mod util;
 mod boundary;
 mod engine_props;
 mod plan_golden;
+mod showconf_wg;

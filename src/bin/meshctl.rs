@@ -12,7 +12,7 @@ use ipnetwork::IpNetwork;
 use wiremesh::cli::plan::{DeviceNames, render_json, render_text};
 use wiremesh::cli::{Inputs, auto_granularity, load};
 use wiremesh::graph::{GraphOptions, render_dot, render_svg};
-use wiremesh::model::{Granularity, NodeName};
+use wiremesh::model::{Granularity, NodeName, WgKey};
 use wiremesh::registry::annotations::DEFAULT_TOPOLOGY_LABEL;
 use wiremesh::topology::{self, DEFAULT_INTERFACE, Encapsulate, MeshOptions};
 
@@ -129,6 +129,18 @@ enum GraphFormat {
 struct ShowconfArgs {
     #[command(flatten)]
     mesh: MeshArgs,
+    /// Show the node's segment (or the peer) as a `[Peer]` for another WireGuard interface.
+    #[arg(long)]
+    as_peer: bool,
+    /// Output format of `--as-peer`: a wg `[Peer]` stanza, or a Kilo `Peer` resource.
+    #[arg(short = 'o', long, default_value = "wireguard", value_parser = ["wireguard", "json", "yaml"])]
+    output: String,
+    /// Extra allowed IPs appended to the `--as-peer` output (repeatable).
+    #[arg(long = "allowed-ips", value_name = "CIDR", value_delimiter = ',')]
+    allowed_ips: Vec<IpNetwork>,
+    /// File with the private key to write into the config (else a placeholder comment).
+    #[arg(long, value_name = "FILE")]
+    private_key: Option<PathBuf>,
     #[command(subcommand)]
     what: ShowconfWhat,
 }
@@ -246,15 +258,47 @@ fn graph(args: GraphArgs) -> Result<()> {
 }
 
 fn showconf(args: ShowconfArgs) -> Result<()> {
+    use wiremesh::showconf::{self as sc, Format};
     let inputs = args.mesh.load()?;
     let opts = args.mesh.options(&inputs);
     let topo = topology::build(&inputs.nodes, &inputs.peers, &opts);
-    let text = match args.what {
-        ShowconfWhat::Node { name } => {
-            wiremesh::showconf::node_config(&topo, &NodeName(name), &opts)?
+    let private_key: Option<WgKey> = match &args.private_key {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?
+                .trim()
+                .parse()
+                .map_err(|e| {
+                    anyhow::anyhow!("{}: not a WireGuard private key: {e}", path.display())
+                })?,
+        ),
+        None => None,
+    };
+    let text = if args.as_peer {
+        let format: Format = args
+            .output
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!(e))?;
+        let peer = match &args.what {
+            ShowconfWhat::Node { name } => {
+                sc::node_as_peer(&topo, &NodeName(name.clone()), &args.allowed_ips)?
+            }
+            ShowconfWhat::Peer { name } => {
+                sc::peer_as_peer(&topo, &NodeName(name.clone()), &args.allowed_ips)?
+            }
+        };
+        sc::render_peer(&peer, format)?
+    } else {
+        if args.output != "wireguard" || !args.allowed_ips.is_empty() {
+            bail!("--output and --allowed-ips only apply with --as-peer");
         }
-        ShowconfWhat::Peer { name } => {
-            wiremesh::showconf::peer_config(&topo, &NodeName(name), &opts)?
+        match &args.what {
+            ShowconfWhat::Node { name } => {
+                sc::node_config(&topo, &NodeName(name.clone()), &opts, private_key.as_ref())?
+            }
+            ShowconfWhat::Peer { name } => {
+                sc::peer_config(&topo, &NodeName(name.clone()), &opts, private_key.as_ref())?
+            }
         }
     };
     std::io::stdout().write_all(text.as_bytes())?;

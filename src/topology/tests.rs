@@ -519,10 +519,18 @@ fn ipv6_subnet_allocates_ipv6_mesh_ips() {
 
 #[test]
 fn net_key_orders_like_ipnetwork() {
-    let mut a: Vec<IpNetwork> = ["10.4.0.0/16", "10.4.0.0/24", "9.255.0.0/16", "fd00::/8", "::1/128", "10.42.0.0/24", "0.0.0.0/0"]
-        .iter()
-        .map(|s| net(s))
-        .collect();
+    let mut a: Vec<IpNetwork> = [
+        "10.4.0.0/16",
+        "10.4.0.0/24",
+        "9.255.0.0/16",
+        "fd00::/8",
+        "::1/128",
+        "10.42.0.0/24",
+        "0.0.0.0/0",
+    ]
+    .iter()
+    .map(|s| net(s))
+    .collect();
     let mut b = a.clone();
     a.sort();
     b.sort_by_key(super::contribute::net_key);

@@ -1,3 +1,6 @@
-//! Shared test helpers: generators for nodes and peers.
+//! Helpers shared by the integration tests: proptest strategies, and network namespaces with
+//! userspace WireGuard for the root-only tests.
 
 pub mod strategy;
+#[allow(dead_code)]
+pub mod wg_netns;
