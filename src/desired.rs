@@ -220,7 +220,7 @@ impl DesiredDelta {
             .peers
             .retain(|p| !removed.contains(&p.public_key) && !upserted.contains(&p.public_key));
         state.peers.extend(self.peers_upserted.iter().cloned());
-        state.peers.sort_by(|a, b| a.public_key.cmp(&b.public_key));
+        state.peers.sort_by_key(|p| p.public_key);
         apply_set(&mut state.routes, &self.routes_added, &self.routes_removed);
         apply_set(&mut state.rules, &self.rules_added, &self.rules_removed);
         if let Some(i) = &self.interface {

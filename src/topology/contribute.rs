@@ -510,7 +510,7 @@ pub(crate) fn assemble(ctx: &LocalContext, acc: Accumulator) -> (DesiredState, V
             fresh
         });
     }
-    peers.sort_unstable_by(|a, b| a.public_key.cmp(&b.public_key));
+    peers.sort_unstable_by_key(|p| p.public_key);
     // The first route to a destination wins; later ones are conflicts.
     let mut seen: FxHashMap<(u32, IpNetwork), usize> = FxHashMap::default();
     seen.reserve(routes.len());
