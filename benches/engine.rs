@@ -5,6 +5,9 @@
 
 use std::hint::black_box;
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use wiremesh::model::{Granularity, MeshNode, NodeName, WgKey};
 use wiremesh::topology::incremental::{Engine, Event};

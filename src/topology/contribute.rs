@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::FxHashSet;
 use std::net::{IpAddr, SocketAddr};
 
 use ipnetwork::IpNetwork;
@@ -486,59 +486,53 @@ pub(crate) fn assemble(ctx: &LocalContext, acc: Accumulator) -> (DesiredState, V
         mut rules,
         nat_sources,
         nat_destinations,
-        nat_exempt,
+        mut nat_exempt,
     } = acc;
     let mut diagnostics = Vec::new();
-    let mut claimed: FxHashSet<IpNetwork> = FxHashSet::default();
-    claimed.reserve(peers.len() * 3);
-    for p in &mut peers {
-        let name = &p.name;
-        p.allowed_ips.retain(|ip| {
-            let fresh = claimed.insert(*ip);
-            if !fresh {
-                diagnostics.push(
-                    Diagnostic::node(
-                        name,
-                        None,
-                        format!(
-                            "allowed IP {ip} is already routed to another peer; not added here"
-                        ),
-                    )
-                    .kept(),
-                );
-            }
-            fresh
-        });
-    }
-    peers.sort_unstable_by_key(|p| p.public_key);
-    // The first route to a destination wins; later ones are conflicts.
-    let mut seen: FxHashMap<(u32, IpNetwork), usize> = FxHashMap::default();
-    seen.reserve(routes.len());
-    let mut keep = vec![true; routes.len()];
-    for (i, r) in routes.iter().enumerate() {
-        if let Some(&first) = seen.get(&(r.table, r.dst)) {
-            keep[i] = false;
-            if routes[first] != *r {
-                diagnostics.push(
-                    Diagnostic::node(
-                        &ctx.name.0,
-                        None,
-                        format!(
-                            "two routes to {} in table {}; the first is used",
-                            r.dst, r.table
-                        ),
-                    )
-                    .kept(),
-                );
-            }
-        } else {
-            seen.insert((r.table, r.dst), i);
+    // Every allowed IP of a peer is in the exemption list once per claim, except mesh IPs (unique
+    // by allocation) and allowed-location-ips (overlaps already filtered). So when the sorted
+    // list has no repeat, no IP is claimed twice and the per-IP check can be skipped.
+    nat_exempt.sort_unstable_by_key(net_key);
+    let repeats = nat_exempt.windows(2).any(|w| w[0] == w[1]);
+    nat_exempt.dedup();
+    if repeats {
+        let mut claimed: FxHashSet<IpNetwork> = FxHashSet::default();
+        claimed.reserve(peers.len() * 3);
+        for p in &mut peers {
+            let name = &p.name;
+            p.allowed_ips.retain(|ip| {
+                let fresh = claimed.insert(*ip);
+                if !fresh {
+                    diagnostics.push(
+                        Diagnostic::node(
+                            name,
+                            None,
+                            format!("allowed IP {ip} is already routed to another peer; not added here"),
+                        )
+                        .kept(),
+                    );
+                }
+                fresh
+            });
         }
     }
-    let mut k = keep.into_iter();
-    routes.retain(|_| k.next().unwrap_or(false));
-    // Destinations are unique now, so ordering by (table, destination) is `Route`'s order.
-    routes.sort_unstable_by_key(|r| (r.table, net_key(&r.dst)));
+    peers.sort_unstable_by_key(|p| p.public_key);
+    // A stable sort keeps contribution order among routes to one destination: the first wins.
+    routes.sort_by_key(|r| (r.table, net_key(&r.dst)));
+    routes.dedup_by(|later, first| {
+        let same = later.table == first.table && later.dst == first.dst;
+        if same && later != first {
+            diagnostics.push(
+                Diagnostic::node(
+                    &ctx.name.0,
+                    None,
+                    format!("two routes to {} in table {}; the first is used", first.dst, first.table),
+                )
+                .kept(),
+            );
+        }
+        same
+    });
     rules.sort_unstable();
     rules.dedup();
     let desired = DesiredState {
@@ -552,7 +546,7 @@ pub(crate) fn assemble(ctx: &LocalContext, acc: Accumulator) -> (DesiredState, V
         masquerade: Masquerade {
             sources: sorted_unique(nat_sources),
             destinations: sorted_unique(nat_destinations),
-            exempt: sorted_unique(nat_exempt),
+            exempt: nat_exempt,
         },
     };
     (desired, diagnostics)
