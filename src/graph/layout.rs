@@ -11,7 +11,8 @@
 //! Past [`SCAN_LIMIT`] boxes (or should the scan fail) arcs follow the boxes' diagonals and the
 //! radius is the one at which even their bounding circles keep that distance.
 //! Inside a segment's frame the cards form a near-square grid; the leader takes the cell facing
-//! the circle's centre, where its tunnels leave.
+//! the circle's centre, where its tunnels leave, and its private links to the other members run
+//! along the gutters between cards, never under one.
 
 use std::f64::consts::PI;
 
