@@ -1,0 +1,976 @@
+//! SVG writer: the mesh as one self-contained SVG document, written by hand.
+//!
+//! Self-contained: an inline `<style>`, no scripts, fonts, images or links. Every node, peer,
+//! segment and edge is an element with an `id`, a `class` and `data-*` attributes naming it
+//! (`data-node`, `data-peer`, `data-segment`, `data-tunnel="a--b"`, `data-link`), so tools and
+//! tests can find them; hovering shows a `<title>` tooltip. Text is measured as monospace.
+//!
+//! Pure. Depends on the topology (with its diagnostics) and model, through the parent module,
+//! and on [`super::layout`] for positions.
+
+use std::borrow::Cow;
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+
+use super::layout::{self, FRAME_PAD, Group, Layout, Rect, Size, Spec};
+use super::{
+    Card, Edge, EdgeKind, End, GraphOptions, caption, edge_key, edges, end_name, local_end,
+    node_card, peer_card, segment_label, touches_local,
+};
+use crate::topology::Topology;
+
+/// Width of one character of 12 px monospace text (0.6 em, rounded up).
+const CHAR_W: f64 = 7.3;
+/// Width of one character of a 13 px bold heading.
+const HEAD_CHAR_W: f64 = 8.0;
+/// Width of one character of the 18 px title.
+const TITLE_CHAR_W: f64 = 11.0;
+/// Distance between two rows of a card.
+const LINE_H: f64 = 16.0;
+/// Height of a card's heading line.
+const HEAD_H: f64 = 20.0;
+/// Padding inside a card.
+const CARD_PAD: f64 = 10.0;
+/// Characters reserved for a row's key, so values line up.
+const KEY_COLS: usize = 10;
+/// Longest list (pod CIDRs, allowed IPs) shown in full on a card; the tooltip has them all.
+const LIST_CAP: usize = 4;
+/// Most left-out nodes and peers listed under the drawing.
+const FOOTER_CAP: usize = 20;
+/// Frame fills, one per location (cycled).
+const PALETTE: [&str; 8] = [
+    "#e7f5ff", "#ebfbee", "#fff9db", "#f3f0ff", "#fff0f6", "#e6fcf5", "#fff4e6", "#f8f9fa",
+];
+
+const STYLE: &str = "\
+text{font-family:'DejaVu Sans Mono',Menlo,Consolas,'Liberation Mono',monospace;font-size:12px;fill:#212529}\
+.background{fill:#fff}\
+.title{font-size:18px;font-weight:bold}\
+.caption{fill:#495057}\
+.frame{stroke:#868e96;stroke-width:1;stroke-dasharray:6 4}\
+.location{font-weight:bold;fill:#495057;paint-order:stroke;stroke:#fff;stroke-width:3px;stroke-linejoin:round}\
+.card{fill:#fff;stroke:#495057;stroke-width:1.2}\
+.leader .card{stroke:#1864ab;stroke-width:2.5}\
+.peer .card{fill:#f8f0fc;stroke:#862e9c;stroke-dasharray:5 3}\
+.local .card{fill:#fff4e6;stroke:#e8590c;stroke-width:3}\
+.heading{font-size:13px;font-weight:bold}\
+.leader .heading{fill:#1864ab}\
+.key{fill:#868e96}\
+.tunnel{stroke:#1c7ed6;fill:none}\
+.peer-tunnel{stroke:#ae3ec9}\
+.tunnel.local{stroke:#e8590c;stroke-width:2.5;stroke-opacity:1}\
+.link{stroke:#495057;stroke-width:1.5;stroke-dasharray:4 3;fill:none}\
+.link.local{stroke:#e8590c;stroke-width:2.5}\
+.legend-local{fill:#fff4e6;stroke:#e8590c;stroke-width:2}\
+.legend-peer{fill:#f8f0fc;stroke:#862e9c;stroke-dasharray:5 3}\
+.footer text{fill:#c92a2a}";
+
+/// Legend samples keep their own look however many tunnels thin the real ones.
+const LEGEND_STYLE: &str = ".legend line{stroke-width:2;stroke-opacity:1}";
+
+/// `s` made safe for XML text and attribute values: markup characters become references, line
+/// breaks and tabs become character references (attributes would fold them into spaces), and
+/// the characters XML 1.0 forbids become U+FFFD.
+pub(crate) fn esc(s: &str) -> Cow<'_, str> {
+    let plain =
+        |c: char| !matches!(c, '&' | '<' | '>' | '"' | '\'' | '\u{FFFE}' | '\u{FFFF}') && c >= ' ';
+    if s.chars().all(plain) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 16);
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            '\t' => out.push_str("&#9;"),
+            '\n' => out.push_str("&#10;"),
+            '\r' => out.push_str("&#13;"),
+            c if c < ' ' || c == '\u{FFFE}' || c == '\u{FFFF}' => out.push('\u{FFFD}'),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// A coordinate with at most one decimal, without a trailing `.0`.
+fn num(v: f64) -> String {
+    let tenths = (v * 10.0).round();
+    let s = if tenths % 10.0 == 0.0 {
+        format!("{:.0}", tenths / 10.0)
+    } else {
+        format!("{:.1}", tenths / 10.0)
+    };
+    if s == "-0" { "0".to_owned() } else { s }
+}
+
+fn text_width(s: &str, char_w: f64) -> f64 {
+    s.chars().count() as f64 * char_w
+}
+
+/// The size every card gets: wide enough for the longest line, tall enough for the most rows.
+fn card_size<'c>(cards: impl IntoIterator<Item = &'c Card>) -> Size {
+    let mut width: f64 = 0.0;
+    let mut rows = 0;
+    for c in cards {
+        width = width.max(text_width(&c.heading, HEAD_CHAR_W));
+        for r in &c.rows {
+            let w = if r.value.is_empty() {
+                text_width(r.key, CHAR_W)
+            } else {
+                (KEY_COLS + r.value.chars().count()) as f64 * CHAR_W
+            };
+            width = width.max(w);
+        }
+        rows = rows.max(c.rows.len());
+    }
+    Size {
+        w: (width + 2.0 * CARD_PAD).ceil(),
+        h: 2.0 * CARD_PAD + HEAD_H + rows as f64 * LINE_H,
+    }
+}
+
+/// One legend entry: a sample and its words.
+enum Sample {
+    Line(&'static str),
+    Mark,
+    Box(&'static str),
+}
+
+/// The header's lines: title (if any), caption, legend.
+struct Header {
+    title: Option<String>,
+    caption: String,
+    legend: Vec<(Sample, &'static str)>,
+}
+
+const LEGEND_SAMPLE_W: f64 = 26.0;
+const LEGEND_SPACING: f64 = 22.0;
+const TITLE_H: f64 = 28.0;
+const CAPTION_H: f64 = 20.0;
+const LEGEND_H: f64 = 22.0;
+
+impl Header {
+    fn new(topo: &Topology<'_>, opts: &GraphOptions, has_local: bool) -> Header {
+        let mut legend = vec![(Sample::Line("tunnel"), "WireGuard tunnel")];
+        if !topo.peers.is_empty() {
+            legend.push((Sample::Line("tunnel peer-tunnel"), "tunnel to a peer"));
+        }
+        if topo.segments.iter().any(|s| s.nodes.len() > 1) {
+            legend.push((Sample::Line("link"), "private network to leader"));
+            legend.push((Sample::Mark, "leader"));
+        }
+        if has_local {
+            legend.push((Sample::Box("legend-local"), "local node"));
+        }
+        if !topo.peers.is_empty() {
+            legend.push((Sample::Box("legend-peer"), "external peer"));
+        }
+        Header {
+            title: opts.title.clone(),
+            caption: caption(topo),
+            legend,
+        }
+    }
+
+    fn legend_width(&self) -> f64 {
+        self.legend
+            .iter()
+            .map(|(_, words)| LEGEND_SAMPLE_W + 6.0 + text_width(words, CHAR_W) + LEGEND_SPACING)
+            .sum::<f64>()
+            - LEGEND_SPACING
+    }
+
+    fn size(&self) -> Size {
+        let title = self
+            .title
+            .as_deref()
+            .map_or(0.0, |t| text_width(t, TITLE_CHAR_W));
+        Size {
+            w: title
+                .max(text_width(&self.caption, CHAR_W))
+                .max(self.legend_width()),
+            h: if self.title.is_some() { TITLE_H } else { 0.0 } + CAPTION_H + LEGEND_H,
+        }
+    }
+
+    fn write(&self, out: &mut String, at: &Rect) {
+        out.push_str("<g class=\"header\">\n");
+        let mut y = at.y;
+        if let Some(t) = &self.title {
+            let _ = writeln!(
+                out,
+                "<text class=\"title\" x=\"{}\" y=\"{}\">{}</text>",
+                num(at.x),
+                num(y + 19.0),
+                esc(t)
+            );
+            y += TITLE_H;
+        }
+        let _ = writeln!(
+            out,
+            "<text class=\"caption\" x=\"{}\" y=\"{}\">{}</text>",
+            num(at.x),
+            num(y + 13.0),
+            esc(&self.caption)
+        );
+        y += CAPTION_H;
+        let mid = y + 11.0;
+        let mut x = at.x;
+        out.push_str("<g class=\"legend\">\n");
+        for (sample, words) in &self.legend {
+            match sample {
+                Sample::Line(class) => {
+                    let _ = writeln!(
+                        out,
+                        "<line class=\"{class}\" x1=\"{}\" y1=\"{}\" x2=\"{}\" y2=\"{}\"/>",
+                        num(x),
+                        num(mid),
+                        num(x + LEGEND_SAMPLE_W),
+                        num(mid)
+                    );
+                }
+                Sample::Mark => {
+                    let _ = writeln!(
+                        out,
+                        "<text class=\"heading\" fill=\"#1864ab\" x=\"{}\" y=\"{}\">★</text>",
+                        num(x + 6.0),
+                        num(mid + 5.0)
+                    );
+                }
+                Sample::Box(class) => {
+                    let _ = writeln!(
+                        out,
+                        "<rect class=\"{class}\" x=\"{}\" y=\"{}\" width=\"{}\" height=\"14\" rx=\"3\"/>",
+                        num(x + 3.0),
+                        num(mid - 7.0),
+                        num(LEGEND_SAMPLE_W - 6.0)
+                    );
+                }
+            }
+            x += LEGEND_SAMPLE_W + 6.0;
+            let _ = writeln!(
+                out,
+                "<text x=\"{}\" y=\"{}\">{}</text>",
+                num(x),
+                num(mid + 4.0),
+                esc(words)
+            );
+            x += text_width(words, CHAR_W) + LEGEND_SPACING;
+        }
+        out.push_str("</g>\n</g>\n");
+    }
+}
+
+/// Lines listing the nodes and peers left out of the mesh, and why.
+fn footer_lines(topo: &Topology<'_>) -> Vec<String> {
+    let skipped: Vec<_> = topo.diagnostics.iter().filter(|d| d.skipped).collect();
+    if skipped.is_empty() {
+        return Vec::new();
+    }
+    let mut lines = vec!["left out of the mesh:".to_owned()];
+    for d in skipped.iter().take(FOOTER_CAP) {
+        let kind = match d.subject {
+            crate::diagnostic::Subject::Node => "node",
+            crate::diagnostic::Subject::Peer => "peer",
+            crate::diagnostic::Subject::Input => "input",
+        };
+        lines.push(format!("{kind} {}: {}", d.name, d.problem));
+    }
+    if skipped.len() > FOOTER_CAP {
+        lines.push(format!("… and {} more", skipped.len() - FOOTER_CAP));
+    }
+    lines
+}
+
+/// Stroke width and opacity of tunnels: thinner and lighter as they multiply.
+fn tunnel_stroke(count: usize) -> (f64, f64) {
+    match count {
+        0..=30 => (2.0, 0.9),
+        31..=300 => (1.2, 0.55),
+        _ => (0.7, 0.3),
+    }
+}
+
+/// The whole document.
+pub fn render(topo: &Topology<'_>, opts: &GraphOptions) -> String {
+    let local = local_end(topo, opts);
+    let node_cards: Vec<Vec<Card>> = topo
+        .segments
+        .iter()
+        .enumerate()
+        .map(|(s, seg)| {
+            (0..seg.nodes.len())
+                .map(|m| node_card(topo, s, m, Some(LIST_CAP)))
+                .collect()
+        })
+        .collect();
+    let peer_cards: Vec<Card> = topo
+        .peers
+        .iter()
+        .map(|p| peer_card(p, Some(LIST_CAP)))
+        .collect();
+    let card = card_size(node_cards.iter().flatten().chain(&peer_cards));
+    let labels: Vec<String> = topo.segments.iter().map(segment_label).collect();
+    let header = Header::new(topo, opts, local.is_some());
+    let footer = footer_lines(topo);
+    let groups: Vec<Group> = topo
+        .segments
+        .iter()
+        .zip(&labels)
+        .map(|(seg, label)| Group {
+            members: seg.nodes.len(),
+            leader: seg.leader,
+            label_width: text_width(label, CHAR_W),
+        })
+        .collect();
+    let l = layout::layout(&Spec {
+        groups: &groups,
+        peers: topo.peers.len(),
+        card,
+        header: header.size(),
+        footer: Size {
+            w: footer
+                .iter()
+                .map(|f| text_width(f, CHAR_W))
+                .fold(0.0, f64::max),
+            h: footer.len() as f64 * LINE_H,
+        },
+    });
+
+    let all_edges = edges(topo);
+    let tunnels = all_edges
+        .iter()
+        .filter(|e| e.kind != EdgeKind::Private)
+        .count();
+    let (stroke, opacity) = tunnel_stroke(tunnels);
+    let title = opts
+        .title
+        .clone()
+        .unwrap_or_else(|| format!("wiremesh topology: {}", topo.subnet));
+
+    let mut out = String::with_capacity(4096 + 600 * all_edges.len() + 1500 * groups.len());
+    let (w, h) = (num(l.width.ceil()), num(l.height.ceil()));
+    out.push_str("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
+    let _ = writeln!(
+        out,
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" version=\"1.1\" width=\"{w}\" height=\"{h}\" \
+         viewBox=\"0 0 {w} {h}\" class=\"wiremesh-graph\" data-subnet=\"{}\" data-granularity=\"{}\">",
+        topo.subnet, topo.granularity
+    );
+    let _ = writeln!(out, "<title>{}</title>", esc(&title));
+    let _ = writeln!(out, "<desc>{}</desc>", esc(&header.caption));
+    let _ = writeln!(
+        out,
+        "<style>{STYLE}.tunnel{{stroke-width:{};stroke-opacity:{}}}{LEGEND_STYLE}</style>",
+        num(stroke),
+        opacity
+    );
+    let _ = writeln!(
+        out,
+        "<rect class=\"background\" x=\"0\" y=\"0\" width=\"{w}\" height=\"{h}\"/>"
+    );
+    header.write(&mut out, &l.header);
+    write_frames(&mut out, topo, &l, &labels);
+    write_edges(&mut out, topo, &l, &all_edges, local);
+    write_labels(&mut out, &l, &labels);
+    write_nodes(&mut out, topo, &l, &node_cards, &labels, local);
+    write_peers(&mut out, topo, &l, &peer_cards, local);
+    if !footer.is_empty() {
+        out.push_str("<g class=\"footer\">\n");
+        for (i, line) in footer.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "<text x=\"{}\" y=\"{}\">{}</text>",
+                num(l.footer.x),
+                num(l.footer.y + 12.0 + i as f64 * LINE_H),
+                esc(line)
+            );
+        }
+        out.push_str("</g>\n");
+    }
+    out.push_str("</svg>\n");
+    out
+}
+
+fn write_frames(out: &mut String, topo: &Topology<'_>, l: &Layout, labels: &[String]) {
+    let locations: BTreeSet<&str> = labels.iter().map(String::as_str).collect();
+    out.push_str("<g class=\"segments\">\n");
+    for (s, (seg, gb)) in topo.segments.iter().zip(&l.groups).enumerate() {
+        let colour = locations
+            .iter()
+            .position(|l| *l == labels[s])
+            .map_or(PALETTE[0], |i| PALETTE[i % PALETTE.len()]);
+        let f = &gb.frame;
+        let _ = writeln!(
+            out,
+            "<g id=\"segment-{s}\" class=\"segment\" data-segment=\"{}\" data-location=\"{}\" \
+             data-mesh-ip=\"{}\">\n<rect class=\"frame\" fill=\"{colour}\" x=\"{}\" y=\"{}\" \
+             width=\"{}\" height=\"{}\" rx=\"10\"/>\n</g>",
+            esc(&seg.key.to_string()),
+            esc(&labels[s]),
+            seg.mesh_ip,
+            num(f.x),
+            num(f.y),
+            num(f.w),
+            num(f.h),
+        );
+    }
+    out.push_str("</g>\n");
+}
+
+/// Location labels go above the edges (with a halo), so tunnels never hide them.
+fn write_labels(out: &mut String, l: &Layout, labels: &[String]) {
+    out.push_str("<g class=\"labels\">\n");
+    for (gb, label) in l.groups.iter().zip(labels) {
+        let _ = writeln!(
+            out,
+            "<text class=\"location\" x=\"{}\" y=\"{}\">{}</text>",
+            num(gb.frame.x + FRAME_PAD),
+            num(gb.frame.y + FRAME_PAD + 10.0),
+            esc(label)
+        );
+    }
+    out.push_str("</g>\n");
+}
+
+fn end_rect(l: &Layout, end: End) -> Rect {
+    match end {
+        End::Node(s, m) => l.groups[s].members[m],
+        End::Peer(p) => l.peers[p],
+    }
+}
+
+fn write_edges(
+    out: &mut String,
+    topo: &Topology<'_>,
+    l: &Layout,
+    all: &[Edge],
+    local: Option<End>,
+) {
+    out.push_str("<g class=\"links\">\n");
+    write_edge_set(out, topo, l, all, local, |k, _| k == EdgeKind::Private);
+    out.push_str("</g>\n<g class=\"tunnels\">\n");
+    // Tunnels the local node uses go last, on top of the others.
+    write_edge_set(out, topo, l, all, local, |k, on| {
+        k != EdgeKind::Private && !on
+    });
+    write_edge_set(out, topo, l, all, local, |k, on| {
+        k != EdgeKind::Private && on
+    });
+    out.push_str("</g>\n");
+}
+
+fn write_edge_set(
+    out: &mut String,
+    topo: &Topology<'_>,
+    l: &Layout,
+    all: &[Edge],
+    local: Option<End>,
+    pick: impl Fn(EdgeKind, bool) -> bool,
+) {
+    for (i, e) in all.iter().enumerate() {
+        let on = touches_local(topo, e, local);
+        if !pick(e.kind, on) {
+            continue;
+        }
+        let (class, attr, what) = match e.kind {
+            EdgeKind::Private => ("link", "data-link", "private network"),
+            EdgeKind::Tunnel => ("tunnel", "data-tunnel", "WireGuard tunnel"),
+            EdgeKind::PeerTunnel => ("tunnel peer-tunnel", "data-tunnel", "WireGuard tunnel"),
+        };
+        let local_class = if on { " local" } else { "" };
+        let shape = if e.kind == EdgeKind::Private {
+            "polyline"
+        } else {
+            "line"
+        };
+        let _ = write!(
+            out,
+            "<{shape} id=\"edge-{i}\" class=\"{class}{local_class}\" {attr}=\"{}\" ",
+            esc(&edge_key(topo, e)),
+        );
+        match (e.kind, e.b) {
+            (EdgeKind::Private, End::Node(s, m)) => {
+                out.push_str("points=\"");
+                for (k, (x, y)) in l.groups[s].links[m].iter().enumerate() {
+                    if k > 0 {
+                        out.push(' ');
+                    }
+                    let _ = write!(out, "{},{}", num(*x), num(*y));
+                }
+                out.push('"');
+            }
+            _ => {
+                let (x1, y1) = end_rect(l, e.a).centre();
+                let (x2, y2) = end_rect(l, e.b).centre();
+                let _ = write!(
+                    out,
+                    "x1=\"{}\" y1=\"{}\" x2=\"{}\" y2=\"{}\"",
+                    num(x1),
+                    num(y1),
+                    num(x2),
+                    num(y2)
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "><title>{what}: {} ↔ {}</title></{shape}>",
+            esc(end_name(topo, e.a)),
+            esc(end_name(topo, e.b)),
+        );
+    }
+}
+
+fn write_card(out: &mut String, r: &Rect, card: &Card, tooltip: &str) {
+    let _ = writeln!(out, "<title>{}</title>", esc(tooltip));
+    let _ = writeln!(
+        out,
+        "<rect class=\"card\" x=\"{}\" y=\"{}\" width=\"{}\" height=\"{}\" rx=\"6\"/>",
+        num(r.x),
+        num(r.y),
+        num(r.w),
+        num(r.h)
+    );
+    let x = r.x + CARD_PAD;
+    let _ = writeln!(
+        out,
+        "<text class=\"heading\" x=\"{}\" y=\"{}\">{}</text>",
+        num(x),
+        num(r.y + CARD_PAD + 13.0),
+        esc(&card.heading)
+    );
+    let value_x = num(x + KEY_COLS as f64 * CHAR_W);
+    for (i, row) in card.rows.iter().enumerate() {
+        let y = num(r.y + CARD_PAD + HEAD_H + i as f64 * LINE_H + 11.0);
+        out.push_str("<text x=\"");
+        out.push_str(&num(x));
+        out.push_str("\" y=\"");
+        out.push_str(&y);
+        out.push_str("\">");
+        if !row.key.is_empty() {
+            let _ = write!(out, "<tspan class=\"key\">{}</tspan>", esc(row.key));
+        }
+        if !row.value.is_empty() {
+            let _ = write!(out, "<tspan x=\"{value_x}\">{}</tspan>", esc(&row.value));
+        }
+        out.push_str("</text>\n");
+    }
+}
+
+fn write_nodes(
+    out: &mut String,
+    topo: &Topology<'_>,
+    l: &Layout,
+    cards: &[Vec<Card>],
+    labels: &[String],
+    local: Option<End>,
+) {
+    out.push_str("<g class=\"nodes\">\n");
+    for (s, seg) in topo.segments.iter().enumerate() {
+        for (m, node) in seg.nodes.iter().enumerate() {
+            let leader = m == seg.leader;
+            let is_local = local == Some(End::Node(s, m));
+            let mut class = String::from("node");
+            if leader && seg.nodes.len() > 1 {
+                class.push_str(" leader");
+            }
+            if is_local {
+                class.push_str(" local");
+            }
+            let _ = writeln!(
+                out,
+                "<g id=\"node-{s}-{m}\" class=\"{class}\" data-node=\"{}\" data-segment=\"{}\" \
+                 data-location=\"{}\" data-leader=\"{leader}\">",
+                esc(node.name.as_str()),
+                esc(&seg.key.to_string()),
+                esc(&labels[s])
+            );
+            let mut tooltip = node_card(topo, s, m, None).lines().join("\n");
+            let _ = write!(tooltip, "\nlocation {}", labels[s]);
+            if leader {
+                let _ = write!(tooltip, "\nleader of {}", seg.key);
+            }
+            if is_local {
+                tooltip.push_str("\n(local node)");
+            }
+            write_card(out, &l.groups[s].members[m], &cards[s][m], &tooltip);
+            out.push_str("</g>\n");
+        }
+    }
+    out.push_str("</g>\n");
+}
+
+fn write_peers(
+    out: &mut String,
+    topo: &Topology<'_>,
+    l: &Layout,
+    cards: &[Card],
+    local: Option<End>,
+) {
+    out.push_str("<g class=\"peers\">\n");
+    for (p, peer) in topo.peers.iter().enumerate() {
+        let class = if local == Some(End::Peer(p)) {
+            "peer local"
+        } else {
+            "peer"
+        };
+        let _ = writeln!(
+            out,
+            "<g id=\"peer-{p}\" class=\"{class}\" data-peer=\"{}\">",
+            esc(peer.name.as_str())
+        );
+        let tooltip = peer_card(peer, None).lines().join("\n");
+        write_card(out, &l.peers[p], &cards[p], &tooltip);
+        out.push_str("</g>\n");
+    }
+    out.push_str("</g>\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use quick_xml::events::Event;
+
+    use super::super::fixtures::*;
+    use super::*;
+    use crate::model::Granularity;
+
+    /// What a parsed SVG holds: `data-*` values by attribute, and the document's title text.
+    #[derive(Debug, Default)]
+    struct Parsed {
+        data: BTreeMap<String, Vec<String>>,
+        title: String,
+        root: BTreeMap<String, String>,
+        classes: Vec<String>,
+    }
+
+    impl Parsed {
+        fn set(&self, attr: &str) -> BTreeSet<String> {
+            self.data.get(attr).into_iter().flatten().cloned().collect()
+        }
+        fn count(&self, attr: &str) -> usize {
+            self.data.get(attr).map_or(0, Vec::len)
+        }
+    }
+
+    /// Parse with a real XML parser (which checks tags nest and close), failing on any error.
+    fn parse(svg: &str) -> Parsed {
+        let mut reader = quick_xml::Reader::from_str(svg);
+        let mut parsed = Parsed::default();
+        let mut depth = 0usize;
+        let mut in_doc_title = false;
+        loop {
+            let event = reader.read_event().expect("well-formed XML");
+            match &event {
+                Event::Start(e) | Event::Empty(e) => {
+                    let name = String::from_utf8(e.name().as_ref().to_vec()).expect("utf-8");
+                    for a in e.attributes() {
+                        let a = a.expect("well-formed attribute");
+                        let key = String::from_utf8(a.key.as_ref().to_vec()).expect("utf-8");
+                        let value = a.unescape_value().expect("valid references").into_owned();
+                        if depth == 0 {
+                            parsed.root.insert(key.clone(), value.clone());
+                        }
+                        if key == "class" {
+                            parsed.classes.push(value.clone());
+                        }
+                        if key.starts_with("data-") {
+                            parsed.data.entry(key).or_default().push(value);
+                        }
+                    }
+                    if depth == 0 {
+                        assert_eq!(name, "svg", "root element");
+                    }
+                    if matches!(event, Event::Start(_)) {
+                        in_doc_title = depth == 1 && name == "title";
+                        depth += 1;
+                    }
+                }
+                Event::End(_) => {
+                    depth -= 1;
+                    in_doc_title = false;
+                }
+                Event::Text(t) if in_doc_title => {
+                    parsed.title.push_str(&t.decode().expect("utf-8"));
+                }
+                Event::GeneralRef(r) if in_doc_title => {
+                    if let Some(c) = r.resolve_char_ref().expect("char ref") {
+                        parsed.title.push(c);
+                    } else {
+                        let name = r.decode().expect("utf-8");
+                        let resolved = quick_xml::escape::resolve_predefined_entity(&name)
+                            .expect("predefined entity");
+                        parsed.title.push_str(resolved);
+                    }
+                }
+                Event::Eof => break,
+                _ => {}
+            }
+        }
+        assert_eq!(depth, 0, "every element closed");
+        parsed
+    }
+
+    /// The names, tunnels and links the topology should show.
+    struct Expected {
+        nodes: BTreeSet<String>,
+        peers: BTreeSet<String>,
+        tunnels: BTreeSet<String>,
+        tunnel_count: usize,
+        links: BTreeSet<String>,
+    }
+
+    fn pair(a: &str, b: &str) -> String {
+        if a <= b {
+            format!("{a}--{b}")
+        } else {
+            format!("{b}--{a}")
+        }
+    }
+
+    /// Computed from the topology directly, not through the exporter's own edge list.
+    fn expected(topo: &Topology<'_>) -> Expected {
+        let leaders: Vec<&str> = topo
+            .segments
+            .iter()
+            .map(|s| s.leader_node().name.as_str())
+            .collect();
+        let peers: BTreeSet<String> = topo.peers.iter().map(|p| p.name.to_string()).collect();
+        let mut tunnels = BTreeSet::new();
+        for (i, a) in leaders.iter().enumerate() {
+            for b in &leaders[i + 1..] {
+                tunnels.insert(pair(a, b));
+            }
+            for p in &peers {
+                tunnels.insert(pair(a, p));
+            }
+        }
+        let n = leaders.len();
+        let mut links = BTreeSet::new();
+        for s in &topo.segments {
+            for n in &s.nodes {
+                if n.name != s.leader_node().name {
+                    links.insert(pair(s.leader_node().name.as_str(), n.name.as_str()));
+                }
+            }
+        }
+        Expected {
+            nodes: topo
+                .segments
+                .iter()
+                .flat_map(|s| s.nodes.iter().map(|n| n.name.to_string()))
+                .collect(),
+            peers,
+            tunnels,
+            tunnel_count: n * (n - 1) / 2 + n * topo.peers.len(),
+            links,
+        }
+    }
+
+    fn assert_complete(topo: &Topology<'_>, svg: &str) -> Parsed {
+        let parsed = parse(svg);
+        let want = expected(topo);
+        assert_eq!(parsed.set("data-node"), want.nodes);
+        assert_eq!(
+            parsed.count("data-node"),
+            want.nodes.len(),
+            "each node once"
+        );
+        assert_eq!(parsed.set("data-peer"), want.peers);
+        assert_eq!(
+            parsed.count("data-peer"),
+            want.peers.len(),
+            "each peer once"
+        );
+        assert_eq!(parsed.set("data-tunnel"), want.tunnels);
+        assert_eq!(
+            parsed.count("data-tunnel"),
+            want.tunnel_count,
+            "each tunnel once"
+        );
+        assert_eq!(parsed.set("data-link"), want.links);
+        assert_eq!(
+            parsed.count("data-segment"),
+            topo.segments.len() + want.nodes.len()
+        );
+        let leaders = parsed
+            .data
+            .get("data-leader")
+            .into_iter()
+            .flatten()
+            .filter(|v| *v == "true")
+            .count();
+        assert_eq!(leaders, topo.segments.len(), "one leader per segment");
+        let viewbox = parsed.root.get("viewBox").expect("viewBox");
+        assert!(viewbox.starts_with("0 0 "), "{viewbox}");
+        parsed
+    }
+
+    #[test]
+    fn svg_has_every_node_and_tunnel_for_three_clouds() {
+        let (nodes, peers) = example("three-clouds.yaml", false);
+        let topo = build(&nodes, &peers, Granularity::Full);
+        let parsed = assert_complete(&topo, &render(&topo, &GraphOptions::default()));
+        assert_eq!(parsed.count("data-tunnel"), 3);
+        assert_eq!(parsed.count("data-link"), 0);
+        assert_eq!(
+            parsed.set("data-location"),
+            ["de-fra", "fi-hel", "fr-par"].map(String::from).into()
+        );
+    }
+
+    #[test]
+    fn svg_has_every_node_tunnel_and_link_for_locations() {
+        let (nodes, peers) = example("locations.yaml", true);
+        let topo = build(&nodes, &peers, Granularity::Location);
+        let parsed = assert_complete(&topo, &render(&topo, &GraphOptions::default()));
+        assert_eq!(topo.segments.len(), 3);
+        assert_eq!(parsed.count("data-tunnel"), 3 + 3);
+        assert_eq!(parsed.count("data-link"), 4);
+        assert_eq!(parsed.set("data-peer"), ["laptop".to_owned()].into());
+    }
+
+    #[test]
+    fn svg_has_every_node_and_tunnel_at_50_nodes() {
+        let nodes = generated(50, 50);
+        let peers = generated_peers(2);
+        let topo = build(&nodes, &peers, Granularity::Full);
+        let parsed = assert_complete(&topo, &render(&topo, &GraphOptions::default()));
+        assert_eq!(parsed.count("data-tunnel"), 50 * 49 / 2 + 50 * 2);
+    }
+
+    #[test]
+    fn svg_has_every_node_and_tunnel_at_50_nodes_in_5_locations() {
+        let nodes = generated(50, 5);
+        let topo = build(&nodes, &[], Granularity::Location);
+        let parsed = assert_complete(&topo, &render(&topo, &GraphOptions::default()));
+        assert_eq!(parsed.count("data-tunnel"), 10);
+        assert_eq!(parsed.count("data-link"), 45);
+    }
+
+    #[test]
+    fn svg_escapes_markup_in_names_and_stays_valid_xml() {
+        let (nodes, peers) = nasty();
+        let topo = build(&nodes, &peers, Granularity::Location);
+        let title = r#"<mesh> & "friends" 'n' such"#;
+        let opts = GraphOptions {
+            local: Some(nodes[0].name.clone()),
+            title: Some(title.to_owned()),
+        };
+        let svg = render(&topo, &opts);
+        assert!(
+            !svg.contains("<script"),
+            "markup in a name must not become markup"
+        );
+        let parsed = assert_complete(&topo, &svg);
+        assert_eq!(parsed.title, title);
+        assert!(
+            parsed.set("data-location").contains("back\\slash\nnewline"),
+            "newline kept in attribute: {:?}",
+            parsed.set("data-location")
+        );
+        assert!(parsed.classes.iter().any(|c| c == "node local"));
+    }
+
+    #[test]
+    fn svg_is_self_contained() {
+        let (nodes, peers) = example("locations.yaml", true);
+        let topo = build(&nodes, &peers, Granularity::Location);
+        let svg = render(&topo, &GraphOptions::default());
+        for forbidden in [
+            "href",
+            "<script",
+            "<image",
+            "@import",
+            "url(",
+            "<foreignObject",
+        ] {
+            assert!(!svg.contains(forbidden), "{forbidden}");
+        }
+        assert_eq!(svg.matches("<style>").count(), 1);
+        let parsed = parse(&svg);
+        assert_eq!(
+            parsed.root.get("xmlns").map(String::as_str),
+            Some("http://www.w3.org/2000/svg")
+        );
+    }
+
+    #[test]
+    fn svg_is_deterministic() {
+        let nodes = generated(12, 3);
+        let peers = generated_peers(1);
+        let a = build(&nodes, &peers, Granularity::Location);
+        let b = build(&nodes, &peers, Granularity::Location);
+        let opts = GraphOptions {
+            local: Some("node-04".into()),
+            title: Some("t".into()),
+        };
+        assert_eq!(render(&a, &opts), render(&b, &opts));
+    }
+
+    #[test]
+    fn svg_marks_the_local_node_and_its_tunnels() {
+        let (nodes, peers) = example("locations.yaml", true);
+        let topo = build(&nodes, &peers, Granularity::Location);
+        let opts = GraphOptions {
+            local: Some("home-a".into()),
+            title: Some("from home-a".into()),
+        };
+        let svg = render(&topo, &opts);
+        let parsed = parse(&svg);
+        assert_eq!(parsed.title, "from home-a");
+        assert!(svg.contains(">from home-a</text>"), "title is drawn");
+        assert_eq!(
+            parsed.classes.iter().filter(|c| *c == "node local").count(),
+            1
+        );
+        assert_eq!(
+            parsed
+                .classes
+                .iter()
+                .filter(|c| c.ends_with(" local"))
+                .count(),
+            1 + 1 + 3,
+            "the node, its link, its leader's three tunnels"
+        );
+    }
+
+    #[test]
+    fn svg_lists_nodes_left_out() {
+        let (mut nodes, peers) = example("three-clouds.yaml", false);
+        nodes[1].endpoint = None;
+        let topo = crate::topology::build(nodes.iter(), &peers, &Default::default());
+        let svg = render(&topo, &GraphOptions::default());
+        parse(&svg);
+        assert!(svg.contains("node hel-1: no endpoint published yet"));
+    }
+
+    #[test]
+    fn empty_mesh_is_still_a_valid_svg() {
+        let topo = build(&[], &[], Granularity::Location);
+        let parsed = parse(&render(&topo, &GraphOptions::default()));
+        assert_eq!(parsed.count("data-node"), 0);
+    }
+
+    #[test]
+    fn escape_covers_markup_quotes_and_control_characters() {
+        assert_eq!(esc("plain-name.1"), "plain-name.1");
+        assert_eq!(
+            esc("a&b<c>\"d'\n\u{1}"),
+            "a&amp;b&lt;c&gt;&quot;d&#39;&#10;\u{FFFD}"
+        );
+    }
+
+    #[test]
+    fn numbers_are_short_and_stable() {
+        assert_eq!(num(12.0), "12");
+        assert_eq!(num(12.04), "12");
+        assert_eq!(num(12.25), "12.3");
+        assert_eq!(num(-0.01), "0");
+    }
+}
