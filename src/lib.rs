@@ -16,6 +16,7 @@ pub mod desired;
 pub mod diagnostic;
 pub mod graph;
 pub mod model;
+pub mod reconcile;
 pub mod registry;
 pub mod showconf;
 pub mod topology;

@@ -507,7 +507,9 @@ pub(crate) fn assemble(ctx: &LocalContext, acc: Accumulator) -> (DesiredState, V
                         Diagnostic::node(
                             name,
                             None,
-                            format!("allowed IP {ip} is already routed to another peer; not added here"),
+                            format!(
+                                "allowed IP {ip} is already routed to another peer; not added here"
+                            ),
                         )
                         .kept(),
                     );
@@ -526,7 +528,10 @@ pub(crate) fn assemble(ctx: &LocalContext, acc: Accumulator) -> (DesiredState, V
                 Diagnostic::node(
                     &ctx.name.0,
                     None,
-                    format!("two routes to {} in table {}; the first is used", first.dst, first.table),
+                    format!(
+                        "two routes to {} in table {}; the first is used",
+                        first.dst, first.table
+                    ),
                 )
                 .kept(),
             );

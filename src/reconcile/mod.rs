@@ -1,0 +1,117 @@
+//! The reconciler: makes the kernel hold exactly the desired state, touching only what
+//! wiremesh owns.
+//!
+//! ```text
+//! DesiredState ──┐
+//!                ├─ plan::plan() (pure) ─→ Vec<Op> ─→ Kernel::apply ─→ kernel
+//! Kernel::read_owned() ─→ OwnedState ──┘
+//! ```
+//!
+//! `plan` is pure; the [`Kernel`] trait is the only door to the system. Its implementations live
+//! in `netlink` (routes, rules, links, bridge), `wg` (WireGuard device and peers), `nft`
+//! (masquerade) and `cni` (CNI config file). May depend on the desired state and the model;
+//! never on the topology engine or Kubernetes.
+
+pub mod plan;
+
+use crate::model::WgKey;
+pub use plan::{LinkState, Op, OwnedState, WgDeviceState};
+
+/// The route protocol number that marks routes (and rules) as wiremesh's own
+/// (`ip route show proto 104`). Nothing without it is ever changed or removed.
+pub const RTPROT_WIREMESH: u8 = 104;
+/// Priority of wiremesh's policy rules.
+pub const RULE_PRIORITY: u32 = 1107;
+
+/// Why a kernel operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    /// A netlink request was refused.
+    #[error("{op}: netlink: {message}")]
+    Netlink {
+        /// What was being done.
+        op: String,
+        /// The kernel's answer.
+        message: String,
+    },
+    /// The WireGuard device could not be read or configured.
+    #[error("{op}: wireguard: {message}")]
+    WireGuard {
+        /// What was being done.
+        op: String,
+        /// What failed.
+        message: String,
+    },
+    /// The firewall could not be read or changed.
+    #[error("{op}: firewall: {message}")]
+    Firewall {
+        /// What was being done.
+        op: String,
+        /// What failed.
+        message: String,
+    },
+    /// A file could not be read or written.
+    #[error("{op}: {source}")]
+    Io {
+        /// What was being done.
+        op: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel lacks a feature the desired state needs (e.g. the IPIP tunnel).
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// The door to the system: read what wiremesh owns, apply one operation.
+#[allow(async_fn_in_trait)]
+pub trait Kernel {
+    /// Everything wiremesh owns, as the kernel has it now.
+    async fn read_owned(&mut self) -> Result<OwnedState, KernelError>;
+    /// Apply one operation.
+    async fn apply(&mut self, op: &Op) -> Result<(), KernelError>;
+    /// Apply many operations; implementations may pipeline them. Returns one result per op.
+    async fn apply_all(&mut self, ops: &[Op]) -> Vec<Result<(), KernelError>> {
+        let mut out = Vec::with_capacity(ops.len());
+        for op in ops {
+            out.push(self.apply(op).await);
+        }
+        out
+    }
+}
+
+/// What one reconciliation did.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Operations applied successfully.
+    pub applied: Vec<Op>,
+    /// Operations that failed, with the error.
+    pub failed: Vec<(Op, KernelError)>,
+}
+
+impl Report {
+    /// Whether the kernel already matched: nothing to do.
+    pub fn is_noop(&self) -> bool {
+        self.applied.is_empty() && self.failed.is_empty()
+    }
+}
+
+/// Read the kernel, plan, apply. A failed operation does not stop the others.
+pub async fn reconcile<K: Kernel>(
+    kernel: &mut K,
+    desired: &crate::desired::DesiredState,
+    public_key: WgKey,
+) -> Result<Report, KernelError> {
+    let actual = kernel.read_owned().await?;
+    let ops = plan::plan(desired, &actual, public_key);
+    let results = kernel.apply_all(&ops).await;
+    let mut report = Report::default();
+    for (op, r) in ops.into_iter().zip(results) {
+        match r {
+            Ok(()) => report.applied.push(op),
+            Err(e) => report.failed.push((op, e)),
+        }
+    }
+    Ok(report)
+}

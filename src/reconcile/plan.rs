@@ -1,0 +1,396 @@
+//! The reconciler's pure core: compare the desired state with what the kernel holds *that
+//! wiremesh owns*, and list the operations that close the gap.
+//!
+//! Pure: no I/O. Depends on the desired state and model only. `OwnedState` never contains
+//! anything wiremesh did not create (foreign routes, rules, interfaces and tables are filtered
+//! out when the kernel is read), so the plan can never touch them.
+
+use std::collections::BTreeMap;
+
+use ipnetwork::IpNetwork;
+use serde::Serialize;
+
+use crate::desired::{Bridge, DesiredState, Masquerade, Route, Rule, WgPeer};
+use crate::model::WgKey;
+
+/// The WireGuard device as the kernel (or the userspace daemon) reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct WgDeviceState {
+    /// UDP listen port.
+    pub listen_port: u16,
+    /// Public key of the device's private key, if one is set.
+    pub public_key: Option<WgKey>,
+    /// Peers by public key. `name` is empty: the kernel does not know names.
+    pub peers: Vec<WgPeer>,
+}
+
+/// The WireGuard link's own settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct LinkState {
+    /// Whether the link is administratively up.
+    pub up: bool,
+    /// Current MTU.
+    pub mtu: u32,
+    /// Addresses on the link.
+    pub addresses: Vec<IpNetwork>,
+}
+
+/// Everything wiremesh owns in the kernel, as read back from it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct OwnedState {
+    /// The WireGuard device, if it exists.
+    pub wireguard: Option<WgDeviceState>,
+    /// The WireGuard link, if it exists.
+    pub link: Option<LinkState>,
+    /// Routes carrying wiremesh's route protocol, sorted.
+    pub routes: Vec<Route>,
+    /// Rules carrying wiremesh's rule protocol, sorted.
+    pub rules: Vec<Rule>,
+    /// The CNI bridge, if it exists.
+    pub bridge: Option<Bridge>,
+    /// The masquerade configuration in wiremesh's own firewall table, if the table exists.
+    pub masquerade: Option<Masquerade>,
+}
+
+/// One change to the kernel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    /// Create the WireGuard interface.
+    CreateInterface,
+    /// Set the private key and listen port.
+    ConfigureDevice {
+        /// The listen port.
+        listen_port: u16,
+    },
+    /// Set the link's MTU (`None`: the automatic value).
+    SetMtu {
+        /// The MTU.
+        mtu: Option<u32>,
+    },
+    /// Add an address to the WireGuard link.
+    AddAddress {
+        /// The address.
+        address: IpNetwork,
+    },
+    /// Remove an address from the WireGuard link.
+    DelAddress {
+        /// The address.
+        address: IpNetwork,
+    },
+    /// Bring the WireGuard link up.
+    LinkUp,
+    /// Add or change one peer (its allowed IPs are replaced, other peers are left alone).
+    UpsertPeer(WgPeer),
+    /// Remove one peer.
+    RemovePeer {
+        /// The peer's public key.
+        public_key: WgKey,
+    },
+    /// Create the CNI bridge or set its addresses.
+    SetBridge(Bridge),
+    /// Replace wiremesh's masquerade table.
+    SetMasquerade(Masquerade),
+    /// Remove wiremesh's masquerade table.
+    DelMasquerade,
+    /// Remove a rule.
+    DelRule(Rule),
+    /// Remove a route.
+    DelRoute(Route),
+    /// Add a route.
+    AddRoute(Route),
+    /// Add a rule.
+    AddRule(Rule),
+}
+
+/// Peers that differ: the desired value for each added or changed peer, and keys to remove.
+///
+/// The name is for people only and is ignored: the kernel does not store it.
+pub fn peer_diff(desired: &[WgPeer], actual: &[WgPeer]) -> (Vec<WgPeer>, Vec<WgKey>) {
+    let have: BTreeMap<WgKey, &WgPeer> = actual.iter().map(|p| (p.public_key, p)).collect();
+    let want: BTreeMap<WgKey, &WgPeer> = desired.iter().map(|p| (p.public_key, p)).collect();
+    let mut upsert = Vec::new();
+    for (k, w) in &want {
+        match have.get(k) {
+            Some(h) if same_peer(w, h) => {}
+            _ => upsert.push((*w).clone()),
+        }
+    }
+    let remove = have
+        .keys()
+        .filter(|k| !want.contains_key(k))
+        .copied()
+        .collect();
+    (upsert, remove)
+}
+
+/// Whether the kernel's peer already matches the desired one (order of allowed IPs ignored).
+fn same_peer(want: &WgPeer, have: &WgPeer) -> bool {
+    let mut a = want.allowed_ips.clone();
+    let mut b = have.allowed_ips.clone();
+    a.sort();
+    b.sort();
+    a == b
+        && want.endpoint == have.endpoint
+        && want.persistent_keepalive == have.persistent_keepalive
+        && want.preshared_key == have.preshared_key
+}
+
+fn sorted_diff<T: Ord + Clone>(want: &[T], have: &[T]) -> (Vec<T>, Vec<T>) {
+    let w: std::collections::BTreeSet<&T> = want.iter().collect();
+    let h: std::collections::BTreeSet<&T> = have.iter().collect();
+    (
+        w.difference(&h).map(|x| (*x).clone()).collect(),
+        h.difference(&w).map(|x| (*x).clone()).collect(),
+    )
+}
+
+/// The operations that turn `actual` into `desired`, in the order they must run: interface
+/// first, then peers, bridge and firewall, then rule and route removals, then additions.
+///
+/// `public_key` is the public key of the private key the agent holds: when the device reports
+/// another one (or none), the device is configured again.
+pub fn plan(desired: &DesiredState, actual: &OwnedState, public_key: WgKey) -> Vec<Op> {
+    let mut ops = Vec::new();
+    let iface = &desired.interface;
+    let device = actual.wireguard.as_ref();
+    if actual.link.is_none() {
+        ops.push(Op::CreateInterface);
+    }
+    if device.is_none_or(|d| d.listen_port != iface.listen_port || d.public_key != Some(public_key))
+    {
+        ops.push(Op::ConfigureDevice {
+            listen_port: iface.listen_port,
+        });
+    }
+    let link = actual.link.clone().unwrap_or_default();
+    if let Some(mtu) = iface.mtu
+        && link.mtu != mtu
+    {
+        ops.push(Op::SetMtu { mtu: Some(mtu) });
+    } else if iface.mtu.is_none() && actual.link.is_none() {
+        ops.push(Op::SetMtu { mtu: None });
+    }
+    let want_addrs: Vec<IpNetwork> = iface.address.into_iter().collect();
+    let (add, del) = sorted_diff(&want_addrs, &link.addresses);
+    ops.extend(del.into_iter().map(|address| Op::DelAddress { address }));
+    ops.extend(add.into_iter().map(|address| Op::AddAddress { address }));
+    if !link.up {
+        ops.push(Op::LinkUp);
+    }
+    let (upsert, remove) = peer_diff(&desired.peers, device.map_or(&[][..], |d| &d.peers));
+    ops.extend(
+        remove
+            .into_iter()
+            .map(|public_key| Op::RemovePeer { public_key }),
+    );
+    ops.extend(upsert.into_iter().map(Op::UpsertPeer));
+    if let Some(b) = &desired.bridge
+        && actual.bridge.as_ref() != Some(b)
+    {
+        ops.push(Op::SetBridge(b.clone()));
+    }
+    let want_nat =
+        !desired.masquerade.sources.is_empty() || !desired.masquerade.destinations.is_empty();
+    match (&actual.masquerade, want_nat) {
+        (Some(m), true) if *m == desired.masquerade => {}
+        (_, true) => ops.push(Op::SetMasquerade(desired.masquerade.clone())),
+        (Some(_), false) => ops.push(Op::DelMasquerade),
+        (None, false) => {}
+    }
+    let (add_rules, del_rules) = sorted_diff(&desired.rules, &actual.rules);
+    let (add_routes, del_routes) = sorted_diff(&desired.routes, &actual.routes);
+    ops.extend(del_rules.into_iter().map(Op::DelRule));
+    ops.extend(del_routes.into_iter().map(Op::DelRoute));
+    ops.extend(add_routes.into_iter().map(Op::AddRoute));
+    ops.extend(add_rules.into_iter().map(Op::AddRule));
+    ops
+}
+
+/// Apply `ops` to an in-memory [`OwnedState`], as a correct kernel would. Used by tests of the
+/// planner and of callers; `public_key` is what a configured device reports.
+pub fn simulate(state: &mut OwnedState, ops: &[Op], public_key: WgKey) {
+    for op in ops {
+        match op {
+            Op::CreateInterface => {
+                state.link = Some(LinkState {
+                    up: false,
+                    mtu: 1420,
+                    addresses: Vec::new(),
+                });
+                state.wireguard.get_or_insert_with(WgDeviceState::default);
+            }
+            Op::ConfigureDevice { listen_port } => {
+                let d = state.wireguard.get_or_insert_with(WgDeviceState::default);
+                d.listen_port = *listen_port;
+                d.public_key = Some(public_key);
+            }
+            Op::SetMtu { mtu } => {
+                if let Some(l) = &mut state.link {
+                    l.mtu = mtu.unwrap_or(1420);
+                }
+            }
+            Op::AddAddress { address } => {
+                if let Some(l) = &mut state.link {
+                    l.addresses.push(*address);
+                    l.addresses.sort();
+                }
+            }
+            Op::DelAddress { address } => {
+                if let Some(l) = &mut state.link {
+                    l.addresses.retain(|a| a != address);
+                }
+            }
+            Op::LinkUp => {
+                if let Some(l) = &mut state.link {
+                    l.up = true;
+                }
+            }
+            Op::UpsertPeer(p) => {
+                let d = state.wireguard.get_or_insert_with(WgDeviceState::default);
+                d.peers.retain(|q| q.public_key != p.public_key);
+                let mut p = p.clone();
+                p.name.clear();
+                d.peers.push(p);
+                d.peers.sort_by_key(|p| p.public_key);
+            }
+            Op::RemovePeer { public_key } => {
+                if let Some(d) = &mut state.wireguard {
+                    d.peers.retain(|q| q.public_key != *public_key);
+                }
+            }
+            Op::SetBridge(b) => state.bridge = Some(b.clone()),
+            Op::SetMasquerade(m) => state.masquerade = Some(m.clone()),
+            Op::DelMasquerade => state.masquerade = None,
+            Op::DelRule(r) => state.rules.retain(|x| x != r),
+            Op::AddRule(r) => {
+                state.rules.push(r.clone());
+                state.rules.sort();
+            }
+            Op::DelRoute(r) => state.routes.retain(|x| x != r),
+            Op::AddRoute(r) => {
+                state.routes.push(r.clone());
+                state.routes.sort();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{MeshNode, NodeName};
+    use crate::topology::{Encapsulate, MeshOptions, compute};
+    use proptest::prelude::*;
+
+    fn desired(n: u8, local: u8) -> DesiredState {
+        let nodes: Vec<MeshNode> = (0..n)
+            .map(|i| {
+                let mut m = MeshNode::new(format!("n{i}"));
+                m.key = Some(WgKey([i + 1; 32]));
+                m.endpoint = Some(format!("203.0.113.{i}:51820").parse().unwrap());
+                m.pod_cidrs = vec![format!("10.42.{i}.0/24").parse().unwrap()];
+                m.internal_ip = Some(format!("192.168.0.{}/24", i + 1).parse().unwrap());
+                m.location = format!("l{}", i % 2);
+                m
+            })
+            .collect();
+        let o = MeshOptions {
+            encapsulate: Encapsulate::Always,
+            ..MeshOptions::default()
+        };
+        compute(&nodes, &[], &NodeName(format!("n{local}")), &o)
+            .unwrap()
+            .desired
+    }
+
+    const ME: WgKey = WgKey([200; 32]);
+
+    #[test]
+    fn empty_kernel_gets_everything_in_dependency_order() {
+        let d = desired(4, 0);
+        let ops = plan(&d, &OwnedState::default(), ME);
+        assert_eq!(ops[0], Op::CreateInterface);
+        assert_eq!(ops[1], Op::ConfigureDevice { listen_port: 51820 });
+        let first_route = ops
+            .iter()
+            .position(|o| matches!(o, Op::AddRoute(_)))
+            .unwrap();
+        let last_peer = ops
+            .iter()
+            .rposition(|o| matches!(o, Op::UpsertPeer(_)))
+            .unwrap();
+        assert!(last_peer < first_route, "routes come after peers");
+        assert_eq!(
+            ops.iter().filter(|o| matches!(o, Op::AddRoute(_))).count(),
+            d.routes.len()
+        );
+    }
+
+    #[test]
+    fn second_plan_after_applying_is_empty() {
+        let d = desired(4, 0);
+        let mut k = OwnedState::default();
+        let ops = plan(&d, &k, ME);
+        simulate(&mut k, &ops, ME);
+        assert_eq!(plan(&d, &k, ME), Vec::<Op>::new());
+    }
+
+    #[test]
+    fn one_changed_peer_is_the_only_peer_op() {
+        let d = desired(5, 0);
+        let mut k = OwnedState::default();
+        let ops = plan(&d, &k, ME);
+        simulate(&mut k, &ops, ME);
+        let mut d2 = d.clone();
+        d2.peers[0].endpoint = Some("198.51.100.9:4000".parse().unwrap());
+        let ops = plan(&d2, &k, ME);
+        assert_eq!(ops, vec![Op::UpsertPeer(d2.peers[0].clone())]);
+    }
+
+    #[test]
+    fn peer_names_and_allowed_ip_order_do_not_cause_rewrites() {
+        let d = desired(3, 0);
+        let mut have = d.peers.clone();
+        for p in &mut have {
+            p.name.clear();
+            p.allowed_ips.reverse();
+        }
+        assert_eq!(peer_diff(&d.peers, &have), (vec![], vec![]));
+    }
+
+    #[test]
+    fn device_with_another_key_is_configured_again() {
+        let d = desired(3, 0);
+        let mut k = OwnedState::default();
+        let ops = plan(&d, &k, ME);
+        simulate(&mut k, &ops, ME);
+        let other = WgKey([9; 32]);
+        assert_eq!(
+            plan(&d, &k, other),
+            vec![Op::ConfigureDevice { listen_port: 51820 }]
+        );
+    }
+
+    fn state_strategy() -> impl Strategy<Value = (u8, u8, u8)> {
+        (2..8u8, 2..8u8, 0..8u8)
+    }
+
+    proptest! {
+        /// Property: from any state that an earlier desired state left, one plan reaches the new
+        /// desired state, and the plan after it is empty.
+        #[test]
+        fn plan_converges_from_any_earlier_state((a, b, local) in state_strategy()) {
+            let first = desired(a, local % a);
+            let second = desired(b, local % b);
+            let mut k = OwnedState::default();
+            let ops = plan(&first, &k, ME);
+        simulate(&mut k, &ops, ME);
+            let ops = plan(&second, &k, ME);
+        simulate(&mut k, &ops, ME);
+            prop_assert_eq!(plan(&second, &k, ME), Vec::<Op>::new());
+            prop_assert_eq!(&k.routes, &second.routes);
+            prop_assert_eq!(&k.rules, &second.rules);
+        }
+    }
+}
