@@ -1,6 +1,10 @@
 //! `meshctl`: look at a wiremesh (or Kilo) mesh: what a node would program, the topology as a
 //! picture, and WireGuard configs for outside machines.
 
+/// mimalloc: faster than glibc malloc for the engine's many small allocations (BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::time::Instant;

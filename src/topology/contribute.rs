@@ -471,7 +471,7 @@ pub(crate) fn net_key(n: &IpNetwork) -> (u8, u128, u8) {
 }
 
 fn sorted_unique(mut v: Vec<IpNetwork>) -> Vec<IpNetwork> {
-    v.sort_unstable_by_key(net_key);
+    v.sort_by_cached_key(net_key);
     v.dedup();
     v
 }
@@ -492,7 +492,7 @@ pub(crate) fn assemble(ctx: &LocalContext, acc: Accumulator) -> (DesiredState, V
     // Every allowed IP of a peer is in the exemption list once per claim, except mesh IPs (unique
     // by allocation) and allowed-location-ips (overlaps already filtered). So when the sorted
     // list has no repeat, no IP is claimed twice and the per-IP check can be skipped.
-    nat_exempt.sort_unstable_by_key(net_key);
+    nat_exempt.sort_by_cached_key(net_key);
     let repeats = nat_exempt.windows(2).any(|w| w[0] == w[1]);
     nat_exempt.dedup();
     if repeats {
@@ -518,9 +518,10 @@ pub(crate) fn assemble(ctx: &LocalContext, acc: Accumulator) -> (DesiredState, V
             });
         }
     }
-    peers.sort_unstable_by_key(|p| p.public_key);
-    // A stable sort keeps contribution order among routes to one destination: the first wins.
-    routes.sort_by_key(|r| (r.table, net_key(&r.dst)));
+    // Sorting (key, index) pairs and permuting once beats moving large structs in the sort.
+    peers.sort_by_cached_key(|p| p.public_key);
+    // `sort_by_cached_key` is stable: among routes to one destination the first one stays first.
+    routes.sort_by_cached_key(|r| (r.table, net_key(&r.dst)));
     routes.dedup_by(|later, first| {
         let same = later.table == first.table && later.dst == first.dst;
         if same && later != first {
