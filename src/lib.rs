@@ -11,6 +11,7 @@
 //!
 //! The graph exporter and `meshctl` read the same topology. Start with [`topology::compute`].
 
+pub mod agent;
 pub mod cli;
 pub mod desired;
 pub mod diagnostic;

@@ -1,82 +1,252 @@
-//! `wiremesh`: the node agent (one per node, DaemonSet, host network).
-//!
-//! This binary parses its options and documents them; the reconciler that programs the kernel
-//! and the registries it watches are added by the dataplane and Kubernetes work.
+//! `wiremesh`: the node agent (one per node, DaemonSet, host network), and `wiremesh cleanup`.
 
 /// mimalloc: faster than glibc malloc for the engine's many small allocations (BENCHMARKS.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use ipnetwork::IpNetwork;
 
+use wiremesh::agent::{AgentConfig, KernelConfig};
+use wiremesh::model::{Granularity, NodeName};
 use wiremesh::registry::annotations::DEFAULT_TOPOLOGY_LABEL;
-use wiremesh::topology::{DEFAULT_INTERFACE, DEFAULT_PORT, DEFAULT_SUBNET};
+use wiremesh::topology::{
+    DEFAULT_BRIDGE, DEFAULT_INTERFACE, DEFAULT_PORT, DEFAULT_SUBNET, Encapsulate, MeshOptions,
+};
 
-/// The wiremesh node agent: keeps this node's WireGuard mesh, routes and CNI in line with the
-/// cluster.
+/// The wiremesh node agent: keeps this node's WireGuard mesh, routes, CNI bridge and
+/// masquerading in line with the cluster.
 #[derive(Parser)]
 #[command(name = "wiremesh", version, about)]
 struct Cli {
+    /// Log level: error, warn, info, debug or trace (or a tracing filter).
+    #[arg(
+        long,
+        global = true,
+        env = "WIREMESH_LOG_LEVEL",
+        default_value = "info"
+    )]
+    log_level: String,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the agent on this node.
-    Agent(AgentArgs),
+    /// Run the agent on this node until SIGTERM or SIGINT.
+    Agent(Box<AgentArgs>),
+    /// Remove everything wiremesh created on this node (interface, routes, rules, bridge,
+    /// firewall table, CNI config) and nothing else.
+    Cleanup(KernelArgs),
+}
+
+/// Options of the kernel side, shared by `agent` and `cleanup`.
+#[derive(Args, Clone)]
+struct KernelArgs {
+    /// WireGuard interface name.
+    #[arg(long, env = "WIREMESH_INTERFACE", default_value = DEFAULT_INTERFACE)]
+    interface: String,
+    /// CNI bridge name.
+    #[arg(long, env = "WIREMESH_BRIDGE", default_value = DEFAULT_BRIDGE)]
+    bridge: String,
+    /// WireGuard implementation: the kernel module, a userspace daemon, or auto (kernel when the
+    /// module is there).
+    #[arg(long, env = "WIREMESH_WIREGUARD", default_value = "auto", value_parser = ["auto", "kernel", "userspace"])]
+    wireguard: String,
+    /// Userspace WireGuard program, used when the kernel has no WireGuard module.
+    #[arg(
+        long,
+        env = "WG_USERSPACE_IMPLEMENTATION",
+        default_value = "wireguard-go"
+    )]
+    wireguard_userspace: String,
+    /// Firewall used for masquerading: nftables, iptables, or auto (nftables when present).
+    #[arg(long, env = "WIREMESH_FIREWALL", default_value = "auto", value_parser = ["auto", "nftables", "iptables"])]
+    firewall: String,
+    /// Where to write the CNI config (k3s: /var/lib/rancher/k3s/agent/etc/cni/net.d/10-wiremesh.conflist).
+    #[arg(
+        long,
+        env = "WIREMESH_CNI_CONFIG",
+        default_value = "/etc/cni/net.d/10-wiremesh.conflist"
+    )]
+    cni_config: PathBuf,
 }
 
 #[derive(Args)]
 struct AgentArgs {
+    #[command(flatten)]
+    kernel: KernelArgs,
     /// Name of this node (defaults to the host name).
     #[arg(long, env = "WIREMESH_HOSTNAME")]
     hostname: Option<String>,
-    /// Read nodes from this file instead of Kubernetes (watched for changes).
-    #[arg(long, value_name = "FILE")]
-    nodes: Option<PathBuf>,
-    /// Read external peers from this file instead of Kubernetes.
-    #[arg(long, value_name = "FILE")]
+    /// Read nodes from this file (as `kubectl get nodes -o yaml` prints them); watched for changes.
+    #[arg(long, env = "WIREMESH_NODES", value_name = "FILE")]
+    nodes: PathBuf,
+    /// Read external peers (Kilo `Peer` resources) from this file; watched for changes.
+    #[arg(long, env = "WIREMESH_PEERS", value_name = "FILE")]
     peers: Option<PathBuf>,
-    /// Mesh granularity: location or full.
-    #[arg(long, env = "WIREMESH_GRANULARITY", default_value = "location")]
+    /// This node's WireGuard private key; generated (mode 0600) when missing.
+    #[arg(
+        long,
+        env = "WIREMESH_PRIVATE_KEY",
+        default_value = "/var/lib/wiremesh/key"
+    )]
+    private_key: PathBuf,
+    /// Mesh granularity: location (one tunnel endpoint per location) or full.
+    #[arg(long, env = "WIREMESH_GRANULARITY", default_value = "location", value_parser = ["location", "full"])]
     granularity: String,
     /// Subnet for WireGuard mesh IPs.
     #[arg(long, env = "WIREMESH_SUBNET", default_value = DEFAULT_SUBNET)]
     subnet: IpNetwork,
-    /// WireGuard listen port.
+    /// WireGuard listen port when this node's endpoint does not say.
     #[arg(long, env = "WIREMESH_PORT", default_value_t = DEFAULT_PORT)]
     port: u16,
-    /// WireGuard interface name.
-    #[arg(long, env = "WIREMESH_INTERFACE", default_value = DEFAULT_INTERFACE)]
-    interface: String,
+    /// IPIP encapsulation between nodes of one location: never, crosssubnet or always.
+    #[arg(long, env = "WIREMESH_ENCAPSULATE", default_value = "never", value_parser = ["never", "crosssubnet", "always"])]
+    encapsulate: String,
+    /// WireGuard MTU: a number, or auto (underlay MTU minus WireGuard overhead).
+    #[arg(long, env = "WIREMESH_MTU", default_value = "auto")]
+    mtu: String,
     /// Node label that gives the location when no location annotation is set.
     #[arg(long, env = "WIREMESH_TOPOLOGY_LABEL", default_value = DEFAULT_TOPOLOGY_LABEL)]
     topology_label: String,
+    /// Do not manage the CNI bridge, CNI config or pod masquerading.
+    #[arg(long, env = "WIREMESH_NO_CNI")]
+    no_cni: bool,
+    /// Service CIDRs, never masqueraded (repeatable).
+    #[arg(
+        long = "service-cidr",
+        env = "WIREMESH_SERVICE_CIDRS",
+        value_delimiter = ','
+    )]
+    service_cidrs: Vec<IpNetwork>,
+    /// How often to compare the kernel with the desired state even without changes.
+    #[arg(long, env = "WIREMESH_RESYNC_PERIOD", default_value = "30s", value_parser = parse_duration)]
+    resync_period: Duration,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 30s"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" | "" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("{s:?} is not a duration like 30s, 500ms or 5m")),
+    }
+}
+
+impl KernelArgs {
+    fn config(&self) -> KernelConfig {
+        KernelConfig {
+            interface: self.interface.clone(),
+            bridge: self.bridge.clone(),
+            wireguard: self.wireguard.clone(),
+            wireguard_userspace: self.wireguard_userspace.clone(),
+            firewall: self.firewall.clone(),
+            cni_config: self.cni_config.clone(),
+        }
+    }
+}
+
+fn hostname() -> Result<String> {
+    let h = nix::unistd::gethostname().context("reading the host name")?;
+    Ok(h.to_string_lossy().into_owned())
+}
+
+fn agent_config(a: AgentArgs) -> Result<AgentConfig> {
+    let node = match a.hostname {
+        Some(h) => h,
+        None => hostname()?,
+    };
+    let mtu = match a.mtu.as_str() {
+        "auto" => None,
+        n => Some(
+            n.parse()
+                .with_context(|| format!("--mtu {n:?} is not a number or auto"))?,
+        ),
+    };
+    Ok(AgentConfig {
+        node: NodeName(node),
+        nodes: a.nodes,
+        peers: a.peers,
+        private_key: a.private_key,
+        topology_label: a.topology_label,
+        resync_period: a.resync_period,
+        kernel: a.kernel.config(),
+        mesh: MeshOptions {
+            granularity: a
+                .granularity
+                .parse::<Granularity>()
+                .map_err(anyhow::Error::msg)?,
+            subnet: a.subnet,
+            port: a.port,
+            interface: a.kernel.interface.clone(),
+            bridge: a.kernel.bridge.clone(),
+            encapsulate: a
+                .encapsulate
+                .parse::<Encapsulate>()
+                .map_err(anyhow::Error::msg)?,
+            local_routes: true,
+            cni: !a.no_cni,
+            now: None,
+            mtu,
+            service_cidrs: a.service_cidrs,
+        },
+    })
 }
 
 fn main() {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Agent(a) => {
-            let _ = (
-                &a.hostname,
-                &a.nodes,
-                &a.peers,
-                &a.granularity,
-                a.subnet,
-                a.port,
-                &a.interface,
-                &a.topology_label,
-            );
-            eprintln!(
-                "wiremesh agent: the kernel reconciler is not part of this build yet; \
-                 use `meshctl plan` to see what this node would program"
-            );
-            std::process::exit(2);
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+        .and_then(|rt| {
+            rt.block_on(async {
+                match cli.command {
+                    Command::Agent(a) => {
+                        let cfg = agent_config(*a)?;
+                        wiremesh::agent::run(cfg, shutdown_signal()).await?;
+                        Ok(())
+                    }
+                    Command::Cleanup(k) => {
+                        wiremesh::agent::cleanup(&k.config()).await?;
+                        Ok(())
+                    }
+                }
+            })
+        });
+    if let Err(e) = result {
+        eprintln!("wiremesh: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! {
+                _ = t.recv() => {}
+                _ = i.recv() => {}
+            }
         }
+        _ => std::future::pending::<()>().await,
     }
 }

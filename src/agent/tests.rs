@@ -1,0 +1,203 @@
+//! The agent loop against an in-memory kernel (a fake of the `Kernel` trait only; the real
+//! kernel is exercised by the namespace tests).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::*;
+use crate::reconcile::OwnedState;
+use crate::reconcile::plan::simulate;
+
+/// An in-memory kernel that applies ops like a correct kernel and can refuse routes to one
+/// destination a number of times.
+#[derive(Clone, Default)]
+struct FakeKernel {
+    state: Arc<Mutex<OwnedState>>,
+    applied: Arc<Mutex<Vec<Op>>>,
+    refuse: Arc<Mutex<Option<(ipnetwork::IpNetwork, usize)>>>,
+}
+
+const KEY: WgKey = WgKey([7; 32]);
+
+impl Kernel for FakeKernel {
+    async fn read_owned(&mut self) -> Result<OwnedState, KernelError> {
+        Ok(self.state.lock().unwrap().clone())
+    }
+    async fn apply(&mut self, op: &Op) -> Result<(), KernelError> {
+        if let Op::AddRoute(r) = op {
+            let mut refuse = self.refuse.lock().unwrap();
+            if let Some((dst, n)) = refuse.as_mut()
+                && *dst == r.dst
+                && *n > 0
+            {
+                *n -= 1;
+                return Err(KernelError::Unsupported("refused by the test".into()));
+            }
+        }
+        simulate(
+            &mut self.state.lock().unwrap(),
+            std::slice::from_ref(op),
+            KEY,
+        );
+        self.applied.lock().unwrap().push(op.clone());
+        Ok(())
+    }
+}
+
+fn config(dir: &std::path::Path) -> AgentConfig {
+    let nodes = dir.join("nodes.yaml");
+    std::fs::copy(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/three-clouds.yaml"),
+        &nodes,
+    )
+    .unwrap();
+    AgentConfig {
+        node: NodeName("fra-1".into()),
+        nodes,
+        peers: None,
+        private_key: dir.join("key"),
+        topology_label: crate::registry::annotations::DEFAULT_TOPOLOGY_LABEL.into(),
+        resync_period: Duration::from_secs(3600),
+        kernel: KernelConfig {
+            interface: "wiremesh0".into(),
+            bridge: "wmbr0".into(),
+            wireguard: "auto".into(),
+            wireguard_userspace: "wireguard-go".into(),
+            firewall: "auto".into(),
+            cni_config: dir.join("cni.conflist"),
+        },
+        mesh: MeshOptions {
+            granularity: crate::model::Granularity::Full,
+            ..MeshOptions::default()
+        },
+    }
+}
+
+async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..300 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn peers(k: &FakeKernel) -> usize {
+    k.state
+        .lock()
+        .unwrap()
+        .wireguard
+        .as_ref()
+        .map_or(0, |w| w.peers.len())
+}
+
+#[tokio::test]
+async fn agent_follows_the_file_and_restores_lost_routes() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let nodes_path = cfg.nodes.clone();
+    let kernel = FakeKernel::default();
+    let (tx, rx) = mpsc::channel(4);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut k = kernel.clone();
+    let task = tokio::spawn(async move {
+        run_with(cfg, &mut k, KEY, rx, async {
+            let _ = stop_rx.await;
+        })
+        .await
+    });
+    wait_for("two peers", || peers(&kernel) == 2).await;
+    assert_eq!(kernel.state.lock().unwrap().routes.len(), 2);
+
+    // A node leaves the file: its peer and route go.
+    let text = std::fs::read_to_string(&nodes_path).unwrap();
+    let cut = text
+        .find("- apiVersion: v1\n  kind: Node\n  metadata:\n    name: par-1")
+        .unwrap();
+    std::fs::write(&nodes_path, &text[..cut]).unwrap();
+    wait_for("one peer", || peers(&kernel) == 1).await;
+    wait_for("one route", || {
+        kernel.state.lock().unwrap().routes.len() == 1
+    })
+    .await;
+
+    // A route of ours disappears from the kernel: the agent puts it back when told.
+    let lost = kernel.state.lock().unwrap().routes.pop().unwrap();
+    tx.send(()).await.unwrap();
+    wait_for("route restored", || {
+        kernel.state.lock().unwrap().routes.contains(&lost)
+    })
+    .await;
+
+    stop_tx.send(()).unwrap();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn refused_operation_is_retried_while_the_rest_is_programmed() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let kernel = FakeKernel::default();
+    let dst: ipnetwork::IpNetwork = "10.42.2.0/24".parse().unwrap();
+    *kernel.refuse.lock().unwrap() = Some((dst, 1));
+    let (_tx, rx) = mpsc::channel(4);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut k = kernel.clone();
+    let task = tokio::spawn(async move {
+        run_with(cfg, &mut k, KEY, rx, async {
+            let _ = stop_rx.await;
+        })
+        .await
+    });
+    // Everything else is programmed at once; the refused route arrives with the retry (1 s).
+    wait_for("peers", || peers(&kernel) == 2).await;
+    assert!(
+        !kernel
+            .state
+            .lock()
+            .unwrap()
+            .routes
+            .iter()
+            .any(|r| r.dst == dst)
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        kernel
+            .state
+            .lock()
+            .unwrap()
+            .routes
+            .iter()
+            .any(|r| r.dst == dst)
+    );
+    stop_tx.send(()).unwrap();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn unchanged_registry_causes_no_kernel_operation() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let nodes_path = cfg.nodes.clone();
+    let kernel = FakeKernel::default();
+    let (_tx, rx) = mpsc::channel(4);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut k = kernel.clone();
+    let task = tokio::spawn(async move {
+        run_with(cfg, &mut k, KEY, rx, async {
+            let _ = stop_rx.await;
+        })
+        .await
+    });
+    wait_for("peers", || peers(&kernel) == 2).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = kernel.applied.lock().unwrap().len();
+    // Rewriting the same content is an event with no change.
+    let text = std::fs::read_to_string(&nodes_path).unwrap();
+    std::fs::write(&nodes_path, text).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(kernel.applied.lock().unwrap().len(), before);
+    stop_tx.send(()).unwrap();
+    task.await.unwrap().unwrap();
+}
