@@ -180,6 +180,8 @@ pub async fn run_with<K: Kernel>(
     let mut engine = Engine::new(snap.nodes, snap.peers, cfg.node.clone(), cfg.mesh.clone());
     info!(node = %cfg.node, nodes = engine.nodes().count(), "agent started");
     let mut dirty = true;
+    // The kernel state the last reconciliation left; `None` makes the next one read the kernel.
+    let mut known: Option<reconcile::OwnedState> = None;
     let mut backoff = Duration::from_secs(1);
     let mut retry_at: Option<tokio::time::Instant> = None;
     let mut resync = tokio::time::interval_at(
@@ -194,7 +196,7 @@ pub async fn run_with<K: Kernel>(
             dirty = false;
             match engine.desired() {
                 Err(e) => warn!("{e}; nothing is programmed until it can"),
-                Ok(desired) => match reconcile::reconcile(kernel, &desired, public_key).await {
+                Ok(desired) => match reconcile::reconcile_cached(kernel, &desired, public_key, &mut known).await {
                     Ok(report) if report.failed.is_empty() => {
                         backoff = Duration::from_secs(1);
                         retry_at = None;
@@ -235,8 +237,7 @@ pub async fn run_with<K: Kernel>(
                 return Ok(());
             }
             Some(()) = file_events.recv() => {
-                // Coalesce a burst of file events into one reload.
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                // Signals that arrived meanwhile are covered by this one reload.
                 while file_events.try_recv().is_ok() {}
                 match read_registry(&cfg, public_key) {
                     Err(e) => warn!(error = %e, "cannot read the registry; keeping the last good state"),
@@ -258,12 +259,12 @@ pub async fn run_with<K: Kernel>(
             }
             ev = kernel_events.recv(), if kernel_events_open => {
                 match ev {
-                    Some(()) => { info!("the kernel lost state of ours; restoring it"); dirty = true; }
+                    Some(()) => { info!("the kernel lost state of ours; restoring it"); dirty = true; known = None; }
                     None => kernel_events_open = false,
                 }
             }
-            _ = resync.tick() => { dirty = true; }
-            _ = retry => { dirty = true; }
+            _ = resync.tick() => { dirty = true; known = None; }
+            _ = retry => { dirty = true; known = None; }
         }
     }
 }

@@ -103,7 +103,25 @@ pub async fn reconcile<K: Kernel>(
     desired: &crate::desired::DesiredState,
     public_key: WgKey,
 ) -> Result<Report, KernelError> {
-    let actual = kernel.read_owned().await?;
+    let mut known = None;
+    reconcile_cached(kernel, desired, public_key, &mut known).await
+}
+
+/// Like [`reconcile`], but plans against `known` (the state the last reconciliation left) when
+/// it is there, instead of reading the whole kernel again: a change in a big mesh then costs
+/// only its own operations. `known` is refreshed from the kernel when it is `None`, and is
+/// cleared when an operation fails so that the next call reads the kernel again. Callers clear
+/// it themselves to verify the kernel (periodic resync, kernel events).
+pub async fn reconcile_cached<K: Kernel>(
+    kernel: &mut K,
+    desired: &crate::desired::DesiredState,
+    public_key: WgKey,
+    known: &mut Option<OwnedState>,
+) -> Result<Report, KernelError> {
+    let actual = match known.take() {
+        Some(k) => k,
+        None => kernel.read_owned().await?,
+    };
     let ops = plan::plan(desired, &actual, public_key);
     let results = kernel.apply_all(&ops).await;
     let mut report = Report::default();
@@ -112,6 +130,11 @@ pub async fn reconcile<K: Kernel>(
             Ok(()) => report.applied.push(op),
             Err(e) => report.failed.push((op, e)),
         }
+    }
+    if report.failed.is_empty() {
+        let mut next = actual;
+        plan::simulate(&mut next, &report.applied, public_key);
+        *known = Some(next);
     }
     Ok(report)
 }
