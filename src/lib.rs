@@ -12,6 +12,7 @@
 //! The graph exporter and `meshctl` read the same topology. Start with [`topology::compute`].
 
 pub mod cli;
+pub mod cni;
 pub mod desired;
 pub mod diagnostic;
 pub mod graph;
