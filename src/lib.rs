@@ -13,6 +13,7 @@
 
 pub mod agent;
 pub mod cli;
+pub mod cni;
 pub mod desired;
 pub mod diagnostic;
 pub mod graph;

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: proptest strategies, and network namespaces with
 //! userspace WireGuard for the root-only tests.
 
+#[allow(dead_code)]
+pub mod netns;
 pub mod strategy;
 #[allow(dead_code)]
 pub mod wg_netns;
