@@ -192,9 +192,11 @@ pub fn plan(desired: &DesiredState, actual: &OwnedState, public_key: WgKey) -> V
     }
     let want_nat =
         !desired.masquerade.sources.is_empty() || !desired.masquerade.destinations.is_empty();
+    // The firewall holds (and reports) the canonical form: sorted, overlaps merged.
+    let want = super::nft::canonical(&desired.masquerade);
     match (&actual.masquerade, want_nat) {
-        (Some(m), true) if *m == desired.masquerade => {}
-        (_, true) => ops.push(Op::SetMasquerade(desired.masquerade.clone())),
+        (Some(m), true) if *m == want => {}
+        (_, true) => ops.push(Op::SetMasquerade(want)),
         (Some(_), false) => ops.push(Op::DelMasquerade),
         (None, false) => {}
     }
