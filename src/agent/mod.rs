@@ -196,33 +196,38 @@ pub async fn run_with<K: Kernel>(
             dirty = false;
             match engine.desired() {
                 Err(e) => warn!("{e}; nothing is programmed until it can"),
-                Ok(desired) => match reconcile::reconcile_cached(kernel, &desired, public_key, &mut known).await {
-                    Ok(report) if report.failed.is_empty() => {
-                        backoff = Duration::from_secs(1);
-                        retry_at = None;
-                        if report.is_noop() {
-                            debug!("kernel already matches the desired state");
-                        } else {
-                            let mut kinds: Vec<&str> = report.applied.iter().map(op_kind).collect();
-                            kinds.dedup();
-                            info!(ops = report.applied.len(), kinds = ?kinds, "kernel reconciled");
+                Ok(desired) => {
+                    match reconcile::reconcile_cached(kernel, &desired, public_key, &mut known)
+                        .await
+                    {
+                        Ok(report) if report.failed.is_empty() => {
+                            backoff = Duration::from_secs(1);
+                            retry_at = None;
+                            if report.is_noop() {
+                                debug!("kernel already matches the desired state");
+                            } else {
+                                let mut kinds: Vec<&str> =
+                                    report.applied.iter().map(op_kind).collect();
+                                kinds.dedup();
+                                info!(ops = report.applied.len(), kinds = ?kinds, "kernel reconciled");
+                            }
                         }
-                    }
-                    Ok(report) => {
-                        for (op, e) in &report.failed {
-                            warn!(op = op_kind(op), error = %e, "kernel refused an operation");
-                        }
-                        info!(applied = report.applied.len(), failed = report.failed.len(), retry_in = ?backoff,
+                        Ok(report) => {
+                            for (op, e) in &report.failed {
+                                warn!(op = op_kind(op), error = %e, "kernel refused an operation");
+                            }
+                            info!(applied = report.applied.len(), failed = report.failed.len(), retry_in = ?backoff,
                             "kernel partly reconciled; retrying the rest");
-                        retry_at = Some(tokio::time::Instant::now() + backoff);
-                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                            retry_at = Some(tokio::time::Instant::now() + backoff);
+                            backoff = (backoff * 2).min(Duration::from_secs(30));
+                        }
+                        Err(e) => {
+                            warn!(error = %e, retry_in = ?backoff, "cannot read the kernel state");
+                            retry_at = Some(tokio::time::Instant::now() + backoff);
+                            backoff = (backoff * 2).min(Duration::from_secs(30));
+                        }
                     }
-                    Err(e) => {
-                        warn!(error = %e, retry_in = ?backoff, "cannot read the kernel state");
-                        retry_at = Some(tokio::time::Instant::now() + backoff);
-                        backoff = (backoff * 2).min(Duration::from_secs(30));
-                    }
-                },
+                }
             }
         }
         let retry = async {

@@ -92,14 +92,53 @@ struct GoUdpAddr {
     port: u16,
 }
 
+/// The parts of a Node the mesh reads, borrowed from a `k8s_openapi` Node or from the file
+/// registry's lean decoding.
+#[derive(Debug, Clone, Copy)]
+pub struct NodeParts<'a> {
+    /// `metadata.name`.
+    pub name: &'a str,
+    /// `metadata.annotations`.
+    pub annotations: Option<&'a BTreeMap<String, String>>,
+    /// `metadata.labels`.
+    pub labels: Option<&'a BTreeMap<String, String>>,
+    /// `spec.podCIDR`.
+    pub pod_cidr: Option<&'a str>,
+    /// `spec.podCIDRs`.
+    pub pod_cidrs: &'a [String],
+    /// The first `InternalIP` of `status.addresses`.
+    pub status_internal_ip: Option<&'a str>,
+}
+
 /// Translate a Kubernetes Node into a [`MeshNode`].
 ///
 /// Every malformed value is reported (node, key, problem); a node with any malformed value is
 /// returned as `Err` with all of them, so the caller leaves exactly that node out.
 pub fn parse_node(node: &Node, topology_label: &str) -> Result<MeshNode, Vec<Diagnostic>> {
-    let name = node.metadata.name.clone().unwrap_or_default();
+    let spec = node.spec.as_ref();
+    let parts = NodeParts {
+        name: node.metadata.name.as_deref().unwrap_or_default(),
+        annotations: node.metadata.annotations.as_ref(),
+        labels: node.metadata.labels.as_ref(),
+        pod_cidr: spec.and_then(|s| s.pod_cidr.as_deref()),
+        pod_cidrs: spec
+            .and_then(|s| s.pod_cidrs.as_deref())
+            .unwrap_or_default(),
+        status_internal_ip: node
+            .status
+            .as_ref()
+            .and_then(|s| s.addresses.as_ref())
+            .and_then(|a| a.iter().find(|a| a.type_ == "InternalIP"))
+            .map(|a| a.address.as_str()),
+    };
+    parse_parts(parts, topology_label)
+}
+
+/// Translate the mesh-relevant parts of a Node into a [`MeshNode`] (see [`parse_node`]).
+pub fn parse_parts(node: NodeParts<'_>, topology_label: &str) -> Result<MeshNode, Vec<Diagnostic>> {
+    let name = node.name.to_owned();
     let empty = BTreeMap::new();
-    let ann = node.metadata.annotations.as_ref().unwrap_or(&empty);
+    let ann = node.annotations.unwrap_or(&empty);
     let mut errs: Vec<Diagnostic> = Vec::new();
     let mut bad =
         |key: &str, problem: String| errs.push(Diagnostic::node(&name, Some(key), problem));
@@ -116,9 +155,7 @@ pub fn parse_node(node: &Node, topology_label: &str) -> Result<MeshNode, Vec<Dia
     out.location = match lookup(ann, keys::LOCATION) {
         Some((_, v)) => v.to_owned(),
         None => node
-            .metadata
             .labels
-            .as_ref()
             .and_then(|l| l.get(topology_label))
             .cloned()
             .unwrap_or_default(),
@@ -155,28 +192,33 @@ pub fn parse_node(node: &Node, topology_label: &str) -> Result<MeshNode, Vec<Dia
                     Err(e) => bad(&k, e),
                 }
             } else {
-                out.internal_ip = status_internal_ip(node);
+                out.internal_ip = node
+                    .status_internal_ip
+                    .and_then(|a| a.parse::<IpAddr>().ok())
+                    .map(IpNetwork::from);
             }
         }
     }
 
     // Pod CIDRs: spec.podCIDRs, else spec.podCIDR.
-    if let Some(spec) = &node.spec {
-        let list: Vec<String> = match (&spec.pod_cidrs, &spec.pod_cidr) {
-            (Some(cidrs), _) if !cidrs.is_empty() => cidrs.clone(),
-            (_, Some(cidr)) if !cidr.is_empty() => vec![cidr.clone()],
-            _ => Vec::new(),
-        };
-        let field = if spec.pod_cidrs.as_ref().is_some_and(|c| !c.is_empty()) {
-            "spec.podCIDRs"
-        } else {
-            "spec.podCIDR"
-        };
-        for c in list {
-            match parse_cidr(&c) {
-                Ok(n) => out.pod_cidrs.push(n),
-                Err(e) => bad(field, e),
-            }
+    let (field, list): (&str, Vec<&str>) = if !node.pod_cidrs.is_empty() {
+        (
+            "spec.podCIDRs",
+            node.pod_cidrs.iter().map(String::as_str).collect(),
+        )
+    } else {
+        (
+            "spec.podCIDR",
+            node.pod_cidr
+                .filter(|c| !c.is_empty())
+                .into_iter()
+                .collect(),
+        )
+    };
+    for c in list {
+        match parse_cidr(c) {
+            Ok(n) => out.pod_cidrs.push(n),
+            Err(e) => bad(field, e),
         }
     }
 
@@ -243,18 +285,6 @@ pub fn parse_node(node: &Node, topology_label: &str) -> Result<MeshNode, Vec<Dia
     }
 
     if errs.is_empty() { Ok(out) } else { Err(errs) }
-}
-
-/// The first `InternalIP` in the Node's status, as a host network.
-fn status_internal_ip(node: &Node) -> Option<IpNetwork> {
-    node.status
-        .as_ref()?
-        .addresses
-        .as_ref()?
-        .iter()
-        .filter(|a| a.type_ == "InternalIP")
-        .find_map(|a| a.address.parse::<IpAddr>().ok())
-        .map(IpNetwork::from)
 }
 
 /// The node name as a [`NodeName`].

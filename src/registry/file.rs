@@ -6,13 +6,15 @@
 
 use std::path::Path;
 
-use k8s_openapi::api::core::v1::Node;
+use std::collections::BTreeMap;
+
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
 
 use crate::diagnostic::{Diagnostic, Subject};
 use crate::model::{MeshNode, MeshPeer};
-use crate::registry::annotations::parse_node;
+use crate::registry::annotations::{NodeParts, parse_parts};
 use crate::registry::peer::{PeerResource, parse_peer};
 
 /// A file that could not be read or decoded at all.
@@ -46,98 +48,211 @@ pub struct Loaded<T> {
     pub diagnostics: Vec<Diagnostic>,
 }
 
-/// Split text into JSON values: a list's `items`, each YAML document, or the single object.
-fn documents(text: &str, what: &str) -> Result<Vec<serde_json::Value>, FileError> {
+/// One object of an input: borrowed raw JSON (no intermediate tree), or a value from YAML.
+enum Item<'a> {
+    Raw(&'a RawValue),
+    Value(serde_json::Value),
+}
+
+impl Item<'_> {
+    fn decode<T: DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        match self {
+            Item::Raw(r) => serde_json::from_str(r.get()),
+            Item::Value(v) => T::deserialize(v),
+        }
+    }
+}
+
+/// Just enough of an object to name it in a diagnostic and to skip other kinds.
+#[derive(Deserialize, Default)]
+struct Header {
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(default)]
+    metadata: HeaderMeta,
+}
+
+#[derive(Deserialize, Default)]
+struct HeaderMeta {
+    #[serde(default)]
+    name: Option<String>,
+}
+
+/// A JSON document: a list with `items`, an array, or one object.
+#[derive(Deserialize)]
+struct JsonTop<'a> {
+    #[serde(borrow, default)]
+    items: Option<Vec<&'a RawValue>>,
+}
+
+/// Split text into objects: a list's `items`, an array, each YAML document, or the single object.
+fn documents<'a>(text: &'a str, what: &str) -> Result<Vec<Item<'a>>, FileError> {
     let decode_err = |problem: String| FileError::Decode {
         what: what.to_owned(),
         problem,
     };
     let trimmed = text.trim_start();
-    let docs: Vec<serde_json::Value> = if trimmed.starts_with('{') || trimmed.starts_with('[') {
-        vec![serde_json::from_str(text).map_err(|e| decode_err(e.to_string()))?]
-    } else {
-        let mut out = Vec::new();
-        for doc in serde_yaml::Deserializer::from_str(text) {
-            let v = serde_json::Value::deserialize(doc).map_err(|e| decode_err(e.to_string()))?;
-            if !v.is_null() {
-                out.push(v);
+    if trimmed.starts_with('[') {
+        let items: Vec<&RawValue> =
+            serde_json::from_str(text).map_err(|e| decode_err(e.to_string()))?;
+        return Ok(items.into_iter().map(Item::Raw).collect());
+    }
+    if trimmed.starts_with('{') {
+        let top: JsonTop<'_> = serde_json::from_str(text).map_err(|e| decode_err(e.to_string()))?;
+        return Ok(match top.items {
+            Some(items) => items.into_iter().map(Item::Raw).collect(),
+            None => {
+                let whole: &RawValue =
+                    serde_json::from_str(text).map_err(|e| decode_err(e.to_string()))?;
+                vec![Item::Raw(whole)]
             }
-        }
-        out
-    };
+        });
+    }
     let mut items = Vec::new();
-    for doc in docs {
-        match doc {
-            serde_json::Value::Array(a) => items.extend(a),
-            serde_json::Value::Object(ref o) if o.get("items").is_some_and(|i| i.is_array()) => {
-                if let Some(serde_json::Value::Array(a)) = doc.get("items").cloned() {
-                    items.extend(a);
+    for doc in serde_yaml::Deserializer::from_str(text) {
+        let v = serde_json::Value::deserialize(doc).map_err(|e| decode_err(e.to_string()))?;
+        match v {
+            serde_json::Value::Null => {}
+            serde_json::Value::Array(a) => items.extend(a.into_iter().map(Item::Value)),
+            serde_json::Value::Object(mut o) => match o.remove("items") {
+                Some(serde_json::Value::Array(a)) => items.extend(a.into_iter().map(Item::Value)),
+                Some(other) => {
+                    o.insert("items".into(), other);
+                    items.push(Item::Value(serde_json::Value::Object(o)));
                 }
-            }
-            other => items.push(other),
+                None => items.push(Item::Value(serde_json::Value::Object(o))),
+            },
+            other => items.push(Item::Value(other)),
         }
     }
     Ok(items)
 }
 
-fn item_name(v: &serde_json::Value, index: usize) -> String {
-    v.pointer("/metadata/name")
-        .and_then(|n| n.as_str())
-        .map(str::to_owned)
-        .unwrap_or_else(|| format!("item {index}"))
-}
-
 fn decode_each<T: DeserializeOwned, U>(
-    values: Vec<serde_json::Value>,
+    items: Vec<Item<'_>>,
     subject: Subject,
     expected_kind: &str,
+    kind_of: impl Fn(&T) -> Option<&str>,
     translate: impl Fn(&T) -> Result<U, Vec<Diagnostic>>,
 ) -> Loaded<U> {
     let mut out = Loaded {
-        items: Vec::with_capacity(values.len()),
+        items: Vec::with_capacity(items.len()),
         diagnostics: Vec::new(),
     };
-    for (i, v) in values.into_iter().enumerate() {
-        let kind = v
-            .get("kind")
-            .and_then(|k| k.as_str())
-            .unwrap_or(expected_kind);
-        if kind != expected_kind {
-            continue; // A mixed file: other kinds are not ours to read.
-        }
-        let name = item_name(&v, i);
-        match serde_json::from_value::<T>(v) {
-            Ok(obj) => match translate(&obj) {
-                Ok(u) => out.items.push(u),
-                Err(d) => out.diagnostics.extend(d),
-            },
-            Err(e) => out.diagnostics.push(Diagnostic {
-                subject,
-                name,
-                key: None,
-                problem: format!("not a valid {expected_kind}: {e}"),
-                skipped: true,
-            }),
+    for (i, item) in items.iter().enumerate() {
+        match item.decode::<T>() {
+            Ok(obj) => {
+                if kind_of(&obj).is_some_and(|k| !k.is_empty() && k != expected_kind) {
+                    continue; // A mixed file: other kinds are not ours to read.
+                }
+                match translate(&obj) {
+                    Ok(u) => out.items.push(u),
+                    Err(d) => out.diagnostics.extend(d),
+                }
+            }
+            Err(e) => {
+                let header: Header = item.decode().unwrap_or_default();
+                if header.kind.as_deref().is_some_and(|k| k != expected_kind) {
+                    continue;
+                }
+                out.diagnostics.push(Diagnostic {
+                    subject,
+                    name: header.metadata.name.unwrap_or_else(|| format!("item {i}")),
+                    key: None,
+                    problem: format!("not a valid {expected_kind}: {e}"),
+                    skipped: true,
+                })
+            }
         }
     }
     out
 }
 
+/// The fields of a Node the mesh reads; everything else in the object is skipped unparsed.
+#[derive(Deserialize)]
+struct NodeLite {
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(default)]
+    metadata: MetaLite,
+    #[serde(default)]
+    spec: Option<SpecLite>,
+    #[serde(default)]
+    status: Option<StatusLite>,
+}
+
+#[derive(Deserialize, Default)]
+struct MetaLite {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    annotations: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    labels: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Deserialize, Default)]
+struct SpecLite {
+    #[serde(default, rename = "podCIDR")]
+    pod_cidr: Option<String>,
+    #[serde(default, rename = "podCIDRs")]
+    pod_cidrs: Option<Vec<String>>,
+}
+
+#[derive(Deserialize, Default)]
+struct StatusLite {
+    #[serde(default)]
+    addresses: Option<Vec<AddressLite>>,
+}
+
+#[derive(Deserialize)]
+struct AddressLite {
+    #[serde(rename = "type")]
+    type_: String,
+    address: String,
+}
+
+impl NodeLite {
+    fn parts(&self) -> NodeParts<'_> {
+        let spec = self.spec.as_ref();
+        NodeParts {
+            name: self.metadata.name.as_deref().unwrap_or_default(),
+            annotations: self.metadata.annotations.as_ref(),
+            labels: self.metadata.labels.as_ref(),
+            pod_cidr: spec.and_then(|s| s.pod_cidr.as_deref()),
+            pod_cidrs: spec
+                .and_then(|s| s.pod_cidrs.as_deref())
+                .unwrap_or_default(),
+            status_internal_ip: self
+                .status
+                .as_ref()
+                .and_then(|s| s.addresses.as_ref())
+                .and_then(|a| a.iter().find(|a| a.type_ == "InternalIP"))
+                .map(|a| a.address.as_str()),
+        }
+    }
+}
+
 /// Decode Nodes from text and translate each; bad nodes become diagnostics.
 pub fn decode_nodes(text: &str, topology_label: &str) -> Result<Loaded<MeshNode>, FileError> {
-    let values = documents(text, "nodes")?;
-    Ok(decode_each::<Node, _>(values, Subject::Node, "Node", |n| {
-        parse_node(n, topology_label)
-    }))
+    let items = documents(text, "nodes")?;
+    Ok(decode_each::<NodeLite, _>(
+        items,
+        Subject::Node,
+        "Node",
+        |n| n.kind.as_deref(),
+        |n| parse_parts(n.parts(), topology_label),
+    ))
 }
 
 /// Decode Peer resources from text and translate each; bad peers become diagnostics.
 pub fn decode_peers(text: &str) -> Result<Loaded<MeshPeer>, FileError> {
-    let values = documents(text, "peers")?;
+    let items = documents(text, "peers")?;
     Ok(decode_each::<PeerResource, _>(
-        values,
+        items,
         Subject::Peer,
         "Peer",
+        |p| Some(p.kind.as_str()),
         parse_peer,
     ))
 }
