@@ -157,6 +157,7 @@ fn op_kind(op: &Op) -> &'static str {
         Op::LinkUp => "link-up",
         Op::UpsertPeer(_) | Op::RemovePeer { .. } => "peer",
         Op::SetBridge(_) => "bridge",
+        Op::WriteCni { .. } => "cni-config",
         Op::SetMasquerade(_) | Op::DelMasquerade => "masquerade",
         Op::AddRoute(_) | Op::DelRoute(_) => "route",
         Op::AddRule(_) | Op::DelRule(_) => "rule",

@@ -50,6 +50,8 @@ pub struct OwnedState {
     pub bridge: Option<Bridge>,
     /// The masquerade configuration in wiremesh's own firewall table, if the table exists.
     pub masquerade: Option<Masquerade>,
+    /// Pod CIDRs in wiremesh's CNI config file, if the file exists.
+    pub cni: Option<Vec<IpNetwork>>,
 }
 
 /// One change to the kernel.
@@ -89,6 +91,11 @@ pub enum Op {
     },
     /// Create the CNI bridge or set its addresses.
     SetBridge(Bridge),
+    /// Write the CNI config file for these pod CIDRs.
+    WriteCni {
+        /// The node's pod CIDRs.
+        pod_cidrs: Vec<IpNetwork>,
+    },
     /// Replace wiremesh's masquerade table.
     SetMasquerade(Masquerade),
     /// Remove wiremesh's masquerade table.
@@ -262,6 +269,7 @@ pub fn simulate(state: &mut OwnedState, ops: &[Op], public_key: WgKey) {
                 }
             }
             Op::SetBridge(b) => state.bridge = Some(b.clone()),
+            Op::WriteCni { pod_cidrs } => state.cni = Some(pod_cidrs.clone()),
             Op::SetMasquerade(m) => state.masquerade = Some(m.clone()),
             Op::DelMasquerade => state.masquerade = None,
             Op::DelRule(r) => state.rules.retain(|x| x != r),
