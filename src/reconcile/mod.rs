@@ -13,6 +13,7 @@
 //! never on the topology engine or Kubernetes.
 
 pub mod plan;
+pub mod wg;
 
 use crate::model::WgKey;
 pub use plan::{LinkState, Op, OwnedState, WgDeviceState};
