@@ -6,3 +6,4 @@ mod boundary;
 mod engine_props;
 mod plan_golden;
 mod showconf_wg;
+mod wg_netns;

@@ -3,4 +3,6 @@
 
 pub mod strategy;
 #[allow(dead_code)]
+pub mod wg_dev;
+#[allow(dead_code)]
 pub mod wg_netns;
