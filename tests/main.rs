@@ -7,3 +7,4 @@ mod engine_props;
 mod nft_cni_netns;
 mod plan_golden;
 mod showconf_wg;
+mod wg_netns;

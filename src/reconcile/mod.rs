@@ -14,6 +14,7 @@
 
 pub mod nft;
 pub mod plan;
+pub mod wg;
 
 use crate::model::WgKey;
 pub use plan::{LinkState, Op, OwnedState, WgDeviceState};

@@ -5,4 +5,6 @@
 pub mod netns;
 pub mod strategy;
 #[allow(dead_code)]
+pub mod wg_dev;
+#[allow(dead_code)]
 pub mod wg_netns;
