@@ -157,7 +157,7 @@ fn run(n: u32) -> Result<String, String> {
             .read()
             .map_err(|e| e.to_string())?
             .ok_or("device vanished")?;
-        let (upsert, remove) = peer_diff(&desired, &actual.peers);
+        let (upsert, remove) = peer_diff(&desired, &actual.peers, &actual.recent_handshakes);
         check(
             dev.apply_peers(&upsert, &remove)
                 .map_err(|e| e.to_string())?,

@@ -22,6 +22,9 @@ pub struct WgDeviceState {
     pub public_key: Option<WgKey>,
     /// Peers by public key. `name` is empty: the kernel does not know names.
     pub peers: Vec<WgPeer>,
+    /// Peers with a handshake in the last three minutes: their endpoint is where they really
+    /// are (they may have roamed behind NAT), so it is not overwritten.
+    pub recent_handshakes: Vec<WgKey>,
 }
 
 /// The WireGuard link's own settings.
@@ -112,14 +115,19 @@ pub enum Op {
 
 /// Peers that differ: the desired value for each added or changed peer, and keys to remove.
 ///
-/// The name is for people only and is ignored: the kernel does not store it.
-pub fn peer_diff(desired: &[WgPeer], actual: &[WgPeer]) -> (Vec<WgPeer>, Vec<WgKey>) {
+/// The name is for people only and is ignored: the kernel does not store it. `recent` lists
+/// peers with a recent handshake (see [`same_peer`]).
+pub fn peer_diff(
+    desired: &[WgPeer],
+    actual: &[WgPeer],
+    recent: &[WgKey],
+) -> (Vec<WgPeer>, Vec<WgKey>) {
     let have: BTreeMap<WgKey, &WgPeer> = actual.iter().map(|p| (p.public_key, p)).collect();
     let want: BTreeMap<WgKey, &WgPeer> = desired.iter().map(|p| (p.public_key, p)).collect();
     let mut upsert = Vec::new();
     for (k, w) in &want {
         match have.get(k) {
-            Some(h) if same_peer(w, h) => {}
+            Some(h) if same_peer(w, h, recent.contains(k)) => {}
             _ => upsert.push((*w).clone()),
         }
     }
@@ -131,14 +139,27 @@ pub fn peer_diff(desired: &[WgPeer], actual: &[WgPeer]) -> (Vec<WgPeer>, Vec<WgK
     (upsert, remove)
 }
 
-/// Whether the kernel's peer already matches the desired one (order of allowed IPs ignored).
-fn same_peer(want: &WgPeer, have: &WgPeer) -> bool {
+/// Whether the kernel's peer already matches the desired one. Allowed IPs are compared as sets.
+/// The endpoint matches when it is equal, and also when:
+/// - none is desired (WireGuard cannot clear an endpoint; the peer's packets set it);
+/// - a DNS name is desired and the device holds an address with that port (the resolved name);
+/// - the peer had a recent handshake (`recent`): it reached us from where it really is, e.g.
+///   behind NAT, and overwriting that with the published address would cut it off.
+pub fn same_peer(want: &WgPeer, have: &WgPeer, recent: bool) -> bool {
+    use crate::model::Endpoint;
     let mut a = want.allowed_ips.clone();
     let mut b = have.allowed_ips.clone();
     a.sort();
     b.sort();
+    let endpoint_ok = match (&want.endpoint, &have.endpoint) {
+        (None, _) => true,
+        (Some(w), Some(h)) if w == h => true,
+        (Some(Endpoint::Dns { port, .. }), Some(Endpoint::Addr(a))) => a.port() == *port,
+        (Some(_), Some(_)) => recent,
+        (Some(_), None) => false,
+    };
     a == b
-        && want.endpoint == have.endpoint
+        && endpoint_ok
         && want.persistent_keepalive == have.persistent_keepalive
         && want.preshared_key == have.preshared_key
 }
@@ -185,7 +206,11 @@ pub fn plan(desired: &DesiredState, actual: &OwnedState, public_key: WgKey) -> V
     if !link.up {
         ops.push(Op::LinkUp);
     }
-    let (upsert, remove) = peer_diff(&desired.peers, device.map_or(&[][..], |d| &d.peers));
+    let (upsert, remove) = peer_diff(
+        &desired.peers,
+        device.map_or(&[][..], |d| &d.peers),
+        device.map_or(&[][..], |d| &d.recent_handshakes),
+    );
     ops.extend(
         remove
             .into_iter()
@@ -366,7 +391,30 @@ mod tests {
             p.name.clear();
             p.allowed_ips.reverse();
         }
-        assert_eq!(peer_diff(&d.peers, &have), (vec![], vec![]));
+        assert_eq!(peer_diff(&d.peers, &have, &[]), (vec![], vec![]));
+    }
+
+    #[test]
+    fn roamed_endpoint_of_a_recent_peer_is_kept_and_a_stale_one_is_fixed() {
+        let d = desired(3, 0);
+        let mut have = d.peers.clone();
+        have[0].endpoint = Some("198.51.100.77:40000".parse().unwrap());
+        let key = have[0].public_key;
+        assert_eq!(peer_diff(&d.peers, &have, &[key]), (vec![], vec![]));
+        assert_eq!(peer_diff(&d.peers, &have, &[]).0, vec![d.peers[0].clone()]);
+    }
+
+    #[test]
+    fn no_desired_endpoint_and_resolved_dns_names_match_what_the_device_has() {
+        let d = desired(2, 0);
+        let mut want = d.peers.clone();
+        let mut have = d.peers.clone();
+        want[0].endpoint = None;
+        have[0].endpoint = Some("198.51.100.77:40000".parse().unwrap());
+        assert_eq!(peer_diff(&want, &have, &[]), (vec![], vec![]));
+        want[0].endpoint = Some("node.example.com:51820".parse().unwrap());
+        have[0].endpoint = Some("198.51.100.7:51820".parse().unwrap());
+        assert_eq!(peer_diff(&want, &have, &[]), (vec![], vec![]));
     }
 
     #[test]

@@ -1034,8 +1034,19 @@ fn state_of(
     infos: &[PeerInfo],
 ) -> WgDeviceState {
     let mut peers: BTreeMap<WgKey, WgPeer> = BTreeMap::new();
+    let mut recent: Vec<WgKey> = Vec::new();
+    let now = std::time::SystemTime::now();
     for info in infos {
         let c = &info.config;
+        // A handshake within REJECT_AFTER_TIME (180 s) means the session is alive.
+        if info
+            .stats
+            .last_handshake_time
+            .and_then(|t| now.duration_since(t).ok())
+            .is_some_and(|age| age < Duration::from_secs(180))
+        {
+            recent.push(WgKey(c.public_key.0));
+        }
         let key = WgKey(c.public_key.0);
         let peer = peers.entry(key).or_insert_with(|| WgPeer {
             public_key: key,
@@ -1063,10 +1074,13 @@ fn state_of(
             p
         })
         .collect();
+    recent.sort();
+    recent.dedup();
     WgDeviceState {
         listen_port: listen_port.unwrap_or(0),
         public_key: public_key.map(|k| WgKey(k.0)),
         peers,
+        recent_handshakes: recent,
     }
 }
 
