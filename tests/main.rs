@@ -4,5 +4,6 @@ mod util;
 
 mod boundary;
 mod engine_props;
+mod netlink_netns;
 mod plan_golden;
 mod showconf_wg;
