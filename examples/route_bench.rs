@@ -13,14 +13,16 @@
 //! route_bench_del n=10000 ours_routes_per_s=… ipbatch_routes_per_s=… ratio=…
 //! ```
 //!
-//! `ratio` is ours / ip-batch, taken within each round, then the median. The namespace is deleted
-//! on exit, also on error or panic.
+//! `ratio` is ours / ip-batch, taken within each round, then the median. A third line per N
+//! (`route_bench_naive`) times the textbook rtnetlink way for comparison: one request per route,
+//! `buffer_unordered(64)`. The namespace is deleted on exit, also on error or panic.
 
 use std::io::Write as _;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
+use futures::{StreamExt as _, TryStreamExt as _};
 use nix::sched::CloneFlags;
 use wiremesh::desired::{MAIN_TABLE, Route, RouteDev};
 use wiremesh::reconcile::netlink::{Devices, Netlink};
@@ -61,12 +63,48 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Rates (routes/s) of one round: (ours add, ours del, ip add, ip del).
+/// Rates (routes/s) of one round.
 struct Round {
     ours_add: f64,
     ours_del: f64,
     ip_add: f64,
     ip_del: f64,
+    /// One rtnetlink request per route, 64 futures in flight (`buffer_unordered(64)`): the
+    /// textbook way, for comparison with the batched datagrams.
+    naive_add: f64,
+}
+
+/// Add the routes one rtnetlink request each, 64 in flight; returns the failures.
+async fn naive_add(nl: &Netlink, n: usize) -> Result<usize> {
+    let index = nl
+        .handle()
+        .link()
+        .get()
+        .match_name(DEV.to_owned())
+        .execute()
+        .try_next()
+        .await?
+        .context("rt0")?
+        .header
+        .index;
+    let failed = futures::stream::iter(0..n)
+        .map(|i| {
+            let h = nl.handle().clone();
+            async move {
+                let d: std::net::Ipv4Addr = dst(i).trim_end_matches("/32").parse().expect("ip");
+                let msg = rtnetlink::RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+                    .destination_prefix(d, 32)
+                    .output_interface(index)
+                    .scope(rtnetlink::packet_route::route::RouteScope::Link)
+                    .build();
+                h.route().add(msg).execute().await
+            }
+        })
+        .buffer_unordered(64)
+        .filter(|r| futures::future::ready(r.is_err()))
+        .count()
+        .await;
+    Ok(failed)
 }
 
 fn rate(n: usize, d: Duration) -> f64 {
@@ -91,6 +129,13 @@ async fn round(
         ours_del: 0.0,
         ip_add: 0.0,
         ip_del: 0.0,
+        naive_add: 0.0,
+    };
+    let batch = |f: &tempfile::NamedTempFile| -> Result<Duration> {
+        let path = f.path().to_str().context("temp path")?;
+        let t = Instant::now();
+        ip(&["-n", ns, "-batch", path])?;
+        Ok(t.elapsed())
     };
     for step in 0..2 {
         if (step == 0) == ours_first {
@@ -104,18 +149,17 @@ async fn round(
             r.ours_del = rate(n, t.elapsed());
             ensure!(res.failures() == 0, "{} deletes failed", res.failures());
         } else {
-            let batch = |f: &tempfile::NamedTempFile| -> Result<Duration> {
-                let path = f.path().to_str().context("temp path")?;
-                let t = Instant::now();
-                ip(&["-n", ns, "-batch", path])?;
-                Ok(t.elapsed())
-            };
             r.ip_add = rate(n, batch(&files.0)?);
             ensure!(count()? == n, "ip -batch: route count after add");
             r.ip_del = rate(n, batch(&files.1)?);
         }
         ensure!(count()? == 0, "routes left after delete");
     }
+    let t = Instant::now();
+    let failed = naive_add(nl, n).await?;
+    r.naive_add = rate(n, t.elapsed());
+    ensure!(failed == 0 && count()? == n, "naive: {failed} adds failed");
+    batch(&files.1)?;
     Ok(r)
 }
 
@@ -135,6 +179,7 @@ async fn bench(ns: &str, sizes: &[usize]) -> Result<()> {
         tunnel: String::new(),
         bridge: String::new(),
     })?;
+    eprintln!("{nl:?}");
     println!("| n | ours add/s | ip -batch add/s | ratio | ours del/s | ip -batch del/s | ratio |");
     println!("|---|---|---|---|---|---|---|");
     let mut lines = Vec::new();
@@ -154,8 +199,9 @@ async fn bench(ns: &str, sizes: &[usize]) -> Result<()> {
         for k in 0..ROUNDS {
             let r = round(&nl, ns, &routes, &files, k % 2 == 0).await?;
             eprintln!(
-                "n={n} round={k} ours_add={:.0} ip_add={:.0} ours_del={:.0} ip_del={:.0}",
-                r.ours_add, r.ip_add, r.ours_del, r.ip_del
+                "n={n} round={k} ours_add={:.0} ip_add={:.0} ours_del={:.0} ip_del={:.0} \
+                 naive_add={:.0}",
+                r.ours_add, r.ip_add, r.ours_del, r.ip_del, r.naive_add
             );
             rounds.push(r);
         }
@@ -173,6 +219,12 @@ async fn bench(ns: &str, sizes: &[usize]) -> Result<()> {
         println!("| {n} | {oa:.0} | {ia:.0} | {ra:.2} | {od:.0} | {id:.0} | {rd:.2} |");
         lines.push(format!(
             "route_bench n={n} ours_routes_per_s={oa:.0} ipbatch_routes_per_s={ia:.0} ratio={ra:.3}"
+        ));
+        let naive = med(|r| r.naive_add);
+        lines.push(format!(
+            "route_bench_naive n={n} rtnetlink_buffer_unordered64_routes_per_s={naive:.0} \
+             ours_over_naive={:.3}",
+            med(|r| r.ours_add / r.naive_add)
         ));
         lines.push(format!(
             "route_bench_del n={n} ours_routes_per_s={od:.0} ipbatch_routes_per_s={id:.0} ratio={rd:.3}"

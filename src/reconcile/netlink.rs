@@ -289,9 +289,12 @@ impl Netlink {
 
     /// Send `msgs` (each with `NLM_F_ACK`) in pipelined batches; one answer per message, in order.
     ///
-    /// Each chunk goes out as one datagram. The kernel answers each request in order with one
-    /// acknowledgement carrying the request's sequence number; netlink-proto numbered the chunk's
-    /// requests consecutively, so an answer's index is its sequence number minus the first one's.
+    /// Each chunk goes out as one datagram. The kernel handles its requests in order and answers
+    /// each with one acknowledgement carrying the request's sequence number; netlink-proto
+    /// numbered the chunk's requests consecutively, and the first answer is the first request's,
+    /// so an answer's index is its sequence number minus the first answer's. The receive buffer
+    /// is sized (`BatchLimits`) so that no acknowledgement is dropped; if one still were, the
+    /// batch would time out and its unanswered requests count as `Lost`.
     async fn send_acked(&self, msgs: Vec<NetlinkMessage<RouteNetlinkMessage>>) -> Vec<Answer> {
         let total = msgs.len();
         let mut chunks = Vec::with_capacity(total.div_ceil(self.limits.chunk));
