@@ -12,6 +12,7 @@
 //! (masquerade) and `cni` (CNI config file). May depend on the desired state and the model;
 //! never on the topology engine or Kubernetes.
 
+pub mod netlink;
 pub mod nft;
 pub mod plan;
 pub mod wg;

@@ -1,0 +1,462 @@
+//! Links and addresses: the WireGuard link's state, addresses and MTU, the automatic MTU, the CNI
+//! bridge, and which interface holds an address.
+//!
+//! Only interfaces named in [`super::Devices`] are ever changed. IPv6 link-local addresses
+//! (`fe80::/10`) are left out of everything read and never removed: the kernel assigns them.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use futures::TryStreamExt;
+use ipnetwork::IpNetwork;
+use rtnetlink::packet_core::{NLM_F_CREATE, NLM_F_EXCL};
+use rtnetlink::packet_route::RouteNetlinkMessage;
+use rtnetlink::packet_route::address::{
+    AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage,
+};
+use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use rtnetlink::packet_route::route::RouteAttribute;
+use rtnetlink::{AddressMessageBuilder, LinkBridge, LinkUnspec};
+use tracing::{debug, info, warn};
+
+use super::{Answer, BRIDGE_ALIAS, Netlink, errno, nl_err, request};
+use crate::desired::{Bridge, MAIN_TABLE};
+use crate::reconcile::{KernelError, LinkState};
+
+/// WireGuard's worst-case overhead: outer IPv6 header (40) + UDP (8) + WireGuard data header
+/// (type and reserved 4, receiver index 4, counter 8) + Poly1305 tag (16). Over an IPv4 underlay
+/// it is 60; the larger value is used because an endpoint may be IPv6 (wg-quick does the same).
+pub const WIREGUARD_OVERHEAD: u32 = 80;
+/// The smallest MTU IPv6 allows; the automatic MTU never goes below it.
+pub const MIN_MTU: u32 = 1280;
+/// The automatic MTU when no underlay interface is found: WireGuard's own default.
+pub const FALLBACK_MTU: u32 = 1420;
+
+fn is_link_local_v6(ip: IpAddr) -> bool {
+    matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80)
+}
+
+fn link_name(m: &LinkMessage) -> Option<&str> {
+    m.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n.as_str()),
+        _ => None,
+    })
+}
+
+fn link_mtu(m: &LinkMessage) -> Option<u32> {
+    m.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Mtu(n) => Some(*n),
+        _ => None,
+    })
+}
+
+fn link_alias(m: &LinkMessage) -> Option<&str> {
+    m.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfAlias(n) => Some(n.as_str()),
+        _ => None,
+    })
+}
+
+fn is_bridge(m: &LinkMessage) -> bool {
+    m.attributes.iter().any(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos
+            .iter()
+            .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Bridge))),
+        _ => false,
+    })
+}
+
+/// The address an address message carries, with its prefix; `None` for IPv6 link-local ones.
+fn parse_address(m: &AddressMessage) -> Option<IpNetwork> {
+    // On point-to-point links IFA_ADDRESS is the peer and IFA_LOCAL our own address; elsewhere
+    // both are the same (IPv6 sends IFA_LOCAL only with a peer).
+    let local = m.attributes.iter().find_map(|a| match a {
+        AddressAttribute::Local(ip) => Some(*ip),
+        _ => None,
+    });
+    let address = m.attributes.iter().find_map(|a| match a {
+        AddressAttribute::Address(ip) => Some(*ip),
+        _ => None,
+    });
+    let ip = local.or(address)?;
+    if is_link_local_v6(ip) {
+        return None;
+    }
+    IpNetwork::new(ip, m.header.prefix_len).ok()
+}
+
+/// The request that adds (or deletes) `addr` on interface `index`.
+fn address_message(index: u32, addr: IpNetwork) -> AddressMessage {
+    match addr.ip() {
+        IpAddr::V4(ip) => AddressMessageBuilder::<Ipv4Addr>::new()
+            .index(index)
+            .address(ip, addr.prefix())
+            .build(),
+        IpAddr::V6(ip) => {
+            let mut m = AddressMessageBuilder::<Ipv6Addr>::new()
+                .index(index)
+                .address(ip, addr.prefix())
+                .build();
+            // No duplicate address detection: the address is ours by allocation, and DAD would
+            // leave it "tentative" (unusable as a source) for a second or two.
+            m.header.flags |= AddressHeaderFlags::Nodad;
+            m.attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+            m
+        }
+    }
+}
+
+impl Netlink {
+    /// The link named `name`, if it exists.
+    pub(super) async fn link_by_name(
+        &self,
+        name: &str,
+    ) -> Result<Option<LinkMessage>, KernelError> {
+        if name.is_empty() {
+            return Ok(None);
+        }
+        let mut links = self.handle.link().get().match_name(name).execute();
+        match links.try_next().await {
+            Ok(m) => Ok(m),
+            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
+            Err(e) => Err(nl_err(format!("get link {name}"), e)),
+        }
+    }
+
+    /// The addresses on interface `index`, sorted, without IPv6 link-local ones.
+    async fn addresses_of(&self, index: u32) -> Result<Vec<IpNetwork>, KernelError> {
+        let mut req = self.handle.address().get().set_link_index_filter(index);
+        // With strict checking the kernel filters by index itself.
+        req.message_mut().header.index = index;
+        let msgs: Vec<AddressMessage> = req
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| nl_err(format!("dump addresses of link #{index}"), e))?;
+        let mut out: Vec<IpNetwork> = msgs.iter().filter_map(parse_address).collect();
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
+    /// The index of `name`, or an error naming the missing interface.
+    async fn require_index(&self, name: &str, op: &str) -> Result<u32, KernelError> {
+        self.index_of(name)
+            .await?
+            .ok_or_else(|| KernelError::Netlink {
+                op: op.to_owned(),
+                message: format!("no interface named {name:?}"),
+            })
+    }
+
+    /// The link `name`: up or not, MTU, addresses (sorted, without IPv6 link-local ones);
+    /// `None` if it does not exist.
+    pub async fn read_link(&self, name: &str) -> Result<Option<LinkState>, KernelError> {
+        let Some(link) = self.link_by_name(name).await? else {
+            return Ok(None);
+        };
+        Ok(Some(LinkState {
+            up: link.header.flags.contains(LinkFlags::Up),
+            mtu: link_mtu(&link).unwrap_or(0),
+            addresses: self.addresses_of(link.header.index).await?,
+        }))
+    }
+
+    /// Add `addr` to interface `name` (`ip addr add`); already there is not an error. IPv6
+    /// addresses skip duplicate address detection.
+    pub async fn add_address(&self, name: &str, addr: IpNetwork) -> Result<(), KernelError> {
+        let op = format!("add address {addr} dev {name}");
+        let index = self.require_index(name, &op).await?;
+        let msg = RouteNetlinkMessage::NewAddress(address_message(index, addr));
+        let a = self.send_one(request(msg, NLM_F_CREATE | NLM_F_EXCL)).await;
+        debug!(op = "add address", name, %addr, ?a);
+        a.into_result(&[libc::EEXIST], || op)
+    }
+
+    /// Remove `addr` from interface `name` (`ip addr del`); not there (or no such interface) is
+    /// not an error.
+    pub async fn del_address(&self, name: &str, addr: IpNetwork) -> Result<(), KernelError> {
+        let Some(index) = self.index_of(name).await? else {
+            return Ok(());
+        };
+        let msg = RouteNetlinkMessage::DelAddress(address_message(index, addr));
+        let a = self.send_one(request(msg, 0)).await;
+        debug!(op = "del address", name, %addr, ?a);
+        a.into_result(&[libc::EADDRNOTAVAIL, libc::ENODEV], || {
+            format!("del address {addr} dev {name}")
+        })
+    }
+
+    /// Set the MTU of interface `name` (`ip link set NAME mtu MTU`).
+    pub async fn set_mtu(&self, name: &str, mtu: u32) -> Result<(), KernelError> {
+        let op = format!("set link {name} mtu {mtu}");
+        let index = self.require_index(name, &op).await?;
+        let msg = LinkUnspec::new_with_index(index).mtu(mtu).build();
+        let a = self
+            .send_one(request(RouteNetlinkMessage::NewLink(msg), 0))
+            .await;
+        debug!(op = "set mtu", name, mtu, ?a);
+        a.into_result(&[], || op)
+    }
+
+    /// Bring interface `name` up (`ip link set NAME up`).
+    pub async fn set_up(&self, name: &str) -> Result<(), KernelError> {
+        let op = format!("set link {name} up");
+        let index = self.require_index(name, &op).await?;
+        let msg = LinkUnspec::new_with_index(index).up().build();
+        let a = self
+            .send_one(request(RouteNetlinkMessage::NewLink(msg), 0))
+            .await;
+        debug!(op = "set up", name, ?a);
+        a.into_result(&[], || op)
+    }
+
+    /// The WireGuard MTU to use when none is configured: the MTU of the private interface (or,
+    /// failing that, of the interface of the default route, IPv4 first) minus
+    /// [`WIREGUARD_OVERHEAD`], never below [`MIN_MTU`]. With no underlay interface at all it is
+    /// [`FALLBACK_MTU`] (logged as a warning).
+    pub async fn auto_mtu(&self) -> Result<u32, KernelError> {
+        let mut underlay = self.link_by_name(&self.devices.private).await?;
+        if underlay.is_none() {
+            underlay = self.default_route_link().await?;
+        }
+        let Some(link) = underlay else {
+            warn!(
+                mtu = FALLBACK_MTU,
+                "no private interface and no default route: automatic MTU falls back"
+            );
+            return Ok(FALLBACK_MTU);
+        };
+        let base = link_mtu(&link).unwrap_or(1500);
+        let mtu = base.saturating_sub(WIREGUARD_OVERHEAD).max(MIN_MTU);
+        debug!(underlay = link_name(&link), base, mtu, "automatic MTU");
+        Ok(mtu)
+    }
+
+    /// The link of the main table's default route, IPv4 first.
+    async fn default_route_link(&self) -> Result<Option<LinkMessage>, KernelError> {
+        for v4 in [true, false] {
+            let routes = self.dump_routes(v4, MAIN_TABLE, 0).await?;
+            let oif = routes
+                .iter()
+                .filter(|r| r.header.destination_prefix_length == 0)
+                .find_map(|r| {
+                    r.attributes.iter().find_map(|a| match a {
+                        RouteAttribute::Oif(i) => Some(*i),
+                        _ => None,
+                    })
+                });
+            if let Some(i) = oif {
+                return self.link_by_index(i).await;
+            }
+        }
+        Ok(None)
+    }
+
+    async fn link_by_index(&self, index: u32) -> Result<Option<LinkMessage>, KernelError> {
+        let mut links = self.handle.link().get().match_index(index).execute();
+        match links.try_next().await {
+            Ok(m) => Ok(m),
+            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
+            Err(e) => Err(nl_err(format!("get link #{index}"), e)),
+        }
+    }
+
+    /// The name of the interface holding `ip` (for `RouteDev::Private`), if any.
+    pub async fn private_interface_for(&self, ip: IpAddr) -> Result<Option<String>, KernelError> {
+        let msgs: Vec<AddressMessage> = self
+            .handle
+            .address()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| nl_err("dump addresses", e))?;
+        let Some(index) = msgs
+            .iter()
+            .find(|m| parse_address(m).is_some_and(|n| n.ip() == ip))
+            .map(|m| m.header.index)
+        else {
+            return Ok(None);
+        };
+        Ok(self
+            .link_by_index(index)
+            .await?
+            .and_then(|l| link_name(&l).map(str::to_owned)))
+    }
+
+    /// Make the CNI bridge exist, be up, and hold exactly `bridge.addresses` (IPv6 link-local
+    /// ones aside). Creates it (`ip link add NAME type bridge`, marked with [`BRIDGE_ALIAS`]) if
+    /// missing. Refuses a name other than the configured bridge, and an existing interface of
+    /// that name that is not a bridge.
+    pub async fn ensure_bridge(&self, bridge: &Bridge) -> Result<(), KernelError> {
+        let name = bridge.name.as_str();
+        let op = format!("set bridge {name}");
+        let refuse = |message: String| KernelError::Netlink {
+            op: op.clone(),
+            message,
+        };
+        if name != self.devices.bridge {
+            return Err(refuse(format!(
+                "not the configured CNI bridge {:?}; left alone",
+                self.devices.bridge
+            )));
+        }
+        let link = match self.link_by_name(name).await? {
+            Some(l) => l,
+            None => {
+                self.create_bridge(name).await?;
+                self.link_by_name(name)
+                    .await?
+                    .ok_or_else(|| refuse("the bridge vanished right after creation".into()))?
+            }
+        };
+        if !is_bridge(&link) {
+            return Err(refuse(
+                "an interface of that name exists and is not a bridge; left alone".into(),
+            ));
+        }
+        let index = link.header.index;
+        let have: BTreeSet<IpNetwork> = self.addresses_of(index).await?.into_iter().collect();
+        let want: BTreeSet<IpNetwork> = bridge
+            .addresses
+            .iter()
+            .copied()
+            .filter(|a| !is_link_local_v6(a.ip()))
+            .collect();
+        let dels: Vec<IpNetwork> = have.difference(&want).copied().collect();
+        let adds: Vec<IpNetwork> = want.difference(&have).copied().collect();
+        // One batch, deletes first: the kernel handles a datagram's requests in order.
+        let msgs = dels
+            .iter()
+            .map(|a| {
+                request(
+                    RouteNetlinkMessage::DelAddress(address_message(index, *a)),
+                    0,
+                )
+            })
+            .chain(adds.iter().map(|a| {
+                request(
+                    RouteNetlinkMessage::NewAddress(address_message(index, *a)),
+                    NLM_F_CREATE | NLM_F_EXCL,
+                )
+            }))
+            .collect();
+        let answers = self.send_acked(msgs).await;
+        let (del_answers, add_answers) = answers.split_at(dels.len());
+        for (a, ans) in dels.iter().zip(del_answers) {
+            ans.into_result(&[libc::EADDRNOTAVAIL], || {
+                format!("del address {a} dev {name}")
+            })?;
+        }
+        for (a, ans) in adds.iter().zip(add_answers) {
+            ans.into_result(&[libc::EEXIST], || format!("add address {a} dev {name}"))?;
+        }
+        if !link.header.flags.contains(LinkFlags::Up) {
+            self.set_up(name).await?;
+        }
+        info!(
+            bridge = name,
+            added = adds.len(),
+            removed = dels.len(),
+            "CNI bridge set"
+        );
+        Ok(())
+    }
+
+    async fn create_bridge(&self, name: &str) -> Result<(), KernelError> {
+        let op = format!("add link {name} type bridge");
+        let msg = LinkBridge::new(name).build();
+        let a = self
+            .send_one(request(
+                RouteNetlinkMessage::NewLink(msg),
+                NLM_F_CREATE | NLM_F_EXCL,
+            ))
+            .await;
+        debug!(op = "add bridge", name, ?a);
+        if a == Answer::Errno(libc::EEXIST) {
+            // Created meanwhile by someone else (e.g. the CNI plugin): not ours to mark.
+            return Ok(());
+        }
+        a.into_result(&[], || op)?;
+        // The alias cannot ride on the creating request (the kernel applies IFLA_IFALIAS only
+        // when changing an existing link), so it is set right after.
+        let index = self.require_index(name, "mark bridge").await?;
+        let msg = LinkUnspec::new_with_index(index)
+            .alias(BRIDGE_ALIAS)
+            .build();
+        self.send_one(request(RouteNetlinkMessage::NewLink(msg), 0))
+            .await
+            .into_result(&[], || format!("set link {name} alias"))?;
+        info!(bridge = name, "CNI bridge created");
+        Ok(())
+    }
+
+    /// The configured CNI bridge with its addresses (sorted, IPv6 link-local ones aside), if it
+    /// exists and is a bridge.
+    pub async fn read_bridge(&self) -> Result<Option<Bridge>, KernelError> {
+        let name = &self.devices.bridge;
+        match self.link_by_name(name).await? {
+            Some(l) if is_bridge(&l) => Ok(Some(Bridge {
+                name: name.clone(),
+                addresses: self.addresses_of(l.header.index).await?,
+            })),
+            _ => Ok(None),
+        }
+    }
+
+    /// Delete the configured CNI bridge if wiremesh created it (it is a bridge and carries
+    /// [`BRIDGE_ALIAS`]); returns whether it did.
+    pub(super) async fn del_own_bridge(&self) -> Result<bool, KernelError> {
+        let name = &self.devices.bridge;
+        let Some(link) = self.link_by_name(name).await? else {
+            return Ok(false);
+        };
+        if !is_bridge(&link) || link_alias(&link) != Some(BRIDGE_ALIAS) {
+            info!(
+                bridge = %name,
+                "CNI bridge not created by wiremesh; left in place"
+            );
+            return Ok(false);
+        }
+        let mut msg = LinkMessage::default();
+        msg.header.index = link.header.index;
+        self.send_one(request(RouteNetlinkMessage::DelLink(msg), 0))
+            .await
+            .into_result(&[libc::ENODEV], || format!("del link {name}"))?;
+        Ok(true)
+    }
+
+    /// Send one request and wait for its answer.
+    pub(super) async fn send_one(
+        &self,
+        msg: rtnetlink::packet_core::NetlinkMessage<RouteNetlinkMessage>,
+    ) -> Answer {
+        self.send_acked(vec![msg])
+            .await
+            .first()
+            .copied()
+            .unwrap_or(Answer::Lost)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_survive_the_trip_through_a_message() {
+        for a in ["10.42.0.1/24", "192.168.1.7/32", "fd00:42::1/64"] {
+            let a: IpNetwork = a.parse().unwrap();
+            assert_eq!(parse_address(&address_message(3, a)), Some(a));
+        }
+    }
+
+    #[test]
+    fn ipv6_link_local_addresses_are_never_reported() {
+        let ll: IpNetwork = "fe80::1/64".parse().unwrap();
+        assert_eq!(parse_address(&address_message(3, ll)), None);
+        assert!(!is_link_local_v6("fec0::1".parse().unwrap()));
+    }
+}
