@@ -19,6 +19,9 @@ use tracing::{debug, info, warn};
 use crate::desired::DesiredDelta;
 use crate::diagnostic::Diagnostic;
 use crate::model::{MeshNode, MeshPeer, NodeName, WgKey};
+use crate::reconcile::nft::FirewallMode;
+use crate::reconcile::system::{SystemKernel, SystemOptions};
+use crate::reconcile::wg::{PrivateKey, WgMode, load_or_generate_private_key};
 use crate::reconcile::{self, Kernel, KernelError, Op};
 use crate::registry::file::{FileError, load_nodes, load_peers};
 use crate::registry::{diff_nodes, diff_peers};
@@ -275,20 +278,58 @@ pub async fn run_with<K: Kernel>(
     }
 }
 
+fn system_options(
+    cfg: &KernelConfig,
+    mtu: Option<u32>,
+    internal_ip: Option<std::net::IpAddr>,
+) -> Result<SystemOptions, AgentError> {
+    let bad = |what: &str, e: String| {
+        AgentError::Kernel(KernelError::Unsupported(format!("{what}: {e}")))
+    };
+    Ok(SystemOptions {
+        interface: cfg.interface.clone(),
+        bridge: cfg.bridge.clone(),
+        wireguard: cfg
+            .wireguard
+            .parse::<WgMode>()
+            .map_err(|e| bad("--wireguard", e.to_string()))?,
+        wireguard_userspace: PathBuf::from(&cfg.wireguard_userspace),
+        firewall: cfg
+            .firewall
+            .parse::<FirewallMode>()
+            .map_err(|e| bad("--firewall", e.to_string()))?,
+        cni_config: cfg.cni_config.clone(),
+        mtu,
+        internal_ip,
+    })
+}
+
 /// Run the agent on this machine's kernel until `shutdown` completes.
 pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
-    let _ = (&cfg, shutdown);
-    Err(AgentError::Kernel(KernelError::Unsupported(
-        "the system kernel backend is not assembled yet".into(),
-    )))
+    let key = load_or_generate_private_key(&cfg.private_key)?;
+    let public_key = key.public_key();
+    info!(node = %cfg.node, public_key = %public_key, "identity");
+    let snap = read_registry(&cfg, public_key)?;
+    let internal_ip = snap
+        .nodes
+        .iter()
+        .find(|n| n.name == cfg.node)
+        .and_then(|n| n.internal_ip)
+        .map(|i| i.ip());
+    let opts = system_options(&cfg.kernel, cfg.mesh.mtu, internal_ip)?;
+    let mut kernel = SystemKernel::new(opts, key).await?;
+    let events = kernel.netlink().watch_routes()?;
+    run_with(cfg, &mut kernel, public_key, events, shutdown).await
 }
 
 /// Remove everything wiremesh created on this machine, and nothing else.
 pub async fn cleanup(cfg: &KernelConfig) -> Result<(), AgentError> {
-    let _ = cfg;
-    Err(AgentError::Kernel(KernelError::Unsupported(
-        "the system kernel backend is not assembled yet".into(),
-    )))
+    // The key is not needed to delete the interface; a throwaway one keeps the real one unread.
+    let opts = system_options(cfg, None, None)?;
+    let mut kernel = SystemKernel::new(opts, PrivateKey::generate()).await?;
+    kernel.cleanup().await?;
+    info!("wiremesh removed from this node");
+    Ok(())
 }
 
 #[cfg(test)]

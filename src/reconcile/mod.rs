@@ -15,6 +15,7 @@
 pub mod netlink;
 pub mod nft;
 pub mod plan;
+pub mod system;
 pub mod wg;
 
 use crate::model::WgKey;

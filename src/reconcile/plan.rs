@@ -222,6 +222,16 @@ pub fn plan(desired: &DesiredState, actual: &OwnedState, public_key: WgKey) -> V
     {
         ops.push(Op::SetBridge(b.clone()));
     }
+    if let Some(b) = &desired.bridge {
+        let cidrs: Vec<IpNetwork> = b
+            .addresses
+            .iter()
+            .map(|a| crate::model::network_of(*a))
+            .collect();
+        if actual.cni.as_ref() != Some(&cidrs) {
+            ops.push(Op::WriteCni { pod_cidrs: cidrs });
+        }
+    }
     let want_nat =
         !desired.masquerade.sources.is_empty() || !desired.masquerade.destinations.is_empty();
     // The firewall holds (and reports) the canonical form: sorted, overlaps merged.
@@ -347,6 +357,9 @@ mod tests {
         let ops = plan(&d, &OwnedState::default(), ME);
         assert_eq!(ops[0], Op::CreateInterface);
         assert_eq!(ops[1], Op::ConfigureDevice { listen_port: 51820 });
+        assert!(ops.contains(&Op::WriteCni {
+            pod_cidrs: vec!["10.42.0.0/24".parse().unwrap()]
+        }));
         let first_route = ops
             .iter()
             .position(|o| matches!(o, Op::AddRoute(_)))

@@ -440,7 +440,7 @@ impl LocalContext {
         if !self.cni || self.pod_cidrs.is_empty() {
             return None;
         }
-        let addresses = self
+        let mut addresses: Vec<IpNetwork> = self
             .pod_cidrs
             .iter()
             .filter_map(|c| {
@@ -455,6 +455,8 @@ impl LocalContext {
                 IpNetwork::new(first, c.prefix()).ok()
             })
             .collect();
+        // Sorted like the kernel reports them, so a dual-stack node compares equal.
+        addresses.sort();
         Some(Bridge {
             name: self.bridge.clone(),
             addresses,
