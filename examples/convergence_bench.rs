@@ -126,8 +126,17 @@ fn log_time(line: &str) -> Option<f64> {
 fn uapi_endpoint(sock: &Path, pubkey_hex: &str) -> Option<String> {
     let mut s = UnixStream::connect(sock).ok()?;
     s.write_all(b"get=1\n\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
+    // wireguard-go keeps the connection open: the answer ends with an empty line.
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 65536];
+    while !buf.ends_with(b"\n\n") {
+        let n = s.read(&mut chunk).ok()?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let out = String::from_utf8_lossy(&buf);
     let mut current = false;
     for line in out.lines() {
         if let Some(k) = line.strip_prefix("public_key=") {
