@@ -23,7 +23,7 @@ use crate::reconcile::nft::FirewallMode;
 use crate::reconcile::system::{SystemKernel, SystemOptions};
 use crate::reconcile::wg::{PrivateKey, WgMode, load_or_generate_private_key};
 use crate::reconcile::{self, Kernel, KernelError, Op};
-use crate::registry::file::{FileError, load_nodes, load_peers};
+use crate::registry::file::{FileError, NodeCache, load_nodes_cached, load_peers};
 use crate::registry::{diff_nodes, diff_peers};
 use crate::topology::MeshOptions;
 use crate::topology::incremental::{Engine, Update};
@@ -94,8 +94,12 @@ struct Snapshot {
     diagnostics: Vec<Diagnostic>,
 }
 
-fn read_registry(cfg: &AgentConfig, public_key: WgKey) -> Result<Snapshot, FileError> {
-    let n = load_nodes(&cfg.nodes, &cfg.topology_label)?;
+fn read_registry(
+    cfg: &AgentConfig,
+    public_key: WgKey,
+    cache: &mut NodeCache,
+) -> Result<Snapshot, FileError> {
+    let n = load_nodes_cached(&cfg.nodes, &cfg.topology_label, cache)?;
     let mut nodes = n.items;
     let mut diagnostics = n.diagnostics;
     let mut peers = Vec::new();
@@ -167,6 +171,23 @@ fn op_kind(op: &Op) -> &'static str {
     }
 }
 
+/// The operations for `deltas` planned against `known`, and the state they lead to; `None` when
+/// a delta needs a full plan.
+fn delta_ops(
+    deltas: &[DesiredDelta],
+    known: &reconcile::OwnedState,
+    public_key: WgKey,
+) -> Option<(Vec<Op>, reconcile::OwnedState)> {
+    let mut next = known.clone();
+    let mut all = Vec::new();
+    for d in deltas {
+        let ops = reconcile::plan::plan_delta(d, &next)?;
+        reconcile::plan::simulate(&mut next, &ops, public_key);
+        all.extend(ops);
+    }
+    Some((all, next))
+}
+
 /// The agent loop over any kernel. `kernel_events` fires when the kernel lost something of ours.
 pub async fn run_with<K: Kernel>(
     cfg: AgentConfig,
@@ -178,7 +199,8 @@ pub async fn run_with<K: Kernel>(
     let mut watched = vec![cfg.nodes.clone()];
     watched.extend(cfg.peers.clone());
     let (_watcher, mut file_events) = FileWatcher::new(&watched)?;
-    let snap = read_registry(&cfg, public_key)?;
+    let mut cache = NodeCache::default();
+    let snap = read_registry(&cfg, public_key, &mut cache)?;
     let mut seen_diags = BTreeSet::new();
     log_new_diagnostics(&mut seen_diags, &snap.diagnostics);
     let mut engine = Engine::new(snap.nodes, snap.peers, cfg.node.clone(), cfg.mesh.clone());
@@ -195,42 +217,74 @@ pub async fn run_with<K: Kernel>(
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     let mut kernel_events_open = true;
+    // Engine deltas since the last reconciliation; planned against `known` when possible.
+    let mut pending: Vec<DesiredDelta> = Vec::new();
+    let mut full_needed = true;
     loop {
         if dirty {
             dirty = false;
-            match engine.desired() {
-                Err(e) => warn!("{e}; nothing is programmed until it can"),
-                Ok(desired) => {
-                    match reconcile::reconcile_cached(kernel, &desired, public_key, &mut known)
-                        .await
-                    {
-                        Ok(report) if report.failed.is_empty() => {
-                            backoff = Duration::from_secs(1);
-                            retry_at = None;
-                            if report.is_noop() {
-                                debug!("kernel already matches the desired state");
-                            } else {
-                                let mut kinds: Vec<&str> =
-                                    report.applied.iter().map(op_kind).collect();
-                                kinds.dedup();
-                                info!(ops = report.applied.len(), kinds = ?kinds, "kernel reconciled");
-                            }
+            let report = match (full_needed, known.take()) {
+                (false, Some(k)) => match delta_ops(&pending, &k, public_key) {
+                    Some((ops, next)) => {
+                        let results = kernel.apply_all(&ops).await;
+                        let report = reconcile::Report::from_results(ops, results);
+                        if report.failed.is_empty() {
+                            known = Some(next);
                         }
-                        Ok(report) => {
-                            for (op, e) in &report.failed {
-                                warn!(op = op_kind(op), error = %e, "kernel refused an operation");
-                            }
-                            info!(applied = report.applied.len(), failed = report.failed.len(), retry_in = ?backoff,
-                            "kernel partly reconciled; retrying the rest");
-                            retry_at = Some(tokio::time::Instant::now() + backoff);
-                            backoff = (backoff * 2).min(Duration::from_secs(30));
-                        }
-                        Err(e) => {
-                            warn!(error = %e, retry_in = ?backoff, "cannot read the kernel state");
-                            retry_at = Some(tokio::time::Instant::now() + backoff);
-                            backoff = (backoff * 2).min(Duration::from_secs(30));
-                        }
+                        Some(Ok(report))
                     }
+                    None => {
+                        known = Some(k);
+                        None
+                    }
+                },
+                (_, k) => {
+                    known = k;
+                    None
+                }
+            };
+            pending.clear();
+            let report = match report {
+                Some(r) => Some(r),
+                None => match engine.desired() {
+                    Err(e) => {
+                        warn!("{e}; nothing is programmed until it can");
+                        None
+                    }
+                    Ok(desired) => Some(
+                        reconcile::reconcile_cached(kernel, &desired, public_key, &mut known).await,
+                    ),
+                },
+            };
+            full_needed = false;
+            match report {
+                None => {}
+                Some(Ok(report)) if report.failed.is_empty() => {
+                    backoff = Duration::from_secs(1);
+                    retry_at = None;
+                    if report.is_noop() {
+                        debug!("kernel already matches the desired state");
+                    } else {
+                        let mut kinds: Vec<&str> = report.applied.iter().map(op_kind).collect();
+                        kinds.dedup();
+                        info!(ops = report.applied.len(), kinds = ?kinds, "kernel reconciled");
+                    }
+                }
+                Some(Ok(report)) => {
+                    for (op, e) in &report.failed {
+                        warn!(op = op_kind(op), error = %e, "kernel refused an operation");
+                    }
+                    info!(applied = report.applied.len(), failed = report.failed.len(), retry_in = ?backoff,
+                        "kernel partly reconciled; retrying the rest");
+                    retry_at = Some(tokio::time::Instant::now() + backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    full_needed = true;
+                }
+                Some(Err(e)) => {
+                    warn!(error = %e, retry_in = ?backoff, "cannot read the kernel state");
+                    retry_at = Some(tokio::time::Instant::now() + backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    full_needed = true;
                 }
             }
         }
@@ -248,7 +302,7 @@ pub async fn run_with<K: Kernel>(
             Some(()) = file_events.recv() => {
                 // Signals that arrived meanwhile are covered by this one reload.
                 while file_events.try_recv().is_ok() {}
-                match read_registry(&cfg, public_key) {
+                match read_registry(&cfg, public_key, &mut cache) {
                     Err(e) => warn!(error = %e, "cannot read the registry; keeping the last good state"),
                     Ok(snap) => {
                         log_new_diagnostics(&mut seen_diags, &snap.diagnostics);
@@ -258,8 +312,8 @@ pub async fn run_with<K: Kernel>(
                         for ev in events {
                             match engine.apply(ev) {
                                 Update::Delta(d) if d.is_empty() => {}
-                                Update::Delta(d) => { log_delta(&d); dirty = true; }
-                                Update::Full(_) => { info!("this node can take part in the mesh now"); dirty = true; }
+                                Update::Delta(d) => { log_delta(&d); pending.push(d); dirty = true; }
+                                Update::Full(_) => { info!("this node can take part in the mesh now"); dirty = true; full_needed = true; }
                                 Update::Unavailable(e) => { warn!("{e}"); }
                             }
                         }
@@ -268,12 +322,12 @@ pub async fn run_with<K: Kernel>(
             }
             ev = kernel_events.recv(), if kernel_events_open => {
                 match ev {
-                    Some(()) => { info!("the kernel lost state of ours; restoring it"); dirty = true; known = None; }
+                    Some(()) => { info!("the kernel lost state of ours; restoring it"); dirty = true; known = None; full_needed = true; }
                     None => kernel_events_open = false,
                 }
             }
-            _ = resync.tick() => { dirty = true; known = None; }
-            _ = retry => { dirty = true; known = None; }
+            _ = resync.tick() => { dirty = true; known = None; full_needed = true; }
+            _ = retry => { dirty = true; known = None; full_needed = true; }
         }
     }
 }
@@ -309,7 +363,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     let key = load_or_generate_private_key(&cfg.private_key)?;
     let public_key = key.public_key();
     info!(node = %cfg.node, public_key = %public_key, "identity");
-    let snap = read_registry(&cfg, public_key)?;
+    let snap = read_registry(&cfg, public_key, &mut NodeCache::default())?;
     let internal_ip = snap
         .nodes
         .iter()

@@ -95,6 +95,18 @@ pub struct Report {
 }
 
 impl Report {
+    /// Pair each op with its result.
+    pub fn from_results(ops: Vec<Op>, results: Vec<Result<(), KernelError>>) -> Report {
+        let mut report = Report::default();
+        for (op, r) in ops.into_iter().zip(results) {
+            match r {
+                Ok(()) => report.applied.push(op),
+                Err(e) => report.failed.push((op, e)),
+            }
+        }
+        report
+    }
+
     /// Whether the kernel already matched: nothing to do.
     pub fn is_noop(&self) -> bool {
         self.applied.is_empty() && self.failed.is_empty()
@@ -128,13 +140,7 @@ pub async fn reconcile_cached<K: Kernel>(
     };
     let ops = plan::plan(desired, &actual, public_key);
     let results = kernel.apply_all(&ops).await;
-    let mut report = Report::default();
-    for (op, r) in ops.into_iter().zip(results) {
-        match r {
-            Ok(()) => report.applied.push(op),
-            Err(e) => report.failed.push((op, e)),
-        }
-    }
+    let report = Report::from_results(ops, results);
     if report.failed.is_empty() {
         let mut next = actual;
         plan::simulate(&mut next, &report.applied, public_key);

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use ipnetwork::IpNetwork;
 use serde::Serialize;
 
-use crate::desired::{Bridge, DesiredState, Masquerade, Route, Rule, WgPeer};
+use crate::desired::{Bridge, DesiredDelta, DesiredState, Masquerade, Route, Rule, WgPeer};
 use crate::model::WgKey;
 
 /// The WireGuard device as the kernel (or the userspace daemon) reports it.
@@ -251,6 +251,56 @@ pub fn plan(desired: &DesiredState, actual: &OwnedState, public_key: WgKey) -> V
     ops
 }
 
+/// The operations for one engine delta, planned against `actual` (the state the previous
+/// desired state left): work proportional to the change instead of to the mesh. Returns `None`
+/// when the delta touches the interface, leadership or bridge; then [`plan`] must run.
+pub fn plan_delta(delta: &DesiredDelta, actual: &OwnedState) -> Option<Vec<Op>> {
+    if delta.interface.is_some() || delta.leader.is_some() || delta.bridge.is_some() {
+        return None;
+    }
+    let device = actual.wireguard.as_ref()?;
+    let mut ops = Vec::new();
+    for k in &delta.peers_removed {
+        if device.peers.iter().any(|p| p.public_key == *k) {
+            ops.push(Op::RemovePeer { public_key: *k });
+        }
+    }
+    for p in &delta.peers_upserted {
+        let have = device.peers.iter().find(|h| h.public_key == p.public_key);
+        let recent = device.recent_handshakes.contains(&p.public_key);
+        if !have.is_some_and(|h| same_peer(p, h, recent)) {
+            ops.push(Op::UpsertPeer(p.clone()));
+        }
+    }
+    if let Some(m) = &delta.masquerade {
+        let want = super::nft::canonical(m);
+        if actual.masquerade.as_ref() != Some(&want) {
+            ops.push(Op::SetMasquerade(want));
+        }
+    }
+    for r in &delta.rules_removed {
+        if actual.rules.binary_search(r).is_ok() {
+            ops.push(Op::DelRule(r.clone()));
+        }
+    }
+    for r in &delta.routes_removed {
+        if actual.routes.binary_search(r).is_ok() {
+            ops.push(Op::DelRoute(r.clone()));
+        }
+    }
+    for r in &delta.routes_added {
+        if actual.routes.binary_search(r).is_err() {
+            ops.push(Op::AddRoute(r.clone()));
+        }
+    }
+    for r in &delta.rules_added {
+        if actual.rules.binary_search(r).is_err() {
+            ops.push(Op::AddRule(r.clone()));
+        }
+    }
+    Some(ops)
+}
+
 /// Apply `ops` to an in-memory [`OwnedState`], as a correct kernel would. Used by tests of the
 /// planner and of callers; `public_key` is what a configured device reports.
 pub fn simulate(state: &mut OwnedState, ops: &[Op], public_key: WgKey) {
@@ -309,13 +359,15 @@ pub fn simulate(state: &mut OwnedState, ops: &[Op], public_key: WgKey) {
             Op::DelMasquerade => state.masquerade = None,
             Op::DelRule(r) => state.rules.retain(|x| x != r),
             Op::AddRule(r) => {
-                state.rules.push(r.clone());
-                state.rules.sort();
+                if let Err(i) = state.rules.binary_search(r) {
+                    state.rules.insert(i, r.clone());
+                }
             }
             Op::DelRoute(r) => state.routes.retain(|x| x != r),
             Op::AddRoute(r) => {
-                state.routes.push(r.clone());
-                state.routes.sort();
+                if let Err(i) = state.routes.binary_search(r) {
+                    state.routes.insert(i, r.clone());
+                }
             }
         }
     }
@@ -448,6 +500,24 @@ mod tests {
     }
 
     proptest! {
+        /// Property: planning the engine's delta against the state the old desired state left
+        /// reaches the same kernel state as a full plan of the new desired state.
+        #[test]
+        fn delta_plan_reaches_the_full_plan_state((a, b, local) in state_strategy()) {
+            let first = desired(a, local % a);
+            let second = desired(b, local % b);
+            let mut k = OwnedState::default();
+            let ops = plan(&first, &k, ME);
+            simulate(&mut k, &ops, ME);
+            let delta = DesiredDelta::between(&first, &second);
+            if let Some(ops) = plan_delta(&delta, &k) {
+                simulate(&mut k, &ops, ME);
+                prop_assert_eq!(plan(&second, &k, ME), Vec::<Op>::new());
+            } else {
+                prop_assert!(delta.interface.is_some() || delta.leader.is_some() || delta.bridge.is_some());
+            }
+        }
+
         /// Property: from any state that an earlier desired state left, one plan reaches the new
         /// desired state, and the plan after it is empty.
         #[test]

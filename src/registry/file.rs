@@ -235,14 +235,86 @@ impl NodeLite {
 
 /// Decode Nodes from text and translate each; bad nodes become diagnostics.
 pub fn decode_nodes(text: &str, topology_label: &str) -> Result<Loaded<MeshNode>, FileError> {
+    decode_nodes_cached(text, topology_label, &mut NodeCache::default())
+}
+
+/// The translation of each JSON node object seen in the last read, by its exact text: a file
+/// that changed in one node is re-translated in one node (a watcher re-reads the whole file).
+#[derive(Debug, Default)]
+pub struct NodeCache {
+    label: String,
+    by_text: rustc_hash::FxHashMap<Box<str>, Result<MeshNode, Vec<Diagnostic>>>,
+}
+
+/// Like [`decode_nodes`], reusing the translations in `cache` for JSON objects whose text did
+/// not change, and leaving in `cache` exactly this read's objects.
+pub fn decode_nodes_cached(
+    text: &str,
+    topology_label: &str,
+    cache: &mut NodeCache,
+) -> Result<Loaded<MeshNode>, FileError> {
     let items = documents(text, "nodes")?;
-    Ok(decode_each::<NodeLite, _>(
-        items,
-        Subject::Node,
-        "Node",
-        |n| n.kind.as_deref(),
-        |n| parse_parts(n.parts(), topology_label),
-    ))
+    if cache.label != topology_label {
+        cache.by_text.clear();
+        cache.label = topology_label.to_owned();
+    }
+    let mut old = std::mem::take(&mut cache.by_text);
+    let mut out = Loaded {
+        items: Vec::new(),
+        diagnostics: Vec::new(),
+    };
+    let mut fresh = Vec::new();
+    for item in items {
+        let Item::Raw(raw) = item else {
+            fresh.push(item);
+            continue;
+        };
+        let key = raw.get();
+        let hit = old.remove_entry(key);
+        let (key, result) = match hit {
+            Some(entry) => entry,
+            None => {
+                let one = decode_each::<NodeLite, _>(
+                    vec![Item::Raw(raw)],
+                    Subject::Node,
+                    "Node",
+                    |n| n.kind.as_deref(),
+                    |n| parse_parts(n.parts(), topology_label),
+                );
+                let result = match (one.items.into_iter().next(), one.diagnostics) {
+                    (Some(n), _) => Ok(n),
+                    (None, d) => Err(d),
+                };
+                (Box::from(key), result)
+            }
+        };
+        match &result {
+            Ok(n) => out.items.push(n.clone()),
+            Err(d) => out.diagnostics.extend(d.iter().cloned()),
+        }
+        cache.by_text.insert(key, result);
+    }
+    if !fresh.is_empty() {
+        let rest = decode_each::<NodeLite, _>(
+            fresh,
+            Subject::Node,
+            "Node",
+            |n| n.kind.as_deref(),
+            |n| parse_parts(n.parts(), topology_label),
+        );
+        out.items.extend(rest.items);
+        out.diagnostics.extend(rest.diagnostics);
+    }
+    Ok(out)
+}
+
+/// Read and decode a Nodes file, reusing `cache` (see [`decode_nodes_cached`]).
+pub fn load_nodes_cached(
+    path: &Path,
+    topology_label: &str,
+    cache: &mut NodeCache,
+) -> Result<Loaded<MeshNode>, FileError> {
+    decode_nodes_cached(&read(path)?, topology_label, cache).map_err(|e| with_path(e, path))
 }
 
 /// Decode Peer resources from text and translate each; bad peers become diagnostics.
@@ -323,6 +395,26 @@ mod tests {
                 .len(),
             2
         );
+    }
+
+    #[test]
+    fn cached_decoding_equals_plain_decoding_and_follows_changes() {
+        let text = r#"{"kind":"NodeList","items":[
+          {"kind":"Node","metadata":{"name":"a"},"spec":{"podCIDR":"10.42.0.0/24"}},
+          {"kind":"Node","metadata":{"name":"b","annotations":{"kilo.squat.ai/key":"bad"}}}
+        ]}"#;
+        let mut cache = NodeCache::default();
+        let first = decode_nodes_cached(text, DEFAULT_TOPOLOGY_LABEL, &mut cache).unwrap();
+        assert_eq!(first, decode_nodes(text, DEFAULT_TOPOLOGY_LABEL).unwrap());
+        assert_eq!(cache.by_text.len(), 2);
+        let changed = text.replace("10.42.0.0/24", "10.42.9.0/24");
+        let second = decode_nodes_cached(&changed, DEFAULT_TOPOLOGY_LABEL, &mut cache).unwrap();
+        assert_eq!(
+            second,
+            decode_nodes(&changed, DEFAULT_TOPOLOGY_LABEL).unwrap()
+        );
+        assert_eq!(second.items[0].pod_cidrs[0].to_string(), "10.42.9.0/24");
+        assert_eq!(cache.by_text.len(), 2, "the old text of node a was dropped");
     }
 
     #[test]
