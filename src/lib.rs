@@ -15,6 +15,7 @@ pub mod cli;
 pub mod desired;
 pub mod diagnostic;
 pub mod graph;
+pub mod lab;
 pub mod model;
 pub mod reconcile;
 pub mod registry;

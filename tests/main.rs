@@ -4,5 +4,6 @@ mod util;
 
 mod boundary;
 mod engine_props;
+mod lab;
 mod plan_golden;
 mod showconf_wg;
