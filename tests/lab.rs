@@ -422,6 +422,33 @@ fn up_fails_clearly_when_an_agent_exits_and_down_cleans_up_after_it() {
     lab.down_and_assert_gone();
 }
 
+#[test]
+#[cfg_attr(
+    not(feature = "netns-tests"),
+    ignore = "needs root and network namespaces"
+)]
+fn down_without_a_state_file_still_removes_every_namespace_of_the_lab() {
+    require_tools(&[]);
+    let lab = Lab::new("ns");
+    let up = lab.up(&["--no-agents", "--nodes", "2", "--locations", "2"]);
+    assert!(up.status.success(), "{}", text(&up));
+    std::fs::remove_file(lab.dir().join("lab.json")).unwrap();
+    let down = lab.run(&["lab", "down"]);
+    assert!(down.status.success(), "{}", text(&down));
+    assert!(
+        String::from_utf8_lossy(&down.stderr).contains("cleaning up by the lab prefix only"),
+        "{}",
+        text(&down)
+    );
+    assert!(
+        String::from_utf8_lossy(&down.stdout).contains("5 namespaces deleted"),
+        "{}",
+        text(&down)
+    );
+    assert!(!netns_list().iter().any(|n| n.starts_with(&lab.prefix())));
+    assert!(!lab.dir().exists());
+}
+
 /// Pods on every node ping each other through the mesh, the underlay carries them only inside
 /// WireGuard, status shows the tunnels, and `down` ends every process the agents started.
 fn pods_reach_each_other_through_wireguard_only(lab: &Lab, up_args: &[&str], agent: Agent) {

@@ -245,7 +245,6 @@ pub fn human_bytes(b: u64) -> String {
         return format!("{b} B");
     }
     // Display only: the precision lost converting to f64 does not show at one decimal.
-    #[allow(clippy::cast_precision_loss)]
     let mut v = b as f64 / 1024.0;
     let mut unit = 0;
     while v >= 1024.0 && unit + 1 < UNITS.len() {

@@ -89,6 +89,16 @@ pub fn up(opts: &UpOptions) -> Result<LabState, LabError> {
 
     // From here on the machine changes.
     std::fs::create_dir_all(&opts.root).map_err(LabError::io("create directory", &opts.root))?;
+    // create_dir, not create_dir_all: of two `up`s of one name, exactly one gets the directory.
+    match std::fs::create_dir(&dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(LabError::Exists {
+                name: opts.name.to_string(),
+                dir: dir.display().to_string(),
+            });
+        }
+        r => r.map_err(LabError::io("create directory", &dir))?,
+    }
     create_dir(&dir, 0o700)?;
     let mut state = LabState::new(&opts.name, &dir, spec, now_unix());
     state.agent_binary = binary.clone();
