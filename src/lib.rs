@@ -17,6 +17,7 @@ pub mod cni;
 pub mod desired;
 pub mod diagnostic;
 pub mod graph;
+pub mod lab;
 pub mod model;
 pub mod reconcile;
 pub mod registry;

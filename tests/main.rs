@@ -4,6 +4,7 @@ mod util;
 
 mod boundary;
 mod engine_props;
+mod lab;
 mod netlink_netns;
 mod nft_cni_netns;
 mod plan_golden;

@@ -16,6 +16,7 @@ use ipnetwork::IpNetwork;
 use wiremesh::cli::plan::{DeviceNames, render_json, render_text};
 use wiremesh::cli::{Inputs, auto_granularity, load};
 use wiremesh::graph::{GraphOptions, render_dot, render_svg};
+use wiremesh::lab::LabError;
 use wiremesh::model::{Granularity, NodeName, WgKey};
 use wiremesh::registry::annotations::DEFAULT_TOPOLOGY_LABEL;
 use wiremesh::topology::{self, DEFAULT_INTERFACE, Encapsulate, MeshOptions};
@@ -36,6 +37,8 @@ enum Command {
     Graph(GraphArgs),
     /// Print the WireGuard (wg-quick) configuration for a node or an external peer.
     Showconf(ShowconfArgs),
+    /// Run a throw-away mesh on this machine in network namespaces (needs root).
+    Lab(LabArgs),
 }
 
 /// Where the cluster comes from and how it is meshed.
@@ -309,6 +312,253 @@ fn showconf(args: ShowconfArgs) -> Result<()> {
     Ok(())
 }
 
+/// Which lab, and where its state lives.
+#[derive(Args)]
+struct LabArgs {
+    /// Lab name: a lowercase letter, then up to 7 lowercase letters or digits.
+    #[arg(long, global = true, default_value = wiremesh::lab::names::DEFAULT_NAME)]
+    name: String,
+    /// Directory holding the labs' state directories.
+    #[arg(long, global = true, value_name = "DIR", default_value = wiremesh::lab::names::DEFAULT_ROOT)]
+    root: PathBuf,
+    #[command(subcommand)]
+    command: LabCommand,
+}
+
+#[derive(Subcommand)]
+enum LabCommand {
+    /// Create the lab: underlay, NAT, node namespaces, keys, nodes file, agents, pods.
+    ///
+    /// Without flags it mirrors examples/three-clouds.yaml (three nodes, full mesh, the last
+    /// one behind NAT).
+    Up(LabUpArgs),
+    /// Show nodes, agents, pods and WireGuard peers with handshakes.
+    Status {
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value_t = PlanFormat::Text)]
+        output: PlanFormat,
+    },
+    /// Ping every pod from every pod and prove the underlay carries only WireGuard.
+    Check {
+        /// Pings run at the same time.
+        #[arg(long, default_value_t = 8)]
+        parallel: usize,
+    },
+    /// Draw the running lab's mesh (SVG or DOT).
+    Graph {
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = GraphFormat::Svg)]
+        format: GraphFormat,
+        /// Highlight this node.
+        #[arg(long)]
+        node: Option<String>,
+        /// Write to this file instead of stdout.
+        #[arg(short = 'O', long = "out", value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Remove every namespace, process and file of the lab (also after a failed `up`).
+    Down,
+}
+
+#[derive(Args)]
+struct LabUpArgs {
+    /// Number of generated nodes (named node1, node2, …); default 3 when generating.
+    #[arg(long, conflicts_with = "from")]
+    nodes: Option<usize>,
+    /// Spread the generated nodes over this many locations (loc1, loc2, …); default: one
+    /// location per node.
+    #[arg(long, conflicts_with = "from")]
+    locations: Option<usize>,
+    /// Take node names, locations, leader flags, keepalives and pod CIDRs from this nodes file
+    /// (addresses and keys are the lab's own).
+    #[arg(long, value_name = "FILE")]
+    from: Option<PathBuf>,
+    /// Mesh granularity; default: the file's, else location when a location has two nodes.
+    #[arg(long, value_enum)]
+    granularity: Option<GranularityChoice>,
+    /// Locations behind a NAT router; default 1 when there are two locations or more.
+    #[arg(long, value_name = "N")]
+    nat: Option<usize>,
+    /// Pod namespaces per node.
+    #[arg(long, default_value_t = 1)]
+    pods: usize,
+    /// Build underlay, NAT, keys and files only: no agents, no pods (a debugging aid).
+    #[arg(long)]
+    no_agents: bool,
+    /// The wiremesh binary to run as agent; default: the one next to meshctl.
+    #[arg(long, value_name = "PATH")]
+    agent: Option<PathBuf>,
+    /// Extra argument for every agent (repeatable).
+    #[arg(long = "agent-arg", value_name = "ARG", allow_hyphen_values = true)]
+    agent_args: Vec<String>,
+    /// Seconds to wait for the agents' CNI configuration.
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum GranularityChoice {
+    Location,
+    Full,
+}
+
+fn lab_up(name: wiremesh::lab::LabName, root: PathBuf, a: LabUpArgs) -> Result<(), LabError> {
+    use wiremesh::lab::spec::{Source, SpecOptions, THREE_CLOUDS, THREE_CLOUDS_NAME};
+    use wiremesh::registry::file::{decode_nodes, load_nodes};
+    // The root check comes before reading any file the user named.
+    wiremesh::lab::sys::require_root()?;
+    let loaded = match &a.from {
+        Some(path) => Some((
+            path.display().to_string(),
+            load_nodes(path, DEFAULT_TOPOLOGY_LABEL).map_err(|source| LabError::From {
+                path: path.display().to_string(),
+                source,
+            })?,
+        )),
+        None if a.nodes.is_none() && a.locations.is_none() => Some((
+            THREE_CLOUDS_NAME.to_owned(),
+            decode_nodes(THREE_CLOUDS, DEFAULT_TOPOLOGY_LABEL).map_err(|source| {
+                LabError::From {
+                    path: THREE_CLOUDS_NAME.to_owned(),
+                    source,
+                }
+            })?,
+        )),
+        None => None,
+    };
+    let source = match loaded {
+        Some((name, l)) => {
+            for d in &l.diagnostics {
+                eprintln!("warning: {name}: {d}");
+            }
+            Source::File {
+                name,
+                nodes: l.items,
+            }
+        }
+        None => {
+            let nodes = a.nodes.unwrap_or(3);
+            Source::Generated {
+                nodes,
+                locations: a.locations.unwrap_or(nodes),
+            }
+        }
+    };
+    let opts = wiremesh::lab::up::UpOptions {
+        root,
+        name,
+        spec: SpecOptions {
+            source,
+            granularity: a.granularity.map(|g| match g {
+                GranularityChoice::Location => Granularity::Location,
+                GranularityChoice::Full => Granularity::Full,
+            }),
+            nat: a.nat,
+            pods_per_node: a.pods,
+        },
+        agents: !a.no_agents,
+        agent_binary: a.agent,
+        agent_args: a.agent_args,
+        timeout: std::time::Duration::from_secs(a.timeout),
+    };
+    let state = wiremesh::lab::up::up(&opts)?;
+    println!("{}", wiremesh::lab::up::summary(&state));
+    Ok(())
+}
+
+/// `meshctl lab …`; errors carry their exit code.
+fn lab(args: LabArgs) -> Result<(), LabError> {
+    use wiremesh::lab::{self as l, GraphFormat as G};
+    // Every lab command needs root; say so before anything else.
+    l::sys::require_root()?;
+    let name: l::LabName = args.name.parse()?;
+    match args.command {
+        LabCommand::Up(a) => lab_up(name, args.root, a),
+        LabCommand::Status { output } => {
+            let state = l::load(&args.root, &name)?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or_default();
+            let status = l::status::collect(&state, now);
+            match output {
+                PlanFormat::Json => {
+                    let text =
+                        serde_json::to_string_pretty(&status).map_err(|source| LabError::Json {
+                            what: "status".to_owned(),
+                            source,
+                        })?;
+                    println!("{text}");
+                }
+                PlanFormat::Text => print!("{}", l::status::render_text(&status)),
+            }
+            Ok(())
+        }
+        LabCommand::Check { parallel } => {
+            let state = l::load(&args.root, &name)?;
+            let report = l::check::check(&state, parallel)?;
+            print!("{}", report.render());
+            if report.passed() {
+                Ok(())
+            } else {
+                Err(LabError::CheckFailed(format!(
+                    "{} of {} pairs lost packets, {} plaintext pod packets on the underlay",
+                    report.losses(),
+                    report.pings.len(),
+                    report.tally.plaintext.len()
+                )))
+            }
+        }
+        LabCommand::Graph { format, node, out } => {
+            let state = l::load(&args.root, &name)?;
+            let format = match format {
+                GraphFormat::Svg => G::Svg,
+                GraphFormat::Dot => G::Dot,
+            };
+            let (text, warnings) = l::graph(&state, format, node.as_deref())?;
+            for w in warnings {
+                eprintln!("warning: {w}");
+            }
+            match out {
+                Some(path) => std::fs::write(&path, text).map_err(|source| LabError::Io {
+                    op: "write",
+                    path,
+                    source,
+                }),
+                None => std::io::stdout()
+                    .write_all(text.as_bytes())
+                    .map_err(|source| LabError::Io {
+                        op: "write",
+                        path: "stdout".into(),
+                        source,
+                    }),
+            }
+        }
+        LabCommand::Down => {
+            let report = l::down::down(&args.root, &name)?;
+            for w in &report.warnings {
+                eprintln!("warning: {w}");
+            }
+            if report.was_empty() {
+                println!("lab {name}: nothing to remove");
+            } else {
+                println!(
+                    "lab {name} removed: {} processes ended, {} pods detached, {} namespaces deleted{}",
+                    report.killed.len(),
+                    report.detached,
+                    report.namespaces.len(),
+                    if report.removed_dir {
+                        ", state directory removed"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -323,6 +573,17 @@ fn main() {
         Command::Plan(a) => plan(a),
         Command::Graph(a) => graph(a),
         Command::Showconf(a) => showconf(a),
+        Command::Lab(a) => {
+            if let Err(e) = lab(a) {
+                match e {
+                    // Already names the command.
+                    LabError::NotRoot => eprintln!("{e}"),
+                    _ => eprintln!("meshctl: {e}"),
+                }
+                std::process::exit(e.exit_code());
+            }
+            Ok(())
+        }
     };
     if let Err(e) = result {
         eprintln!("meshctl: {e:#}");

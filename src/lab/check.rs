@@ -1,0 +1,799 @@
+//! `lab check`: every pod pings every other pod, while a capture on the underlay proves that
+//! pod traffic crosses it only inside WireGuard.
+//!
+//! ```text
+//! tcpdump -i any in the underlay namespace (every port of its bridge) ─┐
+//! ping from each pod to each other pod's address, N at a time        ├─→ CheckReport
+//! pcap → packets → tally: WireGuard (UDP :port) / pod- or mesh-addressed / other ┘
+//! ```
+//!
+//! The capture sees every frame the underlay bridge forwards between nodes and NAT routers. A
+//! packet whose source or destination lies in a pod CIDR or the mesh subnet is plaintext
+//! overlay traffic on the underlay: the check fails on the first one. Traffic between two nodes
+//! of one LAN never reaches the underlay (it is the location's private network, where wiremesh
+//! sends plaintext by design with `--encapsulate never`). When some pair of pods sits in
+//! different LANs, the capture must also have seen WireGuard packets, or it proved nothing.
+//!
+//! Parsing and tallying are pure; [`check`] runs the processes. Depends on the state, `sys`
+//! and `status` (table layout).
+
+use std::fmt::Write as _;
+use std::io::{BufRead as _, BufReader, Read as _};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use ipnetwork::IpNetwork;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use super::LabError;
+use super::state::LabState;
+use super::status::table;
+use super::sys;
+
+/// Echo replies wanted from each pair.
+pub const PING_COUNT: u32 = 2;
+/// Seconds each pair may take (`ping -w`): room for a first handshake and a lost packet.
+pub const PING_DEADLINE_SECS: u32 = 5;
+/// Bytes kept of each captured packet: link header, IP, UDP and WireGuard's type field.
+pub const SNAPLEN: u32 = 128;
+
+/// A pod as the check sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pod {
+    /// Its node.
+    pub node: String,
+    /// Its namespace.
+    pub netns: String,
+    /// Its addresses.
+    pub ips: Vec<IpAddr>,
+    /// Index of its node's LAN (pods of different LANs talk across the underlay).
+    pub lan: usize,
+}
+
+/// The outcome of pinging one address from one pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PingResult {
+    /// Index of the source pod.
+    pub from: usize,
+    /// Index of the target pod.
+    pub to: usize,
+    /// The address pinged.
+    pub ip: IpAddr,
+    /// Echo requests sent.
+    pub transmitted: u32,
+    /// Echo replies received.
+    pub received: u32,
+    /// Whether all [`PING_COUNT`] replies came in time.
+    pub ok: bool,
+}
+
+/// The pods of a lab, in node order.
+pub fn pods(state: &LabState) -> Vec<Pod> {
+    state
+        .nodes
+        .iter()
+        .zip(&state.spec.nodes)
+        .flat_map(|(n, s)| {
+            n.pods.iter().map(move |p| Pod {
+                node: n.name.clone(),
+                netns: p.netns.clone(),
+                ips: p.addrs().collect(),
+                lan: s.lan,
+            })
+        })
+        .collect()
+}
+
+/// Every (from, to, address) to ping: each pod to each address of every other pod.
+pub fn pairs(pods: &[Pod]) -> Vec<(usize, usize, IpAddr)> {
+    let mut out = Vec::new();
+    for from in 0..pods.len() {
+        for (to, p) in pods.iter().enumerate() {
+            if from != to {
+                out.extend(p.ips.iter().map(|ip| (from, to, *ip)));
+            }
+        }
+    }
+    out
+}
+
+/// `(transmitted, received)` from ping's summary line.
+pub fn parse_ping_summary(text: &str) -> Option<(u32, u32)> {
+    let line = text.lines().find(|l| l.contains("packets transmitted"))?;
+    let mut nums = line
+        .split(',')
+        .filter_map(|part| part.split_whitespace().next()?.parse::<u32>().ok());
+    Some((nums.next()?, nums.next()?))
+}
+
+fn ping(netns: &str, ip: IpAddr) -> (u32, u32, bool) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "ping", "-n", "-q", "-i", "0.5"])
+        .args(["-c", &PING_COUNT.to_string()])
+        .args(["-w", &PING_DEADLINE_SECS.to_string()])
+        .arg(ip.to_string())
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output();
+    match out {
+        Ok(o) => {
+            let (tx, rx) =
+                parse_ping_summary(&String::from_utf8_lossy(&o.stdout)).unwrap_or((0, 0));
+            (tx, rx, o.status.success() && rx >= PING_COUNT)
+        }
+        Err(e) => {
+            tracing::warn!(netns, %ip, error = %e, "cannot run ping");
+            (0, 0, false)
+        }
+    }
+}
+
+/// Ping every pair, `parallel` at a time.
+pub fn ping_all(pods: &[Pod], parallel: usize) -> Vec<PingResult> {
+    let work = pairs(pods);
+    let next = AtomicUsize::new(0);
+    let results = Mutex::new(Vec::with_capacity(work.len()));
+    std::thread::scope(|s| {
+        for _ in 0..parallel.clamp(1, work.len().max(1)) {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&(from, to, ip)) = work.get(i) else {
+                        break;
+                    };
+                    let (transmitted, received, ok) = ping(&pods[from].netns, ip);
+                    let r = PingResult {
+                        from,
+                        to,
+                        ip,
+                        transmitted,
+                        received,
+                        ok,
+                    };
+                    if let Ok(mut v) = results.lock() {
+                        v.push(r);
+                    }
+                }
+            });
+        }
+    });
+    let mut v = results.into_inner().unwrap_or_default();
+    v.sort_by_key(|r| (r.from, r.to, r.ip));
+    v
+}
+
+/// The ping matrix: a row per source pod, a column per target address.
+pub fn render_matrix(pods: &[Pod], results: &[PingResult]) -> String {
+    let targets: Vec<(usize, IpAddr)> = pods
+        .iter()
+        .enumerate()
+        .flat_map(|(i, p)| p.ips.iter().map(move |ip| (i, *ip)))
+        .collect();
+    let mut rows = Vec::with_capacity(pods.len() + 1);
+    let mut header = vec!["FROM \\ TO".to_owned()];
+    header.extend(targets.iter().map(|(_, ip)| ip.to_string()));
+    rows.push(header);
+    for (from, p) in pods.iter().enumerate() {
+        let mut row = vec![format!("{} {}", p.node, p.netns)];
+        for (to, ip) in &targets {
+            let cell = if *to == from {
+                "-".to_owned()
+            } else {
+                match results
+                    .iter()
+                    .find(|r| r.from == from && r.to == *to && r.ip == *ip)
+                {
+                    Some(r) if r.ok => format!("ok {}/{}", r.received, r.transmitted),
+                    Some(r) => format!("LOSS {}/{}", r.received, r.transmitted),
+                    None => "?".to_owned(),
+                }
+            };
+            row.push(cell);
+        }
+        rows.push(row);
+    }
+    table(&rows)
+}
+
+/// One captured IP packet, as far as the check cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Packet {
+    /// Source address.
+    pub src: IpAddr,
+    /// Destination address.
+    pub dst: IpAddr,
+    /// IP protocol number (17 UDP, 1 ICMP, …).
+    pub proto: u8,
+    /// Source and destination port (TCP and UDP, first fragment only).
+    pub ports: Option<(u16, u16)>,
+    /// The WireGuard message type (1–4) when the UDP payload starts like one.
+    pub wg_type: Option<u8>,
+}
+
+impl std::fmt::Display for Packet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let proto = match self.proto {
+            1 => "icmp".to_owned(),
+            6 => "tcp".to_owned(),
+            17 => "udp".to_owned(),
+            58 => "icmp6".to_owned(),
+            p => format!("proto {p}"),
+        };
+        match self.ports {
+            Some((s, d)) => write!(f, "{}:{s} > {}:{d} {proto}", self.src, self.dst),
+            None => write!(f, "{} > {} {proto}", self.src, self.dst),
+        }
+    }
+}
+
+fn be16(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]))
+}
+
+/// Decode an IP packet (v4 or v6) far enough for [`Packet`].
+fn parse_ip(b: &[u8]) -> Option<Packet> {
+    let version = b.first()? >> 4;
+    let (src, dst, proto, l4) = match version {
+        4 => {
+            let ihl = usize::from(b[0] & 0x0f) * 4;
+            let frag_offset = be16(b, 6)? & 0x1fff;
+            let src = Ipv4Addr::new(*b.get(12)?, b[13], b[14], b[15]);
+            let dst = Ipv4Addr::new(*b.get(16)?, b[17], b[18], b[19]);
+            let l4 = if frag_offset == 0 { b.get(ihl..) } else { None };
+            (IpAddr::V4(src), IpAddr::V4(dst), *b.get(9)?, l4)
+        }
+        6 => {
+            let addr = |at: usize| -> Option<Ipv6Addr> {
+                let a: [u8; 16] = b.get(at..at + 16)?.try_into().ok()?;
+                Some(Ipv6Addr::from(a))
+            };
+            (
+                IpAddr::V6(addr(8)?),
+                IpAddr::V6(addr(24)?),
+                *b.get(6)?,
+                b.get(40..),
+            )
+        }
+        _ => return None,
+    };
+    let ports = match (proto, l4) {
+        (6 | 17, Some(l4)) => Some((be16(l4, 0)?, be16(l4, 2)?)),
+        _ => None,
+    };
+    let wg_type = match (proto, l4) {
+        (17, Some(l4)) => match l4.get(8..12) {
+            Some([t @ 1..=4, 0, 0, 0]) => Some(*t),
+            _ => None,
+        },
+        _ => None,
+    };
+    Some(Packet {
+        src,
+        dst,
+        proto,
+        ports,
+        wg_type,
+    })
+}
+
+/// The IP packets in a pcap file (Ethernet, Linux cooked v1/v2 or raw IP link types);
+/// non-IP frames are skipped.
+pub fn parse_pcap(data: &[u8]) -> Result<Vec<Packet>, String> {
+    let magic: [u8; 4] = data
+        .get(0..4)
+        .and_then(|m| m.try_into().ok())
+        .ok_or("shorter than a pcap header")?;
+    let big = match magic {
+        [0xd4, 0xc3, 0xb2, 0xa1] | [0x4d, 0x3c, 0xb2, 0xa1] => false,
+        [0xa1, 0xb2, 0xc3, 0xd4] | [0xa1, 0xb2, 0x3c, 0x4d] => true,
+        _ => return Err(format!("not a pcap file (magic {magic:02x?})")),
+    };
+    let u32_at = |at: usize| -> Option<u32> {
+        let b: [u8; 4] = data.get(at..at + 4)?.try_into().ok()?;
+        Some(if big {
+            u32::from_be_bytes(b)
+        } else {
+            u32::from_le_bytes(b)
+        })
+    };
+    let linktype = u32_at(20).ok_or("truncated pcap header")?;
+    let mut out = Vec::new();
+    let mut at = 24;
+    while at < data.len() {
+        let incl = u32_at(at + 8).ok_or("truncated record header")? as usize;
+        let frame = data
+            .get(at + 16..at + 16 + incl)
+            .ok_or("truncated record")?;
+        at += 16 + incl;
+        let (ethertype, payload) = match linktype {
+            1 => {
+                let mut et = be16(frame, 12);
+                let mut off = 14;
+                if et == Some(0x8100) {
+                    et = be16(frame, 16);
+                    off = 18;
+                }
+                (et, frame.get(off..))
+            }
+            113 => (be16(frame, 14), frame.get(16..)),
+            276 => (be16(frame, 0), frame.get(20..)),
+            12 | 14 | 101 => (Some(0x0800), Some(frame)),
+            other => return Err(format!("link type {other} is not supported")),
+        };
+        let is_ip = matches!(ethertype, Some(0x0800 | 0x86dd)) || matches!(linktype, 12 | 14 | 101);
+        if let (true, Some(p)) = (is_ip, payload)
+            && let Some(pkt) = parse_ip(p)
+        {
+            out.push(pkt);
+        }
+    }
+    Ok(out)
+}
+
+/// The captured packets, sorted by kind.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// IP packets seen.
+    pub total: usize,
+    /// WireGuard messages: UDP from or to the WireGuard port, payload shaped like WireGuard.
+    pub wireguard: usize,
+    /// Packets from or to a pod CIDR or the mesh subnet: overlay traffic in plaintext.
+    pub plaintext: Vec<Packet>,
+    /// Anything else (IPv6 neighbour discovery of the underlay links, other traffic between
+    /// underlay addresses).
+    pub other: Vec<Packet>,
+}
+
+/// Sort `packets`: plaintext overlay traffic (an address in `overlay`), WireGuard (UDP with
+/// `port` on either side and a WireGuard message type), or other.
+pub fn classify(packets: &[Packet], overlay: &[IpNetwork], port: u16) -> Tally {
+    let mut t = Tally {
+        total: packets.len(),
+        ..Tally::default()
+    };
+    for p in packets {
+        if overlay
+            .iter()
+            .any(|n| n.contains(p.src) || n.contains(p.dst))
+        {
+            t.plaintext.push(*p);
+        } else if p.proto == 17
+            && p.wg_type.is_some()
+            && p.ports.is_some_and(|(s, d)| s == port || d == port)
+        {
+            t.wireguard += 1;
+        } else {
+            t.other.push(*p);
+        }
+    }
+    t
+}
+
+/// A running `tcpdump` writing pcap to a pipe.
+struct Capture {
+    child: Child,
+    reader: std::thread::JoinHandle<Vec<u8>>,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+impl Capture {
+    fn start(netns: &str) -> Result<Capture, LabError> {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", netns, "tcpdump", "-i", "any", "-n", "-U"])
+            // Without immediate mode TPACKET_V3 holds packets in a ring block for up to a
+            // second, and the ones still there when tcpdump is stopped are never written.
+            .arg("--immediate-mode")
+            .args(["-s", &SNAPLEN.to_string(), "-w", "-", "ip or ip6"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| LabError::Spawn {
+                program: "tcpdump".to_owned(),
+                source,
+            })?;
+        let (Some(mut stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+            return Err(LabError::Pcap("tcpdump has no pipes".to_owned()));
+        };
+        let reader = std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = stdout.read_to_end(&mut buf);
+            buf
+        });
+        let (tx, rx) = mpsc::channel::<String>();
+        let stderr = std::thread::spawn(move || {
+            let mut all = String::new();
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line.clone());
+                all.push_str(&line);
+                all.push('\n');
+            }
+            all
+        });
+        // tcpdump says "listening on any" once the capture runs.
+        loop {
+            match rx.recv_timeout(Duration::from_secs(10)) {
+                Ok(line) if line.contains("listening on") => break,
+                Ok(_) => {}
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    let said = stderr.join().unwrap_or_default();
+                    return Err(LabError::Pcap(format!(
+                        "tcpdump in {netns} did not start capturing: {}",
+                        said.trim()
+                    )));
+                }
+            }
+        }
+        Ok(Capture {
+            child,
+            reader,
+            stderr,
+        })
+    }
+
+    fn stop(mut self) -> Result<Vec<u8>, LabError> {
+        // `ip netns exec` execs tcpdump: the child's PID is tcpdump's. SIGTERM flushes the file.
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
+        let _ = self.child.wait();
+        let data = self
+            .reader
+            .join()
+            .map_err(|_| LabError::Pcap("the capture reader panicked".to_owned()))?;
+        let said = self.stderr.join().unwrap_or_default();
+        tracing::debug!(tcpdump = %said.trim(), "capture stopped");
+        Ok(data)
+    }
+}
+
+/// The `max` most frequent flows (`src > dst proto`, ports left out) among `packets`, most
+/// frequent first.
+fn flows(packets: &[Packet], max: usize) -> Vec<(String, usize)> {
+    let mut counts: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+    for p in packets {
+        let key = Packet { ports: None, ..*p }.to_string();
+        *counts.entry(key).or_default() += 1;
+    }
+    let mut v: Vec<(String, usize)> = counts.into_iter().collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    v.truncate(max);
+    v
+}
+
+/// Everything `lab check` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckReport {
+    /// The pods.
+    pub pods: Vec<Pod>,
+    /// One result per pair.
+    pub pings: Vec<PingResult>,
+    /// Where the capture ran.
+    pub capture_netns: String,
+    /// The overlay ranges looked for on the underlay.
+    pub overlay: Vec<IpNetwork>,
+    /// The WireGuard port.
+    pub port: u16,
+    /// What the capture saw.
+    pub tally: Tally,
+    /// Whether some pair crosses the underlay (then WireGuard packets must have been seen).
+    pub crosses_underlay: bool,
+}
+
+impl CheckReport {
+    /// Pairs without all replies.
+    pub fn losses(&self) -> usize {
+        self.pings.iter().filter(|r| !r.ok).count()
+    }
+
+    /// Whether the capture saw WireGuard traffic when it had to.
+    pub fn wireguard_seen(&self) -> bool {
+        !self.crosses_underlay || self.tally.wireguard > 0
+    }
+
+    /// Whether every pod reached every other and the underlay carried no plaintext pod packet.
+    pub fn passed(&self) -> bool {
+        self.losses() == 0 && self.tally.plaintext.is_empty() && self.wireguard_seen()
+    }
+
+    /// The report as text: the matrix, then the underlay verdict.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "reachability: {} pods, {} pairs, ping -c {PING_COUNT} -w {PING_DEADLINE_SECS} \
+             from each pod to each other pod",
+            self.pods.len(),
+            self.pings.len()
+        );
+        s.push_str(&render_matrix(&self.pods, &self.pings));
+        let ranges: Vec<String> = self.overlay.iter().map(ToString::to_string).collect();
+        let _ = writeln!(
+            s,
+            "\nunderlay: captured every port of the underlay bridge ({}, tcpdump -i any) during \
+             the pings: {} IP packets",
+            self.capture_netns, self.tally.total
+        );
+        let _ = writeln!(
+            s,
+            "  {} WireGuard messages (UDP, port {})",
+            self.tally.wireguard, self.port
+        );
+        let _ = writeln!(
+            s,
+            "  {} packets from or to pod CIDRs or the mesh subnet ({})",
+            self.tally.plaintext.len(),
+            ranges.join(", ")
+        );
+        for (flow, n) in flows(&self.tally.plaintext, 10) {
+            let _ = writeln!(s, "    plaintext on the underlay: {flow} ({n}×)");
+        }
+        let _ = writeln!(s, "  {} other packets", self.tally.other.len());
+        for (flow, n) in flows(&self.tally.other, 5) {
+            let _ = writeln!(s, "    {flow} ({n}×)");
+        }
+        let verdict = |ok: bool| if ok { "ok" } else { "FAILED" };
+        let _ = writeln!(
+            s,
+            "\nresult: reachability {} ({} of {} pairs lost packets); no plaintext pod packets \
+             on the underlay {}; WireGuard seen on the underlay {}",
+            verdict(self.losses() == 0),
+            self.losses(),
+            self.pings.len(),
+            verdict(self.tally.plaintext.is_empty()),
+            if self.crosses_underlay {
+                verdict(self.tally.wireguard > 0)
+            } else {
+                "not needed (all pods in one LAN)"
+            }
+        );
+        s
+    }
+}
+
+/// Ping every pod from every pod while capturing on the underlay.
+pub fn check(state: &LabState, parallel: usize) -> Result<CheckReport, LabError> {
+    sys::require_root()?;
+    sys::require_tools(&[sys::IP, sys::PING, sys::TCPDUMP])?;
+    let pods = pods(state);
+    let with_ips = pods.iter().filter(|p| !p.ips.is_empty()).count();
+    if with_ips < 2 {
+        return Err(LabError::Options(format!(
+            "lab {} has {with_ips} pods with an address; check needs two or more (started with \
+             --no-agents or --pods 0?)",
+            state.name
+        )));
+    }
+    let crosses_underlay = pods.iter().any(|a| {
+        pods.iter()
+            .any(|b| a.lan != b.lan && !a.ips.is_empty() && !b.ips.is_empty())
+    });
+    let mut overlay = state.spec.pod_cidrs();
+    overlay.push(state.spec.mesh_subnet);
+    let capture = Capture::start(&state.underlay_ns)?;
+    let pings = ping_all(&pods, parallel);
+    // Let the last packets through the pipe before stopping.
+    std::thread::sleep(Duration::from_millis(300));
+    let data = capture.stop()?;
+    let packets = parse_pcap(&data).map_err(LabError::Pcap)?;
+    Ok(CheckReport {
+        tally: classify(&packets, &overlay, state.spec.port),
+        pods,
+        pings,
+        capture_netns: state.underlay_ns.clone(),
+        overlay,
+        port: state.spec.port,
+        crosses_underlay,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(node: &str, ns: &str, ip: &str, lan: usize) -> Pod {
+        Pod {
+            node: node.into(),
+            netns: ns.into(),
+            ips: vec![ip.parse().unwrap()],
+            lan,
+        }
+    }
+
+    fn ipv4_udp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+        let mut p = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0];
+        p.extend(src);
+        p.extend(dst);
+        p.extend(sport.to_be_bytes());
+        p.extend(dport.to_be_bytes());
+        p.extend([0, 0, 0, 0]);
+        p.extend(payload);
+        p
+    }
+
+    fn ipv4_icmp(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+        let mut p = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 1, 0, 0];
+        p.extend(src);
+        p.extend(dst);
+        p.extend([8, 0, 0, 0, 0, 1, 0, 1]);
+        p
+    }
+
+    /// A little-endian pcap with Linux cooked v2 framing, as `tcpdump -i any` writes.
+    fn pcap_sll2(packets: &[Vec<u8>]) -> Vec<u8> {
+        let mut f = vec![0xd4, 0xc3, 0xb2, 0xa1, 2, 0, 4, 0];
+        f.extend([0; 8]);
+        f.extend(65535u32.to_le_bytes());
+        f.extend(276u32.to_le_bytes());
+        for p in packets {
+            let mut frame = vec![0x08, 0x00, 0, 0, 0, 0, 0, 3, 0, 1, 0, 6];
+            frame.extend([0; 8]);
+            frame.extend(p);
+            let len = u32::try_from(frame.len()).unwrap();
+            f.extend([0; 8]);
+            f.extend(len.to_le_bytes());
+            f.extend(len.to_le_bytes());
+            f.extend(frame);
+        }
+        f
+    }
+
+    #[test]
+    fn ping_summary_is_parsed() {
+        let out = "--- 10.42.1.2 ping statistics ---\n\
+                   3 packets transmitted, 2 received, 33.3333% packet loss, time 1002ms\n";
+        assert_eq!(parse_ping_summary(out), Some((3, 2)));
+        let out = "5 packets transmitted, 0 received, +5 errors, 100% packet loss, time 4004ms";
+        assert_eq!(parse_ping_summary(out), Some((5, 0)));
+        assert_eq!(
+            parse_ping_summary("ping: connect: Network is unreachable"),
+            None
+        );
+    }
+
+    #[test]
+    fn every_pod_pings_every_other_pods_addresses() {
+        let pods = vec![
+            pod("a", "p1", "10.42.0.2", 0),
+            pod("b", "p2", "10.42.1.2", 1),
+            pod("c", "p3", "10.42.2.2", 2),
+        ];
+        let p = pairs(&pods);
+        assert_eq!(p.len(), 6);
+        assert!(p.iter().all(|(f, t, _)| f != t));
+    }
+
+    #[test]
+    fn matrix_marks_loss_and_the_diagonal() {
+        let pods = vec![
+            pod("a", "p1", "10.42.0.2", 0),
+            pod("b", "p2", "10.42.1.2", 1),
+        ];
+        let pings = vec![
+            PingResult {
+                from: 0,
+                to: 1,
+                ip: "10.42.1.2".parse().unwrap(),
+                transmitted: 2,
+                received: 2,
+                ok: true,
+            },
+            PingResult {
+                from: 1,
+                to: 0,
+                ip: "10.42.0.2".parse().unwrap(),
+                transmitted: 10,
+                received: 0,
+                ok: false,
+            },
+        ];
+        let m = render_matrix(&pods, &pings);
+        assert_eq!(
+            m,
+            "FROM \\ TO  10.42.0.2  10.42.1.2\n\
+             a p1       -          ok 2/2\n\
+             b p2       LOSS 0/10  -\n"
+        );
+    }
+
+    #[test]
+    fn pcap_packets_are_sorted_into_wireguard_plaintext_and_other() {
+        let wg_init = [1, 0, 0, 0, 9, 9];
+        let packets = vec![
+            ipv4_udp([10, 200, 0, 1], [10, 200, 0, 2], 51820, 51820, &wg_init),
+            ipv4_udp(
+                [10, 200, 0, 3],
+                [10, 200, 0, 1],
+                40000,
+                51820,
+                &[4, 0, 0, 0],
+            ),
+            ipv4_icmp([10, 42, 0, 2], [10, 42, 1, 2]),
+            ipv4_icmp([10, 200, 0, 1], [10, 200, 0, 2]),
+            ipv4_udp([10, 200, 0, 1], [10, 200, 0, 2], 53, 51820, b"hello"),
+        ];
+        let parsed = parse_pcap(&pcap_sll2(&packets)).unwrap();
+        assert_eq!(parsed.len(), 5);
+        assert_eq!(parsed[0].wg_type, Some(1));
+        let overlay: Vec<IpNetwork> = vec![
+            "10.42.0.0/16".parse().unwrap(),
+            "10.4.0.0/16".parse().unwrap(),
+        ];
+        let t = classify(&parsed, &overlay, 51820);
+        assert_eq!(t.total, 5);
+        assert_eq!(t.wireguard, 2);
+        assert_eq!(t.plaintext.len(), 1);
+        assert_eq!(t.plaintext[0].to_string(), "10.42.0.2 > 10.42.1.2 icmp");
+        assert_eq!(
+            t.other.len(),
+            2,
+            "plain ICMP and non-WireGuard UDP are other"
+        );
+    }
+
+    #[test]
+    fn bad_pcap_is_refused() {
+        assert!(parse_pcap(b"").is_err());
+        assert!(parse_pcap(&[0u8; 24]).is_err());
+        let mut truncated = pcap_sll2(&[ipv4_icmp([1, 1, 1, 1], [2, 2, 2, 2])]);
+        truncated.truncate(truncated.len() - 3);
+        assert!(parse_pcap(&truncated).is_err());
+        assert_eq!(parse_pcap(&pcap_sll2(&[])).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn report_fails_on_loss_plaintext_or_missing_wireguard() {
+        let pods = vec![
+            pod("a", "p1", "10.42.0.2", 0),
+            pod("b", "p2", "10.42.1.2", 1),
+        ];
+        let ok = |from, to, ip: &str| PingResult {
+            from,
+            to,
+            ip: ip.parse().unwrap(),
+            transmitted: 2,
+            received: 2,
+            ok: true,
+        };
+        let mut r = CheckReport {
+            pings: vec![ok(0, 1, "10.42.1.2"), ok(1, 0, "10.42.0.2")],
+            pods,
+            capture_netns: "wml-wm-ul".into(),
+            overlay: vec!["10.42.0.0/16".parse().unwrap()],
+            port: 51820,
+            tally: Tally {
+                total: 8,
+                wireguard: 8,
+                ..Tally::default()
+            },
+            crosses_underlay: true,
+        };
+        assert!(r.passed(), "{}", r.render());
+        assert!(
+            r.render()
+                .contains("no plaintext pod packets on the underlay ok")
+        );
+        r.tally.wireguard = 0;
+        assert!(
+            !r.passed(),
+            "no WireGuard seen although pods talk across the underlay"
+        );
+        r.crosses_underlay = false;
+        assert!(r.passed());
+        r.tally
+            .plaintext
+            .push(parse_ip(&ipv4_icmp([10, 42, 0, 2], [10, 42, 1, 2])).unwrap());
+        assert!(!r.passed());
+        assert!(
+            r.render()
+                .contains("plaintext on the underlay: 10.42.0.2 > 10.42.1.2 icmp")
+        );
+    }
+}

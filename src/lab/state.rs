@@ -1,0 +1,299 @@
+//! The state file `lab.json`: what a lab is and what `lab up` created (namespaces, agent
+//! processes, pods, file paths), so that later `status`, `check`, `graph` and `down` work from
+//! any invocation.
+//!
+//! `lab up` writes it before creating anything and again after each step, so `down` also
+//! finds what a half-failed `up` left. Depends on the spec, names, `serde_json` and `std::fs`.
+
+use std::fs;
+use std::io::Write as _;
+use std::net::IpAddr;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+
+use ipnetwork::IpNetwork;
+use serde::{Deserialize, Serialize};
+
+use super::LabError;
+use super::names::LabName;
+use super::spec::LabSpec;
+
+/// Version of the state file layout.
+pub const STATE_VERSION: u32 = 1;
+/// File name of the state file in the lab directory.
+pub const STATE_FILE: &str = "lab.json";
+/// File name of the nodes file in the lab directory.
+pub const NODES_FILE: &str = "nodes.yaml";
+/// Name of the WireGuard interface the agents create (the agent's default).
+pub const WG_INTERFACE: &str = crate::topology::DEFAULT_INTERFACE;
+/// File name of the CNI configuration each agent writes in its node's `cni/` directory.
+pub const CONFLIST: &str = "10-wiremesh.conflist";
+
+/// How far `lab up` got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    /// `up` is (or was, when it failed) creating the lab.
+    Creating,
+    /// Underlay, NAT, keys and files exist; no agents or pods (`--no-agents`).
+    NoAgents,
+    /// Everything is up: agents run, pods are attached.
+    Up,
+}
+
+/// A process the lab started, identified by PID and start time (so a reused PID is never
+/// mistaken for it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcRef {
+    /// Process ID.
+    pub pid: u32,
+    /// Start time in clock ticks since boot (`/proc/<pid>/stat` field 22).
+    pub start_time: u64,
+}
+
+/// One pod namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodState {
+    /// Namespace name; also the CNI container ID.
+    pub netns: String,
+    /// Addresses the CNI plugins gave `eth0` (empty until ADD succeeded).
+    pub ips: Vec<IpNetwork>,
+    /// Where the final CNI ADD result is kept (the DEL input).
+    pub result: PathBuf,
+}
+
+impl PodState {
+    /// The pod's addresses without prefix length.
+    pub fn addrs(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.ips.iter().map(IpNetwork::ip)
+    }
+}
+
+/// One node: namespace, files and what runs in it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeState {
+    /// The Node name.
+    pub name: String,
+    /// Its namespace.
+    pub netns: String,
+    /// Its directory in the lab directory.
+    pub dir: PathBuf,
+    /// Its WireGuard public key (base64), once generated.
+    pub public_key: Option<String>,
+    /// The agent process, once started.
+    pub agent: Option<ProcRef>,
+    /// Its pods.
+    pub pods: Vec<PodState>,
+}
+
+impl NodeState {
+    /// The private key file.
+    pub fn private_key(&self) -> PathBuf {
+        self.dir.join("key")
+    }
+
+    /// The directory bind-mounted over `/run/wireguard` for the node's agent.
+    pub fn wireguard_dir(&self) -> PathBuf {
+        self.dir.join("wireguard")
+    }
+
+    /// The userspace WireGuard control socket of the node's interface.
+    pub fn uapi_socket(&self) -> PathBuf {
+        self.wireguard_dir().join(format!("{WG_INTERFACE}.sock"))
+    }
+
+    /// The CNI configuration file the agent writes.
+    pub fn conflist(&self) -> PathBuf {
+        self.dir.join("cni").join(CONFLIST)
+    }
+
+    /// The host-local IPAM data directory of the node's pods.
+    pub fn ipam_dir(&self) -> PathBuf {
+        self.dir.join("ipam")
+    }
+
+    /// The agent's log file.
+    pub fn agent_log(&self) -> PathBuf {
+        self.dir.join("agent.log")
+    }
+}
+
+/// The state file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LabState {
+    /// Layout version ([`STATE_VERSION`]).
+    pub version: u32,
+    /// The lab name.
+    pub name: String,
+    /// The lab directory.
+    pub dir: PathBuf,
+    /// How far `up` got.
+    pub phase: Phase,
+    /// Unix time `up` started.
+    pub created_unix: u64,
+    /// The lab's shape.
+    pub spec: LabSpec,
+    /// Every namespace, in creation order (underlay, LANs, nodes, pods).
+    pub namespaces: Vec<String>,
+    /// The underlay namespace.
+    pub underlay_ns: String,
+    /// The LAN namespaces, by LAN.
+    pub lan_ns: Vec<String>,
+    /// The nodes, in spec order.
+    pub nodes: Vec<NodeState>,
+    /// The agent binary the nodes run, when agents were started.
+    pub agent_binary: Option<PathBuf>,
+}
+
+impl LabState {
+    /// A fresh state for `spec`: every name decided, nothing created yet.
+    pub fn new(name: &LabName, dir: &Path, spec: LabSpec, now_unix: u64) -> LabState {
+        let lan_ns: Vec<String> = spec.lans.iter().map(|l| name.lan_ns(l.index)).collect();
+        let nodes: Vec<NodeState> = spec
+            .nodes
+            .iter()
+            .map(|n| NodeState {
+                name: n.name.clone(),
+                netns: name.node_ns(n.index),
+                dir: dir.join("nodes").join(&n.name),
+                public_key: None,
+                agent: None,
+                pods: (1..=spec.pods_per_node)
+                    .map(|j| {
+                        let netns = name.pod_ns(n.index, j);
+                        PodState {
+                            result: dir.join("pods").join(format!("{netns}.json")),
+                            netns,
+                            ips: Vec::new(),
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
+        let mut namespaces = vec![name.underlay_ns()];
+        namespaces.extend(lan_ns.iter().cloned());
+        namespaces.extend(nodes.iter().map(|n| n.netns.clone()));
+        namespaces.extend(
+            nodes
+                .iter()
+                .flat_map(|n| n.pods.iter().map(|p| p.netns.clone())),
+        );
+        LabState {
+            version: STATE_VERSION,
+            name: name.to_string(),
+            dir: dir.to_owned(),
+            phase: Phase::Creating,
+            created_unix: now_unix,
+            underlay_ns: name.underlay_ns(),
+            lan_ns,
+            nodes,
+            namespaces,
+            spec,
+            agent_binary: None,
+        }
+    }
+
+    /// The nodes file.
+    pub fn nodes_file(&self) -> PathBuf {
+        self.dir.join(NODES_FILE)
+    }
+
+    /// Read the state file of the lab in `dir`.
+    pub fn load(dir: &Path) -> Result<LabState, LabError> {
+        let path = dir.join(STATE_FILE);
+        let text = fs::read_to_string(&path).map_err(LabError::io("read", &path))?;
+        let state: LabState = serde_json::from_str(&text).map_err(|source| LabError::Json {
+            what: path.display().to_string(),
+            source,
+        })?;
+        if state.version != STATE_VERSION {
+            return Err(LabError::Options(format!(
+                "{}: state version {} is not {STATE_VERSION}; remove the lab with the meshctl \
+                 that made it",
+                path.display(),
+                state.version
+            )));
+        }
+        Ok(state)
+    }
+
+    /// Write the state file atomically (temporary file, then rename), mode 0600.
+    pub fn save(&self) -> Result<(), LabError> {
+        let path = self.dir.join(STATE_FILE);
+        let tmp = self.dir.join(format!(".{STATE_FILE}.tmp"));
+        let text = serde_json::to_string_pretty(self).map_err(|source| LabError::Json {
+            what: "lab state".to_owned(),
+            source,
+        })?;
+        write_private(&tmp, text.as_bytes())?;
+        fs::rename(&tmp, &path).map_err(LabError::io("rename into place", &path))
+    }
+}
+
+/// Create (or truncate) `path` with mode 0600 and write `data` to it.
+pub fn write_private(path: &Path, data: &[u8]) -> Result<(), LabError> {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(LabError::io("create", path))?;
+    // The mode above only applies to new files.
+    f.set_permissions(fs::Permissions::from_mode(0o600))
+        .map_err(LabError::io("set mode of", path))?;
+    f.write_all(data).map_err(LabError::io("write", path))
+}
+
+/// Create `path` and its parents; the last component gets `mode`.
+pub fn create_dir(path: &Path, mode: u32) -> Result<(), LabError> {
+    fs::create_dir_all(path).map_err(LabError::io("create directory", path))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .map_err(LabError::io("set mode of", path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lab::spec::{Source, SpecOptions, plan};
+
+    #[test]
+    fn new_state_names_every_namespace_and_round_trips_through_json() {
+        let name: LabName = "wm".parse().unwrap();
+        let spec = plan(&SpecOptions {
+            source: Source::Generated {
+                nodes: 3,
+                locations: 2,
+            },
+            granularity: None,
+            nat: None,
+            pods_per_node: 2,
+        })
+        .unwrap();
+        let s = LabState::new(&name, Path::new("/run/wiremesh-lab/wm"), spec, 7);
+        assert_eq!(
+            s.namespaces,
+            [
+                "wml-wm-ul",
+                "wml-wm-l1",
+                "wml-wm-l2",
+                "wml-wm-n1",
+                "wml-wm-n2",
+                "wml-wm-n3",
+                "wml-wm-n1p1",
+                "wml-wm-n1p2",
+                "wml-wm-n2p1",
+                "wml-wm-n2p2",
+                "wml-wm-n3p1",
+                "wml-wm-n3p2"
+            ]
+        );
+        assert!(s.namespaces.iter().all(|n| name.owns(n)));
+        assert_eq!(
+            s.nodes[0].uapi_socket(),
+            Path::new("/run/wiremesh-lab/wm/nodes/node1/wireguard/wiremesh0.sock")
+        );
+        let json = serde_json::to_string(&s).unwrap();
+        assert_eq!(serde_json::from_str::<LabState>(&json).unwrap(), s);
+    }
+}

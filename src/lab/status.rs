@@ -1,0 +1,430 @@
+//! `lab status`: per node its namespace, agent, leadership, mesh IP, pods and WireGuard peers
+//! with endpoint, latest handshake and traffic, as a text table or JSON.
+//!
+//! [`collect`] does the I/O (process checks, the nodes file, each node's UAPI socket);
+//! [`render_text`] is pure. The JSON field names are a contract: `{"nodes": [{"name", …}]}`.
+//! Depends on the state, `uapi`, `sys`, the file registry and the topology engine.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::state::{LabState, Phase, WG_INTERFACE};
+use super::{sys, uapi};
+use crate::model::WgKey;
+use crate::registry::annotations::DEFAULT_TOPOLOGY_LABEL;
+use crate::registry::file::load_nodes;
+use crate::topology::{self, Encapsulate, MeshOptions};
+
+/// The whole lab.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LabStatus {
+    /// The lab name.
+    pub name: String,
+    /// The lab directory.
+    pub dir: String,
+    /// How far `up` got.
+    pub phase: Phase,
+    /// Mesh granularity.
+    pub granularity: String,
+    /// Where the nodes came from.
+    pub source: String,
+    /// The nodes.
+    pub nodes: Vec<NodeStatus>,
+}
+
+/// One node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NodeStatus {
+    /// The Node name.
+    pub name: String,
+    /// Its network namespace.
+    pub namespace: String,
+    /// Its location.
+    pub location: String,
+    /// Whether it sits behind a NAT router.
+    pub behind_nat: bool,
+    /// Its endpoint in the nodes file.
+    pub endpoint: String,
+    /// Its internal (LAN) IP.
+    pub internal_ip: String,
+    /// The agent's PID, if one was started.
+    pub agent_pid: Option<u32>,
+    /// Whether that agent still runs.
+    pub agent_running: bool,
+    /// Whether it leads its segment (holds the WireGuard tunnels).
+    pub leader: bool,
+    /// Its mesh IP (leaders only), as the topology gives it.
+    pub mesh_ip: Option<String>,
+    /// Its pods.
+    pub pods: Vec<PodStatus>,
+    /// Its WireGuard listen port as the daemon reports it.
+    pub listen_port: Option<u16>,
+    /// Its WireGuard peers.
+    pub peers: Vec<PeerStatus>,
+    /// Why the WireGuard state could not be read (no socket yet, no agent, …).
+    pub wireguard_error: Option<String>,
+}
+
+/// One pod.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PodStatus {
+    /// Its namespace name.
+    pub name: String,
+    /// Its addresses.
+    pub ips: Vec<String>,
+}
+
+/// One WireGuard peer of a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PeerStatus {
+    /// Its public key.
+    pub public_key: String,
+    /// The lab node(s) behind that key (a segment's members), if known.
+    pub node: Option<String>,
+    /// Current endpoint.
+    pub endpoint: Option<String>,
+    /// Seconds since the latest handshake; `None`: never.
+    pub latest_handshake_secs_ago: Option<u64>,
+    /// Bytes received.
+    pub rx_bytes: u64,
+    /// Bytes sent.
+    pub tx_bytes: u64,
+    /// Allowed IPs.
+    pub allowed_ips: Vec<String>,
+}
+
+/// Leadership, mesh IP and the names behind each key, from the lab's nodes file.
+struct Mesh {
+    leader: BTreeMap<String, bool>,
+    mesh_ip: BTreeMap<String, String>,
+    by_key: BTreeMap<WgKey, String>,
+}
+
+fn mesh(state: &LabState) -> Option<Mesh> {
+    let loaded = load_nodes(&state.nodes_file(), DEFAULT_TOPOLOGY_LABEL).ok()?;
+    let opts = MeshOptions {
+        granularity: state.spec.granularity,
+        subnet: state.spec.mesh_subnet,
+        port: state.spec.port,
+        encapsulate: Encapsulate::Never,
+        ..MeshOptions::default()
+    };
+    let topo = topology::build(&loaded.items, &[], &opts);
+    let mut m = Mesh {
+        leader: BTreeMap::new(),
+        mesh_ip: BTreeMap::new(),
+        by_key: BTreeMap::new(),
+    };
+    for seg in &topo.segments {
+        let leader = seg.leader_node();
+        m.mesh_ip
+            .insert(leader.name.to_string(), seg.mesh_ip.to_string());
+        if let Some(k) = seg.public_key() {
+            m.by_key.insert(k, seg.label());
+        }
+        for n in &seg.nodes {
+            m.leader.insert(n.name.to_string(), n.name == leader.name);
+        }
+    }
+    Some(m)
+}
+
+/// Gather the status of every node. `now_unix` turns handshake times into ages.
+pub fn collect(state: &LabState, now_unix: u64) -> LabStatus {
+    let mesh = mesh(state);
+    let namespaces = sys::netns_list().unwrap_or_default();
+    let nodes = state
+        .nodes
+        .iter()
+        .zip(&state.spec.nodes)
+        .map(|(n, spec)| {
+            let agent_running = n.agent.as_ref().is_some_and(sys::is_running);
+            let socket = n.uapi_socket();
+            let answer = if socket.exists() {
+                uapi::get(&socket, Duration::from_secs(2)).map_err(|e| e.to_string())
+            } else {
+                Err(format!("no WireGuard control socket {WG_INTERFACE}.sock"))
+            };
+            let (listen_port, peers, wireguard_error) = match answer {
+                Ok(dev) => (
+                    dev.listen_port,
+                    dev.peers
+                        .iter()
+                        .map(|p| PeerStatus {
+                            public_key: p.public_key.to_string(),
+                            node: mesh
+                                .as_ref()
+                                .and_then(|m| m.by_key.get(&p.public_key).cloned()),
+                            endpoint: p.endpoint.map(|e| e.to_string()),
+                            latest_handshake_secs_ago: p
+                                .last_handshake_unix
+                                .map(|t| now_unix.saturating_sub(t)),
+                            rx_bytes: p.rx_bytes,
+                            tx_bytes: p.tx_bytes,
+                            allowed_ips: p.allowed_ips.iter().map(ToString::to_string).collect(),
+                        })
+                        .collect(),
+                    None,
+                ),
+                Err(e) => (None, Vec::new(), Some(e)),
+            };
+            NodeStatus {
+                name: n.name.clone(),
+                namespace: n.netns.clone(),
+                location: spec.location.clone(),
+                behind_nat: spec.behind_nat(),
+                endpoint: spec.endpoint(state.spec.port).to_string(),
+                internal_ip: spec.lan_ip.to_string(),
+                agent_pid: n.agent.map(|p| p.pid),
+                agent_running,
+                leader: mesh
+                    .as_ref()
+                    .and_then(|m| m.leader.get(&n.name).copied())
+                    .unwrap_or(false),
+                mesh_ip: mesh.as_ref().and_then(|m| m.mesh_ip.get(&n.name).cloned()),
+                pods: n
+                    .pods
+                    .iter()
+                    .filter(|p| !p.ips.is_empty() || namespaces.contains(&p.netns))
+                    .map(|p| PodStatus {
+                        name: p.netns.clone(),
+                        ips: p.addrs().map(|a| a.to_string()).collect(),
+                    })
+                    .collect(),
+                listen_port,
+                peers,
+                wireguard_error,
+            }
+        })
+        .collect();
+    LabStatus {
+        name: state.name.clone(),
+        dir: state.dir.display().to_string(),
+        phase: state.phase,
+        granularity: state.spec.granularity.to_string(),
+        source: state.spec.source.clone(),
+        nodes,
+    }
+}
+
+/// Pad columns to their widest cell.
+pub(crate) fn table(rows: &[Vec<String>]) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let mut line = String::new();
+        for (c, cell) in r.iter().enumerate() {
+            if c + 1 == r.len() {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<w$}  ", w = widths[c]);
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// Bytes in a short human form (`512 B`, `1.5 KiB`, `3.2 MiB`).
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if b < 1024 {
+        return format!("{b} B");
+    }
+    // Display only: the precision lost converting to f64 does not show at one decimal.
+    let mut v = b as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+/// The status as text: a node table, then each node's peers.
+pub fn render_text(s: &LabStatus) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "lab {} ({} granularity, from {}), {}, {}\n",
+        s.name,
+        s.granularity,
+        s.source,
+        match s.phase {
+            Phase::Creating => "incomplete (up failed or still running)",
+            Phase::NoAgents => "no agents (--no-agents)",
+            Phase::Up => "up",
+        },
+        s.dir
+    );
+    let mut rows = vec![
+        [
+            "NODE",
+            "NAMESPACE",
+            "LOCATION",
+            "AGENT",
+            "LEADER",
+            "MESH IP",
+            "ENDPOINT",
+            "PODS",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+    ];
+    for n in &s.nodes {
+        let agent = match (n.agent_pid, n.agent_running) {
+            (None, _) => "-".to_owned(),
+            (Some(pid), true) => format!("{pid} running"),
+            (Some(pid), false) => format!("{pid} exited"),
+        };
+        let pods: Vec<String> = n.pods.iter().flat_map(|p| p.ips.iter().cloned()).collect();
+        rows.push(vec![
+            n.name.clone(),
+            n.namespace.clone(),
+            if n.location.is_empty() {
+                "-".to_owned()
+            } else {
+                n.location.clone()
+            },
+            agent,
+            if n.leader { "yes" } else { "no" }.to_owned(),
+            n.mesh_ip.clone().unwrap_or_else(|| "-".to_owned()),
+            format!("{}{}", n.endpoint, if n.behind_nat { " (NAT)" } else { "" }),
+            if pods.is_empty() {
+                "-".to_owned()
+            } else {
+                pods.join(",")
+            },
+        ]);
+    }
+    out.push_str(&table(&rows));
+    for n in &s.nodes {
+        let _ = write!(out, "\n{} peers", n.name);
+        if let Some(e) = &n.wireguard_error {
+            let _ = writeln!(out, ": none readable ({e})");
+            continue;
+        }
+        if n.peers.is_empty() {
+            let _ = writeln!(out, ": none");
+            continue;
+        }
+        out.push('\n');
+        let mut rows = vec![
+            ["  PEER", "KEY", "ENDPOINT", "HANDSHAKE", "RX", "TX"]
+                .map(str::to_owned)
+                .to_vec(),
+        ];
+        for p in &n.peers {
+            rows.push(vec![
+                format!("  {}", p.node.as_deref().unwrap_or("?")),
+                p.public_key.chars().take(10).collect::<String>() + "…",
+                p.endpoint.clone().unwrap_or_else(|| "(none)".to_owned()),
+                p.latest_handshake_secs_ago
+                    .map_or_else(|| "never".to_owned(), |s| format!("{s} s ago")),
+                human_bytes(p.rx_bytes),
+                human_bytes(p.tx_bytes),
+            ]);
+        }
+        out.push_str(&table(&rows));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> LabStatus {
+        LabStatus {
+            name: "wm".into(),
+            dir: "/run/wiremesh-lab/wm".into(),
+            phase: Phase::Up,
+            granularity: "full".into(),
+            source: "examples/three-clouds.yaml".into(),
+            nodes: vec![NodeStatus {
+                name: "fra-1".into(),
+                namespace: "wml-wm-n1".into(),
+                location: "de-fra".into(),
+                behind_nat: false,
+                endpoint: "10.200.0.1:51820".into(),
+                internal_ip: "10.210.1.11".into(),
+                agent_pid: Some(42),
+                agent_running: true,
+                leader: true,
+                mesh_ip: Some("10.4.0.1".into()),
+                pods: vec![PodStatus {
+                    name: "wml-wm-n1p1".into(),
+                    ips: vec!["10.42.0.2".into()],
+                }],
+                listen_port: Some(51820),
+                peers: vec![PeerStatus {
+                    public_key: "cpmjjEo1wKcecLnNDXzPhTFGyG68rKbZxhzDpiN/bAI=".into(),
+                    node: Some("hel-1".into()),
+                    endpoint: Some("10.200.0.2:51820".into()),
+                    latest_handshake_secs_ago: Some(7),
+                    rx_bytes: 2048,
+                    tx_bytes: 100,
+                    allowed_ips: vec!["10.42.1.0/24".into()],
+                }],
+                wireguard_error: None,
+            }],
+        }
+    }
+
+    #[test]
+    fn json_has_the_contract_fields() {
+        let v = serde_json::to_value(sample()).unwrap();
+        let n = &v["nodes"][0];
+        assert_eq!(n["name"], "fra-1");
+        assert_eq!(n["namespace"], "wml-wm-n1");
+        assert_eq!(n["agent_running"], true);
+        assert_eq!(n["pods"][0]["ips"][0], "10.42.0.2");
+        let p = &n["peers"][0];
+        for key in [
+            "public_key",
+            "endpoint",
+            "latest_handshake_secs_ago",
+            "rx_bytes",
+            "tx_bytes",
+        ] {
+            assert!(p.get(key).is_some(), "{key} missing");
+        }
+        assert_eq!(p["latest_handshake_secs_ago"], 7);
+    }
+
+    #[test]
+    fn text_lists_nodes_then_peers_with_handshake_age() {
+        let text = render_text(&sample());
+        assert!(
+            text.contains("fra-1  wml-wm-n1  de-fra    42 running  yes"),
+            "{text}"
+        );
+        assert!(
+            text.contains("hel-1  cpmjjEo1wK…  10.200.0.2:51820  7 s ago    2.0 KiB  100 B"),
+            "{text}"
+        );
+        let mut s = sample();
+        s.nodes[0].wireguard_error = Some("no socket".into());
+        assert!(render_text(&s).contains("fra-1 peers: none readable (no socket)"));
+    }
+
+    #[test]
+    fn bytes_are_shown_in_binary_units() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(5 * 1024 * 1024), "5.0 MiB");
+    }
+}

@@ -1,0 +1,260 @@
+//! `lab up`: plan the lab, then create it step by step, recording each step in the state file.
+//!
+//! Order: state file → underlay → LANs and NAT routers → node namespaces → keys → nodes file
+//! → agents (wait for each agent's CNI configuration) → pods (CNI ADD). Everything that can be
+//! checked without touching the machine (root, tools, options, agent binary, name clash) is
+//! checked first. A failed step leaves the lab as it is, for inspection; `lab down` removes it.
+//! Depends on every other lab module.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::LabError;
+use super::names::LabName;
+use super::spec::{self, SpecOptions};
+use super::state::{self, LabState, Phase, create_dir, write_private};
+use super::{agent, cni, keys, net, sys};
+
+/// The directory every agent's private `/run/wireguard` is bind-mounted on.
+pub const RUN_WIREGUARD: &str = "/run/wireguard";
+/// Marker in the root directory: a lab created `/run/wireguard`, the last `down` removes it.
+pub const RUN_WIREGUARD_MARKER: &str = ".created-run-wireguard";
+
+/// What `lab up` was asked to do.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpOptions {
+    /// The directory holding lab directories.
+    pub root: PathBuf,
+    /// The lab's name.
+    pub name: LabName,
+    /// The lab's shape.
+    pub spec: SpecOptions,
+    /// Start agents and pods (off: underlay, NAT, keys and files only; a debugging aid).
+    pub agents: bool,
+    /// The `wiremesh` binary; `None`: next to the running executable.
+    pub agent_binary: Option<PathBuf>,
+    /// Extra arguments appended to every agent's command line.
+    pub agent_args: Vec<String>,
+    /// How long to wait for the agents' CNI configuration.
+    pub timeout: Duration,
+}
+
+/// The tools `up` needs for this lab.
+pub fn needed_tools(spec: &spec::LabSpec, agents: bool) -> Vec<sys::Tool> {
+    let mut tools = vec![sys::IP, sys::WG, sys::SYSCTL];
+    if spec.lans.iter().any(|l| l.nat.is_some()) {
+        tools.push(sys::NFT);
+    }
+    if agents {
+        tools.extend([sys::WIREGUARD_GO, sys::CNI_BRIDGE, sys::CNI_HOST_LOCAL]);
+    }
+    tools
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+/// Create the lab. On failure after the first change the error is [`LabError::UpFailed`].
+pub fn up(opts: &UpOptions) -> Result<LabState, LabError> {
+    sys::require_root()?;
+    let spec = spec::plan(&opts.spec)?;
+    sys::require_tools(&needed_tools(&spec, opts.agents))?;
+    if opts.agents && !Path::new("/dev/net/tun").exists() {
+        return Err(LabError::MissingTools {
+            missing: vec!["/dev/net/tun (modprobe tun)".to_owned()],
+        });
+    }
+    let binary = if opts.agents {
+        Some(agent::find_binary(opts.agent_binary.as_deref())?)
+    } else {
+        None
+    };
+    let dir = opts.name.dir(&opts.root);
+    if dir.exists() {
+        return Err(LabError::Exists {
+            name: opts.name.to_string(),
+            dir: dir.display().to_string(),
+        });
+    }
+    if let Some(ns) = sys::netns_list()?.into_iter().find(|n| opts.name.owns(n)) {
+        return Err(LabError::Exists {
+            name: opts.name.to_string(),
+            dir: format!("namespace {ns} is left over"),
+        });
+    }
+
+    // From here on the machine changes.
+    std::fs::create_dir_all(&opts.root).map_err(LabError::io("create directory", &opts.root))?;
+    // create_dir, not create_dir_all: of two `up`s of one name, exactly one gets the directory.
+    match std::fs::create_dir(&dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(LabError::Exists {
+                name: opts.name.to_string(),
+                dir: dir.display().to_string(),
+            });
+        }
+        r => r.map_err(LabError::io("create directory", &dir))?,
+    }
+    create_dir(&dir, 0o700)?;
+    let mut state = LabState::new(&opts.name, &dir, spec, now_unix());
+    state.agent_binary = binary.clone();
+    let failed = |e: LabError| LabError::UpFailed {
+        name: opts.name.to_string(),
+        dir: dir.clone(),
+        source: Box::new(e),
+    };
+    state.save().map_err(failed)?;
+    let result = build(&mut state, opts, binary.as_deref());
+    if let Err(e) = result {
+        let _ = state.save();
+        return Err(failed(e));
+    }
+    Ok(state)
+}
+
+fn build(state: &mut LabState, opts: &UpOptions, binary: Option<&Path>) -> Result<(), LabError> {
+    tracing::info!(lab = %state.name, "creating underlay, LANs and nodes");
+    net::create_underlay(state)?;
+    for lan in &state.spec.lans {
+        net::create_lan(state, lan)?;
+    }
+    for node in &state.spec.nodes {
+        net::create_node(state, node)?;
+    }
+
+    let mut public_keys = Vec::with_capacity(state.nodes.len());
+    for node in &mut state.nodes {
+        create_dir(&node.dir, 0o700)?;
+        let key = keys::generate(&node.private_key())?;
+        write_private(&node.dir.join("key.pub"), format!("{key}\n").as_bytes())?;
+        node.public_key = Some(key.to_string());
+        public_keys.push(key);
+    }
+    let text = spec::render_nodes_file(&state.spec, &opts.name, &public_keys)?;
+    write_private(&state.nodes_file(), text.as_bytes())?;
+    state.save()?;
+
+    let Some(binary) = binary else {
+        state.phase = Phase::NoAgents;
+        return state.save();
+    };
+
+    // Every agent's bind mount needs the mount point on the host.
+    let run_wg = Path::new(RUN_WIREGUARD);
+    if !run_wg.exists() {
+        std::fs::create_dir_all(run_wg).map_err(LabError::io("create directory", run_wg))?;
+        write_private(&opts.root.join(RUN_WIREGUARD_MARKER), b"")?;
+    }
+    let mut children = Vec::with_capacity(state.nodes.len());
+    for i in 0..state.nodes.len() {
+        let node = &state.nodes[i];
+        for d in [node.wireguard_dir(), node.ipam_dir()] {
+            create_dir(&d, 0o700)?;
+        }
+        if let Some(cni_dir) = node.conflist().parent() {
+            create_dir(cni_dir, 0o755)?;
+        }
+        let (child, proc_ref) = agent::spawn(state, node, binary, &opts.agent_args)?;
+        children.push(child);
+        state.nodes[i].agent = Some(proc_ref);
+        state.save()?;
+    }
+    agent::wait_ready(state, &mut children, opts.timeout)?;
+
+    create_dir(&state.dir.join("pods"), 0o700)?;
+    for i in 0..state.nodes.len() {
+        let node = &state.nodes[i];
+        let path = node.conflist();
+        let text = std::fs::read_to_string(&path).map_err(LabError::io("read", &path))?;
+        let list: serde_json::Value =
+            serde_json::from_str(&text).map_err(|source| LabError::Json {
+                what: path.display().to_string(),
+                source,
+            })?;
+        for j in 0..node.pods.len() {
+            let node = &state.nodes[i];
+            let pod = &node.pods[j];
+            net::create_pod_ns(&pod.netns)?;
+            let at = cni::Attachment {
+                node_ns: node.netns.clone(),
+                pod_ns: pod.netns.clone(),
+                ifname: "eth0".to_owned(),
+                ipam_dir: node.ipam_dir(),
+            };
+            let result = cni::add(&list, &at)?;
+            write_private(&pod.result, result.to_string().as_bytes())?;
+            let ips = cni::result_ips(&result);
+            tracing::info!(pod = %pod.netns, ?ips, "pod attached");
+            state.nodes[i].pods[j].ips = ips;
+            state.save()?;
+        }
+        agent::check_alive(state, &mut children)?;
+    }
+    agent::check_alive(state, &mut children)?;
+    state.phase = Phase::Up;
+    state.save()
+}
+
+/// A one-screen summary of a lab that just came up.
+pub fn summary(state: &LabState) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "lab {} is up ({} granularity, {} nodes from {}){}",
+        state.name,
+        state.spec.granularity,
+        state.nodes.len(),
+        state.spec.source,
+        if state.phase == Phase::NoAgents {
+            ", without agents or pods"
+        } else {
+            ""
+        }
+    );
+    for (n, spec) in state.nodes.iter().zip(&state.spec.nodes) {
+        let pods: Vec<String> = n
+            .pods
+            .iter()
+            .flat_map(|p| p.ips.iter().map(|ip| ip.ip().to_string()))
+            .collect();
+        let _ = writeln!(
+            s,
+            "  {:<12} {:<12} location {:<14} endpoint {}{}{}",
+            n.name,
+            n.netns,
+            if spec.location.is_empty() {
+                "-"
+            } else {
+                &spec.location
+            },
+            spec.endpoint(state.spec.port),
+            if spec.behind_nat() {
+                " (behind NAT)"
+            } else {
+                ""
+            },
+            if pods.is_empty() {
+                String::new()
+            } else {
+                format!(", pods {}", pods.join(" "))
+            }
+        );
+    }
+    let _ = writeln!(
+        s,
+        "state {}, nodes file {}",
+        state.dir.join(state::STATE_FILE).display(),
+        state.nodes_file().display()
+    );
+    let _ = write!(
+        s,
+        "next: meshctl lab status --name {n} · meshctl lab check --name {n} · meshctl lab down --name {n}",
+        n = state.name
+    );
+    s
+}
