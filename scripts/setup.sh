@@ -4,7 +4,7 @@
 set -euo pipefail
 packages=(
   wireguard-go wireguard-tools iproute2 nftables iptables graphviz
-  containernetworking-plugins iputils-ping iperf3 tcpdump
+  containernetworking-plugins iputils-ping iperf3 tcpdump jq
 )
 missing=()
 for p in "${packages[@]}"; do
