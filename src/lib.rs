@@ -16,6 +16,7 @@ pub mod cli;
 pub mod cni;
 pub mod desired;
 pub mod diagnostic;
+pub mod doctor;
 pub mod graph;
 pub mod lab;
 pub mod model;

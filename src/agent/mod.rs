@@ -372,6 +372,20 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         .map(|i| i.ip());
     let opts = system_options(&cfg.kernel, cfg.mesh.mtu, internal_ip)?;
     let mut kernel = SystemKernel::new(opts, key).await?;
+    if cfg.mesh.encapsulate != crate::topology::Encapsulate::Never
+        && kernel
+            .netlink()
+            .read_link(crate::reconcile::system::TUNNEL_DEVICE)
+            .await?
+            .is_none()
+    {
+        warn!(
+            encapsulate = ?cfg.mesh.encapsulate,
+            "this kernel has no IPIP tunnel (tunl0, module ipip): routes that need encapsulation \
+             will fail; run with --encapsulate never where the nodes of a location share a \
+             network (`meshctl doctor` lists what is missing)"
+        );
+    }
     let events = kernel.netlink().watch_routes()?;
     run_with(cfg, &mut kernel, public_key, events, shutdown).await
 }

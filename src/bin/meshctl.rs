@@ -37,6 +37,8 @@ enum Command {
     Graph(GraphArgs),
     /// Print the WireGuard (wg-quick) configuration for a node or an external peer.
     Showconf(ShowconfArgs),
+    /// Check what this machine offers wiremesh: WireGuard, IPIP, firewall, CNI plugins.
+    Doctor(DoctorArgs),
     /// Run a throw-away mesh on this machine in network namespaces (needs root).
     Lab(LabArgs),
 }
@@ -130,6 +132,16 @@ struct GraphArgs {
 enum GraphFormat {
     Svg,
     Dot,
+}
+
+#[derive(Args)]
+struct DoctorArgs {
+    /// The encapsulation the agent will run with (IPIP is needed unless never).
+    #[arg(long, value_enum, default_value_t = EncapArg::Never)]
+    encapsulate: EncapArg,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = PlanFormat::Text)]
+    output: PlanFormat,
 }
 
 #[derive(Args)]
@@ -260,6 +272,27 @@ fn graph(args: GraphArgs) -> Result<()> {
             std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?
         }
         None => std::io::stdout().write_all(text.as_bytes())?,
+    }
+    Ok(())
+}
+
+fn doctor(args: DoctorArgs) -> Result<()> {
+    let enc = match args.encapsulate {
+        EncapArg::Never => Encapsulate::Never,
+        EncapArg::Crosssubnet => Encapsulate::CrossSubnet,
+        EncapArg::Always => Encapsulate::Always,
+    };
+    let checks = wiremesh::doctor::run(enc);
+    let text = match args.output {
+        PlanFormat::Json => format!("{}\n", serde_json::to_string_pretty(&checks)?),
+        PlanFormat::Text => wiremesh::doctor::render(&checks),
+    };
+    std::io::stdout().write_all(text.as_bytes())?;
+    if checks
+        .iter()
+        .any(|c| c.status == wiremesh::doctor::Status::Missing)
+    {
+        std::process::exit(1);
     }
     Ok(())
 }
@@ -573,6 +606,7 @@ fn main() {
         Command::Plan(a) => plan(a),
         Command::Graph(a) => graph(a),
         Command::Showconf(a) => showconf(a),
+        Command::Doctor(a) => doctor(a),
         Command::Lab(a) => {
             if let Err(e) = lab(a) {
                 match e {
