@@ -26,9 +26,7 @@ use crate::model::{Endpoint, MeshNode, MeshPeer, NodeName, WgKey};
 use crate::registry::peer::{
     DnsOrIp, PEER_GROUP, PEER_VERSION, PeerEndpoint, PeerResource, PeerSpec,
 };
-use crate::topology::{
-    Accumulator, Contribution, LocalContext, LocalError, MeshOptions, Topology, assemble,
-};
+use crate::topology::{Contribution, LocalContext, LocalError, MeshOptions, Topology, assemble};
 
 /// Why a configuration cannot be shown.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -302,20 +300,20 @@ pub fn peer_conf(
         Vec::with_capacity(topo.segments.len() + topo.peers.len());
     for s in &topo.segments {
         let mut c = ctx.segment(s, false);
-        if let Some(p) = &mut c.peer {
+        if let Some(p) = c.peers.first_mut() {
             p.preshared_key = me.preshared_key;
         }
         contributions.push(c);
     }
     for other in topo.peers.iter().filter(|p| p.name != me.name) {
         let mut c = ctx.peer(other);
-        if let Some(p) = &mut c.peer {
+        if let Some(p) = c.peers.first_mut() {
             // Another peer's preshared key is shared with the nodes only, not with this peer.
             p.preshared_key = None;
         }
         contributions.push(c);
     }
-    let mut acc = Accumulator::with_capacity(contributions.len());
+    let mut acc = Contribution::with_capacity(contributions.len());
     for c in &contributions {
         acc.absorb(c);
     }

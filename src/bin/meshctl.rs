@@ -89,6 +89,16 @@ enum EncapArg {
     Always,
 }
 
+impl From<EncapArg> for Encapsulate {
+    fn from(e: EncapArg) -> Self {
+        match e {
+            EncapArg::Never => Encapsulate::Never,
+            EncapArg::Crosssubnet => Encapsulate::CrossSubnet,
+            EncapArg::Always => Encapsulate::Always,
+        }
+    }
+}
+
 #[derive(Args)]
 struct PlanArgs {
     #[command(flatten)]
@@ -195,11 +205,7 @@ impl MeshArgs {
             subnet: self.subnet,
             port: self.port,
             interface: self.interface.clone(),
-            encapsulate: match self.encapsulate {
-                EncapArg::Never => Encapsulate::Never,
-                EncapArg::Crosssubnet => Encapsulate::CrossSubnet,
-                EncapArg::Always => Encapsulate::Always,
-            },
+            encapsulate: self.encapsulate.into(),
             now: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .ok()
@@ -277,12 +283,7 @@ fn graph(args: GraphArgs) -> Result<()> {
 }
 
 fn doctor(args: DoctorArgs) -> Result<()> {
-    let enc = match args.encapsulate {
-        EncapArg::Never => Encapsulate::Never,
-        EncapArg::Crosssubnet => Encapsulate::CrossSubnet,
-        EncapArg::Always => Encapsulate::Always,
-    };
-    let checks = wiremesh::doctor::run(enc);
+    let checks = wiremesh::doctor::run(args.encapsulate.into());
     let text = match args.output {
         PlanFormat::Json => format!("{}\n", serde_json::to_string_pretty(&checks)?),
         PlanFormat::Text => wiremesh::doctor::render(&checks),

@@ -50,9 +50,47 @@ pub fn auto_granularity(nodes: &[MeshNode]) -> Granularity {
         .unwrap_or(Granularity::Location)
 }
 
+/// Rows as aligned columns: each column as wide as its widest cell, two spaces between columns,
+/// no trailing spaces. One line per row.
+pub fn table(rows: &[Vec<String>]) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let mut line = String::new();
+        for (c, cell) in r.iter().enumerate() {
+            if c + 1 == r.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}  ", w = widths[c]));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn table_aligns_columns_without_trailing_spaces() {
+        let rows = vec![
+            vec!["a".to_owned(), "bb".to_owned(), "c".to_owned()],
+            vec!["aaa".to_owned(), "b".to_owned()],
+        ];
+        assert_eq!(table(&rows), "a    bb  c\naaa  b\n");
+    }
 
     #[test]
     fn auto_granularity_follows_published_annotation_else_location() {

@@ -136,27 +136,10 @@ fn join<T: ToString>(items: &[T]) -> String {
         .join(", ")
 }
 
-/// Print rows as columns separated by two spaces, each column as wide as its widest cell.
+/// Append rows as an aligned table, indented by two spaces.
 fn table(out: &mut String, rows: &[Vec<String>]) {
-    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> = (0..cols)
-        .map(|c| {
-            rows.iter()
-                .filter_map(|r| r.get(c))
-                .map(|s| s.chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    for r in rows {
-        let mut line = String::from("  ");
-        for (c, cell) in r.iter().enumerate() {
-            line.push_str(cell);
-            if c + 1 < r.len() {
-                line.push_str(&" ".repeat(widths[c] - cell.chars().count() + 2));
-            }
-        }
-        let _ = writeln!(out, "{}", line.trim_end());
+    for line in super::table(rows).lines() {
+        let _ = writeln!(out, "  {line}");
     }
 }
 

@@ -32,8 +32,8 @@ use nix::unistd::Pid;
 
 use super::LabError;
 use super::state::LabState;
-use super::status::table;
 use super::sys;
+use crate::cli::table;
 
 /// Echo replies wanted from each pair.
 pub const PING_COUNT: u32 = 2;

@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use super::state::{LabState, Phase, WG_INTERFACE};
 use super::{sys, uapi};
+use crate::cli::table;
 use crate::model::WgKey;
 use crate::registry::annotations::DEFAULT_TOPOLOGY_LABEL;
 use crate::registry::file::load_nodes;
@@ -208,34 +209,6 @@ pub fn collect(state: &LabState, now_unix: u64) -> LabStatus {
         source: state.spec.source.clone(),
         nodes,
     }
-}
-
-/// Pad columns to their widest cell.
-pub(crate) fn table(rows: &[Vec<String>]) -> String {
-    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> = (0..cols)
-        .map(|c| {
-            rows.iter()
-                .filter_map(|r| r.get(c))
-                .map(|s| s.chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let mut out = String::new();
-    for r in rows {
-        let mut line = String::new();
-        for (c, cell) in r.iter().enumerate() {
-            if c + 1 == r.len() {
-                line.push_str(cell);
-            } else {
-                let _ = write!(line, "{cell:<w$}  ", w = widths[c]);
-            }
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
-    out
 }
 
 /// Bytes in a short human form (`512 B`, `1.5 KiB`, `3.2 MiB`).

@@ -13,43 +13,53 @@ use std::collections::BTreeMap;
 use crate::model::{MeshNode, MeshPeer, NodeName};
 use crate::topology::incremental::Event;
 
-/// The engine events that turn the nodes the engine holds into `new`: an upsert for every node
-/// added or changed, a removal for every node gone. Unchanged nodes produce nothing.
-pub fn diff_nodes<'a>(current: impl Iterator<Item = &'a MeshNode>, new: &[MeshNode]) -> Vec<Event> {
-    let old: BTreeMap<&NodeName, &MeshNode> = current.map(|n| (&n.name, n)).collect();
-    let mut events = Vec::new();
+/// Events for every item of `new` that is not in `current` as it is (upserts), then for every
+/// item of `current` whose name is gone from `new` (removals).
+fn diff_by_name<'a, T: PartialEq + Clone + 'a>(
+    current: impl Iterator<Item = &'a T>,
+    new: &[T],
+    name: impl Fn(&T) -> &NodeName,
+    upsert: impl Fn(T) -> Event,
+    remove: impl Fn(NodeName) -> Event,
+) -> Vec<Event> {
+    let old: BTreeMap<&NodeName, &T> = current.map(|x| (name(x), x)).collect();
     let mut seen = std::collections::BTreeSet::new();
-    for n in new {
-        seen.insert(&n.name);
-        if old.get(&n.name) != Some(&n) {
-            events.push(Event::NodeUpsert(n.clone()));
+    let mut events = Vec::new();
+    for x in new {
+        seen.insert(name(x));
+        if old.get(name(x)) != Some(&x) {
+            events.push(upsert(x.clone()));
         }
     }
-    for name in old.keys() {
-        if !seen.contains(name) {
-            events.push(Event::NodeRemove((*name).clone()));
+    for n in old.keys() {
+        if !seen.contains(n) {
+            events.push(remove((*n).clone()));
         }
     }
     events
 }
 
+/// The engine events that turn the nodes the engine holds into `new`: an upsert for every node
+/// added or changed, a removal for every node gone. Unchanged nodes produce nothing.
+pub fn diff_nodes<'a>(current: impl Iterator<Item = &'a MeshNode>, new: &[MeshNode]) -> Vec<Event> {
+    diff_by_name(
+        current,
+        new,
+        |n| &n.name,
+        Event::NodeUpsert,
+        Event::NodeRemove,
+    )
+}
+
 /// The engine events that turn the peers the engine holds into `new`.
 pub fn diff_peers<'a>(current: impl Iterator<Item = &'a MeshPeer>, new: &[MeshPeer]) -> Vec<Event> {
-    let old: BTreeMap<&NodeName, &MeshPeer> = current.map(|p| (&p.name, p)).collect();
-    let mut events = Vec::new();
-    let mut seen = std::collections::BTreeSet::new();
-    for p in new {
-        seen.insert(&p.name);
-        if old.get(&p.name) != Some(&p) {
-            events.push(Event::PeerUpsert(p.clone()));
-        }
-    }
-    for name in old.keys() {
-        if !seen.contains(name) {
-            events.push(Event::PeerRemove((*name).clone()));
-        }
-    }
-    events
+    diff_by_name(
+        current,
+        new,
+        |p| &p.name,
+        Event::PeerUpsert,
+        Event::PeerRemove,
+    )
 }
 
 #[cfg(test)]

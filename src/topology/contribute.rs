@@ -19,19 +19,7 @@ use crate::desired::{
 use crate::diagnostic::Diagnostic;
 use crate::model::{Endpoint, MeshNode, MeshPeer, NodeName, WgKey, host_net};
 
-/// The part of the desired state that one segment, one peer or the local node itself adds.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct Contribution {
-    pub peer: Option<WgPeer>,
-    pub routes: Vec<Route>,
-    pub rules: Vec<Rule>,
-    pub nat_sources: Vec<IpNetwork>,
-    pub nat_destinations: Vec<IpNetwork>,
-    pub nat_exempt: Vec<IpNetwork>,
-}
-
-/// Where contributions are written: one segment's [`Contribution`], or the [`Accumulator`] of a
-/// full computation (which avoids a set of small vectors per segment).
+/// Where contributions are written (a [`Contribution`]); a trait so the writers stay generic.
 pub(crate) trait Sink {
     fn peer(&mut self, p: WgPeer);
     fn route(&mut self, r: Route);
@@ -41,30 +29,10 @@ pub(crate) trait Sink {
     fn nat_exempt(&mut self, n: &[IpNetwork]);
 }
 
-impl Sink for Contribution {
-    fn peer(&mut self, p: WgPeer) {
-        self.peer = Some(p);
-    }
-    fn route(&mut self, r: Route) {
-        self.routes.push(r);
-    }
-    fn rule(&mut self, r: Rule) {
-        self.rules.push(r);
-    }
-    fn nat_sources(&mut self, n: &[IpNetwork]) {
-        self.nat_sources.extend_from_slice(n);
-    }
-    fn nat_destinations(&mut self, n: &[IpNetwork]) {
-        self.nat_destinations.extend_from_slice(n);
-    }
-    fn nat_exempt(&mut self, n: &[IpNetwork]) {
-        self.nat_exempt.extend_from_slice(n);
-    }
-}
-
-/// All contributions of a computation, in order.
+/// What one segment, one peer or the local node adds to the desired state — or, in a full
+/// computation, all of them in order (one set of vectors instead of small ones per segment).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct Accumulator {
+pub(crate) struct Contribution {
     pub peers: Vec<WgPeer>,
     pub routes: Vec<Route>,
     pub rules: Vec<Rule>,
@@ -73,10 +41,10 @@ pub(crate) struct Accumulator {
     pub nat_exempt: Vec<IpNetwork>,
 }
 
-impl Accumulator {
-    /// An accumulator sized for `segments` segments.
+impl Contribution {
+    /// An empty contribution sized for `segments` segments.
     pub fn with_capacity(segments: usize) -> Self {
-        Accumulator {
+        Contribution {
             peers: Vec::with_capacity(segments),
             routes: Vec::with_capacity(segments * 2),
             rules: Vec::new(),
@@ -86,9 +54,14 @@ impl Accumulator {
         }
     }
 
-    /// Append a finished contribution.
+    /// The WireGuard peer of a single segment's or peer's contribution, if it has one.
+    pub fn peer(&self) -> Option<&WgPeer> {
+        self.peers.first()
+    }
+
+    /// Append another contribution.
     pub fn absorb(&mut self, c: &Contribution) {
-        self.peers.extend(c.peer.iter().cloned());
+        self.peers.extend_from_slice(&c.peers);
         self.routes.extend_from_slice(&c.routes);
         self.rules.extend_from_slice(&c.rules);
         self.nat_sources.extend_from_slice(&c.nat_sources);
@@ -97,7 +70,7 @@ impl Accumulator {
     }
 }
 
-impl Sink for Accumulator {
+impl Sink for Contribution {
     fn peer(&mut self, p: WgPeer) {
         self.peers.push(p);
     }
@@ -481,8 +454,8 @@ fn sorted_unique(mut v: Vec<IpNetwork>) -> Vec<IpNetwork> {
 /// Merge the accumulated contributions, in order, into a desired state. Where two contributions
 /// claim the same allowed IP or route destination the first keeps it; each such conflict is
 /// returned as a diagnostic (an empty list means the contributions were disjoint).
-pub(crate) fn assemble(ctx: &LocalContext, acc: Accumulator) -> (DesiredState, Vec<Diagnostic>) {
-    let Accumulator {
+pub(crate) fn assemble(ctx: &LocalContext, acc: Contribution) -> (DesiredState, Vec<Diagnostic>) {
+    let Contribution {
         mut peers,
         mut routes,
         mut rules,

@@ -408,7 +408,7 @@ impl Engine {
         let mut flips = Flips::default();
         for (key, _) in &new_contribs {
             if let Some(old_c) = self.contributions.remove(&Owner::Segment(key.clone())) {
-                if let Some(p) = &old_c.peer {
+                if let Some(p) = old_c.peer() {
                     removed_peers.insert(p.public_key, p.clone());
                 }
                 self.index_remove(&old_c, &mut delta, &mut flips);
@@ -486,7 +486,7 @@ impl Engine {
         let freed_ip = |ip: &IpNetwork| {
             replaced
                 .iter()
-                .any(|c| c.peer.as_ref().is_some_and(|p| p.allowed_ips.contains(ip)))
+                .any(|c| c.peer().is_some_and(|p| p.allowed_ips.contains(ip)))
         };
         let freed_route = |k: &(u32, IpNetwork)| {
             replaced
@@ -495,12 +495,12 @@ impl Engine {
         };
         for (_, c) in new {
             let Some((c, _)) = c else { continue };
-            if let Some(p) = &c.peer {
+            if let Some(p) = c.peer() {
                 if keys.insert(p.public_key, ()).is_some() {
                     return false;
                 }
                 if let Some(existing) = self.index.peers.get(&p.public_key)
-                    && !replaced.iter().any(|r| r.peer.as_ref() == Some(existing))
+                    && !replaced.iter().any(|r| r.peer() == Some(existing))
                 {
                     return false;
                 }
@@ -528,7 +528,7 @@ impl Engine {
 
     /// Remove a contribution from the index, recording what disappears.
     fn index_remove(&mut self, c: &Contribution, delta: &mut DesiredDelta, flips: &mut Flips) {
-        if let Some(p) = &c.peer {
+        if let Some(p) = c.peer() {
             self.index.peers.remove(&p.public_key);
             count_remove(
                 &mut self.index.allowed,
@@ -559,7 +559,7 @@ impl Engine {
 
     /// Add a contribution to the index, recording what appears.
     fn index_add(&mut self, c: &Contribution, delta: &mut DesiredDelta, flips: &mut Flips) {
-        if let Some(p) = &c.peer {
+        if let Some(p) = c.peer() {
             self.index.peers.insert(p.public_key, p.clone());
             count_add(
                 &mut self.index.allowed,
@@ -678,7 +678,7 @@ impl Engine {
             contributions.push((Owner::Peer(p.name.clone()), ctx.peer(p)));
         }
         let (state, conflicts) = super::assemble(&ctx, {
-            let mut acc = super::Accumulator::with_capacity(contributions.len());
+            let mut acc = super::Contribution::with_capacity(contributions.len());
             for (_, c) in &contributions {
                 acc.absorb(c);
             }

@@ -21,7 +21,7 @@ use crate::diagnostic::Diagnostic;
 use crate::model::{Endpoint, Granularity, MeshNode, MeshPeer, NodeName, WgKey, host_net};
 
 pub(crate) use contribute::assemble;
-pub(crate) use contribute::{Accumulator, Contribution, LocalContext};
+pub(crate) use contribute::{Contribution, LocalContext};
 
 /// Default mesh subnet, as in Kilo.
 pub const DEFAULT_SUBNET: &str = "10.4.0.0/16";
@@ -566,7 +566,7 @@ impl<'a> Topology<'a> {
             }
         })?;
         let ctx = LocalContext::new(self, idx, local, opts);
-        let mut acc = Accumulator::with_capacity(self.segments.len() + self.peers.len());
+        let mut acc = Contribution::with_capacity(self.segments.len() + self.peers.len());
         ctx.own_into(&mut acc);
         for (i, s) in self.segments.iter().enumerate() {
             ctx.segment_into(s, i == idx, &mut acc);
