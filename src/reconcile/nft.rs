@@ -25,10 +25,8 @@
 //!
 //! Why lists are canonicalised first: an interval set refuses overlapping elements ("conflicting
 //! intervals"), and the kernel lists elements sorted. So what is written is the minimal sorted
-//! CIDR cover of each list ([`canonical`]), and that is also what a read returns. [`Firewall`]
-//! remembers the last value it applied and reports that value when the kernel holds its
-//! canonical form, so a desired state that is not canonical (unsorted, overlapping) does not
-//! make the planner rewrite the table on every pass.
+//! CIDR cover of each list ([`canonical`]), and that is also what a read returns; the planner
+//! compares the canonical form of the desired state with it, so nothing is rewritten needlessly.
 
 use std::fmt::{self, Write as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -962,7 +960,6 @@ pub async fn nft_works(netns: Option<&str>) -> bool {
 pub struct Firewall {
     mode: FirewallMode,
     exec: Exec,
-    applied: Option<Masquerade>,
 }
 
 impl Firewall {
@@ -987,7 +984,6 @@ impl Firewall {
             exec: Exec {
                 netns: netns.map(str::to_owned),
             },
-            applied: None,
         }
     }
 
@@ -1035,19 +1031,12 @@ impl Firewall {
         }
     }
 
-    /// The masquerade configuration the firewall holds, for [`OwnedState::masquerade`]
-    /// (`None`: no table). When it matches the last value applied through this handle (same
-    /// addresses), that value itself is returned, so the planner sees no change.
+    /// The masquerade configuration the firewall holds (in canonical form), for
+    /// [`OwnedState::masquerade`] (`None`: no table).
     ///
     /// [`OwnedState::masquerade`]: super::OwnedState::masquerade
     pub async fn read(&self) -> Result<Option<Masquerade>, KernelError> {
-        let state = self.read_state().await?;
-        Ok(match (&state, &self.applied) {
-            (TableState::Present(have), Some(applied)) if *have == canonical(applied) => {
-                Some(applied.clone())
-            }
-            _ => state.masquerade(),
-        })
+        Ok(self.read_state().await?.masquerade())
     }
 
     /// Replace wiremesh's rules with ones for `m`: one `nft` transaction, or one restore per
@@ -1069,7 +1058,6 @@ impl Firewall {
                     .await?;
             }
         }
-        self.applied = Some(m.clone());
         Ok(())
     }
 
@@ -1091,7 +1079,6 @@ impl Firewall {
                     .await?;
             }
         }
-        self.applied = None;
         Ok(())
     }
 
