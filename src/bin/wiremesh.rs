@@ -105,8 +105,9 @@ struct AgentArgs {
     /// WireGuard listen port when this node's endpoint does not say.
     #[arg(long, env = "WIREMESH_PORT", default_value_t = DEFAULT_PORT)]
     port: u16,
-    /// IPIP encapsulation between nodes of one location: never, crosssubnet or always.
-    #[arg(long, env = "WIREMESH_ENCAPSULATE", default_value = "never", value_parser = ["never", "crosssubnet", "always"])]
+    /// IPIP encapsulation between nodes of one location: never, crosssubnet or always (Kilo's
+    /// default; needs the ipip module, see `meshctl doctor`).
+    #[arg(long, env = "WIREMESH_ENCAPSULATE", default_value = "always", value_parser = ["never", "crosssubnet", "always"])]
     encapsulate: String,
     /// WireGuard MTU: a number, or auto (underlay MTU minus WireGuard overhead).
     #[arg(long, env = "WIREMESH_MTU", default_value = "auto")]
