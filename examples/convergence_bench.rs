@@ -44,7 +44,11 @@ impl Drop for Guard {
         }
         std::thread::sleep(Duration::from_millis(200));
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if std::thread::panicking() {
+            eprintln!("agent log kept in {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
@@ -256,10 +260,15 @@ fn main() {
         write_atomic(&nodes, &text);
         let deadline = Instant::now() + Duration::from_secs(5);
         let t1 = loop {
-            line.clear();
+            // A line may be read while the agent is still writing it: keep the part read and
+            // look at it only once it is complete.
+            if line.ends_with('\n') {
+                line.clear();
+            }
             match log_read.read_line(&mut line) {
                 Ok(n) if n > 0 => {
-                    if line.contains("kernel reconciled")
+                    if line.ends_with('\n')
+                        && line.contains("kernel reconciled")
                         && let Some(t) = log_time(&line)
                     {
                         break t;
