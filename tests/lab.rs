@@ -426,11 +426,40 @@ fn down_without_a_state_file_still_removes_every_namespace_of_the_lab() {
     assert!(!lab.dir().exists());
 }
 
+/// Wait (up to 20 s) until every node behind NAT has a handshake with each of its peers.
+///
+/// Why: a NATed node cannot be reached before it has sent something, and its first handshake
+/// (sent as soon as its agent configures a peer, thanks to the keepalive) is dropped when it
+/// reaches a peer whose agent has not configured the NATed node yet, a few milliseconds later.
+/// WireGuard retries only after 5 s (`REKEY_TIMEOUT`), which `check`'s `ping -w 5` may miss.
+fn wait_for_natted_handshakes(lab: &Lab) {
+    let done = poll(Duration::from_secs(20), || {
+        let status = lab.status();
+        status["nodes"]
+            .as_array()?
+            .iter()
+            .filter(|n| n["behind_nat"] == true && n["leader"] == true)
+            .all(|n| {
+                n["peers"].as_array().is_some_and(|ps| {
+                    ps.iter()
+                        .all(|p| p["latest_handshake_secs_ago"].as_u64().is_some())
+                })
+            })
+            .then_some(())
+    });
+    assert!(
+        done.is_some(),
+        "no handshake of every NATed node with every peer after 20 s: {}",
+        lab.status()
+    );
+}
+
 /// Pods on every node ping each other through the mesh, the underlay carries them only inside
 /// WireGuard, status shows the tunnels, and `down` ends every process the agents started.
 fn pods_reach_each_other_through_wireguard_only(lab: &Lab, up_args: &[&str]) {
     let up = lab.up(up_args);
     assert!(up.status.success(), "{}", text(&up));
+    wait_for_natted_handshakes(lab);
 
     let check = lab.run(&["lab", "check"]);
     let report = text(&check);
@@ -798,10 +827,17 @@ fn location_leader_removed_from_the_file_hands_over_to_the_other_node_of_its_loc
         .collect();
     assert_eq!(loc2.len(), 2, "{status}");
 
-    lab.remove_node(&old);
-    let removed = Instant::now();
     let new_key = public_key(&lab, &new);
     let old_key = public_key(&lab, &old);
+    // Before: loc2's leader tunnels to the old leader only.
+    for m in status["nodes"].as_array().unwrap() {
+        if m["location"] == "loc2" && m["leader"] == true {
+            assert!(has_peer(m, &old_key) && !has_peer(m, &new_key), "{status}");
+        }
+    }
+
+    lab.remove_node(&old);
+    let removed = Instant::now();
     let settled = poll(Duration::from_secs(15), || {
         let status = lab.status();
         let n = node(&status, &new);
