@@ -190,14 +190,12 @@ fn main() {
     run(&["ip", "-n", &ns, "link", "set", "cv0", "up"]);
     run(&["ip", "-n", &ns, "link", "set", "cv1", "up"]);
 
-    // The agent generates its key; give it a known one so the file can carry it.
-    let own = wiremesh::reconcile::wg::PrivateKey::generate();
+    // The agent generates its key; make it here first so the nodes file can carry it.
     let key_path = dir.join("key");
     let nodes = dir.join("nodes.json");
     let _ = std::fs::remove_file(&key_path);
     let loaded = wiremesh::reconcile::wg::load_or_generate_private_key(&key_path).expect("key");
     let own_pub = loaded.public_key().to_string();
-    drop(own);
     write_atomic(&nodes, &cluster(&own_pub, None));
     let log = std::fs::File::create(dir.join("agent.log")).expect("log");
     let cmd = format!(
