@@ -2,20 +2,23 @@
 //! the nodes file, agent supervision, CNI pods, status, check, graph and a complete `down`.
 //!
 //! Needs root, iproute2, nftables, wireguard-tools, wireguard-go, containernetworking-plugins,
-//! tcpdump, ping and jq: run with `--features netns-tests`. Each test uses its own lab name
-//! (tests run in parallel) and a guard that runs `lab down` when the test ends, also on panic.
+//! tcpdump and ping: run with `--features netns-tests`. Each test uses its own lab name (tests
+//! run in parallel) and a guard that runs `lab down` when the test ends, also on panic.
 //!
-//! Until the real agent lands, the pod-to-pod tests run `tests/util/lab-stub-agent.sh` as the
-//! agent: it programs each node once from `meshctl plan` with wireguard-go, wg and ip, so the
-//! harness (pods through the real CNI plugins, NAT roaming, status over UAPI, the ping matrix,
-//! the underlay capture, cleanup of daemons the agents spawned) is tested against real
-//! WireGuard traffic. [`Agent::Real`] runs the same scenarios against `wiremesh agent`.
+//! The pod scenarios run the real `wiremesh agent` (the binary next to `meshctl`): pods through
+//! the real CNI plugins, NAT roaming, status over UAPI, the ping matrix, the underlay capture,
+//! and what the agents do when the nodes file changes or a route of theirs is deleted by hand.
+//! Waits are bounded polls, never fixed sleeps.
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 
 use wiremesh::registry::annotations::DEFAULT_TOPOLOGY_LABEL;
 use wiremesh::registry::file::load_nodes;
@@ -23,36 +26,10 @@ use wiremesh::registry::file::load_nodes;
 const MESHCTL: &str = env!("CARGO_BIN_EXE_meshctl");
 const ROOT: &str = "/run/wiremesh-lab";
 
-/// Which agent a pod-to-pod scenario runs.
-#[derive(Debug, Clone, Copy)]
-#[allow(dead_code)] // `Real` is used once the agent's kernel code is merged.
-enum Agent {
-    /// `tests/util/lab-stub-agent.sh` (programs each node once from `meshctl plan`).
-    Stub,
-    /// The `wiremesh` binary next to `meshctl`.
-    Real,
-}
-
-impl Agent {
-    fn args(self) -> Vec<String> {
-        match self {
-            Agent::Stub => vec![
-                "--agent".to_owned(),
-                format!(
-                    "{}/tests/util/lab-stub-agent.sh",
-                    env!("CARGO_MANIFEST_DIR")
-                ),
-            ],
-            Agent::Real => Vec::new(),
-        }
-    }
-}
-
-/// `meshctl args…` (with `MESHCTL` set for the stub agent).
+/// `meshctl args…`.
 fn meshctl(args: &[&str]) -> Output {
     Command::new(MESHCTL)
         .args(args)
-        .env("MESHCTL", MESHCTL)
         .output()
         .expect("meshctl runs")
 }
@@ -449,14 +426,40 @@ fn down_without_a_state_file_still_removes_every_namespace_of_the_lab() {
     assert!(!lab.dir().exists());
 }
 
+/// Wait (up to 20 s) until every node behind NAT has a handshake with each of its peers.
+///
+/// Why: a NATed node cannot be reached before it has sent something, and its first handshake
+/// (sent as soon as its agent configures a peer, thanks to the keepalive) is dropped when it
+/// reaches a peer whose agent has not configured the NATed node yet, a few milliseconds later.
+/// WireGuard retries only after 5 s (`REKEY_TIMEOUT`), which `check`'s `ping -w 5` may miss.
+fn wait_for_natted_handshakes(lab: &Lab) {
+    let done = poll(Duration::from_secs(20), || {
+        let status = lab.status();
+        status["nodes"]
+            .as_array()?
+            .iter()
+            .filter(|n| n["behind_nat"] == true && n["leader"] == true)
+            .all(|n| {
+                n["peers"].as_array().is_some_and(|ps| {
+                    ps.iter()
+                        .all(|p| p["latest_handshake_secs_ago"].as_u64().is_some())
+                })
+            })
+            .then_some(())
+    });
+    assert!(
+        done.is_some(),
+        "no handshake of every NATed node with every peer after 20 s: {}",
+        lab.status()
+    );
+}
+
 /// Pods on every node ping each other through the mesh, the underlay carries them only inside
 /// WireGuard, status shows the tunnels, and `down` ends every process the agents started.
-fn pods_reach_each_other_through_wireguard_only(lab: &Lab, up_args: &[&str], agent: Agent) {
-    let mut args: Vec<String> = up_args.iter().map(|s| (*s).to_owned()).collect();
-    args.extend(agent.args());
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let up = lab.up(&args);
+fn pods_reach_each_other_through_wireguard_only(lab: &Lab, up_args: &[&str]) {
+    let up = lab.up(up_args);
     assert!(up.status.success(), "{}", text(&up));
+    wait_for_natted_handshakes(lab);
 
     let check = lab.run(&["lab", "check"]);
     let report = text(&check);
@@ -528,11 +531,11 @@ fn pods_reach_each_other_through_wireguard_only(lab: &Lab, up_args: &[&str], age
     not(feature = "netns-tests"),
     ignore = "needs root and network namespaces"
 )]
-fn stub_agents_three_clouds_full_mesh_with_a_natted_node_pass_check() {
-    require_tools(&["jq"]);
-    let lab = Lab::new("sf");
+fn real_agents_three_clouds_full_mesh_with_a_natted_node_pass_check() {
+    require_tools(&[]);
+    let lab = Lab::new("rf");
     // The default: the three-clouds mirror, par-1 behind NAT, full mesh.
-    pods_reach_each_other_through_wireguard_only(&lab, &[], Agent::Stub);
+    pods_reach_each_other_through_wireguard_only(&lab, &[]);
 }
 
 #[test]
@@ -540,14 +543,128 @@ fn stub_agents_three_clouds_full_mesh_with_a_natted_node_pass_check() {
     not(feature = "netns-tests"),
     ignore = "needs root and network namespaces"
 )]
-fn stub_agents_location_mesh_with_a_natted_lan_pass_check() {
-    require_tools(&["jq"]);
-    let lab = Lab::new("sl");
+fn real_agents_location_mesh_with_a_natted_lan_pass_check() {
+    require_tools(&[]);
+    let lab = Lab::new("rl");
     pods_reach_each_other_through_wireguard_only(
         &lab,
         &["--nodes", "4", "--locations", "2", "--pods", "2"],
-        Agent::Stub,
     );
+}
+
+// -- helpers of the scenarios below ----------------------------------------------------------
+
+/// Poll `f` every 100 ms until it returns `Some`, for at most `limit`.
+fn poll<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Resumes a process stopped with SIGSTOP when dropped, so a failing test never leaves an agent
+/// frozen (`lab down` would still SIGKILL it, but its log would be misleading).
+struct Stopped(Pid);
+
+impl Stopped {
+    fn new(pid: u32) -> Stopped {
+        let pid = Pid::from_raw(i32::try_from(pid).unwrap());
+        kill(pid, Signal::SIGSTOP).expect("SIGSTOP to the agent");
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = kill(self.0, Signal::SIGCONT);
+    }
+}
+
+impl Lab {
+    fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["lab", "status", "-o", "json"])).expect("status JSON")
+    }
+
+    /// `ip -n <lab ns> args…`; its stdout, whatever the exit status.
+    fn ip(&self, suffix: &str, args: &[&str]) -> String {
+        let ns = self.ns(suffix);
+        let mut all = vec!["-n", ns.as_str()];
+        all.extend_from_slice(args);
+        String::from_utf8_lossy(&sh("ip", &all).stdout).into_owned()
+    }
+
+    /// The routes the agent of node namespace `suffix` owns (`proto 104`).
+    fn own_routes(&self, suffix: &str) -> String {
+        self.ip(suffix, &["route", "show", "proto", "104"])
+    }
+
+    /// Whether the pod namespace `pod` gets an answer from `addr` (up to 3 pings, 2 s each).
+    fn pod_pings(&self, pod: &str, addr: &str) -> bool {
+        (0..3).any(|_| {
+            sh(
+                "ip",
+                &[
+                    "netns", "exec", pod, "ping", "-n", "-c", "1", "-W", "2", addr,
+                ],
+            )
+            .status
+            .success()
+        })
+    }
+
+    /// Rewrite `nodes.yaml` without node `name`, atomically (temp file in the same directory,
+    /// then rename): an agent never reads a half-written file.
+    fn remove_node(&self, name: &str) {
+        let path = self.dir().join("nodes.yaml");
+        let mut doc: serde_yaml::Value =
+            serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let items = doc["items"].as_sequence_mut().expect("items");
+        let before = items.len();
+        items.retain(|n| n["metadata"]["name"].as_str() != Some(name));
+        assert_eq!(items.len(), before - 1, "{name} not in {}", path.display());
+        let tmp = self.dir().join(".nodes.yaml.tmp");
+        std::fs::write(&tmp, serde_yaml::to_string(&doc).unwrap()).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+    }
+}
+
+/// Node `name` of a status document.
+fn node<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == name)
+        .unwrap_or_else(|| panic!("no node {name} in {status}"))
+}
+
+/// The first pod of a node in a status document: (namespace, first IP).
+fn first_pod(n: &serde_json::Value) -> (String, String) {
+    let pod = &n["pods"][0];
+    (
+        pod["name"].as_str().unwrap().to_owned(),
+        pod["ips"][0].as_str().unwrap().to_owned(),
+    )
+}
+
+/// Whether a node's WireGuard device has a peer with key `key`.
+fn has_peer(n: &serde_json::Value, key: &str) -> bool {
+    n["peers"]
+        .as_array()
+        .is_some_and(|ps| ps.iter().any(|p| p["public_key"] == key))
+}
+
+fn public_key(lab: &Lab, node: &str) -> String {
+    std::fs::read_to_string(lab.dir().join("nodes").join(node).join("key.pub"))
+        .unwrap()
+        .trim()
+        .to_owned()
 }
 
 #[test]
@@ -555,28 +672,200 @@ fn stub_agents_location_mesh_with_a_natted_lan_pass_check() {
     not(feature = "netns-tests"),
     ignore = "needs root and network namespaces"
 )]
-fn check_fails_and_names_the_flow_when_pod_traffic_leaks_onto_the_underlay() {
-    require_tools(&["jq"]);
+fn check_fails_and_names_the_flow_when_pod_traffic_leaks_and_passes_once_the_agent_restores_the_route()
+ {
+    require_tools(&[]);
     let lab = Lab::new("lk");
-    let mut args = vec!["--nat".to_owned(), "0".to_owned()];
-    args.extend(Agent::Stub.args());
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let up = lab.up(&args);
+    let up = lab.up(&["--nat", "0"]);
     assert!(up.status.success(), "{}", text(&up));
-    // fra-1 forgets its tunnel route to hel-1's pods: they now leave by the default route,
-    // in plaintext, onto the underlay.
-    let del = sh("ip", &["-n", &lab.ns("n1"), "route", "del", "10.42.1.0/24"]);
-    assert!(del.status.success(), "{}", text(&del));
+    let pid = node(&lab.status(), "fra-1")["agent_pid"].as_u64().unwrap();
+    {
+        // The agent restores a deleted route of its own within a second: freeze it first.
+        let _frozen = Stopped::new(u32::try_from(pid).unwrap());
+        // fra-1 forgets its tunnel route to hel-1's pods: they now leave by the default route,
+        // in plaintext, onto the underlay.
+        let del = sh("ip", &["-n", &lab.ns("n1"), "route", "del", "10.42.1.0/24"]);
+        assert!(del.status.success(), "{}", text(&del));
+        let check = lab.run(&["lab", "check"]);
+        let report = text(&check);
+        assert_eq!(check.status.code(), Some(1), "{report}");
+        assert!(
+            report.contains("plaintext on the underlay: 10.42.0.2 > 10.42.1.2 icmp"),
+            "{report}"
+        );
+        assert!(
+            report.contains("no plaintext pod packets on the underlay FAILED"),
+            "{report}"
+        );
+    }
+    // Thawed, the agent sees the route is gone and puts it back.
+    let back = poll(Duration::from_secs(5), || {
+        lab.own_routes("n1").contains("10.42.1.0/24").then_some(())
+    });
+    assert!(
+        back.is_some(),
+        "route not restored: {}",
+        lab.own_routes("n1")
+    );
     let check = lab.run(&["lab", "check"]);
-    let report = text(&check);
-    assert_eq!(check.status.code(), Some(1), "{report}");
+    assert!(check.status.success(), "{}", text(&check));
+    lab.down_and_assert_gone();
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "netns-tests"),
+    ignore = "needs root and network namespaces"
+)]
+fn real_agent_restores_a_route_of_its_own_deleted_by_hand_within_a_second() {
+    require_tools(&[]);
+    let lab = Lab::new("rr");
+    let up = lab.up(&["--nodes", "2", "--locations", "2", "--nat", "0"]);
+    assert!(up.status.success(), "{}", text(&up));
     assert!(
-        report.contains("plaintext on the underlay: 10.42.0.2 > 10.42.1.2 icmp"),
-        "{report}"
+        lab.own_routes("n1").contains("10.201.2.0/24"),
+        "{}",
+        lab.own_routes("n1")
     );
+    let del = sh(
+        "ip",
+        &["-n", &lab.ns("n1"), "route", "del", "10.201.2.0/24"],
+    );
+    assert!(del.status.success(), "{}", text(&del));
+    let deleted = Instant::now();
+    let back = poll(Duration::from_secs(1), || {
+        lab.own_routes("n1").contains("10.201.2.0/24").then_some(())
+    });
     assert!(
-        report.contains("no plaintext pod packets on the underlay FAILED"),
-        "{report}"
+        back.is_some(),
+        "route not back after {:?}: {}",
+        deleted.elapsed(),
+        lab.own_routes("n1")
     );
+    let status = lab.status();
+    let (pod1, ip1) = first_pod(node(&status, "node1"));
+    let (pod2, ip2) = first_pod(node(&status, "node2"));
+    assert!(lab.pod_pings(&pod1, &ip2), "{pod1} -> {ip2}");
+    assert!(lab.pod_pings(&pod2, &ip1), "{pod2} -> {ip1}");
+    lab.down_and_assert_gone();
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "netns-tests"),
+    ignore = "needs root and network namespaces"
+)]
+fn node_removed_from_the_file_loses_its_peers_and_routes_everywhere() {
+    require_tools(&[]);
+    let lab = Lab::new("rm");
+    let up = lab.up(&["--nodes", "3", "--locations", "3", "--nat", "0"]);
+    assert!(up.status.success(), "{}", text(&up));
+    let gone_key = public_key(&lab, "node3");
+    let status = lab.status();
+    for n in ["node1", "node2"] {
+        assert!(has_peer(node(&status, n), &gone_key), "{status}");
+    }
+
+    lab.remove_node("node3");
+    let removed = Instant::now();
+    let settled = poll(Duration::from_secs(15), || {
+        let status = lab.status();
+        let clean = [("node1", "n1"), ("node2", "n2")].iter().all(|(n, ns)| {
+            !has_peer(node(&status, n), &gone_key)
+                && !lab
+                    .ip(ns, &["route", "show", "table", "all"])
+                    .contains("10.201.3.0/24")
+        });
+        clean.then_some(status)
+    });
+    let Some(status) = settled else {
+        panic!(
+            "node3 still known after 15 s: {}\nnode1 routes:\n{}",
+            lab.status(),
+            lab.ip("n1", &["route", "show", "table", "all"])
+        );
+    };
+    eprintln!("node3 forgotten everywhere after {:?}", removed.elapsed());
+    let (pod1, ip1) = first_pod(node(&status, "node1"));
+    let (pod2, ip2) = first_pod(node(&status, "node2"));
+    assert!(lab.pod_pings(&pod1, &ip2), "{pod1} -> {ip2}");
+    assert!(lab.pod_pings(&pod2, &ip1), "{pod2} -> {ip1}");
+    lab.down_and_assert_gone();
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "netns-tests"),
+    ignore = "needs root and network namespaces"
+)]
+fn location_leader_removed_from_the_file_hands_over_to_the_other_node_of_its_location() {
+    require_tools(&[]);
+    let lab = Lab::new("ll");
+    let up = lab.up(&["--nodes", "4", "--locations", "2", "--nat", "0"]);
+    assert!(up.status.success(), "{}", text(&up));
+    let status = lab.status();
+    assert_eq!(status["granularity"], "location", "{status}");
+    let loc1: Vec<&serde_json::Value> = status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["location"] == "loc1")
+        .collect();
+    assert_eq!(loc1.len(), 2, "{status}");
+    let (old, new): (Vec<_>, Vec<_>) = loc1.into_iter().partition(|n| n["leader"] == true);
+    assert_eq!(old.len(), 1, "one leader in loc1: {status}");
+    let old = old[0]["name"].as_str().unwrap().to_owned();
+    let new = new[0]["name"].as_str().unwrap().to_owned();
+    // Node i lives in namespace n<i>.
+    let new_ns = format!("n{}", new.trim_start_matches("node"));
+    let loc2: Vec<String> = status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["location"] == "loc2")
+        .map(|n| n["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(loc2.len(), 2, "{status}");
+
+    let new_key = public_key(&lab, &new);
+    let old_key = public_key(&lab, &old);
+    // Before: loc2's leader tunnels to the old leader only.
+    for m in status["nodes"].as_array().unwrap() {
+        if m["location"] == "loc2" && m["leader"] == true {
+            assert!(has_peer(m, &old_key) && !has_peer(m, &new_key), "{status}");
+        }
+    }
+
+    lab.remove_node(&old);
+    let removed = Instant::now();
+    let settled = poll(Duration::from_secs(15), || {
+        let status = lab.status();
+        let n = node(&status, &new);
+        let mesh_ip = n["mesh_ip"].as_str()?.to_owned();
+        let leading = n["leader"] == true
+            && !n["peers"].as_array()?.is_empty()
+            && lab
+                .ip(&new_ns, &["-o", "addr", "show", "dev", "wiremesh0"])
+                .contains(&format!("{mesh_ip}/"));
+        // The leader of loc2 tunnels to the new leader, not to the old one.
+        let followed = status["nodes"].as_array()?.iter().any(|m| {
+            m["location"] == "loc2"
+                && m["leader"] == true
+                && has_peer(m, &new_key)
+                && !has_peer(m, &old_key)
+        });
+        (leading && followed).then_some(status)
+    });
+    let Some(status) = settled else {
+        panic!("{new} did not take over loc1 within 15 s: {}", lab.status());
+    };
+    eprintln!("{new} leads loc1 after {:?}", removed.elapsed());
+
+    let (pod, ip) = first_pod(node(&status, &new));
+    for other in &loc2 {
+        let (other_pod, other_ip) = first_pod(node(&status, other));
+        assert!(lab.pod_pings(&pod, &other_ip), "{pod} -> {other_ip}");
+        assert!(lab.pod_pings(&other_pod, &ip), "{other_pod} -> {ip}");
+    }
     lab.down_and_assert_gone();
 }

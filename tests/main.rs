@@ -2,6 +2,7 @@
 
 mod util;
 
+mod agent_foreign;
 mod boundary;
 mod engine_props;
 mod lab;

@@ -1236,14 +1236,38 @@ fn read_tail(f: &mut File) -> String {
 }
 
 /// The process serving the UAPI socket of interface `name`: its command line ends with `name`,
-/// it runs in our mount namespace (where the socket path means the same file), and one of its
-/// descriptors is the listening socket bound to `.../wireguard/NAME.sock`.
+/// the socket path means the same file for it as for us, and one of its descriptors is the
+/// listening socket bound to `.../wireguard/NAME.sock`.
+///
+/// "The same file": the process runs in our mount namespace, or our socket file is the one it
+/// sees at that path (`/proc/PID/root/…`, same device and inode). The second case is a
+/// `wiremesh cleanup` (or a restarted agent) started in a fresh mount namespace that
+/// bind-mounts the same directory over `/run/wireguard` as the agent that started the daemon
+/// did (`ip netns exec` gives every invocation its own mount namespace).
 ///
 /// Why not `SO_PEERCRED`: wireguard-go binds and listens *before* it daemonizes, so the socket's
 /// credentials name the launcher, which has exited.
 pub fn find_daemon_pid(name: &str) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt as _;
     let suffix = format!("/wireguard/{name}.sock");
     let our_mnt = fs::read_link("/proc/thread-self/ns/mnt").ok();
+    // Canonical, so that no absolute symlink (`/var/run` -> `/run`) is followed under
+    // `/proc/PID/root`, where it would resolve in *our* root again.
+    let our_socket = fs::canonicalize(socket_dir())
+        .ok()
+        .map(|d| d.join(format!("{name}.sock")));
+    let our_file = our_socket
+        .as_ref()
+        .and_then(|p| fs::metadata(p).ok())
+        .map(|m| (m.dev(), m.ino()));
+    let same_file = |pid: u32| -> bool {
+        let (Some(path), Some(ours)) = (&our_socket, our_file) else {
+            return false;
+        };
+        let theirs =
+            Path::new(&format!("/proc/{pid}/root")).join(path.strip_prefix("/").unwrap_or(path));
+        fs::metadata(theirs).is_ok_and(|m| (m.dev(), m.ino()) == ours)
+    };
     let entries = fs::read_dir("/proc").ok()?;
     for entry in entries.flatten() {
         let Some(pid) = entry
@@ -1263,7 +1287,10 @@ pub fn find_daemon_pid(name: &str) -> Option<u32> {
         if last != name.as_bytes() || process_exited(pid) {
             continue;
         }
-        if our_mnt.is_some() && fs::read_link(format!("/proc/{pid}/ns/mnt")).ok() != our_mnt {
+        if our_mnt.is_some()
+            && fs::read_link(format!("/proc/{pid}/ns/mnt")).ok() != our_mnt
+            && !same_file(pid)
+        {
             continue;
         }
         let Ok(unix) = fs::read_to_string(format!("/proc/{pid}/net/unix")) else {

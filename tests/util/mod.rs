@@ -2,6 +2,8 @@
 //! userspace WireGuard for the root-only tests.
 
 #[allow(dead_code)]
+pub mod agent_netns;
+#[allow(dead_code)]
 pub mod netns;
 pub mod strategy;
 #[allow(dead_code)]

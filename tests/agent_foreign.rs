@@ -1,0 +1,223 @@
+//! The real agent next to state that is not its own: routes, a routing table, a policy rule, an
+//! nftables table and links created before it starts are left exactly as they were, while the
+//! agent runs and after `wiremesh cleanup`; and `wiremesh cleanup` leaves nothing of wiremesh
+//! behind (interface, bridge, routes, rules, nftables table, CNI file, WireGuard daemon).
+//!
+//! Needs root, iproute2, nftables, wireguard-tools, wireguard-go and ping: run with
+//! `--features netns-tests`. The nodes are [`AgentNodes`]: two namespaces on a veth.
+
+use std::time::{Duration, Instant};
+
+use crate::util::agent_netns::{AgentNode, AgentNodes};
+
+/// The kernel state wiremesh does not own, as text, volatile fields removed: routes of every
+/// table without `proto 104` and without our devices, rules without ours, the nftables ruleset
+/// without `inet wiremesh` (stateless: no counter values), links and addresses without ours.
+///
+/// IPv6 `anycast` routes are left out too: the kernel adds a subnet-router anycast route per
+/// link when forwarding is switched on, which the agent does (a node forwards pod traffic).
+fn foreign_snapshot(n: &AgentNode) -> String {
+    let ours = |l: &str| {
+        l.starts_with("anycast ")
+            || l.contains("proto 104")
+            || l.contains("dev wiremesh0")
+            || l.contains("dev wmbr0")
+            || l.contains(": wiremesh0")
+            || l.contains(": wmbr0")
+    };
+    let mut out = String::new();
+    for (what, args) in [
+        ("routes v4", &["-4", "route", "show", "table", "all"][..]),
+        ("routes v6", &["-6", "route", "show", "table", "all"]),
+        ("rules v4", &["-d", "-4", "rule", "show"]),
+        ("rules v6", &["-d", "-6", "rule", "show"]),
+        ("links", &["-o", "link", "show"]),
+        ("addresses", &["-o", "addr", "show"]),
+    ] {
+        out.push_str(&format!("# {what}\n"));
+        for line in n.ns.ip(args).lines().filter(|l| !ours(l)) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out.push_str("# nftables\n");
+    let ruleset = n.ns.exec(&["nft", "-s", "list", "ruleset"], None);
+    let mut skipping = false;
+    for line in ruleset.lines() {
+        if line.starts_with("table inet wiremesh ") {
+            skipping = true;
+        }
+        if !skipping {
+            out.push_str(line);
+            out.push('\n');
+        }
+        if skipping && line == "}" {
+            skipping = false;
+        }
+    }
+    out
+}
+
+/// Foreign state in node a: a static route, a route in table 200, a rule to table 200, an
+/// nftables table, a veth pair and a bridge with an address.
+fn make_foreign_state(a: &AgentNode) {
+    let ns = &a.ns;
+    ns.ip(&[
+        "route",
+        "add",
+        "10.99.0.0/16",
+        "via",
+        "10.77.0.2",
+        "proto",
+        "static",
+    ]);
+    ns.ip(&[
+        "route",
+        "add",
+        "10.97.0.0/16",
+        "via",
+        "10.77.0.2",
+        "table",
+        "200",
+    ]);
+    ns.ip(&[
+        "rule",
+        "add",
+        "from",
+        "10.98.0.0/16",
+        "lookup",
+        "200",
+        "pref",
+        "500",
+    ]);
+    ns.exec(
+        &["nft", "-f", "-"],
+        Some(
+            "table inet foreign {\n  chain c {\n    type filter hook forward priority 0; policy accept;\n    counter\n  }\n}\n",
+        ),
+    );
+    ns.ip(&["link", "add", "fv0", "type", "veth", "peer", "name", "fv1"]);
+    ns.ip(&["link", "add", "fbr0", "type", "bridge"]);
+    ns.ip(&["link", "set", "fv1", "master", "fbr0"]);
+    ns.ip(&["addr", "add", "10.96.0.1/24", "dev", "fbr0"]);
+    for l in ["fv0", "fv1", "fbr0"] {
+        ns.ip(&["link", "set", l, "up"]);
+    }
+}
+
+/// Snapshot until two in a row, 500 ms apart, agree (a link coming up adds its routes a moment
+/// later), for at most 10 s.
+fn settled_snapshot(n: &AgentNode) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = foreign_snapshot(n);
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = foreign_snapshot(n);
+        if now == last || Instant::now() >= deadline {
+            return now;
+        }
+        last = now;
+    }
+}
+
+/// Whether `from` pings `to` from address `src` (`ping -I`).
+fn pings(n: &AgentNode, src: &str, to: &str) -> bool {
+    n.ns.try_exec(&["ping", "-n", "-c", "1", "-W", "1", "-I", src, to])
+        .status
+        .success()
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "netns-tests"),
+    ignore = "needs root and network namespaces"
+)]
+fn agent_and_cleanup_leave_foreign_state_exactly_as_it_was_and_cleanup_leaves_nothing_of_ours() {
+    let mut mesh = AgentNodes::new("wm-fo");
+    make_foreign_state(&mesh.nodes[0]);
+    let before = settled_snapshot(&mesh.nodes[0]);
+    for must in [
+        "10.99.0.0/16 via 10.77.0.2 dev eth0 proto static",
+        "10.97.0.0/16 via 10.77.0.2 dev eth0 table 200",
+        "from 10.98.0.0/16 lookup 200",
+        "table inet foreign",
+        "fbr0",
+        "fv0@fv1",
+        "10.96.0.1/24",
+    ] {
+        assert!(
+            before.contains(must),
+            "{must} not in the snapshot:\n{before}"
+        );
+    }
+
+    mesh.start();
+    let (a_src, b_bridge) = (mesh.nodes[0].bridge_ip(), mesh.nodes[1].bridge_ip());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !pings(&mesh.nodes[0], &a_src, &b_bridge) {
+        assert!(
+            Instant::now() < deadline,
+            "no ping {a_src} -> {b_bridge} through the tunnel after 30 s\n{}",
+            mesh.logs()
+        );
+        for n in &mut mesh.nodes {
+            assert!(n.agent_running(), "agent {} exited\n{}", n.name, n.log());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let a = &mesh.nodes[0];
+    assert!(
+        !a.ns.ip(&["route", "show", "proto", "104"]).is_empty(),
+        "the mesh works without routes of ours?"
+    );
+    assert_eq!(
+        foreign_snapshot(a),
+        before,
+        "the running agent changed foreign state"
+    );
+
+    // Stop a's agent (it leaves its state in place), then clean up.
+    mesh.nodes[0].stop();
+    let a = &mesh.nodes[0];
+    assert!(
+        a.cni_config().exists(),
+        "the agent wrote no CNI config\n{}",
+        a.log()
+    );
+    let out = a.cleanup();
+    assert!(
+        out.status.success(),
+        "wiremesh cleanup failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        a.log()
+    );
+    let cleanup_log = String::from_utf8_lossy(&out.stderr).into_owned();
+
+    let links = a.ns.ip(&["-o", "link", "show"]);
+    assert!(!links.contains(": wiremesh0"), "{links}\n{cleanup_log}");
+    assert!(!links.contains(": wmbr0"), "{links}\n{cleanup_log}");
+    for family in ["-4", "-6"] {
+        let routes =
+            a.ns.ip(&[family, "route", "show", "table", "all", "proto", "104"]);
+        assert!(routes.is_empty(), "routes of ours left: {routes}");
+        let rules = a.ns.ip(&["-d", family, "rule", "show"]);
+        assert!(!rules.contains("proto 104"), "rules of ours left: {rules}");
+    }
+    let tables = a.ns.exec(&["nft", "list", "tables"], None);
+    assert!(!tables.contains("inet wiremesh"), "{tables}");
+    assert!(!a.cni_config().exists(), "CNI config left");
+    assert!(
+        a.pids().is_empty(),
+        "processes left in the node (wireguard-go?): {:?}\n{cleanup_log}",
+        a.pids()
+    );
+    assert!(
+        !a.dir.join("run/wireguard/wiremesh0.sock").exists(),
+        "control socket left"
+    );
+    assert_eq!(
+        foreign_snapshot(a),
+        before,
+        "cleanup changed foreign state\n{cleanup_log}"
+    );
+}
