@@ -72,10 +72,10 @@ pub struct AgentConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     /// The registry could not be read at start.
-    #[error("registry: {0}")]
+    #[error(transparent)]
     Registry(#[from] FileError),
     /// The kernel could not be set up or read.
-    #[error("kernel: {0}")]
+    #[error(transparent)]
     Kernel(#[from] KernelError),
     /// The files could not be watched.
     #[error("watching {path}: {message}")]

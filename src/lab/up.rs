@@ -195,8 +195,42 @@ fn build(state: &mut LabState, opts: &UpOptions, binary: Option<&Path>) -> Resul
         agent::check_alive(state, &mut children)?;
     }
     agent::check_alive(state, &mut children)?;
+    wait_for_natted_handshakes(state, std::time::Duration::from_secs(20));
     state.phase = Phase::Up;
     state.save()
+}
+
+/// Wait (bounded) until every leader behind NAT has a handshake with each of its peers, so the
+/// lab is usable as soon as `up` returns.
+///
+/// Why: a NATed node is unreachable until it has sent something. Its first handshake, sent as
+/// soon as its agent configures a peer (it has a keepalive), is dropped when it reaches a peer
+/// whose agent has not configured the NATed node yet, a few milliseconds later; WireGuard then
+/// retries only after 5 s (`REKEY_TIMEOUT`).
+fn wait_for_natted_handshakes(state: &LabState, limit: std::time::Duration) {
+    let start = std::time::Instant::now();
+    loop {
+        let status = super::status::collect(state, now_unix());
+        let pending: Vec<&str> = status
+            .nodes
+            .iter()
+            .filter(|n| n.behind_nat && n.leader)
+            .filter(|n| {
+                n.peers
+                    .iter()
+                    .any(|p| p.latest_handshake_secs_ago.is_none())
+            })
+            .map(|n| n.name.as_str())
+            .collect();
+        if pending.is_empty() {
+            return;
+        }
+        if start.elapsed() > limit {
+            tracing::warn!(nodes = ?pending, "nodes behind NAT have not reached every peer yet");
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }
 
 /// A one-screen summary of a lab that just came up.
