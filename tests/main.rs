@@ -5,6 +5,7 @@ mod util;
 mod agent_foreign;
 mod boundary;
 mod engine_props;
+mod fuzz_parsers;
 mod lab;
 mod netlink_netns;
 mod nft_cni_netns;
