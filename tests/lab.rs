@@ -644,6 +644,14 @@ fn node<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value 
         .unwrap_or_else(|| panic!("no node {name} in {status}"))
 }
 
+/// The first pods of nodes `a` and `b` ping each other both ways.
+fn pods_ping_both_ways(lab: &Lab, status: &serde_json::Value, a: &str, b: &str) {
+    let (pod_a, ip_a) = first_pod(node(status, a));
+    let (pod_b, ip_b) = first_pod(node(status, b));
+    assert!(lab.pod_pings(&pod_a, &ip_b), "{pod_a} -> {ip_b}");
+    assert!(lab.pod_pings(&pod_b, &ip_a), "{pod_b} -> {ip_a}");
+}
+
 /// The first pod of a node in a status document: (namespace, first IP).
 fn first_pod(n: &serde_json::Value) -> (String, String) {
     let pod = &n["pods"][0];
@@ -743,10 +751,7 @@ fn real_agent_restores_a_route_of_its_own_deleted_by_hand_within_a_second() {
         lab.own_routes("n1")
     );
     let status = lab.status();
-    let (pod1, ip1) = first_pod(node(&status, "node1"));
-    let (pod2, ip2) = first_pod(node(&status, "node2"));
-    assert!(lab.pod_pings(&pod1, &ip2), "{pod1} -> {ip2}");
-    assert!(lab.pod_pings(&pod2, &ip1), "{pod2} -> {ip1}");
+    pods_ping_both_ways(&lab, &status, "node1", "node2");
     lab.down_and_assert_gone();
 }
 
@@ -786,10 +791,7 @@ fn node_removed_from_the_file_loses_its_peers_and_routes_everywhere() {
         );
     };
     eprintln!("node3 forgotten everywhere after {:?}", removed.elapsed());
-    let (pod1, ip1) = first_pod(node(&status, "node1"));
-    let (pod2, ip2) = first_pod(node(&status, "node2"));
-    assert!(lab.pod_pings(&pod1, &ip2), "{pod1} -> {ip2}");
-    assert!(lab.pod_pings(&pod2, &ip1), "{pod2} -> {ip1}");
+    pods_ping_both_ways(&lab, &status, "node1", "node2");
     lab.down_and_assert_gone();
 }
 

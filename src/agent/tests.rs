@@ -92,21 +92,40 @@ fn peers(k: &FakeKernel) -> usize {
         .map_or(0, |w| w.peers.len())
 }
 
+/// A running agent over `kernel`: its kernel-event sender, and what stops it.
+struct Running {
+    events: mpsc::Sender<()>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), AgentError>>,
+}
+
+impl Running {
+    fn start(cfg: AgentConfig, kernel: &FakeKernel) -> Running {
+        let (events, rx) = mpsc::channel(4);
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let mut k = kernel.clone();
+        let task = tokio::spawn(async move {
+            run_with(cfg, &mut k, KEY, rx, async {
+                let _ = stop_rx.await;
+            })
+            .await
+        });
+        Running { events, stop, task }
+    }
+
+    async fn stop(self) {
+        self.stop.send(()).unwrap();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
 #[tokio::test]
 async fn agent_follows_the_file_and_restores_lost_routes() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path());
     let nodes_path = cfg.nodes.clone();
     let kernel = FakeKernel::default();
-    let (tx, rx) = mpsc::channel(4);
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut k = kernel.clone();
-    let task = tokio::spawn(async move {
-        run_with(cfg, &mut k, KEY, rx, async {
-            let _ = stop_rx.await;
-        })
-        .await
-    });
+    let agent = Running::start(cfg, &kernel);
     wait_for("two peers", || peers(&kernel) == 2).await;
     assert_eq!(kernel.state.lock().unwrap().routes.len(), 2);
 
@@ -124,14 +143,13 @@ async fn agent_follows_the_file_and_restores_lost_routes() {
 
     // A route of ours disappears from the kernel: the agent puts it back when told.
     let lost = kernel.state.lock().unwrap().routes.pop().unwrap();
-    tx.send(()).await.unwrap();
+    agent.events.send(()).await.unwrap();
     wait_for("route restored", || {
         kernel.state.lock().unwrap().routes.contains(&lost)
     })
     .await;
 
-    stop_tx.send(()).unwrap();
-    task.await.unwrap().unwrap();
+    agent.stop().await;
 }
 
 #[tokio::test]
@@ -141,15 +159,7 @@ async fn refused_operation_is_retried_while_the_rest_is_programmed() {
     let kernel = FakeKernel::default();
     let dst: ipnetwork::IpNetwork = "10.42.2.0/24".parse().unwrap();
     *kernel.refuse.lock().unwrap() = Some((dst, 1));
-    let (_tx, rx) = mpsc::channel(4);
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut k = kernel.clone();
-    let task = tokio::spawn(async move {
-        run_with(cfg, &mut k, KEY, rx, async {
-            let _ = stop_rx.await;
-        })
-        .await
-    });
+    let agent = Running::start(cfg, &kernel);
     // Everything else is programmed at once; the refused route arrives with the retry (1 s).
     wait_for("peers", || peers(&kernel) == 2).await;
     assert!(
@@ -171,8 +181,7 @@ async fn refused_operation_is_retried_while_the_rest_is_programmed() {
             .iter()
             .any(|r| r.dst == dst)
     );
-    stop_tx.send(()).unwrap();
-    task.await.unwrap().unwrap();
+    agent.stop().await;
 }
 
 #[tokio::test]
@@ -181,15 +190,7 @@ async fn unchanged_registry_causes_no_kernel_operation() {
     let cfg = config(dir.path());
     let nodes_path = cfg.nodes.clone();
     let kernel = FakeKernel::default();
-    let (_tx, rx) = mpsc::channel(4);
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut k = kernel.clone();
-    let task = tokio::spawn(async move {
-        run_with(cfg, &mut k, KEY, rx, async {
-            let _ = stop_rx.await;
-        })
-        .await
-    });
+    let agent = Running::start(cfg, &kernel);
     wait_for("peers", || peers(&kernel) == 2).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     let before = kernel.applied.lock().unwrap().len();
@@ -198,6 +199,5 @@ async fn unchanged_registry_causes_no_kernel_operation() {
     std::fs::write(&nodes_path, text).unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(kernel.applied.lock().unwrap().len(), before);
-    stop_tx.send(()).unwrap();
-    task.await.unwrap().unwrap();
+    agent.stop().await;
 }
