@@ -3,13 +3,15 @@
 //! Data flows one way:
 //!
 //! ```text
-//! registry (file / Kubernetes)   → model::MeshNode, MeshPeer   (+ diagnostics)
-//!   → topology::build / compute  → topology::Topology           (pure, deterministic)
-//!   → desired::DesiredState      (one node's interface, peers, routes, rules, bridge, NAT)
-//!   → reconciler                 → kernel (netlink, WireGuard)
+//! registry (file; Kubernetes next)  → model::MeshNode, MeshPeer (+ diagnostics)
+//!   → topology (pure, deterministic) → Topology → desired::DesiredState of one node
+//!     topology::incremental::Engine applies one registry event at a time
+//!   → reconcile::plan (pure)         → ops against what the kernel holds that is ours
+//!   → reconcile::system::SystemKernel → netlink, WireGuard, nftables, CNI config
 //! ```
 //!
-//! The graph exporter and `meshctl` read the same topology. Start with [`topology::compute`].
+//! `agent` runs that loop; `meshctl` (`cli`, `graph`, `showconf`, `doctor`, `lab`) reads the
+//! same topology. Start with [`topology::compute`] and [`agent::run_with`].
 
 pub mod agent;
 pub mod cli;

@@ -11,7 +11,7 @@
 //!
 //! Pure: no I/O, no clock, no async. Depends on the topology module, model and desired state.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use ipnetwork::IpNetwork;
 
@@ -480,9 +480,9 @@ impl Engine {
             .iter()
             .filter_map(|(k, _)| self.contributions.get(&Owner::Segment(k.clone())))
             .collect();
-        let mut ips: HashMap<IpNetwork, ()> = HashMap::new();
-        let mut routes: HashMap<(u32, IpNetwork), ()> = HashMap::new();
-        let mut keys: HashMap<WgKey, ()> = HashMap::new();
+        let mut ips: HashSet<IpNetwork> = HashSet::new();
+        let mut routes: HashSet<(u32, IpNetwork)> = HashSet::new();
+        let mut keys: HashSet<WgKey> = HashSet::new();
         let freed_ip = |ip: &IpNetwork| {
             replaced
                 .iter()
@@ -496,7 +496,7 @@ impl Engine {
         for (_, c) in new {
             let Some((c, _)) = c else { continue };
             if let Some(p) = c.peer() {
-                if keys.insert(p.public_key, ()).is_some() {
+                if !keys.insert(p.public_key) {
                     return false;
                 }
                 if let Some(existing) = self.index.peers.get(&p.public_key)
@@ -505,7 +505,7 @@ impl Engine {
                     return false;
                 }
                 for ip in &p.allowed_ips {
-                    if ips.insert(*ip, ()).is_some() {
+                    if !ips.insert(*ip) {
                         return false;
                     }
                     if self.index.allowed.contains_key(ip) && !freed_ip(ip) {
@@ -515,7 +515,7 @@ impl Engine {
             }
             for r in &c.routes {
                 let k = (r.table, r.dst);
-                if routes.insert(k, ()).is_some() {
+                if !routes.insert(k) {
                     return false;
                 }
                 if self.index.routes.contains_key(&k) && !freed_route(&k) {
