@@ -4,12 +4,14 @@
 //!
 //! Probes read `/sys`, `/proc` and `PATH`, and try to create links only inside a throwaway
 //! network namespace, so the host is never changed. May depend on the reconcile modules'
-//! detection functions.
+//! detection functions and `lab::sys::find_program`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use serde::Serialize;
+
+use crate::lab::sys::find_program;
 
 /// How a check came out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -32,14 +34,6 @@ pub struct Check {
     pub status: Status,
     /// What was found, and what to do about it.
     pub detail: String,
-}
-
-fn on_path(tool: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join(tool))
-            .find(|f| f.is_file())
-    })
 }
 
 fn is_root() -> bool {
@@ -88,7 +82,7 @@ pub fn run(encapsulate: crate::topology::Encapsulate) -> Vec<Check> {
         },
     );
     let kernel_wg = crate::reconcile::wg::detect_kernel_wireguard(None);
-    let userspace = on_path("wireguard-go").or_else(|| on_path("boringtun-cli"));
+    let userspace = find_program("wireguard-go").or_else(|| find_program("boringtun-cli"));
     match (&kernel_wg, &userspace) {
         (Ok(()), _) => add(
             "wireguard",
@@ -134,7 +128,7 @@ pub fn run(encapsulate: crate::topology::Encapsulate) -> Vec<Check> {
         .args(["list", "tables"])
         .output()
         .is_ok_and(|o| o.status.success());
-    let ipt = on_path("iptables-restore");
+    let ipt = find_program("iptables-restore");
     match (nft_ok, &ipt) {
         (true, _) => add(
             "firewall",

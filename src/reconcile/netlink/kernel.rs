@@ -5,6 +5,8 @@
 use tracing::info;
 
 use super::Netlink;
+use super::route::RouteDump;
+use super::rule::RuleDump;
 use crate::reconcile::{Kernel, KernelError, Op, OwnedState};
 
 /// The netlink share of [`Kernel`]: reads the WireGuard link, routes, rules and the bridge;
@@ -28,14 +30,24 @@ impl NetlinkKernel {
 
     /// Delete routes and rules of ours that no desired state can describe; returns how many.
     pub async fn purge_strays(&self) -> Result<usize, KernelError> {
-        let routes = self.netlink.read_route_dump().await?.strays;
-        let rules = self.netlink.read_rule_dump().await?.strays;
+        let routes = self.netlink.read_route_dump().await?;
+        let rules = self.netlink.read_rule_dump().await?;
+        self.delete_strays(&routes, &rules).await
+    }
+
+    /// Delete the strays of dumps already read.
+    async fn delete_strays(
+        &self,
+        routes: &RouteDump,
+        rules: &RuleDump,
+    ) -> Result<usize, KernelError> {
+        let (routes, rules) = (&routes.strays, &rules.strays);
         let mut n = 0;
-        for r in self.netlink.del_stray_routes(&routes).await {
+        for r in self.netlink.del_stray_routes(routes).await {
             r?;
             n += 1;
         }
-        for r in self.netlink.del_stray_rules(&rules).await {
+        for r in self.netlink.del_stray_rules(rules).await {
             r?;
             n += 1;
         }
@@ -52,13 +64,16 @@ impl NetlinkKernel {
 
 impl Kernel for NetlinkKernel {
     async fn read_owned(&mut self) -> Result<OwnedState, KernelError> {
-        self.purge_strays().await?;
+        // One dump of each: the strays go, the rest is what we own.
         let nl = &self.netlink;
+        let routes = nl.read_route_dump().await?;
+        let rules = nl.read_rule_dump().await?;
+        self.delete_strays(&routes, &rules).await?;
         Ok(OwnedState {
             wireguard: None,
             link: nl.read_link(&nl.devices().wireguard).await?,
-            routes: nl.read_routes().await?,
-            rules: nl.read_rules().await?,
+            routes: routes.routes,
+            rules: rules.rules,
             bridge: nl.read_bridge().await?,
             masquerade: None,
             cni: None,
