@@ -2,11 +2,15 @@
 # Start a throwaway etcd + kube-apiserver on loopback for tests; print `KUBECONFIG=… ETCD_PID=…
 # APISERVER_PID=…` lines. Stop both by PID (apiserver first). Recipe: ../shared/kube-apiserver-notes.md.
 #   DIR=/tmp/x API_PORT=6443 ETCD_PORT=2379 tests/apiserver/up.sh
+# BIND (default 127.0.0.1) is the address the API server listens on (also in its certificate);
+# SKIP_ETCD=1 starts only the API server again, on the etcd already running for DIR (its data,
+# resourceVersions and PKI kept): an outage and its end.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 bin=$("$here/setup.sh")
 dir=${DIR:-$(mktemp -d /tmp/wm-kas.XXXXXX)}
 api=${API_PORT:-6443}
+bind=${BIND:-127.0.0.1}
 etcd_port=${ETCD_PORT:-2379}
 pki=$dir/pki
 mkdir -p "$pki" "$dir/etcd" "$dir/certs"
@@ -16,13 +20,20 @@ if [ ! -f "$pki/ca.crt" ]; then
     -addext basicConstraints=critical,CA:TRUE -keyout "$pki/ca.key" -out "$pki/ca.crt" 2>/dev/null
   openssl req -newkey rsa:2048 -nodes -subj /CN=kube-apiserver -keyout "$pki/apiserver.key" \
     -out "$pki/apiserver.csr" 2>/dev/null
-  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc\n' > "$pki/ext"
+  printf 'subjectAltName=IP:127.0.0.1,IP:%s,DNS:localhost,DNS:kubernetes.default.svc\n' "$bind" > "$pki/ext"
   openssl x509 -req -in "$pki/apiserver.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" \
     -CAcreateserial -days 30 -extfile "$pki/ext" -out "$pki/apiserver.crt" 2>/dev/null
   openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
   openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
-  echo 'wm-admin-token,admin,admin-uid,"system:masters"' > "$pki/tokens.csv"
+  # An administrator, and the agent as its ServiceAccount would authenticate in a cluster, so the
+  # RBAC of manifests/ is what limits it.
+  {
+    echo 'wm-admin-token,admin,admin-uid,"system:masters"'
+    echo 'wm-agent-token,system:serviceaccount:kube-system:wiremesh,wm-agent-uid,"system:serviceaccounts,system:serviceaccounts:kube-system"'
+  } > "$pki/tokens.csv"
 fi
+etcd_pid=
+if [ "${SKIP_ETCD:-0}" != 1 ]; then
 etcd --name wmkas --data-dir "$dir/etcd" \
   --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
   --listen-peer-urls "http://127.0.0.1:$((etcd_port + 1))" \
@@ -30,8 +41,9 @@ etcd --name wmkas --data-dir "$dir/etcd" \
   --initial-cluster "wmkas=http://127.0.0.1:$((etcd_port + 1))" \
   --logger zap --log-outputs stderr > "$dir/etcd.log" 2>&1 &
 etcd_pid=$!
+fi
 "$bin" --etcd-servers="http://127.0.0.1:$etcd_port" \
-  --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$api" \
+  --bind-address="$bind" --advertise-address="$bind" --secure-port="$api" \
   --tls-cert-file="$pki/apiserver.crt" --tls-private-key-file="$pki/apiserver.key" \
   --client-ca-file="$pki/ca.crt" --token-auth-file="$pki/tokens.csv" --authorization-mode=RBAC \
   --service-account-issuer=https://kubernetes.default.svc.cluster.local \
@@ -39,16 +51,16 @@ etcd_pid=$!
   --service-cluster-ip-range=10.0.0.0/24 --cert-dir="$dir/certs" \
   --enable-priority-and-fairness=false --endpoint-reconciler-type=none \
   --disable-admission-plugins=TaintNodesByCondition,ServiceAccount \
-  --logtostderr=true --v=1 > "$dir/apiserver.log" 2>&1 &
+  --logtostderr=true --v=1 >> "$dir/apiserver.log" 2>&1 &
 api_pid=$!
 for _ in $(seq 120); do
-  if curl -sf --cacert "$pki/ca.crt" "https://127.0.0.1:$api/readyz" >/dev/null 2>&1; then
+  if curl -sf --cacert "$pki/ca.crt" "https://$bind:$api/readyz" >/dev/null 2>&1; then
     break
   fi
   sleep 0.25
 done
-curl -sf --cacert "$pki/ca.crt" "https://127.0.0.1:$api/readyz" >/dev/null || {
-  kill "$api_pid" "$etcd_pid" 2>/dev/null || true
+curl -sf --cacert "$pki/ca.crt" "https://$bind:$api/readyz" >/dev/null || {
+  kill "$api_pid" $etcd_pid 2>/dev/null || true
   echo "kube-apiserver did not become ready; see $dir/apiserver.log" >&2
   exit 1
 }
@@ -57,7 +69,7 @@ apiVersion: v1
 kind: Config
 clusters:
 - name: wm-kas
-  cluster: {server: "https://127.0.0.1:$api", certificate-authority-data: "$(base64 -w0 < "$pki/ca.crt")"}
+  cluster: {server: "https://$bind:$api", certificate-authority-data: "$(base64 -w0 < "$pki/ca.crt")"}
 users:
 - name: admin
   user: {token: wm-admin-token}
@@ -66,6 +78,9 @@ contexts:
   context: {cluster: wm-kas, user: admin, namespace: default}
 current-context: wm-kas
 KC
+sed -e 's/name: admin$/name: agent/' -e 's/user: admin,/user: agent,/' \
+  -e 's/token: wm-admin-token/token: wm-agent-token/' "$dir/kubeconfig" > "$dir/agent.kubeconfig"
 echo "KUBECONFIG=$dir/kubeconfig"
+echo "AGENT_KUBECONFIG=$dir/agent.kubeconfig"
 echo "ETCD_PID=$etcd_pid"
 echo "APISERVER_PID=$api_pid"

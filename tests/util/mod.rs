@@ -4,6 +4,8 @@
 #[allow(dead_code)]
 pub mod agent_netns;
 #[allow(dead_code)]
+pub mod apiserver;
+#[allow(dead_code)]
 pub mod netns;
 pub mod strategy;
 #[allow(dead_code)]
