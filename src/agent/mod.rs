@@ -6,13 +6,16 @@
 //! and why. May depend on every library module; the kernel is reached only through
 //! [`crate::reconcile::Kernel`].
 
+mod cluster;
+mod source;
 mod watch;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use ipnetwork::IpNetwork;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -23,11 +26,14 @@ use crate::reconcile::nft::FirewallMode;
 use crate::reconcile::system::{SystemKernel, SystemOptions};
 use crate::reconcile::wg::{PrivateKey, WgMode, load_or_generate_private_key};
 use crate::reconcile::{self, Kernel, KernelError, Op};
-use crate::registry::file::{FileError, NodeCache, load_nodes_cached, load_peers};
-use crate::registry::{diff_nodes, diff_peers};
+use crate::registry::cluster::publish::{self, Publication};
+use crate::registry::cluster::{Batch, ClientOptions, ClusterError, WatchOptions};
+use crate::registry::file::FileError;
 use crate::topology::MeshOptions;
-use crate::topology::incremental::{Engine, Update};
+use crate::topology::incremental::{Engine, Event, Update};
 
+pub use cluster::ClusterLink;
+pub use source::{FileRegistry, file_source};
 pub use watch::FileWatcher;
 
 /// Kernel-side settings shared by the agent and `wiremesh cleanup`.
@@ -47,21 +53,31 @@ pub struct KernelConfig {
     pub cni_config: PathBuf,
 }
 
+/// Where nodes and peers come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegistryConfig {
+    /// Files, watched for changes.
+    File(FileRegistry),
+    /// A Kubernetes API server: Nodes and Peers watched, this node published on its Node.
+    Kubernetes(ClientOptions),
+}
+
 /// Everything the agent needs to run.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     /// This node's name.
     pub node: NodeName,
-    /// Nodes file (file registry).
-    pub nodes: PathBuf,
-    /// Peers file (file registry).
-    pub peers: Option<PathBuf>,
+    /// Where nodes and peers come from.
+    pub registry: RegistryConfig,
     /// Private key file.
     pub private_key: PathBuf,
     /// Label giving a node's location.
     pub topology_label: String,
     /// Period of the kernel comparison without changes.
     pub resync_period: Duration,
+    /// Period of the last-seen heartbeat on this node's Node (Kubernetes registry); nodes whose
+    /// heartbeat is older than two periods are left out, as Kilo does.
+    pub check_in_period: Duration,
     /// Kernel-side settings.
     pub kernel: KernelConfig,
     /// Engine options.
@@ -74,6 +90,9 @@ pub enum AgentError {
     /// The registry could not be read at start.
     #[error(transparent)]
     Registry(#[from] FileError),
+    /// The Kubernetes API could not be configured.
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
     /// The kernel could not be set up or read.
     #[error(transparent)]
     Kernel(#[from] KernelError),
@@ -87,40 +106,25 @@ pub enum AgentError {
     },
 }
 
-/// What the registry holds now.
-struct Snapshot {
-    nodes: Vec<MeshNode>,
-    peers: Vec<MeshPeer>,
-    diagnostics: Vec<Diagnostic>,
+/// What the agent knows about this machine's addresses (for the endpoint it publishes).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostInfo {
+    /// Addresses on the interface of the default route.
+    pub default_route: Vec<IpNetwork>,
+    /// Every address of the machine.
+    pub local: Vec<IpNetwork>,
 }
 
-fn read_registry(
-    cfg: &AgentConfig,
-    public_key: WgKey,
-    cache: &mut NodeCache,
-) -> Result<Snapshot, FileError> {
-    let n = load_nodes_cached(&cfg.nodes, &cfg.topology_label, cache)?;
-    let mut nodes = n.items;
-    let mut diagnostics = n.diagnostics;
-    let mut peers = Vec::new();
-    if let Some(p) = &cfg.peers {
-        let p = load_peers(p)?;
-        peers = p.items;
-        diagnostics.extend(p.diagnostics);
-    }
-    // The local node's identity is the key this agent holds, whatever the registry says.
-    for n in nodes.iter_mut().filter(|n| n.name == cfg.node) {
-        if n.key.is_some_and(|k| k != public_key) {
-            warn!(node = %cfg.node, published = ?n.key.map(|k| k.to_string()), ours = %public_key,
-                "the registry has another public key for this node; using ours");
-        }
-        n.key = Some(public_key);
-    }
-    Ok(Snapshot {
-        nodes,
-        peers,
-        diagnostics,
-    })
+/// The agent's inputs besides its configuration.
+pub struct Inputs {
+    /// Registry changes.
+    pub registry: mpsc::Receiver<Batch>,
+    /// Writes to Kubernetes (Kubernetes registry only).
+    pub cluster: Option<ClusterLink>,
+    /// Fires when the kernel lost something of ours.
+    pub kernel_events: mpsc::Receiver<()>,
+    /// This machine's addresses.
+    pub host: HostInfo,
 }
 
 /// Log diagnostics that are new since the last read, once each.
@@ -188,24 +192,92 @@ fn delta_ops(
     Some((all, next))
 }
 
-/// The agent loop over any kernel. `kernel_events` fires when the kernel lost something of ours.
+/// The mesh as the agent holds it: nodes and peers gathered until the registry has listed
+/// everything once, then the incremental engine.
+enum Mesh {
+    Listing {
+        nodes: BTreeMap<NodeName, MeshNode>,
+        peers: BTreeMap<NodeName, MeshPeer>,
+    },
+    Running(Box<Engine>),
+}
+
+/// The agent's own node as it goes into the engine: its key is the one this agent holds, and
+/// what it has not published yet (endpoint, internal IP) is what it is about to publish. Its
+/// own heartbeat never makes it stale.
+fn overlay_local(n: &mut MeshNode, public_key: WgKey, own: Option<&Publication>) {
+    if n.key.is_some_and(|k| k != public_key) {
+        warn!(node = %n.name, published = ?n.key.map(|k| k.to_string()), ours = %public_key,
+            "the registry has another public key for this node; using ours (republishing)");
+    }
+    n.key = Some(public_key);
+    n.last_seen = None;
+    if let Some(p) = own {
+        if n.endpoint.is_none() {
+            n.endpoint.clone_from(&p.endpoint);
+        }
+        if n.internal_ip.is_none() && !n.no_internal_ip {
+            n.internal_ip = p.internal_ip;
+        }
+    }
+}
+
+/// Endpoints of NATed nodes and peers (those with a keepalive) where this node really saw them:
+/// the device's endpoint of every such peer that completed a handshake recently.
+fn discovered_endpoints(
+    engine: &Engine,
+    device: Option<&reconcile::plan::WgDeviceState>,
+) -> BTreeMap<WgKey, std::net::SocketAddr> {
+    let Some(dev) = device else {
+        return BTreeMap::new();
+    };
+    let natted: BTreeSet<WgKey> = engine
+        .nodes()
+        .filter(|n| n.persistent_keepalive > 0)
+        .filter_map(|n| n.key)
+        .chain(
+            engine
+                .peers()
+                .filter(|p| p.persistent_keepalive > 0)
+                .map(|p| p.key),
+        )
+        .collect();
+    dev.peers
+        .iter()
+        .filter(|p| natted.contains(&p.public_key) && dev.recent_handshakes.contains(&p.public_key))
+        .filter_map(|p| match &p.endpoint {
+            Some(crate::model::Endpoint::Addr(a)) => Some((p.public_key, *a)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// The agent loop over any kernel.
 pub async fn run_with<K: Kernel>(
     cfg: AgentConfig,
     kernel: &mut K,
     public_key: WgKey,
-    mut kernel_events: mpsc::Receiver<()>,
+    inputs: Inputs,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
-    let mut watched = vec![cfg.nodes.clone()];
-    watched.extend(cfg.peers.clone());
-    let (_watcher, mut file_events) = FileWatcher::new(&watched)?;
-    let mut cache = NodeCache::default();
-    let snap = read_registry(&cfg, public_key, &mut cache)?;
+    let Inputs {
+        mut registry,
+        cluster,
+        mut kernel_events,
+        host,
+    } = inputs;
+    let mut mesh = Mesh::Listing {
+        nodes: BTreeMap::new(),
+        peers: BTreeMap::new(),
+    };
     let mut seen_diags = BTreeSet::new();
-    log_new_diagnostics(&mut seen_diags, &snap.diagnostics);
-    let mut engine = Engine::new(snap.nodes, snap.peers, cfg.node.clone(), cfg.mesh.clone());
-    info!(node = %cfg.node, nodes = engine.nodes().count(), "agent started");
-    let mut dirty = true;
+    let mut dirty = false;
     // The kernel state the last reconciliation left; `None` makes the next one read the kernel.
     let mut known: Option<reconcile::OwnedState> = None;
     let mut backoff = Duration::from_secs(1);
@@ -215,13 +287,23 @@ pub async fn run_with<K: Kernel>(
         cfg.resync_period,
     );
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut check_in = tokio::time::interval(cfg.check_in_period);
+    check_in.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     let mut kernel_events_open = true;
+    let mut registry_open = true;
     // Engine deltas since the last reconciliation; planned against `known` when possible.
     let mut pending: Vec<DesiredDelta> = Vec::new();
     let mut full_needed = true;
+    // This node's Node object and what the agent publishes (Kubernetes registry).
+    let mut local_node: Option<Box<k8s_openapi::api::core::v1::Node>> = None;
+    let mut own: Option<Publication> = None;
+    let mut discovered = BTreeMap::new();
+    // Since when the registry has been listed and reachable without a break (for staleness).
+    let mut live_since: Option<tokio::time::Instant> = None;
+    info!(node = %cfg.node, "agent started; waiting for the registry's first complete list");
     loop {
-        if dirty {
+        if dirty && let Mesh::Running(engine) = &mesh {
             dirty = false;
             let report = match (full_needed, known.take()) {
                 (false, Some(k)) => match delta_ops(&pending, &k, public_key) {
@@ -287,6 +369,18 @@ pub async fn run_with<K: Kernel>(
                     full_needed = true;
                 }
             }
+            if let Some(link) = &cluster {
+                let p = publication(
+                    &cfg,
+                    engine,
+                    public_key,
+                    local_node.as_deref(),
+                    &host,
+                    &discovered,
+                );
+                link.publish(p.clone());
+                own = Some(p);
+            }
         }
         let retry = async {
             match retry_at {
@@ -299,23 +393,68 @@ pub async fn run_with<K: Kernel>(
                 info!("shutting down; the mesh stays programmed (use `wiremesh cleanup` to remove it)");
                 return Ok(());
             }
-            Some(()) = file_events.recv() => {
-                // Signals that arrived meanwhile are covered by this one reload.
-                while file_events.try_recv().is_ok() {}
-                match read_registry(&cfg, public_key, &mut cache) {
-                    Err(e) => warn!(error = %e, "cannot read the registry; keeping the last good state"),
-                    Ok(snap) => {
-                        log_new_diagnostics(&mut seen_diags, &snap.diagnostics);
-                        let mut events = diff_nodes(engine.nodes(), &snap.nodes);
-                        events.extend(diff_peers(engine.peers(), &snap.peers));
+            batch = registry.recv(), if registry_open => {
+                let Some(batch) = batch else {
+                    warn!("the registry stopped; keeping the mesh as it is");
+                    registry_open = false;
+                    continue;
+                };
+                if let Some(n) = batch.local {
+                    if let Some(link) = &cluster
+                        && own.is_none()
+                    {
+                        // Publish at once what is known before the first reconciliation.
+                        let p = initial_publication(&cfg, public_key, &n, &host);
+                        link.publish(p.clone());
+                        own = Some(p);
+                    }
+                    local_node = Some(n);
+                }
+                if let Some(diags) = &batch.diagnostics {
+                    log_new_diagnostics(&mut seen_diags, diags);
+                    if let Some(link) = &cluster {
+                        let uid = local_node.as_ref().and_then(|n| n.metadata.uid.clone());
+                        link.report(diags.clone(), uid);
+                    }
+                }
+                let mut events = batch.events;
+                for ev in &mut events {
+                    if let Event::NodeUpsert(n) = ev
+                        && n.name == cfg.node
+                    {
+                        overlay_local(n, public_key, own.as_ref());
+                    }
+                }
+                if !batch.connected || !batch.synced {
+                    live_since = None;
+                } else if live_since.is_none() {
+                    live_since = Some(tokio::time::Instant::now());
+                }
+                match &mut mesh {
+                    Mesh::Listing { nodes, peers } => {
+                        for ev in events {
+                            match ev {
+                                Event::NodeUpsert(n) => { nodes.insert(n.name.clone(), n); }
+                                Event::NodeRemove(n) => { nodes.remove(&n); }
+                                Event::PeerUpsert(p) => { peers.insert(p.name.clone(), p); }
+                                Event::PeerRemove(n) => { peers.remove(&n); }
+                            }
+                        }
+                        if batch.synced {
+                            let nodes: Vec<MeshNode> = std::mem::take(nodes).into_values().collect();
+                            let peers: Vec<MeshPeer> = std::mem::take(peers).into_values().collect();
+                            let engine = Engine::new(nodes, peers, cfg.node.clone(), cfg.mesh.clone());
+                            info!(node = %cfg.node, nodes = engine.nodes().count(), peers = engine.peers().count(),
+                                "registry listed; reconciling");
+                            mesh = Mesh::Running(Box::new(engine));
+                            dirty = true;
+                            full_needed = true;
+                        }
+                    }
+                    Mesh::Running(engine) => {
                         debug!(events = events.len(), "registry changed");
                         for ev in events {
-                            match engine.apply(ev) {
-                                Update::Delta(d) if d.is_empty() => {}
-                                Update::Delta(d) => { log_delta(&d); pending.push(d); dirty = true; }
-                                Update::Full(_) => { info!("this node can take part in the mesh now"); dirty = true; full_needed = true; }
-                                Update::Unavailable(e) => { warn!("{e}"); }
-                            }
+                            absorb(engine.apply(ev), &mut pending, &mut dirty, &mut full_needed);
                         }
                     }
                 }
@@ -326,10 +465,77 @@ pub async fn run_with<K: Kernel>(
                     None => kernel_events_open = false,
                 }
             }
+            _ = check_in.tick(), if cluster.is_some() => {
+                let Mesh::Running(engine) = &mut mesh else { continue };
+                // Kilo's staleness rule, applied only while this agent's own view of the API has
+                // been live for two check-in periods: an outage never makes nodes stale.
+                let live = live_since.is_some_and(|t| t.elapsed() >= 2 * cfg.check_in_period);
+                absorb(engine.set_now(live.then(unix_now)), &mut pending, &mut dirty, &mut full_needed);
+                match kernel.read_owned().await {
+                    Ok(state) => discovered = discovered_endpoints(engine, state.wireguard.as_ref()),
+                    Err(e) => debug!(error = %e, "cannot read the WireGuard device for discovered endpoints"),
+                }
+                if let Some(link) = &cluster {
+                    let p = publication(&cfg, engine, public_key, local_node.as_deref(), &host, &discovered);
+                    link.publish(p.clone());
+                    own = Some(p);
+                }
+            }
             _ = resync.tick() => { dirty = true; known = None; full_needed = true; }
             _ = retry => { dirty = true; known = None; full_needed = true; }
         }
     }
+}
+
+/// Fold an engine update into the loop's pending work.
+fn absorb(u: Update, pending: &mut Vec<DesiredDelta>, dirty: &mut bool, full_needed: &mut bool) {
+    match u {
+        Update::Delta(d) if d.is_empty() => {}
+        Update::Delta(d) => {
+            log_delta(&d);
+            pending.push(d);
+            *dirty = true;
+        }
+        Update::Full(_) => {
+            info!("this node can take part in the mesh now");
+            *dirty = true;
+            *full_needed = true;
+        }
+        Update::Unavailable(e) => warn!("{e}"),
+    }
+}
+
+/// What to publish before the engine has run: key, endpoint, internal IP, granularity.
+fn initial_publication(
+    cfg: &AgentConfig,
+    public_key: WgKey,
+    node: &k8s_openapi::api::core::v1::Node,
+    host: &HostInfo,
+) -> Publication {
+    Publication {
+        key: Some(public_key),
+        endpoint: publish::detect_endpoint(node, &host.default_route, cfg.mesh.port),
+        internal_ip: publish::detect_internal_ip(node, &host.local, &host.default_route),
+        wireguard_ip: None,
+        granularity: Some(cfg.mesh.granularity),
+        discovered_endpoints: BTreeMap::new(),
+    }
+}
+
+/// What to publish now.
+fn publication(
+    cfg: &AgentConfig,
+    engine: &Engine,
+    public_key: WgKey,
+    node: Option<&k8s_openapi::api::core::v1::Node>,
+    host: &HostInfo,
+    discovered: &BTreeMap<WgKey, std::net::SocketAddr>,
+) -> Publication {
+    let empty = k8s_openapi::api::core::v1::Node::default();
+    let mut p = initial_publication(cfg, public_key, node.unwrap_or(&empty), host);
+    p.wireguard_ip = engine.desired().ok().and_then(|d| d.interface.address);
+    p.discovered_endpoints.clone_from(discovered);
+    p
 }
 
 fn system_options(
@@ -358,18 +564,85 @@ fn system_options(
     })
 }
 
+/// This machine's addresses, read over netlink.
+async fn host_info(netlink: &crate::reconcile::netlink::Netlink) -> HostInfo {
+    let default_route = netlink.default_route_addresses().await.unwrap_or_else(|e| {
+        warn!(error = %e, "cannot read the default route's addresses");
+        Vec::new()
+    });
+    let local = netlink.all_addresses().await.unwrap_or_else(|e| {
+        warn!(error = %e, "cannot read this machine's addresses");
+        Vec::new()
+    });
+    HostInfo {
+        default_route,
+        local,
+    }
+}
+
 /// Run the agent on this machine's kernel until `shutdown` completes.
 pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
     let key = load_or_generate_private_key(&cfg.private_key)?;
     let public_key = key.public_key();
     info!(node = %cfg.node, public_key = %public_key, "identity");
-    let snap = read_registry(&cfg, public_key, &mut NodeCache::default())?;
-    let internal_ip = snap
-        .nodes
-        .iter()
-        .find(|n| n.name == cfg.node)
-        .and_then(|n| n.internal_ip)
-        .map(|i| i.ip());
+    let probe = crate::reconcile::netlink::Netlink::new(crate::reconcile::netlink::Devices {
+        wireguard: cfg.kernel.interface.clone(),
+        private: String::new(),
+        tunnel: crate::reconcile::system::TUNNEL_DEVICE.into(),
+        bridge: cfg.kernel.bridge.clone(),
+    })?;
+    let host = host_info(&probe).await;
+    let (registry, cluster, internal_ip) = match &cfg.registry {
+        RegistryConfig::File(files) => {
+            // The internal IP from the file, to find the private interface.
+            let n = crate::registry::file::load_nodes(&files.nodes, &cfg.topology_label)?;
+            let internal_ip = n
+                .items
+                .iter()
+                .find(|n| n.name == cfg.node)
+                .and_then(|n| n.internal_ip)
+                .map(|i| i.ip());
+            (
+                file_source(files.clone(), &cfg.topology_label)?,
+                None,
+                internal_ip,
+            )
+        }
+        RegistryConfig::Kubernetes(opts) => {
+            let client = crate::registry::cluster::connect(opts).await?;
+            let rx = crate::registry::cluster::watch(
+                client.clone(),
+                WatchOptions {
+                    topology_label: cfg.topology_label.clone(),
+                    node: cfg.node.0.clone(),
+                },
+            );
+            // The Node's InternalIP finds the private interface; while the API server cannot be
+            // reached, the default route's private address does in the usual case.
+            let api = kube::Api::<k8s_openapi::api::core::v1::Node>::all(client.clone());
+            let node = match tokio::time::timeout(Duration::from_secs(10), api.get_opt(&cfg.node.0))
+                .await
+            {
+                Ok(Ok(Some(n))) => n,
+                Ok(Ok(None)) => {
+                    warn!(node = %cfg.node, "no Node of this name (yet); is --hostname right?");
+                    Default::default()
+                }
+                Ok(Err(e)) => {
+                    warn!(error = %e, "cannot read this node's Node object yet");
+                    Default::default()
+                }
+                Err(_) => {
+                    warn!("the Kubernetes API does not answer yet");
+                    Default::default()
+                }
+            };
+            let internal_ip = publish::detect_internal_ip(&node, &host.local, &host.default_route)
+                .map(|n| n.ip());
+            let link = ClusterLink::spawn(client, cfg.node.0.clone(), cfg.check_in_period);
+            (rx, Some(link), internal_ip)
+        }
+    };
     let opts = system_options(&cfg.kernel, cfg.mesh.mtu, internal_ip)?;
     let mut kernel = SystemKernel::new(opts, key).await?;
     if cfg.mesh.encapsulate != crate::topology::Encapsulate::Never
@@ -386,8 +659,14 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
              network (`meshctl doctor` lists what is missing)"
         );
     }
-    let events = kernel.netlink().watch_routes()?;
-    run_with(cfg, &mut kernel, public_key, events, shutdown).await
+    let kernel_events = kernel.netlink().watch_routes()?;
+    let inputs = Inputs {
+        registry,
+        cluster,
+        kernel_events,
+        host,
+    };
+    run_with(cfg, &mut kernel, public_key, inputs, shutdown).await
 }
 
 /// Remove everything wiremesh created on this machine, and nothing else.

@@ -53,8 +53,8 @@ fn config(dir: &std::path::Path) -> AgentConfig {
     .unwrap();
     AgentConfig {
         node: NodeName("fra-1".into()),
-        nodes,
-        peers: None,
+        registry: RegistryConfig::File(FileRegistry { nodes, peers: None }),
+        check_in_period: Duration::from_secs(30),
         private_key: dir.join("key"),
         topology_label: crate::registry::annotations::DEFAULT_TOPOLOGY_LABEL.into(),
         resync_period: Duration::from_secs(3600),
@@ -99,13 +99,38 @@ struct Running {
     task: tokio::task::JoinHandle<Result<(), AgentError>>,
 }
 
+fn nodes_file(cfg: &AgentConfig) -> std::path::PathBuf {
+    match &cfg.registry {
+        RegistryConfig::File(f) => f.nodes.clone(),
+        RegistryConfig::Kubernetes(_) => unreachable!("the tests use files"),
+    }
+}
+
 impl Running {
     fn start(cfg: AgentConfig, kernel: &FakeKernel) -> Running {
+        let RegistryConfig::File(files) = cfg.registry.clone() else {
+            unreachable!("the tests use files")
+        };
+        let registry = file_source(files, &cfg.topology_label).unwrap();
+        Running::with_registry(cfg, kernel, registry)
+    }
+
+    fn with_registry(
+        cfg: AgentConfig,
+        kernel: &FakeKernel,
+        registry: mpsc::Receiver<Batch>,
+    ) -> Running {
         let (events, rx) = mpsc::channel(4);
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let mut k = kernel.clone();
+        let inputs = Inputs {
+            registry,
+            cluster: None,
+            kernel_events: rx,
+            host: HostInfo::default(),
+        };
         let task = tokio::spawn(async move {
-            run_with(cfg, &mut k, KEY, rx, async {
+            run_with(cfg, &mut k, KEY, inputs, async {
                 let _ = stop_rx.await;
             })
             .await
@@ -123,7 +148,7 @@ impl Running {
 async fn agent_follows_the_file_and_restores_lost_routes() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path());
-    let nodes_path = cfg.nodes.clone();
+    let nodes_path = nodes_file(&cfg);
     let kernel = FakeKernel::default();
     let agent = Running::start(cfg, &kernel);
     wait_for("two peers", || peers(&kernel) == 2).await;
@@ -188,7 +213,7 @@ async fn refused_operation_is_retried_while_the_rest_is_programmed() {
 async fn unchanged_registry_causes_no_kernel_operation() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path());
-    let nodes_path = cfg.nodes.clone();
+    let nodes_path = nodes_file(&cfg);
     let kernel = FakeKernel::default();
     let agent = Running::start(cfg, &kernel);
     wait_for("peers", || peers(&kernel) == 2).await;
@@ -200,4 +225,100 @@ async fn unchanged_registry_causes_no_kernel_operation() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(kernel.applied.lock().unwrap().len(), before);
     agent.stop().await;
+}
+
+fn three_clouds() -> Vec<MeshNode> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/three-clouds.yaml");
+    crate::registry::file::load_nodes(&path, crate::registry::annotations::DEFAULT_TOPOLOGY_LABEL)
+        .unwrap()
+        .items
+}
+
+fn batch(events: Vec<Event>, synced: bool) -> Batch {
+    Batch {
+        events,
+        synced,
+        connected: true,
+        diagnostics: None,
+        local: None,
+    }
+}
+
+#[tokio::test]
+async fn nothing_is_programmed_or_removed_before_the_first_complete_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let kernel = FakeKernel::default();
+    // The kernel already holds a peer from before a restart.
+    let stale = crate::desired::WgPeer {
+        public_key: WgKey([9; 32]),
+        endpoint: None,
+        allowed_ips: vec!["10.99.0.0/24".parse().unwrap()],
+        persistent_keepalive: 0,
+        preshared_key: None,
+        name: String::new(),
+    };
+    simulate(
+        &mut kernel.state.lock().unwrap(),
+        &[Op::CreateInterface, Op::UpsertPeer(stale.clone())],
+        KEY,
+    );
+    let (tx, rx) = mpsc::channel(4);
+    let agent = Running::with_registry(cfg, &kernel, rx);
+    let nodes = three_clouds();
+    // Part of a list: the agent waits.
+    tx.send(batch(vec![Event::NodeUpsert(nodes[0].clone())], false))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        kernel.applied.lock().unwrap().is_empty(),
+        "programmed before the list was complete"
+    );
+    assert_eq!(
+        peers(&kernel),
+        1,
+        "the old peer must stay until the list is complete"
+    );
+    // The list completes: the mesh is programmed and the stale peer goes.
+    let rest = nodes[1..].iter().cloned().map(Event::NodeUpsert).collect();
+    tx.send(batch(rest, true)).await.unwrap();
+    wait_for("the mesh's two peers, the stale one gone", || {
+        let st = kernel.state.lock().unwrap();
+        st.wireguard.as_ref().is_some_and(|w| {
+            w.peers.len() == 2 && !w.peers.iter().any(|p| p.public_key == stale.public_key)
+        })
+    })
+    .await;
+    // A removal after the list is real.
+    tx.send(batch(vec![Event::NodeRemove(nodes[2].name.clone())], true))
+        .await
+        .unwrap();
+    wait_for("one peer", || peers(&kernel) == 1).await;
+    agent.stop().await;
+}
+
+#[test]
+fn the_local_node_is_what_this_agent_holds_and_is_about_to_publish() {
+    let mut n = MeshNode::new("fra-1");
+    n.key = Some(WgKey([1; 32]));
+    n.last_seen = Some(1);
+    let own = Publication {
+        endpoint: Some("203.0.113.1:51820".parse().unwrap()),
+        internal_ip: Some("10.0.0.1/24".parse().unwrap()),
+        ..Default::default()
+    };
+    overlay_local(&mut n, KEY, Some(&own));
+    assert_eq!(n.key, Some(KEY));
+    assert_eq!(
+        n.last_seen, None,
+        "its own heartbeat never makes the local node stale"
+    );
+    assert_eq!(n.endpoint, own.endpoint);
+    assert_eq!(n.internal_ip, own.internal_ip);
+    // What the registry says wins over what is detected.
+    let mut n2 = MeshNode::new("fra-1");
+    n2.endpoint = Some("198.51.100.1:1".parse().unwrap());
+    overlay_local(&mut n2, KEY, Some(&own));
+    assert_eq!(n2.endpoint.unwrap().to_string(), "198.51.100.1:1");
 }

@@ -11,9 +11,10 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use ipnetwork::IpNetwork;
 
-use wiremesh::agent::{AgentConfig, KernelConfig};
+use wiremesh::agent::{AgentConfig, FileRegistry, KernelConfig, RegistryConfig};
 use wiremesh::model::{Granularity, NodeName};
 use wiremesh::registry::annotations::DEFAULT_TOPOLOGY_LABEL;
+use wiremesh::registry::cluster::ClientOptions;
 use wiremesh::topology::{
     DEFAULT_BRIDGE, DEFAULT_INTERFACE, DEFAULT_PORT, DEFAULT_SUBNET, Encapsulate, MeshOptions,
 };
@@ -70,6 +71,7 @@ struct KernelArgs {
     /// Where to write the CNI config (k3s: /var/lib/rancher/k3s/agent/etc/cni/net.d/10-wiremesh.conflist).
     #[arg(
         long,
+        alias = "cni-path",
         env = "WIREMESH_CNI_CONFIG",
         default_value = "/etc/cni/net.d/10-wiremesh.conflist"
     )]
@@ -83,11 +85,24 @@ struct AgentArgs {
     /// Name of this node (defaults to the host name).
     #[arg(long, env = "WIREMESH_HOSTNAME")]
     hostname: Option<String>,
-    /// Read nodes from this file (as `kubectl get nodes -o yaml` prints them); watched for changes.
+    /// Kubeconfig file. Without it: `KUBECONFIG`, `~/.kube/config`, then the in-cluster
+    /// ServiceAccount (the DaemonSet's case).
+    #[arg(
+        long,
+        env = "WIREMESH_KUBECONFIG",
+        value_name = "FILE",
+        conflicts_with = "nodes"
+    )]
+    kubeconfig: Option<PathBuf>,
+    /// Kubeconfig context to use instead of the current one.
+    #[arg(long, env = "WIREMESH_CONTEXT", conflicts_with = "nodes")]
+    context: Option<String>,
+    /// Read nodes from this file instead of Kubernetes (as `kubectl get nodes -o yaml` prints
+    /// them); watched for changes. Nothing is published.
     #[arg(long, env = "WIREMESH_NODES", value_name = "FILE")]
-    nodes: PathBuf,
+    nodes: Option<PathBuf>,
     /// Read external peers (Kilo `Peer` resources) from this file; watched for changes.
-    #[arg(long, env = "WIREMESH_PEERS", value_name = "FILE")]
+    #[arg(long, env = "WIREMESH_PEERS", value_name = "FILE", requires = "nodes")]
     peers: Option<PathBuf>,
     /// This node's WireGuard private key; generated (mode 0600) when missing.
     #[arg(
@@ -97,7 +112,7 @@ struct AgentArgs {
     )]
     private_key: PathBuf,
     /// Mesh granularity: location (one tunnel endpoint per location) or full.
-    #[arg(long, env = "WIREMESH_GRANULARITY", default_value = "location", value_parser = ["location", "full"])]
+    #[arg(long, alias = "mesh-granularity", env = "WIREMESH_GRANULARITY", default_value = "location", value_parser = ["location", "full"])]
     granularity: String,
     /// Subnet for WireGuard mesh IPs.
     #[arg(long, env = "WIREMESH_SUBNET", default_value = DEFAULT_SUBNET)]
@@ -125,6 +140,10 @@ struct AgentArgs {
         value_delimiter = ','
     )]
     service_cidrs: Vec<IpNetwork>,
+    /// How often this node's last-seen heartbeat is published (Kubernetes registry); a node
+    /// whose heartbeat is older than two periods is left out of the mesh, as in Kilo.
+    #[arg(long, env = "WIREMESH_CHECK_IN_PERIOD", default_value = "30s", value_parser = parse_duration)]
+    check_in_period: Duration,
     /// How often to compare the kernel with the desired state even without changes.
     #[arg(long, env = "WIREMESH_RESYNC_PERIOD", default_value = "30s", value_parser = parse_duration)]
     resync_period: Duration,
@@ -175,8 +194,17 @@ fn agent_config(a: AgentArgs) -> Result<AgentConfig> {
     };
     Ok(AgentConfig {
         node: NodeName(node),
-        nodes: a.nodes,
-        peers: a.peers,
+        registry: match a.nodes {
+            Some(nodes) => RegistryConfig::File(FileRegistry {
+                nodes,
+                peers: a.peers,
+            }),
+            None => RegistryConfig::Kubernetes(ClientOptions {
+                kubeconfig: a.kubeconfig,
+                context: a.context,
+            }),
+        },
+        check_in_period: a.check_in_period,
         private_key: a.private_key,
         topology_label: a.topology_label,
         resync_period: a.resync_period,

@@ -1,10 +1,11 @@
-//! Registries: where nodes and peers come from (a file now, Kubernetes later), translated into
-//! validated model values with a diagnostic for every object left out.
+//! Registries: where nodes and peers come from (a file, or Kubernetes in [`cluster`]),
+//! translated into validated model values with a diagnostic for every object left out.
 //!
-//! May depend on the model, diagnostics, serde, `k8s-openapi` and the engine's event type; never
-//! on netlink or the reconciler.
+//! May depend on the model, diagnostics, serde, `k8s-openapi`, `kube` (in [`cluster`] only) and
+//! the engine's event type; never on netlink or the reconciler.
 
 pub mod annotations;
+pub mod cluster;
 pub mod file;
 pub mod peer;
 

@@ -19,6 +19,14 @@ use rtnetlink::packet_route::route::RouteAttribute;
 use rtnetlink::{AddressMessageBuilder, LinkBridge, LinkUnspec};
 use tracing::{debug, info, warn};
 
+/// Whether `ip` is link-local (never a node's reachable address).
+fn link_local(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => a.is_link_local(),
+        IpAddr::V6(a) => a.is_unicast_link_local(),
+    }
+}
+
 use super::{Answer, BRIDGE_ALIAS, Netlink, errno, nl_err, request};
 use crate::desired::{Bridge, MAIN_TABLE};
 use crate::reconcile::{KernelError, LinkState};
@@ -252,6 +260,48 @@ impl Netlink {
             }
         }
         Ok(None)
+    }
+
+    /// Every address of this network namespace, link-local ones left out.
+    pub async fn all_addresses(&self) -> Result<Vec<IpNetwork>, KernelError> {
+        let msgs: Vec<AddressMessage> = self
+            .handle
+            .address()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| nl_err("dump addresses", e))?;
+        Ok(msgs
+            .iter()
+            .filter_map(parse_address)
+            .filter(|n| !link_local(n.ip()))
+            .collect())
+    }
+
+    /// The addresses on the interface of the main table's default route (IPv4 route first),
+    /// link-local ones left out: where this node is reached from outside when nothing better is
+    /// known.
+    pub async fn default_route_addresses(&self) -> Result<Vec<IpNetwork>, KernelError> {
+        let Some(link) = self.default_route_link().await? else {
+            return Ok(Vec::new());
+        };
+        let index = link.header.index;
+        let msgs: Vec<AddressMessage> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| nl_err("dump addresses", e))?;
+        Ok(msgs
+            .iter()
+            .filter(|m| m.header.index == index)
+            .filter_map(parse_address)
+            .filter(|n| !link_local(n.ip()))
+            .collect())
     }
 
     async fn link_by_index(&self, index: u32) -> Result<Option<LinkMessage>, KernelError> {

@@ -1,0 +1,123 @@
+//! The agent's writes to Kubernetes, off the reconcile path: a publisher task that keeps this
+//! node's annotations up to date (on change, and a last-seen heartbeat every check-in period),
+//! and a reporter task that turns new diagnostics into Events. Both retry with backoff while
+//! the API server is unreachable and never block the agent loop: the loop only replaces the
+//! latest value in a `watch` channel.
+//!
+//! Depends on the Kubernetes registry's publish and report modules and tokio.
+
+use std::time::Duration;
+
+use kube::Client;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::diagnostic::Diagnostic;
+use crate::registry::cluster::publish::{Publication, merge_patch, patch_node};
+use crate::registry::cluster::report::Reporter;
+
+/// Handles to the publisher and reporter tasks; they stop when this is dropped.
+pub struct ClusterLink {
+    publication: watch::Sender<Option<Publication>>,
+    diagnostics: watch::Sender<(Vec<Diagnostic>, Option<String>)>,
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+impl ClusterLink {
+    /// Start the tasks for the node `node`.
+    pub fn spawn(client: Client, node: String, check_in: Duration) -> ClusterLink {
+        let (ptx, prx) = watch::channel(None);
+        let (dtx, drx) = watch::channel((Vec::new(), None));
+        tokio::spawn(publisher(client.clone(), node.clone(), check_in, prx));
+        tokio::spawn(reporter(Reporter::new(client, &node), drx));
+        ClusterLink {
+            publication: ptx,
+            diagnostics: dtx,
+        }
+    }
+
+    /// Publish `p` (now if it differs from what was last published).
+    pub fn publish(&self, p: Publication) {
+        self.publication.send_if_modified(|cur| {
+            if cur.as_ref() == Some(&p) {
+                false
+            } else {
+                *cur = Some(p);
+                true
+            }
+        });
+    }
+
+    /// Report the current diagnostics (all of them; only what is new becomes an Event).
+    pub fn report(&self, diags: Vec<Diagnostic>, node_uid: Option<String>) {
+        let _ = self.diagnostics.send((diags, node_uid));
+    }
+}
+
+async fn publisher(
+    client: Client,
+    node: String,
+    check_in: Duration,
+    mut rx: watch::Receiver<Option<Publication>>,
+) {
+    let mut published: Option<Publication> = None;
+    let mut next_heartbeat = Instant::now();
+    let mut backoff = Duration::from_secs(1);
+    let mut failing = false;
+    loop {
+        let want = rx.borrow_and_update().clone();
+        if let Some(want) = want {
+            let due = published.as_ref() != Some(&want) || Instant::now() >= next_heartbeat;
+            if due {
+                let patch = merge_patch(&want.annotations(), unix_now());
+                match patch_node(&client, &node, &patch).await {
+                    Ok(_) => {
+                        if failing {
+                            info!("publishing this node's annotations works again");
+                        }
+                        if published.as_ref() != Some(&want) {
+                            info!(endpoint = ?want.endpoint.as_ref().map(ToString::to_string),
+                                wireguard_ip = ?want.wireguard_ip.map(|n| n.to_string()),
+                                "published this node's annotations");
+                        } else {
+                            debug!("heartbeat (last-seen) published");
+                        }
+                        failing = false;
+                        backoff = Duration::from_secs(1);
+                        published = Some(want);
+                        next_heartbeat = Instant::now() + check_in;
+                    }
+                    Err(e) => {
+                        if !failing {
+                            warn!(error = %e, "cannot publish this node's annotations; retrying");
+                        }
+                        failing = true;
+                        next_heartbeat = Instant::now() + backoff;
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                    }
+                }
+            }
+        }
+        let waiting = rx.borrow().is_some();
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep_until(next_heartbeat), if waiting => {}
+        }
+    }
+}
+
+async fn reporter(
+    mut reporter: Reporter,
+    mut rx: watch::Receiver<(Vec<Diagnostic>, Option<String>)>,
+) {
+    while rx.changed().await.is_ok() {
+        let (diags, uid) = rx.borrow_and_update().clone();
+        reporter.report(&diags, uid.as_deref()).await;
+    }
+}

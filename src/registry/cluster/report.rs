@@ -1,0 +1,227 @@
+//! Kubernetes Events for objects the mesh leaves out (a malformed annotation on a Node, an
+//! invalid Peer), so `kubectl describe node X` says which key is wrong and why.
+//!
+//! Once per change: an Event is created when an object's problems change, not on resyncs. Its
+//! name is derived from the object and the problem, so the same report from another agent (every
+//! agent sees every Peer) or from this agent after a restart is refused by the API server as
+//! already existing and not repeated. Problems of a Node are reported only by that node's own
+//! agent. Depends on `kube`, `k8s-openapi` and the diagnostics.
+
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+
+use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::Client;
+use kube::api::{Api, PostParams};
+use tracing::{debug, warn};
+
+use crate::diagnostic::{Diagnostic, Subject};
+use crate::registry::peer::{PEER_GROUP, PEER_VERSION};
+
+/// The namespace Events about cluster-scoped objects go to (as the kubelet does for Nodes).
+pub const EVENT_NAMESPACE: &str = "default";
+/// `reason` of an Event about a Node left out of the mesh.
+pub const REASON_NODE: &str = "WiremeshInvalidNode";
+/// `reason` of an Event about a Peer left out of the mesh.
+pub const REASON_PEER: &str = "WiremeshInvalidPeer";
+
+/// Reports diagnostics as Events, remembering what it reported.
+pub struct Reporter {
+    client: Client,
+    node: String,
+    /// Problems last reported, by object.
+    reported: BTreeMap<(Subject, String), String>,
+}
+
+/// The text of all problems of one object, in a stable order.
+fn problems(diags: &[&Diagnostic]) -> String {
+    let mut lines: Vec<String> = diags
+        .iter()
+        .map(|d| match &d.key {
+            Some(k) => format!("{k}: {}", d.problem),
+            None => d.problem.clone(),
+        })
+        .collect();
+    lines.sort();
+    lines.dedup();
+    lines.join("; ")
+}
+
+/// The Event's name: the object's name and a hash of the object and its problems.
+pub fn event_name(subject: Subject, name: &str, uid: Option<&str>, text: &str) -> String {
+    let mut h = rustc_hash::FxHasher::default();
+    (subject, name, uid, text).hash(&mut h);
+    let prefix: String = name.chars().take(200).collect();
+    format!("{prefix}.wiremesh-{:016x}", h.finish())
+}
+
+/// The Event for `text` about the object.
+pub fn event(
+    subject: Subject,
+    name: &str,
+    uid: Option<&str>,
+    text: &str,
+    reporter: &str,
+    now: Timestamp,
+) -> Event {
+    let (api_version, kind, reason) = match subject {
+        Subject::Peer => (format!("{PEER_GROUP}/{PEER_VERSION}"), "Peer", REASON_PEER),
+        _ => ("v1".to_owned(), "Node", REASON_NODE),
+    };
+    Event {
+        metadata: ObjectMeta {
+            name: Some(event_name(subject, name, uid, text)),
+            namespace: Some(EVENT_NAMESPACE.into()),
+            ..Default::default()
+        },
+        involved_object: ObjectReference {
+            api_version: Some(api_version),
+            kind: Some(kind.into()),
+            name: Some(name.into()),
+            uid: uid.map(str::to_owned),
+            ..Default::default()
+        },
+        reason: Some(reason.into()),
+        message: Some(format!("left out of the mesh: {text}")),
+        type_: Some("Warning".into()),
+        count: Some(1),
+        first_timestamp: Some(Time(now)),
+        last_timestamp: Some(Time(now)),
+        event_time: Some(MicroTime(now)),
+        reporting_component: Some("wiremesh.io/agent".into()),
+        reporting_instance: Some(reporter.into()),
+        action: Some("Skip".into()),
+        source: Some(EventSource {
+            component: Some("wiremesh".into()),
+            host: Some(reporter.into()),
+        }),
+        ..Default::default()
+    }
+}
+
+impl Reporter {
+    /// A reporter acting for the node `node`.
+    pub fn new(client: Client, node: &str) -> Reporter {
+        Reporter {
+            client,
+            node: node.to_owned(),
+            reported: BTreeMap::new(),
+        }
+    }
+
+    /// Report what is new in `diags` (all current diagnostics): Node problems of this node and
+    /// Peer problems. `node_uid` is this node's Node uid, when known.
+    pub async fn report(&mut self, diags: &[Diagnostic], node_uid: Option<&str>) {
+        let mut by_object: BTreeMap<(Subject, String), Vec<&Diagnostic>> = BTreeMap::new();
+        for d in diags {
+            let mine = match d.subject {
+                Subject::Node => d.name == self.node,
+                Subject::Peer => true,
+                Subject::Input => false,
+            };
+            if mine {
+                by_object
+                    .entry((d.subject, d.name.clone()))
+                    .or_default()
+                    .push(d);
+            }
+        }
+        let current: BTreeMap<(Subject, String), String> = by_object
+            .into_iter()
+            .map(|(k, v)| (k, problems(&v)))
+            .collect();
+        let api = Api::<Event>::namespaced(self.client.clone(), EVENT_NAMESPACE);
+        let now = Timestamp::now();
+        let mut kept = BTreeMap::new();
+        for ((subject, name), text) in current {
+            if self.reported.get(&(subject, name.clone())) == Some(&text) {
+                kept.insert((subject, name), text);
+                continue;
+            }
+            let uid = (subject == Subject::Node).then_some(node_uid).flatten();
+            let ev = event(subject, &name, uid, &text, &self.node, now);
+            match api.create(&PostParams::default(), &ev).await {
+                Ok(_) => {
+                    debug!(object = %name, "reported as a Kubernetes Event");
+                    kept.insert((subject, name), text);
+                }
+                Err(kube::Error::Api(s)) if s.code == 409 => {
+                    debug!(object = %name, "already reported");
+                    kept.insert((subject, name), text);
+                }
+                // Not remembered: tried again with the next report.
+                Err(e) => warn!(object = %name, error = %e, "cannot create a Kubernetes Event"),
+            }
+        }
+        self.reported = kept;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_names_are_stable_and_differ_per_problem_and_object() {
+        let a = event_name(Subject::Node, "n1", Some("u"), "kilo.squat.ai/key: bad");
+        assert_eq!(
+            a,
+            event_name(Subject::Node, "n1", Some("u"), "kilo.squat.ai/key: bad")
+        );
+        assert!(a.starts_with("n1.wiremesh-"));
+        assert_ne!(
+            a,
+            event_name(Subject::Node, "n1", Some("u"), "kilo.squat.ai/key: worse")
+        );
+        assert_ne!(
+            a,
+            event_name(Subject::Node, "n2", Some("u"), "kilo.squat.ai/key: bad")
+        );
+        assert_ne!(
+            a,
+            event_name(Subject::Peer, "n1", Some("u"), "kilo.squat.ai/key: bad")
+        );
+    }
+
+    #[test]
+    fn the_event_names_the_object_key_and_problem() {
+        let d1 = Diagnostic::node("n1", Some("kilo.squat.ai/endpoint"), "port 0");
+        let d2 = Diagnostic::node("n1", Some("kilo.squat.ai/key"), "not base64");
+        let text = problems(&[&d2, &d1]);
+        assert_eq!(
+            text,
+            "kilo.squat.ai/endpoint: port 0; kilo.squat.ai/key: not base64"
+        );
+        let ev = event(
+            Subject::Node,
+            "n1",
+            Some("uid-1"),
+            &text,
+            "n1",
+            Timestamp::now(),
+        );
+        assert_eq!(ev.involved_object.kind.as_deref(), Some("Node"));
+        assert_eq!(ev.involved_object.uid.as_deref(), Some("uid-1"));
+        assert_eq!(ev.reason.as_deref(), Some(REASON_NODE));
+        assert!(
+            ev.message
+                .unwrap()
+                .contains("kilo.squat.ai/key: not base64")
+        );
+        let ev = event(
+            Subject::Peer,
+            "laptop",
+            None,
+            "spec.publicKey: x",
+            "n1",
+            Timestamp::now(),
+        );
+        assert_eq!(
+            ev.involved_object.api_version.as_deref(),
+            Some("kilo.squat.ai/v1alpha1")
+        );
+        assert_eq!(ev.type_.as_deref(), Some("Warning"));
+    }
+}

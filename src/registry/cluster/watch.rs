@@ -1,0 +1,270 @@
+//! The watch task: Nodes and Peers watched with `kube::runtime::watcher` (list, then watch;
+//! relist after 410 Gone; reconnect with backoff after errors), parsed into [`Store`]s, and sent
+//! to the agent as [`Batch`]es.
+//!
+//! Coalescing: the channel holds one batch; while the agent is busy, new events accumulate in
+//! the next batch (last event per object wins), so a burst costs the agent one pass. Depends on
+//! `kube`, tokio, futures and the store.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
+use kube::Client;
+use kube::api::{Api, DynamicObject};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use super::store::{Store, WatchEvent, coalesce};
+use super::{node_entry, peer_entry, peers_api};
+use crate::diagnostic::Diagnostic;
+use crate::model::{MeshNode, MeshPeer};
+use crate::topology::incremental::Event;
+
+/// What the watch task needs to know.
+#[derive(Debug, Clone)]
+pub struct WatchOptions {
+    /// Node label that gives the location when no annotation does.
+    pub topology_label: String,
+    /// This node's name: its Node object is passed on whole in [`Batch::local`].
+    pub node: String,
+}
+
+/// Changes since the previous batch.
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    /// Engine events, at most one per object.
+    pub events: Vec<Event>,
+    /// Whether complete lists of Nodes and Peers have arrived (from then on removals are real).
+    pub synced: bool,
+    /// Whether the last watch step succeeded (false while the API server is unreachable).
+    pub connected: bool,
+    /// Diagnostics of every object currently left out, when they may have changed.
+    pub diagnostics: Option<Vec<Diagnostic>>,
+    /// This node's Node object, when it changed.
+    pub local: Option<Box<Node>>,
+}
+
+/// Reconnection delays: 0.5 s doubling to 15 s, each with up to 50 % random jitter so that
+/// thousands of agents do not return to a restarted API server in step; reset by the watcher
+/// after a success.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    next: Duration,
+}
+
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(15);
+
+fn backoff() -> Backoff {
+    Backoff { next: BACKOFF_MIN }
+}
+
+impl Iterator for Backoff {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        use std::hash::{BuildHasher, Hasher};
+        let base = self.next;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        let r = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        Some(base + base.mul_f64((r % 1000) as f64 / 2000.0))
+    }
+}
+
+impl kube::runtime::utils::Backoff for Backoff {
+    fn reset(&mut self) {
+        self.next = BACKOFF_MIN;
+    }
+}
+
+/// Start watching; the task ends when the receiver is dropped.
+pub fn watch(client: Client, opts: WatchOptions) -> mpsc::Receiver<Batch> {
+    let (tx, rx) = mpsc::channel(1);
+    tokio::spawn(run(client, opts, tx));
+    rx
+}
+
+enum Step {
+    Node(watcher::Result<watcher::Event<Node>>),
+    Peer(watcher::Result<watcher::Event<DynamicObject>>),
+}
+
+fn convert<K, T>(
+    ev: watcher::Event<K>,
+    name: impl Fn(&K) -> String,
+    parse: impl Fn(&K) -> Result<T, Vec<Diagnostic>>,
+) -> WatchEvent<T> {
+    match ev {
+        watcher::Event::Apply(o) => WatchEvent::Apply(name(&o), parse(&o)),
+        watcher::Event::Delete(o) => WatchEvent::Delete(name(&o)),
+        watcher::Event::Init => WatchEvent::Init,
+        watcher::Event::InitApply(o) => WatchEvent::InitApply(name(&o), parse(&o)),
+        watcher::Event::InitDone => WatchEvent::InitDone,
+    }
+}
+
+fn not_found(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code == 404,
+        watcher::Error::WatchError(s) => s.code == 404,
+        _ => false,
+    }
+}
+
+struct State {
+    nodes: Store<MeshNode>,
+    peers: Store<MeshPeer>,
+    /// The Peer CRD is missing: peers count as an empty, complete list.
+    no_peer_crd: bool,
+    pending: Batch,
+    dirty: bool,
+    connected: bool,
+    opts: WatchOptions,
+}
+
+impl State {
+    fn diagnostics(&self) -> Vec<Diagnostic> {
+        self.nodes
+            .diagnostics()
+            .chain(self.peers.diagnostics())
+            .flat_map(|(_, d)| d.iter().cloned())
+            .collect()
+    }
+
+    fn set_connected(&mut self, c: bool, why: Option<&watcher::Error>) {
+        if c != self.connected {
+            match why {
+                Some(e) => {
+                    warn!(error = %e, "lost the Kubernetes API; keeping the mesh as it is and reconnecting")
+                }
+                None => info!("Kubernetes API reachable again"),
+            }
+            self.connected = c;
+            self.dirty = true;
+        } else if let Some(e) = why {
+            debug!(error = %e, "Kubernetes API still unreachable");
+        }
+        self.pending.connected = c;
+    }
+
+    fn step(&mut self, step: Step) {
+        let mut events = Vec::new();
+        let diags_changed = match step {
+            Step::Node(Ok(ev)) => {
+                self.set_connected(true, None);
+                let local = match &ev {
+                    watcher::Event::Apply(n) | watcher::Event::InitApply(n)
+                        if n.metadata.name.as_deref() == Some(self.opts.node.as_str()) =>
+                    {
+                        Some(Box::new(n.clone()))
+                    }
+                    _ => None,
+                };
+                if local.is_some() {
+                    self.pending.local = local;
+                }
+                let label = self.opts.topology_label.clone();
+                let ev = convert(
+                    ev,
+                    |n: &Node| n.metadata.name.clone().unwrap_or_default(),
+                    |n| node_entry(n, &label),
+                );
+                self.nodes.apply(ev, &mut events)
+            }
+            Step::Peer(Ok(ev)) => {
+                self.set_connected(true, None);
+                self.no_peer_crd = false;
+                let ev = convert(
+                    ev,
+                    |p: &DynamicObject| p.metadata.name.clone().unwrap_or_default(),
+                    peer_entry,
+                );
+                self.peers.apply(ev, &mut events)
+            }
+            Step::Peer(Err(e)) if not_found(&e) => {
+                if !self.no_peer_crd {
+                    info!(
+                        "the Peer resource (peers.kilo.squat.ai) is not installed: no external peers"
+                    );
+                    self.no_peer_crd = true;
+                    // An empty, complete list: peers that existed are gone with the CRD.
+                    self.peers.apply(WatchEvent::Init, &mut events);
+                    self.peers.apply(WatchEvent::InitDone, &mut events)
+                } else {
+                    false
+                }
+            }
+            Step::Node(Err(e)) | Step::Peer(Err(e)) => {
+                self.set_connected(false, Some(&e));
+                false
+            }
+        };
+        if diags_changed {
+            self.pending.diagnostics = Some(self.diagnostics());
+        }
+        if !events.is_empty() || diags_changed {
+            self.dirty = true;
+        }
+        self.pending.events.extend(events);
+        let synced = self.nodes.synced() && self.peers.synced();
+        if synced != self.pending.synced {
+            self.pending.synced = synced;
+            self.dirty = true;
+        }
+    }
+
+    fn take(&mut self) -> Batch {
+        self.dirty = false;
+        let next = Batch {
+            synced: self.pending.synced,
+            connected: self.pending.connected,
+            ..Batch::default()
+        };
+        let mut b = std::mem::replace(&mut self.pending, next);
+        b.events = coalesce(b.events);
+        b
+    }
+}
+
+async fn run(client: Client, opts: WatchOptions, tx: mpsc::Sender<Batch>) {
+    let cfg = watcher::Config::default();
+    let nodes = watcher::watcher(Api::<Node>::all(client.clone()), cfg.clone())
+        .backoff(backoff())
+        .map(Step::Node);
+    let peers = watcher::watcher(peers_api(client), cfg)
+        .backoff(backoff())
+        .map(Step::Peer);
+    let mut merged = Box::pin(futures::stream::select(nodes, peers));
+    let mut st = State {
+        nodes: Store::default(),
+        peers: Store::default(),
+        no_peer_crd: false,
+        pending: Batch {
+            connected: true,
+            ..Batch::default()
+        },
+        dirty: false,
+        connected: true,
+        opts,
+    };
+    loop {
+        tokio::select! {
+            biased;
+            permit = tx.reserve(), if st.dirty => match permit {
+                Ok(p) => p.send(st.take()),
+                Err(_) => return,
+            },
+            step = merged.next() => match step {
+                Some(s) => st.step(s),
+                None => return,
+            },
+            _ = tx.closed() => return,
+        }
+    }
+}
