@@ -4,6 +4,7 @@ mod util;
 
 mod agent_foreign;
 mod boundary;
+mod cluster_registry;
 mod engine_props;
 mod fuzz_parsers;
 mod lab;
