@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 
 use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use kube::api::{Api, PostParams};
@@ -89,10 +89,8 @@ pub fn event(
         count: Some(1),
         first_timestamp: Some(Time(now)),
         last_timestamp: Some(Time(now)),
-        event_time: Some(MicroTime(now)),
         reporting_component: Some("wiremesh.io/agent".into()),
         reporting_instance: Some(reporter.into()),
-        action: Some("Skip".into()),
         source: Some(EventSource {
             component: Some("wiremesh".into()),
             host: Some(reporter.into()),
