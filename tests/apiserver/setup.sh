@@ -7,7 +7,7 @@
 set -euo pipefail
 cache=${WIREMESH_CACHE:-/var/cache/wiremesh}
 bin=$cache/kube-apiserver-v1.20.2
-if [ -x "$bin" ] && command -v etcd >/dev/null 2>&1; then
+if [ -x "$bin" ] && command -v etcd >/dev/null 2>&1 && command -v curl >/dev/null 2>&1; then
   echo "$bin"
   exit 0
 fi
@@ -20,7 +20,7 @@ if [ ! -f "$src_list" ]; then
 fi
 apt-get update -qq
 DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends \
-  golang-go etcd-server rsync jq golang-github-modern-go-reflect2-dev dpkg-dev >/dev/null
+  golang-go etcd-server rsync jq golang-github-modern-go-reflect2-dev dpkg-dev curl openssl >/dev/null
 if [ -x "$bin" ]; then
   echo "$bin"
   exit 0
