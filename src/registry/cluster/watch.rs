@@ -88,6 +88,8 @@ pub fn watch(client: Client, opts: WatchOptions) -> mpsc::Receiver<Batch> {
     rx
 }
 
+/// One item of the merged watch streams (a Node is large; each step is moved once).
+#[allow(clippy::large_enum_variant)]
 enum Step {
     Node(watcher::Result<watcher::Event<Node>>),
     Peer(watcher::Result<watcher::Event<DynamicObject>>),
