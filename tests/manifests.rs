@@ -79,7 +79,8 @@ fn documents(text: &str, what: &str) -> Vec<Value> {
 
 /// `kind/name` of a document, for messages.
 fn label(doc: &Value) -> String {
-    format!("{}/{}", doc["kind"], doc["metadata"]["name"])
+    let s = |v: &Value| v.as_str().unwrap_or("?").to_owned();
+    format!("{}/{}", s(&doc["kind"]), s(&doc["metadata"]["name"]))
 }
 
 /// Every file that `kubectl apply -f` may be given.
@@ -574,6 +575,7 @@ async fn example_peers_apply_and_read_back_unchanged() {
 }
 
 /// The request was refused by authorization: HTTP 403.
+#[track_caller]
 fn assert_forbidden<T: std::fmt::Debug>(r: Result<T, kube::Error>, what: &str) {
     match r {
         Err(kube::Error::Api(s)) if s.code == 403 => {}
@@ -672,7 +674,7 @@ async fn agent_may_read_nodes_and_peers_patch_nodes_and_record_events_and_nothin
         .expect("resourceVersion");
     drop(agent_peers.watch(&wp, &rv).await.expect("watch peers"));
 
-    // Events about a Node go to `default` (kube-rs's recorder does the same).
+    // Core v1 Events about a Node go to `default`, as the kubelet's do.
     let core_events: Api<Event> = Api::namespaced(agent.clone(), "default");
     let ev: Event = serde_json::from_value(json!({
         "metadata": {"name": "node-a.wiremesh-test", "namespace": "default"},
@@ -693,9 +695,12 @@ async fn agent_may_read_nodes_and_peers_patch_nodes_and_record_events_and_nothin
         )
         .await
         .expect("patch core event");
-    let events: Api<EventV1> = Api::namespaced(agent.clone(), "default");
+    // events.k8s.io Events (eventTime set) about a cluster-scoped object: older API servers (this
+    // 1.20 one) accept them only in kube-system ("involvedObject.namespace: does not match
+    // event.namespace" in `default`); newer ones accept `default` too.
+    let events: Api<EventV1> = Api::namespaced(agent.clone(), "kube-system");
     let ev: EventV1 = serde_json::from_value(json!({
-        "metadata": {"name": "node-a.wiremesh-test-v1", "namespace": "default"},
+        "metadata": {"name": "node-a.wiremesh-test-v1", "namespace": "kube-system"},
         "eventTime": "2026-01-01T00:00:00.000000Z",
         "regarding": {"apiVersion": "v1", "kind": "Node", "name": "node-a"},
         "reason": "Test", "note": "events.k8s.io/v1 event", "type": "Normal",
