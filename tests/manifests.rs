@@ -778,7 +778,7 @@ async fn agent_may_read_nodes_and_peers_patch_nodes_and_record_events_and_nothin
         .get("node-a")
         .await
         .expect("node-a is still there");
-    assert!(still.metadata.labels.unwrap_or_default().get("x").is_none());
+    assert!(!still.metadata.labels.unwrap_or_default().contains_key("x"));
     let (admin_peers, _) = api_for(&admin, &peer_doc).await;
     admin_peers
         .get("laptop")
