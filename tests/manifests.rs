@@ -437,6 +437,14 @@ fn dropped_fields(sent: &Value, got: &Value, path: &str, out: &mut Vec<String>) 
     }
 }
 
+#[track_caller]
+fn assert_nothing_dropped(sent: &Value, got: &DynamicObject, what: &str) {
+    let mut dropped = Vec::new();
+    let got = serde_json::to_value(got).expect("json");
+    dropped_fields(sent, &got, "", &mut dropped);
+    assert!(dropped.is_empty(), "{what}: the server dropped {dropped:?}");
+}
+
 fn gvk_of(doc: &Value) -> GroupVersionKind {
     let api_version = doc["apiVersion"].as_str().expect("apiVersion");
     let kind = doc["kind"].as_str().expect("kind");
@@ -482,14 +490,7 @@ async fn apply(client: &kube::Client, doc: &Value) -> DynamicObject {
         .patch(name, &pp, &Patch::Apply(dynamic(doc)))
         .await
         .unwrap_or_else(|e| panic!("apply {}: {e}", label(doc)));
-    let mut dropped = Vec::new();
-    dropped_fields(
-        doc,
-        &serde_json::to_value(&got).expect("json"),
-        "",
-        &mut dropped,
-    );
-    assert!(dropped.is_empty(), "{}: dropped {dropped:?}", label(doc));
+    assert_nothing_dropped(doc, &got, &label(doc));
     got
 }
 
@@ -533,14 +534,7 @@ async fn server_accepts_every_bundle_document_in_a_dry_run_without_dropping_a_fi
                 .create(&pp, &dynamic(&doc))
                 .await
                 .unwrap_or_else(|e| panic!("{what}: refused: {e}"));
-            let mut dropped = Vec::new();
-            dropped_fields(
-                &doc,
-                &serde_json::to_value(&got).expect("json"),
-                "",
-                &mut dropped,
-            );
-            assert!(dropped.is_empty(), "{what}: the server dropped {dropped:?}");
+            assert_nothing_dropped(&doc, &got, &what);
             // A dry run: nothing stored.
             let name = doc["metadata"]["name"].as_str().expect("name");
             let stored = api.get_opt(name).await.expect("get");
