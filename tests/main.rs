@@ -8,6 +8,7 @@ mod cluster_registry;
 mod engine_props;
 mod fuzz_parsers;
 mod lab;
+mod manifests;
 mod netlink_netns;
 mod nft_cni_netns;
 mod plan_golden;
