@@ -139,7 +139,8 @@ async fn watch_lists_then_follows_changes_and_skips_only_the_bad_node() {
     )
     .await;
 
-    let mut rx = watch(api.admin().await, opts("a"));
+    api.install_rbac().await;
+    let mut rx = watch(api.agent().await, opts("a"));
     // The first complete list (no Peer CRD: peers are an empty, complete list).
     let evs = until(&mut rx, 30, "the first list", |_, b| b.synced).await;
     assert!(upserted(&evs, "a") && upserted(&evs, "b"), "{evs:?}");
@@ -198,7 +199,8 @@ async fn peers_are_watched_once_the_crd_exists_and_bad_peers_are_reported() {
     let api = ApiServer::start();
     let admin = api.admin().await;
     apply_crd(&admin).await;
-    let mut rx = watch(api.admin().await, opts("a"));
+    api.install_rbac().await;
+    let mut rx = watch(api.agent().await, opts("a"));
     until(&mut rx, 30, "the first list", |_, b| b.synced).await;
     let laptop: DynamicObject = serde_json::from_value(serde_json::json!({
         "apiVersion": "kilo.squat.ai/v1alpha1", "kind": "Peer",
@@ -267,7 +269,8 @@ async fn an_outage_removes_nothing_and_the_watch_resumes_after_it() {
         )
         .await;
     }
-    let mut rx = watch(api.admin().await, opts("a"));
+    api.install_rbac().await;
+    let mut rx = watch(api.agent().await, opts("a"));
     until(&mut rx, 30, "the first list", |_, b| b.synced).await;
 
     api.stop_apiserver();
@@ -337,7 +340,9 @@ async fn publishing_writes_only_our_keys_on_our_node() {
         discovered_endpoints: BTreeMap::from([(key, "198.51.100.7:4000".parse().unwrap())]),
     };
     let before = Api::<Node>::all(admin.clone()).get("a").await.unwrap();
-    let after = patch_node(&admin, "a", &merge_patch(&p.annotations(), 1_800_000_000))
+    api.install_rbac().await;
+    let agent = api.agent().await;
+    let after = patch_node(&agent, "a", &merge_patch(&p.annotations(), 1_800_000_000))
         .await
         .unwrap();
     assert!(p.is_on(&after));
@@ -356,7 +361,7 @@ async fn publishing_writes_only_our_keys_on_our_node() {
     assert_eq!(m.discovered_endpoints.len(), 1);
     // A value that goes away is removed, not left stale.
     p.wireguard_ip = None;
-    let after = patch_node(&admin, "a", &merge_patch(&p.annotations(), 1_800_000_030))
+    let after = patch_node(&agent, "a", &merge_patch(&p.annotations(), 1_800_000_030))
         .await
         .unwrap();
     let ann = after.metadata.annotations.unwrap();
@@ -390,15 +395,16 @@ async fn a_bad_annotation_becomes_one_event_on_that_node() {
         "\"bad\" is not a WireGuard key",
     )];
     let events = Api::<KubeEvent>::namespaced(admin.clone(), EVENT_NAMESPACE);
-    let mut mine = Reporter::new(api.admin().await, "a");
+    api.install_rbac().await;
+    let mut mine = Reporter::new(api.agent().await, "a");
     mine.report(&diags, uid.as_deref()).await;
     // A resync with the same problem, this agent after a restart, and another agent: no repeat.
     mine.report(&diags, uid.as_deref()).await;
-    Reporter::new(api.admin().await, "a")
+    Reporter::new(api.agent().await, "a")
         .report(&diags, uid.as_deref())
         .await;
     // Another node's agent does not report this node's problems.
-    Reporter::new(api.admin().await, "b")
+    Reporter::new(api.agent().await, "b")
         .report(&diags, None)
         .await;
     let list = events.list(&ListParams::default()).await.unwrap().items;

@@ -112,6 +112,51 @@ impl ApiServer {
         client(&self.agent_kubeconfig).await
     }
 
+    /// Create what `manifests/rbac.yaml` declares (ServiceAccount, ClusterRole, binding), so
+    /// [`Self::agent`] has exactly the rights the DaemonSet's agent has.
+    pub async fn install_rbac(&self) {
+        use k8s_openapi::api::core::v1::ServiceAccount;
+        use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+        use kube::api::{Api, PostParams};
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/rbac.yaml"),
+        )
+        .expect("read manifests/rbac.yaml");
+        let admin = self.admin().await;
+        let pp = PostParams::default();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let v: serde_json::Value =
+                serde::Deserialize::deserialize(doc).expect("a YAML document");
+            match v["kind"].as_str() {
+                Some("ServiceAccount") => {
+                    let sa: ServiceAccount = serde_json::from_value(v).expect("ServiceAccount");
+                    let ns = sa.metadata.namespace.clone().unwrap_or_default();
+                    Api::<ServiceAccount>::namespaced(admin.clone(), &ns)
+                        .create(&pp, &sa)
+                        .await
+                        .expect("create ServiceAccount");
+                }
+                Some("ClusterRole") => {
+                    let r: ClusterRole = serde_json::from_value(v).expect("ClusterRole");
+                    Api::<ClusterRole>::all(admin.clone())
+                        .create(&pp, &r)
+                        .await
+                        .expect("create ClusterRole");
+                }
+                Some("ClusterRoleBinding") => {
+                    let b: ClusterRoleBinding =
+                        serde_json::from_value(v).expect("ClusterRoleBinding");
+                    Api::<ClusterRoleBinding>::all(admin.clone())
+                        .create(&pp, &b)
+                        .await
+                        .expect("create ClusterRoleBinding");
+                }
+                None => {}
+                Some(k) => panic!("unexpected kind {k} in manifests/rbac.yaml"),
+            }
+        }
+    }
+
     /// Stop the API server (etcd keeps the data): an outage.
     pub fn stop_apiserver(&mut self) {
         if let Some(pid) = self.apiserver_pid.take() {
