@@ -59,13 +59,19 @@ enum Command {
 struct ClusterArgs {
     /// Kubeconfig file. Without it: `KUBECONFIG`, `~/.kube/config`, then the in-cluster
     /// ServiceAccount.
-    #[arg(long, global = true, value_name = "FILE")]
+    #[arg(long, global = true, help_heading = "Cluster", value_name = "FILE")]
     kubeconfig: Option<PathBuf>,
     /// Kubeconfig context to use instead of the current one.
-    #[arg(long, global = true, value_name = "NAME")]
+    #[arg(long, global = true, help_heading = "Cluster", value_name = "NAME")]
     context: Option<String>,
     /// Seconds to wait for the API server before giving up.
-    #[arg(long, global = true, value_name = "SECS", default_value_t = 30)]
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Cluster",
+        value_name = "SECS",
+        default_value_t = 30
+    )]
     request_timeout: u64,
 }
 
