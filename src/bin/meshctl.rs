@@ -64,7 +64,7 @@ struct ClusterArgs {
     /// Kubeconfig context to use instead of the current one.
     #[arg(long, global = true, help_heading = "Cluster", value_name = "NAME")]
     context: Option<String>,
-    /// Seconds to wait for the API server before giving up.
+    /// Seconds to wait for the API server before giving up (0: no limit).
     #[arg(
         long,
         global = true,

@@ -100,7 +100,8 @@ fn one_line(err: &dyn std::error::Error) -> String {
     out.replace('\n', " ")
 }
 
-/// A connection to one API server, with the time `meshctl` waits for each operation.
+/// A connection to one API server, with the time `meshctl` waits for each operation (zero: no
+/// limit).
 pub struct Cluster {
     client: Client,
     url: String,
@@ -165,11 +166,14 @@ impl Cluster {
         }
     }
 
-    /// Run `op`, giving up after the timeout.
+    /// Run `op`, giving up after the timeout (none when it is zero).
     async fn timed<T>(
         &self,
         op: impl Future<Output = Result<T, ClusterCliError>>,
     ) -> Result<T, ClusterCliError> {
+        if self.timeout.is_zero() {
+            return op.await;
+        }
         tokio::time::timeout(self.timeout, op)
             .await
             .map_err(|_| ClusterCliError::Timeout {
