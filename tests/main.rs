@@ -9,6 +9,7 @@ mod engine_props;
 mod fuzz_parsers;
 mod lab;
 mod manifests;
+mod meshctl_cluster;
 mod netlink_netns;
 mod nft_cni_netns;
 mod plan_golden;

@@ -1,5 +1,6 @@
 //! `meshctl`: look at a wiremesh (or Kilo) mesh: what a node would program, the topology as a
-//! picture, and WireGuard configs for outside machines.
+//! picture, and WireGuard configs for outside machines; add, list and delete external peers.
+//! Reads a live cluster, or the same objects from files (`--nodes`, `--peers`).
 
 /// mimalloc: faster than glibc malloc for the engine's many small allocations (BENCHMARKS.md).
 #[global_allocator]
@@ -13,15 +14,23 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnetwork::IpNetwork;
 
+use wiremesh::cli::cluster::Cluster;
+use wiremesh::cli::peer::{NewPeer, render_table, render_yaml};
 use wiremesh::cli::plan::{DeviceNames, render_json, render_text};
 use wiremesh::cli::{Inputs, auto_granularity, load};
 use wiremesh::graph::{GraphOptions, render_dot, render_svg};
 use wiremesh::lab::LabError;
 use wiremesh::model::{Granularity, NodeName, WgKey};
 use wiremesh::registry::annotations::DEFAULT_TOPOLOGY_LABEL;
+use wiremesh::registry::cluster::ClientOptions;
 use wiremesh::topology::{self, DEFAULT_INTERFACE, Encapsulate, MeshOptions};
 
 /// Inspect a WireGuard mesh computed the way the wiremesh agent computes it.
+///
+/// `plan`, `graph` and `showconf` read the Nodes and Peers of a live cluster (`--kubeconfig`,
+/// else `KUBECONFIG`, `~/.kube/config`, then the in-cluster ServiceAccount), or the same objects
+/// from files with `--nodes FILE [--peers FILE]`. `peer` adds, lists and deletes external peers
+/// in the cluster.
 #[derive(Parser)]
 #[command(name = "meshctl", version, about)]
 struct Cli {
@@ -37,21 +46,70 @@ enum Command {
     Graph(GraphArgs),
     /// Print the WireGuard (wg-quick) configuration for a node or an external peer.
     Showconf(ShowconfArgs),
+    /// Add, list and delete external peers (Kilo `Peer` resources) in the cluster.
+    Peer(PeerArgs),
     /// Check what this machine offers wiremesh: WireGuard, IPIP, firewall, CNI plugins.
     Doctor(DoctorArgs),
     /// Run a throw-away mesh on this machine in network namespaces (needs root).
     Lab(LabArgs),
 }
 
+/// How to reach the cluster's API server.
+#[derive(Args, Clone, Debug, PartialEq, Eq)]
+struct ClusterArgs {
+    /// Kubeconfig file. Without it: `KUBECONFIG`, `~/.kube/config`, then the in-cluster
+    /// ServiceAccount.
+    #[arg(long, global = true, help_heading = "Cluster", value_name = "FILE")]
+    kubeconfig: Option<PathBuf>,
+    /// Kubeconfig context to use instead of the current one.
+    #[arg(long, global = true, help_heading = "Cluster", value_name = "NAME")]
+    context: Option<String>,
+    /// Seconds to wait for the API server before giving up (0: no limit).
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Cluster",
+        value_name = "SECS",
+        default_value_t = 30
+    )]
+    request_timeout: u64,
+}
+
+impl ClusterArgs {
+    /// Connect, run `op` on the cluster, and wait for it (one small runtime per command).
+    fn run<T, F, Fut>(&self, op: F) -> Result<T>
+    where
+        F: FnOnce(Cluster) -> Fut,
+        Fut: std::future::Future<Output = Result<T, wiremesh::cli::cluster::ClusterCliError>>,
+    {
+        let opts = ClientOptions {
+            kubeconfig: self.kubeconfig.clone(),
+            context: self.context.clone(),
+        };
+        let timeout = std::time::Duration::from_secs(self.request_timeout);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        Ok(rt.block_on(async {
+            let cluster = Cluster::connect(&opts, timeout).await?;
+            op(cluster).await
+        })?)
+    }
+}
+
 /// Where the cluster comes from and how it is meshed.
 #[derive(Args, Clone)]
 struct MeshArgs {
-    /// Nodes as `kubectl get nodes -o json|yaml` prints them.
-    #[arg(long, value_name = "FILE")]
-    nodes: PathBuf,
-    /// External peers (Kilo `Peer` resources), JSON or YAML.
-    #[arg(long, value_name = "FILE")]
+    /// Read Nodes from this file (as `kubectl get nodes -o json|yaml` prints them) instead of
+    /// the cluster.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["kubeconfig", "context"])]
+    nodes: Option<PathBuf>,
+    /// Read external peers (Kilo `Peer` resources, JSON or YAML) from this file; with `--nodes`.
+    #[arg(long, value_name = "FILE", requires = "nodes")]
     peers: Option<PathBuf>,
+    #[command(flatten)]
+    cluster: ClusterArgs,
     /// Mesh granularity; `auto` reads the granularity the agents publish (default location).
     #[arg(long, value_enum, default_value_t = GranularityArg::Auto)]
     granularity: GranularityArg,
@@ -188,10 +246,95 @@ enum ShowconfWhat {
     },
 }
 
+/// `meshctl peer`: external peers in the cluster.
+#[derive(Args)]
+struct PeerArgs {
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    #[command(subcommand)]
+    command: PeerCommand,
+}
+
+#[derive(Subcommand)]
+enum PeerCommand {
+    /// Create a Peer: a WireGuard peer outside the cluster (a laptop, another cluster).
+    ///
+    /// Every value is checked first with the agent's own parser; nothing is sent when one is
+    /// invalid. `meshctl showconf peer NAME` then prints the peer's WireGuard configuration.
+    Add(PeerAddArgs),
+    /// List the cluster's Peers: name, public key, allowed IPs, endpoint.
+    List,
+    /// Delete the Peer NAME.
+    Delete {
+        /// The peer's name.
+        name: String,
+    },
+}
+
+#[derive(Args, Debug)]
+struct PeerAddArgs {
+    /// The peer's name (lowercase letters, digits, '-' and '.', like every Kubernetes name).
+    name: String,
+    /// The peer's WireGuard public key, base64 (`wg pubkey < private.key`).
+    #[arg(long, value_name = "KEY")]
+    public_key: String,
+    /// CIDRs the mesh routes to the peer, comma-separated or repeated; a bare IP is one address.
+    #[arg(long, value_name = "CIDR", value_delimiter = ',', required = true)]
+    allowed_ips: Vec<String>,
+    /// Where the mesh can reach the peer: `ip:port`, `[ipv6]:port` or `dns-name:port`. Leave it
+    /// out for a peer behind NAT: it connects first.
+    #[arg(long, value_name = "HOST:PORT")]
+    endpoint: Option<String>,
+    /// Seconds between keepalives the peer sends (0 = off); 25 keeps a NAT mapping open.
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
+    persistent_keepalive: i64,
+    /// File holding a preshared key (`wg genpsk`), shared by the peer and the nodes.
+    #[arg(long, value_name = "FILE")]
+    preshared_key_file: Option<PathBuf>,
+    /// Print the Peer as YAML instead of creating it (no cluster needed).
+    #[arg(long)]
+    dry_run: bool,
+}
+
+impl PeerAddArgs {
+    /// The flags as a [`NewPeer`], with the preshared key read from its file.
+    fn request(&self) -> Result<NewPeer> {
+        let preshared_key = match &self.preshared_key_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?
+                    .trim()
+                    .to_owned(),
+            ),
+            None => None,
+        };
+        Ok(NewPeer {
+            name: self.name.clone(),
+            public_key: self.public_key.clone(),
+            allowed_ips: self.allowed_ips.clone(),
+            endpoint: self.endpoint.clone(),
+            persistent_keepalive: self.persistent_keepalive,
+            preshared_key,
+        })
+    }
+}
+
 impl MeshArgs {
+    /// The nodes and peers: from the files when `--nodes` is given, else from the cluster.
     fn load(&self) -> Result<Inputs> {
-        load(&self.nodes, self.peers.as_deref(), &self.topology_label)
-            .with_context(|| format!("reading {}", self.nodes.display()))
+        match &self.nodes {
+            Some(nodes) => load(nodes, self.peers.as_deref(), &self.topology_label)
+                .with_context(|| format!("reading {}", nodes.display())),
+            None => {
+                let label = self.topology_label.clone();
+                self.cluster.run(|c| async move { c.inputs(&label).await })
+            }
+        }
     }
 
     fn options(&self, inputs: &Inputs) -> MeshOptions {
@@ -343,6 +486,43 @@ fn showconf(args: ShowconfArgs) -> Result<()> {
         }
     };
     std::io::stdout().write_all(text.as_bytes())?;
+    Ok(())
+}
+
+fn peer(args: PeerArgs) -> Result<()> {
+    match args.command {
+        PeerCommand::Add(a) => {
+            // Everything is checked before the cluster is contacted.
+            let res = wiremesh::cli::peer::build(&a.request()?)?;
+            if a.dry_run {
+                std::io::stdout().write_all(render_yaml(&res)?.as_bytes())?;
+                return Ok(());
+            }
+            args.cluster
+                .run(|c| async move { c.create_peer(&res).await })?;
+            println!(
+                "peer {0} created; `meshctl showconf peer {0}` prints its WireGuard configuration",
+                a.name
+            );
+        }
+        PeerCommand::List => {
+            let (peers, diagnostics) = args.cluster.run(|c| async move { c.peers().await })?;
+            for d in &diagnostics {
+                eprintln!("warning: {d}");
+            }
+            if peers.is_empty() {
+                eprintln!("no peers");
+            } else {
+                std::io::stdout().write_all(render_table(&peers).as_bytes())?;
+            }
+        }
+        PeerCommand::Delete { name } => {
+            let n = name.clone();
+            args.cluster
+                .run(|c| async move { c.delete_peer(&n).await })?;
+            println!("peer {name} deleted");
+        }
+    }
     Ok(())
 }
 
@@ -593,11 +773,15 @@ fn lab(args: LabArgs) -> Result<(), LabError> {
     }
 }
 
+/// Log filter without `RUST_LOG`. kube and rustls log every failed request at ERROR; meshctl
+/// reports the failure itself, in one line, so theirs are off.
+const DEFAULT_LOG: &str = "warn,kube_client=off,rustls_platform_verifier=off";
+
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -607,6 +791,7 @@ fn main() {
         Command::Plan(a) => plan(a),
         Command::Graph(a) => graph(a),
         Command::Showconf(a) => showconf(a),
+        Command::Peer(a) => peer(a),
         Command::Doctor(a) => doctor(a),
         Command::Lab(a) => {
             if let Err(e) = lab(a) {
@@ -623,5 +808,135 @@ fn main() {
     if let Err(e) = result {
         eprintln!("meshctl: {e:#}");
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("meshctl").chain(args.iter().copied()))
+    }
+
+    fn mesh(cli: Cli) -> MeshArgs {
+        match cli.command {
+            Command::Plan(a) => a.mesh,
+            Command::Graph(a) => a.mesh,
+            Command::Showconf(a) => a.mesh,
+            _ => panic!("not a mesh command"),
+        }
+    }
+
+    #[test]
+    fn command_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn without_nodes_the_commands_read_the_cluster() {
+        let m = mesh(parse(&["plan", "--node", "a"]).expect("parses"));
+        assert_eq!(m.nodes, None);
+        assert_eq!(m.cluster.kubeconfig, None);
+        assert_eq!(m.cluster.request_timeout, 30);
+        let m = mesh(parse(&["graph", "--kubeconfig", "k", "--context", "c"]).expect("parses"));
+        assert_eq!(m.cluster.kubeconfig, Some(PathBuf::from("k")));
+        assert_eq!(m.cluster.context.as_deref(), Some("c"));
+    }
+
+    #[test]
+    fn kubeconfig_and_context_conflict_with_nodes() {
+        for flag in ["--kubeconfig", "--context"] {
+            let e = parse(&["plan", "--node", "a", "--nodes", "n.yaml", flag, "x"])
+                .err()
+                .expect("refused");
+            assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict, "{flag}");
+        }
+    }
+
+    #[test]
+    fn peers_file_needs_nodes_file() {
+        let e = parse(&["plan", "--node", "a", "--peers", "p.yaml"])
+            .err()
+            .expect("refused");
+        assert_eq!(e.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+    }
+
+    #[test]
+    fn cluster_flags_go_before_or_after_the_subcommand() {
+        let m = mesh(parse(&["showconf", "peer", "laptop", "--kubeconfig", "k"]).expect("parses"));
+        assert_eq!(m.cluster.kubeconfig, Some(PathBuf::from("k")));
+        for args in [
+            &["peer", "--kubeconfig", "k", "list"][..],
+            &["peer", "list", "--kubeconfig", "k"][..],
+        ] {
+            let Command::Peer(p) = parse(args).expect("parses").command else {
+                panic!("not peer");
+            };
+            assert_eq!(p.cluster.kubeconfig, Some(PathBuf::from("k")), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn peer_add_splits_allowed_ips_and_requires_key_and_ips() {
+        let Command::Peer(PeerArgs {
+            command: PeerCommand::Add(a),
+            ..
+        }) = parse(&[
+            "peer",
+            "add",
+            "laptop",
+            "--public-key",
+            "k",
+            "--allowed-ips",
+            "10.5.0.1/32,10.6.0.0/24",
+            "--allowed-ips",
+            "fd00::1",
+            "--persistent-keepalive",
+            "-1",
+        ])
+        .expect("parses")
+        .command
+        else {
+            panic!("not peer add");
+        };
+        assert_eq!(a.allowed_ips, ["10.5.0.1/32", "10.6.0.0/24", "fd00::1"]);
+        // Out of range, but for the agent's parser to report, with the flag's name.
+        assert_eq!(a.persistent_keepalive, -1);
+        assert!(!a.dry_run);
+        for missing in [
+            &["peer", "add", "x", "--public-key", "k"][..],
+            &["peer", "add", "x", "--allowed-ips", "10.0.0.1/32"][..],
+        ] {
+            let e = parse(missing).err().expect("refused");
+            assert_eq!(e.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        }
+    }
+
+    #[test]
+    fn peer_add_request_reads_and_trims_the_preshared_key_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let psk = dir.path().join("psk");
+        std::fs::write(&psk, "  c2VjcmV0\n").expect("write");
+        let a = PeerAddArgs {
+            name: "x".into(),
+            public_key: "k".into(),
+            allowed_ips: vec!["10.0.0.1/32".into()],
+            endpoint: None,
+            persistent_keepalive: 0,
+            preshared_key_file: Some(psk),
+            dry_run: true,
+        };
+        assert_eq!(
+            a.request().expect("read").preshared_key.as_deref(),
+            Some("c2VjcmV0")
+        );
+        let missing = PeerAddArgs {
+            preshared_key_file: Some(dir.path().join("nope")),
+            ..a
+        };
+        let e = missing.request().expect_err("no file");
+        assert!(format!("{e:#}").contains("nope"), "{e:#}");
     }
 }

@@ -1,9 +1,11 @@
-//! Shared pieces of the command-line tools: reading the registry files and choosing the
-//! granularity, plus the pure renderers of `meshctl` output.
+//! Shared pieces of the command-line tools: reading the registry (files, or a live cluster in
+//! [`cluster`]) and choosing the granularity, plus the pure renderers of `meshctl` output.
 //!
-//! May depend on every library module; does file I/O only in [`load`]. Errors are `thiserror`
-//! types; the binaries wrap them with `anyhow`.
+//! May depend on every library module; does file I/O only in [`load`] and network I/O only in
+//! [`cluster`]. Errors are `thiserror` types; the binaries wrap them with `anyhow`.
 
+pub mod cluster;
+pub mod peer;
 pub mod plan;
 
 use std::path::Path;
@@ -12,7 +14,7 @@ use crate::diagnostic::Diagnostic;
 use crate::model::{Granularity, MeshNode, MeshPeer};
 use crate::registry::file::{FileError, load_nodes, load_peers};
 
-/// Nodes and peers read from files, with every problem found on the way.
+/// Nodes and peers read from files or a cluster, with every problem found on the way.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Inputs {
     /// Valid nodes.

@@ -51,6 +51,12 @@ pub struct ClientOptions {
 
 /// A client configured from `opts`.
 pub async fn connect(opts: &ClientOptions) -> Result<Client, ClusterError> {
+    Client::try_from(client_config(opts).await?).map_err(ClusterError::Api)
+}
+
+/// The configuration [`connect`] builds its client from: for callers that need the server's
+/// address (to name it in errors) or their own timeouts.
+pub async fn client_config(opts: &ClientOptions) -> Result<Config, ClusterError> {
     let kopts = KubeConfigOptions {
         context: opts.context.clone(),
         ..Default::default()
@@ -67,7 +73,7 @@ pub async fn connect(opts: &ClientOptions) -> Result<Client, ClusterError> {
         (None, Some(_)) => Config::from_kubeconfig(&kopts).await.map_err(|e| bad(&e))?,
         (None, None) => Config::infer().await.map_err(|e| bad(&e))?,
     };
-    Client::try_from(config).map_err(ClusterError::Api)
+    Ok(config)
 }
 
 /// The `peers.kilo.squat.ai` resource.
