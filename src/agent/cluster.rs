@@ -17,16 +17,12 @@ use crate::diagnostic::Diagnostic;
 use crate::registry::cluster::publish::{Publication, merge_patch, patch_node};
 use crate::registry::cluster::report::Reporter;
 
+use super::unix_now;
+
 /// Handles to the publisher and reporter tasks; they stop when this is dropped.
 pub struct ClusterLink {
     publication: watch::Sender<Option<Publication>>,
     diagnostics: watch::Sender<(Vec<Diagnostic>, Option<String>)>,
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 impl ClusterLink {

@@ -252,7 +252,8 @@ fn discovered_endpoints(
         .collect()
 }
 
-fn unix_now() -> i64 {
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub(crate) fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
@@ -298,6 +299,8 @@ pub async fn run_with<K: Kernel>(
     // This node's Node object and what the agent publishes (Kubernetes registry).
     let mut local_node: Option<Box<k8s_openapi::api::core::v1::Node>> = None;
     let mut own: Option<Publication> = None;
+    // This node's mesh IP as the last desired state had it (published as wireguard-ip).
+    let mut mesh_ip: Option<IpNetwork> = None;
     let mut discovered = BTreeMap::new();
     // Since when the registry has been listed and reachable without a break (for staleness).
     let mut live_since: Option<tokio::time::Instant> = None;
@@ -325,6 +328,9 @@ pub async fn run_with<K: Kernel>(
                     None
                 }
             };
+            for i in pending.iter().filter_map(|d| d.interface.as_ref()) {
+                mesh_ip = i.address;
+            }
             pending.clear();
             let report = match report {
                 Some(r) => Some(r),
@@ -333,9 +339,13 @@ pub async fn run_with<K: Kernel>(
                         warn!("{e}; nothing is programmed until it can");
                         None
                     }
-                    Ok(desired) => Some(
-                        reconcile::reconcile_cached(kernel, &desired, public_key, &mut known).await,
-                    ),
+                    Ok(desired) => {
+                        mesh_ip = desired.interface.address;
+                        Some(
+                            reconcile::reconcile_cached(kernel, &desired, public_key, &mut known)
+                                .await,
+                        )
+                    }
                 },
             };
             full_needed = false;
@@ -372,14 +382,13 @@ pub async fn run_with<K: Kernel>(
             if let Some(link) = &cluster {
                 let p = publication(
                     &cfg,
-                    engine,
                     public_key,
                     local_node.as_deref(),
                     &host,
+                    mesh_ip,
                     &discovered,
                 );
-                link.publish(p.clone());
-                own = Some(p);
+                publish_to(link, &mut own, p);
             }
         }
         let retry = async {
@@ -404,9 +413,8 @@ pub async fn run_with<K: Kernel>(
                         && own.is_none()
                     {
                         // Publish at once what is known before the first reconciliation.
-                        let p = initial_publication(&cfg, public_key, &n, &host);
-                        link.publish(p.clone());
-                        own = Some(p);
+                        let p = publication(&cfg, public_key, Some(&n), &host, None, &BTreeMap::new());
+                        publish_to(link, &mut own, p);
                     }
                     local_node = Some(n);
                 }
@@ -476,9 +484,8 @@ pub async fn run_with<K: Kernel>(
                     Err(e) => debug!(error = %e, "cannot read the WireGuard device for discovered endpoints"),
                 }
                 if let Some(link) = &cluster {
-                    let p = publication(&cfg, engine, public_key, local_node.as_deref(), &host, &discovered);
-                    link.publish(p.clone());
-                    own = Some(p);
+                    let p = publication(&cfg, public_key, local_node.as_deref(), &host, mesh_ip, &discovered);
+                    publish_to(link, &mut own, p);
                 }
             }
             _ = resync.tick() => { dirty = true; known = None; full_needed = true; }
@@ -505,37 +512,32 @@ fn absorb(u: Update, pending: &mut Vec<DesiredDelta>, dirty: &mut bool, full_nee
     }
 }
 
-/// What to publish before the engine has run: key, endpoint, internal IP, granularity.
-fn initial_publication(
+/// What to publish: the key, what is detected from this node's Node object (when known) and
+/// host addresses, the mesh IP and the discovered endpoints.
+fn publication(
     cfg: &AgentConfig,
     public_key: WgKey,
-    node: &k8s_openapi::api::core::v1::Node,
+    node: Option<&k8s_openapi::api::core::v1::Node>,
     host: &HostInfo,
+    mesh_ip: Option<IpNetwork>,
+    discovered: &BTreeMap<WgKey, std::net::SocketAddr>,
 ) -> Publication {
+    let empty = k8s_openapi::api::core::v1::Node::default();
+    let node = node.unwrap_or(&empty);
     Publication {
         key: Some(public_key),
         endpoint: publish::detect_endpoint(node, &host.default_route, cfg.mesh.port),
         internal_ip: publish::detect_internal_ip(node, &host.local, &host.default_route),
-        wireguard_ip: None,
+        wireguard_ip: mesh_ip,
         granularity: Some(cfg.mesh.granularity),
-        discovered_endpoints: BTreeMap::new(),
+        discovered_endpoints: discovered.clone(),
     }
 }
 
-/// What to publish now.
-fn publication(
-    cfg: &AgentConfig,
-    engine: &Engine,
-    public_key: WgKey,
-    node: Option<&k8s_openapi::api::core::v1::Node>,
-    host: &HostInfo,
-    discovered: &BTreeMap<WgKey, std::net::SocketAddr>,
-) -> Publication {
-    let empty = k8s_openapi::api::core::v1::Node::default();
-    let mut p = initial_publication(cfg, public_key, node.unwrap_or(&empty), host);
-    p.wireguard_ip = engine.desired().ok().and_then(|d| d.interface.address);
-    p.discovered_endpoints.clone_from(discovered);
-    p
+/// Hand `p` to the publisher and remember it as what this node is about to publish.
+fn publish_to(link: &ClusterLink, own: &mut Option<Publication>, p: Publication) {
+    link.publish(p.clone());
+    *own = Some(p);
 }
 
 fn system_options(

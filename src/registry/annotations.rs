@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use ipnetwork::IpNetwork;
 use k8s_openapi::api::core::v1::Node;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::diagnostic::Diagnostic;
 use crate::model::{Endpoint, Granularity, MeshNode, NodeName, WgKey, network_of};
@@ -83,13 +83,16 @@ pub fn parse_cidr(s: &str) -> Result<IpNetwork, String> {
     parse_ip_or_cidr(s).map(network_of)
 }
 
-/// Go's `net.UDPAddr` JSON form, as Kilo writes discovered endpoints.
-#[derive(Deserialize)]
-struct GoUdpAddr {
+/// Go's `net.UDPAddr` JSON form, as Kilo writes and reads discovered endpoints.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct GoUdpAddr {
     #[serde(rename = "IP")]
-    ip: IpAddr,
+    pub(crate) ip: IpAddr,
     #[serde(rename = "Port")]
-    port: u16,
+    pub(crate) port: u16,
+    /// IPv6 zone; always empty for the addresses the mesh uses.
+    #[serde(rename = "Zone", default)]
+    pub(crate) zone: String,
 }
 
 /// The parts of a Node the mesh reads, borrowed from a `k8s_openapi` Node or from the file

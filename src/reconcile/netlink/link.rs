@@ -19,14 +19,6 @@ use rtnetlink::packet_route::route::RouteAttribute;
 use rtnetlink::{AddressMessageBuilder, LinkBridge, LinkUnspec};
 use tracing::{debug, info, warn};
 
-/// Whether `ip` is link-local (never a node's reachable address).
-fn link_local(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(a) => a.is_link_local(),
-        IpAddr::V6(a) => a.is_unicast_link_local(),
-    }
-}
-
 use super::{Answer, BRIDGE_ALIAS, Netlink, errno, nl_err, request};
 use crate::desired::{Bridge, MAIN_TABLE};
 use crate::reconcile::{KernelError, LinkState};
@@ -39,6 +31,12 @@ pub const WIREGUARD_OVERHEAD: u32 = 80;
 pub const MIN_MTU: u32 = 1280;
 /// The automatic MTU when no underlay interface is found: WireGuard's own default.
 pub const FALLBACK_MTU: u32 = 1420;
+
+/// IPv4 link-local (169.254/16): never a node's reachable address. (IPv6 link-local addresses
+/// are already left out by [`parse_address`].)
+fn is_link_local_v4(ip: IpAddr) -> bool {
+    matches!(ip, IpAddr::V4(a) if a.is_link_local())
+}
 
 fn is_link_local_v6(ip: IpAddr) -> bool {
     matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80)
@@ -275,7 +273,7 @@ impl Netlink {
         Ok(msgs
             .iter()
             .filter_map(parse_address)
-            .filter(|n| !link_local(n.ip()))
+            .filter(|n| !is_link_local_v4(n.ip()))
             .collect())
     }
 
@@ -300,7 +298,7 @@ impl Netlink {
             .iter()
             .filter(|m| m.header.index == index)
             .filter_map(parse_address)
-            .filter(|n| !link_local(n.ip()))
+            .filter(|n| !is_link_local_v4(n.ip()))
             .collect())
     }
 

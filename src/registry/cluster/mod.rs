@@ -89,11 +89,6 @@ pub fn peers_api(client: Client) -> Api<DynamicObject> {
     Api::all_with(client, &peer_resource())
 }
 
-/// Parse a Node object into a mesh node (or its diagnostics).
-pub fn node_entry(node: &Node, topology_label: &str) -> Result<MeshNode, Vec<Diagnostic>> {
-    parse_node(node, topology_label)
-}
-
 /// Parse a Peer object, whatever its shape, into a mesh peer (or its diagnostics).
 pub fn peer_entry(obj: &DynamicObject) -> Result<MeshPeer, Vec<Diagnostic>> {
     let name = obj.metadata.name.clone().unwrap_or_default();
@@ -140,7 +135,7 @@ pub async fn list(
         diagnostics: Vec::new(),
     };
     for node in &nodes.items {
-        match node_entry(node, topology_label) {
+        match parse_node(node, topology_label) {
             Ok(m) => n.items.push(m),
             Err(d) => n.diagnostics.extend(d),
         }

@@ -20,11 +20,10 @@ use ipnetwork::IpNetwork;
 use k8s_openapi::api::core::v1::Node;
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
-use serde::Serialize;
 
 use super::ClusterError;
 use crate::model::{Endpoint, Granularity, WgKey};
-use crate::registry::annotations::{KILO_PREFIX, keys};
+use crate::registry::annotations::{GoUdpAddr, KILO_PREFIX, keys};
 
 /// The annotation keys the agent owns on its Node (with Kilo's prefix).
 pub const PUBLISHED_KEYS: [&str; 7] = [
@@ -54,17 +53,6 @@ pub struct Publication {
     pub discovered_endpoints: BTreeMap<WgKey, SocketAddr>,
 }
 
-/// Go's `net.UDPAddr` JSON form, as Kilo reads discovered endpoints.
-#[derive(Serialize)]
-struct GoUdpAddr {
-    #[serde(rename = "IP")]
-    ip: IpAddr,
-    #[serde(rename = "Port")]
-    port: u16,
-    #[serde(rename = "Zone")]
-    zone: &'static str,
-}
-
 fn full(key: &str) -> String {
     format!("{KILO_PREFIX}{key}")
 }
@@ -82,7 +70,7 @@ impl Publication {
                         GoUdpAddr {
                             ip: a.ip(),
                             port: a.port(),
-                            zone: "",
+                            zone: String::new(),
                         },
                     )
                 })

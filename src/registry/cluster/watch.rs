@@ -18,9 +18,10 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::store::{Store, WatchEvent, coalesce};
-use super::{node_entry, peer_entry, peers_api};
+use super::{peer_entry, peers_api};
 use crate::diagnostic::Diagnostic;
 use crate::model::{MeshNode, MeshPeer};
+use crate::registry::annotations::parse_node;
 use crate::topology::incremental::Event;
 
 /// What the watch task needs to know.
@@ -124,9 +125,9 @@ struct State {
     peers: Store<MeshPeer>,
     /// The Peer CRD is missing: peers count as an empty, complete list.
     no_peer_crd: bool,
+    /// The next batch; its `synced` and `connected` are always the current state.
     pending: Batch,
     dirty: bool,
-    connected: bool,
     opts: WatchOptions,
 }
 
@@ -140,19 +141,18 @@ impl State {
     }
 
     fn set_connected(&mut self, c: bool, why: Option<&watcher::Error>) {
-        if c != self.connected {
+        if c != self.pending.connected {
             match why {
                 Some(e) => {
                     warn!(error = %e, "lost the Kubernetes API; keeping the mesh as it is and reconnecting")
                 }
                 None => info!("Kubernetes API reachable again"),
             }
-            self.connected = c;
+            self.pending.connected = c;
             self.dirty = true;
         } else if let Some(e) = why {
             debug!(error = %e, "Kubernetes API still unreachable");
         }
-        self.pending.connected = c;
     }
 
     fn step(&mut self, step: Step) {
@@ -175,7 +175,7 @@ impl State {
                 let ev = convert(
                     ev,
                     |n: &Node| n.metadata.name.clone().unwrap_or_default(),
-                    |n| node_entry(n, &label),
+                    |n| parse_node(n, &label),
                 );
                 self.nodes.apply(ev, &mut events)
             }
@@ -252,7 +252,6 @@ async fn run(client: Client, opts: WatchOptions, tx: mpsc::Sender<Batch>) {
             ..Batch::default()
         },
         dirty: false,
-        connected: true,
         opts,
     };
     loop {
