@@ -582,11 +582,7 @@ enum LabCommand {
         /// The node.
         node: String,
         /// `KEY=VALUE` sets, `KEY-` removes; a key without `/` gets the `kilo.squat.ai/` prefix.
-        #[arg(
-            required = true,
-            value_name = "KEY=VALUE|KEY-",
-            allow_hyphen_values = true
-        )]
+        #[arg(required = true, value_name = "KEY=VALUE|KEY-")]
         annotations: Vec<String>,
     },
     /// Stop or start the lab's kube-apiserver (`--registry kube`): an API outage and its end.

@@ -134,9 +134,11 @@ where
     })
 }
 
-/// Wait until the API server serves authorized requests (RBAC bootstrapped, `kube-system`
-/// exists), bounded by `timeout`; `alive` is asked between tries and fails the wait when a
-/// process died.
+/// Wait until the API server serves authorized requests, bounded by `timeout`: the
+/// administrator reads `kube-system` (RBAC bootstrapped) and, once the agents' RBAC is installed,
+/// the agents' identity may list Nodes (right after a restart the RBAC authorizer denies it
+/// for a moment, while `system:masters` is already let in). `alive` is asked between tries and
+/// fails the wait when a process died.
 pub fn wait_ready(
     api: &ApiServerState,
     timeout: Duration,
@@ -144,16 +146,29 @@ pub fn wait_ready(
 ) -> Result<(), LabError> {
     let url = api.url();
     let addr = std::net::SocketAddr::from((api.ip, api.port));
+    let agent_kubeconfig = api.agent_kubeconfig();
     with_admin(api, |c| async move {
         let t0 = Instant::now();
-        let namespaces = Api::<Namespace>::all(c);
+        let namespaces = Api::<Namespace>::all(c.clone());
+        let agent_nodes = Api::<Node>::all(client(&agent_kubeconfig).await?);
+        let rbac = Api::<ClusterRoleBinding>::all(c);
         loop {
             // A plain connect first: the client logs every refused connection as an error.
             let err = match tokio::net::TcpStream::connect(addr).await {
                 Err(e) => e.to_string(),
                 Ok(_) => match namespaces.get("kube-system").await {
-                    Ok(_) => return Ok(()),
                     Err(e) => e.to_string(),
+                    Ok(_) => match rbac.get_opt("wiremesh").await {
+                        Err(e) => e.to_string(),
+                        // Before `install` there is nothing the agents may do yet.
+                        Ok(None) => return Ok(()),
+                        Ok(Some(_)) => {
+                            match agent_nodes.list(&ListParams::default().limit(1)).await {
+                                Ok(_) => return Ok(()),
+                                Err(e) => format!("the agents' identity: {e}"),
+                            }
+                        }
+                    },
                 },
             };
             alive()?;

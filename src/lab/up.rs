@@ -248,6 +248,13 @@ fn start_cluster(state: &mut LabState, timeout: Duration) -> Result<(), LabError
         ])
     })?;
     cluster::install(&api)?;
+    // The agents start next: wait until their identity is let in (RBAC caches).
+    cluster::wait_ready(&api, timeout, || {
+        apiserver::check_alive(&mut [
+            (&mut etcd, "etcd", &etcd_log),
+            (&mut kas, "kube-apiserver", &kas_log),
+        ])
+    })?;
     cluster::register(&api, &state.spec.nodes)
 }
 
