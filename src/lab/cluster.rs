@@ -1,6 +1,6 @@
 //! The lab's requests to its own Kubernetes API server (`--registry kube`): readiness, the Peer
-//! CRD and the agents' RBAC, one Node per lab node (as a kubelet registers it), annotations,
-//! deletions, and reading the Nodes back for `status` and `graph`.
+//! CRD and the agents' RBAC (both from `manifests/`), one Node per lab node (as a kubelet
+//! registers it), annotations, deletions, and reading the Nodes back for `status` and `graph`.
 //!
 //! The API server listens only on the lab's underlay, so every request runs on a thread of its
 //! own that first enters the API namespace (`setns`), with a current-thread tokio runtime: every
@@ -29,47 +29,10 @@ use super::sys::NETNS_DIR;
 /// The Peer CRD, as shipped in `manifests/`.
 pub const CRD_PEER: &str = include_str!("../../manifests/crd-peer.yaml");
 
-/// The agents' identity and least-privilege rights: the ServiceAccount `kube-system/wiremesh`
-/// (the agent kubeconfig's user is its name) may get/list/watch/patch Nodes, get/list/watch
-/// Peers, and create/patch Events. The same objects as `manifests/rbac.yaml` of the manifests
-/// work; kept here until that file is on the main branch.
-pub const RBAC: &str = r#"apiVersion: v1
-kind: ServiceAccount
-metadata:
-  name: wiremesh
-  namespace: kube-system
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRole
-metadata:
-  name: wiremesh
-rules:
-- apiGroups: [""]
-  resources: [nodes]
-  verbs: [get, list, watch, patch]
-- apiGroups: [kilo.squat.ai]
-  resources: [peers]
-  verbs: [get, list, watch]
-- apiGroups: [""]
-  resources: [events]
-  verbs: [create, patch]
-- apiGroups: [events.k8s.io]
-  resources: [events]
-  verbs: [create, patch]
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRoleBinding
-metadata:
-  name: wiremesh
-roleRef:
-  apiGroup: rbac.authorization.k8s.io
-  kind: ClusterRole
-  name: wiremesh
-subjects:
-- kind: ServiceAccount
-  name: wiremesh
-  namespace: kube-system
-"#;
+/// The agents' identity and least-privilege rights, as shipped in `manifests/`: the
+/// ServiceAccount `kube-system/wiremesh` (the agent kubeconfig's user is its name), its
+/// ClusterRole and ClusterRoleBinding.
+pub const RBAC: &str = include_str!("../../manifests/rbac.yaml");
 
 /// The field manager of the lab's server-side applies.
 pub const FIELD_MANAGER: &str = "meshctl-lab";
