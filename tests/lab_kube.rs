@@ -166,6 +166,9 @@ fn mesh_forms_from_the_api_server_alone(lab: &Lab) {
         "node3 is seen at its NAT router's address: {status}"
     );
     assert_eq!(node(&status, "node3")["behind_nat"], true);
+    // The graph is drawn from the Nodes on the API server.
+    let dot = lab.ok(&["lab", "graph", "--format", "dot"]);
+    assert!(dot.contains("node1") && dot.contains("node3"), "{dot}");
 }
 
 /// Step 2: a fourth node joins in a location of its own; every leader gets it as a peer and
