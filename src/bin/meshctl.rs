@@ -541,7 +541,8 @@ struct LabArgs {
 
 #[derive(Subcommand)]
 enum LabCommand {
-    /// Create the lab: underlay, NAT, node namespaces, keys, nodes file, agents, pods.
+    /// Create the lab: underlay, NAT, node namespaces, keys, nodes file (or API server), agents,
+    /// pods.
     ///
     /// Without flags it mirrors examples/three-clouds.yaml (three nodes, full mesh, the last
     /// one behind NAT).
@@ -679,7 +680,9 @@ enum GranularityChoice {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum RegistryChoice {
+    /// A nodes file the lab writes (`wiremesh agent --nodes`).
     File,
+    /// etcd + kube-apiserver in the lab (`wiremesh agent --kubeconfig`).
     Kube,
 }
 
