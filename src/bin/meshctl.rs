@@ -541,7 +541,8 @@ struct LabArgs {
 
 #[derive(Subcommand)]
 enum LabCommand {
-    /// Create the lab: underlay, NAT, node namespaces, keys, nodes file, agents, pods.
+    /// Create the lab: underlay, NAT, node namespaces, keys, nodes file (or API server), agents,
+    /// pods.
     ///
     /// Without flags it mirrors examples/three-clouds.yaml (three nodes, full mesh, the last
     /// one behind NAT).
@@ -572,6 +573,60 @@ enum LabCommand {
     },
     /// Remove every namespace, process and file of the lab (also after a failed `up`).
     Down,
+    /// Add a node to the running lab, or remove one.
+    Node {
+        #[command(subcommand)]
+        command: LabNodeCommand,
+    },
+    /// Set or remove annotations of a lab node's Node object (`--registry kube`).
+    Annotate {
+        /// The node.
+        node: String,
+        /// `KEY=VALUE` sets, `KEY-` removes; a key without `/` gets the `kilo.squat.ai/` prefix.
+        #[arg(required = true, value_name = "KEY=VALUE|KEY-")]
+        annotations: Vec<String>,
+    },
+    /// Stop or start the lab's kube-apiserver (`--registry kube`): an API outage and its end.
+    Apiserver {
+        #[command(subcommand)]
+        command: LabApiserverCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum LabNodeCommand {
+    /// Add a node: namespace, underlay and LAN, key, Node object (or nodes-file entry), agent,
+    /// pods.
+    Add {
+        /// The node's name.
+        #[arg(value_name = "NAME")]
+        node: String,
+        /// Its location (an existing one joins that location's LAN); default: a location of
+        /// its own, named after the node.
+        #[arg(long)]
+        location: Option<String>,
+        /// Seconds to wait for its agent's CNI configuration.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Remove a node: its Node object (or nodes-file entry), agent, pods and namespaces.
+    Remove {
+        /// The node's name.
+        #[arg(value_name = "NAME")]
+        node: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum LabApiserverCommand {
+    /// Stop the kube-apiserver (etcd and the data stay); the agents keep the mesh as it is.
+    Stop,
+    /// Start the kube-apiserver again on the same data and wait until it answers.
+    Start {
+        /// Seconds to wait until it answers.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
 }
 
 #[derive(Args)]
@@ -605,15 +660,30 @@ struct LabUpArgs {
     /// Extra argument for every agent (repeatable).
     #[arg(long = "agent-arg", value_name = "ARG", allow_hyphen_values = true)]
     agent_args: Vec<String>,
-    /// Seconds to wait for the agents' CNI configuration.
+    /// Seconds to wait for the agents' CNI configuration (and for the API server).
     #[arg(long, default_value_t = 60)]
     timeout: u64,
+    /// Where the agents read the cluster: a nodes file the lab writes, or a real kube-apiserver
+    /// in the lab (the agents then know nothing but that API server).
+    #[arg(long, value_enum, default_value_t = RegistryChoice::File)]
+    registry: RegistryChoice,
+    /// The kube-apiserver binary for `--registry kube` (tests/apiserver/setup.sh builds it).
+    #[arg(long, value_name = "PATH", default_value = wiremesh::lab::apiserver::DEFAULT_APISERVER_BIN)]
+    apiserver_bin: PathBuf,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
 enum GranularityChoice {
     Location,
     Full,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RegistryChoice {
+    /// A nodes file the lab writes (`wiremesh agent --nodes`).
+    File,
+    /// etcd + kube-apiserver in the lab (`wiremesh agent --kubeconfig`).
+    Kube,
 }
 
 fn lab_up(name: wiremesh::lab::LabName, root: PathBuf, a: LabUpArgs) -> Result<(), LabError> {
@@ -669,15 +739,80 @@ fn lab_up(name: wiremesh::lab::LabName, root: PathBuf, a: LabUpArgs) -> Result<(
             }),
             nat: a.nat,
             pods_per_node: a.pods,
+            registry: match a.registry {
+                RegistryChoice::File => wiremesh::lab::spec::Registry::File,
+                RegistryChoice::Kube => wiremesh::lab::spec::Registry::Kube,
+            },
         },
         agents: !a.no_agents,
         agent_binary: a.agent,
         agent_args: a.agent_args,
         timeout: std::time::Duration::from_secs(a.timeout),
+        apiserver_binary: Some(a.apiserver_bin),
     };
     let state = wiremesh::lab::up::up(&opts)?;
     println!("{}", wiremesh::lab::up::summary(&state));
     Ok(())
+}
+
+/// `meshctl lab node add|remove`.
+fn lab_node(
+    root: &std::path::Path,
+    name: &wiremesh::lab::LabName,
+    command: LabNodeCommand,
+) -> Result<(), LabError> {
+    use wiremesh::lab::node;
+    match command {
+        LabNodeCommand::Add {
+            node: node_name,
+            location,
+            timeout,
+        } => {
+            let opts = node::AddOptions {
+                name: node_name.clone(),
+                location,
+                timeout: std::time::Duration::from_secs(timeout),
+            };
+            let state = node::add(root, name, &opts)?;
+            let pods: Vec<String> = state
+                .node(&node_name)
+                .map(|(_, n)| {
+                    n.pods
+                        .iter()
+                        .flat_map(|p| p.addrs())
+                        .map(|a| a.to_string())
+                        .collect()
+                })
+                .unwrap_or_default();
+            println!(
+                "lab {name}: node {node_name} added{}",
+                if pods.is_empty() {
+                    String::new()
+                } else {
+                    format!(", pods {}", pods.join(" "))
+                }
+            );
+            Ok(())
+        }
+        LabNodeCommand::Remove { node: node_name } => {
+            let report = node::remove(root, name, &node_name)?;
+            for w in &report.warnings {
+                eprintln!("warning: {w}");
+            }
+            println!(
+                "lab {name}: node {node_name} removed{}: {} processes ended, {} pods detached, {} namespaces deleted",
+                if report.node_deleted {
+                    " (Node deleted)"
+                } else {
+                    ""
+                },
+                report.killed.len(),
+                report.detached,
+                report.namespaces.len()
+            );
+            Ok(())
+        }
+    }
 }
 
 /// `meshctl lab …`; errors carry their exit code.
@@ -748,6 +883,37 @@ fn lab(args: LabArgs) -> Result<(), LabError> {
                     }),
             }
         }
+        LabCommand::Node { command } => lab_node(&args.root, &name, command),
+        LabCommand::Annotate { node, annotations } => {
+            let changes = annotations
+                .iter()
+                .map(|a| l::cluster::parse_annotation(a))
+                .collect::<Result<Vec<_>, _>>()?;
+            let state = l::load(&args.root, &name)?;
+            let api = state.require_apiserver("annotate")?;
+            l::cluster::annotate(api, &node, &changes)?;
+            println!("node {node} annotated");
+            Ok(())
+        }
+        LabCommand::Apiserver { command } => match command {
+            LabApiserverCommand::Stop => {
+                if l::apiserver::stop(&args.root, &name)? {
+                    println!("lab {name}: kube-apiserver stopped (etcd keeps the data)");
+                } else {
+                    println!("lab {name}: kube-apiserver was not running");
+                }
+                Ok(())
+            }
+            LabApiserverCommand::Start { timeout } => {
+                let timeout = std::time::Duration::from_secs(timeout);
+                if l::apiserver::start(&args.root, &name, timeout)? {
+                    println!("lab {name}: kube-apiserver started and answering");
+                } else {
+                    println!("lab {name}: kube-apiserver already runs");
+                }
+                Ok(())
+            }
+        },
         LabCommand::Down => {
             let report = l::down::down(&args.root, &name)?;
             for w in &report.warnings {

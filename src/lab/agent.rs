@@ -18,7 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::LabError;
-use super::state::{LabState, NodeState, ProcRef};
+use super::state::{LabState, NodeState, ProcRef, create_dir};
 use super::sys;
 
 /// The shell line each agent is started with: `$1` is the directory to bind over
@@ -52,14 +52,20 @@ pub fn find_binary(explicit: Option<&Path>) -> Result<PathBuf, LabError> {
     }
 }
 
-/// The agent's arguments (after the binary) for `node`.
+/// The agent's arguments (after the binary) for `node`: the nodes file, or with the Kubernetes
+/// registry only the agent kubeconfig (the API server's address and the agent's token).
 pub fn agent_args(state: &LabState, node: &NodeState, extra: &[String]) -> Vec<OsString> {
+    let registry: [OsString; 2] = match &state.apiserver {
+        Some(api) => ["--kubeconfig".into(), api.agent_kubeconfig().into()],
+        None => ["--nodes".into(), state.nodes_file().into()],
+    };
     let mut args: Vec<OsString> = vec![
         "agent".into(),
         "--hostname".into(),
         node.name.clone().into(),
-        "--nodes".into(),
-        state.nodes_file().into(),
+    ];
+    args.extend(registry);
+    let rest: Vec<OsString> = vec![
         "--private-key".into(),
         node.private_key().into(),
         "--granularity".into(),
@@ -73,17 +79,25 @@ pub fn agent_args(state: &LabState, node: &NodeState, extra: &[String]) -> Vec<O
         "--log-level".into(),
         "info".into(),
     ];
+    args.extend(rest);
     args.extend(extra.iter().map(OsString::from));
     args
 }
 
-/// Start the agent of `node`; its output goes to the node's `agent.log`.
+/// Start the agent of `node` (creating its WireGuard, IPAM and CNI directories first); its
+/// output goes to the node's `agent.log`.
 pub fn spawn(
     state: &LabState,
     node: &NodeState,
     binary: &Path,
     extra: &[String],
 ) -> Result<(Child, ProcRef), LabError> {
+    for d in [node.wireguard_dir(), node.ipam_dir()] {
+        create_dir(&d, 0o700)?;
+    }
+    if let Some(cni_dir) = node.conflist().parent() {
+        create_dir(cni_dir, 0o755)?;
+    }
     let log_path = node.agent_log();
     let log = OpenOptions::new()
         .create(true)
@@ -112,22 +126,21 @@ pub fn spawn(
     Ok((child, ProcRef { pid, start_time }))
 }
 
-/// Wait until every node's CNI configuration exists, failing as soon as an agent exits.
-/// `agents[i]` belongs to `state.nodes[i]`.
+/// Wait until the CNI configuration of each of `nodes` exists, failing as soon as an agent
+/// exits. `agents[i]` belongs to `nodes[i]`.
 pub fn wait_ready(
-    state: &LabState,
+    nodes: &[NodeState],
     agents: &mut [Child],
     timeout: Duration,
 ) -> Result<(), LabError> {
     let t0 = Instant::now();
     loop {
-        check_alive(state, agents)?;
-        if state.nodes.iter().all(|n| n.conflist().is_file()) {
+        check_alive(nodes, agents)?;
+        if nodes.iter().all(|n| n.conflist().is_file()) {
             return Ok(());
         }
         if t0.elapsed() > timeout {
-            let waiting: Vec<String> = state
-                .nodes
+            let waiting: Vec<String> = nodes
                 .iter()
                 .filter(|n| !n.conflist().is_file())
                 .map(|n| format!("{} ({})", n.name, n.conflist().display()))
@@ -141,9 +154,9 @@ pub fn wait_ready(
     }
 }
 
-/// Fail with the agent's log tail if one of `agents` has exited.
-pub fn check_alive(state: &LabState, agents: &mut [Child]) -> Result<(), LabError> {
-    for (node, child) in state.nodes.iter().zip(agents.iter_mut()) {
+/// Fail with the agent's log tail if one of `agents` (of `nodes`, in order) has exited.
+pub fn check_alive(nodes: &[NodeState], agents: &mut [Child]) -> Result<(), LabError> {
+    for (node, child) in nodes.iter().zip(agents.iter_mut()) {
         let status = child
             .try_wait()
             .map_err(LabError::io("wait for", node.agent_log()))?;
@@ -176,6 +189,7 @@ mod tests {
             granularity: None,
             nat: None,
             pods_per_node: 1,
+            registry: crate::lab::spec::Registry::File,
         })
         .unwrap();
         let state = LabState::new(&name, Path::new("/run/wiremesh-lab/wm"), spec, 0);
@@ -191,5 +205,36 @@ mod tests {
              --cni-config /run/wiremesh-lab/wm/nodes/node2/cni/10-wiremesh.conflist \
              --log-level info --x"
         );
+    }
+
+    #[test]
+    fn with_the_kube_registry_the_agent_gets_only_the_agent_kubeconfig() {
+        let name: LabName = "wm".parse().unwrap();
+        let spec = plan(&SpecOptions {
+            source: Source::Generated {
+                nodes: 2,
+                locations: 2,
+            },
+            granularity: None,
+            nat: None,
+            pods_per_node: 1,
+            registry: crate::lab::spec::Registry::Kube,
+        })
+        .unwrap();
+        let state = LabState::new(&name, Path::new("/run/wiremesh-lab/wm"), spec, 0);
+        let args: Vec<String> = agent_args(&state, &state.nodes[0], &[])
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        let line = args.join(" ");
+        assert!(
+            line.starts_with(
+                "agent --hostname node1 --kubeconfig \
+                 /run/wiremesh-lab/wm/apiserver/agent.kubeconfig --private-key"
+            ),
+            "{line}"
+        );
+        assert!(!line.contains("--nodes"), "{line}");
+        assert_eq!(state.namespaces[..2], ["wml-wm-ul", "wml-wm-api"]);
     }
 }

@@ -1,12 +1,12 @@
 //! `lab down`: remove everything a lab made, also what a half-failed `up` left, and say so.
 //!
 //! Order (lab notes §10.12: a namespace whose processes still run outlives `ip netns del`):
-//! 1. end every process of the lab by PID: the recorded agents, and every process whose
-//!    network namespace is one of the lab's (the wireguard-go daemons the agents spawned,
-//!    a left-over ping or tcpdump), SIGTERM then SIGKILL;
+//! 1. end every process of the lab by PID: the recorded agents, kube-apiserver and etcd, and
+//!    every process whose network namespace is one of the lab's (the wireguard-go daemons the
+//!    agents spawned, a left-over ping or tcpdump), SIGTERM then SIGKILL;
 //! 2. CNI `DEL` for each pod, best effort;
-//! 3. delete the namespaces: pods, nodes, LANs (with their NAT routers), underlay; the links
-//!    inside go with them;
+//! 3. delete the namespaces: pods, nodes, LANs (with their NAT routers), the API server's,
+//!    underlay; the links inside go with them;
 //! 4. remove the lab directory, and the root directory (and `/run/wireguard` if a lab created
 //!    it) when no other lab is left.
 //!
@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use super::LabError;
 use super::names::LabName;
-use super::state::{LabState, ProcRef};
+use super::state::{LabState, NodeState, ProcRef};
 use super::up::{RUN_WIREGUARD, RUN_WIREGUARD_MARKER};
 use super::{cni, sys};
 
@@ -49,10 +49,13 @@ impl DownReport {
 fn lab_procs(state: Option<&LabState>, namespaces: &[String]) -> Vec<ProcRef> {
     let mut pids: BTreeSet<u32> = sys::pids_in_netns(namespaces).into_iter().collect();
     if let Some(s) = state {
+        let api = s.apiserver.iter().flat_map(|a| [a.apiserver, a.etcd]);
         pids.extend(
             s.nodes
                 .iter()
-                .filter_map(|n| n.agent)
+                .map(|n| n.agent)
+                .chain(api)
+                .flatten()
                 .filter(sys::is_running)
                 .map(|p| p.pid),
         );
@@ -119,36 +122,9 @@ pub fn down(root: &Path, name: &LabName) -> Result<DownReport, LabError> {
     // 2. CNI DEL, while node and pod namespaces still exist.
     if let Some(s) = &state {
         for node in &s.nodes {
-            let Ok(text) = std::fs::read_to_string(node.conflist()) else {
-                continue;
-            };
-            let Ok(list) = serde_json::from_str::<serde_json::Value>(&text) else {
-                report
-                    .warnings
-                    .push(format!("{}: not JSON", node.conflist().display()));
-                continue;
-            };
-            if !existing.contains(&node.netns) {
-                continue;
-            }
-            for pod in &node.pods {
-                let added: Option<serde_json::Value> = std::fs::read_to_string(&pod.result)
-                    .ok()
-                    .and_then(|t| serde_json::from_str(&t).ok());
-                if added.is_none() && !existing.contains(&pod.netns) {
-                    continue; // never attached
-                }
-                let at = cni::Attachment {
-                    node_ns: node.netns.clone(),
-                    pod_ns: pod.netns.clone(),
-                    ifname: "eth0".to_owned(),
-                    ipam_dir: node.ipam_dir(),
-                };
-                match cni::del(&list, &at, added.as_ref()) {
-                    Ok(()) => report.detached += 1,
-                    Err(e) => report.warnings.push(e.to_string()),
-                }
-            }
+            let (detached, warnings) = detach_pods(node, &existing);
+            report.detached += detached;
+            report.warnings.extend(warnings);
         }
     }
 
@@ -192,6 +168,63 @@ pub fn down(root: &Path, name: &LabName) -> Result<DownReport, LabError> {
     } else {
         Err(LabError::Leftovers(failed))
     }
+}
+
+/// CNI `DEL` for every pod of `node` that was attached or whose namespace is among `existing`,
+/// best effort (with the ADD result as `prevResult`); needs the node's namespace. Returns how
+/// many were detached and what failed.
+pub fn detach_pods(node: &NodeState, existing: &BTreeSet<String>) -> (usize, Vec<String>) {
+    let mut detached = 0;
+    let mut warnings = Vec::new();
+    let Ok(text) = std::fs::read_to_string(node.conflist()) else {
+        return (0, warnings);
+    };
+    let Ok(list) = serde_json::from_str::<serde_json::Value>(&text) else {
+        warnings.push(format!("{}: not JSON", node.conflist().display()));
+        return (0, warnings);
+    };
+    if !existing.contains(&node.netns) {
+        return (0, warnings);
+    }
+    for pod in &node.pods {
+        let added: Option<serde_json::Value> = std::fs::read_to_string(&pod.result)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok());
+        if added.is_none() && !existing.contains(&pod.netns) {
+            continue; // never attached
+        }
+        let at = cni::Attachment {
+            node_ns: node.netns.clone(),
+            pod_ns: pod.netns.clone(),
+            ifname: "eth0".to_owned(),
+            ipam_dir: node.ipam_dir(),
+        };
+        match cni::del(&list, &at, added.as_ref()) {
+            Ok(()) => detached += 1,
+            Err(e) => warnings.push(e.to_string()),
+        }
+    }
+    (detached, warnings)
+}
+
+/// End every process in `namespaces` and the processes `also` (when they still run): SIGTERM,
+/// then SIGKILL; looks again for daemons started meanwhile. Returns the PIDs ended and those
+/// left.
+pub fn end_processes(namespaces: &[String], also: &[ProcRef]) -> (Vec<u32>, Vec<u32>) {
+    let mut killed = Vec::new();
+    let mut left = Vec::new();
+    for _ in 0..3 {
+        let mut pids: BTreeSet<u32> = sys::pids_in_netns(namespaces).into_iter().collect();
+        pids.extend(also.iter().filter(|p| sys::is_running(p)).map(|p| p.pid));
+        pids.remove(&std::process::id());
+        let procs: Vec<ProcRef> = pids.into_iter().filter_map(sys::proc_ref).collect();
+        if procs.is_empty() {
+            break;
+        }
+        left = sys::terminate(&procs, Duration::from_secs(5));
+        killed.extend(procs.iter().map(|p| p.pid).filter(|p| !left.contains(p)));
+    }
+    (killed, left)
 }
 
 /// Remove the root directory once no lab is left in it; also `/run/wireguard` when a lab

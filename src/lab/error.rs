@@ -1,6 +1,6 @@
 //! The one error type of the lab harness, and the exit code each error maps to.
 //!
-//! Depends on `thiserror`, the file registry's error and `std` only.
+//! Depends on `thiserror`, the file registry's error, `kube`'s error and `std` only.
 
 use std::path::PathBuf;
 
@@ -17,6 +17,16 @@ pub enum LabError {
     MissingTools {
         /// One entry per missing tool: what it is and the package that provides it.
         missing: Vec<String>,
+    },
+    /// The kube-apiserver binary `--registry kube` needs is not there.
+    #[error(
+        "kube-apiserver not found at {}: build and cache it once with tests/apiserver/setup.sh \
+         (about 5 minutes), or pass --apiserver-bin PATH",
+        path.display()
+    )]
+    ApiServerBinary {
+        /// Where it was looked for.
+        path: PathBuf,
     },
     /// The lab name is unusable.
     #[error("lab name {name:?}: {reason}")]
@@ -136,6 +146,15 @@ pub enum LabError {
         /// What was wrong.
         message: String,
     },
+    /// A request to the lab's Kubernetes API server failed.
+    #[error("Kubernetes API, {what}: {source}")]
+    Kube {
+        /// What was being done.
+        what: String,
+        /// The client's error.
+        #[source]
+        source: Box<kube::Error>,
+    },
     /// A packet capture file could not be decoded.
     #[error("packet capture: {0}")]
     Pcap(String),
@@ -166,8 +185,19 @@ impl LabError {
     /// root, tools missing), else 1.
     pub fn exit_code(&self) -> i32 {
         match self {
-            LabError::NotRoot | LabError::MissingTools { .. } => 2,
+            LabError::NotRoot
+            | LabError::MissingTools { .. }
+            | LabError::ApiServerBinary { .. } => 2,
             _ => 1,
+        }
+    }
+
+    /// A [`LabError::Kube`] maker for `map_err`.
+    pub(crate) fn kube(what: impl Into<String>) -> impl FnOnce(kube::Error) -> LabError {
+        let what = what.into();
+        move |source| LabError::Kube {
+            what,
+            source: Box::new(source),
         }
     }
 

@@ -2,29 +2,40 @@
 //! to watch the real agent, the real CNI plugins and userspace WireGuard work together.
 //!
 //! ```text
-//! spec::plan (pure)  → LabSpec: nodes, locations/LANs, NAT, addresses
-//! up::up             → namespaces (net), keys, nodes file, agents (agent), pods (cni)
+//! spec::plan (pure)  → LabSpec: nodes, locations/LANs, NAT, addresses, registry
+//! up::up             → namespaces (net), keys, nodes file or API server (apiserver, cluster),
+//!                      agents (agent), pods (cni)
 //!                      ↳ state file lab.json, written after every step
-//! status / check / graph read lab.json (+ UAPI sockets, ping, tcpdump)
+//! status / check / graph read lab.json (+ UAPI sockets, the API server, ping, tcpdump)
+//! node::add/remove   → one more node (namespace, Node or file entry, agent, pods), or one less
 //! down::down         → processes by PID, CNI DEL, namespaces, files; by state and by prefix
 //! ```
+//!
+//! Two registries: `file` (default) writes `nodes.yaml`, which every agent reads; `kube` starts a
+//! real etcd + kube-apiserver in the lab's namespace `wml-<lab>-api` on the underlay, registers
+//! one Node per lab node as a kubelet would, and the agents know nothing but that API server.
 //!
 //! Where to start: [`up::up`] for the order of creation, [`spec`] for names and addresses,
 //! `docs/lab.md` for the user's view. Every namespace is named `wml-<lab>-…`
 //! ([`names::LabName`]); the state lives in `/run/wiremesh-lab/<lab>/`.
 //!
-//! This is a test harness: it shells out to `ip`, `nft`, `wg`, `sysctl`, the CNI plugins,
-//! `ping` and `tcpdump` with `std::process::Command` (the agent itself uses netlink). It may
-//! depend on every library module; nothing in the library depends on it. No async code.
+//! This is a test harness: it shells out to `ip`, `nft`, `wg`, `sysctl`, `openssl`, `etcd`,
+//! `kube-apiserver`, the CNI plugins, `ping` and `tcpdump` with `std::process::Command` (the
+//! agent itself uses netlink). It may depend on every library module; nothing in the library
+//! depends on it. The only async code is [`cluster`]'s, each request on a thread of its own
+//! inside the API namespace.
 
 pub mod agent;
+pub mod apiserver;
 pub mod check;
+pub mod cluster;
 pub mod cni;
 pub mod down;
 mod error;
 pub mod keys;
 pub mod names;
 pub mod net;
+pub mod node;
 pub mod spec;
 pub mod state;
 pub mod status;
@@ -39,9 +50,9 @@ pub use names::LabName;
 pub use state::LabState;
 
 use crate::graph::{GraphOptions, render_dot, render_svg};
-use crate::model::NodeName;
-use crate::registry::annotations::DEFAULT_TOPOLOGY_LABEL;
-use crate::registry::file::load_nodes;
+use crate::model::{MeshNode, NodeName};
+use crate::registry::annotations::{DEFAULT_TOPOLOGY_LABEL, parse_node};
+use crate::registry::file::{Loaded, load_nodes};
 use crate::topology::{self, Encapsulate, MeshOptions};
 
 /// Read the state of lab `name` under `root` (root only: the directory holds private keys).
@@ -66,18 +77,45 @@ pub enum GraphFormat {
     Dot,
 }
 
-/// Draw the lab's mesh from its nodes file, as the agents compute it; `local` highlights a
-/// node. Returns the drawing and the engine's warnings.
+/// Parse Node objects as the agents do; those that do not parse are left out with their
+/// diagnostics.
+pub fn parse_nodes(nodes: &[k8s_openapi::api::core::v1::Node]) -> Loaded<MeshNode> {
+    let mut out = Loaded {
+        items: Vec::new(),
+        diagnostics: Vec::new(),
+    };
+    for n in nodes {
+        match parse_node(n, DEFAULT_TOPOLOGY_LABEL) {
+            Ok(m) => out.items.push(m),
+            Err(d) => out.diagnostics.extend(d),
+        }
+    }
+    out
+}
+
+/// The lab's nodes as its agents see them: the nodes file, or with the Kubernetes registry the
+/// Nodes on the lab's API server, with what the agents published.
+pub fn mesh_nodes(state: &LabState) -> Result<Loaded<MeshNode>, LabError> {
+    match &state.apiserver {
+        Some(api) => Ok(parse_nodes(&cluster::nodes(api)?)),
+        None => {
+            let path = state.nodes_file();
+            load_nodes(&path, DEFAULT_TOPOLOGY_LABEL).map_err(|source| LabError::From {
+                path: path.display().to_string(),
+                source,
+            })
+        }
+    }
+}
+
+/// Draw the lab's mesh from its nodes (file or API server), as the agents compute it; `local`
+/// highlights a node. Returns the drawing and the engine's warnings.
 pub fn graph(
     state: &LabState,
     format: GraphFormat,
     local: Option<&str>,
 ) -> Result<(String, Vec<String>), LabError> {
-    let path = state.nodes_file();
-    let loaded = load_nodes(&path, DEFAULT_TOPOLOGY_LABEL).map_err(|source| LabError::From {
-        path: path.display().to_string(),
-        source,
-    })?;
+    let loaded = mesh_nodes(state)?;
     let opts = MeshOptions {
         granularity: state.spec.granularity,
         subnet: state.spec.mesh_subnet,

@@ -75,6 +75,12 @@ impl LabName {
         format!("{}ul", self.prefix())
     }
 
+    /// The namespace of the lab's Kubernetes API server (`--registry kube`): etcd and
+    /// kube-apiserver, attached to the underlay.
+    pub fn api_ns(&self) -> String {
+        format!("{}api", self.prefix())
+    }
+
     /// The namespace of location LAN `k` (1-based): its bridge, and its NAT router if any.
     pub fn lan_ns(&self, k: usize) -> String {
         format!("{}l{k}", self.prefix())
@@ -113,7 +119,13 @@ mod tests {
     fn every_namespace_carries_the_prefix_and_another_lab_never_matches() {
         let a: LabName = "a".parse().unwrap();
         let ab: LabName = "ab".parse().unwrap();
-        for ns in [a.underlay_ns(), a.lan_ns(3), a.node_ns(12), a.pod_ns(12, 2)] {
+        for ns in [
+            a.underlay_ns(),
+            a.api_ns(),
+            a.lan_ns(3),
+            a.node_ns(12),
+            a.pod_ns(12, 2),
+        ] {
             assert!(a.owns(&ns), "{ns}");
             assert!(!ab.owns(&ns), "{ns}");
         }

@@ -177,7 +177,11 @@ pub fn create_lan(state: &LabState, lan: &LanSpec) -> Result<(), LabError> {
 
 /// Create a node's namespace and wire it to the underlay (public nodes) and its LAN.
 pub fn create_node(state: &LabState, node: &NodeSpec) -> Result<(), LabError> {
-    let ns = &state.nodes[node.index - 1].netns;
+    let ns = &state
+        .node(&node.name)
+        .ok_or_else(|| LabError::Options(format!("node {} is not in the state", node.name)))?
+        .1
+        .netns;
     let lan = state.spec.lan_of(node);
     let lan_ns = &state.lan_ns[lan.index - 1];
     add_netns(ns)?;
@@ -200,6 +204,21 @@ pub fn create_node(state: &LabState, node: &NodeSpec) -> Result<(), LabError> {
     Ok(())
 }
 
+/// Create namespace `netns` holding one interface `iface` with `addr/prefix`, plugged into the
+/// bridge of `bridge_ns` as port `port` (the API server's namespace on the underlay).
+pub fn create_attached(
+    netns: &str,
+    iface: &str,
+    bridge_ns: &str,
+    port: &str,
+    addr: Ipv4Addr,
+    prefix: u8,
+) -> Result<(), LabError> {
+    add_netns(netns)?;
+    add_port(netns, iface, bridge_ns, port)?;
+    add_addr(netns, iface, addr, prefix)
+}
+
 /// Create a pod's (empty) namespace; the CNI plugins wire it.
 pub fn create_pod_ns(netns: &str) -> Result<(), LabError> {
     add_netns(netns)
@@ -220,6 +239,7 @@ mod tests {
             granularity: None,
             nat: Some(1),
             pods_per_node: 1,
+            registry: crate::lab::spec::Registry::File,
         })
         .unwrap();
         let rules = nat_ruleset(&spec.lans[1]);

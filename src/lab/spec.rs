@@ -14,6 +14,11 @@
 //! | LAN of location `k` (internal IPs) | `10.210.k.0/24`: router `.1`, nodes from `.11` |
 //! | pod CIDR of generated node `i` | `10.201.i.0/24` (`--from` keeps the file's) |
 //! | WireGuard mesh | the agent's default `10.4.0.0/16` |
+//! | the API server (`--registry kube`) | `10.200.0.253:6443` on the underlay |
+//!
+//! With the Kubernetes registry, [`kube_node`] renders each node as a kubelet would register it
+//! (name, labels, pod CIDRs, addresses, the user's annotations) and nothing of what the agent
+//! publishes itself. [`add_node`] and [`remove_node`] change a planned lab (`lab node add|remove`).
 //!
 //! Pure: depends on the model, the annotation key names, `ipnetwork` and `serde`; no I/O.
 
@@ -48,6 +53,32 @@ pub const NAT_KEEPALIVE: u16 = 25;
 pub const MAX_NODES: usize = 100;
 /// Nodes per location at most (LAN host numbers 11..=254).
 pub const MAX_NODES_PER_LAN: usize = 244;
+/// Host number of the API server on the underlay (`--registry kube`); nodes and routers get
+/// lower ones, the edge has 254.
+pub const API_HOST: u8 = 253;
+/// The API server's port.
+pub const API_PORT: u16 = 6443;
+
+/// Where the lab's agents read the cluster from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Registry {
+    /// A nodes file written by the lab (`wiremesh agent --nodes FILE`).
+    #[default]
+    File,
+    /// A real etcd + kube-apiserver in the lab's own namespace; the agents watch Nodes and
+    /// publish their own annotations (`wiremesh agent --kubeconfig FILE`).
+    Kube,
+}
+
+impl std::fmt::Display for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Registry::File => "file",
+            Registry::Kube => "kube",
+        })
+    }
+}
 
 /// Where the lab's nodes come from.
 #[derive(Debug, Clone, PartialEq)]
@@ -80,6 +111,8 @@ pub struct SpecOptions {
     pub nat: Option<usize>,
     /// Pod namespaces per node.
     pub pods_per_node: usize,
+    /// Where the agents read the cluster from.
+    pub registry: Registry,
 }
 
 /// A NAT router: the LAN's gateway, masquerading onto the underlay.
@@ -146,6 +179,9 @@ impl NodeSpec {
 pub struct LabSpec {
     /// Where the nodes came from (`generated` or the file name).
     pub source: String,
+    /// Where the agents read the cluster from.
+    #[serde(default)]
+    pub registry: Registry,
     /// Mesh granularity the agents run with.
     pub granularity: Granularity,
     /// Pod namespaces per node.
@@ -174,6 +210,17 @@ impl LabSpec {
     /// The LAN of `node`.
     pub fn lan_of(&self, node: &NodeSpec) -> &LanSpec {
         &self.lans[node.lan]
+    }
+
+    /// The API server's underlay address (`--registry kube`), `10.200.0.253`.
+    pub fn api_ip(&self) -> Ipv4Addr {
+        let o = self.underlay.network().octets();
+        Ipv4Addr::new(o[0], o[1], o[2], API_HOST)
+    }
+
+    /// The node named `name`.
+    pub fn node(&self, name: &str) -> Option<&NodeSpec> {
+        self.nodes.iter().find(|n| n.name == name)
     }
 }
 
@@ -299,7 +346,9 @@ pub fn plan(opts: &SpecOptions) -> Result<LabSpec, LabError> {
 
     let mut next_underlay = 1u32;
     let mut take_underlay = || -> Result<Ipv4Addr, LabError> {
-        let ip = UNDERLAY.nth(next_underlay).filter(|_| next_underlay < 255);
+        let ip = UNDERLAY
+            .nth(next_underlay)
+            .filter(|_| next_underlay < u32::from(API_HOST));
         next_underlay += 1;
         ip.ok_or_else(|| LabError::Options("the underlay /24 is full".to_owned()))
     };
@@ -375,6 +424,7 @@ pub fn plan(opts: &SpecOptions) -> Result<LabSpec, LabError> {
             Source::Generated { .. } => "generated".to_owned(),
             Source::File { name, .. } => name.clone(),
         },
+        registry: opts.registry,
         granularity,
         pods_per_node: opts.pods_per_node,
         underlay: UNDERLAY,
@@ -423,6 +473,176 @@ fn check_overlaps(nodes: &[NodeSpec], mesh: IpNetwork) -> Result<(), LabError> {
 
 fn overlaps(a: &IpNetwork, b: &IpNetwork) -> bool {
     a.is_ipv4() == b.is_ipv4() && (a.contains(b.network()) || b.contains(a.network()))
+}
+
+/// Check that `name` can name a Node and a directory: 1 to 63 lowercase letters, digits, `-`
+/// and `.`, starting and ending with a letter or digit, no `..`.
+pub fn check_node_name(name: &str) -> Result<(), LabError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric())
+        && !name.contains("..");
+    if ok {
+        Ok(())
+    } else {
+        Err(LabError::Options(format!(
+            "node name {name:?}: use 1 to 63 lowercase letters, digits, '-' and '.', starting and \
+             ending with a letter or digit"
+        )))
+    }
+}
+
+/// Add node `name` to a planned lab, in `location` (its LAN, or a new LAN without NAT for a new
+/// location): the next index, a free underlay address, the next free LAN host, pod CIDR
+/// `10.201.<index>.0/24`. Returns the new node.
+pub fn add_node(spec: &mut LabSpec, name: &str, location: &str) -> Result<NodeSpec, LabError> {
+    check_node_name(name)?;
+    if spec.node(name).is_some() {
+        return Err(LabError::Options(format!(
+            "the lab already has a node {name}"
+        )));
+    }
+    if spec.nodes.len() >= MAX_NODES {
+        return Err(LabError::Options(format!(
+            "a lab has at most {MAX_NODES} nodes"
+        )));
+    }
+    let index = spec.nodes.iter().map(|n| n.index).max().unwrap_or(0) + 1;
+    let lan = match spec.lans.iter().position(|l| l.location == location) {
+        Some(k) => k,
+        None => {
+            let k = spec.lans.len() + 1;
+            let third = u8::try_from(k)
+                .ok()
+                .filter(|&t| t < 255)
+                .ok_or_else(|| LabError::Options("more than 254 locations".to_owned()))?;
+            let subnet =
+                Ipv4Network::new_checked(Ipv4Addr::new(LAN_BASE[0], LAN_BASE[1], third, 0), 24)
+                    .ok_or_else(|| LabError::Options("bad LAN subnet".to_owned()))?;
+            spec.lans.push(LanSpec {
+                index: k,
+                location: location.to_owned(),
+                subnet,
+                nat: None,
+            });
+            k - 1
+        }
+    };
+    let lan_spec = &spec.lans[lan];
+    let used_lan: Vec<Ipv4Addr> = spec
+        .nodes
+        .iter()
+        .filter(|n| n.lan == lan)
+        .map(|n| n.lan_ip)
+        .collect();
+    let o = lan_spec.subnet.network().octets();
+    let lan_ip = (LAN_FIRST_NODE..=254)
+        .map(|h| Ipv4Addr::new(o[0], o[1], o[2], h))
+        .find(|ip| !used_lan.contains(ip))
+        .ok_or_else(|| LabError::Options(format!("the LAN of location {location:?} is full")))?;
+    let underlay_ip = if lan_spec.nat.is_some() {
+        None
+    } else {
+        let used: Vec<Ipv4Addr> = spec
+            .nodes
+            .iter()
+            .filter_map(|n| n.underlay_ip)
+            .chain(
+                spec.lans
+                    .iter()
+                    .filter_map(|l| l.nat.map(|r| r.underlay_ip)),
+            )
+            .collect();
+        let o = spec.underlay.network().octets();
+        Some(
+            (1..API_HOST)
+                .map(|h| Ipv4Addr::new(o[0], o[1], o[2], h))
+                .find(|ip| !used.contains(ip))
+                .ok_or_else(|| LabError::Options("the underlay /24 is full".to_owned()))?,
+        )
+    };
+    let third = u8::try_from(index)
+        .ok()
+        .filter(|&t| t < 255)
+        .ok_or_else(|| LabError::Options("too many nodes".to_owned()))?;
+    let pod_cidr = Ipv4Network::new_checked(Ipv4Addr::new(POD_BASE[0], POD_BASE[1], third, 0), 24)
+        .ok_or_else(|| LabError::Options("bad pod CIDR".to_owned()))?;
+    let node = NodeSpec {
+        index,
+        name: name.to_owned(),
+        location: location.to_owned(),
+        lan,
+        leader: false,
+        pod_cidrs: vec![IpNetwork::V4(pod_cidr)],
+        lan_ip,
+        underlay_ip,
+        persistent_keepalive: if underlay_ip.is_none() {
+            NAT_KEEPALIVE
+        } else {
+            0
+        },
+    };
+    let mut all = spec.nodes.clone();
+    all.push(node.clone());
+    check_overlaps(&all, spec.mesh_subnet)?;
+    spec.nodes = all;
+    Ok(node)
+}
+
+/// Remove node `name` from a planned lab (its LAN stays). Returns it.
+pub fn remove_node(spec: &mut LabSpec, name: &str) -> Result<NodeSpec, LabError> {
+    let at = spec
+        .nodes
+        .iter()
+        .position(|n| n.name == name)
+        .ok_or_else(|| LabError::Options(format!("the lab has no node {name}")))?;
+    Ok(spec.nodes.remove(at))
+}
+
+/// The Node object of `node` as a kubelet (and the operator) would register it with the
+/// Kubernetes registry: name, labels (`kubernetes.io/hostname`, the location as region label),
+/// the user's annotations (location, persistent keepalive, leader), `spec.podCIDR(s)` and
+/// `status.addresses`: InternalIP = LAN address, ExternalIP = underlay address (public nodes
+/// only), Hostname. Nothing the agent publishes itself (key, endpoint, internal IP, mesh IP,
+/// granularity, last-seen). The API server drops `status` on create: write it with a status
+/// patch.
+pub fn kube_node(node: &NodeSpec) -> serde_json::Value {
+    let ann = |k: &str| format!("{KILO_PREFIX}{k}");
+    let mut annotations = BTreeMap::new();
+    if !node.location.is_empty() {
+        annotations.insert(ann(keys::LOCATION), node.location.clone());
+    }
+    if node.persistent_keepalive > 0 {
+        annotations.insert(
+            ann(keys::PERSISTENT_KEEPALIVE),
+            node.persistent_keepalive.to_string(),
+        );
+    }
+    if node.leader {
+        annotations.insert(ann(keys::LEADER), "true".to_owned());
+    }
+    let mut labels = BTreeMap::from([("kubernetes.io/hostname".to_owned(), node.name.clone())]);
+    if !node.location.is_empty() {
+        labels.insert(DEFAULT_TOPOLOGY_LABEL.to_owned(), node.location.clone());
+    }
+    let mut addresses =
+        vec![serde_json::json!({"type": "InternalIP", "address": node.lan_ip.to_string()})];
+    if let Some(ip) = node.underlay_ip {
+        addresses.push(serde_json::json!({"type": "ExternalIP", "address": ip.to_string()}));
+    }
+    addresses.push(serde_json::json!({"type": "Hostname", "address": node.name}));
+    let cidrs: Vec<String> = node.pod_cidrs.iter().map(ToString::to_string).collect();
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": node.name, "labels": labels, "annotations": annotations},
+        "spec": {"podCIDR": cidrs.first(), "podCIDRs": cidrs},
+        "status": {"addresses": addresses},
+    })
 }
 
 #[derive(Serialize)]
@@ -590,6 +810,7 @@ mod tests {
             granularity: None,
             nat: None,
             pods_per_node: 1,
+            registry: Registry::File,
         }
     }
 
@@ -797,5 +1018,94 @@ mod tests {
             .collect();
         assert_eq!(leaders, ["home-b"]);
         assert!(render_nodes_file(&spec, &name, &keys(1)).is_err());
+    }
+
+    #[test]
+    fn added_nodes_take_free_addresses_and_a_new_location_gets_its_own_lan_without_nat() {
+        let mut spec = plan(&opts(Source::Generated {
+            nodes: 3,
+            locations: 2,
+        }))
+        .unwrap();
+        // Into loc1 (public LAN): next LAN host, first free underlay address after the
+        // router of loc2 (10.200.0.3).
+        let n4 = add_node(&mut spec, "node4", "loc1").unwrap();
+        assert_eq!(n4.index, 4);
+        assert_eq!(n4.lan, 0);
+        assert_eq!(n4.lan_ip, Ipv4Addr::new(10, 210, 1, 13));
+        assert_eq!(n4.underlay_ip, Some(Ipv4Addr::new(10, 200, 0, 4)));
+        assert_eq!(n4.pod_cidrs, vec!["10.201.4.0/24".parse().unwrap()]);
+        // Into loc2, behind NAT: no underlay address, the NAT keepalive.
+        let n5 = add_node(&mut spec, "node5", "loc2").unwrap();
+        assert!(n5.behind_nat());
+        assert_eq!(n5.persistent_keepalive, NAT_KEEPALIVE);
+        // A new location: LAN 3, public.
+        let n6 = add_node(&mut spec, "node6", "far").unwrap();
+        assert_eq!(spec.lans.len(), 3);
+        assert_eq!(spec.lans[2].location, "far");
+        assert!(spec.lans[2].nat.is_none());
+        assert_eq!(n6.lan_ip, Ipv4Addr::new(10, 210, 3, 11));
+        // Removing frees the underlay address for the next one; indexes never repeat.
+        assert_eq!(remove_node(&mut spec, "node4").unwrap().name, "node4");
+        let n7 = add_node(&mut spec, "node7", "loc1").unwrap();
+        assert_eq!(n7.underlay_ip, Some(Ipv4Addr::new(10, 200, 0, 4)));
+        assert_eq!(n7.index, 7);
+        for bad in ["node7", "Node8", "-x", "a..b", "a/b", ""] {
+            assert!(add_node(&mut spec, bad, "loc1").is_err(), "{bad:?}");
+        }
+        assert!(remove_node(&mut spec, "nope").is_err());
+    }
+
+    #[test]
+    fn kube_node_is_what_a_kubelet_registers_plus_user_annotations_and_nothing_published() {
+        let mut o = opts(from_example(
+            include_str!("../../examples/locations.yaml"),
+            "locations.yaml",
+        ));
+        o.registry = Registry::Kube;
+        let spec = plan(&o).unwrap();
+        assert_eq!(spec.registry, Registry::Kube);
+        assert_eq!(spec.api_ip(), Ipv4Addr::new(10, 200, 0, 253));
+        for n in &spec.nodes {
+            let v = kube_node(n);
+            let ann = v["metadata"]["annotations"].as_object().unwrap();
+            for k in crate::registry::cluster::publish::PUBLISHED_KEYS {
+                assert!(
+                    !ann.contains_key(&format!("{KILO_PREFIX}{k}")),
+                    "{k} on {}",
+                    n.name
+                );
+            }
+            assert!(!ann.contains_key("kilo.squat.ai/force-endpoint"));
+            assert_eq!(ann["kilo.squat.ai/location"], n.location.as_str());
+            assert_eq!(
+                v["metadata"]["labels"][DEFAULT_TOPOLOGY_LABEL],
+                n.location.as_str()
+            );
+            assert_eq!(v["spec"]["podCIDR"], n.pod_cidrs[0].to_string());
+            let addrs = v["status"]["addresses"].as_array().unwrap();
+            assert_eq!(addrs[0]["type"], "InternalIP");
+            assert_eq!(addrs[0]["address"], n.lan_ip.to_string());
+            let external = addrs.iter().find(|a| a["type"] == "ExternalIP");
+            assert_eq!(
+                external.map(|a| a["address"].as_str().unwrap().to_owned()),
+                n.underlay_ip.map(|ip| ip.to_string()),
+                "{}",
+                n.name
+            );
+            assert_eq!(
+                ann.get("kilo.squat.ai/persistent-keepalive").is_some(),
+                n.persistent_keepalive > 0
+            );
+            assert_eq!(ann.get("kilo.squat.ai/leader").is_some(), n.leader);
+            // What the agents will read back from it.
+            let node: k8s_openapi::api::core::v1::Node = serde_json::from_value(v).unwrap();
+            let m =
+                crate::registry::annotations::parse_node(&node, DEFAULT_TOPOLOGY_LABEL).unwrap();
+            assert_eq!(m.location, n.location);
+            assert_eq!(m.key, None);
+            assert_eq!(m.endpoint, None);
+            assert_eq!(m.internal_ip.map(|i| i.ip()), Some(n.lan_ip.into()));
+        }
     }
 }

@@ -7,7 +7,7 @@
 
 use std::fs;
 use std::io::Write as _;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::LabError;
 use super::names::LabName;
-use super::spec::LabSpec;
+use super::spec::{API_PORT, LabSpec, NodeSpec, Registry};
 
 /// Version of the state file layout.
 pub const STATE_VERSION: u32 = 1;
@@ -87,6 +87,27 @@ pub struct NodeState {
 }
 
 impl NodeState {
+    /// A node of lab `lab` (directory `dir`) before anything of it exists.
+    pub fn new(lab: &LabName, dir: &Path, spec: &NodeSpec, pods_per_node: usize) -> NodeState {
+        NodeState {
+            name: spec.name.clone(),
+            netns: lab.node_ns(spec.index),
+            dir: dir.join("nodes").join(&spec.name),
+            public_key: None,
+            agent: None,
+            pods: (1..=pods_per_node)
+                .map(|j| {
+                    let netns = lab.pod_ns(spec.index, j);
+                    PodState {
+                        result: dir.join("pods").join(format!("{netns}.json")),
+                        netns,
+                        ips: Vec::new(),
+                    }
+                })
+                .collect(),
+        }
+    }
+
     /// The private key file.
     pub fn private_key(&self) -> PathBuf {
         self.dir.join("key")
@@ -118,6 +139,64 @@ impl NodeState {
     }
 }
 
+/// The lab's Kubernetes API server (`--registry kube`): where it listens, its files, and the
+/// etcd and kube-apiserver processes, both running in the lab's API namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiServerState {
+    /// Its namespace, `wml-<lab>-api`.
+    pub netns: String,
+    /// Its underlay address (it listens there; also in its certificate).
+    pub ip: Ipv4Addr,
+    /// Its port.
+    pub port: u16,
+    /// Its directory: PKI, etcd data, logs, kubeconfigs.
+    pub dir: PathBuf,
+    /// The kube-apiserver binary.
+    pub binary: PathBuf,
+    /// The etcd process, once started.
+    pub etcd: Option<ProcRef>,
+    /// The kube-apiserver process, while it runs (`None` after `lab apiserver stop`).
+    pub apiserver: Option<ProcRef>,
+}
+
+impl ApiServerState {
+    /// `https://<ip>:<port>`.
+    pub fn url(&self) -> String {
+        format!("https://{}:{}", self.ip, self.port)
+    }
+
+    /// The PKI directory: CA, serving certificate, service-account keys, token file.
+    pub fn pki(&self) -> PathBuf {
+        self.dir.join("pki")
+    }
+
+    /// etcd's data directory.
+    pub fn etcd_data(&self) -> PathBuf {
+        self.dir.join("etcd")
+    }
+
+    /// The administrator's kubeconfig (`system:masters`).
+    pub fn admin_kubeconfig(&self) -> PathBuf {
+        self.dir.join("admin.kubeconfig")
+    }
+
+    /// The agents' kubeconfig: user `system:serviceaccount:kube-system:wiremesh`, whose rights
+    /// come only from RBAC.
+    pub fn agent_kubeconfig(&self) -> PathBuf {
+        self.dir.join("agent.kubeconfig")
+    }
+
+    /// The kube-apiserver's log.
+    pub fn apiserver_log(&self) -> PathBuf {
+        self.dir.join("apiserver.log")
+    }
+
+    /// etcd's log.
+    pub fn etcd_log(&self) -> PathBuf {
+        self.dir.join("etcd.log")
+    }
+}
+
 /// The state file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LabState {
@@ -143,6 +222,12 @@ pub struct LabState {
     pub nodes: Vec<NodeState>,
     /// The agent binary the nodes run, when agents were started.
     pub agent_binary: Option<PathBuf>,
+    /// Extra arguments of every agent (`--agent-arg`), also for nodes added later.
+    #[serde(default)]
+    pub agent_args: Vec<String>,
+    /// The API server, with the Kubernetes registry.
+    #[serde(default)]
+    pub apiserver: Option<ApiServerState>,
 }
 
 impl LabState {
@@ -152,25 +237,19 @@ impl LabState {
         let nodes: Vec<NodeState> = spec
             .nodes
             .iter()
-            .map(|n| NodeState {
-                name: n.name.clone(),
-                netns: name.node_ns(n.index),
-                dir: dir.join("nodes").join(&n.name),
-                public_key: None,
-                agent: None,
-                pods: (1..=spec.pods_per_node)
-                    .map(|j| {
-                        let netns = name.pod_ns(n.index, j);
-                        PodState {
-                            result: dir.join("pods").join(format!("{netns}.json")),
-                            netns,
-                            ips: Vec::new(),
-                        }
-                    })
-                    .collect(),
-            })
+            .map(|n| NodeState::new(name, dir, n, spec.pods_per_node))
             .collect();
+        let apiserver = (spec.registry == Registry::Kube).then(|| ApiServerState {
+            netns: name.api_ns(),
+            ip: spec.api_ip(),
+            port: API_PORT,
+            dir: dir.join("apiserver"),
+            binary: PathBuf::new(),
+            etcd: None,
+            apiserver: None,
+        });
         let mut namespaces = vec![name.underlay_ns()];
+        namespaces.extend(apiserver.as_ref().map(|a| a.netns.clone()));
         namespaces.extend(lan_ns.iter().cloned());
         namespaces.extend(nodes.iter().map(|n| n.netns.clone()));
         namespaces.extend(
@@ -190,7 +269,31 @@ impl LabState {
             namespaces,
             spec,
             agent_binary: None,
+            agent_args: Vec::new(),
+            apiserver,
         }
+    }
+
+    /// The lab's name, validated.
+    pub fn lab_name(&self) -> Result<LabName, LabError> {
+        self.name.parse()
+    }
+
+    /// The node named `name`, with its position in [`LabState::nodes`] (the same as in the
+    /// spec's nodes).
+    pub fn node(&self, name: &str) -> Option<(usize, &NodeState)> {
+        self.nodes.iter().enumerate().find(|(_, n)| n.name == name)
+    }
+
+    /// The API server, or why a command that needs it cannot run.
+    pub fn require_apiserver(&self, command: &str) -> Result<&ApiServerState, LabError> {
+        self.apiserver.as_ref().ok_or_else(|| {
+            LabError::Options(format!(
+                "`lab {command}` needs a lab with a Kubernetes API server; lab {} reads a nodes \
+                 file (start one with: meshctl lab up --registry kube)",
+                self.name
+            ))
+        })
     }
 
     /// The nodes file.
@@ -268,6 +371,7 @@ mod tests {
             granularity: None,
             nat: None,
             pods_per_node: 2,
+            registry: crate::lab::spec::Registry::File,
         })
         .unwrap();
         let s = LabState::new(&name, Path::new("/run/wiremesh-lab/wm"), spec, 7);

@@ -1,9 +1,11 @@
 //! `lab status`: per node its namespace, agent, leadership, mesh IP, pods and WireGuard peers
 //! with endpoint, latest handshake and traffic, as a text table or JSON.
 //!
-//! [`collect`] does the I/O (process checks, the nodes file, each node's UAPI socket);
-//! [`render_text`] is pure. The JSON field names are a contract: `{"nodes": [{"name", …}]}`.
-//! Depends on the state, `uapi`, `sys`, the file registry and the topology engine.
+//! [`collect`] does the I/O (process checks, the nodes file or the lab's API server, each node's
+//! UAPI socket); [`render_text`] is pure. The JSON field names are a contract:
+//! `{"nodes": [{"name", …}]}`. With the Kubernetes registry each node also shows the
+//! annotations its agent published, and the status the API server's processes.
+//! Depends on the state, `uapi`, `sys`, `cluster`, the registries and the topology engine.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -12,11 +14,10 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::state::{LabState, Phase, WG_INTERFACE};
-use super::{sys, uapi};
+use super::{cluster, sys, uapi};
 use crate::cli::table;
-use crate::model::WgKey;
-use crate::registry::annotations::DEFAULT_TOPOLOGY_LABEL;
-use crate::registry::file::load_nodes;
+use crate::model::{MeshNode, WgKey};
+use crate::registry::annotations::{KILO_PREFIX, WIREMESH_PREFIX};
 use crate::topology::{self, Encapsulate, MeshOptions};
 
 /// The whole lab.
@@ -32,8 +33,34 @@ pub struct LabStatus {
     pub granularity: String,
     /// Where the nodes came from.
     pub source: String,
+    /// Where the agents read the cluster: `file` or `kube`.
+    pub registry: String,
+    /// The API server (`kube` registry).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub apiserver: Option<ApiServerStatus>,
     /// The nodes.
     pub nodes: Vec<NodeStatus>,
+}
+
+/// The lab's API server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ApiServerStatus {
+    /// `https://<underlay IP>:<port>`.
+    pub url: String,
+    /// Its namespace.
+    pub namespace: String,
+    /// The kube-apiserver's PID, unless stopped.
+    pub apiserver_pid: Option<u32>,
+    /// Whether it runs.
+    pub apiserver_running: bool,
+    /// etcd's PID.
+    pub etcd_pid: Option<u32>,
+    /// Whether etcd runs.
+    pub etcd_running: bool,
+    /// The administrator's kubeconfig (use it inside the namespace).
+    pub admin_kubeconfig: String,
+    /// Why the Nodes could not be read from it, if they could not.
+    pub error: Option<String>,
 }
 
 /// One node.
@@ -67,6 +94,10 @@ pub struct NodeStatus {
     pub peers: Vec<PeerStatus>,
     /// Why the WireGuard state could not be read (no socket yet, no agent, …).
     pub wireguard_error: Option<String>,
+    /// The mesh annotations (`kilo.squat.ai/…`, `wiremesh.io/…`) on the node's Node object
+    /// (`kube` registry): what the lab set and what the agent published.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
 }
 
 /// One pod.
@@ -104,8 +135,7 @@ struct Mesh {
     by_key: BTreeMap<WgKey, String>,
 }
 
-fn mesh(state: &LabState) -> Option<Mesh> {
-    let loaded = load_nodes(&state.nodes_file(), DEFAULT_TOPOLOGY_LABEL).ok()?;
+fn mesh(state: &LabState, nodes: &[MeshNode]) -> Mesh {
     let opts = MeshOptions {
         granularity: state.spec.granularity,
         subnet: state.spec.mesh_subnet,
@@ -113,7 +143,7 @@ fn mesh(state: &LabState) -> Option<Mesh> {
         encapsulate: Encapsulate::Never,
         ..MeshOptions::default()
     };
-    let topo = topology::build(&loaded.items, &[], &opts);
+    let topo = topology::build(nodes, &[], &opts);
     let mut m = Mesh {
         leader: BTreeMap::new(),
         mesh_ip: BTreeMap::new(),
@@ -130,12 +160,78 @@ fn mesh(state: &LabState) -> Option<Mesh> {
             m.leader.insert(n.name.to_string(), n.name == leader.name);
         }
     }
-    Some(m)
+    m
+}
+
+/// The mesh annotations of each Node, by node name.
+type Annotations = BTreeMap<String, BTreeMap<String, String>>;
+
+/// The nodes as the agents see them, and with the `kube` registry each Node's mesh annotations
+/// and the API server's status.
+fn read_nodes(state: &LabState) -> (Option<Vec<MeshNode>>, Annotations, Option<ApiServerStatus>) {
+    let Some(api) = &state.apiserver else {
+        return (
+            super::mesh_nodes(state).ok().map(|l| l.items),
+            BTreeMap::new(),
+            None,
+        );
+    };
+    let running = |p: &Option<super::state::ProcRef>| p.as_ref().is_some_and(sys::is_running);
+    let mut status = ApiServerStatus {
+        url: api.url(),
+        namespace: api.netns.clone(),
+        apiserver_pid: api.apiserver.map(|p| p.pid),
+        apiserver_running: running(&api.apiserver),
+        etcd_pid: api.etcd.map(|p| p.pid),
+        etcd_running: running(&api.etcd),
+        admin_kubeconfig: api.admin_kubeconfig().display().to_string(),
+        error: None,
+    };
+    if !status.apiserver_running {
+        status.error = Some("the API server is not running".to_owned());
+        return (None, BTreeMap::new(), Some(status));
+    }
+    match cluster::nodes(api) {
+        Ok(objects) => {
+            let ours = |k: &String| k.starts_with(KILO_PREFIX) || k.starts_with(WIREMESH_PREFIX);
+            let annotations = objects
+                .iter()
+                .map(|n| {
+                    let a = n
+                        .metadata
+                        .annotations
+                        .iter()
+                        .flatten()
+                        .filter(|(k, _)| ours(k))
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect();
+                    (n.metadata.name.clone().unwrap_or_default(), a)
+                })
+                .collect();
+            (
+                Some(super::parse_nodes(&objects).items),
+                annotations,
+                Some(status),
+            )
+        }
+        Err(e) => {
+            status.error = Some(e.to_string());
+            (None, BTreeMap::new(), Some(status))
+        }
+    }
 }
 
 /// Gather the status of every node. `now_unix` turns handshake times into ages.
 pub fn collect(state: &LabState, now_unix: u64) -> LabStatus {
-    let mesh = mesh(state);
+    let (mesh_nodes, mut annotations, apiserver) = read_nodes(state);
+    let mesh = mesh_nodes.as_deref().map(|n| mesh(state, n));
+    let published = |name: &str| {
+        mesh_nodes
+            .iter()
+            .flatten()
+            .find(|m| m.name.as_str() == name)
+            .and_then(|m| m.endpoint.as_ref().map(ToString::to_string))
+    };
     let namespaces = sys::netns_list().unwrap_or_default();
     let nodes = state
         .nodes
@@ -175,9 +271,21 @@ pub fn collect(state: &LabState, now_unix: u64) -> LabStatus {
             NodeStatus {
                 name: n.name.clone(),
                 namespace: n.netns.clone(),
-                location: spec.location.clone(),
+                location: match &state.apiserver {
+                    // The Node's location (an annotation may have moved it).
+                    Some(_) => mesh_nodes
+                        .iter()
+                        .flatten()
+                        .find(|m| m.name.as_str() == n.name)
+                        .map_or_else(|| spec.location.clone(), |m| m.location.clone()),
+                    None => spec.location.clone(),
+                },
                 behind_nat: spec.behind_nat(),
-                endpoint: spec.endpoint(state.spec.port).to_string(),
+                endpoint: match &state.apiserver {
+                    // What the agent published (and the others use).
+                    Some(_) => published(&n.name).unwrap_or_else(|| "-".to_owned()),
+                    None => spec.endpoint(state.spec.port).to_string(),
+                },
                 internal_ip: spec.lan_ip.to_string(),
                 agent_pid: n.agent.map(|p| p.pid),
                 agent_running,
@@ -198,6 +306,7 @@ pub fn collect(state: &LabState, now_unix: u64) -> LabStatus {
                 listen_port,
                 peers,
                 wireguard_error,
+                annotations: annotations.remove(&n.name).unwrap_or_default(),
             }
         })
         .collect();
@@ -207,6 +316,8 @@ pub fn collect(state: &LabState, now_unix: u64) -> LabStatus {
         phase: state.phase,
         granularity: state.spec.granularity.to_string(),
         source: state.spec.source.clone(),
+        registry: state.spec.registry.to_string(),
+        apiserver,
         nodes,
     }
 }
@@ -243,6 +354,28 @@ pub fn render_text(s: &LabStatus) -> String {
         },
         s.dir
     );
+    if let Some(a) = &s.apiserver {
+        let proc_state = |pid: Option<u32>, running: bool| match (pid, running) {
+            (None, _) => "stopped".to_owned(),
+            (Some(p), true) => format!("{p} running"),
+            (Some(p), false) => format!("{p} exited"),
+        };
+        let _ = writeln!(
+            out,
+            "Kubernetes API server {} in {}: kube-apiserver {}, etcd {}{}\n  \
+             kubectl: ip netns exec {} kubectl --kubeconfig {} get nodes\n",
+            a.url,
+            a.namespace,
+            proc_state(a.apiserver_pid, a.apiserver_running),
+            proc_state(a.etcd_pid, a.etcd_running),
+            a.error
+                .as_ref()
+                .map(|e| format!("; Nodes not readable: {e}"))
+                .unwrap_or_default(),
+            a.namespace,
+            a.admin_kubeconfig
+        );
+    }
     let mut rows = vec![
         [
             "NODE",
@@ -327,6 +460,8 @@ mod tests {
             phase: Phase::Up,
             granularity: "full".into(),
             source: "examples/three-clouds.yaml".into(),
+            registry: "file".into(),
+            apiserver: None,
             nodes: vec![NodeStatus {
                 name: "fra-1".into(),
                 namespace: "wml-wm-n1".into(),
@@ -353,6 +488,7 @@ mod tests {
                     allowed_ips: vec!["10.42.1.0/24".into()],
                 }],
                 wireguard_error: None,
+                annotations: BTreeMap::new(),
             }],
         }
     }

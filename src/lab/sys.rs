@@ -81,6 +81,16 @@ pub const TCPDUMP: Tool = Tool {
     program: "tcpdump",
     package: "tcpdump",
 };
+/// `etcd`, the API server's store (`--registry kube`).
+pub const ETCD: Tool = Tool {
+    program: "etcd",
+    package: "etcd-server",
+};
+/// `openssl`, for the API server's certificates (`--registry kube`).
+pub const OPENSSL: Tool = Tool {
+    program: "openssl",
+    package: "openssl",
+};
 /// `ping`, for the reachability check.
 pub const PING: Tool = Tool {
     program: "ping",

@@ -1,19 +1,21 @@
 //! `lab up`: plan the lab, then create it step by step, recording each step in the state file.
 //!
-//! Order: state file → underlay → LANs and NAT routers → node namespaces → keys → nodes file
-//! → agents (wait for each agent's CNI configuration) → pods (CNI ADD). Everything that can be
-//! checked without touching the machine (root, tools, options, agent binary, name clash) is
-//! checked first. A failed step leaves the lab as it is, for inspection; `lab down` removes it.
-//! Depends on every other lab module.
+//! Order: state file → underlay (and the API namespace) → LANs and NAT routers → node
+//! namespaces → keys → nodes file, or with the Kubernetes registry: PKI, etcd, kube-apiserver,
+//! Peer CRD and RBAC, one Node per node → agents (wait for each agent's CNI configuration) →
+//! pods (CNI ADD). Everything that can be checked without touching the machine (root, tools,
+//! options, agent and kube-apiserver binaries, name clash) is checked first. A failed step
+//! leaves the lab as it is, for inspection; `lab down` removes it (processes are recorded in
+//! the state file as soon as they start). Depends on every other lab module.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::LabError;
 use super::names::LabName;
-use super::spec::{self, SpecOptions};
+use super::spec::{self, Registry, SpecOptions};
 use super::state::{self, LabState, Phase, create_dir, write_private};
-use super::{agent, cni, keys, net, sys};
+use super::{agent, apiserver, cluster, cni, keys, net, sys};
 
 /// The directory every agent's private `/run/wireguard` is bind-mounted on.
 pub const RUN_WIREGUARD: &str = "/run/wireguard";
@@ -35,8 +37,11 @@ pub struct UpOptions {
     pub agent_binary: Option<PathBuf>,
     /// Extra arguments appended to every agent's command line.
     pub agent_args: Vec<String>,
-    /// How long to wait for the agents' CNI configuration.
+    /// How long to wait for the agents' CNI configuration (and for the API server).
     pub timeout: Duration,
+    /// The kube-apiserver binary (`--registry kube`); `None`:
+    /// [`apiserver::DEFAULT_APISERVER_BIN`].
+    pub apiserver_binary: Option<PathBuf>,
 }
 
 /// The tools `up` needs for this lab.
@@ -47,6 +52,9 @@ pub fn needed_tools(spec: &spec::LabSpec, agents: bool) -> Vec<sys::Tool> {
     }
     if agents {
         tools.extend([sys::WIREGUARD_GO, sys::CNI_BRIDGE, sys::CNI_HOST_LOCAL]);
+    }
+    if spec.registry == Registry::Kube {
+        tools.extend(apiserver::TOOLS);
     }
     tools
 }
@@ -72,6 +80,10 @@ pub fn up(opts: &UpOptions) -> Result<LabState, LabError> {
         Some(agent::find_binary(opts.agent_binary.as_deref())?)
     } else {
         None
+    };
+    let apiserver_binary = match spec.registry {
+        Registry::Kube => Some(apiserver::find_binary(opts.apiserver_binary.as_deref())?),
+        Registry::File => None,
     };
     let dir = opts.name.dir(&opts.root);
     if dir.exists() {
@@ -102,6 +114,10 @@ pub fn up(opts: &UpOptions) -> Result<LabState, LabError> {
     create_dir(&dir, 0o700)?;
     let mut state = LabState::new(&opts.name, &dir, spec, now_unix());
     state.agent_binary = binary.clone();
+    state.agent_args = opts.agent_args.clone();
+    if let (Some(api), Some(bin)) = (&mut state.apiserver, apiserver_binary) {
+        api.binary = bin;
+    }
     let failed = |e: LabError| LabError::UpFailed {
         name: opts.name.to_string(),
         dir: dir.clone(),
@@ -119,6 +135,9 @@ pub fn up(opts: &UpOptions) -> Result<LabState, LabError> {
 fn build(state: &mut LabState, opts: &UpOptions, binary: Option<&Path>) -> Result<(), LabError> {
     tracing::info!(lab = %state.name, "creating underlay, LANs and nodes");
     net::create_underlay(state)?;
+    if let Some(api) = &state.apiserver {
+        apiserver::create_netns(state, api)?;
+    }
     for lan in &state.spec.lans {
         net::create_lan(state, lan)?;
     }
@@ -134,8 +153,13 @@ fn build(state: &mut LabState, opts: &UpOptions, binary: Option<&Path>) -> Resul
         node.public_key = Some(key.to_string());
         public_keys.push(key);
     }
-    let text = spec::render_nodes_file(&state.spec, &opts.name, &public_keys)?;
-    write_private(&state.nodes_file(), text.as_bytes())?;
+    match state.spec.registry {
+        Registry::File => {
+            let text = spec::render_nodes_file(&state.spec, &opts.name, &public_keys)?;
+            write_private(&state.nodes_file(), text.as_bytes())?;
+        }
+        Registry::Kube => start_cluster(state, opts.timeout)?,
+    }
     state.save()?;
 
     let Some(binary) = binary else {
@@ -151,53 +175,87 @@ fn build(state: &mut LabState, opts: &UpOptions, binary: Option<&Path>) -> Resul
     }
     let mut children = Vec::with_capacity(state.nodes.len());
     for i in 0..state.nodes.len() {
-        let node = &state.nodes[i];
-        for d in [node.wireguard_dir(), node.ipam_dir()] {
-            create_dir(&d, 0o700)?;
-        }
-        if let Some(cni_dir) = node.conflist().parent() {
-            create_dir(cni_dir, 0o755)?;
-        }
-        let (child, proc_ref) = agent::spawn(state, node, binary, &opts.agent_args)?;
+        let (child, proc_ref) = agent::spawn(state, &state.nodes[i], binary, &opts.agent_args)?;
         children.push(child);
         state.nodes[i].agent = Some(proc_ref);
         state.save()?;
     }
-    agent::wait_ready(state, &mut children, opts.timeout)?;
+    agent::wait_ready(&state.nodes, &mut children, opts.timeout)?;
 
-    create_dir(&state.dir.join("pods"), 0o700)?;
     for i in 0..state.nodes.len() {
-        let node = &state.nodes[i];
-        let path = node.conflist();
-        let text = std::fs::read_to_string(&path).map_err(LabError::io("read", &path))?;
-        let list: serde_json::Value =
-            serde_json::from_str(&text).map_err(|source| LabError::Json {
-                what: path.display().to_string(),
-                source,
-            })?;
-        for j in 0..node.pods.len() {
-            let node = &state.nodes[i];
-            let pod = &node.pods[j];
-            net::create_pod_ns(&pod.netns)?;
-            let at = cni::Attachment {
-                node_ns: node.netns.clone(),
-                pod_ns: pod.netns.clone(),
-                ifname: "eth0".to_owned(),
-                ipam_dir: node.ipam_dir(),
-            };
-            let result = cni::add(&list, &at)?;
-            write_private(&pod.result, result.to_string().as_bytes())?;
-            let ips = cni::result_ips(&result);
-            tracing::info!(pod = %pod.netns, ?ips, "pod attached");
-            state.nodes[i].pods[j].ips = ips;
-            state.save()?;
-        }
-        agent::check_alive(state, &mut children)?;
+        attach_pods(state, i)?;
+        agent::check_alive(&state.nodes, &mut children)?;
     }
-    agent::check_alive(state, &mut children)?;
+    agent::check_alive(&state.nodes, &mut children)?;
     wait_for_natted_handshakes(state, std::time::Duration::from_secs(20));
     state.phase = Phase::Up;
     state.save()
+}
+
+/// Create and attach the pods of `state.nodes[i]` with the CNI configuration its agent wrote,
+/// recording each in the state.
+pub fn attach_pods(state: &mut LabState, i: usize) -> Result<(), LabError> {
+    create_dir(&state.dir.join("pods"), 0o700)?;
+    let path = state.nodes[i].conflist();
+    let text = std::fs::read_to_string(&path).map_err(LabError::io("read", &path))?;
+    let list: serde_json::Value = serde_json::from_str(&text).map_err(|source| LabError::Json {
+        what: path.display().to_string(),
+        source,
+    })?;
+    for j in 0..state.nodes[i].pods.len() {
+        let node = &state.nodes[i];
+        let pod = &node.pods[j];
+        net::create_pod_ns(&pod.netns)?;
+        let at = cni::Attachment {
+            node_ns: node.netns.clone(),
+            pod_ns: pod.netns.clone(),
+            ifname: "eth0".to_owned(),
+            ipam_dir: node.ipam_dir(),
+        };
+        let result = cni::add(&list, &at)?;
+        write_private(&pod.result, result.to_string().as_bytes())?;
+        let ips = cni::result_ips(&result);
+        tracing::info!(pod = %pod.netns, ?ips, "pod attached");
+        state.nodes[i].pods[j].ips = ips;
+        state.save()?;
+    }
+    Ok(())
+}
+
+/// Start the lab's API server (PKI, etcd, kube-apiserver, each recorded in the state as soon as
+/// it runs), wait until it answers (bounded by `timeout`), install the Peer CRD and the agents'
+/// RBAC, and register every node's Node.
+fn start_cluster(state: &mut LabState, timeout: Duration) -> Result<(), LabError> {
+    let mut api = state
+        .apiserver
+        .clone()
+        .ok_or_else(|| LabError::Options("no API server in the state".to_owned()))?;
+    tracing::info!(lab = %state.name, url = %api.url(), "starting the Kubernetes API server");
+    apiserver::write_pki(&state.name, &api)?;
+    let (mut etcd, etcd_ref) = apiserver::start_etcd(&api)?;
+    api.etcd = Some(etcd_ref);
+    state.apiserver = Some(api.clone());
+    state.save()?;
+    let (mut kas, kas_ref) = apiserver::start_apiserver(&api)?;
+    api.apiserver = Some(kas_ref);
+    state.apiserver = Some(api.clone());
+    state.save()?;
+    let (etcd_log, kas_log) = (api.etcd_log(), api.apiserver_log());
+    cluster::wait_ready(&api, timeout, || {
+        apiserver::check_alive(&mut [
+            (&mut etcd, "etcd", &etcd_log),
+            (&mut kas, "kube-apiserver", &kas_log),
+        ])
+    })?;
+    cluster::install(&api)?;
+    // The agents start next: wait until their identity is let in (RBAC caches).
+    cluster::wait_ready(&api, timeout, || {
+        apiserver::check_alive(&mut [
+            (&mut etcd, "etcd", &etcd_log),
+            (&mut kas, "kube-apiserver", &kas_log),
+        ])
+    })?;
+    cluster::register(&api, &state.spec.nodes)
 }
 
 /// Wait (bounded) until every leader behind NAT has a handshake with each of its peers, so the
@@ -207,7 +265,7 @@ fn build(state: &mut LabState, opts: &UpOptions, binary: Option<&Path>) -> Resul
 /// soon as its agent configures a peer (it has a keepalive), is dropped when it reaches a peer
 /// whose agent has not configured the NATed node yet, a few milliseconds later; WireGuard then
 /// retries only after 5 s (`REKEY_TIMEOUT`).
-fn wait_for_natted_handshakes(state: &LabState, limit: std::time::Duration) {
+pub fn wait_for_natted_handshakes(state: &LabState, limit: std::time::Duration) {
     let start = std::time::Instant::now();
     loop {
         let status = super::status::collect(state, now_unix());
@@ -239,11 +297,12 @@ pub fn summary(state: &LabState) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "lab {} is up ({} granularity, {} nodes from {}){}",
+        "lab {} is up ({} granularity, {} nodes from {}, {} registry){}",
         state.name,
         state.spec.granularity,
         state.nodes.len(),
         state.spec.source,
+        state.spec.registry,
         if state.phase == Phase::NoAgents {
             ", without agents or pods"
         } else {
@@ -279,12 +338,28 @@ pub fn summary(state: &LabState) -> String {
             }
         );
     }
-    let _ = writeln!(
-        s,
-        "state {}, nodes file {}",
-        state.dir.join(state::STATE_FILE).display(),
-        state.nodes_file().display()
-    );
+    match &state.apiserver {
+        Some(api) => {
+            let _ = writeln!(
+                s,
+                "state {}, Kubernetes API server {} in namespace {}\n\
+                 kubectl: ip netns exec {} kubectl --kubeconfig {} get nodes",
+                state.dir.join(state::STATE_FILE).display(),
+                api.url(),
+                api.netns,
+                api.netns,
+                api.admin_kubeconfig().display()
+            );
+        }
+        None => {
+            let _ = writeln!(
+                s,
+                "state {}, nodes file {}",
+                state.dir.join(state::STATE_FILE).display(),
+                state.nodes_file().display()
+            );
+        }
+    }
     let _ = write!(
         s,
         "next: meshctl lab status --name {n} · meshctl lab check --name {n} · meshctl lab down --name {n}",

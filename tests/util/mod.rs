@@ -6,6 +6,8 @@ pub mod agent_netns;
 #[allow(dead_code)]
 pub mod apiserver;
 #[allow(dead_code)]
+pub mod lab;
+#[allow(dead_code)]
 pub mod netns;
 pub mod strategy;
 #[allow(dead_code)]

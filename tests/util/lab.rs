@@ -1,0 +1,282 @@
+//! A `meshctl lab` driven through the real binary, taken down when the test ends (also on
+//! panic), with the polls and readings the lab scenarios share.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use wiremesh::lab::state::{LabState, ProcRef};
+
+/// The `meshctl` binary under test.
+pub const MESHCTL: &str = env!("CARGO_BIN_EXE_meshctl");
+/// Where labs keep their state.
+pub const ROOT: &str = "/run/wiremesh-lab";
+
+/// `meshctl args…`.
+pub fn meshctl(args: &[&str]) -> Output {
+    Command::new(MESHCTL)
+        .args(args)
+        .output()
+        .expect("meshctl runs")
+}
+
+/// Exit status, stdout and stderr of `o`, for assertion messages.
+pub fn text(o: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// `cmd args…`, whatever its exit status.
+pub fn sh(cmd: &str, args: &[&str]) -> Output {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"))
+}
+
+/// Names of the named network namespaces.
+pub fn netns_list() -> BTreeSet<String> {
+    std::fs::read_dir("/run/netns")
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Poll `f` every 200 ms until it returns `Some`, for at most `limit`.
+pub fn poll<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Fail unless root and every tool the lab runs is there (`extra` too).
+pub fn require_tools(extra: &[&str]) {
+    assert!(
+        wiremesh::lab::sys::require_root().is_ok(),
+        "the lab tests must run as root"
+    );
+    for tool in [
+        "ip",
+        "nft",
+        "wg",
+        "wireguard-go",
+        "tcpdump",
+        "ping",
+        "sysctl",
+    ]
+    .iter()
+    .chain(extra)
+    {
+        assert!(
+            wiremesh::lab::sys::find_program(tool).is_some(),
+            "the lab tests need `{tool}`"
+        );
+    }
+    assert!(
+        Path::new("/usr/lib/cni/bridge").exists(),
+        "the lab tests need containernetworking-plugins"
+    );
+}
+
+/// A lab that is taken down when the test ends, whatever happened.
+pub struct Lab {
+    /// The lab name.
+    pub name: String,
+}
+
+impl Lab {
+    /// A lab name unique to this test and process: `tag` + PID digits, at most 8 characters.
+    pub fn new(tag: &str) -> Lab {
+        assert!(tag.len() <= 3);
+        let name = format!("{tag}{}", std::process::id() % 100_000);
+        // Leftovers of an earlier run of this process number would make `up` refuse.
+        let _ = meshctl(&["lab", "down", "--name", &name]);
+        Lab { name }
+    }
+
+    /// `wml-<name>-`.
+    pub fn prefix(&self) -> String {
+        format!("wml-{}-", self.name)
+    }
+
+    /// The lab directory.
+    pub fn dir(&self) -> PathBuf {
+        Path::new(ROOT).join(&self.name)
+    }
+
+    /// The lab's namespace with `suffix` (`n1`, `n1p1`, `api`, …).
+    pub fn ns(&self, suffix: &str) -> String {
+        format!("{}{suffix}", self.prefix())
+    }
+
+    /// `meshctl args… --name <lab>`.
+    pub fn run(&self, args: &[&str]) -> Output {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--name", &self.name]);
+        meshctl(&all)
+    }
+
+    /// `meshctl lab up args…`.
+    pub fn up(&self, args: &[&str]) -> Output {
+        let mut all = vec!["lab", "up"];
+        all.extend_from_slice(args);
+        self.run(&all)
+    }
+
+    /// `meshctl args…` that must succeed; its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(o.status.success(), "meshctl {args:?}: {}", text(&o));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// `lab status -o json`.
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["lab", "status", "-o", "json"])).expect("status JSON")
+    }
+
+    /// The state file, read by the library.
+    pub fn state(&self) -> LabState {
+        wiremesh::lab::load(Path::new(ROOT), &self.name.parse().expect("lab name"))
+            .expect("lab state")
+    }
+
+    /// `ip -n <lab ns> args…`; its stdout, whatever the exit status.
+    pub fn ip(&self, suffix: &str, args: &[&str]) -> String {
+        let ns = self.ns(suffix);
+        let mut all = vec!["-n", ns.as_str()];
+        all.extend_from_slice(args);
+        String::from_utf8_lossy(&sh("ip", &all).stdout).into_owned()
+    }
+
+    /// The node's public key, as the lab generated it.
+    pub fn public_key(&self, node: &str) -> String {
+        std::fs::read_to_string(self.dir().join("nodes").join(node).join("key.pub"))
+            .unwrap_or_else(|e| panic!("key of {node}: {e}"))
+            .trim()
+            .to_owned()
+    }
+
+    /// Whether pod namespace `pod` gets an answer from `addr` (up to 3 pings, 2 s each).
+    pub fn pod_pings(&self, pod: &str, addr: &str) -> bool {
+        (0..3).any(|_| {
+            sh(
+                "ip",
+                &[
+                    "netns", "exec", pod, "ping", "-n", "-c", "1", "-W", "2", addr,
+                ],
+            )
+            .status
+            .success()
+        })
+    }
+
+    /// `lab check` must pass: every pod reaches every pod, and only WireGuard crosses the
+    /// underlay.
+    pub fn check_passes(&self) {
+        let check = self.run(&["lab", "check"]);
+        let report = text(&check);
+        assert!(check.status.success(), "{report}");
+        assert!(!report.contains("LOSS"), "{report}");
+        assert!(
+            report.contains("no plaintext pod packets on the underlay ok"),
+            "{report}"
+        );
+    }
+
+    /// Every process the state records (agents, kube-apiserver, etcd).
+    pub fn recorded_processes(&self) -> Vec<ProcRef> {
+        let s = self.state();
+        let api = s.apiserver.iter().flat_map(|a| [a.apiserver, a.etcd]);
+        s.nodes
+            .iter()
+            .map(|n| n.agent)
+            .chain(api)
+            .flatten()
+            .collect()
+    }
+
+    /// Take the lab down and assert that nothing of it is left: namespaces, directory,
+    /// recorded processes; a second `down` has nothing to do.
+    pub fn down_and_assert_gone(&self) {
+        let procs = self.recorded_processes();
+        let out = self.ok(&["lab", "down"]);
+        assert!(out.contains("removed"), "{out}");
+        let left: Vec<String> = netns_list()
+            .into_iter()
+            .filter(|n| n.starts_with(&self.prefix()))
+            .collect();
+        assert!(left.is_empty(), "namespaces left: {left:?}");
+        assert!(!self.dir().exists(), "{} left", self.dir().display());
+        let running: Vec<u32> = procs
+            .iter()
+            .filter(|p| wiremesh::lab::sys::is_running(p))
+            .map(|p| p.pid)
+            .collect();
+        assert!(
+            running.is_empty(),
+            "processes of the lab still run: {running:?}"
+        );
+        let again = self.ok(&["lab", "down"]);
+        assert!(again.contains("nothing to remove"), "{again}");
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = meshctl(&["lab", "down", "--name", &self.name]);
+    }
+}
+
+/// Node `name` of a status document.
+pub fn node<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    status["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .find(|n| n["name"] == name)
+        .unwrap_or_else(|| panic!("no node {name} in {status}"))
+}
+
+/// The first pod of a node in a status document: (namespace, first IP).
+pub fn first_pod(n: &serde_json::Value) -> (String, String) {
+    let pod = &n["pods"][0];
+    (
+        pod["name"].as_str().expect("pod name").to_owned(),
+        pod["ips"][0].as_str().expect("pod IP").to_owned(),
+    )
+}
+
+/// The WireGuard peer of a node (status document) with key `key`.
+pub fn peer<'a>(n: &'a serde_json::Value, key: &str) -> Option<&'a serde_json::Value> {
+    n["peers"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["public_key"] == key))
+}
+
+/// The allowed IPs of a peer (status document).
+pub fn allowed_ips(p: &serde_json::Value) -> Vec<String> {
+    p["allowed_ips"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
