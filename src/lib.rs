@@ -3,7 +3,7 @@
 //! Data flows one way:
 //!
 //! ```text
-//! registry (file; Kubernetes next)  → model::MeshNode, MeshPeer (+ diagnostics)
+//! registry (file or Kubernetes)  → model::MeshNode, MeshPeer (+ diagnostics)
 //!   → topology (pure, deterministic) → Topology → desired::DesiredState of one node
 //!     topology::incremental::Engine applies one registry event at a time
 //!   → reconcile::plan (pure)         → ops against what the kernel holds that is ours
@@ -14,6 +14,7 @@
 //! same topology. Start with [`topology::compute`] and [`agent::run_with`].
 
 pub mod agent;
+pub mod backoff;
 pub mod cli;
 pub mod cni;
 pub mod desired;

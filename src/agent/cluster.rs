@@ -9,20 +9,27 @@
 use std::time::Duration;
 
 use kube::Client;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use crate::backoff::Backoff;
 use crate::diagnostic::Diagnostic;
 use crate::registry::cluster::publish::{Publication, merge_patch, patch_node};
 use crate::registry::cluster::report::Reporter;
 
 use super::unix_now;
 
+/// Delays between failed publications: 1 s doubling to 15 s, with jitter.
+pub fn publish_backoff() -> Backoff {
+    Backoff::new(Duration::from_secs(1), Duration::from_secs(15))
+}
+
 /// Handles to the publisher and reporter tasks; they stop when this is dropped.
 pub struct ClusterLink {
     publication: watch::Sender<Option<Publication>>,
     diagnostics: watch::Sender<(Vec<Diagnostic>, Option<String>)>,
+    reconnected: std::sync::Arc<Notify>,
 }
 
 impl ClusterLink {
@@ -30,12 +37,26 @@ impl ClusterLink {
     pub fn spawn(client: Client, node: String, check_in: Duration) -> ClusterLink {
         let (ptx, prx) = watch::channel(None);
         let (dtx, drx) = watch::channel((Vec::new(), None));
-        tokio::spawn(publisher(client.clone(), node.clone(), check_in, prx));
+        let reconnected = std::sync::Arc::new(Notify::new());
+        tokio::spawn(publisher(
+            client.clone(),
+            node.clone(),
+            check_in,
+            prx,
+            reconnected.clone(),
+        ));
         tokio::spawn(reporter(Reporter::new(client, &node), drx));
         ClusterLink {
             publication: ptx,
             diagnostics: dtx,
+            reconnected,
         }
+    }
+
+    /// The API server answers again: a publisher waiting out a failure retries now, so the
+    /// heartbeat is fresh as soon as possible after an outage.
+    pub fn reconnected(&self) {
+        self.reconnected.notify_one();
     }
 
     /// Publish `p` (now if it differs from what was last published).
@@ -61,10 +82,11 @@ async fn publisher(
     node: String,
     check_in: Duration,
     mut rx: watch::Receiver<Option<Publication>>,
+    reconnected: std::sync::Arc<Notify>,
 ) {
     let mut published: Option<Publication> = None;
     let mut next_heartbeat = Instant::now();
-    let mut backoff = Duration::from_secs(1);
+    let mut backoff = publish_backoff();
     let mut failing = false;
     loop {
         let want = rx.borrow_and_update().clone();
@@ -85,7 +107,7 @@ async fn publisher(
                             debug!("heartbeat (last-seen) published");
                         }
                         failing = false;
-                        backoff = Duration::from_secs(1);
+                        backoff.reset();
                         published = Some(want);
                         next_heartbeat = Instant::now() + check_in;
                     }
@@ -94,8 +116,7 @@ async fn publisher(
                             warn!(error = %e, "cannot publish this node's annotations; retrying");
                         }
                         failing = true;
-                        next_heartbeat = Instant::now() + backoff;
-                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                        next_heartbeat = Instant::now() + backoff.next_delay();
                     }
                 }
             }
@@ -104,6 +125,10 @@ async fn publisher(
         tokio::select! {
             r = rx.changed() => if r.is_err() { return },
             _ = tokio::time::sleep_until(next_heartbeat), if waiting => {}
+            _ = reconnected.notified() => if failing {
+                next_heartbeat = Instant::now();
+                backoff.reset();
+            },
         }
     }
 }

@@ -19,6 +19,7 @@ use ipnetwork::IpNetwork;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use crate::backoff::Backoff;
 use crate::desired::DesiredDelta;
 use crate::diagnostic::Diagnostic;
 use crate::model::{MeshNode, MeshPeer, NodeName, WgKey};
@@ -278,10 +279,15 @@ pub async fn run_with<K: Kernel>(
         peers: BTreeMap::new(),
     };
     let mut seen_diags = BTreeSet::new();
+    // Problems of the registry's objects (parsing) and of the mesh (engine), surfaced when they
+    // may have changed.
+    let mut registry_diags: Vec<Diagnostic> = Vec::new();
+    let mut last_diags: Option<Vec<Diagnostic>> = None;
+    let mut diags_dirty = false;
     let mut dirty = false;
     // The kernel state the last reconciliation left; `None` makes the next one read the kernel.
     let mut known: Option<reconcile::OwnedState> = None;
-    let mut backoff = Duration::from_secs(1);
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     let mut retry_at: Option<tokio::time::Instant> = None;
     let mut resync = tokio::time::interval_at(
         tokio::time::Instant::now() + cfg.resync_period,
@@ -306,6 +312,21 @@ pub async fn run_with<K: Kernel>(
     let mut live_since: Option<tokio::time::Instant> = None;
     info!(node = %cfg.node, "agent started; waiting for the registry's first complete list");
     loop {
+        if diags_dirty {
+            diags_dirty = false;
+            let mut all = registry_diags.clone();
+            if let Mesh::Running(engine) = &mesh {
+                all.extend(engine.diagnostics());
+            }
+            if last_diags.as_ref() != Some(&all) {
+                log_new_diagnostics(&mut seen_diags, &all);
+                if let Some(link) = &cluster {
+                    let uid = local_node.as_ref().and_then(|n| n.metadata.uid.clone());
+                    link.report(all.clone(), uid);
+                }
+                last_diags = Some(all);
+            }
+        }
         if dirty && let Mesh::Running(engine) = &mesh {
             dirty = false;
             let report = match (full_needed, known.take()) {
@@ -352,7 +373,7 @@ pub async fn run_with<K: Kernel>(
             match report {
                 None => {}
                 Some(Ok(report)) if report.failed.is_empty() => {
-                    backoff = Duration::from_secs(1);
+                    backoff.reset();
                     retry_at = None;
                     if report.is_noop() {
                         debug!("kernel already matches the desired state");
@@ -366,16 +387,16 @@ pub async fn run_with<K: Kernel>(
                     for (op, e) in &report.failed {
                         warn!(op = op_kind(op), error = %e, "kernel refused an operation");
                     }
-                    info!(applied = report.applied.len(), failed = report.failed.len(), retry_in = ?backoff,
+                    let wait = backoff.next_delay();
+                    info!(applied = report.applied.len(), failed = report.failed.len(), retry_in = ?wait,
                         "kernel partly reconciled; retrying the rest");
-                    retry_at = Some(tokio::time::Instant::now() + backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    retry_at = Some(tokio::time::Instant::now() + wait);
                     full_needed = true;
                 }
                 Some(Err(e)) => {
-                    warn!(error = %e, retry_in = ?backoff, "cannot read the kernel state");
-                    retry_at = Some(tokio::time::Instant::now() + backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    let wait = backoff.next_delay();
+                    warn!(error = %e, retry_in = ?wait, "cannot read the kernel state");
+                    retry_at = Some(tokio::time::Instant::now() + wait);
                     full_needed = true;
                 }
             }
@@ -418,13 +439,10 @@ pub async fn run_with<K: Kernel>(
                     }
                     local_node = Some(n);
                 }
-                if let Some(diags) = &batch.diagnostics {
-                    log_new_diagnostics(&mut seen_diags, diags);
-                    if let Some(link) = &cluster {
-                        let uid = local_node.as_ref().and_then(|n| n.metadata.uid.clone());
-                        link.report(diags.clone(), uid);
-                    }
+                if let Some(diags) = batch.diagnostics {
+                    registry_diags = diags;
                 }
+                diags_dirty = true;
                 let mut events = batch.events;
                 for ev in &mut events {
                     if let Event::NodeUpsert(n) = ev
@@ -437,6 +455,9 @@ pub async fn run_with<K: Kernel>(
                     live_since = None;
                 } else if live_since.is_none() {
                     live_since = Some(tokio::time::Instant::now());
+                    if let Some(link) = &cluster {
+                        link.reconnected();
+                    }
                 }
                 match &mut mesh {
                     Mesh::Listing { nodes, peers } => {
@@ -475,10 +496,15 @@ pub async fn run_with<K: Kernel>(
             }
             _ = check_in.tick(), if cluster.is_some() => {
                 let Mesh::Running(engine) = &mut mesh else { continue };
-                // Kilo's staleness rule, applied only while this agent's own view of the API has
-                // been live for two check-in periods: an outage never makes nodes stale.
-                let live = live_since.is_some_and(|t| t.elapsed() >= 2 * cfg.check_in_period);
-                absorb(engine.set_now(live.then(unix_now)), &mut pending, &mut dirty, &mut full_needed);
+                // Kilo's staleness rule, applied only once this agent's own view of the API has
+                // been live long enough for every running agent to have published since: an
+                // outage never makes nodes stale.
+                // Otherwise the last judgement stands (a node left out before an outage is not
+                // taken back in because of it).
+                if live_since.is_some_and(|t| t.elapsed() >= staleness_grace()) {
+                    absorb(engine.set_now(Some(unix_now())), &mut pending, &mut dirty, &mut full_needed);
+                    diags_dirty = true;
+                }
                 match kernel.read_owned().await {
                     Ok(state) => discovered = discovered_endpoints(engine, state.wireguard.as_ref()),
                     Err(e) => debug!(error = %e, "cannot read the WireGuard device for discovered endpoints"),
@@ -492,6 +518,14 @@ pub async fn run_with<K: Kernel>(
             _ = retry => { dirty = true; known = None; full_needed = true; }
         }
     }
+}
+
+/// How long this agent's view of the API must have been live (listed, connected) before it
+/// judges other nodes' last-seen: Kilo's staleness threshold plus the longest wait of a failing
+/// publisher. After an outage every running agent has published again within that time.
+pub fn staleness_grace() -> Duration {
+    Duration::from_secs(2 * crate::topology::CHECK_IN_PERIOD_SECS as u64)
+        + cluster::publish_backoff().longest()
 }
 
 /// Fold an engine update into the loop's pending work.

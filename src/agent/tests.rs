@@ -112,20 +112,21 @@ impl Running {
             unreachable!("the tests use files")
         };
         let registry = file_source(files, &cfg.topology_label).unwrap();
-        Running::with_registry(cfg, kernel, registry)
+        Running::with_registry(cfg, kernel, registry, None)
     }
 
     fn with_registry(
         cfg: AgentConfig,
         kernel: &FakeKernel,
         registry: mpsc::Receiver<Batch>,
+        cluster: Option<ClusterLink>,
     ) -> Running {
         let (events, rx) = mpsc::channel(4);
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let mut k = kernel.clone();
         let inputs = Inputs {
             registry,
-            cluster: None,
+            cluster,
             kernel_events: rx,
             host: HostInfo::default(),
         };
@@ -264,7 +265,7 @@ async fn nothing_is_programmed_or_removed_before_the_first_complete_list() {
         KEY,
     );
     let (tx, rx) = mpsc::channel(4);
-    let agent = Running::with_registry(cfg, &kernel, rx);
+    let agent = Running::with_registry(cfg, &kernel, rx, None);
     let nodes = three_clouds();
     // Part of a list: the agent waits.
     tx.send(batch(vec![Event::NodeUpsert(nodes[0].clone())], false))
@@ -321,4 +322,79 @@ fn the_local_node_is_what_this_agent_holds_and_is_about_to_publish() {
     n2.endpoint = Some("198.51.100.1:1".parse().unwrap());
     overlay_local(&mut n2, KEY, Some(&own));
     assert_eq!(n2.endpoint.unwrap().to_string(), "198.51.100.1:1");
+}
+
+fn key_of(nodes: &[MeshNode], name: &str) -> WgKey {
+    nodes
+        .iter()
+        .find(|n| n.name.0 == name)
+        .and_then(|n| n.key)
+        .unwrap()
+}
+
+fn peer_keys(k: &FakeKernel) -> Vec<WgKey> {
+    let st = k.state.lock().unwrap();
+    st.wireguard
+        .as_ref()
+        .map(|w| w.peers.iter().map(|p| p.public_key).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test(start_paused = true)]
+async fn heartbeats_are_judged_stale_only_after_the_api_has_been_live_for_the_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.check_in_period = Duration::from_secs(30);
+    let kernel = FakeKernel::default();
+    let (tx, rx) = mpsc::channel(4);
+    // A cluster link whose API server never answers: publishing fails and is retried.
+    let client =
+        kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap();
+    let link = ClusterLink::spawn(client, cfg.node.0.clone(), cfg.check_in_period);
+    let agent = Running::with_registry(cfg, &kernel, rx, Some(link));
+    let start = tokio::time::Instant::now();
+    let at = |secs: u64| start + Duration::from_secs(secs);
+
+    // Every heartbeat is ten minutes old, as after an API-server outage.
+    let mut nodes = three_clouds();
+    let old = unix_now() - 600;
+    for n in &mut nodes {
+        n.last_seen = Some(old);
+    }
+    let events = nodes.iter().cloned().map(Event::NodeUpsert).collect();
+    tx.send(batch(events, true)).await.unwrap();
+    wait_for("two peers", || peers(&kernel) == 2).await;
+    // Not judged before the grace (82.5 s at most; check-in ticks every 30 s).
+    assert!(staleness_grace() > Duration::from_secs(60));
+    tokio::time::sleep_until(at(75)).await;
+    assert_eq!(peers(&kernel), 2, "judged stale before the grace");
+
+    // The API goes away again before the grace: the judgement waits throughout the outage.
+    let lost = Batch {
+        connected: false,
+        ..batch(Vec::new(), true)
+    };
+    tx.send(lost).await.unwrap();
+    tokio::time::sleep_until(at(200)).await;
+    assert_eq!(peers(&kernel), 2, "an outage made nodes stale");
+
+    // Back at 200 s; par-1 publishes a fresh heartbeat, hel-1 never does.
+    let mut par = nodes.iter().find(|n| n.name.0 == "par-1").unwrap().clone();
+    par.last_seen = Some(unix_now());
+    tx.send(batch(vec![Event::NodeUpsert(par)], true))
+        .await
+        .unwrap();
+    tokio::time::sleep_until(at(275)).await;
+    assert_eq!(
+        peers(&kernel),
+        2,
+        "judged stale within the grace after reconnecting"
+    );
+    tokio::time::sleep_until(at(320)).await;
+    assert_eq!(
+        peer_keys(&kernel),
+        vec![key_of(&nodes, "par-1")],
+        "hel-1's stale heartbeat leaves it out once the grace is over"
+    );
+    agent.stop().await;
 }

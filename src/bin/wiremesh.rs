@@ -140,9 +140,11 @@ struct AgentArgs {
         value_delimiter = ','
     )]
     service_cidrs: Vec<IpNetwork>,
-    /// How often this node's last-seen heartbeat is published (Kubernetes registry); a node
-    /// whose heartbeat is older than two periods is left out of the mesh, as in Kilo.
-    #[arg(long, env = "WIREMESH_CHECK_IN_PERIOD", default_value = "30s", value_parser = parse_duration)]
+    /// How often this node's last-seen heartbeat is published (Kubernetes registry), at most
+    /// 30s. Every agent, as Kilo's, leaves out a node whose heartbeat is 60 s old, but only
+    /// once its own view of the API has been up for 60 s plus the longest publishing retry
+    /// (an API-server outage never makes nodes stale).
+    #[arg(long, env = "WIREMESH_CHECK_IN_PERIOD", default_value = "30s", value_parser = parse_check_in)]
     check_in_period: Duration,
     /// How often to compare the kernel with the desired state even without changes.
     #[arg(long, env = "WIREMESH_RESYNC_PERIOD", default_value = "30s", value_parser = parse_duration)]
@@ -160,6 +162,17 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         "m" => Ok(Duration::from_secs(n * 60)),
         _ => Err(format!("{s:?} is not a duration like 30s, 500ms or 5m")),
     }
+}
+
+fn parse_check_in(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() || d > Duration::from_secs(30) {
+        return Err(format!(
+            "{s:?}: the check-in period must be above 0 and at most 30s (other nodes leave out a \
+             node whose heartbeat is 60 s old)"
+        ));
+    }
+    Ok(d)
 }
 
 impl KernelArgs {
@@ -231,10 +244,31 @@ fn agent_config(a: AgentArgs) -> Result<AgentConfig> {
     })
 }
 
+/// The log filter for `level`. kube's client logs every refused connection at ERROR, which
+/// floods the log during an API-server outage that the agent already reports once; it is off
+/// unless the filter names it.
+fn log_filter(level: &str) -> Result<tracing_subscriber::EnvFilter, String> {
+    let f = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+    Ok(if level.contains("kube_client") {
+        f
+    } else {
+        f.add_directive(
+            "kube_client::client::builder=off"
+                .parse()
+                .map_err(|e| format!("{e}"))?,
+        )
+    })
+}
+
 fn main() {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = match log_filter(&cli.log_level) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: --log-level {:?}: {e}", cli.log_level);
+            std::process::exit(2);
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -278,5 +312,29 @@ async fn shutdown_signal() {
             }
         }
         _ => std::future::pending::<()>().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_in_period_is_bounded_by_the_staleness_threshold() {
+        assert_eq!(parse_check_in("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_check_in("30s"), Ok(Duration::from_secs(30)));
+        for bad in ["31s", "1m", "0s"] {
+            let e = parse_check_in(bad).unwrap_err();
+            assert!(e.contains("at most 30s"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn log_filter_silences_kube_connection_errors_unless_asked_for() {
+        let f = log_filter("info").unwrap().to_string();
+        assert!(f.contains("kube_client::client::builder=off"), "{f}");
+        let f = log_filter("info,kube_client=debug").unwrap().to_string();
+        assert!(!f.contains("builder=off"), "{f}");
+        assert!(log_filter("info,=[").is_err());
     }
 }

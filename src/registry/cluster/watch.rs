@@ -1,5 +1,6 @@
 //! The watch task: Nodes and Peers watched with `kube::runtime::watcher` (list, then watch;
-//! relist after 410 Gone; reconnect with backoff after errors), parsed into [`Store`]s, and sent
+//! relist after 410 Gone; reconnect after errors with a jittered backoff that only a real list
+//! or watch item resets), parsed into [`Store`]s, and sent
 //! to the agent as [`Batch`]es.
 //!
 //! Coalescing: the channel holds one batch; while the agent is busy, new events accumulate in
@@ -8,17 +9,17 @@
 
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Node;
 use kube::Client;
 use kube::api::{Api, DynamicObject};
-use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::store::{Store, WatchEvent, coalesce};
 use super::{peer_entry, peers_api};
+use crate::backoff::Backoff;
 use crate::diagnostic::Diagnostic;
 use crate::model::{MeshNode, MeshPeer};
 use crate::registry::annotations::parse_node;
@@ -48,38 +49,38 @@ pub struct Batch {
     pub local: Option<Box<Node>>,
 }
 
-/// Reconnection delays: 0.5 s doubling to 15 s, each with up to 50 % random jitter so that
-/// thousands of agents do not return to a restarted API server in step; reset by the watcher
-/// after a success.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    next: Duration,
-}
-
+/// Reconnection delays of each watch: 0.5 s doubling to 15 s, with jitter.
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(15);
 
-fn backoff() -> Backoff {
-    Backoff { next: BACKOFF_MIN }
-}
-
-impl Iterator for Backoff {
-    type Item = Duration;
-    fn next(&mut self) -> Option<Duration> {
-        use std::hash::{BuildHasher, Hasher};
-        let base = self.next;
-        self.next = (self.next * 2).min(BACKOFF_MAX);
-        let r = std::collections::hash_map::RandomState::new()
-            .build_hasher()
-            .finish();
-        Some(base + base.mul_f64((r % 1000) as f64 / 2000.0))
-    }
-}
-
-impl kube::runtime::utils::Backoff for Backoff {
-    fn reset(&mut self) {
-        self.next = BACKOFF_MIN;
-    }
+/// Paces a watcher stream: after an error, waits a backoff delay before polling it again (the
+/// watcher retries when polled). Only a real list or watch item resets the backoff: a watcher
+/// emits `Init` before each list attempt, also when that list then fails, so counting it as a
+/// success would retry every 0.5 s throughout an outage.
+fn paced<K, S>(stream: S) -> impl Stream<Item = watcher::Result<watcher::Event<K>>>
+where
+    S: Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static,
+{
+    let state = (
+        Box::pin(stream),
+        Backoff::new(BACKOFF_MIN, BACKOFF_MAX),
+        None::<Duration>,
+    );
+    futures::stream::unfold(state, |(mut stream, mut backoff, wait)| async move {
+        if let Some(d) = wait {
+            tokio::time::sleep(d).await;
+        }
+        let item = stream.next().await?;
+        let wait = match &item {
+            Err(_) => Some(backoff.next_delay()),
+            Ok(watcher::Event::Init) => None,
+            Ok(_) => {
+                backoff.reset();
+                None
+            }
+        };
+        Some((item, (stream, backoff, wait)))
+    })
 }
 
 /// Start watching; the task ends when the receiver is dropped.
@@ -159,7 +160,10 @@ impl State {
         let mut events = Vec::new();
         let diags_changed = match step {
             Step::Node(Ok(ev)) => {
-                self.set_connected(true, None);
+                // `Init` only announces a list attempt, which may still fail.
+                if !matches!(ev, watcher::Event::Init) {
+                    self.set_connected(true, None);
+                }
                 let local = match &ev {
                     watcher::Event::Apply(n) | watcher::Event::InitApply(n)
                         if n.metadata.name.as_deref() == Some(self.opts.node.as_str()) =>
@@ -180,7 +184,9 @@ impl State {
                 self.nodes.apply(ev, &mut events)
             }
             Step::Peer(Ok(ev)) => {
-                self.set_connected(true, None);
+                if !matches!(ev, watcher::Event::Init) {
+                    self.set_connected(true, None);
+                }
                 self.no_peer_crd = false;
                 let ev = convert(
                     ev,
@@ -236,12 +242,12 @@ impl State {
 
 async fn run(client: Client, opts: WatchOptions, tx: mpsc::Sender<Batch>) {
     let cfg = watcher::Config::default();
-    let nodes = watcher::watcher(Api::<Node>::all(client.clone()), cfg.clone())
-        .backoff(backoff())
-        .map(Step::Node);
-    let peers = watcher::watcher(peers_api(client), cfg)
-        .backoff(backoff())
-        .map(Step::Peer);
+    let nodes = paced(watcher::watcher(
+        Api::<Node>::all(client.clone()),
+        cfg.clone(),
+    ))
+    .map(Step::Node);
+    let peers = paced(watcher::watcher(peers_api(client), cfg)).map(Step::Peer);
     let mut merged = Box::pin(futures::stream::select(nodes, peers));
     let mut st = State {
         nodes: Store::default(),
@@ -267,5 +273,100 @@ async fn run(client: Client, opts: WatchOptions, tx: mpsc::Sender<Batch>) {
             },
             _ = tx.closed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::Instant;
+
+    fn err() -> watcher::Result<watcher::Event<Node>> {
+        Err(watcher::Error::NoResourceVersion)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_list_backs_off_although_each_attempt_starts_with_init() {
+        use watcher::Event::{Init, InitDone};
+        let items = vec![
+            Ok(Init),
+            err(),
+            Ok(Init),
+            err(),
+            Ok(Init),
+            err(),
+            Ok(Init),
+            Ok(InitDone),
+            err(),
+            Ok(Init),
+        ];
+        let mut s = Box::pin(paced(futures::stream::iter(items)));
+        let mut times = Vec::new();
+        let t0 = Instant::now();
+        while s.next().await.is_some() {
+            times.push(t0.elapsed());
+        }
+        assert_eq!(times.len(), 10);
+        // Waits after the three failed lists: 0.5 s, 1 s, 2 s (plus jitter up to half).
+        let waits = [
+            times[2] - times[1],
+            times[4] - times[3],
+            times[6] - times[5],
+        ];
+        for (w, base) in waits.iter().zip([500u128, 1000, 2000]) {
+            let ms = w.as_millis();
+            assert!(
+                ms >= base && ms <= base * 3 / 2,
+                "waited {ms} ms, base {base}"
+            );
+        }
+        // The completed list reset the backoff: the next error waits the minimum again.
+        let after_reset = (times[9] - times[8]).as_millis();
+        assert!(
+            (500..=750).contains(&after_reset),
+            "waited {after_reset} ms"
+        );
+    }
+
+    fn state(connected: bool) -> State {
+        State {
+            nodes: Store::default(),
+            peers: Store::default(),
+            no_peer_crd: false,
+            pending: Batch {
+                connected,
+                ..Batch::default()
+            },
+            dirty: false,
+            opts: WatchOptions {
+                topology_label: "topology.kubernetes.io/region".into(),
+                node: "a".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn init_alone_does_not_count_as_reconnected() {
+        let mut st = state(false);
+        st.step(Step::Node(Ok(watcher::Event::Init)));
+        assert!(!st.pending.connected);
+        st.step(Step::Node(err()));
+        assert!(!st.pending.connected);
+        st.step(Step::Node(Ok(watcher::Event::InitDone)));
+        assert!(st.pending.connected);
+        assert!(st.dirty);
+    }
+
+    #[test]
+    fn synced_only_after_both_lists_complete() {
+        let mut st = state(true);
+        st.step(Step::Node(Ok(watcher::Event::Init)));
+        st.step(Step::Node(Ok(watcher::Event::InitDone)));
+        assert!(!st.pending.synced);
+        st.step(Step::Peer(Ok(watcher::Event::Init)));
+        st.step(Step::Peer(Ok(watcher::Event::InitDone)));
+        assert!(st.pending.synced);
+        let b = st.take();
+        assert!(b.synced && b.connected && b.events.is_empty());
     }
 }
