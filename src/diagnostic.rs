@@ -33,6 +33,9 @@ pub struct Diagnostic {
     pub problem: String,
     /// Whether the object was left out of the mesh because of it.
     pub skipped: bool,
+    /// The node this one conflicts with (same key, overlapping pod CIDR), when it does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub other: Option<String>,
 }
 
 impl Diagnostic {
@@ -44,6 +47,7 @@ impl Diagnostic {
             key: key.map(str::to_owned),
             problem: problem.into(),
             skipped: true,
+            other: None,
         }
     }
 
@@ -55,7 +59,14 @@ impl Diagnostic {
             key: key.map(str::to_owned),
             problem: problem.into(),
             skipped: true,
+            other: None,
         }
+    }
+
+    /// Name the node this one conflicts with.
+    pub fn with_other(mut self, other: &str) -> Self {
+        self.other = Some(other.to_owned());
+        self
     }
 
     /// Mark the diagnostic as a warning: the object still takes part.

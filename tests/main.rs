@@ -8,6 +8,7 @@ mod cluster_registry;
 mod engine_props;
 mod fuzz_parsers;
 mod lab;
+mod lab_chaos;
 mod lab_kube;
 mod manifests;
 mod meshctl_cluster;

@@ -160,6 +160,12 @@ fn log_delta(d: &DesiredDelta) {
     }
 }
 
+/// The distinct kinds of `ops`, sorted.
+fn op_kinds(ops: &[Op]) -> Vec<&'static str> {
+    let kinds: BTreeSet<&'static str> = ops.iter().map(op_kind).collect();
+    kinds.into_iter().collect()
+}
+
 fn op_kind(op: &Op) -> &'static str {
     match op {
         Op::CreateInterface => "create-interface",
@@ -302,6 +308,7 @@ pub async fn run_with<K: Kernel>(
     // Engine deltas since the last reconciliation; planned against `known` when possible.
     let mut pending: Vec<DesiredDelta> = Vec::new();
     let mut full_needed = true;
+    let mut reconciled_once = false;
     // This node's Node object and what the agent publishes (Kubernetes registry).
     let mut local_node: Option<Box<k8s_openapi::api::core::v1::Node>> = None;
     let mut own: Option<Publication> = None;
@@ -375,11 +382,16 @@ pub async fn run_with<K: Kernel>(
                 Some(Ok(report)) if report.failed.is_empty() => {
                     backoff.reset();
                     retry_at = None;
-                    if report.is_noop() {
+                    if !reconciled_once {
+                        // Said once at info: after a restart it shows what was rewritten (an
+                        // agent that adopts an intact kernel state reports 0 operations).
+                        reconciled_once = true;
+                        let kinds = op_kinds(&report.applied);
+                        info!(ops = report.applied.len(), kinds = ?kinds, "first reconciliation done");
+                    } else if report.is_noop() {
                         debug!("kernel already matches the desired state");
                     } else {
-                        let mut kinds: Vec<&str> = report.applied.iter().map(op_kind).collect();
-                        kinds.dedup();
+                        let kinds = op_kinds(&report.applied);
                         info!(ops = report.applied.len(), kinds = ?kinds, "kernel reconciled");
                     }
                 }

@@ -591,6 +591,32 @@ enum LabCommand {
         #[command(subcommand)]
         command: LabApiserverCommand,
     },
+    /// Inject a fault while pod-to-pod pings run across it; print packets sent and lost, and
+    /// exit 1 if any was lost or the mesh did not converge afterwards.
+    Chaos {
+        #[command(subcommand)]
+        fault: LabChaosCommand,
+        /// Seconds to wait for the mesh to converge, before the fault and after it.
+        #[arg(long, global = true, default_value_t = 120)]
+        timeout: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum LabChaosCommand {
+    /// SIGKILL the node's agent and start it again; pings from its pod to every other node.
+    RestartAgent {
+        /// The node.
+        #[arg(value_name = "NODE")]
+        node: String,
+    },
+    /// Stop the kube-apiserver for SECONDS, then start it again (`--registry kube`); a ring of
+    /// pings over all nodes.
+    ApiserverOutage {
+        /// How long the API server stays away.
+        #[arg(value_name = "SECONDS")]
+        seconds: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -914,6 +940,34 @@ fn lab(args: LabArgs) -> Result<(), LabError> {
                 Ok(())
             }
         },
+        LabCommand::Chaos { fault, timeout } => {
+            use l::chaos::{ChaosOptions, Fault};
+            let fault = match fault {
+                LabChaosCommand::RestartAgent { node } => Fault::RestartAgent(node),
+                LabChaosCommand::ApiserverOutage { seconds } => {
+                    Fault::ApiServerOutage(std::time::Duration::from_secs(seconds))
+                }
+            };
+            let opts = ChaosOptions {
+                fault,
+                timeout: std::time::Duration::from_secs(timeout),
+            };
+            let report = l::chaos::run(&args.root, &name, &opts)?;
+            print!("{}", report.render());
+            if report.passed() {
+                Ok(())
+            } else {
+                Err(LabError::ChaosFailed(format!(
+                    "{} packets lost{}",
+                    report.lost(),
+                    if report.converged_after.is_some() {
+                        ""
+                    } else {
+                        ", mesh not converged"
+                    }
+                )))
+            }
+        }
         LabCommand::Down => {
             let report = l::down::down(&args.root, &name)?;
             for w in &report.warnings {

@@ -175,6 +175,9 @@ pub enum LabError {
     /// `lab check` found unreachable pods or plaintext pod packets on the underlay.
     #[error("lab check failed: {0}")]
     CheckFailed(String),
+    /// `lab chaos` lost packets across the fault, or the mesh did not converge after it.
+    #[error("lab chaos failed: {0}")]
+    ChaosFailed(String),
     /// `lab down` could not remove everything.
     #[error("lab down left these behind: {}", .0.join(", "))]
     Leftovers(Vec<String>),
@@ -193,7 +196,7 @@ impl LabError {
     }
 
     /// A [`LabError::Kube`] maker for `map_err`.
-    pub(crate) fn kube(what: impl Into<String>) -> impl FnOnce(kube::Error) -> LabError {
+    pub fn kube(what: impl Into<String>) -> impl FnOnce(kube::Error) -> LabError {
         let what = what.into();
         move |source| LabError::Kube {
             what,

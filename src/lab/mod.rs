@@ -27,6 +27,7 @@
 
 pub mod agent;
 pub mod apiserver;
+pub mod chaos;
 pub mod check;
 pub mod cluster;
 pub mod cni;
@@ -108,6 +109,17 @@ pub fn mesh_nodes(state: &LabState) -> Result<Loaded<MeshNode>, LabError> {
     }
 }
 
+/// The mesh options the lab's agents run with.
+pub fn mesh_options(state: &LabState) -> MeshOptions {
+    MeshOptions {
+        granularity: state.spec.granularity,
+        subnet: state.spec.mesh_subnet,
+        port: state.spec.port,
+        encapsulate: Encapsulate::Never,
+        ..MeshOptions::default()
+    }
+}
+
 /// Draw the lab's mesh from its nodes (file or API server), as the agents compute it; `local`
 /// highlights a node. Returns the drawing and the engine's warnings.
 pub fn graph(
@@ -116,13 +128,7 @@ pub fn graph(
     local: Option<&str>,
 ) -> Result<(String, Vec<String>), LabError> {
     let loaded = mesh_nodes(state)?;
-    let opts = MeshOptions {
-        granularity: state.spec.granularity,
-        subnet: state.spec.mesh_subnet,
-        port: state.spec.port,
-        encapsulate: Encapsulate::Never,
-        ..MeshOptions::default()
-    };
+    let opts = mesh_options(state);
     let topo = topology::build(&loaded.items, &[], &opts);
     if let Some(n) = local
         && topo.segment_of(&NodeName(n.to_owned())).is_none()

@@ -18,7 +18,7 @@ use super::{cluster, sys, uapi};
 use crate::cli::table;
 use crate::model::{MeshNode, WgKey};
 use crate::registry::annotations::{KILO_PREFIX, WIREMESH_PREFIX};
-use crate::topology::{self, Encapsulate, MeshOptions};
+use crate::topology;
 
 /// The whole lab.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -136,13 +136,7 @@ struct Mesh {
 }
 
 fn mesh(state: &LabState, nodes: &[MeshNode]) -> Mesh {
-    let opts = MeshOptions {
-        granularity: state.spec.granularity,
-        subnet: state.spec.mesh_subnet,
-        port: state.spec.port,
-        encapsulate: Encapsulate::Never,
-        ..MeshOptions::default()
-    };
+    let opts = super::mesh_options(state);
     let topo = topology::build(nodes, &[], &opts);
     let mut m = Mesh {
         leader: BTreeMap::new(),

@@ -161,6 +161,7 @@ fn decode_each<T: DeserializeOwned, U>(
                     key: None,
                     problem: format!("not a valid {expected_kind}: {e}"),
                     skipped: true,
+                    other: None,
                 })
             }
         }

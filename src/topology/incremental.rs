@@ -16,8 +16,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use ipnetwork::IpNetwork;
 
 use super::{
-    Contribution, LocalContext, LocalError, MeshOptions, SegmentKey, allocate, build, make_segment,
-    not_ready_reason, segment_key,
+    CidrIndex, Contribution, LocalContext, LocalError, MeshOptions, SegmentKey, allocate, build,
+    make_segment, not_ready_reason, segment_key,
 };
 use crate::desired::{DesiredDelta, DesiredState, Masquerade, Route, Rule, WgPeer};
 use crate::diagnostic::Diagnostic;
@@ -138,6 +138,8 @@ pub struct Engine {
     leaders: HashMap<SegmentKey, NodeName>,
     /// Which ready node holds which key.
     key_owner: HashMap<WgKey, NodeName>,
+    /// Which ready node holds which pod CIDR.
+    cidr_owner: CidrIndex,
     contributions: HashMap<Owner, Contribution>,
     ctx: Option<LocalContext>,
     local_segment: Option<SegmentKey>,
@@ -168,6 +170,7 @@ impl Engine {
             members: HashMap::new(),
             leaders: HashMap::new(),
             key_owner: HashMap::new(),
+            cidr_owner: CidrIndex::default(),
             contributions: HashMap::new(),
             ctx: None,
             local_segment: None,
@@ -323,6 +326,14 @@ impl Engine {
         {
             return None;
         }
+        if let Some(n) = new_ready
+            && old_ready.map(|o| &o.pod_cidrs) != Some(&n.pod_cidrs)
+            && n.pod_cidrs
+                .iter()
+                .any(|c| self.cidr_owner.conflict(c, name).is_some())
+        {
+            return None;
+        }
         let old_seg = old_ready.map(|n| segment_key(n, self.opts.granularity));
         let new_seg = new_ready.map(|n| segment_key(n, self.opts.granularity));
         let old_key = old_ready.and_then(|n| n.key);
@@ -445,6 +456,13 @@ impl Engine {
         }
         if let Some(k) = old_key {
             self.key_owner.remove(&k);
+        }
+        for c in old_ready.iter().flat_map(|n| &n.pod_cidrs) {
+            self.cidr_owner.remove(c, name);
+        }
+        let new_ready = self.ready(self.nodes.get(name));
+        for c in new_ready.iter().flat_map(|n| &n.pod_cidrs) {
+            self.cidr_owner.insert(c, name);
         }
         if let Some(k) = new_key {
             self.key_owner.insert(k, name.clone());
@@ -644,6 +662,12 @@ impl Engine {
             .iter()
             .map(|s| (s.key.clone(), s.leader_node().name.clone()))
             .collect();
+        self.cidr_owner = CidrIndex::default();
+        for n in topo.segments.iter().flat_map(|s| s.nodes.iter()) {
+            for c in &n.pod_cidrs {
+                self.cidr_owner.insert(c, &n.name);
+            }
+        }
         self.key_owner = topo
             .segments
             .iter()

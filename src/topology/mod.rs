@@ -261,7 +261,64 @@ pub struct Topology<'a> {
     pub diagnostics: Vec<Diagnostic>,
 }
 
-/// The ready nodes, sorted by name and unique by name and key, plus diagnostics for the rest.
+/// The pod CIDRs of nodes in the mesh, disjoint, for overlap checks in O(log n).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CidrIndex {
+    /// (IPv6?, first address) → (last address, the CIDR, its node).
+    spans: BTreeMap<(bool, u128), (u128, IpNetwork, NodeName)>,
+}
+
+fn span(net: &IpNetwork) -> (bool, u128, u128) {
+    match net {
+        IpNetwork::V4(n) => (
+            false,
+            u128::from(u32::from(n.network())),
+            u128::from(u32::from(n.broadcast())),
+        ),
+        IpNetwork::V6(n) => {
+            let first = u128::from(n.network());
+            let host_bits = 128 - u32::from(n.prefix());
+            let last = first | u128::MAX.checked_shr(128 - host_bits).unwrap_or(0);
+            (true, first, last)
+        }
+    }
+}
+
+impl CidrIndex {
+    /// A CIDR in the index that overlaps `net` and belongs to a node other than `node`.
+    pub fn conflict(&self, net: &IpNetwork, node: &NodeName) -> Option<(&IpNetwork, &NodeName)> {
+        let (v6, first, last) = span(net);
+        // Disjoint spans sorted by start are sorted by end too: only the last one starting at
+        // or before `last` can reach `first`. A node's own CIDRs may sit in between.
+        self.spans
+            .range((v6, 0)..=(v6, last))
+            .rev()
+            .take_while(|(_, (end, _, _))| *end >= first)
+            .map(|(_, (_, c, o))| (c, o))
+            .find(|(_, o)| *o != node)
+    }
+
+    /// Record `net` as `node`'s (it must not overlap another node's).
+    pub fn insert(&mut self, net: &IpNetwork, node: &NodeName) {
+        let (v6, first, last) = span(net);
+        self.spans.insert((v6, first), (last, *net, node.clone()));
+    }
+
+    /// Forget `net` if `node` holds it.
+    pub fn remove(&mut self, net: &IpNetwork, node: &NodeName) {
+        let (v6, first, _) = span(net);
+        if self
+            .spans
+            .get(&(v6, first))
+            .is_some_and(|(_, _, o)| o == node)
+        {
+            self.spans.remove(&(v6, first));
+        }
+    }
+}
+
+/// The ready nodes, sorted by name and unique by name, key and pod CIDRs (a node whose pod CIDR
+/// overlaps one of a node earlier by name is left out), plus diagnostics for the rest.
 pub fn ready_nodes<'a>(
     nodes: impl IntoIterator<Item = &'a MeshNode>,
     now: Option<i64>,
@@ -293,11 +350,14 @@ pub fn ready_nodes<'a>(
         let Some(key) = n.key else { return false };
         match owners.get(&key) {
             Some(first) => {
-                diagnostics.push(Diagnostic::node(
-                    n.name.as_str(),
-                    Some("key"),
-                    format!("public key {key} is already used by node {first}"),
-                ));
+                diagnostics.push(
+                    Diagnostic::node(
+                        n.name.as_str(),
+                        Some("key"),
+                        format!("public key {key} is already used by node {first}"),
+                    )
+                    .with_other(first.as_str()),
+                );
                 false
             }
             None => {
@@ -305,6 +365,28 @@ pub fn ready_nodes<'a>(
                 true
             }
         }
+    });
+    let mut cidrs = CidrIndex::default();
+    ready.retain(|n| {
+        let clash = n
+            .pod_cidrs
+            .iter()
+            .find_map(|c| cidrs.conflict(c, &n.name).map(|(o, owner)| (c, o, owner)));
+        if let Some((c, o, owner)) = clash {
+            diagnostics.push(
+                Diagnostic::node(
+                    n.name.as_str(),
+                    Some("podCIDR"),
+                    format!("pod CIDR {c} overlaps pod CIDR {o} of node {owner}"),
+                )
+                .with_other(owner.as_str()),
+            );
+            return false;
+        }
+        for c in &n.pod_cidrs {
+            cidrs.insert(c, &n.name);
+        }
+        true
     });
     ready
 }

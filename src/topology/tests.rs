@@ -536,3 +536,71 @@ fn net_key_orders_like_ipnetwork() {
     b.sort_by_key(super::contribute::net_key);
     assert_eq!(a, b);
 }
+
+#[test]
+fn a_node_whose_pod_cidr_overlaps_an_earlier_nodes_is_left_out_and_named() {
+    let mut nodes = kilo_cluster();
+    // c's /23 covers b's /24 (and more); d keeps its own.
+    let b = nodes[1].pod_cidrs[0];
+    nodes[2].pod_cidrs = vec![IpNetwork::new(b.network(), 23).unwrap()];
+    let o = opts(Granularity::Full);
+    let plan = compute(&nodes, &[], &name("a"), &o).unwrap();
+    let peer_names: Vec<&str> = plan.desired.peers.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(peer_names.len(), 2, "{peer_names:?}");
+    assert!(!peer_names.contains(&"c"), "{peer_names:?}");
+    let d = plan
+        .diagnostics
+        .iter()
+        .find(|d| d.name == "c")
+        .expect("c is named");
+    assert_eq!(d.key.as_deref(), Some("podCIDR"));
+    assert!(
+        d.problem
+            .contains(&format!("overlaps pod CIDR {b} of node b")),
+        "{d}"
+    );
+    assert!(d.skipped);
+    // Every other node still reaches b's pods through b.
+    assert!(
+        plan.desired
+            .peers
+            .iter()
+            .any(|p| p.allowed_ips.contains(&b))
+    );
+}
+
+#[test]
+fn cidr_index_finds_overlaps_of_both_families_but_not_neighbours_or_its_own() {
+    let mut idx = CidrIndex::default();
+    let (a, b) = (name("a"), name("b"));
+    let net = |s: &str| s.parse::<IpNetwork>().unwrap();
+    idx.insert(&net("10.42.1.0/24"), &a);
+    idx.insert(&net("10.42.3.0/24"), &a);
+    idx.insert(&net("fd00:1::/64"), &a);
+    assert!(
+        idx.conflict(&net("10.42.2.0/24"), &b).is_none(),
+        "a neighbour"
+    );
+    assert!(idx.conflict(&net("10.42.0.0/24"), &b).is_none());
+    assert_eq!(
+        idx.conflict(&net("10.42.0.0/22"), &b)
+            .map(|(c, o)| (c.to_string(), o.clone())),
+        Some(("10.42.3.0/24".to_owned(), a.clone())),
+        "a supernet of both"
+    );
+    assert!(
+        idx.conflict(&net("10.42.1.128/25"), &b).is_some(),
+        "a subnet"
+    );
+    assert!(idx.conflict(&net("10.42.1.0/24"), &a).is_none(), "its own");
+    assert!(idx.conflict(&net("fd00:1::8000/113"), &b).is_some());
+    assert!(idx.conflict(&net("fd00:2::/64"), &b).is_none());
+    assert!(idx.conflict(&net("::/0"), &b).is_some());
+    idx.remove(&net("10.42.1.0/24"), &b);
+    assert!(
+        idx.conflict(&net("10.42.1.0/24"), &b).is_some(),
+        "only the owner removes"
+    );
+    idx.remove(&net("10.42.1.0/24"), &a);
+    assert!(idx.conflict(&net("10.42.1.0/24"), &b).is_none());
+}

@@ -20,9 +20,10 @@ pub fn node(i: u8, unique: bool) -> impl Strategy<Value = MeshNode> {
         0..4u8,                                // collision source for non-unique mode
         prop::option::weighted(0.1, 0..3u8),   // allowed-location-ip
         prop::option::weighted(0.1, Just(())), // not ready (no key)
+        (0..4u8, 23..=24u8),                   // pod CIDR source and prefix (non-unique mode)
     )
         .prop_map(
-            move |(loc, internal, public, leader, ka, c, alip, unready)| {
+            move |(loc, internal, public, leader, ka, c, alip, unready, (pod, prefix))| {
                 let mut n = MeshNode::new(format!("n{i:02}"));
                 n.location = format!("loc{loc}");
                 let id = if unique { i } else { c };
@@ -41,7 +42,14 @@ pub fn node(i: u8, unique: bool) -> impl Strategy<Value = MeshNode> {
                     n.internal_ip =
                         Some(format!("192.168.{loc}.{}/24", i + 10).parse().expect("ip"));
                 }
-                n.pod_cidrs = vec![format!("10.42.{id}.0/24").parse().expect("cidr")];
+                // Non-unique: a pod CIDR chosen apart from the key, sometimes a /23 that overlaps
+                // two /24s of other nodes.
+                n.pod_cidrs = vec![if unique {
+                    format!("10.42.{i}.0/24").parse().expect("cidr")
+                } else {
+                    let net: IpNetwork = format!("10.42.{pod}.0/{prefix}").parse().expect("cidr");
+                    IpNetwork::new(net.network(), prefix).expect("cidr")
+                }];
                 n.leader = leader;
                 n.persistent_keepalive = ka;
                 if let (Some(a), false) = (alip, unique) {

@@ -115,7 +115,11 @@ impl Reporter {
         let mut by_object: BTreeMap<(Subject, String), Vec<&Diagnostic>> = BTreeMap::new();
         for d in diags {
             let mine = match d.subject {
-                Subject::Node => d.name == self.node,
+                // Its own Node's problems, and conflicts another node has with this one (that
+                // node may have no agent to report them).
+                Subject::Node => {
+                    d.name == self.node || d.other.as_deref() == Some(self.node.as_str())
+                }
                 Subject::Peer => true,
                 Subject::Input => false,
             };
@@ -138,7 +142,10 @@ impl Reporter {
                 kept.insert((subject, name), text);
                 continue;
             }
-            let uid = (subject == Subject::Node).then_some(node_uid).flatten();
+            // Only this node's own uid is known (an Event about another node names it only).
+            let uid = (subject == Subject::Node && name == self.node)
+                .then_some(node_uid)
+                .flatten();
             let ev = event(subject, &name, uid, &text, &self.node, now);
             match api.create(&PostParams::default(), &ev).await {
                 Ok(_) => {

@@ -1,0 +1,586 @@
+//! `meshctl lab chaos`: one fault injected into a running lab while pod-to-pod pings run across
+//! it, so anyone can watch the mesh survive it. Faults: SIGKILL and restart of one node's agent,
+//! or an outage of the lab's kube-apiserver (`--registry kube`).
+//!
+//! Before the fault the lab must have converged; after it, the run waits until it converges
+//! again: every running agent's WireGuard peers (keys and allowed IPs) are what the engine
+//! computes for its node from the registry, and after an outage every agent has published a
+//! heartbeat newer than the API server's return (it resynced). The report gives packets sent and
+//! lost per flow; it passes when no packet was lost and the mesh converged.
+//!
+//! Depends on the lab's state, agent, apiserver, check (ping summaries), uapi and sys modules,
+//! and on the topology engine for the expected peers.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use super::state::{LabState, ProcRef};
+use super::{LabError, LabName, agent, apiserver, check, mesh_nodes, mesh_options, sys, uapi};
+use crate::model::{NodeName, WgKey};
+use crate::topology;
+
+/// Interval between echo requests of each flow.
+pub const PING_INTERVAL: &str = "0.2";
+/// How long the pings run before the fault and after convergence.
+const MARGIN: Duration = Duration::from_secs(2);
+
+/// The fault to inject.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// SIGKILL the agent of this node, then start it again with the same arguments.
+    RestartAgent(String),
+    /// Stop the kube-apiserver for this long, then start it again.
+    ApiServerOutage(Duration),
+}
+
+impl std::fmt::Display for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Fault::RestartAgent(n) => write!(f, "restart-agent {n}"),
+            Fault::ApiServerOutage(d) => write!(f, "apiserver-outage {}s", d.as_secs()),
+        }
+    }
+}
+
+/// One ping that ran across the fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Flow {
+    /// The source pod's namespace.
+    pub from_pod: String,
+    /// The source pod's node.
+    pub from_node: String,
+    /// The target pod's node.
+    pub to_node: String,
+    /// The address pinged.
+    pub to: IpAddr,
+    /// Echo requests sent.
+    pub sent: u32,
+    /// Echo replies received.
+    pub received: u32,
+}
+
+impl Flow {
+    /// Requests without a reply.
+    pub fn lost(&self) -> u32 {
+        self.sent.saturating_sub(self.received)
+    }
+}
+
+/// What a chaos run saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChaosReport {
+    /// The fault.
+    pub fault: Fault,
+    /// What was done, in order, with times since the pings started.
+    pub steps: Vec<String>,
+    /// The pings.
+    pub flows: Vec<Flow>,
+    /// How long after the fault ended the mesh converged; `None`: it did not within the timeout.
+    pub converged_after: Option<Duration>,
+    /// What still differed when the timeout struck.
+    pub divergence: Vec<String>,
+}
+
+impl ChaosReport {
+    /// Requests lost over all flows.
+    pub fn lost(&self) -> u32 {
+        self.flows.iter().map(Flow::lost).sum()
+    }
+
+    /// No packet lost, every flow sent some, and the mesh converged.
+    pub fn passed(&self) -> bool {
+        self.converged_after.is_some()
+            && !self.flows.is_empty()
+            && self.flows.iter().all(|f| f.sent > 0 && f.lost() == 0)
+    }
+
+    /// The report as text.
+    pub fn render(&self) -> String {
+        let mut out = format!("chaos {}\n", self.fault);
+        for s in &self.steps {
+            let _ = writeln!(out, "  {s}");
+        }
+        let _ = writeln!(out, "\n  {:<44} {:>6} {:>6}", "flow", "sent", "lost");
+        for f in &self.flows {
+            let name = format!("{} ({}) -> {} {}", f.from_pod, f.from_node, f.to_node, f.to);
+            let _ = writeln!(out, "  {name:<44} {:>6} {:>6}", f.sent, f.lost());
+        }
+        let _ = writeln!(out);
+        match self.converged_after {
+            Some(d) => {
+                let _ = writeln!(
+                    out,
+                    "  converged {:.1}s after the fault ended",
+                    d.as_secs_f64()
+                );
+            }
+            None => {
+                let _ = writeln!(out, "  NOT converged:");
+                for d in &self.divergence {
+                    let _ = writeln!(out, "    {d}");
+                }
+            }
+        }
+        let sent: u32 = self.flows.iter().map(|f| f.sent).sum();
+        let _ = writeln!(
+            out,
+            "  {}: {sent} packets sent, {} lost",
+            if self.passed() { "passed" } else { "FAILED" },
+            self.lost()
+        );
+        out
+    }
+}
+
+/// Options of a chaos run.
+#[derive(Debug, Clone)]
+pub struct ChaosOptions {
+    /// The fault.
+    pub fault: Fault,
+    /// How long to wait for convergence, before the fault and after it.
+    pub timeout: Duration,
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
+}
+
+/// A ping running in a pod until stopped; killed on drop.
+struct BackgroundPing {
+    child: Child,
+    flow: Flow,
+}
+
+impl BackgroundPing {
+    fn start(flow: Flow) -> Result<BackgroundPing, LabError> {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &flow.from_pod, "ping", "-n", "-q"])
+            .args(["-i", PING_INTERVAL, &flow.to.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|source| LabError::Spawn {
+                program: "ip netns exec … ping".to_owned(),
+                source,
+            })?;
+        Ok(BackgroundPing { child, flow })
+    }
+
+    /// SIGINT (ping prints its summary), then read the counts.
+    fn stop(mut self) -> Flow {
+        // `ip netns exec` execs ping, so the child is ping itself.
+        let pid = Pid::from_raw(self.child.id() as i32);
+        let _ = kill(pid, Signal::SIGINT);
+        let mut out = String::new();
+        if let Some(mut o) = self.child.stdout.take() {
+            let _ = std::io::Read::read_to_string(&mut o, &mut out);
+        }
+        let _ = self.child.wait();
+        let (sent, received) = check::parse_ping_summary(&out).unwrap_or((0, 0));
+        let mut flow = self.flow.clone();
+        flow.sent = sent;
+        flow.received = received;
+        flow
+    }
+}
+
+impl Drop for BackgroundPing {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The first IPv4 pod address of each node (`None` for a node without pods).
+fn first_pods(state: &LabState) -> Vec<Option<(String, IpAddr)>> {
+    state
+        .nodes
+        .iter()
+        .map(|n| {
+            n.pods.iter().find_map(|p| {
+                p.addrs()
+                    .find(IpAddr::is_ipv4)
+                    .map(|ip| (p.netns.clone(), ip))
+            })
+        })
+        .collect()
+}
+
+/// The flows of a fault: from the restarted node's pod to every other node's pod, or a ring over
+/// all nodes for an outage.
+fn flows(state: &LabState, fault: &Fault) -> Vec<Flow> {
+    let pods = first_pods(state);
+    let flow = |from: usize, to: usize| -> Option<Flow> {
+        let (from_pod, _) = pods.get(from)?.clone()?;
+        let (_, ip) = pods.get(to)?.clone()?;
+        Some(Flow {
+            from_pod,
+            from_node: state.nodes[from].name.clone(),
+            to_node: state.nodes[to].name.clone(),
+            to: ip,
+            sent: 0,
+            received: 0,
+        })
+    };
+    let n = state.nodes.len();
+    match fault {
+        Fault::RestartAgent(node) => match state.node(node) {
+            Some((i, _)) => (0..n)
+                .filter(|&j| j != i)
+                .filter_map(|j| flow(i, j))
+                .collect(),
+            None => Vec::new(),
+        },
+        Fault::ApiServerOutage(_) if n < 2 => Vec::new(),
+        Fault::ApiServerOutage(_) => (0..n).filter_map(|i| flow(i, (i + 1) % n)).collect(),
+    }
+}
+
+/// What differs between each running agent's WireGuard peers and the engine's desired peers for
+/// its node (keys and allowed IPs); with `heartbeat_since`, also every agent whose published
+/// last-seen is older. Empty when the lab has converged.
+pub fn divergence(state: &LabState, heartbeat_since: Option<i64>) -> Result<Vec<String>, LabError> {
+    let loaded = mesh_nodes(state)?;
+    let opts = mesh_options(state);
+    let topo = topology::build(&loaded.items, &[], &opts);
+    let mut out = Vec::new();
+    for n in &state.nodes {
+        if !n.agent.as_ref().is_some_and(sys::is_running) {
+            continue;
+        }
+        if let Some(since) = heartbeat_since {
+            let seen = loaded
+                .items
+                .iter()
+                .find(|m| m.name.as_str() == n.name)
+                .and_then(|m| m.last_seen);
+            if seen.is_none_or(|s| s < since) {
+                out.push(format!(
+                    "{}: no heartbeat since the API server returned",
+                    n.name
+                ));
+            }
+        }
+        let desired = match topo.local_state(&NodeName(n.name.clone()), &opts) {
+            Ok((d, _)) => d,
+            Err(e) => {
+                out.push(format!("{}: not in the mesh yet ({e})", n.name));
+                continue;
+            }
+        };
+        let want: BTreeMap<WgKey, Vec<String>> = desired
+            .peers
+            .iter()
+            .map(|p| (p.public_key, sorted(p.allowed_ips.iter())))
+            .collect();
+        let have: BTreeMap<WgKey, Vec<String>> =
+            match uapi::get(&n.uapi_socket(), Duration::from_secs(2)) {
+                Ok(dev) => dev
+                    .peers
+                    .iter()
+                    .map(|p| (p.public_key, sorted(p.allowed_ips.iter())))
+                    .collect(),
+                Err(e) => {
+                    out.push(format!("{}: cannot read WireGuard: {e}", n.name));
+                    continue;
+                }
+            };
+        for (k, ips) in &want {
+            match have.get(k) {
+                None => out.push(format!("{}: peer {k} missing", n.name)),
+                Some(h) if h != ips => out.push(format!(
+                    "{}: peer {k} has allowed IPs {} instead of {}",
+                    n.name,
+                    h.join(","),
+                    ips.join(",")
+                )),
+                Some(_) => {}
+            }
+        }
+        for k in have.keys().filter(|k| !want.contains_key(k)) {
+            out.push(format!("{}: unexpected peer {k}", n.name));
+        }
+    }
+    Ok(out)
+}
+
+fn sorted<T: ToString>(v: impl Iterator<Item = T>) -> Vec<String> {
+    let mut s: Vec<String> = v.map(|x| x.to_string()).collect();
+    s.sort();
+    s
+}
+
+/// Poll [`divergence`] until it is empty (`Ok(elapsed)`) or `timeout` passes (`Err(last)`).
+fn wait_converged(
+    root: &Path,
+    lab: &LabName,
+    heartbeat_since: Option<i64>,
+    timeout: Duration,
+) -> Result<Result<Duration, Vec<String>>, LabError> {
+    let t0 = Instant::now();
+    loop {
+        let state = super::load(root, lab)?;
+        let d = divergence(&state, heartbeat_since)?;
+        if d.is_empty() {
+            return Ok(Ok(t0.elapsed()));
+        }
+        if t0.elapsed() > timeout {
+            return Ok(Err(d));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The lines a log file got after byte `offset`.
+fn log_since(path: &Path, offset: u64) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let start = usize::try_from(offset)
+        .unwrap_or(usize::MAX)
+        .min(text.len());
+    String::from_utf8_lossy(&text[start..]).into_owned()
+}
+
+/// Run one fault on lab `lab` and report; `Err` only when the fault could not be run at all.
+pub fn run(root: &Path, lab: &LabName, opts: &ChaosOptions) -> Result<ChaosReport, LabError> {
+    let state = super::load(root, lab)?;
+    match &opts.fault {
+        Fault::RestartAgent(node) => {
+            let (_, n) = state
+                .node(node)
+                .ok_or_else(|| LabError::Options(format!("lab {lab} has no node {node}")))?;
+            if !n.agent.as_ref().is_some_and(sys::is_running) {
+                return Err(LabError::Options(format!(
+                    "the agent of node {node} does not run"
+                )));
+            }
+        }
+        Fault::ApiServerOutage(_) => {
+            let api = state.require_apiserver("chaos apiserver-outage")?;
+            if !api.apiserver.as_ref().is_some_and(sys::is_running) {
+                return Err(LabError::Options(
+                    "the lab's kube-apiserver does not run".into(),
+                ));
+            }
+        }
+    }
+    let planned = flows(&state, &opts.fault);
+    if planned.is_empty() {
+        return Err(LabError::Options(
+            "no pod-to-pod flow to watch: the lab needs two nodes with pods".into(),
+        ));
+    }
+    if let Err(d) = wait_converged(root, lab, None, opts.timeout)? {
+        return Err(LabError::CheckFailed(format!(
+            "the lab has not converged before the fault: {}",
+            d.join("; ")
+        )));
+    }
+    let mut pings = planned
+        .into_iter()
+        .map(BackgroundPing::start)
+        .collect::<Result<Vec<_>, _>>()?;
+    let t0 = Instant::now();
+    let at = |what: String| format!("+{:>5.1}s {what}", t0.elapsed().as_secs_f64());
+    let mut steps = Vec::new();
+    std::thread::sleep(MARGIN);
+    let heartbeat_since = match &opts.fault {
+        Fault::RestartAgent(node) => {
+            restart_agent(root, lab, node, opts.timeout, &mut steps, &at)?;
+            None
+        }
+        Fault::ApiServerOutage(d) => {
+            apiserver::stop(root, lab)?;
+            steps.push(at("kube-apiserver stopped".into()));
+            std::thread::sleep(*d);
+            apiserver::start(root, lab, opts.timeout)?;
+            steps.push(at("kube-apiserver started and answering".into()));
+            Some(unix_now())
+        }
+    };
+    let converged = wait_converged(root, lab, heartbeat_since, opts.timeout)?;
+    steps.push(at(match &converged {
+        Ok(_) => "converged".into(),
+        Err(_) => "gave up waiting for convergence".into(),
+    }));
+    std::thread::sleep(MARGIN);
+    let flows = pings.drain(..).map(BackgroundPing::stop).collect();
+    let (converged_after, divergence) = match converged {
+        Ok(d) => (Some(d), Vec::new()),
+        Err(d) => (None, d),
+    };
+    Ok(ChaosReport {
+        fault: opts.fault.clone(),
+        steps,
+        flows,
+        converged_after,
+        divergence,
+    })
+}
+
+/// An agent killed and started again.
+#[derive(Debug)]
+pub struct Restarted {
+    /// The killed agent.
+    pub old: ProcRef,
+    /// The new agent.
+    pub new: ProcRef,
+    /// The new agent's process (dropping it leaves the agent running).
+    pub child: Child,
+    /// Where the new agent's lines start in the node's agent log.
+    pub log_offset: u64,
+}
+
+/// SIGKILL the agent of `node` and start it again with the lab's agent arguments, recording the
+/// new agent in the lab's state. Waits for nothing else.
+pub fn kill_and_restart(root: &Path, lab: &LabName, node: &str) -> Result<Restarted, LabError> {
+    let mut state = super::load(root, lab)?;
+    let binary = agent::find_binary(state.agent_binary.as_deref())?;
+    let (i, n) = state
+        .node(node)
+        .ok_or_else(|| LabError::Options(format!("lab {lab} has no node {node}")))?;
+    let old = n
+        .agent
+        .filter(sys::is_running)
+        .ok_or_else(|| LabError::Options(format!("the agent of node {node} does not run")))?;
+    let log_offset = std::fs::metadata(n.agent_log())
+        .map(|m| m.len())
+        .unwrap_or(0);
+    kill(Pid::from_raw(old.pid as i32), Signal::SIGKILL).map_err(|e| {
+        LabError::Options(format!(
+            "cannot kill the agent of {node} ({}): {e}",
+            old.pid
+        ))
+    })?;
+    let t = Instant::now();
+    while sys::is_running(&old) && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (child, new) = agent::spawn(&state, &state.nodes[i], &binary, &state.agent_args)?;
+    state.nodes[i].agent = Some(new);
+    state.save()?;
+    Ok(Restarted {
+        old,
+        new,
+        child,
+        log_offset,
+    })
+}
+
+/// [`kill_and_restart`], then wait for the new agent's first reconciliation and note what it
+/// did.
+fn restart_agent(
+    root: &Path,
+    lab: &LabName,
+    node: &str,
+    timeout: Duration,
+    steps: &mut Vec<String>,
+    at: &dyn Fn(String) -> String,
+) -> Result<(), LabError> {
+    let mut r = kill_and_restart(root, lab, node)?;
+    steps.push(at(format!(
+        "agent of {node} (pid {}) killed with SIGKILL",
+        r.old.pid
+    )));
+    steps.push(at(format!(
+        "agent of {node} started again (pid {})",
+        r.new.pid
+    )));
+    let state = super::load(root, lab)?;
+    let (i, n) = state
+        .node(node)
+        .ok_or_else(|| LabError::Options(format!("lab {lab} has no node {node}")))?;
+    let log = n.agent_log();
+    let t = Instant::now();
+    loop {
+        agent::check_alive(&state.nodes[i..=i], std::slice::from_mut(&mut r.child))?;
+        let text = log_since(&log, r.log_offset);
+        if let Some(line) = text
+            .lines()
+            .find(|l| l.contains("first reconciliation done"))
+        {
+            let detail = line
+                .split_once("first reconciliation done")
+                .map_or("", |(_, rest)| rest.trim());
+            steps.push(at(format!("its first reconciliation: {detail}")));
+            return Ok(());
+        }
+        if t.elapsed() > timeout {
+            return Err(LabError::Timeout {
+                what: format!("the first reconciliation of the restarted agent of {node}"),
+                secs: timeout.as_secs(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flow(sent: u32, received: u32) -> Flow {
+        Flow {
+            from_pod: "wml-a-node1-pod1".into(),
+            from_node: "node1".into(),
+            to_node: "node2".into(),
+            to: "10.42.1.2".parse().unwrap(),
+            sent,
+            received,
+        }
+    }
+
+    fn report(flows: Vec<Flow>, converged: bool) -> ChaosReport {
+        ChaosReport {
+            fault: Fault::ApiServerOutage(Duration::from_secs(90)),
+            steps: vec!["+  2.0s kube-apiserver stopped".into()],
+            flows,
+            converged_after: converged.then(|| Duration::from_secs(3)),
+            divergence: if converged {
+                Vec::new()
+            } else {
+                vec!["node2: peer X missing".into()]
+            },
+        }
+    }
+
+    #[test]
+    fn a_run_passes_only_without_loss_and_with_convergence() {
+        assert!(report(vec![flow(100, 100)], true).passed());
+        assert!(!report(vec![flow(100, 99)], true).passed());
+        assert!(!report(vec![flow(100, 100)], false).passed());
+        assert!(
+            !report(vec![flow(0, 0)], true).passed(),
+            "a flow that sent nothing"
+        );
+        assert!(!report(Vec::new(), true).passed());
+    }
+
+    #[test]
+    fn the_report_names_each_flow_its_losses_and_what_did_not_converge() {
+        let r = report(vec![flow(500, 497), flow(500, 500)], false);
+        let text = r.render();
+        assert!(text.starts_with("chaos apiserver-outage 90s\n"), "{text}");
+        assert!(
+            text.contains("wml-a-node1-pod1 (node1) -> node2 10.42.1.2"),
+            "{text}"
+        );
+        assert!(text.contains("   500      3\n"), "{text}");
+        assert!(
+            text.contains("NOT converged:\n    node2: peer X missing"),
+            "{text}"
+        );
+        assert!(text.contains("FAILED: 1000 packets sent, 3 lost"), "{text}");
+        assert_eq!(r.lost(), 3);
+    }
+}
