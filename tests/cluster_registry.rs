@@ -420,6 +420,14 @@ async fn a_bad_annotation_becomes_one_event_on_that_node() {
         "{msg}"
     );
 
+    // Fixed, then broken again the same way: the same Event, counted twice.
+    mine.report(&[], uid.as_deref()).await;
+    mine.report(&diags, uid.as_deref()).await;
+    let list = events.list(&ListParams::default()).await.unwrap().items;
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0].count, Some(2), "{:?}", list[0]);
+    assert!(list[0].last_timestamp >= list[0].first_timestamp);
+
     // A different problem is a new change: one more Event.
     let diags2 = vec![Diagnostic::node(
         "a",

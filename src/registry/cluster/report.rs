@@ -4,8 +4,10 @@
 //! Once per change: an Event is created when an object's problems change, not on resyncs. Its
 //! name is derived from the object and the problem, so the same report from another agent (every
 //! agent sees every Peer) or from this agent after a restart is refused by the API server as
-//! already existing and not repeated. Problems of a Node are reported only by that node's own
-//! agent. Depends on `kube`, `k8s-openapi` and the diagnostics.
+//! already existing and not repeated. A problem that this agent saw fixed and that comes back
+//! identical bumps the existing Event's count and last timestamp. Problems of a Node are reported
+//! by that node's own agent, and by the agent of a node it conflicts with. Depends on `kube`,
+//! `k8s-openapi` and the diagnostics.
 
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
@@ -14,7 +16,7 @@ use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use tracing::{debug, warn};
 
 use crate::diagnostic::{Diagnostic, Subject};
@@ -33,6 +35,8 @@ pub struct Reporter {
     node: String,
     /// Problems last reported, by object.
     reported: BTreeMap<(Subject, String), String>,
+    /// Events this agent created, with the count it last wrote (it reads no Event back).
+    created: BTreeMap<String, i32>,
 }
 
 /// The text of all problems of one object, in a stable order.
@@ -99,6 +103,19 @@ pub fn event(
     }
 }
 
+/// Write `count` and `now` as Event `name`'s count and last timestamp.
+async fn recur(
+    api: &Api<Event>,
+    name: &str,
+    count: i32,
+    now: Timestamp,
+) -> Result<(), kube::Error> {
+    let patch = serde_json::json!({ "count": count, "lastTimestamp": Time(now) });
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map(|_| ())
+}
+
 impl Reporter {
     /// A reporter acting for the node `node`.
     pub fn new(client: Client, node: &str) -> Reporter {
@@ -106,6 +123,7 @@ impl Reporter {
             client,
             node: node.to_owned(),
             reported: BTreeMap::new(),
+            created: BTreeMap::new(),
         }
     }
 
@@ -147,13 +165,23 @@ impl Reporter {
                 .then_some(node_uid)
                 .flatten();
             let ev = event(subject, &name, uid, &text, &self.node, now);
+            let ev_name = ev.metadata.name.clone().unwrap_or_default();
             match api.create(&PostParams::default(), &ev).await {
                 Ok(_) => {
                     debug!(object = %name, "reported as a Kubernetes Event");
+                    self.created.insert(ev_name, 1);
                     kept.insert((subject, name), text);
                 }
                 Err(kube::Error::Api(s)) if s.code == 409 => {
-                    debug!(object = %name, "already reported");
+                    if let Some(count) = self.created.get_mut(&ev_name) {
+                        // This agent saw it fixed since: it happened again.
+                        *count += 1;
+                        if let Err(e) = recur(&api, &ev_name, *count, now).await {
+                            warn!(object = %name, error = %e, "cannot count a repeated Kubernetes Event");
+                        }
+                    } else {
+                        debug!(object = %name, "already reported");
+                    }
                     kept.insert((subject, name), text);
                 }
                 // Not remembered: tried again with the next report.
