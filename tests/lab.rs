@@ -13,8 +13,7 @@
 use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::process::CommandExt as _;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -23,184 +22,9 @@ use nix::unistd::Pid;
 use wiremesh::registry::annotations::DEFAULT_TOPOLOGY_LABEL;
 use wiremesh::registry::file::load_nodes;
 
-const MESHCTL: &str = env!("CARGO_BIN_EXE_meshctl");
-const ROOT: &str = "/run/wiremesh-lab";
-
-/// `meshctl args…`.
-fn meshctl(args: &[&str]) -> Output {
-    Command::new(MESHCTL)
-        .args(args)
-        .output()
-        .expect("meshctl runs")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {}\nstdout:\n{}\nstderr:\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn sh(cmd: &str, args: &[&str]) -> Output {
-    Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"))
-}
-
-fn netns_list() -> BTreeSet<String> {
-    std::fs::read_dir("/run/netns")
-        .map(|rd| {
-            rd.filter_map(Result::ok)
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn host_links() -> BTreeSet<String> {
-    String::from_utf8_lossy(&sh("ip", &["-o", "link"]).stdout)
-        .lines()
-        .filter_map(|l| l.split(':').nth(1))
-        .map(|n| n.trim().split('@').next().unwrap_or("").to_owned())
-        .collect()
-}
-
-fn require_tools(extra: &[&str]) {
-    assert!(
-        wiremesh::lab::sys::require_root().is_ok(),
-        "the lab tests must run as root"
-    );
-    for tool in [
-        "ip",
-        "nft",
-        "wg",
-        "wireguard-go",
-        "tcpdump",
-        "ping",
-        "sysctl",
-    ]
-    .iter()
-    .chain(extra)
-    {
-        assert!(
-            wiremesh::lab::sys::find_program(tool).is_some(),
-            "the lab tests need `{tool}`"
-        );
-    }
-    assert!(
-        Path::new("/usr/lib/cni/bridge").exists(),
-        "the lab tests need containernetworking-plugins"
-    );
-}
-
-/// A lab that is taken down when the test ends, whatever happened.
-struct Lab {
-    name: String,
-    links_before: BTreeSet<String>,
-}
-
-impl Lab {
-    /// A lab name unique to this test and process: `tag` + PID digits, at most 8 characters.
-    fn new(tag: &str) -> Lab {
-        assert!(tag.len() <= 3);
-        let name = format!("{tag}{}", std::process::id() % 100_000);
-        // Leftovers of an earlier run of this process number would make `up` refuse.
-        let _ = meshctl(&["lab", "down", "--name", &name]);
-        Lab {
-            name,
-            links_before: host_links(),
-        }
-    }
-
-    fn prefix(&self) -> String {
-        format!("wml-{}-", self.name)
-    }
-
-    fn dir(&self) -> PathBuf {
-        Path::new(ROOT).join(&self.name)
-    }
-
-    fn ns(&self, suffix: &str) -> String {
-        format!("{}{suffix}", self.prefix())
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        let mut all: Vec<&str> = args.to_vec();
-        all.extend(["--name", &self.name]);
-        meshctl(&all)
-    }
-
-    fn up(&self, args: &[&str]) -> Output {
-        let mut all = vec!["lab", "up"];
-        all.extend_from_slice(args);
-        self.run(&all)
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(o.status.success(), "meshctl {args:?}: {}", text(&o));
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-
-    /// `ip netns exec <lab ns> args…`.
-    fn exec(&self, suffix: &str, args: &[&str]) -> Output {
-        let ns = self.ns(suffix);
-        let mut all = vec!["netns", "exec", ns.as_str()];
-        all.extend_from_slice(args);
-        sh("ip", &all)
-    }
-
-    fn addrs(&self, suffix: &str, dev: &str) -> String {
-        let o = sh(
-            "ip",
-            &[
-                "-n",
-                &self.ns(suffix),
-                "-o",
-                "-4",
-                "addr",
-                "show",
-                "dev",
-                dev,
-            ],
-        );
-        assert!(o.status.success(), "{suffix} {dev}: {}", text(&o));
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-
-    /// Take the lab down and assert that nothing of it is left.
-    fn down_and_assert_gone(&self) {
-        let out = self.ok(&["lab", "down"]);
-        assert!(out.contains("removed"), "{out}");
-        let left: Vec<String> = netns_list()
-            .into_iter()
-            .filter(|n| n.starts_with(&self.prefix()))
-            .collect();
-        assert!(left.is_empty(), "namespaces left: {left:?}");
-        assert!(!self.dir().exists(), "{} left", self.dir().display());
-        let ours: BTreeSet<&str> = ["br0", "up0", "eth1", "wiremesh0", "wmbr0"].into();
-        let new_links: Vec<String> = host_links()
-            .difference(&self.links_before)
-            .filter(|l| ours.contains(l.as_str()) || l.starts_with('n') || l.starts_with('l'))
-            .cloned()
-            .collect();
-        assert!(
-            new_links.is_empty(),
-            "links in the host namespace: {new_links:?}"
-        );
-        let again = self.ok(&["lab", "down"]);
-        assert!(again.contains("nothing to remove"), "{again}");
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = meshctl(&["lab", "down", "--name", &self.name]);
-    }
-}
+use crate::util::lab::{
+    Lab, MESHCTL, first_pod, netns_list, node, peer, poll, require_tools, sh, text,
+};
 
 /// `lab`'s only requirement that can be checked without root: it refuses, with exit code 2
 /// and a message saying what it needs, before touching anything.
@@ -554,20 +378,6 @@ fn real_agents_location_mesh_with_a_natted_lan_pass_check() {
 
 // -- helpers of the scenarios below ----------------------------------------------------------
 
-/// Poll `f` every 100 ms until it returns `Some`, for at most `limit`.
-fn poll<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// Resumes a process stopped with SIGSTOP when dropped, so a failing test never leaves an agent
 /// frozen (`lab down` would still SIGKILL it, but its log would be misleading).
 struct Stopped(Pid);
@@ -586,93 +396,12 @@ impl Drop for Stopped {
     }
 }
 
-impl Lab {
-    fn status(&self) -> serde_json::Value {
-        serde_json::from_str(&self.ok(&["lab", "status", "-o", "json"])).expect("status JSON")
-    }
-
-    /// `ip -n <lab ns> args…`; its stdout, whatever the exit status.
-    fn ip(&self, suffix: &str, args: &[&str]) -> String {
-        let ns = self.ns(suffix);
-        let mut all = vec!["-n", ns.as_str()];
-        all.extend_from_slice(args);
-        String::from_utf8_lossy(&sh("ip", &all).stdout).into_owned()
-    }
-
-    /// The routes the agent of node namespace `suffix` owns (`proto 104`).
-    fn own_routes(&self, suffix: &str) -> String {
-        self.ip(suffix, &["route", "show", "proto", "104"])
-    }
-
-    /// Whether the pod namespace `pod` gets an answer from `addr` (up to 3 pings, 2 s each).
-    fn pod_pings(&self, pod: &str, addr: &str) -> bool {
-        (0..3).any(|_| {
-            sh(
-                "ip",
-                &[
-                    "netns", "exec", pod, "ping", "-n", "-c", "1", "-W", "2", addr,
-                ],
-            )
-            .status
-            .success()
-        })
-    }
-
-    /// Rewrite `nodes.yaml` without node `name`, atomically (temp file in the same directory,
-    /// then rename): an agent never reads a half-written file.
-    fn remove_node(&self, name: &str) {
-        let path = self.dir().join("nodes.yaml");
-        let mut doc: serde_yaml::Value =
-            serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-        let items = doc["items"].as_sequence_mut().expect("items");
-        let before = items.len();
-        items.retain(|n| n["metadata"]["name"].as_str() != Some(name));
-        assert_eq!(items.len(), before - 1, "{name} not in {}", path.display());
-        let tmp = self.dir().join(".nodes.yaml.tmp");
-        std::fs::write(&tmp, serde_yaml::to_string(&doc).unwrap()).unwrap();
-        std::fs::rename(&tmp, &path).unwrap();
-    }
-}
-
-/// Node `name` of a status document.
-fn node<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
-    status["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["name"] == name)
-        .unwrap_or_else(|| panic!("no node {name} in {status}"))
-}
-
 /// The first pods of nodes `a` and `b` ping each other both ways.
 fn pods_ping_both_ways(lab: &Lab, status: &serde_json::Value, a: &str, b: &str) {
     let (pod_a, ip_a) = first_pod(node(status, a));
     let (pod_b, ip_b) = first_pod(node(status, b));
     assert!(lab.pod_pings(&pod_a, &ip_b), "{pod_a} -> {ip_b}");
     assert!(lab.pod_pings(&pod_b, &ip_a), "{pod_b} -> {ip_a}");
-}
-
-/// The first pod of a node in a status document: (namespace, first IP).
-fn first_pod(n: &serde_json::Value) -> (String, String) {
-    let pod = &n["pods"][0];
-    (
-        pod["name"].as_str().unwrap().to_owned(),
-        pod["ips"][0].as_str().unwrap().to_owned(),
-    )
-}
-
-/// Whether a node's WireGuard device has a peer with key `key`.
-fn has_peer(n: &serde_json::Value, key: &str) -> bool {
-    n["peers"]
-        .as_array()
-        .is_some_and(|ps| ps.iter().any(|p| p["public_key"] == key))
-}
-
-fn public_key(lab: &Lab, node: &str) -> String {
-    std::fs::read_to_string(lab.dir().join("nodes").join(node).join("key.pub"))
-        .unwrap()
-        .trim()
-        .to_owned()
 }
 
 #[test]
@@ -765,10 +494,10 @@ fn node_removed_from_the_file_loses_its_peers_and_routes_everywhere() {
     let lab = Lab::new("rm");
     let up = lab.up(&["--nodes", "3", "--locations", "3", "--nat", "0"]);
     assert!(up.status.success(), "{}", text(&up));
-    let gone_key = public_key(&lab, "node3");
+    let gone_key = lab.public_key("node3");
     let status = lab.status();
     for n in ["node1", "node2"] {
-        assert!(has_peer(node(&status, n), &gone_key), "{status}");
+        assert!(peer(node(&status, n), &gone_key).is_some(), "{status}");
     }
 
     lab.remove_node("node3");
@@ -776,7 +505,7 @@ fn node_removed_from_the_file_loses_its_peers_and_routes_everywhere() {
     let settled = poll(Duration::from_secs(15), || {
         let status = lab.status();
         let clean = [("node1", "n1"), ("node2", "n2")].iter().all(|(n, ns)| {
-            !has_peer(node(&status, n), &gone_key)
+            peer(node(&status, n), &gone_key).is_none()
                 && !lab
                     .ip(ns, &["route", "show", "table", "all"])
                     .contains("10.201.3.0/24")
@@ -829,12 +558,15 @@ fn location_leader_removed_from_the_file_hands_over_to_the_other_node_of_its_loc
         .collect();
     assert_eq!(loc2.len(), 2, "{status}");
 
-    let new_key = public_key(&lab, &new);
-    let old_key = public_key(&lab, &old);
+    let new_key = lab.public_key(&new);
+    let old_key = lab.public_key(&old);
     // Before: loc2's leader tunnels to the old leader only.
     for m in status["nodes"].as_array().unwrap() {
         if m["location"] == "loc2" && m["leader"] == true {
-            assert!(has_peer(m, &old_key) && !has_peer(m, &new_key), "{status}");
+            assert!(
+                peer(m, &old_key).is_some() && peer(m, &new_key).is_none(),
+                "{status}"
+            );
         }
     }
 
@@ -853,8 +585,8 @@ fn location_leader_removed_from_the_file_hands_over_to_the_other_node_of_its_loc
         let followed = status["nodes"].as_array()?.iter().any(|m| {
             m["location"] == "loc2"
                 && m["leader"] == true
-                && has_peer(m, &new_key)
-                && !has_peer(m, &old_key)
+                && peer(m, &new_key).is_some()
+                && peer(m, &old_key).is_none()
         });
         (leading && followed).then_some(status)
     });

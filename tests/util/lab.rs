@@ -39,6 +39,15 @@ pub fn sh(cmd: &str, args: &[&str]) -> Output {
         .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"))
 }
 
+/// Names of the links in the host namespace.
+pub fn host_links() -> BTreeSet<String> {
+    String::from_utf8_lossy(&sh("ip", &["-o", "link"]).stdout)
+        .lines()
+        .filter_map(|l| l.split(':').nth(1))
+        .map(|n| n.trim().split('@').next().unwrap_or("").to_owned())
+        .collect()
+}
+
 /// Names of the named network namespaces.
 pub fn netns_list() -> BTreeSet<String> {
     std::fs::read_dir("/run/netns")
@@ -97,6 +106,8 @@ pub fn require_tools(extra: &[&str]) {
 pub struct Lab {
     /// The lab name.
     pub name: String,
+    /// The host namespace's links before the lab (none of the lab's may be left there).
+    links_before: BTreeSet<String>,
 }
 
 impl Lab {
@@ -106,7 +117,10 @@ impl Lab {
         let name = format!("{tag}{}", std::process::id() % 100_000);
         // Leftovers of an earlier run of this process number would make `up` refuse.
         let _ = meshctl(&["lab", "down", "--name", &name]);
-        Lab { name }
+        Lab {
+            name,
+            links_before: host_links(),
+        }
     }
 
     /// `wml-<name>-`.
@@ -162,6 +176,43 @@ impl Lab {
         let mut all = vec!["-n", ns.as_str()];
         all.extend_from_slice(args);
         String::from_utf8_lossy(&sh("ip", &all).stdout).into_owned()
+    }
+
+    /// `ip netns exec <lab ns> args…`, whatever its exit status.
+    pub fn exec(&self, suffix: &str, args: &[&str]) -> Output {
+        let ns = self.ns(suffix);
+        let mut all = vec!["netns", "exec", ns.as_str()];
+        all.extend_from_slice(args);
+        sh("ip", &all)
+    }
+
+    /// The IPv4 addresses of `dev` in the lab namespace `suffix` (`ip -o -4 addr`).
+    pub fn addrs(&self, suffix: &str, dev: &str) -> String {
+        let ns = self.ns(suffix);
+        let o = sh("ip", &["-n", &ns, "-o", "-4", "addr", "show", "dev", dev]);
+        assert!(o.status.success(), "{suffix} {dev}: {}", text(&o));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// The routes the agent of node namespace `suffix` owns (`proto 104`).
+    pub fn own_routes(&self, suffix: &str) -> String {
+        self.ip(suffix, &["route", "show", "proto", "104"])
+    }
+
+    /// Rewrite `nodes.yaml` without node `name`, atomically (temp file in the same directory,
+    /// then rename): an agent never reads a half-written file.
+    pub fn remove_node(&self, name: &str) {
+        let path = self.dir().join("nodes.yaml");
+        let mut doc: serde_yaml::Value =
+            serde_yaml::from_str(&std::fs::read_to_string(&path).expect("nodes.yaml"))
+                .expect("YAML");
+        let items = doc["items"].as_sequence_mut().expect("items");
+        let before = items.len();
+        items.retain(|n| n["metadata"]["name"].as_str() != Some(name));
+        assert_eq!(items.len(), before - 1, "{name} not in {}", path.display());
+        let tmp = self.dir().join(".nodes.yaml.tmp");
+        std::fs::write(&tmp, serde_yaml::to_string(&doc).expect("YAML")).expect("write");
+        std::fs::rename(&tmp, &path).expect("rename");
     }
 
     /// The node's public key, as the lab generated it.
@@ -231,6 +282,16 @@ impl Lab {
         assert!(
             running.is_empty(),
             "processes of the lab still run: {running:?}"
+        );
+        let ours: BTreeSet<&str> = ["br0", "up0", "eth1", "wiremesh0", "wmbr0"].into();
+        let new_links: Vec<String> = host_links()
+            .difference(&self.links_before)
+            .filter(|l| ours.contains(l.as_str()) || l.starts_with('n') || l.starts_with('l'))
+            .cloned()
+            .collect();
+        assert!(
+            new_links.is_empty(),
+            "links in the host namespace: {new_links:?}"
         );
         let again = self.ok(&["lab", "down"]);
         assert!(again.contains("nothing to remove"), "{again}");
