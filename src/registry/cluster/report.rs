@@ -39,7 +39,8 @@ pub struct Reporter {
     created: BTreeMap<String, i32>,
 }
 
-/// The text of all problems of one object, in a stable order.
+/// The text of all problems of one object, in a stable order, saying whether it was left out
+/// of the mesh or only warned about.
 fn problems(diags: &[&Diagnostic]) -> String {
     let mut lines: Vec<String> = diags
         .iter()
@@ -50,7 +51,12 @@ fn problems(diags: &[&Diagnostic]) -> String {
         .collect();
     lines.sort();
     lines.dedup();
-    lines.join("; ")
+    let verdict = if diags.iter().any(|d| d.skipped) {
+        "left out of the mesh"
+    } else {
+        "kept in the mesh, with a warning"
+    };
+    format!("{verdict}: {}", lines.join("; "))
 }
 
 /// The Event's name: the object's name and a hash of the object and its problems.
@@ -88,7 +94,7 @@ pub fn event(
             ..Default::default()
         },
         reason: Some(reason.into()),
-        message: Some(format!("left out of the mesh: {text}")),
+        message: Some(text.to_owned()),
         type_: Some("Warning".into()),
         count: Some(1),
         first_timestamp: Some(Time(now)),
@@ -225,7 +231,12 @@ mod tests {
         let text = problems(&[&d2, &d1]);
         assert_eq!(
             text,
-            "kilo.squat.ai/endpoint: port 0; kilo.squat.ai/key: not base64"
+            "left out of the mesh: kilo.squat.ai/endpoint: port 0; kilo.squat.ai/key: not base64"
+        );
+        let warning = Diagnostic::node("n1", None, "allowed IP 10.0.0.0/24 is taken").kept();
+        assert_eq!(
+            problems(&[&warning]),
+            "kept in the mesh, with a warning: allowed IP 10.0.0.0/24 is taken"
         );
         let ev = event(
             Subject::Node,
