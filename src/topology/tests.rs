@@ -536,3 +536,21 @@ fn net_key_orders_like_ipnetwork() {
     b.sort_by_key(super::contribute::net_key);
     assert_eq!(a, b);
 }
+
+#[test]
+fn every_not_ready_reason_is_recognised_from_its_words() {
+    for r in NotReady::ALL {
+        assert_eq!(NotReady::from_text(r.text()), Some(r));
+    }
+    assert_eq!(
+        NotReady::from_text("the same node name appears twice"),
+        None
+    );
+    let mut n = MeshNode::new("a");
+    assert_eq!(not_ready(&n, None), Some(NotReady::NoKey));
+    n.key = Some(WgKey([1; 32]));
+    assert_eq!(
+        not_ready_reason(&n, None),
+        Some(NotReady::NoEndpoint.text())
+    );
+}
