@@ -486,7 +486,7 @@ fn live_from_agents(urls: &[String]) -> Result<wiremesh::graph::Live> {
         for u in &parsed {
             match fetch_status(u, std::time::Duration::from_secs(10)).await {
                 Ok(d) => docs.push(d),
-                Err(e) => eprintln!("warning: {e}; its tunnels are drawn as unknown"),
+                Err(e) => eprintln!("warning: {e}; tunnels only it reports are drawn as unknown"),
             }
         }
         docs

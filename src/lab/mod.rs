@@ -148,7 +148,9 @@ pub fn graph(
         for (_, r) in probe::all_statuses(state) {
             match r {
                 Ok(d) => docs.push(d),
-                Err(e) => warnings.push(format!("{e}; its tunnels are drawn as unknown")),
+                Err(e) => {
+                    warnings.push(format!("{e}; tunnels only it reports are drawn as unknown"))
+                }
             }
         }
         Live::from_status(&docs)
