@@ -322,13 +322,7 @@ mod tests {
     fn live_dot_colours_tunnels_by_state_with_a_legend() {
         let (nodes, peers) = example("three-clouds.yaml", false);
         let topo = build(&nodes, &peers, Granularity::Full);
-        let key = |n: &str| {
-            nodes
-                .iter()
-                .find(|x| x.name.0 == n)
-                .and_then(|x| x.key)
-                .unwrap()
-        };
+        let key = |n: &str| key_of(&nodes, n);
         let mut live = super::super::Live::default();
         live.seen.insert(
             "fra-1".into(),

@@ -550,13 +550,7 @@ mod tests {
     fn tunnel_state_takes_the_freshest_handshake_of_either_end_and_unknown_without_data() {
         let (nodes, peers) = example("three-clouds.yaml", true);
         let topo = build(&nodes, &peers, Granularity::Full);
-        let key = |n: &str| {
-            nodes
-                .iter()
-                .find(|x| x.name.0 == n)
-                .and_then(|x| x.key)
-                .unwrap()
-        };
+        let key = |n: &str| key_of(&nodes, n);
         let mut live = Live::default();
         live.seen.insert(
             "fra-1".into(),

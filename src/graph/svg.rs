@@ -947,13 +947,7 @@ mod tests {
 
     /// A live reading of three-clouds: fra-1 saw hel-1 12 s ago, par-1 never answered fra-1.
     fn three_clouds_live(nodes: &[crate::model::MeshNode]) -> Live {
-        let key = |n: &str| {
-            nodes
-                .iter()
-                .find(|x| x.name.0 == n)
-                .and_then(|x| x.key)
-                .expect("key")
-        };
+        let key = |n: &str| key_of(nodes, n);
         let mut live = Live::default();
         live.seen.insert(
             "fra-1".into(),
