@@ -26,4 +26,5 @@ pub mod model;
 pub mod reconcile;
 pub mod registry;
 pub mod showconf;
+pub mod status;
 pub mod topology;

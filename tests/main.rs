@@ -14,6 +14,7 @@ mod manifests;
 mod meshctl_cluster;
 mod netlink_netns;
 mod nft_cni_netns;
+mod observability;
 mod plan_golden;
 mod showconf_wg;
 mod wg_netns;

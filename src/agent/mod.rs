@@ -5,14 +5,23 @@
 //! deleted by hand), on a resync period, and after failures (with backoff). Logs what changed
 //! and why. May depend on every library module; the kernel is reached only through
 //! [`crate::reconcile::Kernel`].
+//!
+//! What the loop does is visible from outside through an [`observe::Observer`] it writes to
+//! (never waiting for a reader), served over HTTP by [`http`] (`--listen`): metrics, liveness,
+//! readiness and a status document.
 
 mod cluster;
+pub mod http;
+pub mod metrics;
+pub mod observe;
 mod source;
 mod watch;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ipnetwork::IpNetwork;
@@ -34,6 +43,7 @@ use crate::topology::MeshOptions;
 use crate::topology::incremental::{Engine, Event, Update};
 
 pub use cluster::ClusterLink;
+pub use observe::Observer;
 pub use source::{FileRegistry, file_source};
 pub use watch::FileWatcher;
 
@@ -83,6 +93,8 @@ pub struct AgentConfig {
     pub kernel: KernelConfig,
     /// Engine options.
     pub mesh: MeshOptions,
+    /// Where to serve `/metrics`, `/healthz`, `/readyz` and `/status`; `None`: nowhere.
+    pub listen: Option<SocketAddr>,
 }
 
 /// Why the agent stopped.
@@ -97,6 +109,15 @@ pub enum AgentError {
     /// The kernel could not be set up or read.
     #[error(transparent)]
     Kernel(#[from] KernelError),
+    /// The HTTP endpoint could not listen.
+    #[error("cannot listen on {addr} (--listen; `off` disables the endpoint): {source}")]
+    Listen {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The files could not be watched.
     #[error("watching {path}: {message}")]
     Watch {
@@ -126,6 +147,8 @@ pub struct Inputs {
     pub kernel_events: mpsc::Receiver<()>,
     /// This machine's addresses.
     pub host: HostInfo,
+    /// Where the loop shows what it does (metrics, readiness, status).
+    pub observer: Observer,
 }
 
 /// Log diagnostics that are new since the last read, once each.
@@ -166,7 +189,8 @@ fn op_kinds(ops: &[Op]) -> Vec<&'static str> {
     kinds.into_iter().collect()
 }
 
-fn op_kind(op: &Op) -> &'static str {
+/// The kind of an operation, as logs and metrics name it.
+pub(crate) fn op_kind(op: &Op) -> &'static str {
     match op {
         Op::CreateInterface => "create-interface",
         Op::ConfigureDevice { .. } => "configure-device",
@@ -279,6 +303,7 @@ pub async fn run_with<K: Kernel>(
         cluster,
         mut kernel_events,
         host,
+        observer,
     } = inputs;
     let mut mesh = Mesh::Listing {
         nodes: BTreeMap::new(),
@@ -302,6 +327,9 @@ pub async fn run_with<K: Kernel>(
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut check_in = tokio::time::interval(cfg.check_in_period);
     check_in.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Turns the loop when nothing happens, so that a loop that turns no more is seen (/healthz).
+    let mut heartbeat = tokio::time::interval(observe::HEARTBEAT);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     let mut kernel_events_open = true;
     let mut registry_open = true;
@@ -319,11 +347,19 @@ pub async fn run_with<K: Kernel>(
     let mut live_since: Option<tokio::time::Instant> = None;
     info!(node = %cfg.node, "agent started; waiting for the registry's first complete list");
     loop {
+        observer.turned();
         if diags_dirty {
             diags_dirty = false;
             let mut all = registry_diags.clone();
             if let Mesh::Running(engine) = &mesh {
-                all.extend(engine.diagnostics());
+                let engine_diags = engine.diagnostics();
+                observer.mesh(
+                    engine.nodes(),
+                    engine.peers(),
+                    &registry_diags,
+                    &engine_diags,
+                );
+                all.extend(engine_diags);
             }
             if last_diags.as_ref() != Some(&all) {
                 log_new_diagnostics(&mut seen_diags, &all);
@@ -336,6 +372,8 @@ pub async fn run_with<K: Kernel>(
         }
         if dirty && let Mesh::Running(engine) = &mesh {
             dirty = false;
+            let started = tokio::time::Instant::now();
+            let external: BTreeSet<WgKey> = engine.peers().map(|p| p.key).collect();
             let report = match (full_needed, known.take()) {
                 (false, Some(k)) => match delta_ops(&pending, &k, public_key) {
                     Some((ops, next)) => {
@@ -359,6 +397,7 @@ pub async fn run_with<K: Kernel>(
             for i in pending.iter().filter_map(|d| d.interface.as_ref()) {
                 mesh_ip = i.address;
             }
+            observer.deltas(&pending, &external);
             pending.clear();
             let report = match report {
                 Some(r) => Some(r),
@@ -369,6 +408,7 @@ pub async fn run_with<K: Kernel>(
                     }
                     Ok(desired) => {
                         mesh_ip = desired.interface.address;
+                        observer.desired(&desired, &external);
                         Some(
                             reconcile::reconcile_cached(kernel, &desired, public_key, &mut known)
                                 .await,
@@ -377,6 +417,11 @@ pub async fn run_with<K: Kernel>(
                 },
             };
             full_needed = false;
+            match &report {
+                None => {}
+                Some(Ok(r)) => observer.reconciled(started.elapsed(), r),
+                Some(Err(e)) => observer.read_failed(started.elapsed(), e),
+            }
             match report {
                 None => {}
                 Some(Ok(report)) if report.failed.is_empty() => {
@@ -451,6 +496,7 @@ pub async fn run_with<K: Kernel>(
                     }
                     local_node = Some(n);
                 }
+                observer.registry(batch.connected, batch.synced);
                 if let Some(diags) = batch.diagnostics {
                     registry_diags = diags;
                 }
@@ -527,6 +573,7 @@ pub async fn run_with<K: Kernel>(
                 }
             }
             _ = resync.tick() => { dirty = true; known = None; full_needed = true; }
+            _ = heartbeat.tick() => {}
             _ = retry => { dirty = true; known = None; full_needed = true; }
         }
     }
@@ -633,6 +680,12 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     let key = load_or_generate_private_key(&cfg.private_key)?;
     let public_key = key.public_key();
     info!(node = %cfg.node, public_key = %public_key, "identity");
+    let observer = Observer::new(&cfg.node.0, Some(public_key));
+    // Listening first: probes get answers (not ready yet) while the registry is reached.
+    let server = match cfg.listen {
+        None => None,
+        Some(addr) => Some(serve_http(addr, observer.clone()).await?),
+    };
     let probe = crate::reconcile::netlink::Netlink::new(crate::reconcile::netlink::Devices {
         wireguard: cfg.kernel.interface.clone(),
         private: String::new(),
@@ -693,6 +746,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     };
     let opts = system_options(&cfg.kernel, cfg.mesh.mtu, internal_ip)?;
     let mut kernel = SystemKernel::new(opts, key).await?;
+    if let Some(server) = &server {
+        server.set_device(Arc::new(kernel.wireguard().reader()));
+    }
     if cfg.mesh.encapsulate != crate::topology::Encapsulate::Never
         && kernel
             .netlink()
@@ -713,8 +769,27 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         cluster,
         kernel_events,
         host,
+        observer,
     };
     run_with(cfg, &mut kernel, public_key, inputs, shutdown).await
+}
+
+/// Listen on `addr` and serve the HTTP endpoint over `observer` in a task of its own, which
+/// ends with the runtime. The returned handle takes the WireGuard device once there is one.
+pub async fn serve_http(addr: SocketAddr, observer: Observer) -> Result<http::Server, AgentError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| AgentError::Listen { addr, source })?;
+    let local = listener.local_addr().unwrap_or(addr);
+    let server = http::Server::new(observer);
+    let task = server.clone();
+    tokio::spawn(async move {
+        if let Err(e) = task.serve(listener, std::future::pending()).await {
+            warn!(error = %e, "the HTTP endpoint stopped");
+        }
+    });
+    info!(addr = %local, "serving /metrics, /healthz, /readyz and /status");
+    Ok(server)
 }
 
 /// Remove everything wiremesh created on this machine, and nothing else.

@@ -70,6 +70,7 @@ fn config(dir: &std::path::Path) -> AgentConfig {
             granularity: crate::model::Granularity::Full,
             ..MeshOptions::default()
         },
+        listen: None,
     }
 }
 
@@ -95,6 +96,7 @@ fn peers(k: &FakeKernel) -> usize {
 /// A running agent over `kernel`: its kernel-event sender, and what stops it.
 struct Running {
     events: mpsc::Sender<()>,
+    observer: Observer,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<Result<(), AgentError>>,
 }
@@ -124,11 +126,13 @@ impl Running {
         let (events, rx) = mpsc::channel(4);
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let mut k = kernel.clone();
+        let observer = Observer::new(&cfg.node.0, Some(KEY));
         let inputs = Inputs {
             registry,
             cluster,
             kernel_events: rx,
             host: HostInfo::default(),
+            observer: observer.clone(),
         };
         let task = tokio::spawn(async move {
             run_with(cfg, &mut k, KEY, inputs, async {
@@ -136,7 +140,12 @@ impl Running {
             })
             .await
         });
-        Running { events, stop, task }
+        Running {
+            events,
+            observer,
+            stop,
+            task,
+        }
     }
 
     async fn stop(self) {
@@ -396,5 +405,172 @@ async fn heartbeats_are_judged_stale_only_after_the_api_has_been_live_for_the_gr
         vec![key_of(&nodes, "par-1")],
         "hel-1's stale heartbeat leaves it out once the grace is over"
     );
+    agent.stop().await;
+}
+
+/// The FakeKernel's WireGuard peers as a device read would report them: no handshake yet,
+/// counters from the key's first byte.
+struct FakeDevice(FakeKernel);
+
+impl http::DeviceReader for FakeDevice {
+    fn peer_stats(&self) -> Result<Vec<crate::reconcile::wg::WgPeerStats>, KernelError> {
+        let st = self.0.state.lock().unwrap();
+        Ok(st
+            .wireguard
+            .iter()
+            .flat_map(|w| &w.peers)
+            .map(|p| crate::reconcile::wg::WgPeerStats {
+                public_key: p.public_key,
+                endpoint: None,
+                allowed_ips: p.allowed_ips.clone(),
+                last_handshake: Some(std::time::SystemTime::now() - Duration::from_secs(3)),
+                rx_bytes: u64::from(p.public_key.0[0]),
+                tx_bytes: 1,
+            })
+            .collect())
+    }
+}
+
+/// Serve the HTTP endpoint over `agent`'s observer and `kernel` on a free loopback port.
+async fn serve(agent: &Running, kernel: &FakeKernel) -> crate::cli::status::AgentUrl {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = http::Server::new(agent.observer.clone());
+    server.set_device(Arc::new(FakeDevice(kernel.clone())));
+    tokio::spawn(server.serve(listener, std::future::pending()));
+    crate::cli::status::AgentUrl {
+        host: "127.0.0.1".into(),
+        port,
+    }
+}
+
+async fn http_get(url: &crate::cli::status::AgentUrl, path: &str) -> crate::cli::status::Reply {
+    crate::cli::status::get(url, path, Duration::from_secs(5))
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn readiness_flips_only_after_the_first_list_and_a_successful_reconciliation() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let kernel = FakeKernel::default();
+    // The first reconciliation fails on one route; the retry (after about 1 s) succeeds.
+    let dst: ipnetwork::IpNetwork = "10.42.2.0/24".parse().unwrap();
+    *kernel.refuse.lock().unwrap() = Some((dst, 1));
+    let (tx, rx) = mpsc::channel(4);
+    let agent = Running::with_registry(cfg, &kernel, rx, None);
+    let url = serve(&agent, &kernel).await;
+
+    let r = http_get(&url, "/readyz").await;
+    assert_eq!(r.code, 503, "{r:?}");
+    assert_eq!(r.body, "waiting for the registry's first complete list\n");
+    assert_eq!(http_get(&url, "/healthz").await.code, 200);
+
+    // Part of a list: still waiting for it.
+    let nodes = three_clouds();
+    tx.send(batch(vec![Event::NodeUpsert(nodes[0].clone())], false))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = http_get(&url, "/readyz").await;
+    assert_eq!(r.code, 503);
+    assert!(r.body.contains("first complete list"), "{r:?}");
+
+    // The list completes; the first reconciliation is partial: not ready, and why.
+    let rest = nodes[1..].iter().cloned().map(Event::NodeUpsert).collect();
+    tx.send(batch(rest, true)).await.unwrap();
+    wait_for("the partial reconciliation", || {
+        kernel.refuse.lock().unwrap().is_some_and(|(_, n)| n == 0)
+    })
+    .await;
+    let r = http_get(&url, "/readyz").await;
+    assert_eq!(r.code, 503, "ready after a failed reconciliation: {r:?}");
+    assert!(
+        r.body
+            .starts_with("waiting for the first successful reconciliation (last: route: "),
+        "{r:?}"
+    );
+    assert_eq!(r.body.lines().count(), 1, "{r:?}");
+    let m = http_get(&url, "/metrics").await.body;
+    assert!(m.contains("wiremesh_ready 0\n"), "{m}");
+    assert!(
+        m.contains("wiremesh_reconcile_errors_total{kind=\"route\"} 1\n"),
+        "{m}"
+    );
+
+    // The retry succeeds: ready, and it stays so.
+    let mut ready = None;
+    for _ in 0..50 {
+        let r = http_get(&url, "/readyz").await;
+        if r.code == 200 {
+            ready = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = ready.expect("ready within 5 s of the retry");
+    assert_eq!(r.body, "ready\n");
+    let m = http_get(&url, "/metrics").await.body;
+    assert!(m.contains("wiremesh_ready 1\n"), "{m}");
+    assert!(m.contains("wiremesh_mesh_nodes 3\n"), "{m}");
+    assert!(m.contains("wiremesh_leader 1\n"), "{m}");
+    let status: crate::status::AgentStatus =
+        serde_json::from_str(&http_get(&url, "/status").await.body).unwrap();
+    assert!(status.ready);
+    assert_eq!(status.node, "fra-1");
+    let names: Vec<&str> = status.peers.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["hel-1", "par-1"]);
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_and_status_never_show_a_preshared_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    let psk = WgKey([0x5a; 32]);
+    let peers_file = dir.path().join("peers.yaml");
+    std::fs::write(
+        &peers_file,
+        format!(
+            "apiVersion: kilo.squat.ai/v1alpha1\nkind: Peer\nmetadata:\n  name: laptop\nspec:\n  \
+             allowedIPs: [10.5.0.1/32]\n  publicKey: {}\n  presharedKey: {psk}\n",
+            WgKey([0x33; 32])
+        ),
+    )
+    .unwrap();
+    if let RegistryConfig::File(f) = &mut cfg.registry {
+        f.peers = Some(peers_file);
+    }
+    let kernel = FakeKernel::default();
+    let agent = Running::start(cfg, &kernel);
+    let url = serve(&agent, &kernel).await;
+    wait_for("three peers, the laptop with its preshared key", || {
+        let st = kernel.state.lock().unwrap();
+        st.wireguard.as_ref().is_some_and(|w| {
+            w.peers.len() == 3 && w.peers.iter().any(|p| p.preshared_key == Some(psk))
+        })
+    })
+    .await;
+    // The kernel holds the key (so the agent had it); the endpoint must not show it.
+    let metrics = http_get(&url, "/metrics").await.body;
+    let status = http_get(&url, "/status").await.body;
+    let hex: String = psk.0.iter().map(|b| format!("{b:02x}")).collect();
+    for (what, body) in [("/metrics", &metrics), ("/status", &status)] {
+        assert!(
+            body.contains(&WgKey([0x33; 32]).to_string()),
+            "{what} names the laptop by key: {body}"
+        );
+        assert!(body.contains("laptop"), "{what}: {body}");
+        assert!(
+            !body.contains(&psk.to_string()),
+            "{what} shows the preshared key: {body}"
+        );
+        assert!(
+            !body.to_lowercase().contains(&hex),
+            "{what} shows the preshared key in hex"
+        );
+    }
+    assert!(metrics.contains("kind=\"peer\""), "{metrics}");
     agent.stop().await;
 }

@@ -1,6 +1,7 @@
 //! `meshctl`: look at a wiremesh (or Kilo) mesh: what a node would program, the topology as a
 //! picture, and WireGuard configs for outside machines; add, list and delete external peers.
-//! Reads a live cluster, or the same objects from files (`--nodes`, `--peers`).
+//! Reads a live cluster, or the same objects from files (`--nodes`, `--peers`); `status` and
+//! `graph --live` also ask running agents (their `/status`).
 
 /// mimalloc: faster than glibc malloc for the engine's many small allocations (BENCHMARKS.md).
 #[global_allocator]
@@ -42,6 +43,12 @@ struct Cli {
 enum Command {
     /// Show what the agent on one node would program: interface, peers, routes, rules.
     Plan(PlanArgs),
+    /// Show a running agent's tunnels: peers, endpoints, handshake ages, traffic.
+    ///
+    /// Reads the agent's `/status` (`wiremesh agent --listen`). STATE is fresh (handshake
+    /// < 2 min), aging (up to 5 min), new (none yet, nothing sent) or stale (older than 5 min,
+    /// or none although packets were sent: the other side never answered).
+    Status(StatusArgs),
     /// Draw the mesh: locations, leaders, WireGuard tunnels (SVG or DOT).
     Graph(GraphArgs),
     /// Print the WireGuard (wg-quick) configuration for a node or an external peer.
@@ -182,9 +189,30 @@ enum PlanFormat {
 }
 
 #[derive(Args)]
+struct StatusArgs {
+    /// The agent's HTTP endpoint.
+    #[arg(long, value_name = "URL", default_value = wiremesh::cli::status::DEFAULT_AGENT)]
+    agent: String,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = PlanFormat::Text)]
+    output: PlanFormat,
+    /// Seconds to wait for the agent.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    timeout: u64,
+}
+
+#[derive(Args)]
 struct GraphArgs {
     #[command(flatten)]
     mesh: MeshArgs,
+    /// Colour the tunnels by the age of their latest handshake, as running agents report it
+    /// (green < 2 min, amber < 5 min or none yet, red stale, grey no data).
+    #[arg(long)]
+    live: bool,
+    /// An agent's HTTP endpoint to ask with `--live` (repeatable, one per node whose view to
+    /// use; default http://127.0.0.1:1107).
+    #[arg(long = "agent", value_name = "URL", requires = "live")]
+    agents: Vec<String>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = GraphFormat::Svg)]
     format: GraphFormat,
@@ -405,9 +433,15 @@ fn graph(args: GraphArgs) -> Result<()> {
     {
         bail!("node {n} does not take part in the mesh");
     }
+    let live = if args.live {
+        Some(live_from_agents(&args.agents)?)
+    } else {
+        None
+    };
     let gopts = GraphOptions {
         local: args.node.map(NodeName),
         title: None,
+        live,
     };
     let text = match args.format {
         GraphFormat::Svg => render_svg(&topo, &gopts),
@@ -422,6 +456,54 @@ fn graph(args: GraphArgs) -> Result<()> {
         }
         None => std::io::stdout().write_all(text.as_bytes())?,
     }
+    Ok(())
+}
+
+/// Runs `f` on a small runtime of its own.
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> Result<T> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    Ok(rt.block_on(f))
+}
+
+/// The handshakes the agents at `urls` (default: this machine's) report; an agent that does not
+/// answer is a warning, and its tunnels are drawn as unknown.
+fn live_from_agents(urls: &[String]) -> Result<wiremesh::graph::Live> {
+    use wiremesh::cli::status::{AgentUrl, DEFAULT_AGENT, fetch_status};
+    let urls: Vec<String> = if urls.is_empty() {
+        vec![DEFAULT_AGENT.to_owned()]
+    } else {
+        urls.to_vec()
+    };
+    let parsed = urls
+        .iter()
+        .map(|u| AgentUrl::parse(u))
+        .collect::<Result<Vec<_>, _>>()?;
+    let docs = block_on(async {
+        let mut docs = Vec::new();
+        for u in &parsed {
+            match fetch_status(u, std::time::Duration::from_secs(10)).await {
+                Ok(d) => docs.push(d),
+                Err(e) => eprintln!("warning: {e}; tunnels only it reports are drawn as unknown"),
+            }
+        }
+        docs
+    })?;
+    Ok(wiremesh::graph::Live::from_status(&docs))
+}
+
+fn status(args: StatusArgs) -> Result<()> {
+    use wiremesh::cli::status::{AgentUrl, fetch_status, render_json, render_text};
+    let url = AgentUrl::parse(&args.agent)?;
+    let timeout = std::time::Duration::from_secs(args.timeout);
+    let doc = block_on(fetch_status(&url, timeout))??;
+    let text = match args.output {
+        PlanFormat::Json => render_json(&url.base(), &doc),
+        PlanFormat::Text => render_text(&doc),
+    };
+    std::io::stdout().write_all(text.as_bytes())?;
     Ok(())
 }
 
@@ -547,11 +629,15 @@ enum LabCommand {
     /// Without flags it mirrors examples/three-clouds.yaml (three nodes, full mesh, the last
     /// one behind NAT).
     Up(LabUpArgs),
-    /// Show nodes, agents, pods and WireGuard peers with handshakes.
+    /// Show nodes, agents, pods and WireGuard peers with handshakes; with NODE, that node's
+    /// tunnels as its agent reports them (its `/status`, the table of `meshctl status`).
     Status {
         /// Output format.
         #[arg(short = 'o', long, value_enum, default_value_t = PlanFormat::Text)]
         output: PlanFormat,
+        /// Ask this node's agent instead.
+        #[arg(value_name = "NODE")]
+        node: Option<String>,
     },
     /// Ping every pod from every pod and prove the underlay carries only WireGuard.
     Check {
@@ -564,6 +650,9 @@ enum LabCommand {
         /// Output format.
         #[arg(long, value_enum, default_value_t = GraphFormat::Svg)]
         format: GraphFormat,
+        /// Colour the tunnels by the handshakes every node's agent reports.
+        #[arg(long)]
+        live: bool,
         /// Highlight this node.
         #[arg(long)]
         node: Option<String>,
@@ -849,7 +938,21 @@ fn lab(args: LabArgs) -> Result<(), LabError> {
     let name: l::LabName = args.name.parse()?;
     match args.command {
         LabCommand::Up(a) => lab_up(name, args.root, a),
-        LabCommand::Status { output } => {
+        LabCommand::Status {
+            output,
+            node: Some(node),
+        } => {
+            use wiremesh::cli::status::{render_json, render_text};
+            let state = l::load(&args.root, &name)?;
+            let doc = l::probe::agent_status(&state, &node)?;
+            let text = match output {
+                PlanFormat::Json => render_json(&format!("lab {name} node {node}"), &doc),
+                PlanFormat::Text => render_text(&doc),
+            };
+            print!("{text}");
+            Ok(())
+        }
+        LabCommand::Status { output, node: None } => {
             let state = l::load(&args.root, &name)?;
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -884,13 +987,18 @@ fn lab(args: LabArgs) -> Result<(), LabError> {
                 )))
             }
         }
-        LabCommand::Graph { format, node, out } => {
+        LabCommand::Graph {
+            format,
+            live,
+            node,
+            out,
+        } => {
             let state = l::load(&args.root, &name)?;
             let format = match format {
                 GraphFormat::Svg => G::Svg,
                 GraphFormat::Dot => G::Dot,
             };
-            let (text, warnings) = l::graph(&state, format, node.as_deref())?;
+            let (text, warnings) = l::graph(&state, format, node.as_deref(), live)?;
             for w in warnings {
                 eprintln!("warning: {w}");
             }
@@ -1009,6 +1117,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Plan(a) => plan(a),
+        Command::Status(a) => status(a),
         Command::Graph(a) => graph(a),
         Command::Showconf(a) => showconf(a),
         Command::Peer(a) => peer(a),
@@ -1132,6 +1241,64 @@ mod tests {
             let e = parse(missing).err().expect("refused");
             assert_eq!(e.kind(), clap::error::ErrorKind::MissingRequiredArgument);
         }
+    }
+
+    #[test]
+    fn status_asks_this_machines_agent_unless_told_otherwise() {
+        let Command::Status(a) = parse(&["status"]).expect("parses").command else {
+            panic!("not status");
+        };
+        assert_eq!(a.agent, "http://127.0.0.1:1107");
+        assert_eq!(a.timeout, 10);
+        let Command::Status(a) = parse(&["status", "--agent", "http://10.0.0.1:9", "-o", "json"])
+            .expect("parses")
+            .command
+        else {
+            panic!("not status");
+        };
+        assert_eq!(a.agent, "http://10.0.0.1:9");
+        assert!(matches!(a.output, PlanFormat::Json));
+    }
+
+    #[test]
+    fn graph_agents_are_repeatable_and_need_live() {
+        let Command::Graph(g) = parse(&[
+            "graph",
+            "--live",
+            "--agent",
+            "http://a:1107",
+            "--agent",
+            "http://b:1107",
+        ])
+        .expect("parses")
+        .command
+        else {
+            panic!("not graph");
+        };
+        assert!(g.live);
+        assert_eq!(g.agents, ["http://a:1107", "http://b:1107"]);
+        let e = parse(&["graph", "--agent", "http://a:1107"])
+            .err()
+            .expect("refused");
+        assert_eq!(e.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+    }
+
+    #[test]
+    fn lab_status_takes_a_node_and_lab_graph_live() {
+        let Command::Lab(l) = parse(&["lab", "status", "node2", "-o", "json"])
+            .expect("parses")
+            .command
+        else {
+            panic!("not lab");
+        };
+        let LabCommand::Status { node, .. } = l.command else {
+            panic!("not lab status");
+        };
+        assert_eq!(node.as_deref(), Some("node2"));
+        let Command::Lab(l) = parse(&["lab", "graph", "--live"]).expect("parses").command else {
+            panic!("not lab");
+        };
+        assert!(matches!(l.command, LabCommand::Graph { live: true, .. }));
     }
 
     #[test]

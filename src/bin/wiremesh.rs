@@ -4,6 +4,7 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use ipnetwork::IpNetwork;
 
+use wiremesh::agent::http::DEFAULT_LISTEN;
 use wiremesh::agent::{AgentConfig, FileRegistry, KernelConfig, RegistryConfig};
 use wiremesh::model::{Granularity, NodeName};
 use wiremesh::registry::annotations::DEFAULT_TOPOLOGY_LABEL;
@@ -149,6 +151,30 @@ struct AgentArgs {
     /// How often to compare the kernel with the desired state even without changes.
     #[arg(long, env = "WIREMESH_RESYNC_PERIOD", default_value = "30s", value_parser = parse_duration)]
     resync_period: Duration,
+    /// Where to serve /metrics (Prometheus), /healthz, /readyz and /status (JSON): an address
+    /// and port (`:1107` is every address, as in Kilo), or `off`.
+    #[arg(long, env = "WIREMESH_LISTEN", value_name = "ADDR|off", default_value = DEFAULT_LISTEN, value_parser = parse_listen)]
+    listen: Listen,
+}
+
+/// The `--listen` value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Listen(Option<SocketAddr>);
+
+fn parse_listen(s: &str) -> Result<Listen, String> {
+    if s == "off" {
+        return Ok(Listen(None));
+    }
+    // Kilo's `:1107`: every address.
+    let full = match s.strip_prefix(':') {
+        Some(port) => format!("0.0.0.0:{port}"),
+        None => s.to_owned(),
+    };
+    full.parse::<SocketAddr>()
+        .map(|a| Listen(Some(a)))
+        .map_err(|_| {
+            format!("{s:?} is not an address and port (127.0.0.1:1107, [::]:1107, :1107) or off")
+        })
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -241,6 +267,7 @@ fn agent_config(a: AgentArgs) -> Result<AgentConfig> {
             mtu,
             service_cidrs: a.service_cidrs,
         },
+        listen: a.listen.0,
     })
 }
 
@@ -327,6 +354,32 @@ mod tests {
             let e = parse_check_in(bad).unwrap_err();
             assert!(e.contains("at most 30s"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn listen_takes_an_address_kilos_port_form_or_off() {
+        assert_eq!(
+            parse_listen(DEFAULT_LISTEN),
+            Ok(Listen(Some("0.0.0.0:1107".parse().unwrap())))
+        );
+        assert_eq!(
+            parse_listen(":9000"),
+            Ok(Listen(Some("0.0.0.0:9000".parse().unwrap())))
+        );
+        assert_eq!(
+            parse_listen("[::1]:1107"),
+            Ok(Listen(Some("[::1]:1107".parse().unwrap())))
+        );
+        assert_eq!(parse_listen("off"), Ok(Listen(None)));
+        for bad in ["1107", "localhost:1107", ":x", ""] {
+            let e = parse_listen(bad).unwrap_err();
+            assert!(e.contains("or off"), "{bad}: {e}");
+        }
+        let cli = Cli::try_parse_from(["wiremesh", "agent", "--listen", "off"]).unwrap();
+        let Command::Agent(a) = cli.command else {
+            panic!("not agent")
+        };
+        assert_eq!(a.listen, Listen(None));
     }
 
     #[test]

@@ -2,11 +2,13 @@
 //! [`cluster`]) and choosing the granularity, plus the pure renderers of `meshctl` output.
 //!
 //! May depend on every library module; does file I/O only in [`load`] and network I/O only in
-//! [`cluster`]. Errors are `thiserror` types; the binaries wrap them with `anyhow`.
+//! [`cluster`] (the API server) and [`status`] (an agent's HTTP endpoint). Errors are
+//! `thiserror` types; the binaries wrap them with `anyhow`.
 
 pub mod cluster;
 pub mod peer;
 pub mod plan;
+pub mod status;
 
 use std::path::Path;
 

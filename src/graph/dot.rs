@@ -6,13 +6,17 @@
 //! each peer, dashed undirected private links from each leader to its members. Nodes are
 //! identified by name, peers by `peer:<name>` (a Node name cannot contain `:`).
 //!
+//! A live drawing colours each tunnel by its state (green, amber, red, grey and dashed for
+//! unknown), says it in the edge's `tooltip`, and adds a `cluster_legend` of sample edges
+//! between `legend:` points (no node can be named so).
+//!
 //! Pure. Depends on the topology and model (through the parent module) only.
 
 use std::fmt::Write as _;
 
 use super::{
-    EdgeKind, End, GraphOptions, caption, edges, local_end, node_card, peer_card, segment_label,
-    touches_local,
+    EdgeKind, End, GraphOptions, LIVE_LEGEND, TunnelState, caption, edges, live_caption, local_end,
+    node_card, peer_card, segment_label, touches_local, tunnel_state,
 };
 use crate::topology::Topology;
 
@@ -22,6 +26,16 @@ const LINK: &str = "#495057";
 const LEADER: &str = "#1864ab";
 const LOCAL: &str = "#e8590c";
 const LOCAL_FILL: &str = "#fff4e6";
+
+/// The colour of a live tunnel state.
+fn live_colour(word: &str) -> &'static str {
+    match word {
+        "fresh" => "#2f9e44",
+        "aging" | "new" => "#f08c00",
+        "stale" => "#e03131",
+        _ => "#adb5bd",
+    }
+}
 
 /// `s` as a DOT double-quoted string. Backslashes are doubled so that graphviz reads no escape
 /// sequence (`\N`, `\l`, …) out of a name; line breaks become `\n`.
@@ -67,7 +81,11 @@ pub fn render(topo: &Topology<'_>, opts: &GraphOptions) -> String {
     let mut out = String::with_capacity(1024 + 256 * topo.segments.len() * topo.segments.len());
     let mut title = Vec::with_capacity(2);
     title.extend(opts.title.clone());
-    title.push(caption(topo));
+    let mut cap = caption(topo);
+    if let Some(live) = &opts.live {
+        cap.push_str(&live_caption(live));
+    }
+    title.push(cap);
     out.push_str("digraph \"wiremesh\" {\n");
     let _ = writeln!(
         out,
@@ -108,7 +126,9 @@ pub fn render(topo: &Topology<'_>, opts: &GraphOptions) -> String {
     }
     for e in edges(topo) {
         let on = touches_local(topo, &e, local);
+        let state = opts.live.as_ref().and_then(|l| tunnel_state(topo, &e, l));
         let colour = match e.kind {
+            _ if state.is_some() => state.map_or(TUNNEL, |s| live_colour(s.word())),
             _ if on => LOCAL,
             EdgeKind::Private => LINK,
             EdgeKind::Tunnel => TUNNEL,
@@ -117,6 +137,12 @@ pub fn render(topo: &Topology<'_>, opts: &GraphOptions) -> String {
         let mut attrs = Vec::with_capacity(4);
         if e.kind == EdgeKind::Private {
             attrs.push("dir=\"none\", style=\"dashed\"".to_owned());
+        }
+        if let Some(s) = state {
+            if s == TunnelState::Unknown {
+                attrs.push("style=\"dashed\"".to_owned());
+            }
+            attrs.push(format!("tooltip={}", quote(&s.describe())));
         }
         if colour != TUNNEL {
             attrs.push(format!("color=\"{colour}\""));
@@ -130,8 +156,35 @@ pub fn render(topo: &Topology<'_>, opts: &GraphOptions) -> String {
         }
         out.push_str(";\n");
     }
+    if opts.live.is_some() {
+        write_legend(&mut out);
+    }
     out.push_str("}\n");
     out
+}
+
+/// The live drawing's legend: one sample edge per state, between two `legend:` points.
+fn write_legend(out: &mut String) {
+    out.push_str("\tsubgraph \"cluster_legend\" {\n");
+    out.push_str("\t\tgraph [label=\"tunnels by latest handshake\", style=\"rounded\"];\n");
+    for (word, words) in LIVE_LEGEND {
+        let _ = writeln!(
+            out,
+            "\t\t\"legend:{word}\" [shape=\"point\", width=\"0.05\"];\n\t\t\"legend:{word}:text\" [shape=\"plaintext\", label={}];",
+            quote(words)
+        );
+        let dashed = if word == "unknown" {
+            ", style=\"dashed\""
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            out,
+            "\t\t\"legend:{word}\" -> \"legend:{word}:text\" [dir=\"none\", color=\"{}\", penwidth=\"2\"{dashed}];",
+            live_colour(word)
+        );
+    }
+    out.push_str("\t}\n");
 }
 
 /// Append a node's style attributes: leaders bold, the local node filled, peers dashed.
@@ -226,6 +279,7 @@ mod tests {
         let opts = GraphOptions {
             local: None,
             title: Some("say \"hi\"\\".into()),
+            live: None,
         };
         let dot = render(&topo, &opts);
         assert!(dot.contains(r#""x\\y\"z" [label="x\\y\"z\n"#), "{dot}");
@@ -250,6 +304,7 @@ mod tests {
         let opts = GraphOptions {
             local: Some("laptop".into()),
             title: None,
+            live: None,
         };
         let dot = render(&topo, &opts);
         assert!(dot.contains("\"peer:laptop\" [label=\"laptop\\n"));
@@ -261,6 +316,60 @@ mod tests {
         );
         assert!(dot.contains("label=\"★ home-b\\n"));
         assert_eq!(dot.matches("style=\"rounded,bold\"").count(), 3);
+    }
+
+    #[test]
+    fn live_dot_colours_tunnels_by_state_with_a_legend() {
+        let (nodes, peers) = example("three-clouds.yaml", false);
+        let topo = build(&nodes, &peers, Granularity::Full);
+        let key = |n: &str| key_of(&nodes, n);
+        let mut live = super::super::Live::default();
+        live.seen.insert(
+            "fra-1".into(),
+            [(
+                key("hel-1"),
+                super::super::Seen {
+                    age: Some(200),
+                    tx_bytes: 1,
+                },
+            )]
+            .into(),
+        );
+        let opts = GraphOptions {
+            live: Some(live),
+            ..GraphOptions::default()
+        };
+        let dot = render(&topo, &opts);
+        let edge = |a: &str, b: &str| {
+            edge_lines(&dot)
+                .into_iter()
+                .find(|l| l.trim_start().starts_with(&format!("\"{a}\" -> \"{b}\"")))
+                .unwrap_or_else(|| panic!("{a} -> {b}: {dot}"))
+        };
+        let aging = edge("fra-1", "hel-1");
+        assert!(aging.contains("color=\"#f08c00\""), "{aging}");
+        assert!(
+            aging.contains("tooltip=\"handshake 3m ago (aging)\""),
+            "{aging}"
+        );
+        let unknown = edge("hel-1", "par-1");
+        assert!(unknown.contains("color=\"#adb5bd\""), "{unknown}");
+        assert!(unknown.contains("style=\"dashed\""), "{unknown}");
+        assert!(dot.contains("subgraph \"cluster_legend\""));
+        for words in [
+            "handshake < 2 min",
+            "no data",
+            "stale (> 5 min, or never answered)",
+        ] {
+            assert!(
+                dot.contains(&format!("label=\"{words}\"")),
+                "{words}: {dot}"
+            );
+        }
+        assert!(dot.contains("handshakes from 1 agent"));
+        // Not live: no legend, no tooltips.
+        let plain = render(&topo, &GraphOptions::default());
+        assert!(!plain.contains("legend:") && !plain.contains("tooltip="));
     }
 
     #[test]
@@ -302,6 +411,23 @@ mod tests {
         not(feature = "netns-tests"),
         ignore = "needs graphviz (run with --features netns-tests)"
     )]
+    fn graphviz_accepts_a_live_dot_with_its_legend() {
+        let (nodes, peers) = example("locations.yaml", true);
+        let topo = build(&nodes, &peers, Granularity::Location);
+        let opts = GraphOptions {
+            local: Some(nodes[0].name.clone()),
+            live: Some(super::super::Live::default()),
+            ..GraphOptions::default()
+        };
+        let svg = graphviz(&render(&topo, &opts));
+        assert!(svg.contains("tunnels by latest handshake"), "{svg}");
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(feature = "netns-tests"),
+        ignore = "needs graphviz (run with --features netns-tests)"
+    )]
     fn graphviz_accepts_the_dot_of_both_examples() {
         for (file, granularity, peers) in [
             ("three-clouds.yaml", Granularity::Full, false),
@@ -312,6 +438,7 @@ mod tests {
             let opts = GraphOptions {
                 local: Some(nodes[0].name.clone()),
                 title: Some(file.to_owned()),
+                live: None,
             };
             // Graphviz writes `-` in titles as a character reference.
             let svg = graphviz(&render(&topo, &opts)).replace("&#45;", "-");
@@ -336,6 +463,7 @@ mod tests {
         let opts = GraphOptions {
             local: Some(nodes[1].name.clone()),
             title: Some("say \"hi\"\\".into()),
+            live: None,
         };
         graphviz(&render(&topo, &opts));
     }

@@ -25,6 +25,15 @@ pub fn example(file: &str, with_peers: bool) -> (Vec<MeshNode>, Vec<MeshPeer>) {
     (nodes.items, peers)
 }
 
+/// The public key of node `name` among `nodes`.
+pub fn key_of(nodes: &[MeshNode], name: &str) -> WgKey {
+    nodes
+        .iter()
+        .find(|n| n.name.0 == name)
+        .and_then(|n| n.key)
+        .unwrap_or_else(|| panic!("no key for {name}"))
+}
+
 /// The mesh of `nodes` and `peers` under `granularity`, other options at their defaults.
 pub fn build<'a>(
     nodes: &'a [MeshNode],

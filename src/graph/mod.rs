@@ -6,11 +6,14 @@
 //! every two segments and between every leader and every peer; and a private-network link from
 //! each leader to the other members of its segment. The SVG also lists the nodes and peers left
 //! out of the mesh. `GraphOptions::local` highlights a node (or peer) and the tunnels and link
-//! its traffic uses.
+//! its traffic uses. `GraphOptions::live` (`meshctl graph --live`) colours each tunnel by the
+//! age of its latest handshake as the agents at its ends reported it ([`Live`]): green under
+//! 2 min, amber up to 5 min or none yet, red stale, grey where no agent said anything.
 //!
 //! Pure: `fn(&Topology) -> String`, the same input gives the same bytes. Depends on the topology
-//! (with the diagnostics it carries) and model only. This module decides *what* is drawn (cards, edges); `layout` places the boxes,
-//! `svg` and `dot` write the documents.
+//! (with the diagnostics it carries), the model and the status document's health rules only.
+//! This module decides *what* is drawn (cards, edges, tunnel states); `layout` places the
+//! boxes, `svg` and `dot` write the documents.
 
 mod dot;
 mod layout;
@@ -19,9 +22,11 @@ mod svg;
 #[cfg(test)]
 mod fixtures;
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use crate::model::{MeshPeer, NodeName};
+use crate::model::{MeshPeer, NodeName, WgKey};
+use crate::status::{AgentStatus, Health, health, human_age};
 use crate::topology::{Segment, SegmentKey, Topology};
 
 /// What to highlight or label in a drawing.
@@ -31,6 +36,142 @@ pub struct GraphOptions {
     pub local: Option<NodeName>,
     /// A title for the drawing.
     pub title: Option<String>,
+    /// Handshakes as agents saw them: tunnels are coloured by their state (a live drawing).
+    pub live: Option<Live>,
+}
+
+/// One agent's reading of one of its WireGuard peers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seen {
+    /// Seconds since the latest handshake; `None`: never.
+    pub age: Option<u64>,
+    /// Bytes sent to the peer.
+    pub tx_bytes: u64,
+}
+
+/// What agents saw of their tunnels: by reporting node, by the peer's public key.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Live {
+    /// The readings.
+    pub seen: BTreeMap<NodeName, BTreeMap<WgKey, Seen>>,
+}
+
+impl Live {
+    /// The readings of agents' status documents (ages against each agent's own clock).
+    pub fn from_status<'a>(docs: impl IntoIterator<Item = &'a AgentStatus>) -> Live {
+        let mut live = Live::default();
+        for d in docs {
+            let by_key = live.seen.entry(NodeName(d.node.clone())).or_default();
+            for p in &d.peers {
+                by_key.insert(
+                    p.public_key,
+                    Seen {
+                        age: p.age(d.time),
+                        tx_bytes: p.tx_bytes,
+                    },
+                );
+            }
+        }
+        live
+    }
+}
+
+/// A tunnel's state in a live drawing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TunnelState {
+    /// Some agent at one of its ends reported it.
+    Known {
+        health: Health,
+        /// The freshest handshake either end saw.
+        age: Option<u64>,
+    },
+    /// No agent at either end reported it.
+    Unknown,
+}
+
+impl TunnelState {
+    /// The word used in classes, `data-health` and tooltips.
+    fn word(self) -> &'static str {
+        match self {
+            TunnelState::Known { health, .. } => health.as_str(),
+            TunnelState::Unknown => "unknown",
+        }
+    }
+
+    /// The tooltip's words: `handshake 12s ago (fresh)`.
+    fn describe(self) -> String {
+        match self {
+            TunnelState::Known {
+                age: Some(a),
+                health,
+            } => {
+                format!("handshake {} ago ({health})", human_age(Some(a)))
+            }
+            TunnelState::Known { age: None, health } => format!("no handshake yet ({health})"),
+            TunnelState::Unknown => "no data from the agents at either end".to_owned(),
+        }
+    }
+}
+
+/// The legend of a live drawing: (state word, colour, words), in the order shown.
+const LIVE_LEGEND: [(&str, &str); 4] = [
+    ("fresh", "handshake < 2 min"),
+    ("aging", "2–5 min, or none yet"),
+    ("stale", "stale (> 5 min, or never answered)"),
+    ("unknown", "no data"),
+];
+
+/// The public key behind one end of a tunnel: its segment's (the leader's) or the peer's.
+fn end_key(topo: &Topology<'_>, end: End) -> Option<WgKey> {
+    match end {
+        End::Node(s, _) => topo.segments[s].public_key(),
+        End::Peer(p) => Some(topo.peers[p].key),
+    }
+}
+
+/// The state of tunnel `e` from what the agents at its ends saw of each other: the freshest
+/// handshake either saw; without one, stale when either sent something, else new. `None` for a
+/// private link (no WireGuard).
+fn tunnel_state(topo: &Topology<'_>, e: &Edge, live: &Live) -> Option<TunnelState> {
+    if e.kind == EdgeKind::Private {
+        return None;
+    }
+    let mut readings = Vec::with_capacity(2);
+    for (me, other) in [(e.a, e.b), (e.b, e.a)] {
+        // Only nodes run agents; a segment's tunnels are its leader's.
+        let End::Node(s, m) = me else { continue };
+        if m != topo.segments[s].leader {
+            continue;
+        }
+        let Some(key) = end_key(topo, other) else {
+            continue;
+        };
+        if let Some(seen) = live
+            .seen
+            .get(&topo.segments[s].nodes[m].name)
+            .and_then(|by_key| by_key.get(&key))
+        {
+            readings.push(*seen);
+        }
+    }
+    if readings.is_empty() {
+        return Some(TunnelState::Unknown);
+    }
+    let age = readings.iter().filter_map(|r| r.age).min();
+    let tx = readings.iter().map(|r| r.tx_bytes).max().unwrap_or(0);
+    Some(TunnelState::Known {
+        health: health(age, tx),
+        age,
+    })
+}
+
+/// The caption's addition in a live drawing: how many agents reported.
+fn live_caption(live: &Live) -> String {
+    let n = live.seen.len();
+    format!(
+        " · handshakes from {n} agent{}",
+        if n == 1 { "" } else { "s" }
+    )
 }
 
 /// The mesh as a graphviz DOT document.
@@ -343,7 +484,7 @@ mod tests {
         let topo = build(&nodes, &peers, Granularity::Location);
         let opts = GraphOptions {
             local: Some("home-a".into()),
-            title: None,
+            ..GraphOptions::default()
         };
         let local = local_end(&topo, &opts);
         let marked: Vec<String> = edges(&topo)
@@ -399,6 +540,111 @@ mod tests {
         let mut all = Vec::new();
         push_list(&mut all, "pods", &values, None);
         assert_eq!(all.len(), 10);
+    }
+
+    fn seen(age: Option<u64>, tx_bytes: u64) -> Seen {
+        Seen { age, tx_bytes }
+    }
+
+    #[test]
+    fn tunnel_state_takes_the_freshest_handshake_of_either_end_and_unknown_without_data() {
+        let (nodes, peers) = example("three-clouds.yaml", true);
+        let topo = build(&nodes, &peers, Granularity::Full);
+        let key = |n: &str| key_of(&nodes, n);
+        let mut live = Live::default();
+        live.seen.insert(
+            "fra-1".into(),
+            [
+                (key("hel-1"), seen(Some(400), 10)),
+                (key("par-1"), seen(None, 0)),
+            ]
+            .into(),
+        );
+        live.seen
+            .insert("hel-1".into(), [(key("fra-1"), seen(Some(30), 10))].into());
+        live.seen
+            .insert("par-1".into(), [(key("fra-1"), seen(None, 148))].into());
+        let states: BTreeMap<String, &str> = edges(&topo)
+            .iter()
+            .filter_map(|e| Some((edge_key(&topo, e), tunnel_state(&topo, e, &live)?.word())))
+            .collect();
+        let want: BTreeMap<String, &str> = [
+            // fra-1 saw 400 s, hel-1 30 s: the tunnel is fresh.
+            ("fra-1--hel-1".to_owned(), "fresh"),
+            // par-1 sent to fra-1 and never got an answer: stale, though fra-1 sent nothing.
+            ("fra-1--par-1".to_owned(), "stale"),
+            ("hel-1--par-1".to_owned(), "unknown"),
+            ("fra-1--laptop".to_owned(), "unknown"),
+            ("hel-1--laptop".to_owned(), "unknown"),
+            ("laptop--par-1".to_owned(), "unknown"),
+        ]
+        .into();
+        assert_eq!(states, want);
+        // Only what one side saw: that.
+        live.seen.remove(&NodeName::from("hel-1"));
+        let e = edges(&topo)
+            .into_iter()
+            .find(|e| edge_key(&topo, e) == "fra-1--hel-1")
+            .unwrap();
+        assert_eq!(
+            tunnel_state(&topo, &e, &live),
+            Some(TunnelState::Known {
+                health: Health::Stale,
+                age: Some(400)
+            })
+        );
+    }
+
+    #[test]
+    fn a_member_that_is_not_its_locations_leader_reports_no_tunnel() {
+        let (nodes, peers) = example("locations.yaml", false);
+        let topo = build(&nodes, &peers, Granularity::Location);
+        let all = edges(&topo);
+        let tunnel = all.iter().find(|e| e.kind == EdgeKind::Tunnel).unwrap();
+        let (End::Node(s, _), other) = (tunnel.a, tunnel.b) else {
+            panic!("tunnel between nodes")
+        };
+        let member = (0..topo.segments[s].nodes.len()).find(|&m| m != topo.segments[s].leader);
+        if let Some(m) = member {
+            let mut live = Live::default();
+            live.seen.insert(
+                topo.segments[s].nodes[m].name.clone(),
+                [(end_key(&topo, other).unwrap(), seen(Some(1), 1))].into(),
+            );
+            assert_eq!(
+                tunnel_state(&topo, tunnel, &live),
+                Some(TunnelState::Unknown)
+            );
+        }
+    }
+
+    #[test]
+    fn live_readings_come_from_status_documents_against_their_own_clock() {
+        use crate::status::{PeerKind, PeerStatus, STATUS_VERSION};
+        let doc = AgentStatus {
+            version: STATUS_VERSION,
+            node: "fra-1".into(),
+            public_key: None,
+            time: 1000,
+            ready: true,
+            leader: Some(true),
+            wireguard_error: None,
+            peers: vec![PeerStatus {
+                name: "hel-1".into(),
+                kind: PeerKind::Node,
+                public_key: WgKey([1; 32]),
+                endpoint: None,
+                allowed_ips: vec![],
+                latest_handshake: Some(990),
+                rx_bytes: 1,
+                tx_bytes: 2,
+            }],
+        };
+        let live = Live::from_status([&doc]);
+        assert_eq!(
+            live.seen[&NodeName::from("fra-1")][&WgKey([1; 32])],
+            seen(Some(10), 2)
+        );
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! Self-contained: an inline `<style>`, no scripts, fonts, images or links. Every node, peer,
 //! segment and edge is an element with an `id`, a `class` and `data-*` attributes naming it
 //! (`data-node`, `data-peer`, `data-segment`, `data-tunnel="a--b"`, `data-link`), so tools and
-//! tests can find them; hovering shows a `<title>` tooltip. Text is measured as monospace.
+//! tests can find them; hovering shows a `<title>` tooltip. Text is measured as monospace. In a
+//! live drawing each tunnel also has the class `live-<state>` and `data-health="<state>"`
+//! (`fresh`, `aging`, `new`, `stale`, `unknown`), and `data-handshake-age` (seconds) when known.
 //!
 //! Pure. Depends on the topology (with its diagnostics) and model, through the parent module,
 //! and on [`super::layout`] for positions.
@@ -14,8 +16,9 @@ use std::fmt::Write as _;
 
 use super::layout::{self, FRAME_PAD, Group, Layout, Rect, Size, Spec};
 use super::{
-    Card, Edge, EdgeKind, End, GraphOptions, caption, edge_key, edges, end_name, local_end,
-    node_card, peer_card, segment_label, touches_local,
+    Card, Edge, EdgeKind, End, GraphOptions, LIVE_LEGEND, Live, TunnelState, caption, edge_key,
+    edges, end_name, live_caption, local_end, node_card, peer_card, segment_label, touches_local,
+    tunnel_state,
 };
 use crate::topology::Topology;
 
@@ -61,6 +64,10 @@ text{font-family:'DejaVu Sans Mono',Menlo,Consolas,'Liberation Mono',monospace;f
 .tunnel.local{stroke:#e8590c;stroke-width:2.5;stroke-opacity:1}\
 .link{stroke:#495057;stroke-width:1.5;stroke-dasharray:4 3;fill:none}\
 .link.local{stroke:#e8590c;stroke-width:2.5}\
+.tunnel.live-fresh{stroke:#2f9e44}\
+.tunnel.live-aging,.tunnel.live-new{stroke:#f08c00}\
+.tunnel.live-stale{stroke:#e03131}\
+.tunnel.live-unknown{stroke:#adb5bd;stroke-dasharray:4 4}\
 .legend-local{fill:#fff4e6;stroke:#e8590c;stroke-width:2}\
 .legend-peer{fill:#f8f0fc;stroke:#862e9c;stroke-dasharray:5 3}\
 .footer text{fill:#c92a2a}";
@@ -154,9 +161,21 @@ const LEGEND_H: f64 = 22.0;
 
 impl Header {
     fn new(topo: &Topology<'_>, opts: &GraphOptions, has_local: bool) -> Header {
-        let mut legend = vec![(Sample::Line("tunnel"), "WireGuard tunnel")];
-        if !topo.peers.is_empty() {
-            legend.push((Sample::Line("tunnel peer-tunnel"), "tunnel to a peer"));
+        let mut legend = Vec::new();
+        let mut caption = caption(topo);
+        match &opts.live {
+            Some(live) => {
+                for (word, words) in LIVE_LEGEND {
+                    legend.push((Sample::Line(live_line_class(word)), words));
+                }
+                caption.push_str(&live_caption(live));
+            }
+            None => {
+                legend.push((Sample::Line("tunnel"), "WireGuard tunnel"));
+                if !topo.peers.is_empty() {
+                    legend.push((Sample::Line("tunnel peer-tunnel"), "tunnel to a peer"));
+                }
+            }
         }
         if topo.segments.iter().any(|s| s.nodes.len() > 1) {
             legend.push((Sample::Line("link"), "private network to leader"));
@@ -170,7 +189,7 @@ impl Header {
         }
         Header {
             title: opts.title.clone(),
-            caption: caption(topo),
+            caption,
             legend,
         }
     }
@@ -261,6 +280,17 @@ impl Header {
             x += text_width(words, CHAR_W) + LEGEND_SPACING;
         }
         out.push_str("</g>\n</g>\n");
+    }
+}
+
+/// The legend sample's classes for a live tunnel state.
+fn live_line_class(word: &str) -> &'static str {
+    match word {
+        "fresh" => "tunnel live-fresh",
+        "aging" => "tunnel live-aging",
+        "new" => "tunnel live-new",
+        "stale" => "tunnel live-stale",
+        _ => "tunnel live-unknown",
     }
 }
 
@@ -374,7 +404,7 @@ pub fn render(topo: &Topology<'_>, opts: &GraphOptions) -> String {
     );
     header.write(&mut out, &l.header);
     write_frames(&mut out, topo, &l, &labels);
-    write_edges(&mut out, topo, &l, &all_edges, local);
+    write_edges(&mut out, topo, &l, &all_edges, local, opts.live.as_ref());
     write_labels(&mut out, &l, &labels);
     write_nodes(&mut out, topo, &l, &node_cards, &labels, local);
     write_peers(&mut out, topo, &l, &peer_cards, local);
@@ -449,15 +479,18 @@ fn write_edges(
     l: &Layout,
     all: &[Edge],
     local: Option<End>,
+    live: Option<&Live>,
 ) {
     out.push_str("<g class=\"links\">\n");
-    write_edge_set(out, topo, l, all, local, |k, _| k == EdgeKind::Private);
+    write_edge_set(out, topo, l, all, local, live, |k, _| {
+        k == EdgeKind::Private
+    });
     out.push_str("</g>\n<g class=\"tunnels\">\n");
     // Tunnels the local node uses go last, on top of the others.
-    write_edge_set(out, topo, l, all, local, |k, on| {
+    write_edge_set(out, topo, l, all, local, live, |k, on| {
         k != EdgeKind::Private && !on
     });
-    write_edge_set(out, topo, l, all, local, |k, on| {
+    write_edge_set(out, topo, l, all, local, live, |k, on| {
         k != EdgeKind::Private && on
     });
     out.push_str("</g>\n");
@@ -469,6 +502,7 @@ fn write_edge_set(
     l: &Layout,
     all: &[Edge],
     local: Option<End>,
+    live: Option<&Live>,
     pick: impl Fn(EdgeKind, bool) -> bool,
 ) {
     for (i, e) in all.iter().enumerate() {
@@ -487,11 +521,19 @@ fn write_edge_set(
         } else {
             "line"
         };
+        let state = live.and_then(|lv| tunnel_state(topo, e, lv));
+        let live_class = state.map_or(String::new(), |s| format!(" live-{}", s.word()));
         let _ = write!(
             out,
-            "<{shape} id=\"edge-{i}\" class=\"{class}{local_class}\" {attr}=\"{}\" ",
+            "<{shape} id=\"edge-{i}\" class=\"{class}{local_class}{live_class}\" {attr}=\"{}\" ",
             esc(&edge_key(topo, e)),
         );
+        if let Some(s) = state {
+            let _ = write!(out, "data-health=\"{}\" ", s.word());
+            if let TunnelState::Known { age: Some(a), .. } = s {
+                let _ = write!(out, "data-handshake-age=\"{a}\" ");
+            }
+        }
         match (e.kind, e.b) {
             (EdgeKind::Private, End::Node(s, m)) => {
                 out.push_str("points=\"");
@@ -516,11 +558,13 @@ fn write_edge_set(
                 );
             }
         }
+        let detail = state.map_or(String::new(), |s| format!(", {}", s.describe()));
         let _ = writeln!(
             out,
-            "><title>{what}: {} ↔ {}</title></{shape}>",
+            "><title>{what}: {} ↔ {}{}</title></{shape}>",
             esc(end_name(topo, e.a)),
             esc(end_name(topo, e.b)),
+            esc(&detail),
         );
     }
 }
@@ -861,6 +905,7 @@ mod tests {
         let opts = GraphOptions {
             local: Some(nodes[0].name.clone()),
             title: Some(title.to_owned()),
+            live: None,
         };
         let svg = render(&topo, &opts);
         assert!(
@@ -900,6 +945,98 @@ mod tests {
         );
     }
 
+    /// A live reading of three-clouds: fra-1 saw hel-1 12 s ago, par-1 never answered fra-1.
+    fn three_clouds_live(nodes: &[crate::model::MeshNode]) -> Live {
+        let key = |n: &str| key_of(nodes, n);
+        let mut live = Live::default();
+        live.seen.insert(
+            "fra-1".into(),
+            [
+                (
+                    key("hel-1"),
+                    super::super::Seen {
+                        age: Some(12),
+                        tx_bytes: 1,
+                    },
+                ),
+                (
+                    key("par-1"),
+                    super::super::Seen {
+                        age: None,
+                        tx_bytes: 148,
+                    },
+                ),
+            ]
+            .into(),
+        );
+        live
+    }
+
+    #[test]
+    fn live_svg_colours_every_tunnel_by_its_state_and_draws_unknown_ones_too() {
+        let (nodes, peers) = example("three-clouds.yaml", false);
+        let topo = build(&nodes, &peers, Granularity::Full);
+        let opts = GraphOptions {
+            local: Some("fra-1".into()),
+            live: Some(three_clouds_live(&nodes)),
+            ..GraphOptions::default()
+        };
+        let svg = render(&topo, &opts);
+        let parsed = assert_complete(&topo, &svg);
+        let health: BTreeMap<String, String> = parsed.data["data-tunnel"]
+            .iter()
+            .cloned()
+            .zip(parsed.data["data-health"].iter().cloned())
+            .collect();
+        assert_eq!(
+            health,
+            [
+                ("fra-1--hel-1".to_owned(), "fresh".to_owned()),
+                ("fra-1--par-1".to_owned(), "stale".to_owned()),
+                ("hel-1--par-1".to_owned(), "unknown".to_owned()),
+            ]
+            .into()
+        );
+        assert_eq!(parsed.data["data-handshake-age"], ["12"]);
+        // The classes the style colours, on the tunnels and in the legend.
+        for class in ["live-fresh", "live-stale", "live-unknown"] {
+            let n = parsed
+                .classes
+                .iter()
+                .filter(|c| c.split(' ').any(|w| w == class))
+                .count();
+            assert_eq!(n, 2, "{class}: one tunnel and one legend sample");
+        }
+        for colour in ["live-fresh{stroke:#2f9e44}", "live-stale{stroke:#e03131}"] {
+            assert!(svg.contains(colour), "{colour}");
+        }
+        for words in [
+            "handshake &lt; 2 min",
+            "2–5 min, or none yet",
+            "stale (&gt; 5 min, or never answered)",
+            "no data",
+        ] {
+            assert!(svg.contains(words), "legend {words}");
+        }
+        assert!(svg.contains("handshakes from 1 agent"), "caption");
+        assert!(svg.contains("WireGuard tunnel: fra-1 ↔ hel-1, handshake 12s ago (fresh)</title>"));
+        // The live colours win over the local node's highlight: declared after it.
+        let local = svg.find(".tunnel.local{").expect("local style");
+        let fresh = svg.find(".tunnel.live-fresh{").expect("live style");
+        assert!(fresh > local);
+    }
+
+    #[test]
+    fn a_drawing_that_is_not_live_has_no_states() {
+        let (nodes, peers) = example("three-clouds.yaml", false);
+        let topo = build(&nodes, &peers, Granularity::Full);
+        let svg = render(&topo, &GraphOptions::default());
+        let parsed = parse(&svg);
+        assert_eq!(parsed.count("data-health"), 0);
+        assert!(!parsed.classes.iter().any(|c| c.contains("live-")));
+        assert!(svg.contains("WireGuard tunnel</text>"), "the plain legend");
+    }
+
     #[test]
     fn svg_is_deterministic() {
         let nodes = generated(12, 3);
@@ -909,6 +1046,7 @@ mod tests {
         let opts = GraphOptions {
             local: Some("node-04".into()),
             title: Some("t".into()),
+            live: None,
         };
         assert_eq!(render(&a, &opts), render(&b, &opts));
     }
@@ -920,6 +1058,7 @@ mod tests {
         let opts = GraphOptions {
             local: Some("home-a".into()),
             title: Some("from home-a".into()),
+            live: None,
         };
         let svg = render(&topo, &opts);
         let parsed = parse(&svg);

@@ -21,6 +21,10 @@ use super::LabError;
 use super::state::{LabState, NodeState, ProcRef, create_dir};
 use super::sys;
 
+/// Where each agent serves its HTTP endpoint: the loopback of its own node namespace (each
+/// namespace has its own), so nothing of it reaches the host or the underlay.
+pub const AGENT_LISTEN: &str = "127.0.0.1:1107";
+
 /// The shell line each agent is started with: `$1` is the directory to bind over
 /// `/run/wireguard`, the rest is the agent's command line.
 pub const AGENT_SHELL: &str = "mount --bind \"$1\" /run/wireguard && shift && exec \"$@\"";
@@ -78,6 +82,8 @@ pub fn agent_args(state: &LabState, node: &NodeState, extra: &[String]) -> Vec<O
         node.conflist().into(),
         "--log-level".into(),
         "info".into(),
+        "--listen".into(),
+        AGENT_LISTEN.into(),
     ];
     args.extend(rest);
     args.extend(extra.iter().map(OsString::from));
@@ -203,7 +209,7 @@ mod tests {
              --private-key /run/wiremesh-lab/wm/nodes/node2/key --granularity full \
              --encapsulate never --wireguard userspace \
              --cni-config /run/wiremesh-lab/wm/nodes/node2/cni/10-wiremesh.conflist \
-             --log-level info --x"
+             --log-level info --listen 127.0.0.1:1107 --x"
         );
     }
 

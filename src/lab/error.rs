@@ -1,6 +1,7 @@
 //! The one error type of the lab harness, and the exit code each error maps to.
 //!
-//! Depends on `thiserror`, the file registry's error, `kube`'s error and `std` only.
+//! Depends on `thiserror`, the file registry's error, `kube`'s error, the agent client's error
+//! and `std` only.
 
 use std::path::PathBuf;
 
@@ -154,6 +155,15 @@ pub enum LabError {
         /// The client's error.
         #[source]
         source: Box<kube::Error>,
+    },
+    /// A node's agent could not be asked over its HTTP endpoint.
+    #[error("node {node}: {source}")]
+    Agent {
+        /// The node.
+        node: String,
+        /// Why.
+        #[source]
+        source: crate::cli::status::ClientError,
     },
     /// A packet capture file could not be decoded.
     #[error("packet capture: {0}")]

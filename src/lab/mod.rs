@@ -6,7 +6,8 @@
 //! up::up             → namespaces (net), keys, nodes file or API server (apiserver, cluster),
 //!                      agents (agent), pods (cni)
 //!                      ↳ state file lab.json, written after every step
-//! status / check / graph read lab.json (+ UAPI sockets, the API server, ping, tcpdump)
+//! status / check / graph read lab.json (+ UAPI sockets, the API server, ping, tcpdump, and
+//!                      the agents' HTTP endpoints on each node's loopback: probe)
 //! node::add/remove   → one more node (namespace, Node or file entry, agent, pods), or one less
 //! down::down         → processes by PID, CNI DEL, namespaces, files; by state and by prefix
 //! ```
@@ -37,6 +38,7 @@ pub mod keys;
 pub mod names;
 pub mod net;
 pub mod node;
+pub mod probe;
 pub mod spec;
 pub mod state;
 pub mod status;
@@ -50,7 +52,7 @@ pub use error::LabError;
 pub use names::LabName;
 pub use state::LabState;
 
-use crate::graph::{GraphOptions, render_dot, render_svg};
+use crate::graph::{GraphOptions, Live, render_dot, render_svg};
 use crate::model::{MeshNode, NodeName};
 use crate::registry::annotations::{DEFAULT_TOPOLOGY_LABEL, parse_node};
 use crate::registry::file::{Loaded, load_nodes};
@@ -121,11 +123,14 @@ pub fn mesh_options(state: &LabState) -> MeshOptions {
 }
 
 /// Draw the lab's mesh from its nodes (file or API server), as the agents compute it; `local`
-/// highlights a node. Returns the drawing and the engine's warnings.
+/// highlights a node; `live` colours the tunnels by the handshakes every agent reports (an
+/// agent that does not answer leaves its tunnels unknown, with a warning). Returns the drawing
+/// and the warnings.
 pub fn graph(
     state: &LabState,
     format: GraphFormat,
     local: Option<&str>,
+    live: bool,
 ) -> Result<(String, Vec<String>), LabError> {
     let loaded = mesh_nodes(state)?;
     let opts = mesh_options(state);
@@ -138,19 +143,32 @@ pub fn graph(
             state.name
         )));
     }
-    let gopts = GraphOptions {
-        local: local.map(|n| NodeName(n.to_owned())),
-        title: Some(format!("wiremesh lab {}", state.name)),
-    };
-    let text = match format {
-        GraphFormat::Svg => render_svg(&topo, &gopts),
-        GraphFormat::Dot => render_dot(&topo, &gopts),
-    };
-    let warnings = loaded
+    let mut warnings: Vec<String> = loaded
         .diagnostics
         .iter()
         .chain(&topo.diagnostics)
         .map(ToString::to_string)
         .collect();
+    let live = live.then(|| {
+        let mut docs = Vec::new();
+        for (_, r) in probe::all_statuses(state) {
+            match r {
+                Ok(d) => docs.push(d),
+                Err(e) => {
+                    warnings.push(format!("{e}; tunnels only it reports are drawn as unknown"))
+                }
+            }
+        }
+        Live::from_status(&docs)
+    });
+    let gopts = GraphOptions {
+        local: local.map(|n| NodeName(n.to_owned())),
+        title: Some(format!("wiremesh lab {}", state.name)),
+        live,
+    };
+    let text = match format {
+        GraphFormat::Svg => render_svg(&topo, &gopts),
+        GraphFormat::Dot => render_dot(&topo, &gopts),
+    };
     Ok((text, warnings))
 }

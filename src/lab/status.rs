@@ -18,6 +18,7 @@ use super::{cluster, sys, uapi};
 use crate::cli::table;
 use crate::model::{MeshNode, WgKey};
 use crate::registry::annotations::{KILO_PREFIX, WIREMESH_PREFIX};
+use crate::status::human_bytes;
 use crate::topology;
 
 /// The whole lab.
@@ -316,22 +317,6 @@ pub fn collect(state: &LabState, now_unix: u64) -> LabStatus {
     }
 }
 
-/// Bytes in a short human form (`512 B`, `1.5 KiB`, `3.2 MiB`).
-pub fn human_bytes(b: u64) -> String {
-    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
-    if b < 1024 {
-        return format!("{b} B");
-    }
-    // Display only: the precision lost converting to f64 does not show at one decimal.
-    let mut v = b as f64 / 1024.0;
-    let mut unit = 0;
-    while v >= 1024.0 && unit + 1 < UNITS.len() {
-        v /= 1024.0;
-        unit += 1;
-    }
-    format!("{v:.1} {}", UNITS[unit])
-}
-
 /// The status as text: a node table, then each node's peers.
 pub fn render_text(s: &LabStatus) -> String {
     let mut out = String::new();
@@ -522,12 +507,5 @@ mod tests {
         let mut s = sample();
         s.nodes[0].wireguard_error = Some("no socket".into());
         assert!(render_text(&s).contains("fra-1 peers: none readable (no socket)"));
-    }
-
-    #[test]
-    fn bytes_are_shown_in_binary_units() {
-        assert_eq!(human_bytes(0), "0 B");
-        assert_eq!(human_bytes(1536), "1.5 KiB");
-        assert_eq!(human_bytes(5 * 1024 * 1024), "5.0 MiB");
     }
 }

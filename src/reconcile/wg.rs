@@ -423,17 +423,49 @@ pub struct Created {
     pub adopted: bool,
 }
 
-/// A peer's live counters, as the device reports them.
+/// A peer's live state, as the device reports it: where it is, what it routes, its handshake
+/// and counters. Nothing secret: no preshared key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WgPeerStats {
     /// The peer's public key.
     pub public_key: WgKey,
+    /// Its current endpoint (set, or learnt from its packets), if any.
+    pub endpoint: Option<SocketAddr>,
+    /// Its allowed IPs, sorted.
+    pub allowed_ips: Vec<IpNetwork>,
     /// When the last handshake completed; `None` if never.
     pub last_handshake: Option<SystemTime>,
     /// Bytes received from the peer.
     pub rx_bytes: u64,
     /// Bytes sent to the peer.
     pub tx_bytes: u64,
+}
+
+/// A read-only handle on a WireGuard interface that holds no key: what the agent's HTTP
+/// endpoint reads at scrape time ([`WgReader::peer_stats`]). Cheap to clone; blocking.
+#[derive(Debug, Clone)]
+pub struct WgReader {
+    name: String,
+    iface: InterfaceName,
+    backend: WgBackend,
+    netns: Option<PathBuf>,
+}
+
+impl WgReader {
+    /// The interface name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Each peer's endpoint, allowed IPs, handshake time and byte counters, sorted by key;
+    /// empty when the device does not exist. One netlink dump or one UAPI `get`.
+    pub fn peer_stats(&self) -> Result<Vec<WgPeerStats>, KernelError> {
+        Ok(
+            get_device(&self.name, self.iface, self.backend, self.netns.as_deref())?
+                .map(|d| stats_of(&d.peers))
+                .unwrap_or_default(),
+        )
+    }
 }
 
 /// What [`WgDevice::apply_peers`] did. Peers in neither list nor `failed` were not touched.
@@ -655,23 +687,20 @@ impl WgDevice {
         Ok(self.get_device()?.map(|d| device_state(&d)))
     }
 
-    /// Each peer's handshake time and byte counters, sorted by key; empty when the device does
-    /// not exist.
+    /// Each peer's endpoint, allowed IPs, handshake time and byte counters, sorted by key;
+    /// empty when the device does not exist.
     pub fn peer_stats(&self) -> Result<Vec<WgPeerStats>, KernelError> {
-        let Some(device) = self.get_device()? else {
-            return Ok(Vec::new());
-        };
-        let mut by_key: BTreeMap<WgKey, WgPeerStats> = BTreeMap::new();
-        for p in &device.peers {
-            let key = WgKey(p.config.public_key.0);
-            by_key.entry(key).or_insert_with(|| WgPeerStats {
-                public_key: key,
-                last_handshake: p.stats.last_handshake_time,
-                rx_bytes: p.stats.rx_bytes,
-                tx_bytes: p.stats.tx_bytes,
-            });
+        self.reader().peer_stats()
+    }
+
+    /// A handle that only reads this interface and holds no key.
+    pub fn reader(&self) -> WgReader {
+        WgReader {
+            name: self.name.clone(),
+            iface: self.iface,
+            backend: self.backend,
+            netns: self.netns.clone(),
         }
-        Ok(by_key.into_values().collect())
     }
 
     /// Set the private key and listen port; peers are not touched (no `replace_peers`). Only
@@ -919,20 +948,7 @@ impl WgDevice {
 
     /// The device as `wireguard-control` reads it; `None` when it does not exist.
     fn get_device(&self) -> Result<Option<Device>, KernelError> {
-        let op = format!("read {}", self.name);
-        let iface = self.iface;
-        let got = match self.backend {
-            WgBackend::Kernel => in_netns(self.netns.as_deref(), || {
-                Device::get(&iface, Backend::Kernel)
-            })
-            .and_then(|r| r),
-            WgBackend::Userspace => Device::get(&iface, Backend::Userspace),
-        };
-        match got {
-            Ok(d) => Ok(Some(d)),
-            Err(e) if device_missing(&e) => Ok(None),
-            Err(e) => Err(wg_err(op, e)),
-        }
+        get_device(&self.name, self.iface, self.backend, self.netns.as_deref())
     }
 
     fn socket_answers(&self) -> bool {
@@ -1021,6 +1037,57 @@ fn peer_builder(p: &WgPeer, endpoint: Option<SocketAddr>) -> PeerConfigBuilder {
         b = b.add_allowed_ip(net.network(), net.prefix());
     }
     b
+}
+
+/// Interface `name` as `wireguard-control` reads it; `None` when it does not exist.
+fn get_device(
+    name: &str,
+    iface: InterfaceName,
+    backend: WgBackend,
+    netns: Option<&Path>,
+) -> Result<Option<Device>, KernelError> {
+    let got = match backend {
+        WgBackend::Kernel => {
+            in_netns(netns, || Device::get(&iface, Backend::Kernel)).and_then(|r| r)
+        }
+        WgBackend::Userspace => Device::get(&iface, Backend::Userspace),
+    };
+    match got {
+        Ok(d) => Ok(Some(d)),
+        Err(e) if device_missing(&e) => Ok(None),
+        Err(e) => Err(wg_err(format!("read {name}"), e)),
+    }
+}
+
+/// Live peer states from a device's peers, merged by key (a kernel dump may split a peer) and
+/// sorted by key. Preshared keys are not carried over.
+fn stats_of(infos: &[PeerInfo]) -> Vec<WgPeerStats> {
+    let mut by_key: BTreeMap<WgKey, WgPeerStats> = BTreeMap::new();
+    for p in infos {
+        let key = WgKey(p.config.public_key.0);
+        let s = by_key.entry(key).or_insert_with(|| WgPeerStats {
+            public_key: key,
+            endpoint: p.config.endpoint.map(normalize),
+            allowed_ips: Vec::new(),
+            last_handshake: p.stats.last_handshake_time,
+            rx_bytes: p.stats.rx_bytes,
+            tx_bytes: p.stats.tx_bytes,
+        });
+        s.allowed_ips.extend(
+            p.config
+                .allowed_ips
+                .iter()
+                .filter_map(|a| IpNetwork::new(a.address, a.cidr).ok()),
+        );
+    }
+    by_key
+        .into_values()
+        .map(|mut s| {
+            s.allowed_ips.sort();
+            s.allowed_ips.dedup();
+            s
+        })
+        .collect()
 }
 
 fn device_state(d: &Device) -> WgDeviceState {
@@ -1518,6 +1585,38 @@ mod tests {
             s.peers[1].endpoint,
             Some(Endpoint::Addr("10.0.0.9:7".parse().unwrap()))
         );
+    }
+
+    #[test]
+    fn stats_merge_split_peers_and_carry_no_preshared_key() {
+        let mut a = info(2, &["10.0.2.0/24"], [5; 32]);
+        a.stats.rx_bytes = 10;
+        a.stats.tx_bytes = 20;
+        a.stats.last_handshake_time = Some(SystemTime::UNIX_EPOCH + Duration::from_secs(99));
+        let peers = [a.clone(), info(1, &["10.0.1.0/24"], [0; 32]), {
+            let mut b = a;
+            b.config.allowed_ips = vec!["10.0.0.0/24".parse::<AllowedIp>().unwrap()];
+            b
+        }];
+        let s = stats_of(&peers);
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[1].public_key, key(2));
+        assert_eq!(
+            s[1].allowed_ips,
+            vec![
+                "10.0.0.0/24".parse::<IpNetwork>().unwrap(),
+                "10.0.2.0/24".parse().unwrap()
+            ]
+        );
+        assert_eq!(s[1].endpoint, Some("10.0.0.9:7".parse().unwrap()));
+        assert_eq!((s[1].rx_bytes, s[1].tx_bytes), (10, 20));
+        assert_eq!(
+            s[1].last_handshake,
+            Some(SystemTime::UNIX_EPOCH + Duration::from_secs(99))
+        );
+        let shown = format!("{s:?}");
+        assert!(!shown.contains(&key(5).to_string()), "{shown}");
+        assert!(!shown.contains("[5, 5, 5"), "{shown}");
     }
 
     #[test]

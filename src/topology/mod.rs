@@ -227,23 +227,66 @@ pub fn allocate(subnet: IpNetwork, index: usize) -> Option<IpAddr> {
     }
 }
 
+/// Why a node cannot take part (yet).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum NotReady {
+    /// It has no WireGuard public key.
+    NoKey,
+    /// It has no endpoint.
+    NoEndpoint,
+    /// It has no pod CIDR.
+    NoPodCidr,
+    /// Its last-seen heartbeat is older than two check-in periods.
+    StaleHeartbeat,
+}
+
+impl NotReady {
+    /// Every reason, in the order they are checked.
+    pub const ALL: [NotReady; 4] = [
+        NotReady::NoKey,
+        NotReady::NoEndpoint,
+        NotReady::NoPodCidr,
+        NotReady::StaleHeartbeat,
+    ];
+
+    /// The reason in words, as diagnostics carry it.
+    pub fn text(self) -> &'static str {
+        match self {
+            NotReady::NoKey => "no WireGuard public key published yet",
+            NotReady::NoEndpoint => "no endpoint published yet",
+            NotReady::NoPodCidr => "no pod CIDR assigned yet",
+            NotReady::StaleHeartbeat => "last-seen heartbeat is stale (agent not running?)",
+        }
+    }
+
+    /// The reason whose words are `text`, if any (to classify a diagnostic).
+    pub fn from_text(text: &str) -> Option<NotReady> {
+        NotReady::ALL.into_iter().find(|r| r.text() == text)
+    }
+}
+
 /// Why a node is not ready to take part, or `None` when it is.
-pub fn not_ready_reason(node: &MeshNode, now: Option<i64>) -> Option<&'static str> {
+pub fn not_ready(node: &MeshNode, now: Option<i64>) -> Option<NotReady> {
     if node.key.is_none() {
-        return Some("no WireGuard public key published yet");
+        return Some(NotReady::NoKey);
     }
     if node.endpoint.is_none() {
-        return Some("no endpoint published yet");
+        return Some(NotReady::NoEndpoint);
     }
     if node.pod_cidrs.is_empty() {
-        return Some("no pod CIDR assigned yet");
+        return Some(NotReady::NoPodCidr);
     }
     if let (Some(now), Some(seen)) = (now, node.last_seen)
         && now - seen >= 2 * CHECK_IN_PERIOD_SECS
     {
-        return Some("last-seen heartbeat is stale (agent not running?)");
+        return Some(NotReady::StaleHeartbeat);
     }
     None
+}
+
+/// Why a node is not ready to take part, in words, or `None` when it is.
+pub fn not_ready_reason(node: &MeshNode, now: Option<i64>) -> Option<&'static str> {
+    not_ready(node, now).map(NotReady::text)
 }
 
 /// The whole mesh, independent of which node looks at it.

@@ -604,3 +604,21 @@ fn cidr_index_finds_overlaps_of_both_families_but_not_neighbours_or_its_own() {
     idx.remove(&net("10.42.1.0/24"), &a);
     assert!(idx.conflict(&net("10.42.1.0/24"), &b).is_none());
 }
+
+#[test]
+fn every_not_ready_reason_is_recognised_from_its_words() {
+    for r in NotReady::ALL {
+        assert_eq!(NotReady::from_text(r.text()), Some(r));
+    }
+    assert_eq!(
+        NotReady::from_text("the same node name appears twice"),
+        None
+    );
+    let mut n = MeshNode::new("a");
+    assert_eq!(not_ready(&n, None), Some(NotReady::NoKey));
+    n.key = Some(WgKey([1; 32]));
+    assert_eq!(
+        not_ready_reason(&n, None),
+        Some(NotReady::NoEndpoint.text())
+    );
+}
