@@ -14,5 +14,6 @@ mod meshctl_cluster;
 mod netlink_netns;
 mod nft_cni_netns;
 mod plan_golden;
+mod scale_kube;
 mod showconf_wg;
 mod wg_netns;
