@@ -137,6 +137,9 @@ fn log_new_diagnostics(seen: &mut BTreeSet<String>, diags: &[Diagnostic]) {
     *seen = now;
 }
 
+/// Batches ready behind the one taken that join it (see the loop), at most.
+const MERGE_MAX: usize = 16;
+
 /// Peers of one change logged one by one; a bigger change is logged as counts. A node leaving
 /// a full mesh renumbers the mesh IPs of every node after it (Kilo's allocation), so one event
 /// can change thousands of peers: a line each made the log, not the kernel, the agent's work.
@@ -433,11 +436,25 @@ pub async fn run_with<K: Kernel>(
                 return Ok(());
             }
             batch = registry.recv(), if registry_open => {
-                let Some(batch) = batch else {
+                let Some(mut batch) = batch else {
                     warn!("the registry stopped; keeping the mesh as it is");
                     registry_open = false;
                     continue;
                 };
+                // The registry hands a batch over as soon as the channel has room: this one
+                // waited there, frozen, through the last reconciliation, while the rest of the
+                // burst gathered behind it. Take that too, or it waits one reconciliation more.
+                let mut interrupted = !batch.connected || !batch.synced;
+                for _ in 0..MERGE_MAX {
+                    tokio::task::yield_now().await;
+                    match registry.try_recv() {
+                        Ok(later) => {
+                            interrupted |= !later.connected || !later.synced;
+                            batch.merge(later);
+                        }
+                        Err(_) => break,
+                    }
+                }
                 if let Some(n) = batch.local {
                     if let Some(link) = &cluster
                         && own.is_none()
@@ -460,9 +477,10 @@ pub async fn run_with<K: Kernel>(
                         overlay_local(n, public_key, own.as_ref());
                     }
                 }
-                if !batch.connected || !batch.synced {
+                if interrupted {
                     live_since = None;
-                } else if live_since.is_none() {
+                }
+                if batch.connected && batch.synced && live_since.is_none() {
                     live_since = Some(tokio::time::Instant::now());
                     if let Some(link) = &cluster {
                         link.reconnected();

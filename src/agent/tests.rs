@@ -15,6 +15,8 @@ struct FakeKernel {
     state: Arc<Mutex<OwnedState>>,
     applied: Arc<Mutex<Vec<Op>>>,
     refuse: Arc<Mutex<Option<(ipnetwork::IpNetwork, usize)>>>,
+    /// How many times operations were applied (one reconciliation each).
+    reconciles: Arc<Mutex<usize>>,
 }
 
 const KEY: WgKey = WgKey([7; 32]);
@@ -41,6 +43,14 @@ impl Kernel for FakeKernel {
         );
         self.applied.lock().unwrap().push(op.clone());
         Ok(())
+    }
+    async fn apply_all(&mut self, ops: &[Op]) -> Vec<Result<(), KernelError>> {
+        *self.reconciles.lock().unwrap() += 1;
+        let mut out = Vec::with_capacity(ops.len());
+        for op in ops {
+            out.push(self.apply(op).await);
+        }
+        out
     }
 }
 
@@ -354,6 +364,49 @@ async fn a_burst_taken_in_one_batch_reaches_the_kernel_as_its_net_change() {
     assert!(
         upserted.contains(&par) && upserted.contains(&hel),
         "{ops:?}"
+    );
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn batches_waiting_together_are_reconciled_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let kernel = FakeKernel::default();
+    let (tx, rx) = mpsc::channel(4);
+    let agent = Running::with_registry(cfg, &kernel, rx, None);
+    let nodes = three_clouds();
+    let all = nodes.iter().cloned().map(Event::NodeUpsert).collect();
+    tx.send(batch(all, true)).await.unwrap();
+    wait_for("the mesh's two peers", || peers(&kernel) == 2).await;
+    let before = *kernel.reconciles.lock().unwrap();
+    // Two batches queue up before the agent runs again (this test's runtime has one thread).
+    for (i, port) in [(1, 40020), (2, 40021)] {
+        let mut n = nodes[i].clone();
+        n.endpoint = Some(format!("203.0.113.98:{port}").parse().unwrap());
+        tx.send(batch(vec![Event::NodeUpsert(n)], true))
+            .await
+            .unwrap();
+    }
+    let endpoints = || {
+        let st = kernel.state.lock().unwrap();
+        st.wireguard.as_ref().map_or(0, |w| {
+            w.peers
+                .iter()
+                .filter(|p| {
+                    p.endpoint
+                        .as_ref()
+                        .is_some_and(|e| e.to_string().starts_with("203.0.113.98:"))
+                })
+                .count()
+        })
+    };
+    wait_for("both moves in the kernel", || endpoints() == 2).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        *kernel.reconciles.lock().unwrap() - before,
+        1,
+        "one reconciliation for both"
     );
     agent.stop().await;
 }
