@@ -181,7 +181,7 @@ fn main() -> Result<()> {
     let accepted = rep.accepted_total();
     let get = |k: &str| rep.accepted.get(k).copied().unwrap_or(0);
     println!(
-        "scale nodes={} granularity={} per_location={} peers={} routes={} peers_end={} \
+        "scale nodes={} granularity={} mix={} per_location={} peers={} routes={} peers_end={} \
          create_s={:.1} first_convergence_s={:.2} initial_cpu_s={:.2} \
          rate_target={} duration_s={} concurrency={} changes={} accepted={} refused={} \
          achieved_rate={:.0} api_p50_ms={:.1} api_p99_ms={:.1} \
@@ -195,6 +195,10 @@ fn main() -> Result<()> {
          hwm_mib={} wireguard_go_rss_mib={} exact=yes",
         args.nodes,
         args.granularity,
+        w.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
         args.per_location,
         first.peers.len(),
         first.routes.len(),
