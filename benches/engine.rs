@@ -94,6 +94,26 @@ fn incremental_event(c: &mut Criterion) {
             stats.incremental > 0 && stats.full == 1,
             "events took the full path: {stats:?}"
         );
+    }
+    group.finish();
+}
+
+/// The costly events, in milliseconds each: fewer samples.
+fn bursts(c: &mut Criterion) {
+    let mut group = c.benchmark_group("burst");
+    group.sample_size(20);
+    let n = 5000;
+    let nodes = cluster(n);
+    for (name, g) in [
+        ("full", Granularity::Full),
+        ("location", Granularity::Location),
+    ] {
+        let mut engine = Engine::new(
+            nodes.clone(),
+            Vec::new(),
+            NodeName("node-00000".into()),
+            opts(g),
+        );
         // A node in the middle leaves and comes back: Kilo's allocation renumbers the mesh IP
         // of every segment after it, so each event recomputes half the mesh.
         let mid = nodes[n / 2].clone();
@@ -117,5 +137,5 @@ fn incremental_event(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, full_computation, incremental_event);
+criterion_group!(benches, full_computation, incremental_event, bursts);
 criterion_main!(benches);

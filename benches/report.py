@@ -87,10 +87,10 @@ for g in ("full", "location"):
     e = estimate("incremental", f"endpoint-move_{g}/5000")
     w(f"| endpoint moves | {g} | {fmt(e)} | ≤ 50 µs: {verdict(e, 50e-6)} |")
 for g in ("full", "location"):
-    e = estimate("incremental", f"node-leaves_{g}/5000")
+    e = estimate("burst", f"node-leaves_{g}/5000")
     w(f"| a node leaves or returns | {g} | {fmt(e)} |  |")
 for g in ("full", "location"):
-    e = estimate("incremental", f"recompute_{g}/5000")
+    e = estimate("burst", f"recompute_{g}/5000")
     w(f"| full recomputation and diff | {g} | {fmt(e)} |  |")
 w("")
 
