@@ -1,5 +1,7 @@
 //! Engine benchmarks: full computation of one node's view at 100, 1000 and 5000 nodes, in full
-//! and location granularity (10 nodes per location), and one incremental event at 5000 nodes.
+//! and location granularity (10 nodes per location); at 5000 nodes, one incremental event (an
+//! endpoint moves; a node in the middle leaves or returns, which renumbers the mesh IPs after
+//! it) and the engine's full recomputation with its diff.
 //!
 //! Run with `cargo bench --bench engine`; `benches/run.sh` turns the figures into BENCHMARKS.md.
 
@@ -96,5 +98,44 @@ fn incremental_event(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, full_computation, incremental_event);
+/// The costly events, in milliseconds each: fewer samples.
+fn bursts(c: &mut Criterion) {
+    let mut group = c.benchmark_group("burst");
+    group.sample_size(20);
+    let n = 5000;
+    let nodes = cluster(n);
+    for (name, g) in [
+        ("full", Granularity::Full),
+        ("location", Granularity::Location),
+    ] {
+        let mut engine = Engine::new(
+            nodes.clone(),
+            Vec::new(),
+            NodeName("node-00000".into()),
+            opts(g),
+        );
+        // A node in the middle leaves and comes back: Kilo's allocation renumbers the mesh IP
+        // of every segment after it, so each event recomputes half the mesh.
+        let mid = nodes[n / 2].clone();
+        let mut gone = false;
+        group.bench_function(BenchmarkId::new(format!("node-leaves/{name}"), n), |b| {
+            b.iter(|| {
+                gone = !gone;
+                let ev = if gone {
+                    Event::NodeRemove(mid.name.clone())
+                } else {
+                    Event::NodeUpsert(mid.clone())
+                };
+                black_box(engine.apply(ev))
+            })
+        });
+        // What the engine does for a burst instead: one full recomputation and a diff.
+        group.bench_function(BenchmarkId::new(format!("recompute/{name}"), n), |b| {
+            b.iter(|| black_box(engine.set_now(None)))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, full_computation, incremental_event, bursts);
 criterion_main!(benches);

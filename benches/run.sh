@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run every benchmark and rewrite BENCHMARKS.md from the results.
 #
-#   benches/run.sh            # all benchmarks this machine can run (root adds the kernel ones)
+#   benches/run.sh            # all benchmarks this machine can run (root adds the kernel ones
+#                             # and the 5,000-node load test, benches/scale.sh)
 #   benches/run.sh --quick    # shorter measurement, for a smoke run
 #
 # Results go to target/bench-results/; benches/report.py turns them into BENCHMARKS.md.
@@ -29,6 +30,11 @@ done
 if [ "$(id -u)" = 0 ] && [ -x benches/kernel.sh ]; then
   echo "== kernel benchmarks (root)"
   benches/kernel.sh "$out"
+fi
+
+if [ "$(id -u)" = 0 ] && [ -x benches/scale.sh ]; then
+  echo "== load test: one agent, 5000 nodes, a real API server (root)"
+  if [ "$measure" = 1 ]; then DURATION=10 benches/scale.sh "$out"; else benches/scale.sh "$out"; fi
 fi
 
 python3 benches/report.py "$out" > BENCHMARKS.md

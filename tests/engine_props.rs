@@ -213,6 +213,137 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// Property: batches of events end in the full recomputation's state, and their updates
+    /// replay to it, whether a batch was taken event by event or folded into one recomputation.
+    #[test]
+    fn batches_end_in_the_full_recompute_state(
+        start in gens::cluster(8, true),
+        batches in prop::collection::vec(prop::collection::vec(event(), 1..12), 1..6),
+        full in any::<bool>(),
+    ) {
+        let o = opts(full);
+        let local = first(&start);
+        let mut engine = Engine::new(start.clone(), Vec::new(), local.clone(), o.clone());
+        let mut nodes: BTreeMap<NodeName, MeshNode> = start.into_iter().map(|n| (n.name.clone(), n)).collect();
+        let mut peers: BTreeMap<NodeName, MeshPeer> = BTreeMap::new();
+        let mut mirror = engine.desired();
+        for batch in batches {
+            for ev in &batch {
+                match ev {
+                    Event::NodeUpsert(n) => { nodes.insert(n.name.clone(), n.clone()); }
+                    Event::NodeRemove(n) => { nodes.remove(n); }
+                    Event::PeerUpsert(p) => { peers.insert(p.name.clone(), p.clone()); }
+                    Event::PeerRemove(p) => { peers.remove(p); }
+                }
+            }
+            let mut updates = Vec::new();
+            engine.apply_batch(batch, |u| updates.push(u));
+            for u in updates {
+                match u {
+                    Update::Delta(d) => {
+                        let m = mirror.as_mut().expect("a delta needs a previous state");
+                        d.apply_to(m);
+                    }
+                    Update::Full(s) => mirror = Ok(s),
+                    Update::Unavailable(e) => mirror = Err(e),
+                }
+            }
+            let expected = full_state(&nodes, &peers, &local, &o);
+            prop_assert_eq!(&engine.desired(), &expected);
+            prop_assert_eq!(&mirror, &expected);
+        }
+    }
+}
+
+/// A full mesh of `n` ready nodes `n000`… (the local node is `n000`).
+fn mesh(n: usize) -> Vec<MeshNode> {
+    (0..n)
+        .map(|i| {
+            let mut m = MeshNode::new(format!("n{i:03}"));
+            let mut key = [0u8; 32];
+            key[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
+            m.key = Some(wiremesh::model::WgKey(key));
+            m.endpoint = Some(
+                format!("203.0.113.{}:{}", i % 250, 1024 + i)
+                    .parse()
+                    .unwrap(),
+            );
+            m.pod_cidrs = vec![
+                format!("10.{}.{}.0/24", 64 + i / 256, i % 256)
+                    .parse()
+                    .unwrap(),
+            ];
+            m
+        })
+        .collect()
+}
+
+#[test]
+fn a_burst_of_nodes_leaving_a_full_mesh_is_folded_into_one_recomputation() {
+    let nodes = mesh(300);
+    let mut engine = Engine::new(
+        nodes.clone(),
+        Vec::new(),
+        NodeName("n000".into()),
+        opts(true),
+    );
+    // Each leave renumbers every segment after it: ten of them, one by one, would recompute
+    // more than ten times what one full recomputation does.
+    let burst: Vec<Event> = (100..110)
+        .map(|i| Event::NodeRemove(nodes[i].name.clone()))
+        .collect();
+    let before = engine.stats();
+    let mut updates = Vec::new();
+    engine.apply_batch(burst, |u| updates.push(u));
+    let after = engine.stats();
+    assert_eq!(after.full - before.full, 1, "one recomputation: {after:?}");
+    assert!(updates.len() < 10, "{} updates", updates.len());
+    let rest: Vec<MeshNode> = nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !(100..110).contains(i))
+        .map(|(_, n)| n.clone())
+        .collect();
+    let expected = full_state(
+        &rest.into_iter().map(|n| (n.name.clone(), n)).collect(),
+        &BTreeMap::new(),
+        &NodeName("n000".into()),
+        &opts(true),
+    );
+    assert_eq!(engine.desired(), expected);
+}
+
+#[test]
+fn a_burst_of_endpoint_moves_smaller_than_the_mesh_stays_on_the_fast_path() {
+    let nodes = mesh(300);
+    let mut engine = Engine::new(
+        nodes.clone(),
+        Vec::new(),
+        NodeName("n000".into()),
+        opts(true),
+    );
+    // 80 moves recompute 80 segments, less than one recomputation of 300 costs.
+    let burst: Vec<Event> = (1..81)
+        .map(|i| {
+            let mut n = nodes[i].clone();
+            n.endpoint = Some(format!("198.51.100.{}:4000", i % 250).parse().unwrap());
+            Event::NodeUpsert(n)
+        })
+        .collect();
+    let mut updates = Vec::new();
+    engine.apply_batch(burst, |u| updates.push(u));
+    assert_eq!(updates.len(), 80, "one update per event");
+    assert_eq!(
+        engine.stats().full,
+        1,
+        "only the initial build: {:?}",
+        engine.stats()
+    );
+}
+
 #[test]
 fn incremental_endpoint_move_touches_only_that_peer() {
     let nodes: Vec<MeshNode> = (0..50u8)

@@ -16,5 +16,6 @@ mod netlink_netns;
 mod nft_cni_netns;
 mod observability;
 mod plan_golden;
+mod scale_kube;
 mod showconf_wg;
 mod wg_netns;

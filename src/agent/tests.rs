@@ -15,6 +15,8 @@ struct FakeKernel {
     state: Arc<Mutex<OwnedState>>,
     applied: Arc<Mutex<Vec<Op>>>,
     refuse: Arc<Mutex<Option<(ipnetwork::IpNetwork, usize)>>>,
+    /// How many times operations were applied (one reconciliation each).
+    reconciles: Arc<Mutex<usize>>,
 }
 
 const KEY: WgKey = WgKey([7; 32]);
@@ -41,6 +43,14 @@ impl Kernel for FakeKernel {
         );
         self.applied.lock().unwrap().push(op.clone());
         Ok(())
+    }
+    async fn apply_all(&mut self, ops: &[Op]) -> Vec<Result<(), KernelError>> {
+        *self.reconciles.lock().unwrap() += 1;
+        let mut out = Vec::with_capacity(ops.len());
+        for op in ops {
+            out.push(self.apply(op).await);
+        }
+        out
     }
 }
 
@@ -305,6 +315,108 @@ async fn nothing_is_programmed_or_removed_before_the_first_complete_list() {
         .await
         .unwrap();
     wait_for("one peer", || peers(&kernel) == 1).await;
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_burst_taken_in_one_batch_reaches_the_kernel_as_its_net_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let kernel = FakeKernel::default();
+    let (tx, rx) = mpsc::channel(4);
+    let agent = Running::with_registry(cfg, &kernel, rx, None);
+    let nodes = three_clouds();
+    let all = nodes.iter().cloned().map(Event::NodeUpsert).collect();
+    tx.send(batch(all, true)).await.unwrap();
+    wait_for("the mesh's two peers", || peers(&kernel) == 2).await;
+    let before = kernel.applied.lock().unwrap().len();
+    // par-1 moves three times and hel-1 once, all in one batch: four engine deltas.
+    let moved = |i: usize, port: u16| {
+        let mut n = nodes[i].clone();
+        n.endpoint = Some(format!("203.0.113.99:{port}").parse().unwrap());
+        Event::NodeUpsert(n)
+    };
+    let (par, hel) = (key_of(&nodes, "par-1"), key_of(&nodes, "hel-1"));
+    let index = |name: &str| nodes.iter().position(|n| n.name.0 == name).unwrap();
+    let burst = vec![
+        moved(index("par-1"), 40001),
+        moved(index("par-1"), 40002),
+        moved(index("hel-1"), 40010),
+        moved(index("par-1"), 40003),
+    ];
+    tx.send(batch(burst, true)).await.unwrap();
+    let endpoint_of = |k: WgKey| {
+        let st = kernel.state.lock().unwrap();
+        st.wireguard
+            .as_ref()
+            .and_then(|w| w.peers.iter().find(|p| p.public_key == k))
+            .and_then(|p| p.endpoint.as_ref().map(ToString::to_string))
+    };
+    wait_for("the last endpoints", || {
+        endpoint_of(par).as_deref() == Some("203.0.113.99:40003")
+            && endpoint_of(hel).as_deref() == Some("203.0.113.99:40010")
+    })
+    .await;
+    let ops = kernel.applied.lock().unwrap()[before..].to_vec();
+    let upserted: Vec<WgKey> = ops
+        .iter()
+        .filter_map(|o| match o {
+            Op::UpsertPeer(p) => Some(p.public_key),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        upserted.len(),
+        2,
+        "one upsert per peer, not per event: {ops:?}"
+    );
+    assert!(
+        upserted.contains(&par) && upserted.contains(&hel),
+        "{ops:?}"
+    );
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn batches_waiting_together_are_reconciled_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let kernel = FakeKernel::default();
+    let (tx, rx) = mpsc::channel(4);
+    let agent = Running::with_registry(cfg, &kernel, rx, None);
+    let nodes = three_clouds();
+    let all = nodes.iter().cloned().map(Event::NodeUpsert).collect();
+    tx.send(batch(all, true)).await.unwrap();
+    wait_for("the mesh's two peers", || peers(&kernel) == 2).await;
+    let before = *kernel.reconciles.lock().unwrap();
+    // Two batches queue up before the agent runs again (this test's runtime has one thread).
+    for (i, port) in [(1, 40020), (2, 40021)] {
+        let mut n = nodes[i].clone();
+        n.endpoint = Some(format!("203.0.113.98:{port}").parse().unwrap());
+        tx.send(batch(vec![Event::NodeUpsert(n)], true))
+            .await
+            .unwrap();
+    }
+    let endpoints = || {
+        let st = kernel.state.lock().unwrap();
+        st.wireguard.as_ref().map_or(0, |w| {
+            w.peers
+                .iter()
+                .filter(|p| {
+                    p.endpoint
+                        .as_ref()
+                        .is_some_and(|e| e.to_string().starts_with("203.0.113.98:"))
+                })
+                .count()
+        })
+    };
+    wait_for("both moves in the kernel", || endpoints() == 2).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        *kernel.reconciles.lock().unwrap() - before,
+        1,
+        "one reconciliation for both"
+    );
     agent.stop().await;
 }
 

@@ -287,7 +287,33 @@ fn log_filter(level: &str) -> Result<tracing_subscriber::EnvFilter, String> {
     })
 }
 
+/// No transparent huge pages for this process (and the wireguard-go it starts). mimalloc asks
+/// for them (`MADV_HUGEPAGE`) on its segments, so on a host with THP at `madvise` or `always`
+/// every 2 MiB region it touches becomes resident whole. Measured with 5,000 nodes in full
+/// granularity (`examples/scale_load.rs`): 39 MiB resident when converged instead of 33, a
+/// peak of 50 instead of 41. The agent gains nothing from huge pages. Failure only costs
+/// memory, so it is ignored.
+fn disable_transparent_huge_pages() {
+    let _ = nix::sys::prctl::set_thp_disable(true);
+}
+
+/// mimalloc's `mi_option_purge_delay` (its position in `mi_option_t`, which mimalloc keeps
+/// stable; libmimalloc-sys names only older options).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Memory the agent frees goes back to the system at once. mimalloc returns freed pages only
+/// after a delay (10 ms), and only when it allocates or frees again: an agent that goes idle
+/// after a burst or after its first programming kept it all. Measured with 5,000 nodes in full
+/// granularity: 53 MiB resident when idle with the delay, 33 MiB without, and a peak of 69
+/// instead of 50 under a stream of changes, for the same CPU time (`examples/scale_load.rs`).
+fn return_freed_memory_at_once() {
+    // SAFETY: sets one integer option of the allocator; valid at any time.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+}
+
 fn main() {
+    disable_transparent_huge_pages();
+    return_freed_memory_at_once();
     let cli = Cli::parse();
     let filter = match log_filter(&cli.log_level) {
         Ok(f) => f,
@@ -380,6 +406,29 @@ mod tests {
             panic!("not agent")
         };
         assert_eq!(a.listen, Listen(None));
+    }
+
+    #[test]
+    fn freed_memory_is_returned_without_delay() {
+        // The option's default (10 ms) sits at the position this binary sets.
+        // SAFETY: reads one integer option of the allocator.
+        let default = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
+        assert!(
+            default == 10 || std::env::var_os("MIMALLOC_PURGE_DELAY").is_some(),
+            "{default}"
+        );
+        return_freed_memory_at_once();
+        // SAFETY: as above.
+        assert_eq!(
+            unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) },
+            0
+        );
+    }
+
+    #[test]
+    fn transparent_huge_pages_are_off_for_the_agent() {
+        disable_transparent_huge_pages();
+        assert_eq!(nix::sys::prctl::get_thp_disable(), Ok(true));
     }
 
     #[test]

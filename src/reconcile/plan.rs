@@ -259,14 +259,21 @@ pub fn plan_delta(delta: &DesiredDelta, actual: &OwnedState) -> Option<Vec<Op>> 
         return None;
     }
     let device = actual.wireguard.as_ref()?;
+    let find = |k: &WgKey| {
+        device
+            .peers
+            .binary_search_by_key(k, |p| p.public_key)
+            .ok()
+            .map(|i| &device.peers[i])
+    };
     let mut ops = Vec::new();
     for k in &delta.peers_removed {
-        if device.peers.iter().any(|p| p.public_key == *k) {
+        if find(k).is_some() {
             ops.push(Op::RemovePeer { public_key: *k });
         }
     }
     for p in &delta.peers_upserted {
-        let have = device.peers.iter().find(|h| h.public_key == p.public_key);
+        let have = find(&p.public_key);
         let recent = device.recent_handshakes.contains(&p.public_key);
         if !have.is_some_and(|h| same_peer(p, h, recent)) {
             ops.push(Op::UpsertPeer(p.clone()));
@@ -302,7 +309,10 @@ pub fn plan_delta(delta: &DesiredDelta, actual: &OwnedState) -> Option<Vec<Op>> 
 }
 
 /// Apply `ops` to an in-memory [`OwnedState`], as a correct kernel would. Used by tests of the
-/// planner and of callers; `public_key` is what a configured device reports.
+/// planner and by the agent to know the kernel's state after a reconciliation without reading
+/// it back; `public_key` is what a configured device reports. Peers, routes and rules stay
+/// sorted (as the kernel is read), so each operation is a binary search: thousands of them on
+/// a mesh of thousands of peers cost milliseconds, not seconds.
 pub fn simulate(state: &mut OwnedState, ops: &[Op], public_key: WgKey) {
     for op in ops {
         match op {
@@ -342,28 +352,42 @@ pub fn simulate(state: &mut OwnedState, ops: &[Op], public_key: WgKey) {
             }
             Op::UpsertPeer(p) => {
                 let d = state.wireguard.get_or_insert_with(WgDeviceState::default);
-                d.peers.retain(|q| q.public_key != p.public_key);
                 let mut p = p.clone();
                 p.name.clear();
-                d.peers.push(p);
-                d.peers.sort_by_key(|p| p.public_key);
+                match d
+                    .peers
+                    .binary_search_by_key(&p.public_key, |q| q.public_key)
+                {
+                    Ok(i) => d.peers[i] = p,
+                    Err(i) => d.peers.insert(i, p),
+                }
             }
             Op::RemovePeer { public_key } => {
-                if let Some(d) = &mut state.wireguard {
-                    d.peers.retain(|q| q.public_key != *public_key);
+                if let Some(d) = &mut state.wireguard
+                    && let Ok(i) = d.peers.binary_search_by_key(public_key, |q| q.public_key)
+                {
+                    d.peers.remove(i);
                 }
             }
             Op::SetBridge(b) => state.bridge = Some(b.clone()),
             Op::WriteCni { pod_cidrs } => state.cni = Some(pod_cidrs.clone()),
             Op::SetMasquerade(m) => state.masquerade = Some(m.clone()),
             Op::DelMasquerade => state.masquerade = None,
-            Op::DelRule(r) => state.rules.retain(|x| x != r),
+            Op::DelRule(r) => {
+                if let Ok(i) = state.rules.binary_search(r) {
+                    state.rules.remove(i);
+                }
+            }
             Op::AddRule(r) => {
                 if let Err(i) = state.rules.binary_search(r) {
                     state.rules.insert(i, r.clone());
                 }
             }
-            Op::DelRoute(r) => state.routes.retain(|x| x != r),
+            Op::DelRoute(r) => {
+                if let Ok(i) = state.routes.binary_search(r) {
+                    state.routes.remove(i);
+                }
+            }
             Op::AddRoute(r) => {
                 if let Err(i) = state.routes.binary_search(r) {
                     state.routes.insert(i, r.clone());
@@ -495,6 +519,34 @@ mod tests {
         );
     }
 
+    /// One operation on a small universe of peers (by key byte) and routes (by /24).
+    fn peer_or_route_op() -> impl Strategy<Value = Op> {
+        let peer = |k: u8, ip: u8| WgPeer {
+            public_key: WgKey([k; 32]),
+            endpoint: None,
+            allowed_ips: vec![format!("10.9.{ip}.0/24").parse().unwrap()],
+            persistent_keepalive: 0,
+            preshared_key: None,
+            name: "n".into(),
+        };
+        let route = |i: u8| Route {
+            table: crate::desired::MAIN_TABLE,
+            dst: format!("10.8.{i}.0/24").parse().unwrap(),
+            gateway: None,
+            dev: crate::desired::RouteDev::WireGuard,
+            src: None,
+            onlink: false,
+        };
+        prop_oneof![
+            (0..12u8, 0..4u8).prop_map(move |(k, ip)| Op::UpsertPeer(peer(k, ip))),
+            (0..12u8).prop_map(|k| Op::RemovePeer {
+                public_key: WgKey([k; 32])
+            }),
+            (0..12u8).prop_map(move |i| Op::AddRoute(route(i))),
+            (0..12u8).prop_map(move |i| Op::DelRoute(route(i))),
+        ]
+    }
+
     fn state_strategy() -> impl Strategy<Value = (u8, u8, u8)> {
         (2..8u8, 2..8u8, 0..8u8)
     }
@@ -516,6 +568,35 @@ mod tests {
             } else {
                 prop_assert!(delta.interface.is_some() || delta.leader.is_some() || delta.bridge.is_some());
             }
+        }
+
+        /// Property: simulating operations one by one (binary searches on sorted peers and
+        /// routes) holds exactly the last value of each peer and each route added and not
+        /// deleted since, still sorted and without the peers' names.
+        #[test]
+        fn simulate_keeps_the_state_sorted_and_holds_the_last_values(
+            ops in proptest::collection::vec(peer_or_route_op(), 0..60)
+        ) {
+            let mut k = OwnedState::default();
+            let mut peers = BTreeMap::new();
+            let mut routes = std::collections::BTreeSet::new();
+            for op in &ops {
+                simulate(&mut k, std::slice::from_ref(op), ME);
+                match op {
+                    Op::UpsertPeer(p) => {
+                        let mut p = p.clone();
+                        p.name.clear();
+                        peers.insert(p.public_key, p);
+                    }
+                    Op::RemovePeer { public_key } => { peers.remove(public_key); }
+                    Op::AddRoute(r) => { routes.insert(r.clone()); }
+                    Op::DelRoute(r) => { routes.remove(r); }
+                    _ => unreachable!(),
+                }
+            }
+            let have = k.wireguard.map(|d| d.peers).unwrap_or_default();
+            prop_assert_eq!(have, peers.into_values().collect::<Vec<_>>());
+            prop_assert_eq!(k.routes, routes.into_iter().collect::<Vec<_>>());
         }
 
         /// Property: from any state that an earlier desired state left, one plan reaches the new

@@ -9,6 +9,8 @@ pub mod apiserver;
 pub mod lab;
 #[allow(dead_code)]
 pub mod netns;
+#[allow(dead_code)]
+pub mod scale;
 pub mod strategy;
 #[allow(dead_code)]
 pub mod wg_dev;

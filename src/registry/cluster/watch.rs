@@ -49,6 +49,25 @@ pub struct Batch {
     pub local: Option<Box<Node>>,
 }
 
+impl Batch {
+    /// Fold `later`, the batch after this one, into it, as if both had been taken in turn: the
+    /// events in order (then coalesced), the later `synced` and `connected`, its diagnostics and
+    /// local Node when it has them. The caller sees only the later state flags: it must look at
+    /// each batch's before merging when a moment of disconnection matters.
+    pub fn merge(&mut self, later: Batch) {
+        self.events.extend(later.events);
+        self.events = coalesce(std::mem::take(&mut self.events));
+        self.synced = later.synced;
+        self.connected = later.connected;
+        if later.diagnostics.is_some() {
+            self.diagnostics = later.diagnostics;
+        }
+        if later.local.is_some() {
+            self.local = later.local;
+        }
+    }
+}
+
 /// Reconnection delays of each watch: 0.5 s doubling to 15 s, with jitter.
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(15);
@@ -355,6 +374,33 @@ mod tests {
         st.step(Step::Node(Ok(watcher::Event::InitDone)));
         assert!(st.pending.connected);
         assert!(st.dirty);
+    }
+
+    #[test]
+    fn a_merged_batch_holds_the_last_event_per_object_and_the_later_state() {
+        let node = |name: &str, loc: &str| {
+            let mut n = MeshNode::new(name);
+            n.location = loc.into();
+            Event::NodeUpsert(n)
+        };
+        let mut first = Batch {
+            events: vec![node("a", "1"), node("b", "1")],
+            synced: false,
+            connected: false,
+            diagnostics: Some(vec![Diagnostic::node("x", None, "old")]),
+            local: None,
+        };
+        first.merge(Batch {
+            events: vec![node("a", "2")],
+            synced: true,
+            connected: true,
+            diagnostics: None,
+            local: Some(Box::default()),
+        });
+        assert_eq!(first.events, vec![node("b", "1"), node("a", "2")]);
+        assert!(first.synced && first.connected);
+        assert_eq!(first.diagnostics.map(|d| d.len()), Some(1));
+        assert!(first.local.is_some());
     }
 
     #[test]
