@@ -2,7 +2,7 @@
 //! it, so anyone can watch the mesh survive it. Faults: SIGKILL and restart of one node's agent,
 //! or an outage of the lab's kube-apiserver (`--registry kube`).
 //!
-//! Before the fault the lab must have converged; after it, the run waits until it converges
+//! Before the fault the lab must have converged and every flow must get answers; after it, the run waits until it converges
 //! again: every running agent's WireGuard peers (keys and allowed IPs) are what the engine
 //! computes for its node from the registry, and after an outage every agent has published a
 //! heartbeat newer than the API server's return (it resynced). The report gives packets sent and
@@ -342,6 +342,29 @@ fn wait_converged(
     }
 }
 
+/// Whether `flow` gets an answer: up to 10 single pings, 2 s each.
+fn flow_works(flow: &Flow) -> bool {
+    (0..10).any(|_| {
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &flow.from_pod,
+                "ping",
+                "-n",
+                "-q",
+                "-c",
+                "1",
+            ])
+            .args(["-W", "2", &flow.to.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    })
+}
+
 /// The lines a log file got after byte `offset`.
 fn log_since(path: &Path, offset: u64) -> String {
     let text = std::fs::read(path).unwrap_or_default();
@@ -385,6 +408,16 @@ pub fn run(root: &Path, lab: &LabName, opts: &ChaosOptions) -> Result<ChaosRepor
             "the lab has not converged before the fault: {}",
             d.join("; ")
         )));
+    }
+    // Each flow must work before the fault: a fresh lab may not have had its first handshake
+    // yet (a lost initiation is retried only after 5 s), which is no loss caused by the fault.
+    for f in &planned {
+        if !flow_works(f) {
+            return Err(LabError::CheckFailed(format!(
+                "{} ({}) does not reach {} on {} before the fault",
+                f.from_pod, f.from_node, f.to, f.to_node
+            )));
+        }
     }
     let mut pings = planned
         .into_iter()
