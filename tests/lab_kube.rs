@@ -8,9 +8,9 @@
 //! on panic. Agents run with `--check-in-period 2s`; the outage outlasts the 60 s staleness threshold.
 //! Waits are bounded polls, never fixed sleeps (but for the outage's length itself).
 
-use std::io::Read as _;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use wiremesh::lab::chaos::{BackgroundPing, Flow};
 
 use crate::util::lab::{
     Lab, allowed_ips, first_pod, netns_list, node, peer, poll, require_tools, text,
@@ -459,49 +459,6 @@ fn kube_lab_mesh_forms_from_the_api_server_alone_then_grows_regroups_and_shrinks
     eprintln!("kube lab scenario in {:?}", t0.elapsed());
 }
 
-/// A ping from a pod that runs in the background until finished; killed if the test ends early.
-struct BackgroundPing(Child);
-
-impl BackgroundPing {
-    fn start(pod: &str, addr: &str) -> BackgroundPing {
-        let child = Command::new("ip")
-            .args(["netns", "exec", pod, "ping", "-n", "-q", "-i", "0.2", addr])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start ping");
-        BackgroundPing(child)
-    }
-
-    fn running(&mut self) -> bool {
-        matches!(self.0.try_wait(), Ok(None))
-    }
-
-    /// Stop it (SIGINT: ping prints its summary); (transmitted, received, output).
-    fn finish(mut self) -> (u32, u32, String) {
-        // `ip netns exec` execs ping, so the child is ping itself.
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.0.id() as i32),
-            nix::sys::signal::Signal::SIGINT,
-        );
-        let mut out = String::new();
-        if let Some(mut o) = self.0.stdout.take() {
-            let _ = o.read_to_string(&mut out);
-        }
-        let _ = self.0.wait();
-        let summary = wiremesh::lab::check::parse_ping_summary(&out).unwrap_or((0, 0));
-        (summary.0, summary.1, out)
-    }
-}
-
-impl Drop for BackgroundPing {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 #[cfg_attr(
     not(all(feature = "netns-tests", feature = "apiserver-tests")),
@@ -549,7 +506,15 @@ fn kube_lab_survives_api_server_outages_and_an_agent_restarted_during_one_remove
     let peers_before = node(&status, "node1")["peers"].clone();
     let routes_before = lab.ip("n1", &["route", "show", "table", "all", "proto", "104"]);
     lab.ok(&["lab", "apiserver", "stop"]);
-    let mut ping = BackgroundPing::start(&pod1, &ip2);
+    let mut ping = BackgroundPing::start(Flow {
+        from_pod: pod1.clone(),
+        from_node: "node1".into(),
+        to_node: "node2".into(),
+        to: ip2.parse().expect("pod IP"),
+        sent: 0,
+        received: 0,
+    })
+    .expect("start ping");
     let restarted = wiremesh::lab::chaos::kill_and_restart(
         std::path::Path::new(crate::util::lab::ROOT),
         &lab.name.parse().expect("lab name"),
@@ -604,9 +569,9 @@ fn kube_lab_survives_api_server_outages_and_an_agent_restarted_during_one_remove
         !first.contains("peer"),
         "peers rewritten after the restart: {first}"
     );
-    let (transmitted, received, out) = ping.finish();
-    assert!(transmitted > 0, "{out}");
-    assert_eq!(received, transmitted, "pod traffic lost packets: {out}");
+    let flow = ping.stop();
+    assert!(flow.sent > 0, "{flow:?}");
+    assert_eq!(flow.lost(), 0, "pod traffic lost packets: {flow:?}");
 
     // 3. A change made after the API server's return reaches everyone: a third node joins.
     lab.ok(&["lab", "node", "add", "node3", "--location", "loc3"]);

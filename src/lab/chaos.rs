@@ -16,13 +16,14 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use super::state::{LabState, ProcRef};
 use super::{LabError, LabName, agent, apiserver, check, mesh_nodes, mesh_options, sys, uapi};
+use crate::agent::unix_now;
 use crate::model::{NodeName, WgKey};
 use crate::topology;
 
@@ -148,21 +149,15 @@ pub struct ChaosOptions {
     pub timeout: Duration,
 }
 
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or_default()
-}
-
 /// A ping running in a pod until stopped; killed on drop.
-struct BackgroundPing {
+pub struct BackgroundPing {
     child: Child,
     flow: Flow,
 }
 
 impl BackgroundPing {
-    fn start(flow: Flow) -> Result<BackgroundPing, LabError> {
+    /// Start pinging `flow.to` from `flow.from_pod`, every [`PING_INTERVAL`] seconds.
+    pub fn start(flow: Flow) -> Result<BackgroundPing, LabError> {
         let child = Command::new("ip")
             .args(["netns", "exec", &flow.from_pod, "ping", "-n", "-q"])
             .args(["-i", PING_INTERVAL, &flow.to.to_string()])
@@ -177,8 +172,13 @@ impl BackgroundPing {
         Ok(BackgroundPing { child, flow })
     }
 
+    /// Whether the ping still runs.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// SIGINT (ping prints its summary), then read the counts.
-    fn stop(mut self) -> Flow {
+    pub fn stop(mut self) -> Flow {
         // `ip netns exec` execs ping, so the child is ping itself.
         let pid = Pid::from_raw(self.child.id() as i32);
         let _ = kill(pid, Signal::SIGINT);
