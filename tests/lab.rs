@@ -255,7 +255,7 @@ fn down_without_a_state_file_still_removes_every_namespace_of_the_lab() {
 /// Why: a NATed node cannot be reached before it has sent something, and its first handshake
 /// (sent as soon as its agent configures a peer, thanks to the keepalive) is dropped when it
 /// reaches a peer whose agent has not configured the NATed node yet, a few milliseconds later.
-/// WireGuard retries only after 5 s (`REKEY_TIMEOUT`), which `check`'s `ping -w 5` may miss.
+/// WireGuard retries only after 5 s (`REKEY_TIMEOUT`): waiting here keeps that out of `check`.
 fn wait_for_natted_handshakes(lab: &Lab) {
     let done = poll(Duration::from_secs(20), || {
         let status = lab.status();

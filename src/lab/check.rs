@@ -37,8 +37,10 @@ use crate::cli::table;
 
 /// Echo replies wanted from each pair.
 pub const PING_COUNT: u32 = 2;
-/// Seconds each pair may take (`ping -w`): room for a first handshake and a lost packet.
-pub const PING_DEADLINE_SECS: u32 = 5;
+/// Seconds each pair may take (`ping -w`): room for a first handshake that has to be retried
+/// after WireGuard's rekey timeout (5 s plus up to 1/3 s of jitter), e.g. because the first
+/// initiation reached a peer whose agent had not configured this node yet.
+pub const PING_DEADLINE_SECS: u32 = 12;
 /// Bytes kept of each captured packet: link header, IP, UDP and WireGuard's type field.
 pub const SNAPLEN: u32 = 128;
 
@@ -133,9 +135,33 @@ fn ping(netns: &str, ip: IpAddr) -> (u32, u32, bool) {
     }
 }
 
-/// Ping every pair, `parallel` at a time.
+/// The pairs in two rounds: first those towards a node later by name (or the same node), then
+/// the way back.
+///
+/// Why: two ends that start a handshake at the same moment each answer the other's initiation
+/// and drop the response to their own (their handshake state is now the responder's); neither
+/// may send data on a session the other has not confirmed, and both retry together 5 s later
+/// when their pings run in step, again and again. Pinging both directions of a pair at once
+/// does exactly that; real traffic (a request, then its answer) does not.
+pub fn rounds(pods: &[Pod]) -> [Vec<(usize, usize, IpAddr)>; 2] {
+    let (there, back) = pairs(pods)
+        .into_iter()
+        .partition(|&(from, to, _)| pods[from].node <= pods[to].node);
+    [there, back]
+}
+
+/// Ping every pair, `parallel` at a time, in the two [`rounds`].
 pub fn ping_all(pods: &[Pod], parallel: usize) -> Vec<PingResult> {
-    let work = pairs(pods);
+    let mut v: Vec<PingResult> = rounds(pods)
+        .iter()
+        .flat_map(|work| ping_round(pods, work, parallel))
+        .collect();
+    v.sort_by_key(|r| (r.from, r.to, r.ip));
+    v
+}
+
+/// Ping the pairs of `work`, `parallel` at a time.
+fn ping_round(pods: &[Pod], work: &[(usize, usize, IpAddr)], parallel: usize) -> Vec<PingResult> {
     let next = AtomicUsize::new(0);
     let results = Mutex::new(Vec::with_capacity(work.len()));
     std::thread::scope(|s| {
@@ -162,9 +188,7 @@ pub fn ping_all(pods: &[Pod], parallel: usize) -> Vec<PingResult> {
             });
         }
     });
-    let mut v = results.into_inner().unwrap_or_default();
-    v.sort_by_key(|r| (r.from, r.to, r.ip));
-    v
+    results.into_inner().unwrap_or_default()
 }
 
 /// The ping matrix: a row per source pod, a column per target address.
@@ -509,7 +533,7 @@ impl CheckReport {
         let _ = writeln!(
             s,
             "reachability: {} pods, {} pairs, ping -c {PING_COUNT} -w {PING_DEADLINE_SECS} \
-             from each pod to each other pod",
+             from each pod to each other pod (towards later nodes first, then back)",
             self.pods.len(),
             self.pings.len()
         );
@@ -597,6 +621,7 @@ pub fn check(state: &LabState, parallel: usize) -> Result<CheckReport, LabError>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
 
     fn pod(node: &str, ns: &str, ip: &str, lan: usize) -> Pod {
         Pod {
@@ -668,6 +693,35 @@ mod tests {
         let p = pairs(&pods);
         assert_eq!(p.len(), 6);
         assert!(p.iter().all(|(f, t, _)| f != t));
+    }
+
+    #[test]
+    fn no_round_pings_both_ways_between_two_nodes_and_together_they_ping_every_pair() {
+        let pods = vec![
+            pod("b", "p1", "10.42.1.2", 1),
+            pod("a", "p2", "10.42.0.2", 0),
+            pod("a", "p3", "10.42.0.3", 0),
+            pod("c", "p4", "10.42.2.2", 2),
+        ];
+        let rounds = rounds(&pods);
+        for round in &rounds {
+            let ways: BTreeSet<(&str, &str)> = round
+                .iter()
+                .map(|&(f, t, _)| (pods[f].node.as_str(), pods[t].node.as_str()))
+                .collect();
+            for (f, t) in &ways {
+                assert!(
+                    f == t || !ways.contains(&(t, f)),
+                    "{f} <-> {t} in one round"
+                );
+            }
+        }
+        let mut all: Vec<_> = rounds.concat();
+        all.sort();
+        let mut want = pairs(&pods);
+        want.sort();
+        assert_eq!(all, want);
+        assert!(rounds.iter().all(|r| !r.is_empty()));
     }
 
     #[test]

@@ -242,12 +242,36 @@ impl Lab {
     pub fn check_passes(&self) {
         let check = self.run(&["lab", "check"]);
         let report = text(&check);
-        assert!(check.status.success(), "{report}");
-        assert!(!report.contains("LOSS"), "{report}");
+        if !check.status.success() || report.contains("LOSS") {
+            panic!("{report}\n{}", self.diagnostics());
+        }
         assert!(
             report.contains("no plaintext pod packets on the underlay ok"),
             "{report}"
         );
+    }
+
+    /// What a failed assertion needs to be understood afterwards: `lab status` (peers,
+    /// endpoints, handshakes), each node's own routes and rules, the tail of each agent's log.
+    pub fn diagnostics(&self) -> String {
+        let mut out = format!(
+            "--- lab status ---\n{}",
+            text(&self.run(&["lab", "status"]))
+        );
+        for n in self.state().nodes {
+            let suffix = n.netns.trim_start_matches(&self.prefix()).to_owned();
+            let log = std::fs::read_to_string(n.agent_log()).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(60)..].join("\n");
+            out.push_str(&format!(
+                "--- {} ({}) ---\nroutes:\n{}rules:\n{}log tail:\n{tail}\n",
+                n.name,
+                n.netns,
+                self.ip(&suffix, &["route", "show", "table", "all", "proto", "104"]),
+                self.ip(&suffix, &["rule", "show"]),
+            ));
+        }
+        out
     }
 
     /// Every process the state records (agents, kube-apiserver, etcd).
@@ -300,6 +324,14 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        if std::thread::panicking() && std::env::var_os("WIREMESH_KEEP_FAILED_LAB").is_some() {
+            eprintln!(
+                "WIREMESH_KEEP_FAILED_LAB: lab {} left up; take it down with `meshctl lab down \
+                 --name {}`",
+                self.name, self.name
+            );
+            return;
+        }
         let _ = meshctl(&["lab", "down", "--name", &self.name]);
     }
 }
