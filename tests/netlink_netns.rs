@@ -613,7 +613,11 @@ fn a_route_of_ours_deleted_by_hand_is_reported_within_a_second_and_restored() {
         let deleted = Instant::now();
         ip(&name, &["route", "del", "10.42.1.0/24"]);
         let event = tokio::time::timeout(Duration::from_secs(1), events.recv()).await;
-        assert_eq!(event, Ok(Some(())), "deletion reported within 1 s");
+        assert_eq!(
+            event,
+            Ok(Some("route of ours deleted")),
+            "deletion reported within 1 s"
+        );
         assert_all_ok(&nl.apply_routes(&routes, &[]).await.adds);
         assert_eq!(nl.read_routes().await.unwrap(), sorted(&routes));
         let took = deleted.elapsed();
@@ -621,12 +625,28 @@ fn a_route_of_ours_deleted_by_hand_is_reported_within_a_second_and_restored() {
 
         ip(&name, &["rule", "del", "pref", "1107"]);
         let event = tokio::time::timeout(Duration::from_secs(1), events.recv()).await;
-        assert_eq!(event, Ok(Some(())), "rule deletion reported within 1 s");
+        assert_eq!(
+            event,
+            Ok(Some("rule of ours changed")),
+            "rule deletion reported within 1 s"
+        );
 
         // IPv4 drops a downed link's routes silently: the link event stands in.
         ip(&name, &["link", "set", WG, "down"]);
         let event = tokio::time::timeout(Duration::from_secs(1), events.recv()).await;
-        assert_eq!(event, Ok(Some(())), "link down reported within 1 s");
+        assert_eq!(
+            event,
+            Ok(Some("link of ours went down")),
+            "link down reported within 1 s"
+        );
+        // Setting it up again or changing its MTU takes nothing of ours away.
+        ip(&name, &["link", "set", WG, "up"]);
+        ip(&name, &["link", "set", WG, "mtu", "1400"]);
+        let quiet = tokio::time::timeout(Duration::from_millis(300), events.recv()).await;
+        assert!(
+            quiet.is_err(),
+            "a link set up or resized must not wake the watcher"
+        );
     });
 }
 

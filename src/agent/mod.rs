@@ -143,8 +143,8 @@ pub struct Inputs {
     pub registry: mpsc::Receiver<Batch>,
     /// Writes to Kubernetes (Kubernetes registry only).
     pub cluster: Option<ClusterLink>,
-    /// Fires when the kernel lost something of ours.
-    pub kernel_events: mpsc::Receiver<()>,
+    /// Fires (with the reason) when something of ours changed in the kernel behind our back.
+    pub kernel_events: mpsc::Receiver<&'static str>,
     /// This machine's addresses.
     pub host: HostInfo,
     /// Where the loop shows what it does (metrics, readiness, status).
@@ -575,7 +575,7 @@ pub async fn run_with<K: Kernel>(
             }
             ev = kernel_events.recv(), if kernel_events_open => {
                 match ev {
-                    Some(()) => { info!("the kernel lost state of ours; restoring it"); dirty = true; known = None; full_needed = true; }
+                    Some(why) => { info!(why, "the kernel changed state of ours behind our back; reading it again and restoring it"); dirty = true; known = None; full_needed = true; }
                     None => kernel_events_open = false,
                 }
             }

@@ -105,7 +105,7 @@ fn peers(k: &FakeKernel) -> usize {
 
 /// A running agent over `kernel`: its kernel-event sender, and what stops it.
 struct Running {
-    events: mpsc::Sender<()>,
+    events: mpsc::Sender<&'static str>,
     observer: Observer,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<Result<(), AgentError>>,
@@ -188,7 +188,7 @@ async fn agent_follows_the_file_and_restores_lost_routes() {
 
     // A route of ours disappears from the kernel: the agent puts it back when told.
     let lost = kernel.state.lock().unwrap().routes.pop().unwrap();
-    agent.events.send(()).await.unwrap();
+    agent.events.send("route of ours deleted").await.unwrap();
     wait_for("route restored", || {
         kernel.state.lock().unwrap().routes.contains(&lost)
     })

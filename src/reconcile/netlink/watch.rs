@@ -5,7 +5,7 @@ use futures::StreamExt;
 use rtnetlink::MulticastGroup;
 use rtnetlink::packet_core::{NLM_F_REPLACE, NetlinkMessage, NetlinkPayload};
 use rtnetlink::packet_route::RouteNetlinkMessage;
-use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use rtnetlink::packet_route::rule::RuleAttribute;
 use rtnetlink::sys::AsyncSocket;
 use tokio::sync::mpsc;
@@ -55,17 +55,28 @@ pub(super) fn reason(
                 Some("rule of ours changed")
             }
             // IPv4 removes the routes of a link that goes down or away without any RTM_DELROUTE,
-            // so link changes of our interfaces count too (our own included: the kernel often
-            // reports link changes with port 0).
-            RouteNetlinkMessage::NewLink(l) | RouteNetlinkMessage::DelLink(l)
-                if link_is_one_of(l, names) =>
-            {
-                Some("link of ours changed")
+            // so a link of ours going away or down counts too, whoever did it (the kernel
+            // reports link changes with port 0). Other link changes (a link created down, set
+            // up, its MTU, a bridge port joining) remove nothing.
+            RouteNetlinkMessage::DelLink(l) if link_is_one_of(l, names) => {
+                Some("link of ours removed")
+            }
+            RouteNetlinkMessage::NewLink(l) if link_is_one_of(l, names) && went_down(l) => {
+                Some("link of ours went down")
             }
             _ => None,
         },
         _ => None,
     }
+}
+
+/// Whether a link notification says the link went down: the up flag changed and is now clear.
+/// A link created down (the kernel marks every flag as changed then) did not go down.
+fn went_down(l: &LinkMessage) -> bool {
+    let changed = l.header.change_mask;
+    changed.contains(LinkFlags::Up)
+        && changed.bits() != u32::MAX
+        && !l.header.flags.contains(LinkFlags::Up)
 }
 
 fn link_is_one_of(l: &LinkMessage, names: &[&str]) -> bool {
@@ -77,16 +88,16 @@ fn link_is_one_of(l: &LinkMessage, names: &[&str]) -> bool {
 impl Netlink {
     /// Watch for changes to what wiremesh owns that wiremesh did not make: a route or rule with
     /// protocol 104 deleted, added or changed by someone else (e.g. `ip route del`), a route
-    /// replaced, a managed link changed or removed, or lost notifications. Each fires the
-    /// returned channel; events coalesce while one is pending, so one `recv()` means "reconcile
-    /// now", however many changes were seen.
+    /// replaced, a managed link removed or taken down, or lost notifications. Each fires the
+    /// returned channel with its reason; events coalesce while one is pending, so one `recv()`
+    /// means "reconcile now", however many changes were seen.
     ///
     /// Opens its own socket in the calling thread's namespace and spawns its reader on the
     /// current Tokio runtime; the reader stops when the receiver is dropped. `recv()` returning
     /// `None` means the watch itself ended (socket error): reconcile and watch again. Address
     /// changes are not watched (kube-proxy's IPVS mode changes addresses constantly); the
     /// periodic reconciliation restores those.
-    pub fn watch_routes(&self) -> Result<mpsc::Receiver<()>, KernelError> {
+    pub fn watch_routes(&self) -> Result<mpsc::Receiver<&'static str>, KernelError> {
         let (mut conn, _handle, mut events) = rtnetlink::new_multicast_connection(&[
             MulticastGroup::Ipv4Route,
             MulticastGroup::Ipv6Route,
@@ -126,7 +137,7 @@ impl Netlink {
                         if let Some(why) = reason(&msg, &ports, &names) {
                             debug!(why, "route event");
                             // Full means an event is already pending: coalesce.
-                            let _ = tx.try_send(());
+                            let _ = tx.try_send(why);
                         }
                     }
                 }
@@ -205,6 +216,42 @@ mod tests {
         let m = NetlinkMessage::from(RouteNetlinkMessage::DelLink(l));
         assert!(reason(&m, &[OWN], &["wg0"]).is_some());
         assert_eq!(reason(&m, &[OWN], &["eth0"]), None);
+    }
+
+    fn link_event(up: bool, changed: LinkFlags) -> NetlinkMessage<RouteNetlinkMessage> {
+        let mut l = LinkMessage::default();
+        l.attributes.push(LinkAttribute::IfName("wg0".into()));
+        if up {
+            l.header.flags = LinkFlags::Up;
+        }
+        l.header.change_mask = changed;
+        NetlinkMessage::from(RouteNetlinkMessage::NewLink(l))
+    }
+
+    #[test]
+    fn a_managed_link_going_down_fires_and_other_link_changes_do_not() {
+        let down = link_event(false, LinkFlags::Up);
+        assert_eq!(
+            reason(&down, &[OWN], &["wg0"]),
+            Some("link of ours went down")
+        );
+        assert_eq!(reason(&down, &[OWN], &["eth0"]), None);
+        // Created down: the kernel marks every flag as changed.
+        let created = link_event(false, LinkFlags::from_bits_retain(u32::MAX));
+        assert_eq!(reason(&created, &[OWN], &["wg0"]), None);
+        // Set up, or something else changed (MTU, a bridge port) while down or up.
+        assert_eq!(
+            reason(&link_event(true, LinkFlags::Up), &[OWN], &["wg0"]),
+            None
+        );
+        assert_eq!(
+            reason(&link_event(false, LinkFlags::empty()), &[OWN], &["wg0"]),
+            None
+        );
+        assert_eq!(
+            reason(&link_event(true, LinkFlags::empty()), &[OWN], &["wg0"]),
+            None
+        );
     }
 
     #[test]
