@@ -486,7 +486,7 @@ async fn nft_read_back_equals_applied_and_the_planner_then_does_nothing() {
     );
     assert_eq!(
         nat_ops(&messy, have),
-        vec![Op::SetMasquerade(canonical(&messy))]
+        vec![Op::SetMasquerade(Box::new(canonical(&messy)))]
     );
     fw.apply(&messy).await.expect("repair");
     assert_eq!(nat_ops(&messy, fw.read().await.expect("read")), vec![]);
@@ -511,7 +511,7 @@ async fn nft_read_back_equals_applied_and_the_planner_then_does_nothing() {
     ));
     assert_eq!(
         nat_ops(&messy, fw.read().await.expect("read")),
-        vec![Op::SetMasquerade(canonical(&messy))]
+        vec![Op::SetMasquerade(Box::new(canonical(&messy)))]
     );
     fw.apply(&messy).await.expect("repair");
     assert_eq!(nat_ops(&messy, fw.read().await.expect("read")), vec![]);
@@ -609,7 +609,7 @@ async fn iptables_round_trip_leaves_foreign_rules_alone() {
     ));
     assert_eq!(
         nat_ops(&v4_only, fw.read().await.expect("read")),
-        vec![Op::SetMasquerade(v4_only.clone())]
+        vec![Op::SetMasquerade(Box::new(v4_only.clone()))]
     );
     fw.apply(&v4_only).await.expect("repair");
     assert_eq!(nat_ops(&v4_only, fw.read().await.expect("read")), vec![]);

@@ -530,8 +530,8 @@ async fn wg_apply_ops_runs_the_wireguard_ops_and_skips_the_rest() {
         Op::CreateInterface,
         Op::ConfigureDevice { listen_port: 51830 },
         Op::LinkUp,
-        Op::UpsertPeer(fake_peer(1)),
-        Op::UpsertPeer(fake_peer(2)),
+        Op::UpsertPeer(Box::new(fake_peer(1))),
+        Op::UpsertPeer(Box::new(fake_peer(2))),
         Op::RemovePeer {
             public_key: fake_key(3),
         },

@@ -168,6 +168,17 @@ const MERGE_MAX: usize = 16;
 /// can change thousands of peers: a line each made the log, not the kernel, the agent's work.
 const LOG_PEERS_MAX: usize = 8;
 
+/// One event folded into the engine without an update of its own (debug): what arrived.
+fn log_folded(ev: &Event) {
+    match ev {
+        Event::NodeUpsert(n) => debug!(node = %n.name, location = %n.location,
+            endpoint = ?n.endpoint.as_ref().map(ToString::to_string), "node changed (folded)"),
+        Event::NodeRemove(n) => debug!(node = %n, "node removed (folded)"),
+        Event::PeerUpsert(p) => debug!(peer = %p.name, "peer resource changed (folded)"),
+        Event::PeerRemove(n) => debug!(peer = %n, "peer resource removed (folded)"),
+    }
+}
+
 fn log_delta(d: &DesiredDelta) {
     if d.peers_upserted.len() + d.peers_removed.len() > LOG_PEERS_MAX {
         info!(
@@ -567,9 +578,27 @@ pub async fn run_with<K: Kernel>(
                     }
                     Mesh::Running(engine) => {
                         debug!(events = events.len(), "registry changed");
-                        engine.apply_batch(events, |u| {
-                            absorb(u, &mut pending, &mut dirty, &mut full_needed);
-                        });
+                        // Event by event while the one delta `absorb` keeps is still to come;
+                        // from the second change on the whole state is planned, so the rest is
+                        // folded in without updates (no diff of the whole mesh per burst).
+                        let mut events = events.into_iter();
+                        while pending.is_none() && !full_needed {
+                            let Some(ev) = events.next() else { break };
+                            engine.apply_batch([ev], |u| {
+                                absorb(u, &mut pending, &mut dirty, &mut full_needed);
+                            });
+                        }
+                        let rest: Vec<Event> = events.collect();
+                        if !rest.is_empty() {
+                            debug!(events = rest.len(), "folding the rest of the batch in");
+                            if tracing::enabled!(tracing::Level::DEBUG) {
+                                rest.iter().for_each(log_folded);
+                            }
+                            engine.fold_batch(rest);
+                            pending = None;
+                            full_needed = true;
+                            dirty = true;
+                        }
                     }
                 }
             }

@@ -280,7 +280,7 @@ async fn nothing_is_programmed_or_removed_before_the_first_complete_list() {
     };
     simulate(
         &mut kernel.state.lock().unwrap(),
-        &[Op::CreateInterface, Op::UpsertPeer(stale.clone())],
+        &[Op::CreateInterface, Op::UpsertPeer(Box::new(stale.clone()))],
         KEY,
     );
     let (tx, rx) = mpsc::channel(4);

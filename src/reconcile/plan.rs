@@ -5,8 +5,6 @@
 //! anything wiremesh did not create (foreign routes, rules, interfaces and tables are filtered
 //! out when the kernel is read), so the plan can never touch them.
 
-use std::collections::BTreeMap;
-
 use ipnetwork::IpNetwork;
 use serde::Serialize;
 
@@ -86,7 +84,7 @@ pub enum Op {
     /// Bring the WireGuard link up.
     LinkUp,
     /// Add or change one peer (its allowed IPs are replaced, other peers are left alone).
-    UpsertPeer(WgPeer),
+    UpsertPeer(Box<WgPeer>),
     /// Remove one peer.
     RemovePeer {
         /// The peer's public key.
@@ -100,7 +98,7 @@ pub enum Op {
         pod_cidrs: Vec<IpNetwork>,
     },
     /// Replace wiremesh's masquerade table.
-    SetMasquerade(Masquerade),
+    SetMasquerade(Box<Masquerade>),
     /// Remove wiremesh's masquerade table.
     DelMasquerade,
     /// Remove a rule.
@@ -122,21 +120,48 @@ pub fn peer_diff(
     actual: &[WgPeer],
     recent: &[WgKey],
 ) -> (Vec<WgPeer>, Vec<WgKey>) {
-    let have: BTreeMap<WgKey, &WgPeer> = actual.iter().map(|p| (p.public_key, p)).collect();
-    let want: BTreeMap<WgKey, &WgPeer> = desired.iter().map(|p| (p.public_key, p)).collect();
-    let mut upsert = Vec::new();
-    for (k, w) in &want {
-        match have.get(k) {
-            Some(h) if same_peer(w, h, recent.contains(k)) => {}
-            _ => upsert.push((*w).clone()),
+    // Both sides are usually sorted by key already (the engine's state, the kernel as read):
+    // then this only checks that and merges, with no map of either side.
+    let have = by_key(actual);
+    let want = by_key(desired);
+    let (mut upsert, mut remove) = (Vec::new(), Vec::new());
+    let (mut i, mut j) = (0, 0);
+    loop {
+        match (want.get(i), have.get(j)) {
+            (Some(w), Some(h)) if w.public_key == h.public_key => {
+                if !same_peer(w, h, recent.contains(&w.public_key)) {
+                    upsert.push((*w).clone());
+                }
+                i += 1;
+                j += 1;
+            }
+            (Some(w), Some(h)) if w.public_key < h.public_key => {
+                upsert.push((*w).clone());
+                i += 1;
+            }
+            (Some(w), None) => {
+                upsert.push((*w).clone());
+                i += 1;
+            }
+            (_, Some(h)) => {
+                remove.push(h.public_key);
+                j += 1;
+            }
+            (None, None) => break,
         }
     }
-    let remove = have
-        .keys()
-        .filter(|k| !want.contains_key(k))
-        .copied()
-        .collect();
     (upsert, remove)
+}
+
+/// The peers sorted by key, the last of equal keys kept (as a map would).
+fn by_key(peers: &[WgPeer]) -> Vec<&WgPeer> {
+    let mut v: Vec<&WgPeer> = peers.iter().collect();
+    if !v.is_sorted_by(|a, b| a.public_key < b.public_key) {
+        v.reverse();
+        v.sort_by_key(|p| p.public_key);
+        v.dedup_by_key(|p| p.public_key);
+    }
+    v
 }
 
 /// Whether the kernel's peer already matches the desired one. Allowed IPs are compared as sets.
@@ -164,13 +189,43 @@ pub fn same_peer(want: &WgPeer, have: &WgPeer, recent: bool) -> bool {
         && want.preshared_key == have.preshared_key
 }
 
+/// Items of `want` not in `have`, and items of `have` not in `want`, each sorted and once.
 fn sorted_diff<T: Ord + Clone>(want: &[T], have: &[T]) -> (Vec<T>, Vec<T>) {
-    let w: std::collections::BTreeSet<&T> = want.iter().collect();
-    let h: std::collections::BTreeSet<&T> = have.iter().collect();
-    (
-        w.difference(&h).map(|x| (*x).clone()).collect(),
-        h.difference(&w).map(|x| (*x).clone()).collect(),
-    )
+    let (w, h) = (sorted_set(want), sorted_set(have));
+    let (mut add, mut del) = (Vec::new(), Vec::new());
+    let (mut i, mut j) = (0, 0);
+    loop {
+        match (w.get(i), h.get(j)) {
+            (Some(a), Some(b)) if a == b => {
+                i += 1;
+                j += 1;
+            }
+            (Some(a), Some(b)) if a < b => {
+                add.push((*a).clone());
+                i += 1;
+            }
+            (Some(a), None) => {
+                add.push((*a).clone());
+                i += 1;
+            }
+            (_, Some(b)) => {
+                del.push((*b).clone());
+                j += 1;
+            }
+            (None, None) => break,
+        }
+    }
+    (add, del)
+}
+
+/// The items, by reference, sorted and deduplicated (a check when they already are).
+fn sorted_set<T: Ord>(items: &[T]) -> Vec<&T> {
+    let mut v: Vec<&T> = items.iter().collect();
+    if !v.is_sorted_by(|a, b| a < b) {
+        v.sort();
+        v.dedup();
+    }
+    v
 }
 
 /// The operations that turn `actual` into `desired`, in the order they must run: interface
@@ -216,7 +271,7 @@ pub fn plan(desired: &DesiredState, actual: &OwnedState, public_key: WgKey) -> V
             .into_iter()
             .map(|public_key| Op::RemovePeer { public_key }),
     );
-    ops.extend(upsert.into_iter().map(Op::UpsertPeer));
+    ops.extend(upsert.into_iter().map(|p| Op::UpsertPeer(Box::new(p))));
     if let Some(b) = &desired.bridge
         && actual.bridge.as_ref() != Some(b)
     {
@@ -238,7 +293,7 @@ pub fn plan(desired: &DesiredState, actual: &OwnedState, public_key: WgKey) -> V
     let want = super::nft::canonical(&desired.masquerade);
     match (&actual.masquerade, want_nat) {
         (Some(m), true) if *m == want => {}
-        (_, true) => ops.push(Op::SetMasquerade(want)),
+        (_, true) => ops.push(Op::SetMasquerade(Box::new(want))),
         (Some(_), false) => ops.push(Op::DelMasquerade),
         (None, false) => {}
     }
@@ -276,13 +331,13 @@ pub fn plan_delta(delta: &DesiredDelta, actual: &OwnedState) -> Option<Vec<Op>> 
         let have = find(&p.public_key);
         let recent = device.recent_handshakes.contains(&p.public_key);
         if !have.is_some_and(|h| same_peer(p, h, recent)) {
-            ops.push(Op::UpsertPeer(p.clone()));
+            ops.push(Op::UpsertPeer(Box::new(p.clone())));
         }
     }
     if let Some(m) = &delta.masquerade {
         let want = super::nft::canonical(m);
         if actual.masquerade.as_ref() != Some(&want) {
-            ops.push(Op::SetMasquerade(want));
+            ops.push(Op::SetMasquerade(Box::new(want)));
         }
     }
     for r in &delta.rules_removed {
@@ -352,7 +407,7 @@ pub fn simulate(state: &mut OwnedState, ops: &[Op], public_key: WgKey) {
             }
             Op::UpsertPeer(p) => {
                 let d = state.wireguard.get_or_insert_with(WgDeviceState::default);
-                let mut p = p.clone();
+                let mut p = (**p).clone();
                 p.name.clear();
                 match d
                     .peers
@@ -371,7 +426,7 @@ pub fn simulate(state: &mut OwnedState, ops: &[Op], public_key: WgKey) {
             }
             Op::SetBridge(b) => state.bridge = Some(b.clone()),
             Op::WriteCni { pod_cidrs } => state.cni = Some(pod_cidrs.clone()),
-            Op::SetMasquerade(m) => state.masquerade = Some(m.clone()),
+            Op::SetMasquerade(m) => state.masquerade = Some((**m).clone()),
             Op::DelMasquerade => state.masquerade = None,
             Op::DelRule(r) => {
                 if let Ok(i) = state.rules.binary_search(r) {
@@ -403,6 +458,7 @@ mod tests {
     use crate::model::{MeshNode, NodeName};
     use crate::topology::{Encapsulate, MeshOptions, compute};
     use proptest::prelude::*;
+    use std::collections::BTreeMap;
 
     fn desired(n: u8, local: u8) -> DesiredState {
         let nodes: Vec<MeshNode> = (0..n)
@@ -469,7 +525,7 @@ mod tests {
         let mut d2 = d.clone();
         d2.peers[0].endpoint = Some("198.51.100.9:4000".parse().unwrap());
         let ops = plan(&d2, &k, ME);
-        assert_eq!(ops, vec![Op::UpsertPeer(d2.peers[0].clone())]);
+        assert_eq!(ops, vec![Op::UpsertPeer(Box::new(d2.peers[0].clone()))]);
     }
 
     #[test]
@@ -519,6 +575,53 @@ mod tests {
         );
     }
 
+    proptest! {
+        /// The merge in `peer_diff` and `sorted_diff` gives what maps and sets of both sides
+        /// give, whether the inputs come sorted or not, with repeated keys or not.
+        #[test]
+        fn diffs_equal_the_set_difference_for_any_order(
+            want in proptest::collection::vec((0..8u8, 0..3u8), 0..10),
+            have in proptest::collection::vec((0..8u8, 0..3u8), 0..10),
+            sort_want: bool,
+            sort_have: bool,
+        ) {
+            let peer = |&(k, ip): &(u8, u8)| WgPeer {
+                public_key: WgKey([k; 32]),
+                endpoint: None,
+                allowed_ips: vec![format!("10.9.{ip}.0/24").parse().unwrap()],
+                persistent_keepalive: 0,
+                preshared_key: None,
+                name: String::new(),
+            };
+            let mut w: Vec<WgPeer> = want.iter().map(peer).collect();
+            let mut h: Vec<WgPeer> = have.iter().map(peer).collect();
+            if sort_want {
+                w.sort_by_key(|p| p.public_key);
+            }
+            if sort_have {
+                h.sort_by_key(|p| p.public_key);
+            }
+            let wm: BTreeMap<WgKey, &WgPeer> = w.iter().map(|p| (p.public_key, p)).collect();
+            let hm: BTreeMap<WgKey, &WgPeer> = h.iter().map(|p| (p.public_key, p)).collect();
+            let (upsert, remove) = peer_diff(&w, &h, &[]);
+            let want_upsert: Vec<WgPeer> = wm
+                .iter()
+                .filter(|(k, p)| hm.get(*k).is_none_or(|q| !same_peer(p, q, false)))
+                .map(|(_, p)| (*p).clone())
+                .collect();
+            let want_remove: Vec<WgKey> =
+                hm.keys().filter(|k| !wm.contains_key(*k)).copied().collect();
+            prop_assert_eq!(upsert, want_upsert);
+            prop_assert_eq!(remove, want_remove);
+
+            let ws: std::collections::BTreeSet<(u8, u8)> = want.iter().copied().collect();
+            let hs: std::collections::BTreeSet<(u8, u8)> = have.iter().copied().collect();
+            let (add, del) = sorted_diff(&want, &have);
+            prop_assert_eq!(add, ws.difference(&hs).copied().collect::<Vec<_>>());
+            prop_assert_eq!(del, hs.difference(&ws).copied().collect::<Vec<_>>());
+        }
+    }
+
     /// One operation on a small universe of peers (by key byte) and routes (by /24).
     fn peer_or_route_op() -> impl Strategy<Value = Op> {
         let peer = |k: u8, ip: u8| WgPeer {
@@ -538,7 +641,7 @@ mod tests {
             onlink: false,
         };
         prop_oneof![
-            (0..12u8, 0..4u8).prop_map(move |(k, ip)| Op::UpsertPeer(peer(k, ip))),
+            (0..12u8, 0..4u8).prop_map(move |(k, ip)| Op::UpsertPeer(Box::new(peer(k, ip)))),
             (0..12u8).prop_map(|k| Op::RemovePeer {
                 public_key: WgKey([k; 32])
             }),
@@ -584,7 +687,7 @@ mod tests {
                 simulate(&mut k, std::slice::from_ref(op), ME);
                 match op {
                     Op::UpsertPeer(p) => {
-                        let mut p = p.clone();
+                        let mut p = (**p).clone();
                         p.name.clear();
                         peers.insert(p.public_key, p);
                     }

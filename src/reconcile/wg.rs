@@ -901,12 +901,22 @@ impl WgDevice {
         out
     }
 
+    /// The peer operations, [`PEERS_PER_UPDATE`] at a time: only one chunk's peers are copied
+    /// for the blocking call and turned into UAPI text at once, whatever the mesh's size.
     async fn apply_peer_ops(&self, ops: &[Op]) -> Vec<Option<Result<(), KernelError>>> {
+        let mut out = Vec::with_capacity(ops.len());
+        for chunk in ops.chunks(PEERS_PER_UPDATE) {
+            out.extend(self.apply_peer_chunk(chunk).await);
+        }
+        out
+    }
+
+    async fn apply_peer_chunk(&self, ops: &[Op]) -> Vec<Option<Result<(), KernelError>>> {
         let mut upsert = Vec::new();
         let mut remove = Vec::new();
         for op in ops {
             match op {
-                Op::UpsertPeer(p) => upsert.push(p.clone()),
+                Op::UpsertPeer(p) => upsert.push((**p).clone()),
                 Op::RemovePeer { public_key } => remove.push(*public_key),
                 _ => {}
             }

@@ -153,6 +153,8 @@ pub struct Engine {
     stats: EngineStats,
     /// Work done so far, in a full recomputation's per-segment cost (see [`Engine::apply_batch`]).
     work: usize,
+    /// Inside [`Engine::fold_batch`]: recomputations skip their diff.
+    folding: bool,
 }
 
 /// What recomputing one segment on the fast path costs, in a full recomputation's per-segment
@@ -190,6 +192,7 @@ impl Engine {
             local_error: None,
             stats: EngineStats::default(),
             work: 0,
+            folding: false,
         };
         e.rebuild();
         e
@@ -217,13 +220,22 @@ impl Engine {
 
     /// The local node's current desired state.
     pub fn desired(&self) -> Result<DesiredState, LocalError> {
+        self.available()?;
+        match &self.ctx {
+            Some(ctx) => Ok(self.materialize(ctx)),
+            None => Err(LocalError::Unknown(self.local.to_string())),
+        }
+    }
+
+    /// Whether [`Engine::desired`] has a state to give, without materialising it.
+    fn available(&self) -> Result<(), LocalError> {
         if let Some(e) = &self.local_error {
             return Err(e.clone());
         }
-        let Some(ctx) = &self.ctx else {
-            return Err(LocalError::Unknown(self.local.to_string()));
-        };
-        Ok(self.materialize(ctx))
+        match self.ctx {
+            Some(_) => Ok(()),
+            None => Err(LocalError::Unknown(self.local.to_string())),
+        }
     }
 
     /// Problems in the current input, sorted.
@@ -316,6 +328,17 @@ impl Engine {
         }
     }
 
+    /// Apply a batch for a caller that plans from [`Engine::desired`] afterwards and needs no
+    /// update (it already has changes of its own to plan in full): as [`Engine::apply_batch`],
+    /// but a recomputation only rebuilds, without materialising the whole desired state before
+    /// and after it to diff them. At 5,000 nodes in full granularity those two copies and their
+    /// diff are most of a burst's memory peak (`examples/engine_memory.rs`).
+    pub fn fold_batch(&mut self, events: impl IntoIterator<Item = Event>) {
+        self.folding = true;
+        self.apply_batch(events, |_| {});
+        self.folding = false;
+    }
+
     /// Record an event in the inputs only (a recomputation must follow).
     fn set_input(&mut self, event: Event) {
         match event {
@@ -336,8 +359,8 @@ impl Engine {
 
     /// The update for an event that changed nothing.
     fn unchanged(&self) -> Update {
-        match self.desired() {
-            Ok(_) => Update::Delta(DesiredDelta::default()),
+        match self.available() {
+            Ok(()) => Update::Delta(DesiredDelta::default()),
             Err(e) => Update::Unavailable(e),
         }
     }
@@ -690,8 +713,13 @@ impl Engine {
         d.rules_removed = r;
     }
 
-    /// Rebuild every index from scratch and diff against the previous state.
+    /// Rebuild every index from scratch and diff against the previous state (in
+    /// [`Engine::fold_batch`] only rebuild: its caller drops the update).
     fn recompute(&mut self) -> Update {
+        if self.folding {
+            self.rebuild();
+            return self.unchanged();
+        }
         let before = self.desired();
         self.rebuild();
         let after = self.desired();
@@ -771,18 +799,14 @@ impl Engine {
         });
         // Index the assembled state (it already resolved any conflicts).
         let ix = &mut self.index;
-        ix.peers = state
-            .peers
-            .iter()
-            .map(|p| (p.public_key, p.clone()))
-            .collect();
         for p in &state.peers {
             count_add(&mut ix.allowed, &p.allowed_ips, &mut Flips::default(), 0);
         }
+        ix.peers = state.peers.into_iter().map(|p| (p.public_key, p)).collect();
         ix.routes = state
             .routes
-            .iter()
-            .map(|r| ((r.table, r.dst), r.clone()))
+            .into_iter()
+            .map(|r| ((r.table, r.dst), r))
             .collect();
         for (_, c) in &contributions {
             for r in &c.rules {

@@ -256,7 +256,8 @@ pub fn activity(log: &str, from: f64, to: f64) -> Activity {
 }
 
 /// When the agent had one probe: seconds from its write to the engine's delta ("peer added or
-/// changed": the watch delivered it) and to the reconciliation that put it into the kernel.
+/// changed", or "node changed (folded)" for a change folded into a burst: the watch delivered
+/// it) and to the reconciliation that put it into the kernel.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct ProbeTimes {
     /// Write → the agent's engine.
@@ -278,7 +279,7 @@ pub fn probe_latencies(log: &str, probes: &[(String, f64)]) -> Vec<ProbeTimes> {
     let mut applied: Vec<Option<f64>> = vec![None; probes.len()];
     let mut waiting: Vec<usize> = Vec::new();
     for line in log.lines() {
-        if line.contains("peer added or changed") {
+        if line.contains("peer added or changed") || line.contains("node changed (folded)") {
             if let Some(i) = line
                 .split_once("endpoint=Some(\"")
                 .and_then(|(_, r)| r.split_once('"'))
