@@ -11,31 +11,13 @@ use std::hint::black_box;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use wiremesh::model::{Granularity, MeshNode, NodeName, WgKey};
+use wiremesh::model::{Granularity, NodeName};
 use wiremesh::topology::incremental::{Engine, Event};
 use wiremesh::topology::{Encapsulate, MeshOptions, compute};
 
-/// A synthetic cluster: node i in location i/10, public endpoint, internal IP, /24 pod CIDR.
-fn cluster(n: usize) -> Vec<MeshNode> {
-    (0..n)
-        .map(|i| {
-            let mut node = MeshNode::new(format!("node-{i:05}"));
-            node.location = format!("loc-{:04}", i / 10);
-            let mut key = [0u8; 32];
-            key[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
-            node.key = Some(WgKey(key));
-            let (hi, lo) = ((i >> 8) as u8, (i & 0xff) as u8);
-            node.endpoint = Some(
-                format!("100.{}.{hi}.{lo}:51820", 64 + (i >> 16))
-                    .parse()
-                    .expect("endpoint"),
-            );
-            node.internal_ip = Some(format!("172.16.{hi}.{lo}/16").parse().expect("ip"));
-            node.pod_cidrs = vec![format!("10.{}.{lo}.0/24", 64 + hi).parse().expect("cidr")];
-            node
-        })
-        .collect()
-}
+#[path = "common/synthetic.rs"]
+mod synthetic;
+use synthetic::cluster;
 
 fn opts(g: Granularity) -> MeshOptions {
     MeshOptions {

@@ -56,6 +56,10 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
+#[path = "../benches/common/synthetic.rs"]
+mod synthetic;
+use synthetic::node;
+
 #[derive(Parser)]
 struct Args {
     /// Synthetic nodes (10 per location).
@@ -80,25 +84,6 @@ fn peak_of<T>(f: impl FnOnce() -> T) -> (T, usize) {
     PEAK.store(before, Ordering::Relaxed);
     let out = f();
     (out, PEAK.load(Ordering::Relaxed) - before)
-}
-
-/// Node i of a synthetic cluster: location i/10, public endpoint, internal IP, /24 pod CIDR.
-fn node(i: usize, version: u32) -> MeshNode {
-    let mut node = MeshNode::new(format!("node-{i:05}"));
-    node.location = format!("loc-{:04}", i / 10);
-    let mut key = [0u8; 32];
-    key[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
-    node.key = Some(WgKey(key));
-    let (hi, lo) = ((i >> 8) as u8, (i & 0xff) as u8);
-    let port = 51820 + (version % 1000) as u16;
-    node.endpoint = Some(
-        format!("100.{}.{hi}.{lo}:{port}", 64 + (i >> 16))
-            .parse()
-            .expect("endpoint"),
-    );
-    node.internal_ip = Some(format!("172.16.{hi}.{lo}/16").parse().expect("ip"));
-    node.pod_cidrs = vec![format!("10.{}.{lo}.0/24", 64 + hi).parse().expect("cidr")];
-    node
 }
 
 /// The `k`-th change of a burst: 70 % endpoint moves, 20 % location changes, 5 % leaves,

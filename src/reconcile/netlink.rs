@@ -295,21 +295,26 @@ impl Netlink {
     /// so an answer's index is its sequence number minus the first answer's. The receive buffer
     /// is sized (`BatchLimits`) so that no acknowledgement is dropped; if one still were, the
     /// batch would time out and its unanswered requests count as `Lost`.
-    async fn send_acked(&self, msgs: Vec<NetlinkMessage<RouteNetlinkMessage>>) -> Vec<Answer> {
-        let total = msgs.len();
-        let mut chunks = Vec::with_capacity(total.div_ceil(self.limits.chunk));
-        let mut it = msgs.into_iter().peekable();
-        while it.peek().is_some() {
-            chunks.push(it.by_ref().take(self.limits.chunk).collect::<Vec<_>>());
-        }
+    ///
+    /// The messages are taken from `msgs` a chunk at a time, as the window has room: however
+    /// many there are (20,000 when a node leaves a mesh of 5,000), only the window's are built
+    /// and held at once.
+    async fn send_acked(
+        &self,
+        msgs: impl IntoIterator<Item = NetlinkMessage<RouteNetlinkMessage>>,
+    ) -> Vec<Answer> {
+        let chunk = self.limits.chunk;
+        let mut it = msgs.into_iter();
+        let chunks = std::iter::from_fn(move || {
+            let c: Vec<_> = it.by_ref().take(chunk).collect();
+            (!c.is_empty()).then_some(c)
+        });
         let answers: Vec<Vec<Answer>> = futures::stream::iter(chunks)
             .map(|c| self.send_chunk(c))
             .buffered(self.limits.window)
             .collect()
             .await;
-        let answers: Vec<Answer> = answers.into_iter().flatten().collect();
-        debug_assert_eq!(answers.len(), total);
-        answers
+        answers.into_iter().flatten().collect()
     }
 
     async fn send_chunk(&self, msgs: Vec<NetlinkMessage<RouteNetlinkMessage>>) -> Vec<Answer> {

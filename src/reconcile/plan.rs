@@ -122,35 +122,64 @@ pub fn peer_diff(
 ) -> (Vec<WgPeer>, Vec<WgKey>) {
     // Both sides are usually sorted by key already (the engine's state, the kernel as read):
     // then this only checks that and merges, with no map of either side.
-    let have = by_key(actual);
-    let want = by_key(desired);
     let (mut upsert, mut remove) = (Vec::new(), Vec::new());
+    merge(
+        &by_key(desired),
+        &by_key(actual),
+        |a, b| a.public_key.cmp(&b.public_key),
+        |m| match m {
+            Merged::Both(w, h) if same_peer(w, h, recent.contains(&w.public_key)) => {}
+            Merged::Both(w, _) | Merged::Want(w) => upsert.push(w.clone()),
+            Merged::Have(h) => remove.push(h.public_key),
+        },
+    );
+    (upsert, remove)
+}
+
+/// One item of a merge of two sorted lists: in both, or in one of them.
+enum Merged<'a, T> {
+    Both(&'a T, &'a T),
+    Want(&'a T),
+    Have(&'a T),
+}
+
+/// Walk two lists sorted by `cmp` (without repeats) side by side.
+fn merge<'a, T>(
+    want: &[&'a T],
+    have: &[&'a T],
+    cmp: impl Fn(&T, &T) -> std::cmp::Ordering,
+    mut f: impl FnMut(Merged<'a, T>),
+) {
+    use std::cmp::Ordering;
     let (mut i, mut j) = (0, 0);
     loop {
         match (want.get(i), have.get(j)) {
-            (Some(w), Some(h)) if w.public_key == h.public_key => {
-                if !same_peer(w, h, recent.contains(&w.public_key)) {
-                    upsert.push((*w).clone());
+            (Some(w), Some(h)) => match cmp(w, h) {
+                Ordering::Equal => {
+                    f(Merged::Both(w, h));
+                    i += 1;
+                    j += 1;
                 }
-                i += 1;
-                j += 1;
-            }
-            (Some(w), Some(h)) if w.public_key < h.public_key => {
-                upsert.push((*w).clone());
-                i += 1;
-            }
+                Ordering::Less => {
+                    f(Merged::Want(w));
+                    i += 1;
+                }
+                Ordering::Greater => {
+                    f(Merged::Have(h));
+                    j += 1;
+                }
+            },
             (Some(w), None) => {
-                upsert.push((*w).clone());
+                f(Merged::Want(w));
                 i += 1;
             }
-            (_, Some(h)) => {
-                remove.push(h.public_key);
+            (None, Some(h)) => {
+                f(Merged::Have(h));
                 j += 1;
             }
             (None, None) => break,
         }
     }
-    (upsert, remove)
 }
 
 /// The peers sorted by key, the last of equal keys kept (as a map would).
@@ -191,30 +220,12 @@ pub fn same_peer(want: &WgPeer, have: &WgPeer, recent: bool) -> bool {
 
 /// Items of `want` not in `have`, and items of `have` not in `want`, each sorted and once.
 fn sorted_diff<T: Ord + Clone>(want: &[T], have: &[T]) -> (Vec<T>, Vec<T>) {
-    let (w, h) = (sorted_set(want), sorted_set(have));
     let (mut add, mut del) = (Vec::new(), Vec::new());
-    let (mut i, mut j) = (0, 0);
-    loop {
-        match (w.get(i), h.get(j)) {
-            (Some(a), Some(b)) if a == b => {
-                i += 1;
-                j += 1;
-            }
-            (Some(a), Some(b)) if a < b => {
-                add.push((*a).clone());
-                i += 1;
-            }
-            (Some(a), None) => {
-                add.push((*a).clone());
-                i += 1;
-            }
-            (_, Some(b)) => {
-                del.push((*b).clone());
-                j += 1;
-            }
-            (None, None) => break,
-        }
-    }
+    merge(&sorted_set(want), &sorted_set(have), T::cmp, |m| match m {
+        Merged::Both(..) => {}
+        Merged::Want(w) => add.push(w.clone()),
+        Merged::Have(h) => del.push(h.clone()),
+    });
     (add, del)
 }
 
@@ -266,6 +277,19 @@ pub fn plan(desired: &DesiredState, actual: &OwnedState, public_key: WgKey) -> V
         device.map_or(&[][..], |d| &d.peers),
         device.map_or(&[][..], |d| &d.recent_handshakes),
     );
+    let (add_rules, del_rules) = sorted_diff(&desired.rules, &actual.rules);
+    let (add_routes, del_routes) = sorted_diff(&desired.routes, &actual.routes);
+    // Sized once: a whole mesh renumbered is tens of thousands of operations, and growing by
+    // doubling would hold up to twice their size at the worst moment.
+    ops.reserve_exact(
+        upsert.len()
+            + remove.len()
+            + add_rules.len()
+            + del_rules.len()
+            + add_routes.len()
+            + del_routes.len()
+            + 3,
+    );
     ops.extend(
         remove
             .into_iter()
@@ -297,8 +321,6 @@ pub fn plan(desired: &DesiredState, actual: &OwnedState, public_key: WgKey) -> V
         (Some(_), false) => ops.push(Op::DelMasquerade),
         (None, false) => {}
     }
-    let (add_rules, del_rules) = sorted_diff(&desired.rules, &actual.rules);
-    let (add_routes, del_routes) = sorted_diff(&desired.routes, &actual.routes);
     ops.extend(del_rules.into_iter().map(Op::DelRule));
     ops.extend(del_routes.into_iter().map(Op::DelRoute));
     ops.extend(add_routes.into_iter().map(Op::AddRoute));

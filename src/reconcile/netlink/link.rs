@@ -376,7 +376,7 @@ impl Netlink {
         let dels: Vec<IpNetwork> = have.difference(&want).copied().collect();
         let adds: Vec<IpNetwork> = want.difference(&have).copied().collect();
         // One batch, deletes first: the kernel handles a datagram's requests in order.
-        let msgs = dels
+        let msgs: Vec<_> = dels
             .iter()
             .map(|a| {
                 request(

@@ -500,9 +500,19 @@ impl Netlink {
         devs: &[(u32, RouteDev)],
     ) -> Vec<Outcome> {
         let verb = if add { "add" } else { "del" };
+        let message = |r: &Route, oif: u32| {
+            route_message(r, oif, add).map(|m| {
+                if add {
+                    request(RouteNetlinkMessage::NewRoute(m), NLM_F_CREATE | NLM_F_EXCL)
+                } else {
+                    request(RouteNetlinkMessage::DelRoute(m), 0)
+                }
+            })
+        };
         let mut out = Vec::with_capacity(routes.len());
-        let mut msgs = Vec::new();
-        let mut sent = Vec::new();
+        // (route index, output interface) of each request to send; the messages themselves are
+        // built again as they are sent, a window at a time (see `send_acked`).
+        let mut sent: Vec<(usize, u32)> = Vec::new();
         for (i, r) in routes.iter().enumerate() {
             let oif = devs.iter().find(|(_, d)| *d == r.dev).map(|(idx, _)| *idx);
             let Some(oif) = oif else {
@@ -515,14 +525,8 @@ impl Netlink {
                 continue;
             };
             match route_message(r, oif, add) {
-                Ok(m) => {
-                    let (msg, flags) = if add {
-                        (RouteNetlinkMessage::NewRoute(m), NLM_F_CREATE | NLM_F_EXCL)
-                    } else {
-                        (RouteNetlinkMessage::DelRoute(m), 0)
-                    };
-                    msgs.push(request(msg, flags));
-                    sent.push(i);
+                Ok(_) => {
+                    sent.push((i, oif));
                     out.push(Outcome::Done);
                 }
                 Err(message) => out.push(Outcome::Refused(KernelError::Netlink {
@@ -531,7 +535,11 @@ impl Netlink {
                 })),
             }
         }
-        for (i, a) in sent.into_iter().zip(self.send_acked(msgs).await) {
+        let msgs = sent
+            .iter()
+            .filter_map(|&(i, oif)| message(&routes[i], oif).ok());
+        let answers = self.send_acked(msgs).await;
+        for ((i, _), a) in sent.into_iter().zip(answers) {
             if a != Answer::Ok {
                 out[i] = Outcome::Kernel(a);
             }
@@ -542,7 +550,7 @@ impl Netlink {
     /// Delete exactly these routes of ours (e.g. the strays of [`Netlink::read_route_dump`]);
     /// one result per route, a missing route is not an error.
     pub async fn del_stray_routes(&self, strays: &[StrayRoute]) -> Vec<Result<(), KernelError>> {
-        let msgs = strays
+        let msgs: Vec<_> = strays
             .iter()
             .map(|s| request(RouteNetlinkMessage::DelRoute(stray_message(s)), 0))
             .collect();

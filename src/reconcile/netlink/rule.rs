@@ -234,7 +234,7 @@ impl Netlink {
     /// Delete exactly these rules of ours (e.g. the strays of [`Netlink::read_rule_dump`]); one
     /// result per rule, a missing rule is not an error.
     pub async fn del_stray_rules(&self, strays: &[StrayRule]) -> Vec<Result<(), KernelError>> {
-        let msgs = strays
+        let msgs: Vec<_> = strays
             .iter()
             .map(|s| request(RouteNetlinkMessage::DelRule(s.message.clone()), 0))
             .collect();
