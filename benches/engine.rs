@@ -68,7 +68,7 @@ fn incremental_event(c: &mut Criterion) {
             b.iter(|| {
                 flip = !flip;
                 let ev = if flip { a.clone() } else { b_node.clone() };
-                black_box(engine.apply(Event::NodeUpsert(ev)))
+                black_box(engine.apply(Event::node(ev)))
             })
         });
         let stats = engine.stats();
@@ -106,7 +106,7 @@ fn bursts(c: &mut Criterion) {
                 let ev = if gone {
                     Event::NodeRemove(mid.name.clone())
                 } else {
-                    Event::NodeUpsert(mid.clone())
+                    Event::node(mid.clone())
                 };
                 black_box(engine.apply(ev))
             })

@@ -92,13 +92,13 @@ fn change(n: usize, k: usize, round: u32) -> Event {
     let i = 1 + (k * 7919 + round as usize * 104_729) % (n - 1);
     match k % 20 {
         0 => Event::NodeRemove(NodeName(format!("node-{i:05}"))),
-        1 => Event::NodeUpsert(node(n + k, round)),
+        1 => Event::node(node(n + k, round)),
         2..=5 => {
             let mut m = node(i, round);
             m.location = format!("moved-{:04}", (i + round as usize) % (n / 10));
-            Event::NodeUpsert(m)
+            Event::node(m)
         }
-        _ => Event::NodeUpsert(node(i, round + 1)),
+        _ => Event::node(node(i, round + 1)),
     }
 }
 

@@ -152,8 +152,8 @@ proptest! {
 /// One random event over a small pool of names, so events hit existing nodes.
 fn event() -> impl Strategy<Value = Event> {
     prop_oneof![
-        2 => (0..10u8).prop_flat_map(|i| gens::node(i, false)).prop_map(Event::NodeUpsert),
-        12 => (0..10u8).prop_flat_map(|i| gens::node(i, true)).prop_map(Event::NodeUpsert),
+        2 => (0..10u8).prop_flat_map(|i| gens::node(i, false)).prop_map(Event::node),
+        12 => (0..10u8).prop_flat_map(|i| gens::node(i, true)).prop_map(Event::node),
         2 => (0..10u8).prop_map(|i| Event::NodeRemove(NodeName(format!("n{i:02}")))),
         1 => (0..3u8).prop_flat_map(gens::peer).prop_map(Event::PeerUpsert),
         1 => (0..3u8).prop_map(|i| Event::PeerRemove(NodeName(format!("p{i}")))),
@@ -193,7 +193,7 @@ proptest! {
         prop_assert_eq!(&mirror, &full_state(&nodes, &peers, &local, &o));
         for ev in events {
             match &ev {
-                Event::NodeUpsert(n) => { nodes.insert(n.name.clone(), n.clone()); }
+                Event::NodeUpsert(n) => { nodes.insert(n.name.clone(), (**n).clone()); }
                 Event::NodeRemove(n) => { nodes.remove(n); }
                 Event::PeerUpsert(p) => { peers.insert(p.name.clone(), p.clone()); }
                 Event::PeerRemove(p) => { peers.remove(p); }
@@ -233,7 +233,7 @@ proptest! {
         for batch in batches {
             for ev in &batch {
                 match ev {
-                    Event::NodeUpsert(n) => { nodes.insert(n.name.clone(), n.clone()); }
+                    Event::NodeUpsert(n) => { nodes.insert(n.name.clone(), (**n).clone()); }
                     Event::NodeRemove(n) => { nodes.remove(n); }
                     Event::PeerUpsert(p) => { peers.insert(p.name.clone(), p.clone()); }
                     Event::PeerRemove(p) => { peers.remove(p); }
@@ -330,7 +330,7 @@ fn a_burst_of_endpoint_moves_smaller_than_the_mesh_stays_on_the_fast_path() {
         .map(|i| {
             let mut n = nodes[i].clone();
             n.endpoint = Some(format!("198.51.100.{}:4000", i % 250).parse().unwrap());
-            Event::NodeUpsert(n)
+            Event::node(n)
         })
         .collect();
     let mut updates = Vec::new();
@@ -363,7 +363,7 @@ fn incremental_endpoint_move_touches_only_that_peer() {
     );
     let mut moved = nodes[7].clone();
     moved.endpoint = Some("198.51.100.1:4000".parse().unwrap());
-    let Update::Delta(d) = engine.apply(Event::NodeUpsert(moved)) else {
+    let Update::Delta(d) = engine.apply(Event::node(moved)) else {
         panic!("expected a delta")
     };
     assert_eq!(d.peers_upserted.len(), 1);

@@ -250,7 +250,7 @@ fn delta_ops(
 /// everything once, then the incremental engine.
 enum Mesh {
     Listing {
-        nodes: BTreeMap<NodeName, MeshNode>,
+        nodes: BTreeMap<NodeName, Arc<MeshNode>>,
         peers: BTreeMap<NodeName, MeshPeer>,
     },
     Running(Box<Engine>),
@@ -543,7 +543,7 @@ pub async fn run_with<K: Kernel>(
                     if let Event::NodeUpsert(n) = ev
                         && n.name == cfg.node
                     {
-                        overlay_local(n, public_key, own.as_ref());
+                        overlay_local(Arc::make_mut(n), public_key, own.as_ref());
                     }
                 }
                 if interrupted {
@@ -566,7 +566,7 @@ pub async fn run_with<K: Kernel>(
                             }
                         }
                         if batch.synced {
-                            let nodes: Vec<MeshNode> = std::mem::take(nodes).into_values().collect();
+                            let nodes: Vec<Arc<MeshNode>> = std::mem::take(nodes).into_values().collect();
                             let peers: Vec<MeshPeer> = std::mem::take(peers).into_values().collect();
                             let engine = Engine::new(nodes, peers, cfg.node.clone(), cfg.mesh.clone());
                             info!(node = %cfg.node, nodes = engine.nodes().count(), peers = engine.peers().count(),

@@ -287,7 +287,7 @@ async fn nothing_is_programmed_or_removed_before_the_first_complete_list() {
     let agent = Running::with_registry(cfg, &kernel, rx, None);
     let nodes = three_clouds();
     // Part of a list: the agent waits.
-    tx.send(batch(vec![Event::NodeUpsert(nodes[0].clone())], false))
+    tx.send(batch(vec![Event::node(nodes[0].clone())], false))
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -301,7 +301,7 @@ async fn nothing_is_programmed_or_removed_before_the_first_complete_list() {
         "the old peer must stay until the list is complete"
     );
     // The list completes: the mesh is programmed and the stale peer goes.
-    let rest = nodes[1..].iter().cloned().map(Event::NodeUpsert).collect();
+    let rest = nodes[1..].iter().cloned().map(Event::node).collect();
     tx.send(batch(rest, true)).await.unwrap();
     wait_for("the mesh's two peers, the stale one gone", || {
         let st = kernel.state.lock().unwrap();
@@ -326,7 +326,7 @@ async fn a_burst_taken_in_one_batch_reaches_the_kernel_as_its_net_change() {
     let (tx, rx) = mpsc::channel(4);
     let agent = Running::with_registry(cfg, &kernel, rx, None);
     let nodes = three_clouds();
-    let all = nodes.iter().cloned().map(Event::NodeUpsert).collect();
+    let all = nodes.iter().cloned().map(Event::node).collect();
     tx.send(batch(all, true)).await.unwrap();
     wait_for("the mesh's two peers", || peers(&kernel) == 2).await;
     let before = kernel.applied.lock().unwrap().len();
@@ -334,7 +334,7 @@ async fn a_burst_taken_in_one_batch_reaches_the_kernel_as_its_net_change() {
     let moved = |i: usize, port: u16| {
         let mut n = nodes[i].clone();
         n.endpoint = Some(format!("203.0.113.99:{port}").parse().unwrap());
-        Event::NodeUpsert(n)
+        Event::node(n)
     };
     let (par, hel) = (key_of(&nodes, "par-1"), key_of(&nodes, "hel-1"));
     let index = |name: &str| nodes.iter().position(|n| n.name.0 == name).unwrap();
@@ -385,7 +385,7 @@ async fn batches_waiting_together_are_reconciled_together() {
     let (tx, rx) = mpsc::channel(4);
     let agent = Running::with_registry(cfg, &kernel, rx, None);
     let nodes = three_clouds();
-    let all = nodes.iter().cloned().map(Event::NodeUpsert).collect();
+    let all = nodes.iter().cloned().map(Event::node).collect();
     tx.send(batch(all, true)).await.unwrap();
     wait_for("the mesh's two peers", || peers(&kernel) == 2).await;
     let before = *kernel.reconciles.lock().unwrap();
@@ -393,9 +393,7 @@ async fn batches_waiting_together_are_reconciled_together() {
     for (i, port) in [(1, 40020), (2, 40021)] {
         let mut n = nodes[i].clone();
         n.endpoint = Some(format!("203.0.113.98:{port}").parse().unwrap());
-        tx.send(batch(vec![Event::NodeUpsert(n)], true))
-            .await
-            .unwrap();
+        tx.send(batch(vec![Event::node(n)], true)).await.unwrap();
     }
     let endpoints = || {
         let st = kernel.state.lock().unwrap();
@@ -482,7 +480,7 @@ async fn heartbeats_are_judged_stale_only_after_the_api_has_been_live_for_the_gr
     for n in &mut nodes {
         n.last_seen = Some(old);
     }
-    let events = nodes.iter().cloned().map(Event::NodeUpsert).collect();
+    let events = nodes.iter().cloned().map(Event::node).collect();
     tx.send(batch(events, true)).await.unwrap();
     wait_for("two peers", || peers(&kernel) == 2).await;
     // Not judged before the grace (82.5 s at most; check-in ticks every 30 s).
@@ -502,9 +500,7 @@ async fn heartbeats_are_judged_stale_only_after_the_api_has_been_live_for_the_gr
     // Back at 200 s; par-1 publishes a fresh heartbeat, hel-1 never does.
     let mut par = nodes.iter().find(|n| n.name.0 == "par-1").unwrap().clone();
     par.last_seen = Some(unix_now());
-    tx.send(batch(vec![Event::NodeUpsert(par)], true))
-        .await
-        .unwrap();
+    tx.send(batch(vec![Event::node(par)], true)).await.unwrap();
     tokio::time::sleep_until(at(275)).await;
     assert_eq!(
         peers(&kernel),
@@ -581,7 +577,7 @@ async fn readiness_flips_only_after_the_first_list_and_a_successful_reconciliati
 
     // Part of a list: still waiting for it.
     let nodes = three_clouds();
-    tx.send(batch(vec![Event::NodeUpsert(nodes[0].clone())], false))
+    tx.send(batch(vec![Event::node(nodes[0].clone())], false))
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -590,7 +586,7 @@ async fn readiness_flips_only_after_the_first_list_and_a_successful_reconciliati
     assert!(r.body.contains("first complete list"), "{r:?}");
 
     // The list completes; the first reconciliation is partial: not ready, and why.
-    let rest = nodes[1..].iter().cloned().map(Event::NodeUpsert).collect();
+    let rest = nodes[1..].iter().cloned().map(Event::node).collect();
     tx.send(batch(rest, true)).await.unwrap();
     wait_for("the partial reconciliation", || {
         kernel.refuse.lock().unwrap().is_some_and(|(_, n)| n == 0)

@@ -43,13 +43,7 @@ fn diff_by_name<'a, T: PartialEq + Clone + 'a>(
 /// The engine events that turn the nodes the engine holds into `new`: an upsert for every node
 /// added or changed, a removal for every node gone. Unchanged nodes produce nothing.
 pub fn diff_nodes<'a>(current: impl Iterator<Item = &'a MeshNode>, new: &[MeshNode]) -> Vec<Event> {
-    diff_by_name(
-        current,
-        new,
-        |n| &n.name,
-        Event::NodeUpsert,
-        Event::NodeRemove,
-    )
+    diff_by_name(current, new, |n| &n.name, Event::node, Event::NodeRemove)
 }
 
 /// The engine events that turn the peers the engine holds into `new`.
@@ -76,7 +70,7 @@ mod tests {
         let c = MeshNode::new("c");
         let old = [a.clone(), b];
         let ev = diff_nodes(old.iter(), &[a, b2.clone(), c.clone()]);
-        assert_eq!(ev, vec![Event::NodeUpsert(b2), Event::NodeUpsert(c)]);
+        assert_eq!(ev, vec![Event::node(b2), Event::node(c)]);
         let ev = diff_nodes(old.iter(), &[]);
         assert_eq!(ev.len(), 2);
         assert!(ev.iter().all(|e| matches!(e, Event::NodeRemove(_))));

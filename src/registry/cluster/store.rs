@@ -13,6 +13,8 @@
 use std::collections::BTreeMap;
 
 use crate::diagnostic::Diagnostic;
+use std::sync::Arc;
+
 use crate::model::{MeshNode, MeshPeer, NodeName};
 use crate::topology::incremental::Event;
 
@@ -40,7 +42,7 @@ pub trait Kind: Clone + PartialEq {
     fn remove(name: NodeName) -> Event;
 }
 
-impl Kind for MeshNode {
+impl Kind for Arc<MeshNode> {
     fn upsert(self) -> Event {
         Event::NodeUpsert(self)
     }
@@ -183,17 +185,17 @@ pub fn coalesce(events: Vec<Event>) -> Vec<Event> {
 mod tests {
     use super::*;
 
-    fn node(name: &str, loc: &str) -> MeshNode {
+    fn node(name: &str, loc: &str) -> Arc<MeshNode> {
         let mut n = MeshNode::new(name);
         n.location = loc.into();
-        n
+        Arc::new(n)
     }
 
-    fn ok(name: &str, loc: &str) -> (String, Entry<MeshNode>) {
+    fn ok(name: &str, loc: &str) -> (String, Entry<Arc<MeshNode>>) {
         (name.into(), Ok(node(name, loc)))
     }
 
-    fn bad(name: &str) -> (String, Entry<MeshNode>) {
+    fn bad(name: &str) -> (String, Entry<Arc<MeshNode>>) {
         (
             name.into(),
             Err(vec![Diagnostic::node(
@@ -204,13 +206,13 @@ mod tests {
         )
     }
 
-    fn step(s: &mut Store<MeshNode>, ev: WatchEvent<MeshNode>) -> Vec<Event> {
+    fn step(s: &mut Store<Arc<MeshNode>>, ev: WatchEvent<Arc<MeshNode>>) -> Vec<Event> {
         let mut out = Vec::new();
         s.apply(ev, &mut out);
         out
     }
 
-    fn listed(items: Vec<(String, Entry<MeshNode>)>) -> Store<MeshNode> {
+    fn listed(items: Vec<(String, Entry<Arc<MeshNode>>)>) -> Store<Arc<MeshNode>> {
         let mut s = Store::default();
         step(&mut s, WatchEvent::Init);
         for (n, e) in items {

@@ -7,6 +7,7 @@
 //! the next batch (last event per object wins), so a burst costs the agent one pass. Depends on
 //! `kube`, tokio, futures and the store.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
@@ -141,7 +142,7 @@ fn not_found(e: &watcher::Error) -> bool {
 }
 
 struct State {
-    nodes: Store<MeshNode>,
+    nodes: Store<Arc<MeshNode>>,
     peers: Store<MeshPeer>,
     /// The Peer CRD is missing: peers count as an empty, complete list.
     no_peer_crd: bool,
@@ -198,7 +199,7 @@ impl State {
                 let ev = convert(
                     ev,
                     |n: &Node| n.metadata.name.clone().unwrap_or_default(),
-                    |n| parse_node(n, &label),
+                    |n| parse_node(n, &label).map(Arc::new),
                 );
                 self.nodes.apply(ev, &mut events)
             }
@@ -381,7 +382,7 @@ mod tests {
         let node = |name: &str, loc: &str| {
             let mut n = MeshNode::new(name);
             n.location = loc.into();
-            Event::NodeUpsert(n)
+            Event::node(n)
         };
         let mut first = Batch {
             events: vec![node("a", "1"), node("b", "1")],
