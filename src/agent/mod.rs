@@ -433,7 +433,7 @@ pub async fn run_with<K: Kernel>(
                         mesh_ip = desired.interface.address;
                         observer.desired(&desired, &external);
                         Some(
-                            reconcile::reconcile_cached(kernel, &desired, public_key, &mut known)
+                            reconcile::reconcile_cached(kernel, desired, public_key, &mut known)
                                 .await,
                         )
                     }
@@ -619,8 +619,8 @@ pub async fn run_with<K: Kernel>(
                     absorb(engine.set_now(Some(unix_now())), &mut pending, &mut dirty, &mut full_needed);
                     diags_dirty = true;
                 }
-                match kernel.read_owned().await {
-                    Ok(state) => discovered = discovered_endpoints(engine, state.wireguard.as_ref()),
+                match kernel.read_wireguard().await {
+                    Ok(device) => discovered = discovered_endpoints(engine, device.as_ref()),
                     Err(e) => debug!(error = %e, "cannot read the WireGuard device for discovered endpoints"),
                 }
                 if let Some(link) = &cluster {

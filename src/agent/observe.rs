@@ -238,14 +238,15 @@ impl Observer {
     /// The whole desired state was reconciled: its leadership and tunnels. `external` holds the
     /// keys of external peers.
     pub fn desired(&self, d: &DesiredState, external: &BTreeSet<WgKey>) {
-        let tunnels = d
-            .peers
-            .iter()
-            .map(|p| (p.public_key, Tunnel::of(p, external)))
-            .collect();
         let mut v = self.lock();
         v.leader = Some(d.leader);
-        v.tunnels = tunnels;
+        // Emptied first: the old and the new map of a whole mesh need not exist at once.
+        v.tunnels.clear();
+        v.tunnels.extend(
+            d.peers
+                .iter()
+                .map(|p| (p.public_key, Tunnel::of(p, external))),
+        );
     }
 
     /// Changes of the desired state were reconciled.

@@ -73,6 +73,10 @@ pub enum KernelError {
 pub trait Kernel {
     /// Everything wiremesh owns, as the kernel has it now.
     async fn read_owned(&mut self) -> Result<OwnedState, KernelError>;
+    /// The WireGuard device alone (`None` when there is none); by default read with the rest.
+    async fn read_wireguard(&mut self) -> Result<Option<plan::WgDeviceState>, KernelError> {
+        Ok(self.read_owned().await?.wireguard)
+    }
     /// Apply one operation.
     async fn apply(&mut self, op: &Op) -> Result<(), KernelError>;
     /// Apply many operations; implementations may pipeline them. Returns one result per op.
@@ -119,8 +123,10 @@ pub async fn reconcile<K: Kernel>(
     desired: &crate::desired::DesiredState,
     public_key: WgKey,
 ) -> Result<Report, KernelError> {
-    let mut known = None;
-    reconcile_cached(kernel, desired, public_key, &mut known).await
+    let actual = kernel.read_owned().await?;
+    let ops = plan::plan(desired, &actual, public_key);
+    let results = kernel.apply_all(&ops).await;
+    Ok(Report::from_results(ops, results))
 }
 
 /// Like [`reconcile`], but plans against `known` (the state the last reconciliation left) when
@@ -128,9 +134,12 @@ pub async fn reconcile<K: Kernel>(
 /// only its own operations. `known` is refreshed from the kernel when it is `None`, and is
 /// cleared when an operation fails so that the next call reads the kernel again. Callers clear
 /// it themselves to verify the kernel (periodic resync, kernel events).
+///
+/// Takes the desired state to drop it once planned: the operations hold what the kernel lacks,
+/// and a whole mesh's state need not stay alive through the kernel's I/O.
 pub async fn reconcile_cached<K: Kernel>(
     kernel: &mut K,
-    desired: &crate::desired::DesiredState,
+    desired: crate::desired::DesiredState,
     public_key: WgKey,
     known: &mut Option<OwnedState>,
 ) -> Result<Report, KernelError> {
@@ -138,7 +147,8 @@ pub async fn reconcile_cached<K: Kernel>(
         Some(k) => k,
         None => kernel.read_owned().await?,
     };
-    let ops = plan::plan(desired, &actual, public_key);
+    let ops = plan::plan(&desired, &actual, public_key);
+    drop(desired);
     let results = kernel.apply_all(&ops).await;
     let report = Report::from_results(ops, results);
     if report.failed.is_empty() {

@@ -12,6 +12,7 @@ use tracing::{info, warn};
 
 use super::netlink::{Devices, Netlink, NetlinkKernel};
 use super::nft::{Firewall, FirewallMode};
+use super::plan::WgDeviceState;
 use super::wg::{PrivateKey, WgDevice, WgMode, WgOptions};
 use super::{Kernel, KernelError, Op, OwnedState};
 use crate::cni;
@@ -175,6 +176,11 @@ impl Kernel for SystemKernel {
             source: std::io::Error::other(e.to_string()),
         })?;
         Ok(s)
+    }
+
+    /// Only the device: the periodic check-in needs its peers, not a dump of every route.
+    async fn read_wireguard(&mut self) -> Result<Option<WgDeviceState>, KernelError> {
+        self.wg.read_state().await
     }
 
     async fn apply(&mut self, op: &Op) -> Result<(), KernelError> {

@@ -70,8 +70,9 @@ pub struct EngineStats {
 struct Contributions {
     /// The local node's own (bridge, its pod CIDRs, rules).
     own: Contribution,
-    /// Each segment's.
-    segments: HashMap<SegmentKey, Contribution>,
+    /// Each segment's, in the engine's segment order (`Engine::order`): a vector, not a map
+    /// (at 5,000 segments a hash map's spare buckets of these large values cost 0.7 MiB).
+    segments: Vec<Contribution>,
     /// The external peers', in the order of the topology's peers (by name); only a full
     /// recomputation changes them.
     peers: Vec<Contribution>,
@@ -79,22 +80,34 @@ struct Contributions {
 
 impl Contributions {
     /// Every contribution in the order a full computation merges them: the local node's, the
-    /// segments' in `order` (mesh-IP order), the external peers'.
-    fn iter<'a>(&'a self, order: &'a [SegmentKey]) -> impl Iterator<Item = &'a Contribution> {
+    /// segments' (mesh-IP order), the external peers'.
+    fn iter(&self) -> impl Iterator<Item = &Contribution> {
         std::iter::once(&self.own)
-            .chain(order.iter().filter_map(|k| self.segments.get(k)))
+            .chain(self.segments.iter())
             .chain(self.peers.iter())
     }
 
+    /// The contribution of segment `key`, given the segment order the vector follows.
+    fn segment(&self, order: &[SegmentKey], key: &SegmentKey) -> Option<&Contribution> {
+        order
+            .binary_search(key)
+            .ok()
+            .and_then(|i| self.segments.get(i))
+    }
+
     /// All of them appended into one, in that order (what [`super::assemble`] takes).
-    fn merged(&self, order: &[SegmentKey]) -> Contribution {
+    fn merged(&self) -> Contribution {
         let mut acc = Contribution::with_capacity(self.segments.len() + self.peers.len() + 1);
-        for c in self.iter(order) {
+        for c in self.iter() {
             acc.absorb(c);
         }
         acc
     }
 }
+
+/// A segment recomputed on the fast path: its contribution, its leader and its position in the
+/// new segment order.
+type NewSegment = (Contribution, NodeName, usize);
 
 /// What the contributions hold, as keys and counts, so one contribution can be swapped in
 /// O(size · log n) and its effect on the whole state told. The values stay in the
@@ -303,7 +316,7 @@ impl Engine {
 
     /// The desired state: the contributions assembled as a full computation assembles them.
     fn materialize(&self, ctx: &LocalContext) -> DesiredState {
-        super::assemble(ctx, self.contributions.merged(&self.order)).0
+        super::assemble(ctx, self.contributions.merged()).0
     }
 
     /// Apply one event.
@@ -464,6 +477,8 @@ impl Engine {
         }
         // New segment order: segments appear or disappear.
         let mut order = None;
+        // The same insertions and removals, to replay on the contributions (see the commit).
+        let mut shifts: Vec<Result<usize, usize>> = Vec::new();
         let mut first_shift = usize::MAX;
         for (key, m) in &touched {
             let pos = self.order.binary_search(key);
@@ -471,12 +486,14 @@ impl Engine {
                 (Ok(i), true) | (Err(i), false) => {
                     first_shift = first_shift.min(i);
                     let o = order.get_or_insert_with(|| self.order.clone());
-                    match o.binary_search(key) {
+                    let at = o.binary_search(key);
+                    match at {
                         Ok(j) => {
                             o.remove(j);
                         }
                         Err(j) => o.insert(j, key.clone()),
                     }
+                    shifts.push(at);
                 }
                 _ => {}
             }
@@ -497,7 +514,7 @@ impl Engine {
             recompute.dedup();
         }
         self.work += FAST_SEGMENT_COST * recompute.len();
-        let mut new_contribs: Vec<(SegmentKey, Option<(Contribution, NodeName)>)> =
+        let mut new_contribs: Vec<(SegmentKey, Option<NewSegment>)> =
             Vec::with_capacity(recompute.len());
         for key in &recompute {
             let members = touched.get(key).or_else(|| self.members.get(key));
@@ -517,7 +534,7 @@ impl Engine {
                 return None; // The local node's gateway or leadership changes.
             }
             let c = ctx.segment(&seg, *key == local_segment);
-            new_contribs.push((key.clone(), Some((c, leader))));
+            new_contribs.push((key.clone(), Some((c, leader, idx))));
         }
         if !self.claims_are_free(&new_contribs) {
             return None;
@@ -529,18 +546,32 @@ impl Engine {
         let mut removed_peers: BTreeMap<WgKey, WgPeer> = BTreeMap::new();
         let mut flips = Flips::default();
         for (key, _) in &new_contribs {
-            if let Some(old_c) = self.contributions.segments.remove(key) {
+            if let Ok(i) = self.order.binary_search(key) {
+                let old_c = std::mem::take(&mut self.contributions.segments[i]);
                 if let Some(p) = old_c.peer() {
                     removed_peers.insert(p.public_key, p.clone());
                 }
                 self.index_remove(&old_c, &mut delta, &mut flips);
             }
         }
+        // The vector follows the new order: a segment gone leaves its (emptied) slot, a new
+        // one gets a slot; every slot after the first shift is refilled below.
+        for at in shifts {
+            match at {
+                Ok(j) => {
+                    self.contributions.segments.remove(j);
+                }
+                Err(j) => self
+                    .contributions
+                    .segments
+                    .insert(j, Contribution::default()),
+            }
+        }
         for (key, c) in new_contribs {
             match c {
-                Some((c, leader)) => {
+                Some((c, leader, i)) => {
                     self.index_add(&c, &mut delta, &mut flips);
-                    self.contributions.segments.insert(key.clone(), c);
+                    self.contributions.segments[i] = c;
                     self.leaders.insert(key, leader);
                 }
                 None => {
@@ -608,12 +639,12 @@ impl Engine {
     /// What the replaced contributions hold is gathered into sets first: a node leaving a full
     /// mesh renumbers every segment after it, so thousands are replaced at once, and scanning
     /// them for every claim was quadratic (seconds per event at 5,000 nodes).
-    fn claims_are_free(&self, new: &[(SegmentKey, Option<(Contribution, NodeName)>)]) -> bool {
+    fn claims_are_free(&self, new: &[(SegmentKey, Option<NewSegment>)]) -> bool {
         let mut freed_keys: HashSet<WgKey> = HashSet::new();
         let mut freed_ips: HashSet<IpNetwork> = HashSet::new();
         let mut freed_routes: HashSet<(u32, IpNetwork)> = HashSet::new();
         for (k, _) in new {
-            let Some(c) = self.contributions.segments.get(k) else {
+            let Some(c) = self.contributions.segment(&self.order, k) else {
                 continue;
             };
             if let Some(p) = c.peer() {
@@ -626,7 +657,7 @@ impl Engine {
         let mut routes: HashSet<(u32, IpNetwork)> = HashSet::new();
         let mut keys: HashSet<WgKey> = HashSet::new();
         for (_, c) in new {
-            let Some((c, _)) = c else { continue };
+            let Some((c, _, _)) = c else { continue };
             if let Some(p) = c.peer() {
                 if !keys.insert(p.public_key) {
                     return false;
@@ -811,10 +842,12 @@ impl Engine {
         };
         let ctx = LocalContext::new(&topo, idx, &self.local, &self.opts);
         let own = ctx.own();
-        let mut segments = HashMap::with_capacity(topo.segments.len());
-        for (i, s) in topo.segments.iter().enumerate() {
-            segments.insert(s.key.clone(), ctx.segment(s, i == idx));
-        }
+        let segments = topo
+            .segments
+            .iter()
+            .enumerate()
+            .map(|(i, s)| ctx.segment(s, i == idx))
+            .collect();
         let peers = topo.peers.iter().map(|p| ctx.peer(p)).collect();
         self.contributions = Contributions {
             own,
@@ -826,7 +859,7 @@ impl Engine {
         // diagnostics (`desired` assembles again when asked).
         let mut claimed_twice = false;
         let ix = &mut self.index;
-        for c in self.contributions.iter(&self.order) {
+        for c in self.contributions.iter() {
             if let Some(p) = c.peer() {
                 ix.peers.insert(p.public_key);
                 for ip in &p.allowed_ips {
@@ -847,7 +880,7 @@ impl Engine {
             count_add(&mut ix.exempt, &c.nat_exempt, &mut ignore, 3);
         }
         let conflicts = if claimed_twice {
-            super::assemble(&ctx, self.contributions.merged(&self.order)).1
+            super::assemble(&ctx, self.contributions.merged()).1
         } else {
             Vec::new()
         };
