@@ -554,7 +554,7 @@ impl Engine {
                 self.index_remove(&old_c, &mut delta, &mut flips);
             }
         }
-        // The vector follows the new order: a segment gone leaves its (emptied) slot, a new
+        // The vector follows the new order: a segment gone loses its (emptied) slot, a new
         // one gets a slot; every slot after the first shift is refilled below.
         for at in shifts {
             match at {
