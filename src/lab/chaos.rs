@@ -153,13 +153,33 @@ pub struct ChaosOptions {
 pub struct BackgroundPing {
     child: Child,
     flow: Flow,
+    /// Reads ping's output as it comes (a long run would fill the pipe and stall ping).
+    output: Option<std::thread::JoinHandle<String>>,
+}
+
+/// `(sent, received)` of a ping stopped by a signal, from its output (one line per reply, then
+/// the summary). The last packet may still have been on its way when ping was stopped: if it
+/// has no reply it counts as not sent rather than lost (on a loaded machine its reply can take
+/// longer than the moment between the last send and the signal).
+pub fn stopped_ping_counts(text: &str) -> (u32, u32) {
+    let (sent, received) = check::parse_ping_summary(text).unwrap_or((0, 0));
+    let last_answered = text
+        .lines()
+        .filter(|l| l.contains(" bytes from ") && !l.contains("DUP!"))
+        .filter_map(|l| l.split("icmp_seq=").nth(1)?.split_whitespace().next())
+        .any(|seq| seq.parse::<u32>().ok() == Some(sent));
+    if sent > 0 && !last_answered {
+        (sent - 1, received.min(sent - 1))
+    } else {
+        (sent, received)
+    }
 }
 
 impl BackgroundPing {
     /// Start pinging `flow.to` from `flow.from_pod`, every [`PING_INTERVAL`] seconds.
     pub fn start(flow: Flow) -> Result<BackgroundPing, LabError> {
-        let child = Command::new("ip")
-            .args(["netns", "exec", &flow.from_pod, "ping", "-n", "-q"])
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &flow.from_pod, "ping", "-n"])
             .args(["-i", PING_INTERVAL, &flow.to.to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -169,7 +189,18 @@ impl BackgroundPing {
                 program: "ip netns exec … ping".to_owned(),
                 source,
             })?;
-        Ok(BackgroundPing { child, flow })
+        let output = child.stdout.take().map(|mut o| {
+            std::thread::spawn(move || {
+                let mut out = String::new();
+                let _ = std::io::Read::read_to_string(&mut o, &mut out);
+                out
+            })
+        });
+        Ok(BackgroundPing {
+            child,
+            flow,
+            output,
+        })
     }
 
     /// Whether the ping still runs.
@@ -177,17 +208,18 @@ impl BackgroundPing {
         matches!(self.child.try_wait(), Ok(None))
     }
 
-    /// SIGINT (ping prints its summary), then read the counts.
+    /// SIGINT (ping prints its summary), then count (see [`stopped_ping_counts`]).
     pub fn stop(mut self) -> Flow {
         // `ip netns exec` execs ping, so the child is ping itself.
         let pid = Pid::from_raw(self.child.id() as i32);
         let _ = kill(pid, Signal::SIGINT);
-        let mut out = String::new();
-        if let Some(mut o) = self.child.stdout.take() {
-            let _ = std::io::Read::read_to_string(&mut o, &mut out);
-        }
         let _ = self.child.wait();
-        let (sent, received) = check::parse_ping_summary(&out).unwrap_or((0, 0));
+        let out = self
+            .output
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default();
+        let (sent, received) = stopped_ping_counts(&out);
         let mut flow = self.flow.clone();
         flow.sent = sent;
         flow.received = received;
@@ -560,6 +592,36 @@ fn restart_agent(
 
 #[cfg(test)]
 mod tests {
+
+    const REPLIES: &str = "PING 10.201.2.2 (10.201.2.2) 56(84) bytes of data.
+64 bytes from 10.201.2.2: icmp_seq=1 ttl=62 time=0.41 ms
+64 bytes from 10.201.2.2: icmp_seq=2 ttl=62 time=0.39 ms
+";
+
+    #[test]
+    fn a_packet_still_in_flight_when_ping_stops_is_not_lost() {
+        let out = format!(
+            "{REPLIES}\n--- 10.201.2.2 ping statistics ---\n3 packets transmitted, 2 received, 33% packet loss, time 402ms\n"
+        );
+        assert_eq!(stopped_ping_counts(&out), (2, 2));
+    }
+
+    #[test]
+    fn a_packet_lost_before_the_last_one_counts() {
+        // No reply to 2; the last one (3) was answered.
+        let out = REPLIES.replace("icmp_seq=2 ", "icmp_seq=3 ")
+            + "\n--- 10.201.2.2 ping statistics ---\n3 packets transmitted, 2 received, 33% packet loss\n";
+        assert_eq!(stopped_ping_counts(&out), (3, 2));
+    }
+
+    #[test]
+    fn a_duplicate_reply_does_not_stand_for_the_last_packet() {
+        let out = format!(
+            "{REPLIES}64 bytes from 10.201.2.2: icmp_seq=3 ttl=62 time=0.40 ms (DUP!)\n\n--- 10.201.2.2 ping statistics ---\n3 packets transmitted, 2 received, +1 duplicates, 33% packet loss\n"
+        );
+        assert_eq!(stopped_ping_counts(&out), (2, 2));
+    }
+
     use super::*;
 
     fn flow(sent: u32, received: u32) -> Flow {
