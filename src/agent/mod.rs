@@ -401,8 +401,7 @@ pub async fn run_with<K: Kernel>(
             let report = match (full_needed, known.take(), &pending) {
                 (false, Some(mut k), Some(d)) => match delta_ops(d, &mut k, public_key) {
                     Some(ops) => {
-                        let results = kernel.apply_all(&ops).await;
-                        let report = reconcile::Report::from_results(ops, results);
+                        let report = reconcile::apply_ops(kernel, ops).await;
                         if report.failed.is_empty() {
                             known = Some(k);
                         }

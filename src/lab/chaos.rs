@@ -592,6 +592,7 @@ fn restart_agent(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     const REPLIES: &str = "PING 10.201.2.2 (10.201.2.2) 56(84) bytes of data.
 64 bytes from 10.201.2.2: icmp_seq=1 ttl=62 time=0.41 ms
@@ -621,8 +622,6 @@ mod tests {
         );
         assert_eq!(stopped_ping_counts(&out), (2, 2));
     }
-
-    use super::*;
 
     fn flow(sent: u32, received: u32) -> Flow {
         Flow {

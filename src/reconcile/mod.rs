@@ -117,6 +117,13 @@ impl Report {
     }
 }
 
+/// Apply `ops` in order and pair each with its result. A failed operation does not stop the
+/// others.
+pub async fn apply_ops<K: Kernel>(kernel: &mut K, ops: Vec<Op>) -> Report {
+    let results = kernel.apply_all(&ops).await;
+    Report::from_results(ops, results)
+}
+
 /// Read the kernel, plan, apply. A failed operation does not stop the others.
 pub async fn reconcile<K: Kernel>(
     kernel: &mut K,
@@ -125,8 +132,7 @@ pub async fn reconcile<K: Kernel>(
 ) -> Result<Report, KernelError> {
     let actual = kernel.read_owned().await?;
     let ops = plan::plan(desired, &actual, public_key);
-    let results = kernel.apply_all(&ops).await;
-    Ok(Report::from_results(ops, results))
+    Ok(apply_ops(kernel, ops).await)
 }
 
 /// Like [`reconcile`], but plans against `known` (the state the last reconciliation left) when
@@ -149,8 +155,7 @@ pub async fn reconcile_cached<K: Kernel>(
     };
     let ops = plan::plan(&desired, &actual, public_key);
     drop(desired);
-    let results = kernel.apply_all(&ops).await;
-    let report = Report::from_results(ops, results);
+    let report = apply_ops(kernel, ops).await;
     if report.failed.is_empty() {
         let mut next = actual;
         plan::simulate(&mut next, &report.applied, public_key);
