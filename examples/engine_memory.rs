@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use clap::Parser;
 use wiremesh::desired::DesiredDelta;
 use wiremesh::model::{Granularity, MeshNode, NodeName, WgKey};
-use wiremesh::reconcile::plan::{OwnedState, plan, plan_delta, simulate};
+use wiremesh::reconcile::plan::{OwnedState, apply_op, plan, plan_delta};
 use wiremesh::topology::incremental::{Engine, Event, Update};
 use wiremesh::topology::{Encapsulate, MeshOptions};
 
@@ -141,15 +141,19 @@ fn take(engine: &mut Engine, events: Vec<Event>) -> Pending {
 }
 
 /// The agent's reconciliation without the kernel: plan the pending work against `known` and
-/// apply the operations to it.
+/// apply the operations to it as the agent does (the delta or the desired state dropped once
+/// planned, the operations' peers and routes moved into the cache).
 fn reconcile(engine: &Engine, pending: Pending, known: &mut OwnedState, key: WgKey) -> usize {
     let ops = match pending {
-        Pending::Nothing => Vec::new(),
+        Pending::Nothing => return 0,
         Pending::One(d) => plan_delta(&d, known).expect("delta plan"),
         Pending::Full => plan(&engine.desired().expect("desired"), known, key),
     };
-    simulate(known, &ops, key);
-    ops.len()
+    let n = ops.len();
+    for op in ops {
+        apply_op(known, op, key);
+    }
+    n
 }
 
 fn main() {

@@ -158,6 +158,7 @@ fn run(n: u32) -> Result<String, String> {
             .map_err(|e| e.to_string())?
             .ok_or("device vanished")?;
         let (upsert, remove) = peer_diff(&desired, &actual.peers, &actual.recent_handshakes);
+        let upsert: Vec<_> = upsert.into_iter().cloned().collect();
         check(
             dev.apply_peers(&upsert, &remove)
                 .map_err(|e| e.to_string())?,

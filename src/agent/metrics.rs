@@ -22,7 +22,6 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
 use super::observe::View;
-use super::op_kind;
 use crate::reconcile::Report;
 use crate::reconcile::wg::WgPeerStats;
 use crate::status::PeerKind;
@@ -111,14 +110,14 @@ impl LoopMetrics {
         self.reconciliations
             .get_or_create(&ResultLabels { result })
             .inc();
-        for op in &report.applied {
+        for (&kind, &n) in &report.applied {
             self.operations
-                .get_or_create(&KindLabels { kind: op_kind(op) })
-                .inc();
+                .get_or_create(&KindLabels { kind })
+                .inc_by(n as u64);
         }
         for (op, _) in &report.failed {
             self.errors
-                .get_or_create(&KindLabels { kind: op_kind(op) })
+                .get_or_create(&KindLabels { kind: op.kind() })
                 .inc();
         }
         self.duration.observe(took.as_secs_f64());
@@ -416,10 +415,16 @@ mod tests {
     #[test]
     fn mesh_gauges_and_loop_counters_are_rendered() {
         let lm = LoopMetrics::default();
-        let report = Report {
-            applied: vec![Op::LinkUp, Op::DelMasquerade, Op::DelMasquerade],
-            failed: vec![(Op::LinkUp, KernelError::Unsupported("no".into()))],
-        };
+        let report = Report::from_results(
+            vec![Op::LinkUp, Op::DelMasquerade, Op::DelMasquerade, Op::LinkUp],
+            vec![
+                Ok(()),
+                Ok(()),
+                Ok(()),
+                Err(KernelError::Unsupported("no".into())),
+            ],
+            drop,
+        );
         lm.reconciled(Duration::from_millis(3), &report);
         lm.reconciled(Duration::from_millis(1), &Report::default());
         lm.read_failed(Duration::from_millis(2));

@@ -35,7 +35,7 @@ use crate::model::{MeshNode, MeshPeer, NodeName, WgKey};
 use crate::reconcile::nft::FirewallMode;
 use crate::reconcile::system::{SystemKernel, SystemOptions};
 use crate::reconcile::wg::{PrivateKey, WgMode, load_or_generate_private_key};
-use crate::reconcile::{self, Kernel, KernelError, Op};
+use crate::reconcile::{self, Kernel, KernelError};
 use crate::registry::cluster::publish::{self, Publication};
 use crate::registry::cluster::{Batch, ClientOptions, ClusterError, WatchOptions};
 use crate::registry::file::FileError;
@@ -210,42 +210,6 @@ fn log_delta(d: &DesiredDelta) {
     }
 }
 
-/// The distinct kinds of `ops`, sorted.
-fn op_kinds(ops: &[Op]) -> Vec<&'static str> {
-    let kinds: BTreeSet<&'static str> = ops.iter().map(op_kind).collect();
-    kinds.into_iter().collect()
-}
-
-/// The kind of an operation, as logs and metrics name it.
-pub(crate) fn op_kind(op: &Op) -> &'static str {
-    match op {
-        Op::CreateInterface => "create-interface",
-        Op::ConfigureDevice { .. } => "configure-device",
-        Op::SetMtu { .. } => "set-mtu",
-        Op::AddAddress { .. } | Op::DelAddress { .. } => "address",
-        Op::LinkUp => "link-up",
-        Op::UpsertPeer(_) | Op::RemovePeer { .. } => "peer",
-        Op::SetBridge(_) => "bridge",
-        Op::WriteCni { .. } => "cni-config",
-        Op::SetMasquerade(_) | Op::DelMasquerade => "masquerade",
-        Op::AddRoute(_) | Op::DelRoute(_) => "route",
-        Op::AddRule(_) | Op::DelRule(_) => "rule",
-    }
-}
-
-/// The operations for `delta` planned against `known`, which is updated to the state they
-/// lead to (in place: at 5,000 nodes a copy costs a millisecond); `None`, with `known`
-/// untouched, when the delta needs a full plan.
-fn delta_ops(
-    delta: &DesiredDelta,
-    known: &mut reconcile::OwnedState,
-    public_key: WgKey,
-) -> Option<Vec<Op>> {
-    let ops = reconcile::plan::plan_delta(delta, known)?;
-    reconcile::plan::simulate(known, &ops, public_key);
-    Some(ops)
-}
-
 /// The mesh as the agent holds it: nodes and peers gathered until the registry has listed
 /// everything once, then the incremental engine.
 enum Mesh {
@@ -398,13 +362,21 @@ pub async fn run_with<K: Kernel>(
             dirty = false;
             let started = tokio::time::Instant::now();
             let external: BTreeSet<WgKey> = engine.peers().map(|p| p.key).collect();
-            let report = match (full_needed, known.take(), &pending) {
-                (false, Some(mut k), Some(d)) => match delta_ops(d, &mut k, public_key) {
+            let delta = pending.take();
+            if let Some(d) = &delta {
+                observer.deltas(std::slice::from_ref(d), &external);
+                if let Some(i) = &d.interface {
+                    mesh_ip = i.address;
+                }
+            }
+            let report = match (full_needed, known.take(), delta) {
+                (false, Some(k), Some(d)) => match reconcile::plan::plan_delta(&d, &k) {
                     Some(ops) => {
-                        let report = reconcile::apply_ops(kernel, ops).await;
-                        if report.failed.is_empty() {
-                            known = Some(k);
-                        }
+                        // What the operations need is in them: a renumbered mesh's delta is
+                        // thousands of peers and routes, not kept through the kernel's I/O.
+                        drop(d);
+                        let report =
+                            reconcile::apply_planned(kernel, ops, k, public_key, &mut known).await;
                         Some(Ok(report))
                     }
                     None => {
@@ -417,10 +389,6 @@ pub async fn run_with<K: Kernel>(
                     None
                 }
             };
-            observer.deltas(pending.as_slice(), &external);
-            if let Some(i) = pending.take().and_then(|d| d.interface) {
-                mesh_ip = i.address;
-            }
             let report = match report {
                 Some(r) => Some(r),
                 None => match engine.desired() {
@@ -453,21 +421,21 @@ pub async fn run_with<K: Kernel>(
                         // Said once at info: after a restart it shows what was rewritten (an
                         // agent that adopts an intact kernel state reports 0 operations).
                         reconciled_once = true;
-                        let kinds = op_kinds(&report.applied);
-                        info!(ops = report.applied.len(), kinds = ?kinds, "first reconciliation done");
+                        let kinds: Vec<_> = report.applied.keys().collect();
+                        info!(ops = report.applied_count(), kinds = ?kinds, "first reconciliation done");
                     } else if report.is_noop() {
                         debug!("kernel already matches the desired state");
                     } else {
-                        let kinds = op_kinds(&report.applied);
-                        info!(ops = report.applied.len(), kinds = ?kinds, "kernel reconciled");
+                        let kinds: Vec<_> = report.applied.keys().collect();
+                        info!(ops = report.applied_count(), kinds = ?kinds, "kernel reconciled");
                     }
                 }
                 Some(Ok(report)) => {
                     for (op, e) in &report.failed {
-                        warn!(op = op_kind(op), error = %e, "kernel refused an operation");
+                        warn!(op = op.kind(), error = %e, "kernel refused an operation");
                     }
                     let wait = backoff.next_delay();
-                    info!(applied = report.applied.len(), failed = report.failed.len(), retry_in = ?wait,
+                    info!(applied = report.applied_count(), failed = report.failed.len(), retry_in = ?wait,
                         "kernel partly reconciled; retrying the rest");
                     retry_at = Some(tokio::time::Instant::now() + wait);
                     full_needed = true;

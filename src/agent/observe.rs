@@ -18,7 +18,6 @@ use std::time::Duration;
 use ipnetwork::IpNetwork;
 
 use super::metrics::LoopMetrics;
-use super::op_kind;
 use crate::desired::{DesiredDelta, DesiredState, WgPeer};
 use crate::diagnostic::{Diagnostic, Subject};
 use crate::model::{MeshNode, MeshPeer, WgKey};
@@ -277,7 +276,7 @@ impl Observer {
                 v.reconciled = true;
                 v.last_error = None;
             }
-            Some((op, e)) => v.last_error = Some(format!("{}: {e}", op_kind(op))),
+            Some((op, e)) => v.last_error = Some(format!("{}: {e}", op.kind())),
         }
     }
 

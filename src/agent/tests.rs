@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::*;
-use crate::reconcile::OwnedState;
+use crate::reconcile::{Op, OwnedState};
 use crate::reconcile::plan::simulate;
 
 /// An in-memory kernel that applies ops like a correct kernel and can refuse routes to one

@@ -18,6 +18,8 @@ pub mod plan;
 pub mod system;
 pub mod wg;
 
+use std::collections::BTreeMap;
+
 use crate::model::WgKey;
 pub use plan::{LinkState, Op, OwnedState, WgDeviceState};
 
@@ -92,23 +94,36 @@ pub trait Kernel {
 /// What one reconciliation did.
 #[derive(Debug, Default)]
 pub struct Report {
-    /// Operations applied successfully.
-    pub applied: Vec<Op>,
+    /// How many operations of each kind ([`Op::kind`]) were applied successfully. Counts, not
+    /// the operations: what they carried has moved into the agent's picture of the kernel.
+    pub applied: BTreeMap<&'static str, usize>,
     /// Operations that failed, with the error.
     pub failed: Vec<(Op, KernelError)>,
 }
 
 impl Report {
-    /// Pair each op with its result.
-    pub fn from_results(ops: Vec<Op>, results: Vec<Result<(), KernelError>>) -> Report {
+    /// Pair each op with its result, in order; each op that succeeded is handed to `done`.
+    pub fn from_results(
+        ops: Vec<Op>,
+        results: Vec<Result<(), KernelError>>,
+        mut done: impl FnMut(Op),
+    ) -> Report {
         let mut report = Report::default();
         for (op, r) in ops.into_iter().zip(results) {
             match r {
-                Ok(()) => report.applied.push(op),
+                Ok(()) => {
+                    *report.applied.entry(op.kind()).or_default() += 1;
+                    done(op);
+                }
                 Err(e) => report.failed.push((op, e)),
             }
         }
         report
+    }
+
+    /// How many operations were applied successfully.
+    pub fn applied_count(&self) -> usize {
+        self.applied.values().sum()
     }
 
     /// Whether the kernel already matched: nothing to do.
@@ -121,7 +136,7 @@ impl Report {
 /// others.
 pub async fn apply_ops<K: Kernel>(kernel: &mut K, ops: Vec<Op>) -> Report {
     let results = kernel.apply_all(&ops).await;
-    Report::from_results(ops, results)
+    Report::from_results(ops, results, drop)
 }
 
 /// Read the kernel, plan, apply. A failed operation does not stop the others.
@@ -155,11 +170,61 @@ pub async fn reconcile_cached<K: Kernel>(
     };
     let ops = plan::plan(&desired, &actual, public_key);
     drop(desired);
-    let report = apply_ops(kernel, ops).await;
+    Ok(apply_planned(kernel, ops, actual, public_key, known).await)
+}
+
+/// Apply `ops`, planned against `state`, and put the state they lead to in `known`: each applied
+/// operation moves what it carries into `state` (a whole mesh's peers and routes are never held
+/// twice). When one fails, `known` stays `None`, so the next reconciliation reads the kernel.
+pub async fn apply_planned<K: Kernel>(
+    kernel: &mut K,
+    ops: Vec<Op>,
+    mut state: OwnedState,
+    public_key: WgKey,
+    known: &mut Option<OwnedState>,
+) -> Report {
+    let results = kernel.apply_all(&ops).await;
+    let report = Report::from_results(ops, results, |op| {
+        plan::apply_op(&mut state, op, public_key)
+    });
     if report.failed.is_empty() {
-        let mut next = actual;
-        plan::simulate(&mut next, &report.applied, public_key);
-        *known = Some(next);
+        *known = Some(state);
     }
-    Ok(report)
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_counts_applied_kinds_and_hands_over_only_successes_in_order() {
+        let ops = vec![
+            Op::LinkUp,
+            Op::DelMasquerade,
+            Op::CreateInterface,
+            Op::DelMasquerade,
+        ];
+        let results = vec![
+            Ok(()),
+            Ok(()),
+            Err(KernelError::Unsupported("no".into())),
+            Ok(()),
+        ];
+        let mut handed = Vec::new();
+        let report = Report::from_results(ops, results, |op| handed.push(op));
+        assert_eq!(
+            handed,
+            vec![Op::LinkUp, Op::DelMasquerade, Op::DelMasquerade]
+        );
+        assert_eq!(
+            report.applied,
+            BTreeMap::from([("link-up", 1), ("masquerade", 2)])
+        );
+        assert_eq!(report.applied_count(), 3);
+        assert_eq!(report.failed.len(), 1);
+        assert_eq!(report.failed[0].0, Op::CreateInterface);
+        assert!(!report.is_noop());
+        assert!(Report::default().is_noop());
+    }
 }

@@ -111,15 +111,35 @@ pub enum Op {
     AddRule(Rule),
 }
 
-/// Peers that differ: the desired value for each added or changed peer, and keys to remove.
+impl Op {
+    /// The kind of the operation, as logs and metrics name it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Op::CreateInterface => "create-interface",
+            Op::ConfigureDevice { .. } => "configure-device",
+            Op::SetMtu { .. } => "set-mtu",
+            Op::AddAddress { .. } | Op::DelAddress { .. } => "address",
+            Op::LinkUp => "link-up",
+            Op::UpsertPeer(_) | Op::RemovePeer { .. } => "peer",
+            Op::SetBridge(_) => "bridge",
+            Op::WriteCni { .. } => "cni-config",
+            Op::SetMasquerade(_) | Op::DelMasquerade => "masquerade",
+            Op::AddRoute(_) | Op::DelRoute(_) => "route",
+            Op::AddRule(_) | Op::DelRule(_) => "rule",
+        }
+    }
+}
+
+/// Peers that differ: the desired value for each added or changed peer (by reference: the
+/// plan of a whole mesh copies each once, into its operation), and keys to remove.
 ///
 /// The name is for people only and is ignored: the kernel does not store it. `recent` lists
 /// peers with a recent handshake (see [`same_peer`]).
-pub fn peer_diff(
-    desired: &[WgPeer],
-    actual: &[WgPeer],
+pub fn peer_diff<'a>(
+    desired: &'a [WgPeer],
+    actual: &'a [WgPeer],
     recent: &[WgKey],
-) -> (Vec<WgPeer>, Vec<WgKey>) {
+) -> (Vec<&'a WgPeer>, Vec<WgKey>) {
     // Both sides are usually sorted by key already (the engine's state, the kernel as read):
     // then this only checks that and merges, with no map of either side.
     let (mut upsert, mut remove) = (Vec::new(), Vec::new());
@@ -129,7 +149,7 @@ pub fn peer_diff(
         |a, b| a.public_key.cmp(&b.public_key),
         |m| match m {
             Merged::Both(w, h) if same_peer(w, h, recent.contains(&w.public_key)) => {}
-            Merged::Both(w, _) | Merged::Want(w) => upsert.push(w.clone()),
+            Merged::Both(w, _) | Merged::Want(w) => upsert.push(w),
             Merged::Have(h) => remove.push(h.public_key),
         },
     );
@@ -218,13 +238,14 @@ pub fn same_peer(want: &WgPeer, have: &WgPeer, recent: bool) -> bool {
         && want.preshared_key == have.preshared_key
 }
 
-/// Items of `want` not in `have`, and items of `have` not in `want`, each sorted and once.
-fn sorted_diff<T: Ord + Clone>(want: &[T], have: &[T]) -> (Vec<T>, Vec<T>) {
+/// Items of `want` not in `have`, and items of `have` not in `want`, each sorted and once, by
+/// reference (copied once, into their operations).
+fn sorted_diff<'a, T: Ord>(want: &'a [T], have: &'a [T]) -> (Vec<&'a T>, Vec<&'a T>) {
     let (mut add, mut del) = (Vec::new(), Vec::new());
     merge(&sorted_set(want), &sorted_set(have), T::cmp, |m| match m {
         Merged::Both(..) => {}
-        Merged::Want(w) => add.push(w.clone()),
-        Merged::Have(h) => del.push(h.clone()),
+        Merged::Want(w) => add.push(w),
+        Merged::Have(h) => del.push(h),
     });
     (add, del)
 }
@@ -267,8 +288,8 @@ pub fn plan(desired: &DesiredState, actual: &OwnedState, public_key: WgKey) -> V
     }
     let want_addrs: Vec<IpNetwork> = iface.address.into_iter().collect();
     let (add, del) = sorted_diff(&want_addrs, &link.addresses);
-    ops.extend(del.into_iter().map(|address| Op::DelAddress { address }));
-    ops.extend(add.into_iter().map(|address| Op::AddAddress { address }));
+    ops.extend(del.into_iter().map(|&address| Op::DelAddress { address }));
+    ops.extend(add.into_iter().map(|&address| Op::AddAddress { address }));
     if !link.up {
         ops.push(Op::LinkUp);
     }
@@ -280,7 +301,8 @@ pub fn plan(desired: &DesiredState, actual: &OwnedState, public_key: WgKey) -> V
     let (add_rules, del_rules) = sorted_diff(&desired.rules, &actual.rules);
     let (add_routes, del_routes) = sorted_diff(&desired.routes, &actual.routes);
     // Sized once: a whole mesh renumbered is tens of thousands of operations, and growing by
-    // doubling would hold up to twice their size at the worst moment.
+    // doubling would hold up to twice their size at the worst moment. The differences above are
+    // references, so each changed peer and route is copied once, here.
     ops.reserve_exact(
         upsert.len()
             + remove.len()
@@ -295,7 +317,11 @@ pub fn plan(desired: &DesiredState, actual: &OwnedState, public_key: WgKey) -> V
             .into_iter()
             .map(|public_key| Op::RemovePeer { public_key }),
     );
-    ops.extend(upsert.into_iter().map(|p| Op::UpsertPeer(Box::new(p))));
+    ops.extend(
+        upsert
+            .into_iter()
+            .map(|p| Op::UpsertPeer(Box::new(p.clone()))),
+    );
     if let Some(b) = &desired.bridge
         && actual.bridge.as_ref() != Some(b)
     {
@@ -321,10 +347,10 @@ pub fn plan(desired: &DesiredState, actual: &OwnedState, public_key: WgKey) -> V
         (Some(_), false) => ops.push(Op::DelMasquerade),
         (None, false) => {}
     }
-    ops.extend(del_rules.into_iter().map(Op::DelRule));
-    ops.extend(del_routes.into_iter().map(Op::DelRoute));
-    ops.extend(add_routes.into_iter().map(Op::AddRoute));
-    ops.extend(add_rules.into_iter().map(Op::AddRule));
+    ops.extend(del_rules.into_iter().cloned().map(Op::DelRule));
+    ops.extend(del_routes.into_iter().cloned().map(Op::DelRoute));
+    ops.extend(add_routes.into_iter().cloned().map(Op::AddRoute));
+    ops.extend(add_rules.into_iter().cloned().map(Op::AddRule));
     ops
 }
 
@@ -392,83 +418,91 @@ pub fn plan_delta(delta: &DesiredDelta, actual: &OwnedState) -> Option<Vec<Op>> 
 /// a mesh of thousands of peers cost milliseconds, not seconds.
 pub fn simulate(state: &mut OwnedState, ops: &[Op], public_key: WgKey) {
     for op in ops {
-        match op {
-            Op::CreateInterface => {
-                state.link = Some(LinkState {
-                    up: false,
-                    mtu: 1420,
-                    addresses: Vec::new(),
-                });
-                state.wireguard.get_or_insert_with(WgDeviceState::default);
+        apply_op(state, op.clone(), public_key);
+    }
+}
+
+/// Apply one operation to an in-memory [`OwnedState`], as [`simulate`] does, keeping what the
+/// operation carries instead of copying it: after a whole mesh's reconciliation the applied
+/// peers and routes move into the state the agent keeps, so they are never held twice.
+pub fn apply_op(state: &mut OwnedState, op: Op, public_key: WgKey) {
+    match op {
+        Op::CreateInterface => {
+            state.link = Some(LinkState {
+                up: false,
+                mtu: 1420,
+                addresses: Vec::new(),
+            });
+            state.wireguard.get_or_insert_with(WgDeviceState::default);
+        }
+        Op::ConfigureDevice { listen_port } => {
+            let d = state.wireguard.get_or_insert_with(WgDeviceState::default);
+            d.listen_port = listen_port;
+            d.public_key = Some(public_key);
+        }
+        Op::SetMtu { mtu } => {
+            if let Some(l) = &mut state.link {
+                l.mtu = mtu.unwrap_or(1420);
             }
-            Op::ConfigureDevice { listen_port } => {
-                let d = state.wireguard.get_or_insert_with(WgDeviceState::default);
-                d.listen_port = *listen_port;
-                d.public_key = Some(public_key);
+        }
+        Op::AddAddress { address } => {
+            if let Some(l) = &mut state.link {
+                l.addresses.push(address);
+                l.addresses.sort();
             }
-            Op::SetMtu { mtu } => {
-                if let Some(l) = &mut state.link {
-                    l.mtu = mtu.unwrap_or(1420);
-                }
+        }
+        Op::DelAddress { address } => {
+            if let Some(l) = &mut state.link {
+                l.addresses.retain(|a| *a != address);
             }
-            Op::AddAddress { address } => {
-                if let Some(l) = &mut state.link {
-                    l.addresses.push(*address);
-                    l.addresses.sort();
-                }
+        }
+        Op::LinkUp => {
+            if let Some(l) = &mut state.link {
+                l.up = true;
             }
-            Op::DelAddress { address } => {
-                if let Some(l) = &mut state.link {
-                    l.addresses.retain(|a| a != address);
-                }
+        }
+        Op::UpsertPeer(p) => {
+            let d = state.wireguard.get_or_insert_with(WgDeviceState::default);
+            let mut p = *p;
+            // The kernel does not store names; an empty String holds no memory.
+            p.name = String::new();
+            match d
+                .peers
+                .binary_search_by_key(&p.public_key, |q| q.public_key)
+            {
+                Ok(i) => d.peers[i] = p,
+                Err(i) => d.peers.insert(i, p),
             }
-            Op::LinkUp => {
-                if let Some(l) = &mut state.link {
-                    l.up = true;
-                }
+        }
+        Op::RemovePeer { public_key } => {
+            if let Some(d) = &mut state.wireguard
+                && let Ok(i) = d.peers.binary_search_by_key(&public_key, |q| q.public_key)
+            {
+                d.peers.remove(i);
             }
-            Op::UpsertPeer(p) => {
-                let d = state.wireguard.get_or_insert_with(WgDeviceState::default);
-                let mut p = (**p).clone();
-                p.name.clear();
-                match d
-                    .peers
-                    .binary_search_by_key(&p.public_key, |q| q.public_key)
-                {
-                    Ok(i) => d.peers[i] = p,
-                    Err(i) => d.peers.insert(i, p),
-                }
+        }
+        Op::SetBridge(b) => state.bridge = Some(b),
+        Op::WriteCni { pod_cidrs } => state.cni = Some(pod_cidrs),
+        Op::SetMasquerade(m) => state.masquerade = Some(*m),
+        Op::DelMasquerade => state.masquerade = None,
+        Op::DelRule(r) => {
+            if let Ok(i) = state.rules.binary_search(&r) {
+                state.rules.remove(i);
             }
-            Op::RemovePeer { public_key } => {
-                if let Some(d) = &mut state.wireguard
-                    && let Ok(i) = d.peers.binary_search_by_key(public_key, |q| q.public_key)
-                {
-                    d.peers.remove(i);
-                }
+        }
+        Op::AddRule(r) => {
+            if let Err(i) = state.rules.binary_search(&r) {
+                state.rules.insert(i, r);
             }
-            Op::SetBridge(b) => state.bridge = Some(b.clone()),
-            Op::WriteCni { pod_cidrs } => state.cni = Some(pod_cidrs.clone()),
-            Op::SetMasquerade(m) => state.masquerade = Some((**m).clone()),
-            Op::DelMasquerade => state.masquerade = None,
-            Op::DelRule(r) => {
-                if let Ok(i) = state.rules.binary_search(r) {
-                    state.rules.remove(i);
-                }
+        }
+        Op::DelRoute(r) => {
+            if let Ok(i) = state.routes.binary_search(&r) {
+                state.routes.remove(i);
             }
-            Op::AddRule(r) => {
-                if let Err(i) = state.rules.binary_search(r) {
-                    state.rules.insert(i, r.clone());
-                }
-            }
-            Op::DelRoute(r) => {
-                if let Ok(i) = state.routes.binary_search(r) {
-                    state.routes.remove(i);
-                }
-            }
-            Op::AddRoute(r) => {
-                if let Err(i) = state.routes.binary_search(r) {
-                    state.routes.insert(i, r.clone());
-                }
+        }
+        Op::AddRoute(r) => {
+            if let Err(i) = state.routes.binary_search(&r) {
+                state.routes.insert(i, r);
             }
         }
     }
@@ -568,7 +602,7 @@ mod tests {
         have[0].endpoint = Some("198.51.100.77:40000".parse().unwrap());
         let key = have[0].public_key;
         assert_eq!(peer_diff(&d.peers, &have, &[key]), (vec![], vec![]));
-        assert_eq!(peer_diff(&d.peers, &have, &[]).0, vec![d.peers[0].clone()]);
+        assert_eq!(peer_diff(&d.peers, &have, &[]).0, vec![&d.peers[0]]);
     }
 
     #[test]
@@ -626,10 +660,10 @@ mod tests {
             let wm: BTreeMap<WgKey, &WgPeer> = w.iter().map(|p| (p.public_key, p)).collect();
             let hm: BTreeMap<WgKey, &WgPeer> = h.iter().map(|p| (p.public_key, p)).collect();
             let (upsert, remove) = peer_diff(&w, &h, &[]);
-            let want_upsert: Vec<WgPeer> = wm
+            let want_upsert: Vec<&WgPeer> = wm
                 .iter()
                 .filter(|(k, p)| hm.get(*k).is_none_or(|q| !same_peer(p, q, false)))
-                .map(|(_, p)| (*p).clone())
+                .map(|(_, p)| *p)
                 .collect();
             let want_remove: Vec<WgKey> =
                 hm.keys().filter(|k| !wm.contains_key(*k)).copied().collect();
@@ -639,8 +673,8 @@ mod tests {
             let ws: std::collections::BTreeSet<(u8, u8)> = want.iter().copied().collect();
             let hs: std::collections::BTreeSet<(u8, u8)> = have.iter().copied().collect();
             let (add, del) = sorted_diff(&want, &have);
-            prop_assert_eq!(add, ws.difference(&hs).copied().collect::<Vec<_>>());
-            prop_assert_eq!(del, hs.difference(&ws).copied().collect::<Vec<_>>());
+            prop_assert_eq!(add, ws.difference(&hs).collect::<Vec<_>>());
+            prop_assert_eq!(del, hs.difference(&ws).collect::<Vec<_>>());
         }
     }
 
