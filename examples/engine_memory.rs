@@ -141,12 +141,12 @@ fn take(engine: &mut Engine, events: Vec<Event>) -> Pending {
 }
 
 /// The agent's reconciliation without the kernel: plan the pending work against `known` and
-/// apply the operations to it as the agent does (the delta or the desired state dropped once
-/// planned, the operations' peers and routes moved into the cache).
+/// apply the operations to it as the agent does (the delta's peers and routes moved into the
+/// operations, the desired state dropped once planned, the operations moved into the cache).
 fn reconcile(engine: &Engine, pending: Pending, known: &mut OwnedState, key: WgKey) -> usize {
     let ops = match pending {
         Pending::Nothing => return 0,
-        Pending::One(d) => plan_delta(&d, known).expect("delta plan"),
+        Pending::One(d) => plan_delta(*d, known).expect("delta plan"),
         Pending::Full => plan(&engine.desired().expect("desired"), known, key),
     };
     let n = ops.len();

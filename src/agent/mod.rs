@@ -370,11 +370,10 @@ pub async fn run_with<K: Kernel>(
                 }
             }
             let report = match (full_needed, known.take(), delta) {
-                (false, Some(k), Some(d)) => match reconcile::plan::plan_delta(&d, &k) {
+                // The delta's peers and routes move into the operations, and from them into
+                // `known`: a renumbered mesh's thousands are never held twice.
+                (false, Some(k), Some(d)) => match reconcile::plan::plan_delta(d, &k) {
                     Some(ops) => {
-                        // What the operations need is in them: a renumbered mesh's delta is
-                        // thousands of peers and routes, not kept through the kernel's I/O.
-                        drop(d);
                         let report =
                             reconcile::apply_planned(kernel, ops, k, public_key, &mut known).await;
                         Some(Ok(report))

@@ -5,8 +5,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::*;
-use crate::reconcile::{Op, OwnedState};
 use crate::reconcile::plan::simulate;
+use crate::reconcile::{Op, OwnedState};
 
 /// An in-memory kernel that applies ops like a correct kernel and can refuse routes to one
 /// destination a number of times.

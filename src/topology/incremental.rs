@@ -20,7 +20,7 @@ use super::{
     CidrIndex, Contribution, LocalContext, LocalError, MeshOptions, SegmentKey, allocate, build,
     make_segment, not_ready_reason, segment_key,
 };
-use crate::desired::{DesiredDelta, DesiredState, Masquerade, Route, Rule, WgPeer};
+use crate::desired::{DesiredDelta, DesiredState, Masquerade, Rule, WgPeer};
 use crate::diagnostic::Diagnostic;
 use crate::model::{MeshNode, MeshPeer, NodeName, WgKey};
 
@@ -548,10 +548,9 @@ impl Engine {
         for (key, _) in &new_contribs {
             if let Ok(i) = self.order.binary_search(key) {
                 let old_c = std::mem::take(&mut self.contributions.segments[i]);
-                if let Some(p) = old_c.peer() {
-                    removed_peers.insert(p.public_key, p.clone());
+                if let Some(p) = self.index_remove(old_c, &mut delta, &mut flips) {
+                    removed_peers.insert(p.public_key, p);
                 }
-                self.index_remove(&old_c, &mut delta, &mut flips);
             }
         }
         // The vector follows the new order: a segment gone loses its (emptied) slot, a new
@@ -687,8 +686,14 @@ impl Engine {
         true
     }
 
-    /// Remove a contribution from the index, recording what disappears.
-    fn index_remove(&mut self, c: &Contribution, delta: &mut DesiredDelta, flips: &mut Flips) {
+    /// Remove a contribution from the index, recording what disappears (its routes and rules
+    /// move into `delta`); gives back its peer.
+    fn index_remove(
+        &mut self,
+        c: Contribution,
+        delta: &mut DesiredDelta,
+        flips: &mut Flips,
+    ) -> Option<WgPeer> {
         if let Some(p) = c.peer() {
             self.index.peers.remove(&p.public_key);
             count_remove(
@@ -699,23 +704,24 @@ impl Engine {
             );
             delta.peers_removed.push(p.public_key);
         }
-        for r in &c.routes {
+        for r in c.routes {
             if self.index.routes.remove(&(r.table, r.dst)) {
-                delta.routes_removed.push(r.clone());
+                delta.routes_removed.push(r);
             }
         }
-        for r in &c.rules {
-            if let Some(n) = self.index.rules.get_mut(r) {
+        for r in c.rules {
+            if let Some(n) = self.index.rules.get_mut(&r) {
                 *n -= 1;
                 if *n == 0 {
-                    self.index.rules.remove(r);
-                    delta.rules_removed.push(r.clone());
+                    self.index.rules.remove(&r);
+                    delta.rules_removed.push(r);
                 }
             }
         }
         count_remove(&mut self.index.sources, &c.nat_sources, flips, 1);
         count_remove(&mut self.index.destinations, &c.nat_destinations, flips, 2);
         count_remove(&mut self.index.exempt, &c.nat_exempt, flips, 3);
+        c.peers.into_iter().next()
     }
 
     /// Add a contribution to the index, recording what appears.
@@ -757,20 +763,12 @@ impl Engine {
         d.peers_upserted.sort();
         d.peers_upserted
             .dedup_by(|b, a| a.public_key == b.public_key);
-        let mut added: Vec<Route> = std::mem::take(&mut d.routes_added);
-        let mut removed: Vec<Route> = std::mem::take(&mut d.routes_removed);
-        added.sort();
-        removed.sort();
-        let (a, r) = cancel(added, removed);
-        d.routes_added = a;
-        d.routes_removed = r;
-        let mut ra = std::mem::take(&mut d.rules_added);
-        let mut rr = std::mem::take(&mut d.rules_removed);
-        ra.sort();
-        rr.sort();
-        let (a, r) = cancel(ra, rr);
-        d.rules_added = a;
-        d.rules_removed = r;
+        d.routes_added.sort();
+        d.routes_removed.sort();
+        cancel(&mut d.routes_added, &mut d.routes_removed);
+        d.rules_added.sort();
+        d.rules_removed.sort();
+        cancel(&mut d.rules_added, &mut d.rules_removed);
     }
 
     /// Rebuild every index from scratch and diff against the previous state (in
@@ -909,23 +907,66 @@ impl Engine {
     }
 }
 
-/// Remove items present in both sorted lists.
-fn cancel<T: Ord>(added: Vec<T>, removed: Vec<T>) -> (Vec<T>, Vec<T>) {
-    let (mut a_out, mut r_out) = (Vec::new(), Vec::new());
-    let mut a = added.into_iter().peekable();
-    let mut r = removed.into_iter().peekable();
-    loop {
-        match (a.peek(), r.peek()) {
-            (Some(x), Some(y)) if x == y => {
-                a.next();
-                r.next();
+/// Remove items present in both sorted lists, in place (a renumbered mesh's delta holds
+/// thousands of routes; rebuilding both lists would hold them twice).
+fn cancel<T: Ord>(added: &mut Vec<T>, removed: &mut Vec<T>) {
+    use std::cmp::Ordering;
+    let (mut keep_a, mut keep_r) = (vec![true; added.len()], vec![true; removed.len()]);
+    let (mut i, mut j) = (0, 0);
+    while i < added.len() && j < removed.len() {
+        match added[i].cmp(&removed[j]) {
+            Ordering::Equal => {
+                keep_a[i] = false;
+                keep_r[j] = false;
+                i += 1;
+                j += 1;
             }
-            (Some(x), Some(y)) if x < y => a_out.extend(a.next()),
-            (Some(_), Some(_)) => r_out.extend(r.next()),
-            (Some(_), None) => a_out.extend(a.next()),
-            (None, Some(_)) => r_out.extend(r.next()),
-            (None, None) => break,
+            Ordering::Less => i += 1,
+            Ordering::Greater => j += 1,
         }
     }
-    (a_out, r_out)
+    let mut k = keep_a.into_iter();
+    added.retain(|_| k.next().unwrap_or(true));
+    let mut k = keep_r.into_iter();
+    removed.retain(|_| k.next().unwrap_or(true));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cancel;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    /// Counts of each item: a multiset.
+    fn counts(v: &[u8]) -> BTreeMap<u8, i32> {
+        let mut m = BTreeMap::new();
+        for x in v {
+            *m.entry(*x).or_insert(0) += 1;
+        }
+        m
+    }
+
+    proptest! {
+        /// Property: `cancel` removes each item found in both lists once from each (a
+        /// removal and a re-addition of the same thing), keeps the rest sorted, and what each
+        /// list gains or loses is the same net change.
+        #[test]
+        fn cancel_removes_what_both_lists_hold(
+            mut a in proptest::collection::vec(0u8..12, 0..20),
+            mut r in proptest::collection::vec(0u8..12, 0..20),
+        ) {
+            a.sort();
+            r.sort();
+            let (ca, cr) = (counts(&a), counts(&r));
+            let (mut a2, mut r2) = (a.clone(), r.clone());
+            cancel(&mut a2, &mut r2);
+            prop_assert!(a2.is_sorted() && r2.is_sorted());
+            for x in 0u8..12 {
+                let (na, nr) = (ca.get(&x).copied().unwrap_or(0), cr.get(&x).copied().unwrap_or(0));
+                let both = na.min(nr);
+                prop_assert_eq!(counts(&a2).get(&x).copied().unwrap_or(0), na - both);
+                prop_assert_eq!(counts(&r2).get(&x).copied().unwrap_or(0), nr - both);
+            }
+        }
+    }
 }
