@@ -262,7 +262,10 @@ fn discovered_endpoints(
         .collect();
     dev.peers
         .iter()
-        .filter(|p| natted.contains(&p.public_key) && dev.recent_handshakes.contains(&p.public_key))
+        .filter(|p| {
+            natted.contains(&p.public_key)
+                && dev.recent_handshakes.binary_search(&p.public_key).is_ok()
+        })
         .filter_map(|p| match &p.endpoint {
             Some(crate::model::Endpoint::Addr(a)) => Some((p.public_key, *a)),
             _ => None,

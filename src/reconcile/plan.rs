@@ -20,8 +20,8 @@ pub struct WgDeviceState {
     pub public_key: Option<WgKey>,
     /// Peers by public key. `name` is empty: the kernel does not know names.
     pub peers: Vec<WgPeer>,
-    /// Peers with a handshake in the last three minutes: their endpoint is where they really
-    /// are (they may have roamed behind NAT), so it is not overwritten.
+    /// Peers with a handshake in the last three minutes, sorted: their endpoint is where they
+    /// really are (they may have roamed behind NAT), so it is not overwritten.
     pub recent_handshakes: Vec<WgKey>,
 }
 
@@ -134,7 +134,7 @@ impl Op {
 /// plan of a whole mesh copies each once, into its operation), and keys to remove.
 ///
 /// The name is for people only and is ignored: the kernel does not store it. `recent` lists
-/// peers with a recent handshake (see [`same_peer`]).
+/// peers with a recent handshake (see [`same_peer`]), sorted.
 pub fn peer_diff<'a>(
     desired: &'a [WgPeer],
     actual: &'a [WgPeer],
@@ -148,7 +148,7 @@ pub fn peer_diff<'a>(
         &by_key(actual),
         |a, b| a.public_key.cmp(&b.public_key),
         |m| match m {
-            Merged::Both(w, h) if same_peer(w, h, recent.contains(&w.public_key)) => {}
+            Merged::Both(w, h) if same_peer(w, h, recent.binary_search(&w.public_key).is_ok()) => {}
             Merged::Both(w, _) | Merged::Want(w) => upsert.push(w),
             Merged::Have(h) => remove.push(h.public_key),
         },
@@ -380,7 +380,10 @@ pub fn plan_delta(delta: DesiredDelta, actual: &OwnedState) -> Option<Vec<Op>> {
     }
     for p in delta.peers_upserted {
         let have = find(&p.public_key);
-        let recent = device.recent_handshakes.contains(&p.public_key);
+        let recent = device
+            .recent_handshakes
+            .binary_search(&p.public_key)
+            .is_ok();
         if !have.is_some_and(|h| same_peer(&p, h, recent)) {
             ops.push(Op::UpsertPeer(Box::new(p)));
         }
