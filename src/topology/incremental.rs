@@ -11,7 +11,7 @@
 //!
 //! Pure: no I/O, no clock, no async. Depends on the topology module, model and desired state.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use ipnetwork::IpNetwork;
@@ -543,6 +543,22 @@ impl Engine {
         // Commit: remove every replaced contribution first, then add the new ones, so a key or
         // route that moves between two touched segments is not lost.
         let mut delta = DesiredDelta::default();
+        // Sized once: a renumbering replaces thousands of peers and routes, and vectors grown by
+        // doubling would hold up to twice that at the agent's worst moment for memory.
+        let (mut old_routes, mut new_routes, mut new_peers) = (0, 0, 0);
+        for (key, c) in &new_contribs {
+            if let Some(old) = self.contributions.segment(&self.order, key) {
+                old_routes += old.routes.len();
+            }
+            if let Some((c, _, _)) = c {
+                new_routes += c.routes.len();
+                new_peers += c.peers.len();
+            }
+        }
+        delta.peers_removed.reserve_exact(new_contribs.len());
+        delta.routes_removed.reserve_exact(old_routes);
+        delta.peers_upserted.reserve_exact(new_peers);
+        delta.routes_added.reserve_exact(new_routes);
         let mut removed_peers: BTreeMap<WgKey, WgPeer> = BTreeMap::new();
         let mut flips = Flips::default();
         for (key, _) in &new_contribs {
@@ -635,55 +651,51 @@ impl Engine {
     /// Whether the new contributions claim no allowed IP or route that another contribution
     /// (outside the ones being replaced) holds, and none twice among themselves.
     ///
-    /// What the replaced contributions hold is gathered into sets first: a node leaving a full
-    /// mesh renumbers every segment after it, so thousands are replaced at once, and scanning
-    /// them for every claim was quadratic (seconds per event at 5,000 nodes).
+    /// What the replaced contributions hold is gathered first: a node leaving a full mesh
+    /// renumbers every segment after it, so thousands are replaced at once, and scanning them
+    /// for every claim was quadratic (seconds per event at 5,000 nodes). Sorted vectors, not
+    /// hash sets: this runs at the worst moment for memory, and hash sets of those thousands
+    /// held three times as much.
     fn claims_are_free(&self, new: &[(SegmentKey, Option<NewSegment>)]) -> bool {
-        let mut freed_keys: HashSet<WgKey> = HashSet::new();
-        let mut freed_ips: HashSet<IpNetwork> = HashSet::new();
-        let mut freed_routes: HashSet<(u32, IpNetwork)> = HashSet::new();
-        for (k, _) in new {
-            let Some(c) = self.contributions.segment(&self.order, k) else {
-                continue;
-            };
-            if let Some(p) = c.peer() {
-                freed_keys.insert(p.public_key);
-                freed_ips.extend(p.allowed_ips.iter().copied());
+        let (mut freed_keys, mut freed_ips, mut freed_routes) =
+            (Vec::new(), Vec::new(), Vec::new());
+        let (mut keys, mut ips, mut routes) = (Vec::new(), Vec::new(), Vec::new());
+        for (k, c) in new {
+            if let Some(old) = self.contributions.segment(&self.order, k) {
+                if let Some(p) = old.peer() {
+                    freed_keys.push(p.public_key);
+                    freed_ips.extend_from_slice(&p.allowed_ips);
+                }
+                freed_routes.extend(old.routes.iter().map(|r| (r.table, r.dst)));
             }
-            freed_routes.extend(c.routes.iter().map(|r| (r.table, r.dst)));
-        }
-        let mut ips: HashSet<IpNetwork> = HashSet::new();
-        let mut routes: HashSet<(u32, IpNetwork)> = HashSet::new();
-        let mut keys: HashSet<WgKey> = HashSet::new();
-        for (_, c) in new {
-            let Some((c, _, _)) = c else { continue };
-            if let Some(p) = c.peer() {
-                if !keys.insert(p.public_key) {
-                    return false;
+            if let Some((c, _, _)) = c {
+                if let Some(p) = c.peer() {
+                    keys.push(p.public_key);
+                    ips.extend_from_slice(&p.allowed_ips);
                 }
-                if self.index.peers.contains(&p.public_key) && !freed_keys.contains(&p.public_key) {
-                    return false;
-                }
-                for ip in &p.allowed_ips {
-                    if !ips.insert(*ip) {
-                        return false;
-                    }
-                    if self.index.allowed.contains_key(ip) && !freed_ips.contains(ip) {
-                        return false;
-                    }
-                }
-            }
-            for r in &c.routes {
-                let k = (r.table, r.dst);
-                if !routes.insert(k) {
-                    return false;
-                }
-                if self.index.routes.contains(&k) && !freed_routes.contains(&k) {
-                    return false;
-                }
+                routes.extend(c.routes.iter().map(|r| (r.table, r.dst)));
             }
         }
-        true
+        /// Sorted; `false` when an item appears twice.
+        fn sort_unique<T: Ord>(v: &mut [T]) -> bool {
+            v.sort_unstable();
+            v.windows(2).all(|w| w[0] != w[1])
+        }
+        freed_keys.sort_unstable();
+        freed_ips.sort_unstable();
+        freed_routes.sort_unstable();
+        sort_unique(&mut keys)
+            && sort_unique(&mut ips)
+            && sort_unique(&mut routes)
+            && keys
+                .iter()
+                .all(|k| !self.index.peers.contains(k) || freed_keys.binary_search(k).is_ok())
+            && ips.iter().all(|ip| {
+                !self.index.allowed.contains_key(ip) || freed_ips.binary_search(ip).is_ok()
+            })
+            && routes
+                .iter()
+                .all(|r| !self.index.routes.contains(r) || freed_routes.binary_search(r).is_ok())
     }
 
     /// Remove a contribution from the index, recording what disappears (its routes and rules
