@@ -394,27 +394,44 @@ pub fn plan_delta(delta: DesiredDelta, actual: &OwnedState) -> Option<Vec<Op>> {
             ops.push(Op::SetMasquerade(Box::new(want)));
         }
     }
-    for r in delta.rules_removed {
-        if actual.rules.binary_search(&r).is_ok() {
-            ops.push(Op::DelRule(r));
-        }
-    }
-    for r in delta.routes_removed {
-        if actual.routes.binary_search(&r).is_ok() {
-            ops.push(Op::DelRoute(r));
-        }
-    }
-    for r in delta.routes_added {
-        if actual.routes.binary_search(&r).is_err() {
-            ops.push(Op::AddRoute(r));
-        }
-    }
-    for r in delta.rules_added {
-        if actual.rules.binary_search(&r).is_err() {
-            ops.push(Op::AddRule(r));
-        }
-    }
+    ops.extend(moved_where(
+        delta.rules_removed,
+        &actual.rules,
+        true,
+        Op::DelRule,
+    ));
+    ops.extend(moved_where(
+        delta.routes_removed,
+        &actual.routes,
+        true,
+        Op::DelRoute,
+    ));
+    ops.extend(moved_where(
+        delta.routes_added,
+        &actual.routes,
+        false,
+        Op::AddRoute,
+    ));
+    ops.extend(moved_where(
+        delta.rules_added,
+        &actual.rules,
+        false,
+        Op::AddRule,
+    ));
     Some(ops)
+}
+
+/// The operations `op(item)` for the items whose presence in `have` (sorted) is `present`.
+fn moved_where<T: Ord>(
+    items: Vec<T>,
+    have: &[T],
+    present: bool,
+    op: fn(T) -> Op,
+) -> impl Iterator<Item = Op> {
+    items
+        .into_iter()
+        .filter(move |i| have.binary_search(i).is_ok() == present)
+        .map(op)
 }
 
 /// Apply `ops` to an in-memory [`OwnedState`], as a correct kernel would. Used by tests of the
@@ -491,26 +508,24 @@ pub fn apply_op(state: &mut OwnedState, op: Op, public_key: WgKey) {
         Op::WriteCni { pod_cidrs } => state.cni = Some(pod_cidrs),
         Op::SetMasquerade(m) => state.masquerade = Some(*m),
         Op::DelMasquerade => state.masquerade = None,
-        Op::DelRule(r) => {
-            if let Ok(i) = state.rules.binary_search(&r) {
-                state.rules.remove(i);
-            }
-        }
-        Op::AddRule(r) => {
-            if let Err(i) = state.rules.binary_search(&r) {
-                state.rules.insert(i, r);
-            }
-        }
-        Op::DelRoute(r) => {
-            if let Ok(i) = state.routes.binary_search(&r) {
-                state.routes.remove(i);
-            }
-        }
-        Op::AddRoute(r) => {
-            if let Err(i) = state.routes.binary_search(&r) {
-                state.routes.insert(i, r);
-            }
-        }
+        Op::DelRule(r) => sorted_remove(&mut state.rules, &r),
+        Op::AddRule(r) => sorted_insert(&mut state.rules, r),
+        Op::DelRoute(r) => sorted_remove(&mut state.routes, &r),
+        Op::AddRoute(r) => sorted_insert(&mut state.routes, r),
+    }
+}
+
+/// Insert `item` into the sorted set `v` unless it is there.
+fn sorted_insert<T: Ord>(v: &mut Vec<T>, item: T) {
+    if let Err(i) = v.binary_search(&item) {
+        v.insert(i, item);
+    }
+}
+
+/// Remove `item` from the sorted set `v` if it is there.
+fn sorted_remove<T: Ord>(v: &mut Vec<T>, item: &T) {
+    if let Ok(i) = v.binary_search(item) {
+        v.remove(i);
     }
 }
 
