@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Data plane (root): pod-to-pod iperf3 through a wiremesh lab (two public nodes, real agents,
 # userspace WireGuard) against a bare wireguard-go tunnel between the same two node namespaces.
-# Prints `dataplane mesh_mbps=… bare_mbps=… ratio=…` (medians of 3 runs of 5 s).
+# Prints `dataplane mesh_mbps=… bare_mbps=… ratio=…` (medians of 5 interleaved runs of 5 s; the ratio is the median of each pair's).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 M=./target/release/meshctl
@@ -49,7 +49,7 @@ run_iperf() { # server-ns client-ns address
   wait "$srv" 2>/dev/null || true
 }
 mesh=() bare=()
-for _ in 1 2 3; do
+for _ in 1 2 3 4 5; do
   mesh+=("$(run_iperf "$p2" "$p1" "$pod2")")
   bare+=("$(run_iperf "$ns2" "$ns1" 10.230.0.2)")
 done
