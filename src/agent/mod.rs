@@ -367,7 +367,7 @@ pub async fn run_with<K: Kernel>(
             let external: BTreeSet<WgKey> = engine.peers().map(|p| p.key).collect();
             let delta = pending.take();
             if let Some(d) = &delta {
-                observer.deltas(std::slice::from_ref(d), &external);
+                observer.delta(d, &external);
                 if let Some(i) = &d.interface {
                     mesh_ip = i.address;
                 }

@@ -248,22 +248,17 @@ impl Observer {
         );
     }
 
-    /// Changes of the desired state were reconciled.
-    pub fn deltas(&self, deltas: &[DesiredDelta], external: &BTreeSet<WgKey>) {
-        if deltas.is_empty() {
-            return;
-        }
+    /// A change of the desired state is being reconciled.
+    pub fn delta(&self, d: &DesiredDelta, external: &BTreeSet<WgKey>) {
         let mut v = self.lock();
-        for d in deltas {
-            for k in &d.peers_removed {
-                v.tunnels.remove(k);
-            }
-            for p in &d.peers_upserted {
-                v.tunnels.insert(p.public_key, Tunnel::of(p, external));
-            }
-            if let Some(l) = d.leader {
-                v.leader = Some(l);
-            }
+        for k in &d.peers_removed {
+            v.tunnels.remove(k);
+        }
+        for p in &d.peers_upserted {
+            v.tunnels.insert(p.public_key, Tunnel::of(p, external));
+        }
+        if let Some(l) = d.leader {
+            v.leader = Some(l);
         }
     }
 
@@ -406,7 +401,7 @@ mod tests {
             leader: Some(true),
             ..DesiredDelta::default()
         };
-        o.deltas(&[d], &external);
+        o.delta(&d, &external);
         let v = o.view();
         assert_eq!(v.leader, Some(true));
         assert_eq!(v.tunnels[&WgKey([1; 32])].kind, PeerKind::Node);
@@ -415,7 +410,7 @@ mod tests {
             peers_removed: vec![WgKey([1; 32])],
             ..DesiredDelta::default()
         };
-        o.deltas(&[gone], &external);
+        o.delta(&gone, &external);
         assert_eq!(o.view().tunnels.len(), 1);
     }
 }

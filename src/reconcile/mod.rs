@@ -95,7 +95,7 @@ pub trait Kernel {
 #[derive(Debug, Default)]
 pub struct Report {
     /// How many operations of each kind ([`Op::kind`]) were applied successfully. Counts, not
-    /// the operations: what they carried has moved into the agent's picture of the kernel.
+    /// the operations: [`apply_planned`] moves what they carried into its picture of the kernel.
     pub applied: BTreeMap<&'static str, usize>,
     /// Operations that failed, with the error.
     pub failed: Vec<(Op, KernelError)>,
