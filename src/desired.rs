@@ -59,7 +59,13 @@ pub enum RouteDev {
     Private,
     /// The IPIP tunnel interface (encapsulation inside a location).
     Tunnel,
+    /// No device: the packet is dropped. Only guard routes ([`Route::guard`]) have it.
+    Blackhole,
 }
+
+/// The metric of guard routes: the lowest priority a route can have, so every other route to
+/// the same destination wins while it exists.
+pub const GUARD_METRIC: u32 = u32::MAX;
 
 /// One route wiremesh owns.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -76,6 +82,36 @@ pub struct Route {
     pub src: Option<IpAddr>,
     /// Whether the gateway is on-link even if no prefix covers it.
     pub onlink: bool,
+}
+
+impl Route {
+    /// The fail-closed guard of a route in the main table: a blackhole to the same destination
+    /// at [`GUARD_METRIC`]. The kernel uses it only while the route itself is missing (deleted
+    /// behind the agent's back, flushed with the last address of its device, or between the
+    /// removal and the addition of a changed route), so a packet meant for the mesh is dropped
+    /// instead of following the default route out of the node unencrypted. Guards are derived
+    /// by the reconciler, not the engine; `None` for routes of other tables and for guards.
+    pub fn guard(&self) -> Option<Route> {
+        (self.table == MAIN_TABLE && self.dev != RouteDev::Blackhole).then(|| Route {
+            table: self.table,
+            dst: self.dst,
+            gateway: None,
+            dev: RouteDev::Blackhole,
+            src: None,
+            onlink: false,
+        })
+    }
+}
+
+/// The routes with their guards ([`Route::guard`]), sorted and each once: what the kernel holds
+/// when `routes` are programmed.
+pub fn with_guards(routes: &[Route]) -> Vec<Route> {
+    let mut out = Vec::with_capacity(routes.len() * 2);
+    out.extend(routes.iter().cloned());
+    out.extend(routes.iter().filter_map(Route::guard));
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// One policy-routing rule wiremesh owns.

@@ -409,7 +409,7 @@ fn pods_ping_both_ways(lab: &Lab, status: &serde_json::Value, a: &str, b: &str) 
     not(feature = "netns-tests"),
     ignore = "needs root and network namespaces"
 )]
-fn check_fails_and_names_the_flow_when_pod_traffic_leaks_and_passes_once_the_agent_restores_the_route()
+fn a_lost_tunnel_route_drops_pod_traffic_instead_of_leaking_it_check_names_a_real_leak_and_the_agent_restores_both()
  {
     require_tools(&[]);
     let lab = Lab::new("lk");
@@ -419,9 +419,23 @@ fn check_fails_and_names_the_flow_when_pod_traffic_leaks_and_passes_once_the_age
     {
         // The agent restores a deleted route of its own within a second: freeze it first.
         let _frozen = Stopped::new(u32::try_from(pid).unwrap());
-        // fra-1 forgets its tunnel route to hel-1's pods: they now leave by the default route,
-        // in plaintext, onto the underlay.
-        let del = sh("ip", &["-n", &lab.ns("n1"), "route", "del", "10.42.1.0/24"]);
+        // fra-1 forgets its tunnel route to hel-1's pods: the guard (a blackhole at the lowest
+        // priority) now holds the destination, so the pods' packets are dropped, not sent by
+        // the default route.
+        let del = sh("ip", &["-n", &lab.ns("n1"), "route", "del", "10.42.1.0/24", "dev", "wiremesh0"]);
+        assert!(del.status.success(), "{}", text(&del));
+        let check = lab.run(&["lab", "check"]);
+        let report = text(&check);
+        assert_eq!(check.status.code(), Some(1), "{report}");
+        assert!(
+            report.contains("no plaintext pod packets on the underlay ok"),
+            "{report}"
+        );
+        // Without the guard too, they leave in plaintext onto the underlay, and check says so.
+        let del = sh(
+            "ip",
+            &["-n", &lab.ns("n1"), "route", "del", "blackhole", "10.42.1.0/24", "metric", "4294967295"],
+        );
         assert!(del.status.success(), "{}", text(&del));
         let check = lab.run(&["lab", "check"]);
         let report = text(&check);
@@ -435,13 +449,16 @@ fn check_fails_and_names_the_flow_when_pod_traffic_leaks_and_passes_once_the_age
             "{report}"
         );
     }
-    // Thawed, the agent sees the route is gone and puts it back.
+    // Thawed, the agent sees the route and its guard are gone and puts both back.
     let back = poll(Duration::from_secs(5), || {
-        lab.own_routes("n1").contains("10.42.1.0/24").then_some(())
+        let routes = lab.own_routes("n1");
+        (routes.contains("10.42.1.0/24 dev wiremesh0")
+            && routes.contains("blackhole 10.42.1.0/24"))
+        .then_some(())
     });
     assert!(
         back.is_some(),
-        "route not restored: {}",
+        "route or guard not restored: {}",
         lab.own_routes("n1")
     );
     let check = lab.run(&["lab", "check"]);

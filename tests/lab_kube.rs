@@ -530,6 +530,7 @@ fn kube_lab_survives_api_server_outages_and_an_agent_restarted_during_one_remove
         to: ip2.parse().expect("pod IP"),
         sent: 0,
         received: 0,
+        gap: 0,
     })
     .expect("start ping");
     let restarted = wiremesh::lab::chaos::kill_and_restart(

@@ -953,3 +953,115 @@ fn netlink_kernel_applies_its_share_of_a_plan_and_reads_it_back() {
         assert!(matches!(other, Err(KernelError::Unsupported(_))));
     });
 }
+
+#[test]
+#[cfg_attr(
+    not(feature = "netns-tests"),
+    ignore = "needs root and network namespaces"
+)]
+fn guards_are_lowest_priority_blackholes_that_take_over_only_while_their_route_is_gone() {
+    let ns = TestNs::new();
+    // A default route out of the underlay: where a pod packet would leak without a guard.
+    ns.ip(&["route", "add", "default", "via", "10.200.0.254", "dev", ETH]);
+    let real = route(MAIN_TABLE, "10.42.1.0/24", None, RouteDev::WireGuard);
+    let real6 = route(MAIN_TABLE, "fd00:42::/64", None, RouteDev::WireGuard);
+    let guards = vec![real.guard().unwrap(), real6.guard().unwrap()];
+    let all = wiremesh::desired::with_guards(&[real.clone(), real6.clone()]);
+    let name = ns.name.clone();
+    let lookup = move |dst: &str| {
+        let out = Command::new("ip")
+            .args(["-n", &name, "route", "get", dst])
+            .output()
+            .expect("ip route get");
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let name = ns.name.clone();
+    ns.run(devices(), async move |nl| {
+        let results = nl.apply_routes(&all, &[]).await;
+        assert_all_ok(&results.adds);
+        assert_eq!(nl.read_routes().await.unwrap(), all, "guards read back as guards");
+        let shown = ip(&name, &["route", "show", "proto", "104"]);
+        assert!(
+            shown.contains("blackhole 10.42.1.0/24 metric 4294967295"),
+            "{shown}"
+        );
+        // The route wins while it exists.
+        assert!(lookup("10.42.1.5").contains("dev wm-wg"), "{}", lookup("10.42.1.5"));
+        // Gone behind our back: the packet is dropped, not sent by the default route.
+        ip(&name, &["route", "del", "10.42.1.0/24", "dev", WG]);
+        ip(&name, &["-6", "route", "del", "fd00:42::/64", "dev", WG]);
+        let got = lookup("10.42.1.5");
+        assert!(!got.contains(ETH), "would leak through the underlay: {got}");
+        assert!(
+            got.contains("blackhole") || got.contains("Invalid argument"),
+            "{got}"
+        );
+        assert!(!lookup("fd00:42::5").contains(ETH), "{}", lookup("fd00:42::5"));
+        assert_eq!(nl.read_routes().await.unwrap(), sorted(&guards));
+        // Back again, the route wins again; deleting the route never takes its guard.
+        assert_all_ok(&nl.apply_routes(&[real.clone(), real6.clone()], &[]).await.adds);
+        assert!(lookup("10.42.1.5").contains("dev wm-wg"));
+        assert_all_ok(&nl.apply_routes(&[], &[real.clone()]).await.dels);
+        assert_eq!(
+            nl.read_routes().await.unwrap(),
+            sorted(&[guards[0].clone(), guards[1].clone(), real6.clone()])
+        );
+        // Deleting a guard never takes the route.
+        assert_all_ok(&nl.apply_routes(&[real.clone()], &[guards[0].clone()]).await.adds);
+        assert_eq!(
+            nl.read_routes().await.unwrap(),
+            sorted(&[real.clone(), guards[1].clone(), real6.clone()])
+        );
+        let results = nl.apply_routes(&[], &[real, real6, guards[1].clone()]).await;
+        assert_all_ok(&results.dels);
+        assert_eq!(nl.read_routes().await.unwrap(), Vec::<Route>::new());
+    });
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "netns-tests"),
+    ignore = "needs root and network namespaces"
+)]
+fn a_new_address_added_before_the_old_goes_keeps_every_route_and_without_it_the_guards_hold() {
+    let ns = TestNs::new();
+    let name = ns.name.clone();
+    ns.run(devices(), async move |nl| {
+        let (old, new) = (net("10.4.0.3/16"), net("10.4.0.2/16"));
+        nl.add_address(WG, old).await.expect("address");
+        let routes = vec![
+            route(MAIN_TABLE, "10.42.1.0/24", None, RouteDev::WireGuard),
+            route(MAIN_TABLE, "10.42.2.0/24", None, RouteDev::WireGuard),
+        ];
+        let all = wiremesh::desired::with_guards(&routes);
+        assert_all_ok(&nl.apply_routes(&all, &[]).await.adds);
+        // Renumbered as the planner does it: the new address first, then the old one goes.
+        // The new one is a secondary of the same subnet; only promotion keeps it (and the
+        // link's routes) when the primary is removed.
+        nl.add_address(WG, new).await.expect("new address");
+        assert_eq!(
+            nl.promotes_secondaries(WG).await.unwrap(),
+            Some(true),
+            "promote_secondaries set over netlink"
+        );
+        nl.del_address(WG, old).await.expect("old address");
+        assert_eq!(nl.read_link(WG).await.unwrap().unwrap().addresses, vec![new]);
+        assert_eq!(nl.read_routes().await.unwrap(), all, "no route lost");
+
+        // What the kernel does otherwise: the last IPv4 address gone, every route through the
+        // link goes with it, without a word; the guards stay and hold the destinations.
+        nl.del_address(WG, new).await.expect("last address");
+        let left = nl.read_routes().await.unwrap();
+        assert!(
+            left.iter().all(|r| r.dev == RouteDev::Blackhole),
+            "the kernel kept routes through a link without address: {left:?}"
+        );
+        assert_eq!(left.len(), routes.len(), "{left:?}");
+        let shown = ip(&name, &["route", "show", "proto", "104"]);
+        assert_eq!(shown.lines().count(), 2, "{shown}");
+    });
+}

@@ -409,6 +409,10 @@ pub async fn run_with<K: Kernel>(
                 },
             };
             full_needed = false;
+            // The kernel drops routes without a word when an address goes (with the last IPv4
+            // address of the link, or as a route's preferred source): read it back at once and
+            // restore what went, rather than trust the picture the operations left.
+            let reread = matches!(&report, Some(Ok(r)) if r.removed_address);
             match &report {
                 None => {}
                 Some(Ok(r)) => observer.reconciled(started.elapsed(), r),
@@ -448,6 +452,10 @@ pub async fn run_with<K: Kernel>(
                     retry_at = Some(tokio::time::Instant::now() + wait);
                     full_needed = true;
                 }
+            }
+            if reread {
+                debug!("an address of the interface went; reading the kernel again");
+                retry_at = Some(tokio::time::Instant::now());
             }
             if let Some(link) = &cluster {
                 let p = publication(

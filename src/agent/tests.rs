@@ -17,6 +17,9 @@ struct FakeKernel {
     refuse: Arc<Mutex<Option<(ipnetwork::IpNetwork, usize)>>>,
     /// How many times operations were applied (one reconciliation each).
     reconciles: Arc<Mutex<usize>>,
+    /// Drop every WireGuard route when an address is removed (as the kernel does with the last
+    /// IPv4 address of a link), and count how often that happened.
+    flush_on_address_removal: Arc<Mutex<Option<usize>>>,
 }
 
 const KEY: WgKey = WgKey([7; 32]);
@@ -30,6 +33,7 @@ impl Kernel for FakeKernel {
             let mut refuse = self.refuse.lock().unwrap();
             if let Some((dst, n)) = refuse.as_mut()
                 && *dst == r.dst
+                && r.dev != crate::desired::RouteDev::Blackhole
                 && *n > 0
             {
                 *n -= 1;
@@ -41,6 +45,16 @@ impl Kernel for FakeKernel {
             std::slice::from_ref(op),
             KEY,
         );
+        if let (Op::DelAddress { .. }, Some(flushes)) =
+            (op, self.flush_on_address_removal.lock().unwrap().as_mut())
+        {
+            *flushes += 1;
+            self.state
+                .lock()
+                .unwrap()
+                .routes
+                .retain(|r| r.dev != crate::desired::RouteDev::WireGuard);
+        }
         self.applied.lock().unwrap().push(op.clone());
         Ok(())
     }
@@ -172,7 +186,8 @@ async fn agent_follows_the_file_and_restores_lost_routes() {
     let kernel = FakeKernel::default();
     let agent = Running::start(cfg, &kernel);
     wait_for("two peers", || peers(&kernel) == 2).await;
-    assert_eq!(kernel.state.lock().unwrap().routes.len(), 2);
+    // Two routes, each with its blackhole guard.
+    assert_eq!(kernel.state.lock().unwrap().routes.len(), 4);
 
     // A node leaves the file: its peer and route go.
     let text = std::fs::read_to_string(&nodes_path).unwrap();
@@ -181,8 +196,8 @@ async fn agent_follows_the_file_and_restores_lost_routes() {
         .unwrap();
     std::fs::write(&nodes_path, &text[..cut]).unwrap();
     wait_for("one peer", || peers(&kernel) == 1).await;
-    wait_for("one route", || {
-        kernel.state.lock().unwrap().routes.len() == 1
+    wait_for("one route and its guard", || {
+        kernel.state.lock().unwrap().routes.len() == 2
     })
     .await;
 
@@ -205,27 +220,22 @@ async fn refused_operation_is_retried_while_the_rest_is_programmed() {
     let dst: ipnetwork::IpNetwork = "10.42.2.0/24".parse().unwrap();
     *kernel.refuse.lock().unwrap() = Some((dst, 1));
     let agent = Running::start(cfg, &kernel);
-    // Everything else is programmed at once; the refused route arrives with the retry (1 s).
+    // Everything else is programmed at once (the refused route's guard too: its packets are
+    // dropped, not sent in plaintext); the refused route arrives with the retry (1 s).
     wait_for("peers", || peers(&kernel) == 2).await;
-    assert!(
-        !kernel
-            .state
-            .lock()
-            .unwrap()
-            .routes
-            .iter()
-            .any(|r| r.dst == dst)
-    );
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(
+    let held = |dev_is_guard: bool| {
         kernel
             .state
             .lock()
             .unwrap()
             .routes
             .iter()
-            .any(|r| r.dst == dst)
-    );
+            .any(|r| r.dst == dst && (r.dev == crate::desired::RouteDev::Blackhole) == dev_is_guard)
+    };
+    assert!(!held(false));
+    assert!(held(true));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(held(false));
     agent.stop().await;
 }
 
@@ -262,6 +272,70 @@ fn batch(events: Vec<Event>, synced: bool) -> Batch {
         diagnostics: None,
         local: None,
     }
+}
+
+#[tokio::test]
+async fn routes_the_kernel_drops_with_an_old_address_are_restored_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let kernel = FakeKernel::default();
+    let (tx, rx) = mpsc::channel(4);
+    let agent = Running::with_registry(cfg, &kernel, rx, None);
+    let nodes = three_clouds();
+    let all = nodes.iter().cloned().map(Event::node).collect();
+    tx.send(batch(all, true)).await.unwrap();
+    wait_for("the mesh's two peers", || peers(&kernel) == 2).await;
+    let address = || {
+        let st = kernel.state.lock().unwrap();
+        st.link.as_ref().and_then(|l| l.addresses.first().copied())
+    };
+    let before = address();
+    *kernel.flush_on_address_removal.lock().unwrap() = Some(0);
+    // A node that sorts before fra-1 joins: fra-1's mesh IP moves, the old address goes, and
+    // this kernel drops every WireGuard route with it, telling nobody.
+    let mut first = nodes[1].clone();
+    first.name = NodeName("aaa-1".into());
+    first.key = Some(WgKey([9; 32]));
+    first.pod_cidrs = vec!["10.42.9.0/24".parse().unwrap()];
+    first.endpoint = Some("203.0.113.99:51820".parse().unwrap());
+    first.internal_ip = None;
+    tx.send(batch(vec![Event::node(first)], true)).await.unwrap();
+    wait_for("three peers and a new address", || {
+        peers(&kernel) == 3 && address().is_some() && address() != before
+    })
+    .await;
+    let wireguard_routes = || {
+        kernel
+            .state
+            .lock()
+            .unwrap()
+            .routes
+            .iter()
+            .filter(|r| r.dev == crate::desired::RouteDev::WireGuard)
+            .count()
+    };
+    // The three remote pod CIDRs are back without any kernel event or resync (an hour here).
+    for _ in 0..300 {
+        if wireguard_routes() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        wireguard_routes(),
+        3,
+        "{:?}",
+        kernel.state.lock().unwrap().routes
+    );
+    assert!(
+        kernel
+            .flush_on_address_removal
+            .lock()
+            .unwrap()
+            .is_some_and(|n| n >= 1),
+        "the kernel never dropped the routes: the test proves nothing"
+    );
+    agent.stop().await;
 }
 
 #[tokio::test]

@@ -706,6 +706,23 @@ enum LabChaosCommand {
         #[arg(value_name = "SECONDS")]
         seconds: u64,
     },
+    /// SIGKILL the node's agent, leave it stopped for SECONDS, then start it again; pings from
+    /// its pod to every other node (the mesh must stay up and nothing leak while it is away).
+    StopAgent {
+        /// The node.
+        #[arg(value_name = "NODE")]
+        node: String,
+        /// How long the agent stays stopped.
+        #[arg(value_name = "SECONDS")]
+        seconds: u64,
+    },
+    /// Take the node out of the nodes file, then put it back (file registry): every node after
+    /// it is renumbered twice while the other nodes' pods ping each other.
+    Renumber {
+        /// The node.
+        #[arg(value_name = "NODE")]
+        node: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -1055,6 +1072,10 @@ fn lab(args: LabArgs) -> Result<(), LabError> {
                 LabChaosCommand::ApiserverOutage { seconds } => {
                     Fault::ApiServerOutage(std::time::Duration::from_secs(seconds))
                 }
+                LabChaosCommand::StopAgent { node, seconds } => {
+                    Fault::StopAgent(node, std::time::Duration::from_secs(seconds))
+                }
+                LabChaosCommand::Renumber { node } => Fault::Renumber(node),
             };
             let opts = ChaosOptions {
                 fault,
@@ -1066,8 +1087,9 @@ fn lab(args: LabArgs) -> Result<(), LabError> {
                 Ok(())
             } else {
                 Err(LabError::ChaosFailed(format!(
-                    "{} packets lost{}",
+                    "{} packets lost, {} in plaintext on the underlay{}",
                     report.lost(),
+                    report.plaintext.len(),
                     if report.converged_after.is_some() {
                         ""
                     } else {

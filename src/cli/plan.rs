@@ -30,6 +30,7 @@ impl DeviceNames {
             RouteDev::WireGuard => &self.wireguard,
             RouteDev::Private => &self.private,
             RouteDev::Tunnel => &self.tunnel,
+            RouteDev::Blackhole => "blackhole",
         }
     }
 }
@@ -42,6 +43,9 @@ struct JsonPlan<'a> {
     interface: JsonInterface<'a>,
     peers: Vec<JsonPeer<'a>>,
     routes: Vec<JsonRoute<'a>>,
+    /// Destinations of the guard routes (blackholes at the lowest priority, see
+    /// [`Route::guard`]) the reconciler adds next to the routes.
+    guards: Vec<String>,
     rules: &'a [Rule],
     bridge: &'a Option<crate::desired::Bridge>,
     masquerade: &'a crate::desired::Masquerade,
@@ -114,6 +118,7 @@ pub fn render_json(plan: &Plan, granularity: Granularity, devs: &DeviceNames) ->
             })
             .collect(),
         routes: d.routes.iter().map(|r| json_route(r, devs)).collect(),
+        guards: guard_destinations(d),
         rules: &d.rules,
         bridge: &d.bridge,
         masquerade: &d.masquerade,
@@ -123,6 +128,15 @@ pub fn render_json(plan: &Plan, granularity: Granularity, devs: &DeviceNames) ->
     let mut s = serde_json::to_string_pretty(&out).unwrap_or_default();
     s.push('\n');
     s
+}
+
+/// The destinations of the routes that get a guard, in route order.
+fn guard_destinations(d: &DesiredState) -> Vec<String> {
+    d.routes
+        .iter()
+        .filter_map(Route::guard)
+        .map(|g| g.dst.to_string())
+        .collect()
 }
 
 fn join<T: ToString>(items: &[T]) -> String {
@@ -212,6 +226,15 @@ pub fn render_text(plan: &Plan, granularity: Granularity, devs: &DeviceNames) ->
         })
         .collect();
     table(&mut o, &rows);
+    let guards = guard_destinations(d);
+    if !guards.is_empty() {
+        let _ = writeln!(
+            o,
+            "  + a blackhole at metric {} for each of the {} routes of the main table              (fail-closed: used only while the route is missing)",
+            crate::desired::GUARD_METRIC,
+            guards.len()
+        );
+    }
     if !d.rules.is_empty() {
         let _ = writeln!(o, "\nrules:");
         let rows: Vec<Vec<String>> = d

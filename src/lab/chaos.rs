@@ -1,12 +1,16 @@
 //! `meshctl lab chaos`: one fault injected into a running lab while pod-to-pod pings run across
-//! it, so anyone can watch the mesh survive it. Faults: SIGKILL and restart of one node's agent,
-//! or an outage of the lab's kube-apiserver (`--registry kube`).
+//! it, so anyone can watch the mesh survive it. Faults: SIGKILL and restart of one node's agent
+//! (at once, or after it stayed stopped for a while), an outage of the lab's kube-apiserver
+//! (`--registry kube`), or a node taken out of the nodes file and put back (every node after
+//! it in the mesh's order is renumbered twice).
 //!
 //! Before the fault the lab must have converged and every flow must get answers; after it, the run waits until it converges
 //! again: every running agent's WireGuard peers (keys and allowed IPs) are what the engine
 //! computes for its node from the registry, and after an outage every agent has published a
-//! heartbeat newer than the API server's return (it resynced). The report gives packets sent and
-//! lost per flow; it passes when no packet was lost and the mesh converged.
+//! heartbeat newer than the API server's return (it resynced). The underlay is captured for
+//! the whole run. The report gives packets sent and lost and the longest gap per flow, and the
+//! plaintext pod packets the underlay carried; it passes when no packet was lost, none crossed
+//! the underlay unencrypted, and the mesh converged.
 //!
 //! Depends on the lab's state, agent, apiserver, check (ping summaries), uapi and sys modules,
 //! and on the topology engine for the expected peers.
@@ -39,6 +43,11 @@ pub enum Fault {
     RestartAgent(String),
     /// Stop the kube-apiserver for this long, then start it again.
     ApiServerOutage(Duration),
+    /// SIGKILL the agent of this node, leave it stopped this long, then start it again.
+    StopAgent(String, Duration),
+    /// Take this node out of the nodes file, wait for the mesh to converge without it, then
+    /// put it back (file registry): the nodes after it are renumbered, and back again.
+    Renumber(String),
 }
 
 impl std::fmt::Display for Fault {
@@ -46,6 +55,8 @@ impl std::fmt::Display for Fault {
         match self {
             Fault::RestartAgent(n) => write!(f, "restart-agent {n}"),
             Fault::ApiServerOutage(d) => write!(f, "apiserver-outage {}s", d.as_secs()),
+            Fault::StopAgent(n, d) => write!(f, "stop-agent {n} {}s", d.as_secs()),
+            Fault::Renumber(n) => write!(f, "renumber {n}"),
         }
     }
 }
@@ -65,6 +76,8 @@ pub struct Flow {
     pub sent: u32,
     /// Echo replies received.
     pub received: u32,
+    /// The longest run of requests in a row without a reply.
+    pub gap: u32,
 }
 
 impl Flow {
@@ -87,6 +100,8 @@ pub struct ChaosReport {
     pub converged_after: Option<Duration>,
     /// What still differed when the timeout struck.
     pub divergence: Vec<String>,
+    /// Pod (or mesh) packets the underlay carried unencrypted during the run.
+    pub plaintext: Vec<check::Packet>,
 }
 
 impl ChaosReport {
@@ -95,9 +110,11 @@ impl ChaosReport {
         self.flows.iter().map(Flow::lost).sum()
     }
 
-    /// No packet lost, every flow sent some, and the mesh converged.
+    /// No packet lost, none in plaintext on the underlay, every flow sent some, and the mesh
+    /// converged.
     pub fn passed(&self) -> bool {
         self.converged_after.is_some()
+            && self.plaintext.is_empty()
             && !self.flows.is_empty()
             && self.flows.iter().all(|f| f.sent > 0 && f.lost() == 0)
     }
@@ -108,10 +125,23 @@ impl ChaosReport {
         for s in &self.steps {
             let _ = writeln!(out, "  {s}");
         }
-        let _ = writeln!(out, "\n  {:<44} {:>6} {:>6}", "flow", "sent", "lost");
+        let _ = writeln!(
+            out,
+            "\n  {:<44} {:>6} {:>6} {:>8}",
+            "flow", "sent", "lost", "max gap"
+        );
         for f in &self.flows {
             let name = format!("{} ({}) -> {} {}", f.from_pod, f.from_node, f.to_node, f.to);
-            let _ = writeln!(out, "  {name:<44} {:>6} {:>6}", f.sent, f.lost());
+            let gap = format!("{:.1}s", f64::from(f.gap) * ping_interval().as_secs_f64());
+            let _ = writeln!(out, "  {name:<44} {:>6} {:>6} {gap:>8}", f.sent, f.lost());
+        }
+        let _ = writeln!(
+            out,
+            "\n  plaintext pod packets on the underlay: {}",
+            self.plaintext.len()
+        );
+        for p in self.plaintext.iter().take(10) {
+            let _ = writeln!(out, "    {p}");
         }
         let _ = writeln!(out);
         match self.converged_after {
@@ -138,6 +168,31 @@ impl ChaosReport {
         );
         out
     }
+}
+
+/// [`PING_INTERVAL`] as a duration.
+pub fn ping_interval() -> Duration {
+    Duration::from_secs_f64(PING_INTERVAL.parse().unwrap_or(0.2))
+}
+
+/// The longest run of echo requests in a row without a reply, from ping's per-reply lines and
+/// the number sent (`sent`, as [`stopped_ping_counts`] counts it).
+pub fn longest_gap(text: &str, sent: u32) -> u32 {
+    let mut answered: Vec<u32> = text
+        .lines()
+        .filter(|l| l.contains(" bytes from ") && !l.contains("DUP!"))
+        .filter_map(|l| l.split("icmp_seq=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .filter(|&seq| seq >= 1 && seq <= sent)
+        .collect();
+    answered.sort_unstable();
+    answered.dedup();
+    let mut longest = 0;
+    let mut last = 0;
+    for seq in answered.into_iter().chain(std::iter::once(sent + 1)) {
+        longest = longest.max(seq - last - 1);
+        last = seq;
+    }
+    longest
 }
 
 /// Options of a chaos run.
@@ -223,6 +278,7 @@ impl BackgroundPing {
         let mut flow = self.flow.clone();
         flow.sent = sent;
         flow.received = received;
+        flow.gap = longest_gap(&out, sent);
         flow
     }
 }
@@ -263,11 +319,24 @@ fn flows(state: &LabState, fault: &Fault) -> Vec<Flow> {
             to: ip,
             sent: 0,
             received: 0,
+            gap: 0,
         })
     };
     let n = state.nodes.len();
     match fault {
-        Fault::RestartAgent(node) => match state.node(node) {
+        Fault::Renumber(node) => {
+            // Every other node's pod to the first other node's pod, and that one to the last.
+            let others: Vec<usize> = (0..n).filter(|&j| Some(j) != state.node(node).map(|(i, _)| i)).collect();
+            let (Some(&first), Some(&last)) = (others.first(), others.last()) else {
+                return Vec::new();
+            };
+            let mut v: Vec<Flow> = others[1..].iter().filter_map(|&j| flow(j, first)).collect();
+            if last != first {
+                v.extend(flow(first, last));
+            }
+            v
+        }
+        Fault::RestartAgent(node) | Fault::StopAgent(node, _) => match state.node(node) {
             Some((i, _)) => (0..n)
                 .filter(|&j| j != i)
                 .filter_map(|j| flow(i, j))
@@ -283,12 +352,21 @@ fn flows(state: &LabState, fault: &Fault) -> Vec<Flow> {
 /// its node (keys and allowed IPs); with `heartbeat_since`, also every agent whose published
 /// last-seen is older. Empty when the lab has converged.
 pub fn divergence(state: &LabState, heartbeat_since: Option<i64>) -> Result<Vec<String>, LabError> {
+    divergence_without(state, heartbeat_since, None)
+}
+
+/// [`divergence`], leaving out node `absent` (taken out of the registry while its agent runs).
+fn divergence_without(
+    state: &LabState,
+    heartbeat_since: Option<i64>,
+    absent: Option<&str>,
+) -> Result<Vec<String>, LabError> {
     let loaded = mesh_nodes(state)?;
     let opts = mesh_options(state);
     let topo = topology::build(&loaded.items, &[], &opts);
     let mut out = Vec::new();
     for n in &state.nodes {
-        if !n.agent.as_ref().is_some_and(sys::is_running) {
+        if !n.agent.as_ref().is_some_and(sys::is_running) || Some(n.name.as_str()) == absent {
             continue;
         }
         if let Some(since) = heartbeat_since {
@@ -360,10 +438,21 @@ fn wait_converged(
     heartbeat_since: Option<i64>,
     timeout: Duration,
 ) -> Result<Result<Duration, Vec<String>>, LabError> {
+    wait_converged_without(root, lab, heartbeat_since, None, timeout)
+}
+
+/// [`wait_converged`], leaving out node `absent` (see [`divergence_without`]).
+fn wait_converged_without(
+    root: &Path,
+    lab: &LabName,
+    heartbeat_since: Option<i64>,
+    absent: Option<&str>,
+    timeout: Duration,
+) -> Result<Result<Duration, Vec<String>>, LabError> {
     let t0 = Instant::now();
     loop {
         let state = super::load(root, lab)?;
-        let d = divergence(&state, heartbeat_since)?;
+        let d = divergence_without(&state, heartbeat_since, absent)?;
         if d.is_empty() {
             return Ok(Ok(t0.elapsed()));
         }
@@ -410,7 +499,18 @@ fn log_since(path: &Path, offset: u64) -> String {
 pub fn run(root: &Path, lab: &LabName, opts: &ChaosOptions) -> Result<ChaosReport, LabError> {
     let state = super::load(root, lab)?;
     match &opts.fault {
-        Fault::RestartAgent(node) => {
+        Fault::Renumber(node) => {
+            if state.apiserver.is_some() {
+                return Err(LabError::Options(
+                    "chaos renumber edits the nodes file: it needs a lab with the file registry"
+                        .into(),
+                ));
+            }
+            state
+                .node(node)
+                .ok_or_else(|| LabError::Options(format!("lab {lab} has no node {node}")))?;
+        }
+        Fault::RestartAgent(node) | Fault::StopAgent(node, _) => {
             let (_, n) = state
                 .node(node)
                 .ok_or_else(|| LabError::Options(format!("lab {lab} has no node {node}")))?;
@@ -451,6 +551,9 @@ pub fn run(root: &Path, lab: &LabName, opts: &ChaosOptions) -> Result<ChaosRepor
             )));
         }
     }
+    let mut overlay = state.spec.pod_cidrs();
+    overlay.push(state.spec.mesh_subnet);
+    let capture = check::Capture::start(&state.underlay_ns)?;
     let mut pings = planned
         .into_iter()
         .map(BackgroundPing::start)
@@ -461,7 +564,30 @@ pub fn run(root: &Path, lab: &LabName, opts: &ChaosOptions) -> Result<ChaosRepor
     std::thread::sleep(MARGIN);
     let heartbeat_since = match &opts.fault {
         Fault::RestartAgent(node) => {
-            restart_agent(root, lab, node, opts.timeout, &mut steps, &at)?;
+            restart_agent(root, lab, node, None, opts.timeout, &mut steps, &at)?;
+            None
+        }
+        Fault::StopAgent(node, down) => {
+            restart_agent(root, lab, node, Some(*down), opts.timeout, &mut steps, &at)?;
+            None
+        }
+        Fault::Renumber(node) => {
+            let path = state.nodes_file();
+            let original = std::fs::read_to_string(&path).map_err(|source| LabError::Io {
+                op: "read",
+                path: path.clone(),
+                source,
+            })?;
+            write_atomically(&path, &without_node(&original, node)?)?;
+            steps.push(at(format!("{node} taken out of the nodes file")));
+            let gone = wait_converged_without(root, lab, None, Some(node), opts.timeout)?;
+            steps.push(at(match gone {
+                Ok(_) => "converged without it".into(),
+                Err(d) => format!("did not converge without it: {}", d.join("; ")),
+            }));
+            std::thread::sleep(MARGIN);
+            write_atomically(&path, &original)?;
+            steps.push(at(format!("{node} put back into the nodes file")));
             None
         }
         Fault::ApiServerOutage(d) => {
@@ -480,6 +606,10 @@ pub fn run(root: &Path, lab: &LabName, opts: &ChaosOptions) -> Result<ChaosRepor
     }));
     std::thread::sleep(MARGIN);
     let flows = pings.drain(..).map(BackgroundPing::stop).collect();
+    // Let the last packets through the pipe before stopping.
+    std::thread::sleep(Duration::from_millis(300));
+    let packets = check::parse_pcap(&capture.stop()?).map_err(LabError::Pcap)?;
+    let tally = check::classify(&packets, &overlay, state.spec.port);
     let (converged_after, divergence) = match converged {
         Ok(d) => (Some(d), Vec::new()),
         Err(d) => (None, d),
@@ -490,7 +620,38 @@ pub fn run(root: &Path, lab: &LabName, opts: &ChaosOptions) -> Result<ChaosRepor
         flows,
         converged_after,
         divergence,
+        plaintext: tally.plaintext,
     })
+}
+
+/// The nodes file `text` without the item of node `name`.
+fn without_node(text: &str, name: &str) -> Result<String, LabError> {
+    let mut doc: serde_yaml::Value = serde_yaml::from_str(text)
+        .map_err(|e| LabError::Options(format!("the lab's nodes file is not YAML: {e}")))?;
+    let items = doc
+        .get_mut("items")
+        .and_then(serde_yaml::Value::as_sequence_mut)
+        .ok_or_else(|| LabError::Options("the lab's nodes file has no items".into()))?;
+    let before = items.len();
+    items.retain(|n| n["metadata"]["name"].as_str() != Some(name));
+    if items.len() == before {
+        return Err(LabError::Options(format!("{name} is not in the nodes file")));
+    }
+    serde_yaml::to_string(&doc)
+        .map_err(|e| LabError::Options(format!("cannot write the nodes file: {e}")))
+}
+
+/// Replace `path` with `text` in one rename, as an operator's tool should (the agents never
+/// read a half-written file).
+fn write_atomically(path: &Path, text: &str) -> Result<(), LabError> {
+    let tmp = path.with_extension("chaos.tmp");
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|source| LabError::Io {
+            op: "write",
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 /// An agent killed and started again.
@@ -509,6 +670,18 @@ pub struct Restarted {
 /// SIGKILL the agent of `node` and start it again with the lab's agent arguments, recording the
 /// new agent in the lab's state. Waits for nothing else.
 pub fn kill_and_restart(root: &Path, lab: &LabName, node: &str) -> Result<Restarted, LabError> {
+    kill_and_restart_after(root, lab, node, None, |_| {})
+}
+
+/// [`kill_and_restart`], with the agent left stopped for `down` in between; `killed` is told
+/// the old agent's PID once it is dead.
+fn kill_and_restart_after(
+    root: &Path,
+    lab: &LabName,
+    node: &str,
+    down: Option<Duration>,
+    mut killed: impl FnMut(u32),
+) -> Result<Restarted, LabError> {
     let mut state = super::load(root, lab)?;
     let binary = agent::find_binary(state.agent_binary.as_deref())?;
     let (i, n) = state
@@ -531,6 +704,10 @@ pub fn kill_and_restart(root: &Path, lab: &LabName, node: &str) -> Result<Restar
     while sys::is_running(&old) && t.elapsed() < Duration::from_secs(5) {
         std::thread::sleep(Duration::from_millis(20));
     }
+    killed(old.pid);
+    if let Some(d) = down {
+        std::thread::sleep(d);
+    }
     let (child, new) = agent::spawn(&state, &state.nodes[i], &binary, &state.agent_args)?;
     state.nodes[i].agent = Some(new);
     state.save()?;
@@ -548,15 +725,17 @@ fn restart_agent(
     root: &Path,
     lab: &LabName,
     node: &str,
+    down: Option<Duration>,
     timeout: Duration,
     steps: &mut Vec<String>,
     at: &dyn Fn(String) -> String,
 ) -> Result<(), LabError> {
-    let mut r = kill_and_restart(root, lab, node)?;
-    steps.push(at(format!(
-        "agent of {node} (pid {}) killed with SIGKILL",
-        r.old.pid
-    )));
+    let mut r = kill_and_restart_after(root, lab, node, down, |pid| {
+        steps.push(at(format!("agent of {node} (pid {pid}) killed with SIGKILL")));
+    })?;
+    if let Some(d) = down {
+        steps.push(at(format!("(it stayed stopped for {}s)", d.as_secs())));
+    }
     steps.push(at(format!(
         "agent of {node} started again (pid {})",
         r.new.pid
@@ -631,6 +810,7 @@ mod tests {
             to: "10.42.1.2".parse().unwrap(),
             sent,
             received,
+            gap: sent - received,
         }
     }
 
@@ -645,6 +825,7 @@ mod tests {
             } else {
                 vec!["node2: peer X missing".into()]
             },
+            plaintext: Vec::new(),
         }
     }
 
@@ -661,6 +842,55 @@ mod tests {
     }
 
     #[test]
+    fn a_single_plaintext_packet_fails_the_run_and_is_named() {
+        let mut r = report(vec![flow(100, 100)], true);
+        assert!(r.passed());
+        r.plaintext.push(check::Packet {
+            src: "10.42.0.2".parse().unwrap(),
+            dst: "10.42.1.2".parse().unwrap(),
+            proto: 1,
+            ports: None,
+            wg_type: None,
+        });
+        assert!(!r.passed());
+        let text = r.render();
+        assert!(
+            text.contains("plaintext pod packets on the underlay: 1\n    10.42.0.2 > 10.42.1.2 icmp"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_longest_gap_is_the_longest_run_of_unanswered_requests() {
+        let reply = |seq: u32| format!("64 bytes from 10.42.1.2: icmp_seq={seq} ttl=62 time=0.4 ms\n");
+        let answered = |seqs: &[u32]| seqs.iter().map(|&s| reply(s)).collect::<String>();
+        assert_eq!(longest_gap(&answered(&[1, 2, 3, 4]), 4), 0);
+        assert_eq!(longest_gap(&answered(&[1, 5, 6, 9]), 10), 3);
+        // Unanswered at the start and at the end count too.
+        assert_eq!(longest_gap(&answered(&[4, 5]), 5), 3);
+        assert_eq!(longest_gap(&answered(&[1]), 6), 5);
+        assert_eq!(longest_gap("", 7), 7);
+        // A duplicate does not stand for an answer.
+        let dup = format!("{}{}", reply(1), reply(2).replace(" ms", " ms (DUP!)"));
+        assert_eq!(longest_gap(&dup, 3), 2);
+    }
+
+    #[test]
+    fn a_renumbered_nodes_file_loses_exactly_that_node() {
+        let text = "apiVersion: v1\nkind: List\nitems:\n- metadata:\n    name: node1\n- metadata:\n    name: node2\n- metadata:\n    name: node3\n";
+        let out = without_node(text, "node2").unwrap();
+        let doc: serde_yaml::Value = serde_yaml::from_str(&out).unwrap();
+        let names: Vec<&str> = doc["items"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .filter_map(|n| n["metadata"]["name"].as_str())
+            .collect();
+        assert_eq!(names, ["node1", "node3"]);
+        assert!(without_node(text, "node9").is_err());
+    }
+
+    #[test]
     fn the_report_names_each_flow_its_losses_and_what_did_not_converge() {
         let r = report(vec![flow(500, 497), flow(500, 500)], false);
         let text = r.render();
@@ -669,7 +899,11 @@ mod tests {
             text.contains("wml-a-node1-pod1 (node1) -> node2 10.42.1.2"),
             "{text}"
         );
-        assert!(text.contains("   500      3\n"), "{text}");
+        assert!(text.contains("   500      3     0.6s\n"), "{text}");
+        assert!(
+            text.contains("plaintext pod packets on the underlay: 0"),
+            "{text}"
+        );
         assert!(
             text.contains("NOT converged:\n    node2: peer X missing"),
             "{text}"

@@ -399,14 +399,15 @@ pub fn classify(packets: &[Packet], overlay: &[IpNetwork], port: u16) -> Tally {
 }
 
 /// A running `tcpdump` writing pcap to a pipe.
-struct Capture {
+pub(super) struct Capture {
     child: Child,
     reader: std::thread::JoinHandle<Vec<u8>>,
     stderr: std::thread::JoinHandle<String>,
 }
 
 impl Capture {
-    fn start(netns: &str) -> Result<Capture, LabError> {
+    /// Capture every interface of `netns` (`tcpdump -i any`), from when this returns.
+    pub(super) fn start(netns: &str) -> Result<Capture, LabError> {
         let mut child = Command::new("ip")
             .args(["netns", "exec", netns, "tcpdump", "-i", "any", "-n", "-U"])
             // Without immediate mode TPACKET_V3 holds packets in a ring block for up to a
@@ -462,7 +463,8 @@ impl Capture {
         })
     }
 
-    fn stop(mut self) -> Result<Vec<u8>, LabError> {
+    /// Stop the capture; the pcap bytes.
+    pub(super) fn stop(mut self) -> Result<Vec<u8>, LabError> {
         // `ip netns exec` execs tcpdump: the child's PID is tcpdump's. SIGTERM flushes the file.
         if let Ok(pid) = i32::try_from(self.child.id()) {
             let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);

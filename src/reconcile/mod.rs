@@ -99,6 +99,9 @@ pub struct Report {
     pub applied: BTreeMap<&'static str, usize>,
     /// Operations that failed, with the error.
     pub failed: Vec<(Op, KernelError)>,
+    /// Whether an address was removed from the WireGuard link: the kernel may then have dropped
+    /// routes through it without a word, so the caller should read the kernel again.
+    pub removed_address: bool,
 }
 
 impl Report {
@@ -113,6 +116,7 @@ impl Report {
             match r {
                 Ok(()) => {
                     *report.applied.entry(op.kind()).or_default() += 1;
+                    report.removed_address |= matches!(op, Op::DelAddress { .. });
                     done(op);
                 }
                 Err(e) => report.failed.push((op, e)),
@@ -224,7 +228,19 @@ mod tests {
         assert_eq!(report.applied_count(), 3);
         assert_eq!(report.failed.len(), 1);
         assert_eq!(report.failed[0].0, Op::CreateInterface);
+        assert!(!report.removed_address);
         assert!(!report.is_noop());
+        let address = "10.4.0.1/16".parse().unwrap();
+        let added = Report::from_results(vec![Op::AddAddress { address }], vec![Ok(())], drop);
+        assert!(!added.removed_address, "adding drops no route");
+        let removed = Report::from_results(vec![Op::DelAddress { address }], vec![Ok(())], drop);
+        assert!(removed.removed_address);
+        let refused = Report::from_results(
+            vec![Op::DelAddress { address }],
+            vec![Err(KernelError::Unsupported("no".into()))],
+            drop,
+        );
+        assert!(!refused.removed_address);
         assert!(Report::default().is_noop());
     }
 }

@@ -93,6 +93,7 @@ impl Devices {
             RouteDev::WireGuard => &self.wireguard,
             RouteDev::Private => &self.private,
             RouteDev::Tunnel => &self.tunnel,
+            RouteDev::Blackhole => "blackhole",
         }
     }
 }

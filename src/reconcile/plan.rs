@@ -8,7 +8,9 @@
 use ipnetwork::IpNetwork;
 use serde::Serialize;
 
-use crate::desired::{Bridge, DesiredDelta, DesiredState, Masquerade, Route, Rule, WgPeer};
+use crate::desired::{
+    Bridge, DesiredDelta, DesiredState, Masquerade, Route, Rule, WgPeer, with_guards,
+};
 use crate::model::WgKey;
 
 /// The WireGuard device as the kernel (or the userspace daemon) reports it.
@@ -287,9 +289,11 @@ pub fn plan(desired: &DesiredState, actual: &OwnedState, public_key: WgKey) -> V
         ops.push(Op::SetMtu { mtu: None });
     }
     let want_addrs: Vec<IpNetwork> = iface.address.into_iter().collect();
+    // The new address before the old one goes: an interface left without an IPv4 address for
+    // a moment loses every route through it, silently (see `Netlink::add_address`).
     let (add, del) = sorted_diff(&want_addrs, &link.addresses);
-    ops.extend(del.into_iter().map(|&address| Op::DelAddress { address }));
     ops.extend(add.into_iter().map(|&address| Op::AddAddress { address }));
+    ops.extend(del.into_iter().map(|&address| Op::DelAddress { address }));
     if !link.up {
         ops.push(Op::LinkUp);
     }
@@ -299,7 +303,9 @@ pub fn plan(desired: &DesiredState, actual: &OwnedState, public_key: WgKey) -> V
         device.map_or(&[][..], |d| &d.recent_handshakes),
     );
     let (add_rules, del_rules) = sorted_diff(&desired.rules, &actual.rules);
-    let (add_routes, del_routes) = sorted_diff(&desired.routes, &actual.routes);
+    // Every route of the main table with its guard (see `Route::guard`).
+    let want_routes = with_guards(&desired.routes);
+    let (add_routes, del_routes) = sorted_diff(&want_routes, &actual.routes);
     // Sized once: a whole mesh renumbered is tens of thousands of operations, and growing by
     // doubling would hold up to twice their size at the worst moment. The differences above are
     // references, so each changed peer and route is copied once, here.
@@ -327,16 +333,6 @@ pub fn plan(desired: &DesiredState, actual: &OwnedState, public_key: WgKey) -> V
     {
         ops.push(Op::SetBridge(b.clone()));
     }
-    if let Some(b) = &desired.bridge {
-        let cidrs: Vec<IpNetwork> = b
-            .addresses
-            .iter()
-            .map(|a| crate::model::network_of(*a))
-            .collect();
-        if actual.cni.as_ref() != Some(&cidrs) {
-            ops.push(Op::WriteCni { pod_cidrs: cidrs });
-        }
-    }
     let want_nat =
         !desired.masquerade.sources.is_empty() || !desired.masquerade.destinations.is_empty();
     // The firewall holds (and reports) the canonical form: sorted, overlaps merged.
@@ -351,7 +347,39 @@ pub fn plan(desired: &DesiredState, actual: &OwnedState, public_key: WgKey) -> V
     ops.extend(del_routes.into_iter().cloned().map(Op::DelRoute));
     ops.extend(add_routes.into_iter().cloned().map(Op::AddRoute));
     ops.extend(add_rules.into_iter().cloned().map(Op::AddRule));
+    // The CNI config last: pods can start once it exists, and their packets must find every
+    // route (and guard) of the mesh already there.
+    if let Some(b) = &desired.bridge {
+        let cidrs: Vec<IpNetwork> = b
+            .addresses
+            .iter()
+            .map(|a| crate::model::network_of(*a))
+            .collect();
+        if actual.cni.as_ref() != Some(&cidrs) {
+            ops.push(Op::WriteCni { pod_cidrs: cidrs });
+        }
+    }
     ops
+}
+
+/// The guards ([`Route::guard`]) that `added` and `removed` routes bring and take: a guard
+/// depends only on its route's table and destination, so a route that changes (removed and
+/// added again with another gateway) keeps its guard untouched.
+fn guard_delta(added: &[Route], removed: &[Route]) -> (Vec<Route>, Vec<Route>) {
+    let guards = |routes: &[Route]| {
+        let mut g: Vec<Route> = routes.iter().filter_map(Route::guard).collect();
+        g.sort();
+        g.dedup();
+        g
+    };
+    let (add, del) = (guards(added), guards(removed));
+    let keep = |g: &[Route], other: &[Route]| -> Vec<Route> {
+        g.iter()
+            .filter(|r| other.binary_search(r).is_err())
+            .cloned()
+            .collect()
+    };
+    (keep(&add, &del), keep(&del, &add))
 }
 
 /// The operations for one engine delta, planned against `actual` (the state the previous
@@ -394,6 +422,11 @@ pub fn plan_delta(delta: DesiredDelta, actual: &OwnedState) -> Option<Vec<Op>> {
             ops.push(Op::SetMasquerade(Box::new(want)));
         }
     }
+    let (guards_added, guards_removed) = guard_delta(&delta.routes_added, &delta.routes_removed);
+    let mut routes_removed = delta.routes_removed;
+    routes_removed.extend(guards_removed);
+    let mut routes_added = delta.routes_added;
+    routes_added.extend(guards_added);
     ops.extend(moved_where(
         delta.rules_removed,
         &actual.rules,
@@ -401,13 +434,13 @@ pub fn plan_delta(delta: DesiredDelta, actual: &OwnedState) -> Option<Vec<Op>> {
         Op::DelRule,
     ));
     ops.extend(moved_where(
-        delta.routes_removed,
+        routes_removed,
         &actual.routes,
         true,
         Op::DelRoute,
     ));
     ops.extend(moved_where(
-        delta.routes_added,
+        routes_added,
         &actual.routes,
         false,
         Op::AddRoute,
@@ -580,8 +613,141 @@ mod tests {
         assert!(last_peer < first_route, "routes come after peers");
         assert_eq!(
             ops.iter().filter(|o| matches!(o, Op::AddRoute(_))).count(),
-            d.routes.len()
+            with_guards(&d.routes).len()
         );
+    }
+
+    #[test]
+    fn the_cni_config_is_written_after_every_route_and_rule() {
+        // Pods start once the config exists: their packets must find the mesh in place.
+        let d = desired(4, 0);
+        let ops = plan(&d, &OwnedState::default(), ME);
+        let cni = ops
+            .iter()
+            .position(|o| matches!(o, Op::WriteCni { .. }))
+            .unwrap();
+        let last_route_or_rule = ops
+            .iter()
+            .rposition(|o| matches!(o, Op::AddRoute(_) | Op::AddRule(_)))
+            .unwrap();
+        assert!(last_route_or_rule < cni, "{ops:?}");
+        assert_eq!(cni, ops.len() - 1);
+    }
+
+    #[test]
+    fn a_new_address_is_added_before_the_old_one_is_removed() {
+        // Removing the last IPv4 address first would drop every route through the link.
+        let d = desired(4, 0);
+        let mut k = OwnedState::default();
+        let ops = plan(&d, &k, ME);
+        simulate(&mut k, &ops, ME);
+        let mut d2 = d.clone();
+        d2.interface.address = Some("10.4.0.9/16".parse().unwrap());
+        let ops = plan(&d2, &k, ME);
+        assert_eq!(
+            ops,
+            vec![
+                Op::AddAddress {
+                    address: "10.4.0.9/16".parse().unwrap()
+                },
+                Op::DelAddress {
+                    address: d.interface.address.unwrap()
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn every_main_table_route_gets_a_blackhole_guard_and_other_tables_none() {
+        let d = desired(6, 1);
+        assert!(
+            d.routes.iter().any(|r| r.table != crate::desired::MAIN_TABLE),
+            "the sample needs routes of another table too"
+        );
+        let ops = plan(&d, &OwnedState::default(), ME);
+        let added: Vec<&Route> = ops
+            .iter()
+            .filter_map(|o| match o {
+                Op::AddRoute(r) => Some(r),
+                _ => None,
+            })
+            .collect();
+        for r in &d.routes {
+            let guarded = added.iter().any(|g| {
+                g.dev == crate::desired::RouteDev::Blackhole && g.dst == r.dst && g.table == r.table
+            });
+            assert_eq!(guarded, r.table == crate::desired::MAIN_TABLE, "{r:?}");
+            assert!(added.contains(&r), "{r:?}");
+        }
+        let guards = added
+            .iter()
+            .filter(|g| g.dev == crate::desired::RouteDev::Blackhole)
+            .count();
+        let main: std::collections::BTreeSet<_> = d
+            .routes
+            .iter()
+            .filter(|r| r.table == crate::desired::MAIN_TABLE)
+            .map(|r| r.dst)
+            .collect();
+        assert_eq!(guards, main.len(), "one guard per destination");
+    }
+
+    #[test]
+    fn a_delta_brings_and_takes_guards_with_destinations_and_leaves_a_changed_routes_guard() {
+        let route = |dst: &str, gw: Option<&str>| Route {
+            table: crate::desired::MAIN_TABLE,
+            dst: dst.parse().unwrap(),
+            gateway: gw.map(|g| g.parse().unwrap()),
+            dev: crate::desired::RouteDev::Private,
+            src: None,
+            onlink: gw.is_some(),
+        };
+        let (kept, moved_old, gone) = (
+            route("10.42.1.0/24", None),
+            route("10.42.2.0/24", Some("192.168.0.2")),
+            route("10.42.3.0/24", None),
+        );
+        let state = OwnedState {
+            wireguard: Some(WgDeviceState::default()),
+            routes: with_guards(&[kept.clone(), moved_old.clone(), gone.clone()]),
+            ..OwnedState::default()
+        };
+        let moved_new = route("10.42.2.0/24", Some("192.168.0.3"));
+        let new = route("10.42.4.0/24", None);
+        let delta = DesiredDelta {
+            routes_added: vec![moved_new.clone(), new.clone()],
+            routes_removed: vec![moved_old.clone(), gone.clone()],
+            ..DesiredDelta::default()
+        };
+        let ops = plan_delta(delta, &state).unwrap();
+        let mut dels: Vec<Route> = ops
+            .iter()
+            .filter_map(|o| match o {
+                Op::DelRoute(r) => Some(r.clone()),
+                _ => None,
+            })
+            .collect();
+        let mut adds: Vec<Route> = ops
+            .iter()
+            .filter_map(|o| match o {
+                Op::AddRoute(r) => Some(r.clone()),
+                _ => None,
+            })
+            .collect();
+        dels.sort();
+        adds.sort();
+        let mut want_dels = vec![moved_old, gone.clone(), gone.guard().unwrap()];
+        want_dels.sort();
+        let mut want_adds = vec![moved_new, new.clone(), new.guard().unwrap()];
+        want_adds.sort();
+        assert_eq!(dels, want_dels);
+        assert_eq!(adds, want_adds);
+        // The changed route's guard stays put the whole time (no window without one), and a
+        // route the delta does not name is not touched.
+        let moved_dst: IpNetwork = "10.42.2.0/24".parse().unwrap();
+        assert!(!ops.iter().any(|o| matches!(o, Op::DelRoute(r) | Op::AddRoute(r)
+            if (r.dev == crate::desired::RouteDev::Blackhole && r.dst == moved_dst)
+                || r.dst == kept.dst)));
     }
 
     #[test]
@@ -793,7 +959,7 @@ mod tests {
             let ops = plan(&second, &k, ME);
         simulate(&mut k, &ops, ME);
             prop_assert_eq!(plan(&second, &k, ME), Vec::<Op>::new());
-            prop_assert_eq!(&k.routes, &second.routes);
+            prop_assert_eq!(&k.routes, &with_guards(&second.routes));
             prop_assert_eq!(&k.rules, &second.rules);
         }
     }

@@ -317,7 +317,9 @@ impl LocalContext {
                 return;
             }
             let Some(key) = leader.key else { return };
-            let gw = Some(seg.mesh_ip);
+            // No gateway (Kilo routes via the peer's mesh IP): WireGuard picks the peer by its
+            // allowed IPs, so a renumbered segment changes that peer's allowed IPs and no route.
+            let gw = None;
             let endpoint_ip = seg_endpoint.as_ref().and_then(Endpoint::ip);
             let mut allowed =
                 Vec::with_capacity(seg.allowed_ips.len() + seg.allowed_location_ips.len());
@@ -346,8 +348,9 @@ impl LocalContext {
             }
             return;
         }
-        // A non-leader sends everything remote to its leader over the private network.
-        c.route(self.via_leader(host_net(seg.mesh_ip)));
+        // A non-leader sends everything remote to its leader over the private network; the mesh
+        // IPs go there by one route for the whole mesh subnet (`own_into`), not one per segment,
+        // so renumbering moves no route.
         if is_local {
             self.local_segment_routes(seg, c);
             return;
@@ -413,6 +416,9 @@ impl LocalContext {
         }
         c.nat_exempt(&[self.subnet]);
         c.nat_exempt(&self.service_cidrs);
+        if !self.leader {
+            c.route(self.via_leader(self.subnet));
+        }
     }
 
     /// Interface settings.

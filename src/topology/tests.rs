@@ -172,7 +172,9 @@ fn location_leader_peers_only_with_other_segments_and_routes_them_over_wireguard
     assert!(d.leader);
     let keys: Vec<WgKey> = d.peers.iter().map(|p| p.public_key).collect();
     assert_eq!(keys, vec![key(2), key(4)]);
-    // Pod CIDR of c (location 2) goes to that segment's mesh IP through WireGuard.
+    // Pod CIDR of c (location 2) goes into WireGuard, which picks that segment's peer by its
+    // allowed IPs. Kilo routes it via the segment's mesh IP (10.4.0.2); without that gateway a
+    // renumbered segment changes its peer's allowed IPs and no route.
     let r = d
         .routes
         .iter()
@@ -183,11 +185,18 @@ fn location_leader_peers_only_with_other_segments_and_routes_them_over_wireguard
         &Route {
             table: MAIN_TABLE,
             dst: net("10.2.3.0/24"),
-            gateway: Some("10.4.0.2".parse().unwrap()),
+            gateway: None,
             dev: RouteDev::WireGuard,
             src: Some("192.168.0.1".parse().unwrap()),
-            onlink: true,
+            onlink: false,
         }
+    );
+    assert!(
+        d.routes
+            .iter()
+            .all(|r| r.dev != RouteDev::WireGuard || r.gateway.is_none()),
+        "no WireGuard route names a mesh IP: {:?}",
+        d.routes
     );
     // Allowed-location-ips of location 2 are routed too.
     assert!(
@@ -207,13 +216,16 @@ fn non_leader_has_no_peers_no_address_and_routes_everything_via_leader_internal_
     assert!(d.peers.is_empty());
     assert_eq!(d.interface.address, None);
     let gw: std::net::IpAddr = "192.168.0.1".parse().unwrap();
-    for dst in [
-        "10.4.0.1/32",
-        "10.4.0.2/32",
-        "10.4.0.3/32",
-        "10.2.1.0/24",
-        "10.2.4.0/24",
-    ] {
+    // The mesh IPs by one route for the whole mesh subnet (Kilo: one /32 per segment), so
+    // renumbering moves no route here either.
+    assert!(
+        !d.routes
+            .iter()
+            .any(|r| r.dst.prefix() == 32 && net("10.4.0.0/16").contains(r.dst.ip())),
+        "{:?}",
+        d.routes
+    );
+    for dst in ["10.4.0.0/16", "10.2.1.0/24", "10.2.4.0/24"] {
         let r = d
             .routes
             .iter()

@@ -14,7 +14,9 @@ use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::packet_route::address::{
     AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage,
 };
-use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use rtnetlink::packet_route::link::{
+    AfSpecInet, AfSpecUnspec, InetDevConf, InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
 use rtnetlink::packet_route::route::RouteAttribute;
 use rtnetlink::{AddressMessageBuilder, LinkBridge, LinkUnspec};
 use tracing::{debug, info, warn};
@@ -171,13 +173,56 @@ impl Netlink {
 
     /// Add `addr` to interface `name` (`ip addr add`); already there is not an error. IPv6
     /// addresses skip duplicate address detection.
+    ///
+    /// Before an IPv4 address is added, the link's `promote_secondaries` is turned on (over
+    /// netlink, not /proc/sys, which is read-only in unprivileged containers). Why: a renumbered
+    /// interface holds the new address next to the old one for a moment; without promotion,
+    /// removing the old (primary) address also removes the new (secondary) one in the same
+    /// subnet, and removing the last IPv4 address makes the kernel drop every route through the
+    /// link, without a netlink notification.
     pub async fn add_address(&self, name: &str, addr: IpNetwork) -> Result<(), KernelError> {
         let op = format!("add address {addr} dev {name}");
         let index = self.require_index(name, &op).await?;
+        if addr.is_ipv4() {
+            self.promote_secondaries(index, name).await?;
+        }
         let msg = RouteNetlinkMessage::NewAddress(address_message(index, addr));
         let a = self.send_one(request(msg, NLM_F_CREATE | NLM_F_EXCL)).await;
         debug!(op = "add address", name, %addr, ?a);
         a.into_result(&[libc::EEXIST], || op)
+    }
+
+    /// Set `net.ipv4.conf.NAME.promote_secondaries = 1` on link `index` through
+    /// `IFLA_AF_SPEC` (`RTM_NEWLINK` carrying only that one setting).
+    async fn promote_secondaries(&self, index: u32, name: &str) -> Result<(), KernelError> {
+        let mut conf = InetDevConf::default();
+        conf.promote_secondaries = 1;
+        let mut msg = LinkUnspec::new_with_index(index).build();
+        msg.attributes
+            .push(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet(vec![
+                AfSpecInet::DevConfRequest(conf),
+            ])]));
+        let a = self
+            .send_one(request(RouteNetlinkMessage::NewLink(msg), 0))
+            .await;
+        debug!(op = "promote secondaries", name, ?a);
+        a.into_result(&[], || format!("set link {name} promote_secondaries 1"))
+    }
+
+    /// Whether link `name` has `promote_secondaries` on (`None`: no such link).
+    pub async fn promotes_secondaries(&self, name: &str) -> Result<Option<bool>, KernelError> {
+        let Some(link) = self.link_by_name(name).await? else {
+            return Ok(None);
+        };
+        Ok(Some(link.attributes.iter().any(|a| match a {
+            LinkAttribute::AfSpecUnspec(specs) => specs.iter().any(|s| match s {
+                AfSpecUnspec::Inet(inet) => inet.iter().any(|i| {
+                    matches!(i, AfSpecInet::DevConf(c) if c.promote_secondaries != 0)
+                }),
+                _ => false,
+            }),
+            _ => false,
+        })))
     }
 
     /// Remove `addr` from interface `name` (`ip addr del`); not there (or no such interface) is

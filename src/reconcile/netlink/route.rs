@@ -18,7 +18,7 @@ use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use tracing::{debug, info};
 
 use super::{Answer, Devices, Netlink, RTPROT_WIREMESH, nl_err, request};
-use crate::desired::{Route, RouteDev};
+use crate::desired::{GUARD_METRIC, Route, RouteDev};
 use crate::reconcile::KernelError;
 
 /// `RT_TABLE_UNSPEC`: the header's table byte when the table id needs the 32-bit attribute.
@@ -111,7 +111,10 @@ pub(super) struct KernelRoute {
     src: Option<IpAddr>,
     onlink: bool,
     metric: Option<u32>,
-    /// Multipath, typed, source-specific, encapsulated or nexthop-object routes.
+    /// A blackhole route (a guard, when its metric is [`GUARD_METRIC`]).
+    blackhole: bool,
+    /// Multipath, typed (other than blackhole), source-specific, encapsulated or
+    /// nexthop-object routes.
     unusual: bool,
 }
 
@@ -131,6 +134,28 @@ impl KernelRoute {
     /// The `desired::Route` this is, when its device is one of `devs` (index, device) and it
     /// has nothing a `desired::Route` cannot say.
     fn classify(self, devs: &[(u32, RouteDev)]) -> Result<Route, StrayRoute> {
+        if self.blackhole {
+            // A guard: no gateway or source; IPv6 reports blackholes on `lo`, so the device is
+            // not looked at.
+            let guard = !self.unusual
+                && self.tos == 0
+                && self.metric == Some(GUARD_METRIC)
+                && self.gateway.is_none()
+                && self.src.is_none()
+                && !self.onlink;
+            return if guard {
+                Ok(Route {
+                    table: self.table,
+                    dst: self.dst,
+                    gateway: None,
+                    dev: RouteDev::Blackhole,
+                    src: None,
+                    onlink: false,
+                })
+            } else {
+                Err(self.identity())
+            };
+        }
         let dev = self
             .oif
             .and_then(|i| devs.iter().find(|(idx, _)| *idx == i).map(|(_, d)| *d));
@@ -200,13 +225,20 @@ pub(super) fn route_message(route: &Route, oif: u32, add: bool) -> Result<RouteM
     if route.onlink && route.gateway.is_none() {
         return Err("onlink needs a gateway".into());
     }
+    let blackhole = route.dev == RouteDev::Blackhole;
+    if blackhole && (route.gateway.is_some() || route.src.is_some() || route.onlink) {
+        return Err("a blackhole route has no gateway, source or onlink".into());
+    }
     let mut m = RouteMessage::default();
     let h = &mut m.header;
     h.address_family = family(v4);
     h.destination_prefix_length = dst.prefix();
     h.table = table_byte(route.table);
     h.protocol = RouteProtocol::from(RTPROT_WIREMESH);
-    if add {
+    if add && blackhole {
+        h.kind = RouteType::BlackHole;
+        h.scope = RouteScope::Universe;
+    } else if add {
         h.kind = RouteType::Unicast;
         // As `ip route add` does: a route without gateway reaches its destination directly.
         h.scope = if route.gateway.is_some() {
@@ -225,7 +257,13 @@ pub(super) fn route_message(route: &Route, oif: u32, add: bool) -> Result<RouteM
     m.attributes.push(RouteAttribute::Table(route.table));
     m.attributes
         .push(RouteAttribute::Destination(dst.network().into()));
-    m.attributes.push(RouteAttribute::Oif(oif));
+    if blackhole {
+        // The metric is part of the key: the delete matches the guard, never the route it
+        // guards (metric 0, or 1024 for IPv6).
+        m.attributes.push(RouteAttribute::Priority(GUARD_METRIC));
+    } else {
+        m.attributes.push(RouteAttribute::Oif(oif));
+    }
     if let Some(g) = route.gateway {
         m.attributes.push(RouteAttribute::Gateway(g.into()));
     }
@@ -280,7 +318,9 @@ pub(super) fn parse_route(m: &RouteMessage) -> Option<KernelRoute> {
         src: None,
         onlink: h.flags.contains(RouteFlags::Onlink),
         metric: None,
-        unusual: h.kind != RouteType::Unicast || h.source_prefix_length != 0,
+        blackhole: h.kind == RouteType::BlackHole,
+        unusual: !matches!(h.kind, RouteType::Unicast | RouteType::BlackHole)
+            || h.source_prefix_length != 0,
     };
     for a in &m.attributes {
         match a {
@@ -305,6 +345,12 @@ pub(super) fn parse_route(m: &RouteMessage) -> Option<KernelRoute> {
 
 /// `ip route`-like text for logs and errors.
 fn route_text(verb: &str, r: &Route, devs: &Devices) -> String {
+    if r.dev == RouteDev::Blackhole {
+        return format!(
+            "{verb} route blackhole {} metric {GUARD_METRIC} table {}",
+            r.dst, r.table
+        );
+    }
     let mut s = format!("{verb} route {}", r.dst);
     if let Some(g) = r.gateway {
         s += &format!(" via {g}");
@@ -514,7 +560,12 @@ impl Netlink {
         // built again as they are sent, a window at a time (see `send_acked`).
         let mut sent: Vec<(usize, u32)> = Vec::new();
         for (i, r) in routes.iter().enumerate() {
-            let oif = devs.iter().find(|(_, d)| *d == r.dev).map(|(idx, _)| *idx);
+            // A blackhole has no device (0 is no interface index; it is not sent).
+            let oif = if r.dev == RouteDev::Blackhole {
+                Some(0)
+            } else {
+                devs.iter().find(|(_, d)| *d == r.dev).map(|(idx, _)| *idx)
+            };
             let Some(oif) = oif else {
                 // A delete is done: the route died with its device.
                 out.push(if add {
