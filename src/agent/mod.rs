@@ -419,16 +419,20 @@ pub async fn run_with<K: Kernel>(
                 Some(Err(e)) => observer.read_failed(started.elapsed(), e),
             }
             if let Some(Ok(r)) = &report {
-                let holder = if port::configure_failed(r) {
+                let holder = if port::device_failed(r) || port.is_held() {
                     kernel.port_holder(cfg.mesh.port).await
                 } else {
                     None
                 };
                 port.found(holder, &observer);
+                if port.is_held() {
+                    // The device may claim the port without holding it: read it again.
+                    known = None;
+                }
             }
             match report {
                 None => {}
-                Some(Ok(report)) if report.failed.is_empty() => {
+                Some(Ok(report)) if report.failed.is_empty() && !port.is_held() => {
                     backoff.reset();
                     retry_at = None;
                     if !reconciled_once {
@@ -443,6 +447,11 @@ pub async fn run_with<K: Kernel>(
                         let kinds: Vec<_> = report.applied.keys().collect();
                         info!(ops = report.applied_count(), kinds = ?kinds, "kernel reconciled");
                     }
+                }
+                Some(Ok(report)) if report.failed.is_empty() => {
+                    // Applied, but the port is still held (said above): try again later.
+                    retry_at = Some(tokio::time::Instant::now() + backoff.next_delay());
+                    full_needed = true;
                 }
                 Some(Ok(report)) => {
                     for (op, e) in &report.failed {

@@ -5,9 +5,11 @@
 //! cannot serve, so that other nodes (Kilo's too: a node without endpoint is not `Ready()`)
 //! leave it out instead of sending into the foreign interface. It never touches the holder.
 //!
-//! The loop probes at start and after each reconciliation in which configuring the device
-//! failed (so once per backoff step while the port stays held), and clears the conflict after
-//! a reconciliation that configured the device. Depends on the reconciler's report and port
+//! The loop probes at start, after each reconciliation in which configuring the device or
+//! bringing it up failed (userspace WireGuard refuses the port when it is set; the kernel
+//! takes it on a down link and refuses the link-up), and after each reconciliation while the
+//! port is held; so once per backoff step. Only a probe clears the conflict: a kernel whose
+//! device already claims the port, not yet bound, does not. Depends on the reconciler's report and port
 //! types, the publication and the observer; the probe itself is the kernel's
 //! ([`crate::reconcile::Kernel::port_holder`]).
 
@@ -55,6 +57,11 @@ impl PortGuard {
         }
     }
 
+    /// Whether something else holds the port (as the last probe found).
+    pub(crate) fn is_held(&self) -> bool {
+        self.conflict.is_some()
+    }
+
     /// What to publish of `p`: all of it, or, while the port is held, neither the endpoint nor
     /// the mesh IP (the key, internal IP and granularity stay: they are true).
     pub(crate) fn publication(&self, mut p: Publication) -> Publication {
@@ -66,12 +73,13 @@ impl PortGuard {
     }
 }
 
-/// Whether configuring the device (private key, listen port) failed in `report`.
-pub(crate) fn configure_failed(report: &Report) -> bool {
+/// Whether `report` holds a failure a held listen port causes: configuring the device (private
+/// key, listen port) or bringing its link up.
+pub(crate) fn device_failed(report: &Report) -> bool {
     report
         .failed
         .iter()
-        .any(|(op, _)| matches!(op, Op::ConfigureDevice { .. }))
+        .any(|(op, _)| matches!(op, Op::ConfigureDevice { .. } | Op::LinkUp))
 }
 
 #[cfg(test)]
@@ -123,14 +131,17 @@ mod tests {
     }
 
     #[test]
-    fn only_a_failed_device_configuration_counts() {
+    fn only_a_failed_device_configuration_or_link_up_counts() {
         let err = || KernelError::Unsupported("no".into());
         let mut r = Report::default();
-        assert!(!configure_failed(&r));
-        r.failed.push((Op::LinkUp, err()));
-        assert!(!configure_failed(&r));
+        assert!(!device_failed(&r));
+        r.failed.push((Op::DelMasquerade, err()));
+        assert!(!device_failed(&r));
+        let mut up = Report::default();
+        up.failed.push((Op::LinkUp, err()));
+        assert!(device_failed(&up), "the kernel refuses the link-up");
         r.failed
             .push((Op::ConfigureDevice { listen_port: 51820 }, err()));
-        assert!(configure_failed(&r));
+        assert!(device_failed(&r), "userspace refuses the port");
     }
 }

@@ -17,8 +17,10 @@ struct FakeKernel {
     refuse: Arc<Mutex<Option<(ipnetwork::IpNetwork, usize)>>>,
     /// How many times operations were applied (one reconciliation each).
     reconciles: Arc<Mutex<usize>>,
-    /// What holds the listen port; while set, configuring the device fails, as with a real one.
+    /// What holds the listen port; while set, configuring the device fails, as with userspace
+    /// WireGuard, or, with `port_blocks_link_up`, bringing it up does, as with the kernel's.
     port_holder: Arc<Mutex<Option<crate::reconcile::port::PortHolder>>>,
+    port_blocks_link_up: bool,
 }
 
 const KEY: WgKey = WgKey([7; 32]);
@@ -31,11 +33,22 @@ impl Kernel for FakeKernel {
         self.port_holder.lock().unwrap().clone()
     }
     async fn apply(&mut self, op: &Op) -> Result<(), KernelError> {
-        if matches!(op, Op::ConfigureDevice { .. }) && self.port_holder.lock().unwrap().is_some() {
-            return Err(KernelError::WireGuard {
-                op: "configure wiremesh0".into(),
-                message: "invalid input parameter".into(),
-            });
+        if self.port_holder.lock().unwrap().is_some() {
+            match op {
+                Op::ConfigureDevice { .. } if !self.port_blocks_link_up => {
+                    return Err(KernelError::WireGuard {
+                        op: "configure wiremesh0".into(),
+                        message: "invalid input parameter".into(),
+                    });
+                }
+                Op::LinkUp if self.port_blocks_link_up => {
+                    return Err(KernelError::Netlink {
+                        op: "link up".into(),
+                        message: "Address in use".into(),
+                    });
+                }
+                _ => {}
+            }
         }
         if let Op::AddRoute(r) = op {
             let mut refuse = self.refuse.lock().unwrap();
@@ -733,9 +746,24 @@ fn annotation(patch: &serde_json::Value, key: &str) -> Option<String> {
 
 #[tokio::test]
 async fn a_held_listen_port_withholds_the_endpoint_until_the_device_takes_the_port() {
+    withholds_the_endpoint_while_the_port_is_held(false).await;
+}
+
+#[tokio::test]
+async fn a_held_listen_port_withholds_the_endpoint_also_when_the_kernel_refuses_the_link_up() {
+    withholds_the_endpoint_while_the_port_is_held(true).await;
+}
+
+/// The agent with a Kubernetes link while kilo0 holds the port: the Node's endpoint and mesh IP
+/// are never published until the port is free, then they are. `kernel_style`: the device takes
+/// the port while down and refuses to come up (kernel WireGuard), instead of refusing the port.
+async fn withholds_the_endpoint_while_the_port_is_held(kernel_style: bool) {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path());
-    let kernel = FakeKernel::default();
+    let kernel = FakeKernel {
+        port_blocks_link_up: kernel_style,
+        ..FakeKernel::default()
+    };
     *kernel.port_holder.lock().unwrap() = Some(crate::reconcile::port::PortHolder::WireGuardLink {
         name: "kilo0".into(),
     });
@@ -813,6 +841,10 @@ async fn a_held_listen_port_withholds_the_endpoint_until_the_device_takes_the_po
             .iter()
             .any(|op| matches!(op, Op::ConfigureDevice { listen_port: 51820 })),
         "the device took the port"
+    );
+    assert!(
+        kernel.applied.lock().unwrap().contains(&Op::LinkUp),
+        "the device came up"
     );
     agent.stop().await;
 }

@@ -97,15 +97,24 @@ impl AgentNode {
     }
 
     /// `GET http://127.0.0.1:1107PATH` of the node's agent (its default `--listen`), with curl
-    /// inside the node: the status code (0 when nothing answers) and the body.
+    /// inside the node: the status code and the body. Up to three tries while nothing answers
+    /// (a busy machine); then the code is 0.
     pub fn http_get(&self, path: &str) -> (u16, String) {
         let url = format!("http://127.0.0.1:1107{path}");
-        let out = self
-            .ns
-            .try_exec(&["curl", "-s", "-m", "3", "-w", "\n%{http_code}", &url]);
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-        (code.trim().parse().unwrap_or(0), body.to_owned())
+        let mut answer = (0, String::new());
+        for _ in 0..3 {
+            let out = self
+                .ns
+                .try_exec(&["curl", "-s", "-m", "5", "-w", "\n%{http_code}", &url]);
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+            answer = (code.trim().parse().unwrap_or(0), body.to_owned());
+            if answer.0 != 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        answer
     }
 
     /// Start `wiremesh agent` (full mesh, no encapsulation, userspace WireGuard).
