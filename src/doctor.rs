@@ -1,6 +1,6 @@
 //! `meshctl doctor`: what this machine offers wiremesh and what is missing — the WireGuard
 //! module or a userspace daemon, the IPIP tunnel for encapsulation, nftables or iptables, the CNI
-//! plugins, forwarding.
+//! plugins, forwarding, a free WireGuard listen port (no `kilo0` left behind).
 //!
 //! Probes read `/sys`, `/proc` and `PATH`, and try to create links only inside a throwaway
 //! network namespace, so the host is never changed. May depend on the reconcile modules'
@@ -12,6 +12,7 @@ use std::process::Command;
 use serde::Serialize;
 
 use crate::lab::sys::find_program;
+use crate::reconcile::port::{PortConflict, PortHolder};
 
 /// How a check came out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -61,8 +62,40 @@ pub fn link_kind_works(kind: &str) -> Result<bool, String> {
 /// Directories where CNI plugin binaries usually live.
 pub const CNI_BIN_DIRS: &[&str] = &["/opt/cni/bin", "/usr/lib/cni", "/usr/libexec/cni"];
 
-/// Run every probe. `encapsulate` is the agent's `--encapsulate` setting.
-pub fn run(encapsulate: crate::topology::Encapsulate) -> Vec<Check> {
+/// The listen-port check: ok when `port` is free or held by `interface` (wiremesh's own, so
+/// `holder` is `None`), missing when `holder` holds it (named, with what to do), a warning when
+/// only a Kilo interface of `kilo_links` is left (its address may route the mesh subnet).
+pub fn listen_port_check(
+    port: u16,
+    interface: &str,
+    holder: Option<PortHolder>,
+    kilo_links: &[String],
+) -> Check {
+    let (status, detail) = match holder {
+        Some(holder) => (Status::Missing, PortConflict { port, holder }.to_string()),
+        None if !kilo_links.is_empty() => (
+            Status::Warn,
+            format!(
+                "UDP port {port} is free, but {} left by Kilo: its address in the mesh subnet may \
+                 route mesh traffic into it (remove with `ip link del NAME` after stopping kg)",
+                kilo_links.join(", ")
+            ),
+        ),
+        None => (
+            Status::Ok,
+            format!("UDP port {port} is free or held by {interface}"),
+        ),
+    };
+    Check {
+        name: "listen port".to_owned(),
+        status,
+        detail,
+    }
+}
+
+/// Run every probe. `encapsulate` is the agent's `--encapsulate` setting; `port` and
+/// `interface` its `--port` and `--interface`.
+pub fn run(encapsulate: crate::topology::Encapsulate, port: u16, interface: &str) -> Vec<Check> {
     use crate::topology::Encapsulate;
     let mut out = Vec::new();
     let mut add = |name: &str, status: Status, detail: String| {
@@ -175,6 +208,12 @@ pub fn run(encapsulate: crate::topology::Encapsulate) -> Vec<Check> {
             "net.ipv4.ip_forward=0: the agent turns it on".into()
         },
     );
+    out.push(listen_port_check(
+        port,
+        interface,
+        crate::reconcile::port::find_port_holder(port, interface),
+        &crate::reconcile::port::kilo_links(),
+    ));
     out
 }
 
@@ -218,7 +257,7 @@ mod tests {
     fn ipip_is_missing_only_when_encapsulation_needs_it() {
         use crate::topology::Encapsulate;
         let status = |e| {
-            run(e)
+            run(e, 51820, "wiremesh0")
                 .into_iter()
                 .find(|c| c.name == "ipip")
                 .map(|c| c.status)
@@ -230,5 +269,51 @@ mod tests {
             Ok(false) => assert_eq!((never, always), (Status::Warn, Status::Missing)),
             Err(_) => assert_eq!((never, always), (Status::Warn, Status::Warn)),
         }
+    }
+
+    #[test]
+    fn listen_port_is_missing_when_held_by_another_and_names_the_holder() {
+        let held = listen_port_check(
+            51820,
+            "wiremesh0",
+            Some(PortHolder::WireGuardLink {
+                name: "kilo0".into(),
+            }),
+            &["kilo0".into()],
+        );
+        assert_eq!(held.status, Status::Missing);
+        assert_eq!(held.name, "listen port");
+        assert!(
+            held.detail
+                .starts_with("UDP port 51820 is held by WireGuard interface kilo0 (left by Kilo"),
+            "{}",
+            held.detail
+        );
+        assert!(held.detail.contains("ip link del kilo0"), "{}", held.detail);
+        let left = listen_port_check(51820, "wiremesh0", None, &["kilo0".into()]);
+        assert_eq!(left.status, Status::Warn);
+        assert!(
+            left.detail.contains("kilo0 left by Kilo"),
+            "{}",
+            left.detail
+        );
+        let free = listen_port_check(51820, "wiremesh0", None, &[]);
+        assert_eq!(free.status, Status::Ok);
+        assert!(free.detail.contains("wiremesh0"), "{}", free.detail);
+    }
+
+    #[test]
+    fn listen_port_held_by_a_socket_here_is_missing() {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = sock.local_addr().unwrap().port();
+        let c = run(crate::topology::Encapsulate::Never, port, "wiremesh0")
+            .into_iter()
+            .find(|c| c.name == "listen port")
+            .unwrap();
+        assert_eq!(c.status, Status::Missing, "{c:?}");
+        assert!(
+            c.detail.contains(&format!("(pid {})", std::process::id())),
+            "{c:?}"
+        );
     }
 }

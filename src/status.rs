@@ -49,6 +49,11 @@ pub struct AgentStatus {
     pub wireguard_error: Option<String>,
     /// The WireGuard peers, sorted by name, then key.
     pub peers: Vec<PeerStatus>,
+    /// What holds this node's WireGuard listen port instead of its interface, in one line saying
+    /// what to do; while set, the node's endpoint and mesh IP are not published. Absent from
+    /// documents of agents that predate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen_port_conflict: Option<String>,
 }
 
 /// What a WireGuard peer stands for.
@@ -237,6 +242,7 @@ mod tests {
             ready: true,
             leader: Some(true),
             wireguard_error: None,
+            listen_port_conflict: None,
             peers: vec![PeerStatus {
                 name: "hel-1".into(),
                 kind: PeerKind::Node,

@@ -186,6 +186,12 @@ pub fn render(view: &View, live: &Live, lm: &LoopMetrics, ready: bool) -> String
         flag(ready),
     );
     r.register(
+        "listen_port_held",
+        "1 while something else than this node's WireGuard interface holds its listen port (the \
+         endpoint is not published meanwhile; /readyz says what holds it)",
+        flag(view.listen_port_conflict.is_some()),
+    );
+    r.register(
         "registry_connected",
         "1 while the registry's last step succeeded (the API server answers)",
         flag(view.connected),
@@ -441,6 +447,12 @@ mod tests {
             s[0].1.clone()
         };
         assert_eq!(one("wiremesh_ready"), "0");
+        assert_eq!(one("wiremesh_listen_port_held"), "0");
+        v.listen_port_conflict = Some("UDP port 51820 is held by WireGuard interface kilo0".into());
+        assert_eq!(
+            samples(&render(&v, &live, &lm, false), "wiremesh_listen_port_held"),
+            vec![(String::new(), "1".to_owned())]
+        );
         assert_eq!(one("wiremesh_registry_connected"), "0");
         assert_eq!(one("wiremesh_registry_synced"), "1");
         assert_eq!(one("wiremesh_mesh_nodes"), "3");

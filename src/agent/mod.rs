@@ -14,6 +14,7 @@ mod cluster;
 pub mod http;
 pub mod metrics;
 pub mod observe;
+mod port;
 mod source;
 mod watch;
 
@@ -336,6 +337,9 @@ pub async fn run_with<K: Kernel>(
     let mut discovered = BTreeMap::new();
     // Since when the registry has been listed and reachable without a break (for staleness).
     let mut live_since: Option<tokio::time::Instant> = None;
+    // Whether something else holds the listen port: then the endpoint is not published.
+    let mut port = port::PortGuard::new(cfg.mesh.port);
+    port.found(kernel.port_holder(cfg.mesh.port).await, &observer);
     info!(node = %cfg.node, "agent started; waiting for the registry's first complete list");
     loop {
         observer.turned();
@@ -418,9 +422,21 @@ pub async fn run_with<K: Kernel>(
                 Some(Ok(r)) => observer.reconciled(started.elapsed(), r),
                 Some(Err(e)) => observer.read_failed(started.elapsed(), e),
             }
+            if let Some(Ok(r)) = &report {
+                let holder = if port::device_failed(r) || port.is_held() {
+                    kernel.port_holder(cfg.mesh.port).await
+                } else {
+                    None
+                };
+                port.found(holder, &observer);
+                if port.is_held() {
+                    // The device may claim the port without holding it: read it again.
+                    known = None;
+                }
+            }
             match report {
                 None => {}
-                Some(Ok(report)) if report.failed.is_empty() => {
+                Some(Ok(report)) if report.failed.is_empty() && !port.is_held() => {
                     backoff.reset();
                     retry_at = None;
                     if !reconciled_once {
@@ -435,6 +451,11 @@ pub async fn run_with<K: Kernel>(
                         let kinds: Vec<_> = report.applied.keys().collect();
                         info!(ops = report.applied_count(), kinds = ?kinds, "kernel reconciled");
                     }
+                }
+                Some(Ok(report)) if report.failed.is_empty() => {
+                    // Applied, but the port is still held (said above): try again later.
+                    retry_at = Some(tokio::time::Instant::now() + backoff.next_delay());
+                    full_needed = true;
                 }
                 Some(Ok(report)) => {
                     for (op, e) in &report.failed {
@@ -466,7 +487,7 @@ pub async fn run_with<K: Kernel>(
                     mesh_ip,
                     &discovered,
                 );
-                publish_to(link, &mut own, p);
+                publish_to(link, &mut own, p, &port);
             }
         }
         let retry = async {
@@ -506,7 +527,7 @@ pub async fn run_with<K: Kernel>(
                     {
                         // Publish at once what is known before the first reconciliation.
                         let p = publication(&cfg, public_key, Some(&n), &host, None, &BTreeMap::new());
-                        publish_to(link, &mut own, p);
+                        publish_to(link, &mut own, p, &port);
                     }
                     local_node = Some(n);
                 }
@@ -602,7 +623,7 @@ pub async fn run_with<K: Kernel>(
                 }
                 if let Some(link) = &cluster {
                     let p = publication(&cfg, public_key, local_node.as_deref(), &host, mesh_ip, &discovered);
-                    publish_to(link, &mut own, p);
+                    publish_to(link, &mut own, p, &port);
                 }
             }
             _ = resync.tick() => { dirty = true; known = None; full_needed = true; }
@@ -671,9 +692,15 @@ fn publication(
     }
 }
 
-/// Hand `p` to the publisher and remember it as what this node is about to publish.
-fn publish_to(link: &ClusterLink, own: &mut Option<Publication>, p: Publication) {
-    link.publish(p.clone());
+/// Hand `p` to the publisher (without what `port` says this node cannot serve) and remember
+/// all of it as what this node is about to publish (the engine's view of this node).
+fn publish_to(
+    link: &ClusterLink,
+    own: &mut Option<Publication>,
+    p: Publication,
+    port: &port::PortGuard,
+) {
+    link.publish(port.publication(p.clone()));
     *own = Some(p);
 }
 
@@ -806,6 +833,10 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
              will fail; run with --encapsulate never where the nodes of a location share a \
              network (`meshctl doctor` lists what is missing)"
         );
+    }
+    for l in crate::reconcile::port::kilo_links() {
+        warn!(interface = %l, "an interface Kilo left is on this node: its address in the mesh \
+            subnet may route mesh traffic into it; remove it with `ip link del {l}` after stopping kg");
     }
     let kernel_events = kernel.netlink().watch_routes()?;
     let inputs = Inputs {

@@ -8,7 +8,8 @@
 //! over what the engine computed.
 //!
 //! May depend on the desired state, diagnostics, the model, the engine's readiness reasons, the
-//! reconciler's report, the status document's types and [`super::metrics`]; never on I/O.
+//! reconciler's report and listen-port conflict, the status document's types and
+//! [`super::metrics`]; never on I/O.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -91,6 +92,9 @@ pub struct View {
     pub tunnels: BTreeMap<WgKey, Tunnel>,
     /// The last reconciliation's failure, for `/readyz` before the first success.
     pub last_error: Option<String>,
+    /// What holds the WireGuard listen port instead of this node's interface, in one line saying
+    /// what to do; the endpoint and mesh IP are not published meanwhile.
+    pub listen_port_conflict: Option<String>,
 }
 
 /// The reason label of a diagnostic that left its object out: `invalid` for what the registry
@@ -275,6 +279,11 @@ impl Observer {
         }
     }
 
+    /// What holds the listen port now (`None`: free, or held by our interface).
+    pub fn listen_port(&self, conflict: Option<&crate::reconcile::port::PortConflict>) {
+        self.lock().listen_port_conflict = conflict.map(ToString::to_string);
+    }
+
     /// A reconciliation could not read the kernel.
     pub fn read_failed(&self, took: Duration, error: &dyn std::fmt::Display) {
         self.inner.metrics.read_failed(took);
@@ -303,15 +312,19 @@ impl Observer {
         }
     }
 
-    /// `Ok` once the registry listed everything and a reconciliation succeeded, else what is
-    /// awaited, in one line.
+    /// `Ok` once the registry listed everything and a reconciliation succeeded, and while
+    /// nothing else holds the listen port; else what is awaited, in one line.
     pub fn readiness(&self) -> Result<(), String> {
         readiness(&self.lock())
     }
 }
 
-/// Whether `v` is ready, else what it waits for.
+/// Whether `v` is ready, else what it waits for. A held listen port comes first: it keeps the
+/// node out of the mesh whatever else is done.
 pub fn readiness(v: &View) -> Result<(), String> {
+    if let Some(c) = &v.listen_port_conflict {
+        return Err(format!("not serving the mesh: {c}"));
+    }
     if !v.listed {
         return Err("waiting for the registry's first complete list".to_owned());
     }
@@ -369,6 +382,22 @@ mod tests {
         assert!(!e.contains('\n'));
         v.reconciled = true;
         assert_eq!(readiness(&v), Ok(()));
+    }
+
+    #[test]
+    fn a_held_listen_port_makes_even_a_reconciled_agent_unready_and_says_by_what() {
+        let v = View {
+            listed: true,
+            reconciled: true,
+            listen_port_conflict: Some(
+                "UDP port 51820 is held by WireGuard interface kilo0".into(),
+            ),
+            ..View::default()
+        };
+        assert_eq!(
+            readiness(&v),
+            Err("not serving the mesh: UDP port 51820 is held by WireGuard interface kilo0".into())
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -20,6 +20,10 @@ struct FakeKernel {
     /// Drop every WireGuard route when an address is removed (as the kernel does with the last
     /// IPv4 address of a link), and count how often that happened.
     flush_on_address_removal: Arc<Mutex<Option<usize>>>,
+    /// What holds the listen port; while set, configuring the device fails, as with userspace
+    /// WireGuard, or, with `port_blocks_link_up`, bringing it up does, as with the kernel's.
+    port_holder: Arc<Mutex<Option<crate::reconcile::port::PortHolder>>>,
+    port_blocks_link_up: bool,
 }
 
 const KEY: WgKey = WgKey([7; 32]);
@@ -28,7 +32,27 @@ impl Kernel for FakeKernel {
     async fn read_owned(&mut self) -> Result<OwnedState, KernelError> {
         Ok(self.state.lock().unwrap().clone())
     }
+    async fn port_holder(&mut self, _port: u16) -> Option<crate::reconcile::port::PortHolder> {
+        self.port_holder.lock().unwrap().clone()
+    }
     async fn apply(&mut self, op: &Op) -> Result<(), KernelError> {
+        if self.port_holder.lock().unwrap().is_some() {
+            match op {
+                Op::ConfigureDevice { .. } if !self.port_blocks_link_up => {
+                    return Err(KernelError::WireGuard {
+                        op: "configure wiremesh0".into(),
+                        message: "invalid input parameter".into(),
+                    });
+                }
+                Op::LinkUp if self.port_blocks_link_up => {
+                    return Err(KernelError::Netlink {
+                        op: "link up".into(),
+                        message: "Address in use".into(),
+                    });
+                }
+                _ => {}
+            }
+        }
         if let Op::AddRoute(r) = op {
             let mut refuse = self.refuse.lock().unwrap();
             if let Some((dst, n)) = refuse.as_mut()
@@ -754,5 +778,147 @@ async fn metrics_and_status_never_show_a_preshared_key() {
         );
     }
     assert!(metrics.contains("kind=\"peer\""), "{metrics}");
+    agent.stop().await;
+}
+
+/// A Kubernetes API server that answers every Node patch with the Node and keeps the patches'
+/// bodies; nothing else. Returns its address.
+async fn patch_recorder(patches: Arc<Mutex<Vec<serde_json::Value>>>) -> std::net::SocketAddr {
+    use axum::extract::{Path, State};
+    async fn patch(
+        State(seen): State<Arc<Mutex<Vec<serde_json::Value>>>>,
+        Path(name): Path<String>,
+        body: String,
+    ) -> axum::response::Response {
+        seen.lock()
+            .unwrap()
+            .push(serde_json::from_str(&body).unwrap());
+        let node =
+            serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}});
+        (
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            node.to_string(),
+        )
+            .into_response()
+    }
+    use axum::response::IntoResponse as _;
+    let app = axum::Router::new()
+        .route("/api/v1/nodes/{name}", axum::routing::patch(patch))
+        .with_state(patches);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+/// The value of annotation `key` in a recorded merge patch: `None` when the patch removes it.
+fn annotation(patch: &serde_json::Value, key: &str) -> Option<String> {
+    patch["metadata"]["annotations"][key]
+        .as_str()
+        .map(str::to_owned)
+}
+
+#[tokio::test]
+async fn a_held_listen_port_withholds_the_endpoint_until_the_device_takes_the_port() {
+    withholds_the_endpoint_while_the_port_is_held(false).await;
+}
+
+#[tokio::test]
+async fn a_held_listen_port_withholds_the_endpoint_also_when_the_kernel_refuses_the_link_up() {
+    withholds_the_endpoint_while_the_port_is_held(true).await;
+}
+
+/// The agent with a Kubernetes link while kilo0 holds the port: the Node's endpoint and mesh IP
+/// are never published until the port is free, then they are. `kernel_style`: the device takes
+/// the port while down and refuses to come up (kernel WireGuard), instead of refusing the port.
+async fn withholds_the_endpoint_while_the_port_is_held(kernel_style: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let kernel = FakeKernel {
+        port_blocks_link_up: kernel_style,
+        ..FakeKernel::default()
+    };
+    *kernel.port_holder.lock().unwrap() = Some(crate::reconcile::port::PortHolder::WireGuardLink {
+        name: "kilo0".into(),
+    });
+    let patches = Arc::new(Mutex::new(Vec::new()));
+    let addr = patch_recorder(patches.clone()).await;
+    let client =
+        kube::Client::try_from(kube::Config::new(format!("http://{addr}").parse().unwrap()))
+            .unwrap();
+    let link = ClusterLink::spawn(client, cfg.node.0.clone(), cfg.check_in_period);
+    let (tx, rx) = mpsc::channel(4);
+    let agent = Running::with_registry(cfg, &kernel, rx, Some(link));
+    let mut local = k8s_openapi::api::core::v1::Node::default();
+    local.metadata.name = Some("fra-1".into());
+    local.status = Some(k8s_openapi::api::core::v1::NodeStatus {
+        addresses: Some(vec![k8s_openapi::api::core::v1::NodeAddress {
+            type_: "InternalIP".into(),
+            address: "203.0.113.10".into(),
+        }]),
+        ..Default::default()
+    });
+    let events = three_clouds().into_iter().map(Event::node).collect();
+    tx.send(Batch {
+        local: Some(Box::new(local)),
+        ..batch(events, true)
+    })
+    .await
+    .unwrap();
+
+    // Reconciled with the port held: peers programmed, not ready, nothing to reach it at.
+    wait_for("the peers", || peers(&kernel) == 2).await;
+    wait_for("a publication", || !patches.lock().unwrap().is_empty()).await;
+    let why = agent.observer.readiness().unwrap_err();
+    assert_eq!(
+        why,
+        "not serving the mesh: UDP port 51820 is held by WireGuard interface kilo0 (left by \
+         Kilo: remove it with `ip link del kilo0` after stopping kg)"
+    );
+    for p in patches.lock().unwrap().iter() {
+        assert_eq!(annotation(p, "kilo.squat.ai/endpoint"), None, "{p}");
+        assert_eq!(annotation(p, "kilo.squat.ai/wireguard-ip"), None, "{p}");
+        assert_eq!(
+            annotation(p, "kilo.squat.ai/key"),
+            Some(KEY.to_string()),
+            "the key stays published: {p}"
+        );
+    }
+
+    // The holder goes: the retry configures the device, and the endpoint is published.
+    *kernel.port_holder.lock().unwrap() = None;
+    let published = || {
+        patches
+            .lock()
+            .unwrap()
+            .last()
+            .and_then(|p| annotation(p, "kilo.squat.ai/endpoint"))
+    };
+    for _ in 0..50 {
+        if published().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(published().as_deref(), Some("203.0.113.10:51820"));
+    let last = patches.lock().unwrap().last().cloned().unwrap();
+    assert!(
+        annotation(&last, "kilo.squat.ai/wireguard-ip").is_some(),
+        "{last}"
+    );
+    assert_eq!(agent.observer.readiness(), Ok(()));
+    assert!(
+        kernel
+            .applied
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|op| matches!(op, Op::ConfigureDevice { listen_port: 51820 })),
+        "the device took the port"
+    );
+    assert!(
+        kernel.applied.lock().unwrap().contains(&Op::LinkUp),
+        "the device came up"
+    );
     agent.stop().await;
 }

@@ -235,6 +235,12 @@ struct DoctorArgs {
     /// The encapsulation the agent will run with (IPIP is needed unless never).
     #[arg(long, value_enum, default_value_t = EncapArg::Never)]
     encapsulate: EncapArg,
+    /// The agent's WireGuard listen port: checked to be free or held by its interface.
+    #[arg(long, default_value_t = wiremesh::topology::DEFAULT_PORT)]
+    port: u16,
+    /// The agent's WireGuard interface.
+    #[arg(long, default_value = wiremesh::topology::DEFAULT_INTERFACE)]
+    interface: String,
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t = PlanFormat::Text)]
     output: PlanFormat,
@@ -508,7 +514,7 @@ fn status(args: StatusArgs) -> Result<()> {
 }
 
 fn doctor(args: DoctorArgs) -> Result<()> {
-    let checks = wiremesh::doctor::run(args.encapsulate.into());
+    let checks = wiremesh::doctor::run(args.encapsulate.into(), args.port, &args.interface);
     let text = match args.output {
         PlanFormat::Json => format!("{}\n", serde_json::to_string_pretty(&checks)?),
         PlanFormat::Text => wiremesh::doctor::render(&checks),

@@ -270,6 +270,9 @@ pub fn render_text(s: &AgentStatus) -> String {
             "the WireGuard device could not be read ({e}): peers as the agent wants them\n"
         ));
     }
+    if let Some(c) = &s.listen_port_conflict {
+        out.push_str(&format!("{c}\n"));
+    }
     if s.peers.is_empty() {
         return out;
     }
@@ -374,6 +377,7 @@ mod tests {
             ready: true,
             leader: Some(true),
             wireguard_error: None,
+            listen_port_conflict: None,
             peers: vec![
                 peer("hel-1", 2, Some(9_988), 100),
                 peer("par-1", 3, Some(10_000 - 200), 100),
@@ -439,6 +443,20 @@ mod tests {
             !text.contains("fresh"),
             "no state without the device: {text}"
         );
+    }
+
+    #[test]
+    fn a_held_listen_port_is_said_under_the_heading() {
+        let mut d = doc();
+        d.ready = false;
+        d.listen_port_conflict = Some("UDP port 51820 is held by WireGuard interface kilo0".into());
+        let text = render_text(&d);
+        let second = text.lines().nth(1).unwrap_or_default();
+        assert_eq!(
+            second,
+            "UDP port 51820 is held by WireGuard interface kilo0"
+        );
+        assert!(!render_text(&doc()).contains("is held by"));
     }
 
     #[test]

@@ -629,6 +629,7 @@ mod tests {
             ready: true,
             leader: Some(true),
             wireguard_error: None,
+            listen_port_conflict: None,
             peers: vec![PeerStatus {
                 name: "hel-1".into(),
                 kind: PeerKind::Node,

@@ -9,12 +9,14 @@
 //!
 //! `plan` is pure; the [`Kernel`] trait is the only door to the system. Its implementations live
 //! in `netlink` (routes, rules, links, bridge), `wg` (WireGuard device and peers), `nft`
-//! (masquerade) and `cni` (CNI config file). May depend on the desired state and the model;
+//! (masquerade) and `cni` (CNI config file); `port` finds what else holds the WireGuard listen
+//! port. May depend on the desired state and the model;
 //! never on the topology engine or Kubernetes.
 
 pub mod netlink;
 pub mod nft;
 pub mod plan;
+pub mod port;
 pub mod system;
 pub mod wg;
 
@@ -78,6 +80,11 @@ pub trait Kernel {
     /// The WireGuard device alone (`None` when there is none); by default read with the rest.
     async fn read_wireguard(&mut self) -> Result<Option<plan::WgDeviceState>, KernelError> {
         Ok(self.read_owned().await?.wireguard)
+    }
+    /// What holds UDP `port` besides wiremesh's own WireGuard interface (see [`port`]); `None`
+    /// when it is free or ours. By default nothing: only the system kernel has other holders.
+    async fn port_holder(&mut self, _port: u16) -> Option<port::PortHolder> {
+        None
     }
     /// Apply one operation.
     async fn apply(&mut self, op: &Op) -> Result<(), KernelError>;

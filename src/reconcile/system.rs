@@ -183,6 +183,16 @@ impl Kernel for SystemKernel {
         self.wg.read_state().await
     }
 
+    async fn port_holder(&mut self, port: u16) -> Option<super::port::PortHolder> {
+        let ours = self.opts.interface.clone();
+        tokio::task::spawn_blocking(move || super::port::find_port_holder(port, &ours))
+            .await
+            .unwrap_or_else(|e| {
+                warn!(error = %e, "looking for the holder of the listen port failed");
+                None
+            })
+    }
+
     async fn apply(&mut self, op: &Op) -> Result<(), KernelError> {
         if is_wireguard(op) {
             return self

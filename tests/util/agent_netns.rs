@@ -65,13 +65,56 @@ impl AgentNode {
 
     /// `ip netns exec NS sh -c 'mount --bind DIR/run /run && exec wiremesh ARGS…'`.
     fn wiremesh(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.ns.name, "sh", "-c", SHELL, "sh"])
+        let mut all = vec![WIREMESH];
+        all.extend_from_slice(args);
+        self.command(&all)
+    }
+
+    /// `ip netns exec NS sh -c 'mount --bind DIR/run /run && exec CMD…'`: a command that sees
+    /// the node's `/run` as the agent does (`wg` and `wireguard-go` reach the same sockets).
+    fn command(&self, cmd: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns.name, "sh", "-c", SHELL, "sh"])
             .arg(self.dir.join("run"))
-            .arg(WIREMESH)
-            .args(args)
+            .args(cmd)
             .stdin(Stdio::null());
-        cmd
+        c
+    }
+
+    /// Run `CMD…` in the node with the node's `/run`, to its end; panics unless it succeeds.
+    /// Only commands that exit (or daemonize, like `wireguard-go NAME`) belong here.
+    pub fn run(&self, cmd: &[&str]) -> String {
+        let out = self
+            .command(cmd)
+            .output()
+            .expect("start a command in the node");
+        assert!(
+            out.status.success(),
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `GET http://127.0.0.1:1107PATH` of the node's agent (its default `--listen`), with curl
+    /// inside the node: the status code and the body. Up to three tries while nothing answers
+    /// (a busy machine); then the code is 0.
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        let url = format!("http://127.0.0.1:1107{path}");
+        let mut answer = (0, String::new());
+        for _ in 0..3 {
+            let out = self
+                .ns
+                .try_exec(&["curl", "-s", "-m", "5", "-w", "\n%{http_code}", &url]);
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+            answer = (code.trim().parse().unwrap_or(0), body.to_owned());
+            if answer.0 != 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        answer
     }
 
     /// Start `wiremesh agent` (full mesh, no encapsulation, userspace WireGuard).
