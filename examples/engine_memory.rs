@@ -9,6 +9,7 @@
 //! Figures in BENCHMARKS.md (memory of the pure steps). The whole agent's resident memory
 //! under load is measured by `benches/scale.sh`.
 
+use std::collections::BTreeMap;
 use std::alloc::{GlobalAlloc, Layout};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -143,17 +144,24 @@ fn take(engine: &mut Engine, events: Vec<Event>) -> Pending {
 /// The agent's reconciliation without the kernel: plan the pending work against `known` and
 /// apply the operations to it as the agent does (the delta's peers and routes moved into the
 /// operations, the desired state dropped once planned, the operations moved into the cache).
-fn reconcile(engine: &Engine, pending: Pending, known: &mut OwnedState, key: WgKey) -> usize {
+/// Returns how many operations of each kind (`Op::kind`) it took.
+fn reconcile(
+    engine: &Engine,
+    pending: Pending,
+    known: &mut OwnedState,
+    key: WgKey,
+) -> BTreeMap<&'static str, usize> {
     let ops = match pending {
-        Pending::Nothing => return 0,
+        Pending::Nothing => return BTreeMap::new(),
         Pending::One(d) => plan_delta(*d, known).expect("delta plan"),
         Pending::Full => plan(&engine.desired().expect("desired"), known, key),
     };
-    let n = ops.len();
+    let mut kinds = BTreeMap::new();
     for op in ops {
+        *kinds.entry(op.kind()).or_insert(0) += 1;
         apply_op(known, op, key);
     }
-    n
+    kinds
 }
 
 fn main() {
@@ -221,7 +229,7 @@ fn main() {
         ("burst of 100", 100),
     ] {
         let mut worst = 0;
-        let mut ops = 0;
+        let mut ops: BTreeMap<&'static str, usize> = BTreeMap::new();
         for round in 1..=4 {
             let events: Vec<Event> = match burst {
                 0 => vec![change(n, 7, round)],
@@ -230,15 +238,19 @@ fn main() {
             };
             let ((), peak) = peak_of(|| {
                 let pending = take(&mut engine, events);
-                ops += reconcile(&engine, pending, &mut known, key);
+                for (kind, k) in reconcile(&engine, pending, &mut known, key) {
+                    *ops.entry(kind).or_insert(0) += k;
+                }
             });
             worst = worst.max(peak);
         }
+        let by_kind: Vec<String> = ops.iter().map(|(k, v)| format!("{k} {v}")).collect();
         println!(
             "{what}: engine + plan + cache update, worst of 4: peak {} above the held heap \
-             ({} operations in all)",
+             ({} operations in all 4: {})",
             mib(worst),
-            ops
+            ops.values().sum::<usize>(),
+            by_kind.join(", ")
         );
     }
     println!(
