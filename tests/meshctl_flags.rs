@@ -177,4 +177,6 @@ fn bash_completion_completes_subcommands_and_flags_before_them() {
     assert_eq!(flags, ["--nodes"]);
     let after = complete(&["meshctl", "plan", "--tim"]);
     assert_eq!(after, ["--timings"]);
+    let behind_globals = complete(&["meshctl", "--nodes", "f.yaml", "plan", "--tim"]);
+    assert_eq!(behind_globals, ["--timings"]);
 }
