@@ -13,6 +13,7 @@ mod lab_chaos;
 mod lab_kube;
 mod manifests;
 mod meshctl_cluster;
+mod meshctl_flags;
 mod netlink_netns;
 mod nft_cni_netns;
 mod observability;

@@ -261,7 +261,7 @@ async fn plan_graph_and_showconf_read_the_cluster_as_they_read_files() {
         &["showconf", "node", "home-b"][..],
         &["showconf", "--as-peer", "-o", "yaml", "node", "hetzner-1"][..],
     ] {
-        // The files go right after the command: `showconf`'s flags precede its subcommand.
+        // The files right after the command (global flags go anywhere: meshctl_flags).
         let from_files = meshctl_async(&[&args[..1], &files, &args[1..]].concat()).await;
         let from_cluster = on_cluster(&api, args).await;
         assert_eq!(from_cluster.stderr, from_files.stderr, "{args:?}: warnings");

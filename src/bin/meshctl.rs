@@ -1,7 +1,8 @@
 //! `meshctl`: look at a wiremesh (or Kilo) mesh: what a node would program, the topology as a
 //! picture, and WireGuard configs for outside machines; add, list and delete external peers.
 //! Reads a live cluster, or the same objects from files (`--nodes`, `--peers`); `status` and
-//! `graph --live` also ask running agents (their `/status`).
+//! `graph --live` also ask running agents (their `/status`). The global flags ([`GLOBAL_FLAGS`])
+//! may stand before or after the subcommand; `completion` prints a shell completion script.
 
 /// mimalloc: faster than glibc malloc for the engine's many small allocations (BENCHMARKS.md).
 #[global_allocator]
@@ -12,9 +13,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use ipnetwork::IpNetwork;
 
+use wiremesh::cli::args::with_leading;
 use wiremesh::cli::cluster::Cluster;
 use wiremesh::cli::peer::{NewPeer, render_table, render_yaml};
 use wiremesh::cli::plan::{DeviceNames, render_json, render_text};
@@ -32,14 +34,57 @@ use wiremesh::topology::{self, DEFAULT_INTERFACE, Encapsulate, MeshOptions};
 /// else `KUBECONFIG`, `~/.kube/config`, then the in-cluster ServiceAccount), or the same objects
 /// from files with `--nodes FILE [--peers FILE]`. `peer` adds, lists and deletes external peers
 /// in the cluster.
-#[derive(Parser)]
+///
+/// The global options may come before or after the subcommand (`meshctl --nodes FILE plan
+/// --node a` = `meshctl plan --node a --nodes FILE`); each subcommand's `--help` lists the ones
+/// it takes. Shell completion: `source <(meshctl completion bash)` (or zsh, fish).
+#[derive(Parser, Debug)]
 #[command(name = "meshctl", version, about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
-#[derive(Subcommand)]
+/// The flags that mean the same in every subcommand that takes them (long names). They may also
+/// come before the subcommand: [`parse_from`] moves them after it, where the subcommand's own
+/// definition applies (`lab up --nodes` is a count, `showconf -o` takes other formats than
+/// `plan -o`), and a subcommand that does not take one refuses it.
+const GLOBAL_FLAGS: &[&str] = &[
+    "nodes",
+    "peers",
+    "kubeconfig",
+    "context",
+    "request-timeout",
+    "granularity",
+    "subnet",
+    "port",
+    "topology-label",
+    "encapsulate",
+    "interface",
+    "service-cidr",
+    "output",
+];
+
+/// The command line: the derived definition, plus the global flags at the top level for
+/// `--help` and the completion scripts.
+fn command() -> clap::Command {
+    with_leading(Cli::command(), GLOBAL_FLAGS, "Global options").mut_arg("output", |a| {
+        a.help("Output format; the subcommand's --help lists its formats")
+            .value_name("FORMAT")
+            .value_parser(["text", "json", "wireguard", "yaml"])
+    })
+}
+
+/// Parse `args` (program name first), with the global flags before or after the subcommand.
+fn parse_from<I, T>(args: I) -> Result<Cli, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString>,
+{
+    wiremesh::cli::args::parse(command(), GLOBAL_FLAGS, args)
+}
+
+#[derive(Subcommand, Debug)]
 enum Command {
     /// Show what the agent on one node would program: interface, peers, routes, rules.
     Plan(PlanArgs),
@@ -59,6 +104,12 @@ enum Command {
     Doctor(DoctorArgs),
     /// Run a throw-away mesh on this machine in network namespaces (needs root).
     Lab(LabArgs),
+    /// Print a shell completion script to stdout (`source <(meshctl completion bash)`).
+    Completion {
+        /// The shell: bash, zsh or fish (also elvish, powershell).
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// How to reach the cluster's API server.
@@ -106,7 +157,7 @@ impl ClusterArgs {
 }
 
 /// Where the cluster comes from and how it is meshed.
-#[derive(Args, Clone)]
+#[derive(Args, Clone, Debug)]
 struct MeshArgs {
     /// Read Nodes from this file (as `kubectl get nodes -o json|yaml` prints them) instead of
     /// the cluster.
@@ -140,14 +191,14 @@ struct MeshArgs {
     service_cidrs: Vec<IpNetwork>,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, Debug, ValueEnum)]
 enum GranularityArg {
     Auto,
     Location,
     Full,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, Debug, ValueEnum)]
 enum EncapArg {
     Never,
     Crosssubnet,
@@ -164,7 +215,7 @@ impl From<EncapArg> for Encapsulate {
     }
 }
 
-#[derive(Args)]
+#[derive(Args, Debug)]
 struct PlanArgs {
     #[command(flatten)]
     mesh: MeshArgs,
@@ -182,13 +233,13 @@ struct PlanArgs {
     timings: bool,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, Debug, ValueEnum)]
 enum PlanFormat {
     Json,
     Text,
 }
 
-#[derive(Args)]
+#[derive(Args, Debug)]
 struct StatusArgs {
     /// The agent's HTTP endpoint.
     #[arg(long, value_name = "URL", default_value = wiremesh::cli::status::DEFAULT_AGENT)]
@@ -201,7 +252,7 @@ struct StatusArgs {
     timeout: u64,
 }
 
-#[derive(Args)]
+#[derive(Args, Debug)]
 struct GraphArgs {
     #[command(flatten)]
     mesh: MeshArgs,
@@ -224,13 +275,13 @@ struct GraphArgs {
     out: Option<PathBuf>,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, Debug, ValueEnum)]
 enum GraphFormat {
     Svg,
     Dot,
 }
 
-#[derive(Args)]
+#[derive(Args, Debug)]
 struct DoctorArgs {
     /// The encapsulation the agent will run with (IPIP is needed unless never).
     #[arg(long, value_enum, default_value_t = EncapArg::Never)]
@@ -246,8 +297,13 @@ struct DoctorArgs {
     output: PlanFormat,
 }
 
-#[derive(Args)]
+#[derive(Args, Debug)]
 struct ShowconfArgs {
+    /// What to configure: a node of the mesh, or an external peer.
+    #[arg(value_enum)]
+    kind: ShowconfKind,
+    /// The node's or the peer's name.
+    name: String,
     #[command(flatten)]
     mesh: MeshArgs,
     /// Show the node's segment (or the peer) as a `[Peer]` for another WireGuard interface.
@@ -262,26 +318,21 @@ struct ShowconfArgs {
     /// File with the private key to write into the config (else a placeholder comment).
     #[arg(long, value_name = "FILE")]
     private_key: Option<PathBuf>,
-    #[command(subcommand)]
-    what: ShowconfWhat,
 }
 
-#[derive(Subcommand)]
-enum ShowconfWhat {
+/// `showconf node NAME` or `showconf peer NAME`: positional values rather than subcommands, so
+/// that every flag of `showconf` also works after NAME and its conflicts are checked wherever
+/// the flags stand.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ShowconfKind {
     /// Configuration to run as node NAME.
-    Node {
-        /// The node's name.
-        name: String,
-    },
+    Node,
     /// Configuration for the external peer NAME (a laptop, another cluster).
-    Peer {
-        /// The peer's name.
-        name: String,
-    },
+    Peer,
 }
 
 /// `meshctl peer`: external peers in the cluster.
-#[derive(Args)]
+#[derive(Args, Debug)]
 struct PeerArgs {
     #[command(flatten)]
     cluster: ClusterArgs,
@@ -289,7 +340,7 @@ struct PeerArgs {
     command: PeerCommand,
 }
 
-#[derive(Subcommand)]
+#[derive(Subcommand, Debug)]
 enum PeerCommand {
     /// Create a Peer: a WireGuard peer outside the cluster (a laptop, another cluster).
     ///
@@ -551,26 +602,20 @@ fn showconf(args: ShowconfArgs) -> Result<()> {
             .output
             .parse()
             .map_err(|e: String| anyhow::anyhow!(e))?;
-        let peer = match &args.what {
-            ShowconfWhat::Node { name } => {
-                sc::node_as_peer(&topo, &NodeName(name.clone()), &args.allowed_ips)?
-            }
-            ShowconfWhat::Peer { name } => {
-                sc::peer_as_peer(&topo, &NodeName(name.clone()), &args.allowed_ips)?
-            }
+        let name = NodeName(args.name.clone());
+        let peer = match args.kind {
+            ShowconfKind::Node => sc::node_as_peer(&topo, &name, &args.allowed_ips)?,
+            ShowconfKind::Peer => sc::peer_as_peer(&topo, &name, &args.allowed_ips)?,
         };
         sc::render_peer(&peer, format)?
     } else {
         if args.output != "wireguard" || !args.allowed_ips.is_empty() {
             bail!("--output and --allowed-ips only apply with --as-peer");
         }
-        match &args.what {
-            ShowconfWhat::Node { name } => {
-                sc::node_config(&topo, &NodeName(name.clone()), &opts, private_key.as_ref())?
-            }
-            ShowconfWhat::Peer { name } => {
-                sc::peer_config(&topo, &NodeName(name.clone()), &opts, private_key.as_ref())?
-            }
+        let name = NodeName(args.name.clone());
+        match args.kind {
+            ShowconfKind::Node => sc::node_config(&topo, &name, &opts, private_key.as_ref())?,
+            ShowconfKind::Peer => sc::peer_config(&topo, &name, &opts, private_key.as_ref())?,
         }
     };
     std::io::stdout().write_all(text.as_bytes())?;
@@ -615,7 +660,7 @@ fn peer(args: PeerArgs) -> Result<()> {
 }
 
 /// Which lab, and where its state lives.
-#[derive(Args)]
+#[derive(Args, Debug)]
 struct LabArgs {
     /// Lab name: a lowercase letter, then up to 7 lowercase letters or digits.
     #[arg(long, global = true, default_value = wiremesh::lab::names::DEFAULT_NAME)]
@@ -627,7 +672,7 @@ struct LabArgs {
     command: LabCommand,
 }
 
-#[derive(Subcommand)]
+#[derive(Subcommand, Debug)]
 enum LabCommand {
     /// Create the lab: underlay, NAT, node namespaces, keys, nodes file (or API server), agents,
     /// pods.
@@ -697,7 +742,7 @@ enum LabCommand {
     },
 }
 
-#[derive(Subcommand)]
+#[derive(Subcommand, Debug)]
 enum LabChaosCommand {
     /// SIGKILL the node's agent and start it again; pings from its pod to every other node.
     RestartAgent {
@@ -731,7 +776,7 @@ enum LabChaosCommand {
     },
 }
 
-#[derive(Subcommand)]
+#[derive(Subcommand, Debug)]
 enum LabNodeCommand {
     /// Add a node: namespace, underlay and LAN, key, Node object (or nodes-file entry), agent,
     /// pods.
@@ -755,7 +800,7 @@ enum LabNodeCommand {
     },
 }
 
-#[derive(Subcommand)]
+#[derive(Subcommand, Debug)]
 enum LabApiserverCommand {
     /// Stop the kube-apiserver (etcd and the data stay); the agents keep the mesh as it is.
     Stop,
@@ -767,7 +812,7 @@ enum LabApiserverCommand {
     },
 }
 
-#[derive(Args)]
+#[derive(Args, Debug)]
 struct LabUpArgs {
     /// Number of generated nodes (named node1, node2, …); default 3 when generating.
     #[arg(long, conflicts_with = "from")]
@@ -810,13 +855,13 @@ struct LabUpArgs {
     apiserver_bin: PathBuf,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, Debug, ValueEnum)]
 enum GranularityChoice {
     Location,
     Full,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, Debug, ValueEnum)]
 enum RegistryChoice {
     /// A nodes file the lab writes (`wiremesh agent --nodes`).
     File,
@@ -1129,6 +1174,14 @@ fn lab(args: LabArgs) -> Result<(), LabError> {
     }
 }
 
+/// `meshctl completion SHELL`: the script for `shell`, written in one piece.
+fn completion(shell: clap_complete::Shell) -> Result<()> {
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut command(), "meshctl", &mut script);
+    std::io::stdout().write_all(&script)?;
+    Ok(())
+}
+
 /// Log filter without `RUST_LOG`. kube and rustls log every failed request at ERROR; meshctl
 /// reports the failure itself, in one line, so theirs are off.
 const DEFAULT_LOG: &str = "warn,kube_client=off,rustls_platform_verifier=off";
@@ -1142,7 +1195,7 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
+    let cli = parse_from(std::env::args_os()).unwrap_or_else(|e| e.exit());
     let result = match cli.command {
         Command::Plan(a) => plan(a),
         Command::Status(a) => status(a),
@@ -1150,6 +1203,7 @@ fn main() {
         Command::Showconf(a) => showconf(a),
         Command::Peer(a) => peer(a),
         Command::Doctor(a) => doctor(a),
+        Command::Completion { shell } => completion(shell),
         Command::Lab(a) => {
             if let Err(e) = lab(a) {
                 match e {
@@ -1171,10 +1225,18 @@ fn main() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
+    use clap::error::ErrorKind;
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
-        Cli::try_parse_from(std::iter::once("meshctl").chain(args.iter().copied()))
+        parse_from(std::iter::once("meshctl").chain(args.iter().copied()))
+    }
+
+    /// The parsed command line as text, to compare two spellings of one command.
+    fn parsed(args: &[&str]) -> String {
+        match parse(args) {
+            Ok(cli) => format!("{cli:?}"),
+            Err(e) => panic!("{args:?}: {e}"),
+        }
     }
 
     fn mesh(cli: Cli) -> MeshArgs {
@@ -1188,7 +1250,224 @@ mod tests {
 
     #[test]
     fn command_definition_is_consistent() {
-        Cli::command().debug_assert();
+        command().debug_assert();
+    }
+
+    /// Each global flag with a value that differs from its default.
+    const MESH_FLAGS: &[&[&str]] = &[
+        &["--nodes", "n.yaml"],
+        &["--nodes", "n.yaml", "--peers", "p.yaml"],
+        &["--kubeconfig", "k"],
+        &["--context", "c"],
+        &["--request-timeout", "5"],
+        &["--granularity", "full"],
+        &["--subnet", "10.9.0.0/16"],
+        &["--port", "51821"],
+        &["--topology-label", "zone"],
+        &["--encapsulate", "never"],
+        &["--interface", "wg9"],
+        &["--service-cidr", "10.96.0.0/12"],
+    ];
+    const CLUSTER_FLAGS: &[&[&str]] = &[
+        &["--kubeconfig", "k"],
+        &["--context", "c"],
+        &["--request-timeout", "5"],
+    ];
+
+    /// `flag` before the subcommand, after its last argument, and (`command` being the path of
+    /// subcommand names, `rest` what follows) right after the subcommand path all parse alike,
+    /// and differently from the command without it.
+    fn same_in_every_place(command: &[&str], rest: &[&str], flag: &[&str]) {
+        let after = parsed(&[command, rest, flag].concat());
+        let before = parsed(&[flag, command, rest].concat());
+        let between = parsed(&[command, flag, rest].concat());
+        assert_eq!(
+            before, after,
+            "{flag:?} before / after {command:?} {rest:?}"
+        );
+        assert_eq!(between, after, "{flag:?} inside {command:?} {rest:?}");
+        assert_ne!(
+            parsed(&[command, rest].concat()),
+            after,
+            "{flag:?} has no effect on {command:?}"
+        );
+    }
+
+    #[test]
+    fn mesh_flags_go_before_or_after_plan_graph_and_showconf() {
+        for flag in MESH_FLAGS {
+            same_in_every_place(&["plan"], &["--node", "fra-1"], flag);
+            same_in_every_place(&["graph"], &["--node", "fra-1"], flag);
+            same_in_every_place(&["showconf"], &["node", "fra-1"], flag);
+            same_in_every_place(&["showconf"], &["peer", "laptop", "--as-peer"], flag);
+        }
+    }
+
+    #[test]
+    fn cluster_flags_go_before_or_after_every_peer_command() {
+        let add = [
+            "laptop",
+            "--public-key",
+            "k",
+            "--allowed-ips",
+            "10.5.0.1/32",
+        ];
+        for flag in CLUSTER_FLAGS {
+            same_in_every_place(&["peer", "add"], &add, flag);
+            same_in_every_place(&["peer", "list"], &[], flag);
+            same_in_every_place(&["peer", "delete"], &["laptop"], flag);
+        }
+    }
+
+    #[test]
+    fn output_goes_before_or_after_every_command_that_takes_it() {
+        let json = &["-o", "json"][..];
+        same_in_every_place(&["plan"], &["--node", "fra-1"], json);
+        same_in_every_place(&["plan"], &["--node", "fra-1"], &["--output=json"]);
+        same_in_every_place(&["status"], &["--agent", "http://10.0.0.1:1107"], json);
+        same_in_every_place(&["doctor"], &[], json);
+        same_in_every_place(&["doctor"], &[], &["--encapsulate", "always"]);
+        same_in_every_place(&["lab", "status"], &["node2"], json);
+        same_in_every_place(
+            &["showconf"],
+            &["node", "fra-1", "--as-peer"],
+            &["-o", "yaml"],
+        );
+    }
+
+    #[test]
+    fn the_briefs_four_spellings_are_one_command() {
+        let want = parsed(&["plan", "--nodes", "F", "--node", "fra-1", "-o", "json"]);
+        for args in [
+            &["--nodes", "F", "plan", "--node", "fra-1", "-o", "json"][..],
+            &["plan", "-o", "json", "--nodes", "F", "--node", "fra-1"][..],
+            &["-o", "json", "--nodes", "F", "plan", "--node", "fra-1"][..],
+        ] {
+            assert_eq!(parsed(args), want, "{args:?}");
+        }
+        assert_eq!(
+            parsed(&["showconf", "node", "fra-1", "--nodes", "F"]),
+            parsed(&["--nodes", "F", "showconf", "node", "fra-1"])
+        );
+    }
+
+    #[test]
+    fn output_formats_are_the_subcommands_own_wherever_o_stands() {
+        for args in [
+            &["-o", "yaml", "plan", "--node", "a"][..],
+            &["plan", "--node", "a", "-o", "yaml"][..],
+            &["-o", "text", "showconf", "node", "a"][..],
+            &["showconf", "node", "a", "-o", "text"][..],
+            &["-o", "wireguard", "status"][..],
+        ] {
+            let e = parse(args).expect_err("refused");
+            assert_eq!(e.kind(), ErrorKind::InvalidValue, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn a_global_flag_before_a_subcommand_without_it_is_refused() {
+        for args in [
+            &["--nodes", "n.yaml", "doctor"][..],
+            &["--nodes", "n.yaml", "peer", "list"][..],
+            &["--kubeconfig", "k", "status"][..],
+            &["--kubeconfig", "k", "lab", "down"][..],
+            &["-o", "json", "graph"][..],
+            &["-o", "json", "peer", "list"][..],
+            &["--nodes", "n.yaml", "completion", "bash"][..],
+        ] {
+            let e = parse(args).expect_err("refused");
+            assert_eq!(e.kind(), ErrorKind::UnknownArgument, "{args:?}");
+        }
+        // Flags that belong to one subcommand only stay after it, and the error says so.
+        let e = parse(&["--node", "a", "plan"]).expect_err("refused");
+        assert_eq!(e.kind(), ErrorKind::UnknownArgument);
+        assert!(
+            e.to_string()
+                .contains("--node is an option of `plan`: put it after `plan`"),
+            "{e}"
+        );
+        // Without a subcommand the global flags are parsed, and the subcommand is missing.
+        let e = parse(&["--nodes", "n.yaml"]).expect_err("refused");
+        assert_eq!(e.kind(), ErrorKind::MissingSubcommand);
+    }
+
+    #[test]
+    fn nodes_conflicts_with_cluster_flags_in_every_placement() {
+        for (command, rest) in [
+            (&["plan"][..], &["--node", "a"][..]),
+            (&["graph"][..], &[][..]),
+            (&["showconf"][..], &["node", "a"][..]),
+        ] {
+            for flag in ["--kubeconfig", "--context"] {
+                let nodes = &["--nodes", "n.yaml"][..];
+                let cluster = &[flag, "x"][..];
+                for args in [
+                    [nodes, cluster, command, rest].concat(),
+                    [command, rest, nodes, cluster].concat(),
+                    [nodes, command, rest, cluster].concat(),
+                    [cluster, command, nodes, rest].concat(),
+                ] {
+                    let e = parse(&args).expect_err("refused");
+                    assert_eq!(e.kind(), ErrorKind::ArgumentConflict, "{args:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn peers_needs_nodes_in_any_placement() {
+        for args in [
+            &["--peers", "p.yaml", "showconf", "peer", "x"][..],
+            &["showconf", "peer", "x", "--peers", "p.yaml"][..],
+        ] {
+            let e = parse(args).expect_err("refused");
+            assert_eq!(e.kind(), ErrorKind::MissingRequiredArgument, "{args:?}");
+        }
+        let m = mesh(
+            parse(&[
+                "--peers", "p.yaml", "showconf", "peer", "x", "--nodes", "n.yaml",
+            ])
+            .expect("parses"),
+        );
+        assert_eq!(m.peers, Some(PathBuf::from("p.yaml")));
+        assert_eq!(m.nodes, Some(PathBuf::from("n.yaml")));
+    }
+
+    #[test]
+    fn lab_up_keeps_its_own_nodes_count() {
+        let Command::Lab(l) = parse(&["lab", "up", "--nodes", "4"])
+            .expect("parses")
+            .command
+        else {
+            panic!("not lab");
+        };
+        let LabCommand::Up(up) = l.command else {
+            panic!("not lab up");
+        };
+        assert_eq!(up.nodes, Some(4));
+        let e = parse(&["lab", "up", "--nodes", "n.yaml"]).expect_err("refused");
+        assert_eq!(e.kind(), ErrorKind::ValueValidation);
+    }
+
+    #[test]
+    fn completion_takes_a_shell_and_help_names_it_and_the_global_flags() {
+        let Command::Completion { shell } = parse(&["completion", "zsh"]).expect("parses").command
+        else {
+            panic!("not completion");
+        };
+        assert_eq!(shell, clap_complete::Shell::Zsh);
+        let e = parse(&["completion", "tcsh"]).expect_err("refused");
+        assert_eq!(e.kind(), ErrorKind::InvalidValue);
+        let help = command().render_long_help().to_string();
+        for want in [
+            "completion",
+            "Global options",
+            "--nodes <FILE>",
+            "-o, --output",
+        ] {
+            assert!(help.contains(want), "{want} missing from:\n{help}");
+        }
     }
 
     #[test]
@@ -1206,17 +1485,14 @@ mod tests {
     fn kubeconfig_and_context_conflict_with_nodes() {
         for flag in ["--kubeconfig", "--context"] {
             let e = parse(&["plan", "--node", "a", "--nodes", "n.yaml", flag, "x"])
-                .err()
-                .expect("refused");
+                .expect_err("refused");
             assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict, "{flag}");
         }
     }
 
     #[test]
     fn peers_file_needs_nodes_file() {
-        let e = parse(&["plan", "--node", "a", "--peers", "p.yaml"])
-            .err()
-            .expect("refused");
+        let e = parse(&["plan", "--node", "a", "--peers", "p.yaml"]).expect_err("refused");
         assert_eq!(e.kind(), clap::error::ErrorKind::MissingRequiredArgument);
     }
 
@@ -1266,7 +1542,7 @@ mod tests {
             &["peer", "add", "x", "--public-key", "k"][..],
             &["peer", "add", "x", "--allowed-ips", "10.0.0.1/32"][..],
         ] {
-            let e = parse(missing).err().expect("refused");
+            let e = parse(missing).expect_err("refused");
             assert_eq!(e.kind(), clap::error::ErrorKind::MissingRequiredArgument);
         }
     }
@@ -1305,9 +1581,7 @@ mod tests {
         };
         assert!(g.live);
         assert_eq!(g.agents, ["http://a:1107", "http://b:1107"]);
-        let e = parse(&["graph", "--agent", "http://a:1107"])
-            .err()
-            .expect("refused");
+        let e = parse(&["graph", "--agent", "http://a:1107"]).expect_err("refused");
         assert_eq!(e.kind(), clap::error::ErrorKind::MissingRequiredArgument);
     }
 

@@ -1,19 +1,23 @@
-//! `wiremesh`: the node agent (one per node, DaemonSet, host network), and `wiremesh cleanup`.
+//! `wiremesh`: the node agent (one per node, DaemonSet, host network), `wiremesh cleanup`, and
+//! `wiremesh completion` (a shell completion script). The flags `agent` and `cleanup` share
+//! ([`KERNEL_FLAGS`]) may stand before or after the subcommand.
 
 /// mimalloc: faster than glibc malloc for the engine's many small allocations (BENCHMARKS.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use ipnetwork::IpNetwork;
 
 use wiremesh::agent::http::DEFAULT_LISTEN;
 use wiremesh::agent::{AgentConfig, FileRegistry, KernelConfig, RegistryConfig};
+use wiremesh::cli::args::with_leading;
 use wiremesh::model::{Granularity, NodeName};
 use wiremesh::registry::annotations::DEFAULT_TOPOLOGY_LABEL;
 use wiremesh::registry::cluster::ClientOptions;
@@ -23,7 +27,10 @@ use wiremesh::topology::{
 
 /// The wiremesh node agent: keeps this node's WireGuard mesh, routes, CNI bridge and
 /// masquerading in line with the cluster.
-#[derive(Parser)]
+///
+/// The global options may come before or after the subcommand (`wiremesh --interface wg0
+/// agent` = `wiremesh agent --interface wg0`).
+#[derive(Parser, Debug)]
 #[command(name = "wiremesh", version, about)]
 struct Cli {
     /// Log level: error, warn, info, debug or trace (or a tracing filter).
@@ -38,17 +45,49 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Subcommand)]
+#[derive(Subcommand, Debug)]
 enum Command {
     /// Run the agent on this node until SIGTERM or SIGINT.
     Agent(Box<AgentArgs>),
     /// Remove everything wiremesh created on this node (interface, routes, rules, bridge,
     /// firewall table, CNI config) and nothing else.
     Cleanup(KernelArgs),
+    /// Print a shell completion script to stdout (`source <(wiremesh completion bash)`).
+    Completion {
+        /// The shell: bash, zsh or fish (also elvish, powershell).
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// The flags of the kernel side, the same in `agent` and `cleanup` (long names): they may also
+/// come before the subcommand, which [`parse_from`] moves them after.
+const KERNEL_FLAGS: &[&str] = &[
+    "interface",
+    "bridge",
+    "wireguard",
+    "wireguard-userspace",
+    "firewall",
+    "cni-config",
+];
+
+/// The command line: the derived definition, plus the kernel flags at the top level for
+/// `--help` and the completion scripts.
+fn command() -> clap::Command {
+    with_leading(Cli::command(), KERNEL_FLAGS, "Global options")
+}
+
+/// Parse `args` (program name first), with the kernel flags before or after the subcommand.
+fn parse_from<I, T>(args: I) -> Result<Cli, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString>,
+{
+    wiremesh::cli::args::parse(command(), KERNEL_FLAGS, args)
 }
 
 /// Options of the kernel side, shared by `agent` and `cleanup`.
-#[derive(Args, Clone)]
+#[derive(Args, Clone, Debug)]
 struct KernelArgs {
     /// WireGuard interface name.
     #[arg(long, env = "WIREMESH_INTERFACE", default_value = DEFAULT_INTERFACE)]
@@ -80,7 +119,7 @@ struct KernelArgs {
     cni_config: PathBuf,
 }
 
-#[derive(Args)]
+#[derive(Args, Debug)]
 struct AgentArgs {
     #[command(flatten)]
     kernel: KernelArgs,
@@ -319,7 +358,16 @@ fn return_freed_memory_at_once() {
 
 fn main() {
     disable_transparent_huge_pages();
-    let cli = Cli::parse();
+    let cli = parse_from(std::env::args_os()).unwrap_or_else(|e| e.exit());
+    if let Command::Completion { shell } = cli.command {
+        let mut script = Vec::new();
+        clap_complete::generate(shell, &mut command(), "wiremesh", &mut script);
+        if let Err(e) = std::io::stdout().write_all(&script) {
+            eprintln!("wiremesh: writing the completion script: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let filter = match log_filter(&cli.log_level) {
         Ok(f) => f,
         Err(e) => {
@@ -351,6 +399,7 @@ fn main() {
                         wiremesh::agent::cleanup(&k.config()).await?;
                         Ok(())
                     }
+                    Command::Completion { .. } => Ok(()),
                 }
             })
         });
@@ -409,7 +458,7 @@ mod tests {
             let e = parse_listen(bad).unwrap_err();
             assert!(e.contains("or off"), "{bad}: {e}");
         }
-        let cli = Cli::try_parse_from(["wiremesh", "agent", "--listen", "off"]).unwrap();
+        let cli = parse_from(["wiremesh", "agent", "--listen", "off"]).unwrap();
         let Command::Agent(a) = cli.command else {
             panic!("not agent")
         };
@@ -435,6 +484,58 @@ mod tests {
     fn transparent_huge_pages_are_off_for_the_agent() {
         disable_transparent_huge_pages();
         assert_eq!(nix::sys::prctl::get_thp_disable(), Ok(true));
+    }
+
+    #[test]
+    fn command_definition_is_consistent() {
+        command().debug_assert();
+    }
+
+    /// The parsed subcommand as text, to compare two spellings of one command.
+    fn parsed(args: &[&str]) -> String {
+        match parse_from(std::iter::once("wiremesh").chain(args.iter().copied())) {
+            Ok(cli) => format!("{:?}", cli.command),
+            Err(e) => panic!("{args:?}: {e}"),
+        }
+    }
+
+    #[test]
+    fn kernel_flags_go_before_or_after_agent_and_cleanup() {
+        for flag in [
+            &["--interface", "wg9"][..],
+            &["--bridge", "br9"],
+            &["--wireguard", "userspace"],
+            &["--wireguard-userspace", "boringtun"],
+            &["--firewall", "iptables"],
+            &["--cni-config", "/tmp/x.conflist"],
+        ] {
+            for (command, rest) in [
+                (&["agent"][..], &["--nodes", "n.yaml"][..]),
+                (&["cleanup"], &[]),
+            ] {
+                let after = parsed(&[command, rest, flag].concat());
+                assert_eq!(parsed(&[flag, command, rest].concat()), after, "{flag:?}");
+                assert_ne!(parsed(&[command, rest].concat()), after, "{flag:?}");
+            }
+        }
+        // Behind the real global flag `--log-level` too.
+        assert_eq!(
+            parsed(&["--log-level", "debug", "--interface", "wg9", "cleanup"]),
+            parsed(&["cleanup", "--interface", "wg9"])
+        );
+        // Agent-only flags stay after `agent`; `completion` takes no kernel flag.
+        for args in [
+            &["--nodes", "n.yaml", "agent"][..],
+            &["--interface", "wg9", "completion", "bash"],
+        ] {
+            let e = parse_from(std::iter::once("wiremesh").chain(args.iter().copied()))
+                .expect_err("refused");
+            assert_eq!(
+                e.kind(),
+                clap::error::ErrorKind::UnknownArgument,
+                "{args:?}"
+            );
+        }
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! Shared pieces of the command-line tools: reading the registry (files, or a live cluster in
-//! [`cluster`]) and choosing the granularity, plus the pure renderers of `meshctl` output.
+//! [`cluster`]) and choosing the granularity, the pure renderers of `meshctl` output, and flags
+//! that may stand before the subcommand ([`args`]).
 //!
 //! May depend on every library module; does file I/O only in [`load`] and network I/O only in
 //! [`cluster`] (the API server) and [`status`] (an agent's HTTP endpoint). Errors are
 //! `thiserror` types; the binaries wrap them with `anyhow`.
 
+pub mod args;
 pub mod cluster;
 pub mod peer;
 pub mod plan;
