@@ -9,8 +9,8 @@
 //! Figures in BENCHMARKS.md (memory of the pure steps). The whole agent's resident memory
 //! under load is measured by `benches/scale.sh`.
 
-use std::collections::BTreeMap;
 use std::alloc::{GlobalAlloc, Layout};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use clap::Parser;

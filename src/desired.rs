@@ -92,7 +92,7 @@ impl Route {
     /// instead of following the default route out of the node unencrypted. Guards are derived
     /// by the reconciler, not the engine; `None` for routes of other tables and for guards.
     pub fn guard(&self) -> Option<Route> {
-        (self.table == MAIN_TABLE && self.dev != RouteDev::Blackhole).then(|| Route {
+        (self.table == MAIN_TABLE && self.dev != RouteDev::Blackhole).then_some(Route {
             table: self.table,
             dst: self.dst,
             gateway: None,

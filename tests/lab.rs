@@ -422,7 +422,18 @@ fn a_lost_tunnel_route_drops_pod_traffic_instead_of_leaking_it_check_names_a_rea
         // fra-1 forgets its tunnel route to hel-1's pods: the guard (a blackhole at the lowest
         // priority) now holds the destination, so the pods' packets are dropped, not sent by
         // the default route.
-        let del = sh("ip", &["-n", &lab.ns("n1"), "route", "del", "10.42.1.0/24", "dev", "wiremesh0"]);
+        let del = sh(
+            "ip",
+            &[
+                "-n",
+                &lab.ns("n1"),
+                "route",
+                "del",
+                "10.42.1.0/24",
+                "dev",
+                "wiremesh0",
+            ],
+        );
         assert!(del.status.success(), "{}", text(&del));
         let check = lab.run(&["lab", "check"]);
         let report = text(&check);
@@ -434,7 +445,16 @@ fn a_lost_tunnel_route_drops_pod_traffic_instead_of_leaking_it_check_names_a_rea
         // Without the guard too, they leave in plaintext onto the underlay, and check says so.
         let del = sh(
             "ip",
-            &["-n", &lab.ns("n1"), "route", "del", "blackhole", "10.42.1.0/24", "metric", "4294967295"],
+            &[
+                "-n",
+                &lab.ns("n1"),
+                "route",
+                "del",
+                "blackhole",
+                "10.42.1.0/24",
+                "metric",
+                "4294967295",
+            ],
         );
         assert!(del.status.success(), "{}", text(&del));
         let check = lab.run(&["lab", "check"]);
@@ -452,9 +472,8 @@ fn a_lost_tunnel_route_drops_pod_traffic_instead_of_leaking_it_check_names_a_rea
     // Thawed, the agent sees the route and its guard are gone and puts both back.
     let back = poll(Duration::from_secs(5), || {
         let routes = lab.own_routes("n1");
-        (routes.contains("10.42.1.0/24 dev wiremesh0")
-            && routes.contains("blackhole 10.42.1.0/24"))
-        .then_some(())
+        (routes.contains("10.42.1.0/24 dev wiremesh0") && routes.contains("blackhole 10.42.1.0/24"))
+            .then_some(())
     });
     assert!(
         back.is_some(),

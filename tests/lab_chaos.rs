@@ -114,9 +114,15 @@ fn renumbering_the_mesh_under_pings_sends_no_plaintext_and_loses_no_packet() {
     let report = String::from_utf8_lossy(&out.stdout).into_owned();
     eprintln!("{report}");
     assert!(out.status.success(), "{}", text(&out));
-    assert!(report.contains("node2 taken out of the nodes file"), "{report}");
+    assert!(
+        report.contains("node2 taken out of the nodes file"),
+        "{report}"
+    );
     assert!(report.contains("converged without it"), "{report}");
-    assert!(report.contains("node2 put back into the nodes file"), "{report}");
+    assert!(
+        report.contains("node2 put back into the nodes file"),
+        "{report}"
+    );
     assert!(
         report.contains("plaintext pod packets on the underlay: 0"),
         "{report}"

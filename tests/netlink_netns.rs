@@ -983,14 +983,22 @@ fn guards_are_lowest_priority_blackholes_that_take_over_only_while_their_route_i
     ns.run(devices(), async move |nl| {
         let results = nl.apply_routes(&all, &[]).await;
         assert_all_ok(&results.adds);
-        assert_eq!(nl.read_routes().await.unwrap(), all, "guards read back as guards");
+        assert_eq!(
+            nl.read_routes().await.unwrap(),
+            all,
+            "guards read back as guards"
+        );
         let shown = ip(&name, &["route", "show", "proto", "104"]);
         assert!(
             shown.contains("blackhole 10.42.1.0/24 metric 4294967295"),
             "{shown}"
         );
         // The route wins while it exists.
-        assert!(lookup("10.42.1.5").contains("dev wm-wg"), "{}", lookup("10.42.1.5"));
+        assert!(
+            lookup("10.42.1.5").contains("dev wm-wg"),
+            "{}",
+            lookup("10.42.1.5")
+        );
         // Gone behind our back: the packet is dropped, not sent by the default route.
         ip(&name, &["route", "del", "10.42.1.0/24", "dev", WG]);
         ip(&name, &["-6", "route", "del", "fd00:42::/64", "dev", WG]);
@@ -1000,23 +1008,37 @@ fn guards_are_lowest_priority_blackholes_that_take_over_only_while_their_route_i
             got.contains("blackhole") || got.contains("Invalid argument"),
             "{got}"
         );
-        assert!(!lookup("fd00:42::5").contains(ETH), "{}", lookup("fd00:42::5"));
+        assert!(
+            !lookup("fd00:42::5").contains(ETH),
+            "{}",
+            lookup("fd00:42::5")
+        );
         assert_eq!(nl.read_routes().await.unwrap(), sorted(&guards));
         // Back again, the route wins again; deleting the route never takes its guard.
-        assert_all_ok(&nl.apply_routes(&[real.clone(), real6.clone()], &[]).await.adds);
+        assert_all_ok(
+            &nl.apply_routes(&[real.clone(), real6.clone()], &[])
+                .await
+                .adds,
+        );
         assert!(lookup("10.42.1.5").contains("dev wm-wg"));
-        assert_all_ok(&nl.apply_routes(&[], &[real.clone()]).await.dels);
+        assert_all_ok(&nl.apply_routes(&[], std::slice::from_ref(&real)).await.dels);
         assert_eq!(
             nl.read_routes().await.unwrap(),
             sorted(&[guards[0].clone(), guards[1].clone(), real6.clone()])
         );
         // Deleting a guard never takes the route.
-        assert_all_ok(&nl.apply_routes(&[real.clone()], &[guards[0].clone()]).await.adds);
+        assert_all_ok(
+            &nl.apply_routes(std::slice::from_ref(&real), &[guards[0].clone()])
+                .await
+                .adds,
+        );
         assert_eq!(
             nl.read_routes().await.unwrap(),
             sorted(&[real.clone(), guards[1].clone(), real6.clone()])
         );
-        let results = nl.apply_routes(&[], &[real, real6, guards[1].clone()]).await;
+        let results = nl
+            .apply_routes(&[], &[real, real6, guards[1].clone()])
+            .await;
         assert_all_ok(&results.dels);
         assert_eq!(nl.read_routes().await.unwrap(), Vec::<Route>::new());
     });
@@ -1049,7 +1071,10 @@ fn a_new_address_added_before_the_old_goes_keeps_every_route_and_without_it_the_
             "promote_secondaries set over netlink"
         );
         nl.del_address(WG, old).await.expect("old address");
-        assert_eq!(nl.read_link(WG).await.unwrap().unwrap().addresses, vec![new]);
+        assert_eq!(
+            nl.read_link(WG).await.unwrap().unwrap().addresses,
+            vec![new]
+        );
         assert_eq!(nl.read_routes().await.unwrap(), all, "no route lost");
 
         // What the kernel does otherwise: the last IPv4 address gone, every route through the

@@ -247,15 +247,12 @@ async fn refused_operation_is_retried_while_the_rest_is_programmed() {
     // Everything else is programmed at once (the refused route's guard too: its packets are
     // dropped, not sent in plaintext); the refused route arrives with the retry (1 s).
     wait_for("peers", || peers(&kernel) == 2).await;
-    let held = |dev_is_guard: bool| {
-        kernel
-            .state
-            .lock()
-            .unwrap()
-            .routes
-            .iter()
-            .any(|r| r.dst == dst && (r.dev == crate::desired::RouteDev::Blackhole) == dev_is_guard)
-    };
+    let held =
+        |dev_is_guard: bool| {
+            kernel.state.lock().unwrap().routes.iter().any(|r| {
+                r.dst == dst && (r.dev == crate::desired::RouteDev::Blackhole) == dev_is_guard
+            })
+        };
     assert!(!held(false));
     assert!(held(true));
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -323,7 +320,9 @@ async fn routes_the_kernel_drops_with_an_old_address_are_restored_at_once() {
     first.pod_cidrs = vec!["10.42.9.0/24".parse().unwrap()];
     first.endpoint = Some("203.0.113.99:51820".parse().unwrap());
     first.internal_ip = None;
-    tx.send(batch(vec![Event::node(first)], true)).await.unwrap();
+    tx.send(batch(vec![Event::node(first)], true))
+        .await
+        .unwrap();
     wait_for("three peers and a new address", || {
         peers(&kernel) == 3 && address().is_some() && address() != before
     })

@@ -181,7 +181,14 @@ pub fn longest_gap(text: &str, sent: u32) -> u32 {
     let mut answered: Vec<u32> = text
         .lines()
         .filter(|l| l.contains(" bytes from ") && !l.contains("DUP!"))
-        .filter_map(|l| l.split("icmp_seq=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .filter_map(|l| {
+            l.split("icmp_seq=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
         .filter(|&seq| seq >= 1 && seq <= sent)
         .collect();
     answered.sort_unstable();
@@ -326,7 +333,9 @@ fn flows(state: &LabState, fault: &Fault) -> Vec<Flow> {
     match fault {
         Fault::Renumber(node) => {
             // Every other node's pod to the first other node's pod, and that one to the last.
-            let others: Vec<usize> = (0..n).filter(|&j| Some(j) != state.node(node).map(|(i, _)| i)).collect();
+            let others: Vec<usize> = (0..n)
+                .filter(|&j| Some(j) != state.node(node).map(|(i, _)| i))
+                .collect();
             let (Some(&first), Some(&last)) = (others.first(), others.last()) else {
                 return Vec::new();
             };
@@ -635,7 +644,9 @@ fn without_node(text: &str, name: &str) -> Result<String, LabError> {
     let before = items.len();
     items.retain(|n| n["metadata"]["name"].as_str() != Some(name));
     if items.len() == before {
-        return Err(LabError::Options(format!("{name} is not in the nodes file")));
+        return Err(LabError::Options(format!(
+            "{name} is not in the nodes file"
+        )));
     }
     serde_yaml::to_string(&doc)
         .map_err(|e| LabError::Options(format!("cannot write the nodes file: {e}")))
@@ -731,7 +742,9 @@ fn restart_agent(
     at: &dyn Fn(String) -> String,
 ) -> Result<(), LabError> {
     let mut r = kill_and_restart_after(root, lab, node, down, |pid| {
-        steps.push(at(format!("agent of {node} (pid {pid}) killed with SIGKILL")));
+        steps.push(at(format!(
+            "agent of {node} (pid {pid}) killed with SIGKILL"
+        )));
     })?;
     if let Some(d) = down {
         steps.push(at(format!("(it stayed stopped for {}s)", d.as_secs())));
@@ -855,14 +868,17 @@ mod tests {
         assert!(!r.passed());
         let text = r.render();
         assert!(
-            text.contains("plaintext pod packets on the underlay: 1\n    10.42.0.2 > 10.42.1.2 icmp"),
+            text.contains(
+                "plaintext pod packets on the underlay: 1\n    10.42.0.2 > 10.42.1.2 icmp"
+            ),
             "{text}"
         );
     }
 
     #[test]
     fn the_longest_gap_is_the_longest_run_of_unanswered_requests() {
-        let reply = |seq: u32| format!("64 bytes from 10.42.1.2: icmp_seq={seq} ttl=62 time=0.4 ms\n");
+        let reply =
+            |seq: u32| format!("64 bytes from 10.42.1.2: icmp_seq={seq} ttl=62 time=0.4 ms\n");
         let answered = |seqs: &[u32]| seqs.iter().map(|&s| reply(s)).collect::<String>();
         assert_eq!(longest_gap(&answered(&[1, 2, 3, 4]), 4), 0);
         assert_eq!(longest_gap(&answered(&[1, 5, 6, 9]), 10), 3);

@@ -661,7 +661,9 @@ mod tests {
     fn every_main_table_route_gets_a_blackhole_guard_and_other_tables_none() {
         let d = desired(6, 1);
         assert!(
-            d.routes.iter().any(|r| r.table != crate::desired::MAIN_TABLE),
+            d.routes
+                .iter()
+                .any(|r| r.table != crate::desired::MAIN_TABLE),
             "the sample needs routes of another table too"
         );
         let ops = plan(&d, &OwnedState::default(), ME);
@@ -745,9 +747,12 @@ mod tests {
         // The changed route's guard stays put the whole time (no window without one), and a
         // route the delta does not name is not touched.
         let moved_dst: IpNetwork = "10.42.2.0/24".parse().unwrap();
-        assert!(!ops.iter().any(|o| matches!(o, Op::DelRoute(r) | Op::AddRoute(r)
+        assert!(
+            !ops.iter()
+                .any(|o| matches!(o, Op::DelRoute(r) | Op::AddRoute(r)
             if (r.dev == crate::desired::RouteDev::Blackhole && r.dst == moved_dst)
-                || r.dst == kept.dst)));
+                || r.dst == kept.dst))
+        );
     }
 
     #[test]

@@ -15,7 +15,8 @@ use rtnetlink::packet_route::address::{
     AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage,
 };
 use rtnetlink::packet_route::link::{
-    AfSpecInet, AfSpecUnspec, InetDevConf, InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    AfSpecInet, AfSpecUnspec, InetDevConf, InfoKind, LinkAttribute, LinkFlags, LinkInfo,
+    LinkMessage,
 };
 use rtnetlink::packet_route::route::RouteAttribute;
 use rtnetlink::{AddressMessageBuilder, LinkBridge, LinkUnspec};
@@ -215,11 +216,13 @@ impl Netlink {
             return Ok(None);
         };
         Ok(Some(link.attributes.iter().any(|a| match a {
-            LinkAttribute::AfSpecUnspec(specs) => specs.iter().any(|s| match s {
-                AfSpecUnspec::Inet(inet) => inet.iter().any(|i| {
-                    matches!(i, AfSpecInet::DevConf(c) if c.promote_secondaries != 0)
-                }),
-                _ => false,
+            LinkAttribute::AfSpecUnspec(specs) => specs.iter().any(|s| {
+                match s {
+                    AfSpecUnspec::Inet(inet) => inet
+                        .iter()
+                        .any(|i| matches!(i, AfSpecInet::DevConf(c) if c.promote_secondaries != 0)),
+                    _ => false,
+                }
             }),
             _ => false,
         })))
