@@ -355,7 +355,9 @@ async fn publishing_writes_only_our_keys_on_our_node() {
     assert_eq!(ann["kilo.squat.ai/last-seen"], "1800000000");
     assert_eq!(after.spec, before.spec, "the spec is never touched");
     // Our parser reads back what was published: the node is complete now.
-    let m = wiremesh::registry::annotations::parse_node(&after, "x").unwrap();
+    let m = wiremesh::registry::annotations::parse_node(&after, "x")
+        .unwrap()
+        .value;
     assert_eq!(m.key, Some(key));
     assert_eq!(m.wireguard_ip, p.wireguard_ip);
     assert_eq!(m.discovered_endpoints.len(), 1);
