@@ -1,5 +1,6 @@
 //! What the agent loop shows the outside world: a [`View`] of its mesh (nodes, peers, what was
-//! left out and why, leadership, the tunnels it wants), whether it is alive and ready, and its
+//! left out and why, what was kept with a fallback, leadership, the tunnels it wants), whether it
+//! is alive and ready, and its
 //! counters ([`LoopMetrics`]).
 //!
 //! The loop writes through an [`Observer`]: a mutex held only to copy small values in or out
