@@ -39,7 +39,8 @@ pub struct Diagnostic {
 }
 
 impl Diagnostic {
-    /// A problem with a node's annotation or field that makes the node be left out.
+    /// A problem with a node's annotation or field that makes the node be left out (see
+    /// [`Diagnostic::kept`] for one that does not).
     pub fn node(name: &str, key: Option<&str>, problem: impl Into<String>) -> Self {
         Diagnostic {
             subject: Subject::Node,
@@ -69,7 +70,8 @@ impl Diagnostic {
         self
     }
 
-    /// Mark the diagnostic as a warning: the object still takes part.
+    /// Mark the diagnostic as a warning: the object still takes part (a malformed optional value
+    /// replaced by Kilo's, an allowed IP ignored).
     pub fn kept(mut self) -> Self {
         self.skipped = false;
         self

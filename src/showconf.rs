@@ -251,7 +251,7 @@ pub fn node_conf(
     let idx = locate_node(topo, node)?;
     let (desired, _conflicts) = topo.local_state(node, opts).map_err(|e| match e {
         LocalError::Unknown(n) => ShowconfError::UnknownNode(n),
-        LocalError::NotReady(node, reason) => ShowconfError::NodeLeftOut { node, reason },
+        LocalError::LeftOut(node, reason) => ShowconfError::NodeLeftOut { node, reason },
     })?;
     if !desired.leader {
         return Err(ShowconfError::NotLeader {
@@ -455,16 +455,9 @@ pub fn peer_resource(peer: &WgPeer) -> PeerResource {
 /// The segment index of node `node`, or why it has none.
 fn locate_node(topo: &Topology<'_>, node: &NodeName) -> Result<usize, ShowconfError> {
     topo.segment_of(node).ok_or_else(|| {
-        match topo
-            .diagnostics
-            .iter()
-            .find(|d| d.subject == Subject::Node && d.skipped && d.name == node.as_str())
-        {
-            Some(d) => ShowconfError::NodeLeftOut {
-                node: node.to_string(),
-                reason: d.problem.clone(),
-            },
-            None => ShowconfError::UnknownNode(node.to_string()),
+        match LocalError::left_out(node.as_str(), &topo.diagnostics) {
+            Some(LocalError::LeftOut(node, reason)) => ShowconfError::NodeLeftOut { node, reason },
+            _ => ShowconfError::UnknownNode(node.to_string()),
         }
     })
 }

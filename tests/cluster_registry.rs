@@ -12,7 +12,9 @@ use tokio::sync::mpsc;
 use wiremesh::diagnostic::Diagnostic;
 use wiremesh::model::{Granularity, WgKey};
 use wiremesh::registry::cluster::publish::{Publication, merge_patch, patch_node};
-use wiremesh::registry::cluster::report::{EVENT_NAMESPACE, REASON_NODE, Reporter};
+use wiremesh::registry::cluster::report::{
+    EVENT_NAMESPACE, REASON_NODE, REASON_NODE_FALLBACK, Reporter,
+};
 use wiremesh::registry::cluster::{Batch, WatchOptions, peers_api, watch};
 use wiremesh::topology::incremental::Event;
 
@@ -181,6 +183,49 @@ async fn watch_lists_then_follows_changes_and_skips_only_the_bad_node() {
         upserted(e, "b") && cleared
     })
     .await;
+
+    // A malformed optional annotation: b stays (with Kilo's keepalive 0), with a kept
+    // diagnostic naming the key.
+    annotate(
+        &admin,
+        "b",
+        "kilo.squat.ai/persistent-keepalive",
+        Some("25"),
+    )
+    .await;
+    until(&mut rx, 20, "b's keepalive", |e, _| {
+        e.iter()
+            .any(|e| matches!(e, Event::NodeUpsert(n) if n.name.0 == "b" && n.persistent_keepalive == 25))
+    })
+    .await;
+    annotate(
+        &admin,
+        "b",
+        "kilo.squat.ai/persistent-keepalive",
+        Some("abc"),
+    )
+    .await;
+    let mut diags: Vec<Diagnostic> = Vec::new();
+    let evs = until(&mut rx, 20, "b's fallback and warning", |e, batch| {
+        if let Some(d) = &batch.diagnostics {
+            diags = d.clone();
+        }
+        upserted(e, "b") && !diags.is_empty()
+    })
+    .await;
+    assert!(!removed(&evs, "b"), "{evs:?}");
+    assert!(
+        evs.iter().any(
+            |e| matches!(e, Event::NodeUpsert(n) if n.name.0 == "b" && n.persistent_keepalive == 0)
+        ),
+        "{evs:?}"
+    );
+    assert_eq!(diags.len(), 1, "{diags:?}");
+    assert_eq!(
+        diags[0].key.as_deref(),
+        Some("kilo.squat.ai/persistent-keepalive")
+    );
+    assert!(!diags[0].skipped);
 
     // Deleted: removed.
     Api::<Node>::all(admin.clone())
@@ -355,7 +400,9 @@ async fn publishing_writes_only_our_keys_on_our_node() {
     assert_eq!(ann["kilo.squat.ai/last-seen"], "1800000000");
     assert_eq!(after.spec, before.spec, "the spec is never touched");
     // Our parser reads back what was published: the node is complete now.
-    let m = wiremesh::registry::annotations::parse_node(&after, "x").unwrap();
+    let m = wiremesh::registry::annotations::parse_node(&after, "x")
+        .unwrap()
+        .value;
     assert_eq!(m.key, Some(key));
     assert_eq!(m.wireguard_ip, p.wireguard_ip);
     assert_eq!(m.discovered_endpoints.len(), 1);
@@ -444,4 +491,24 @@ async fn a_bad_annotation_becomes_one_event_on_that_node() {
             .len(),
         2
     );
+
+    // Kept with a fallback: an Event with its own reason, found by a field selector.
+    let kept = vec![
+        Diagnostic::node(
+            "a",
+            Some("kilo.squat.ai/persistent-keepalive"),
+            "\"abc\" is not a number of seconds from 0 to 65535; no keepalive is used",
+        )
+        .kept(),
+    ];
+    mine.report(&kept, uid.as_deref()).await;
+    let by_reason = ListParams::default().fields(&format!("reason={REASON_NODE_FALLBACK}"));
+    let list = events.list(&by_reason).await.unwrap().items;
+    assert_eq!(list.len(), 1, "{list:?}");
+    let msg = list[0].message.clone().unwrap();
+    assert!(
+        msg.starts_with("kept in the mesh, with a fallback: kilo.squat.ai/persistent-keepalive"),
+        "{msg}"
+    );
+    assert_eq!(list[0].involved_object.uid, uid);
 }

@@ -127,6 +127,69 @@ fn plan_reports_bad_nodes_and_keeps_the_rest() {
     );
 }
 
+/// The three-clouds example with the first `from` replaced by `to`, written to a file in `dir`.
+fn edited_example(dir: &Path, from: &str, to: &str) -> String {
+    let file = dir.join("nodes.yaml");
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/three-clouds.yaml"),
+    )
+    .expect("example");
+    assert!(text.contains(from), "{from}");
+    std::fs::write(&file, text.replacen(from, to, 1)).expect("write");
+    file.to_str().expect("path").to_owned()
+}
+
+#[test]
+fn plan_keeps_a_node_with_a_malformed_keepalive_and_reports_the_fallback() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = edited_example(
+        dir.path(),
+        "198.51.100.20:51820\n      kilo.squat.ai/persistent-keepalive: \"20\"",
+        "198.51.100.20:51820\n      kilo.squat.ai/persistent-keepalive: \"abc\"",
+    );
+    let plan = |node: &str, out: &str| {
+        let (stdout, stderr, ok) = meshctl(&["plan", "--nodes", &file, "--node", node, "-o", out]);
+        assert!(ok, "{stderr}");
+        stdout
+    };
+    let v: serde_json::Value = serde_json::from_str(&plan("fra-1", "json")).expect("json");
+    let peers = v["peers"].as_array().expect("peers");
+    assert_eq!(peers.len(), 2, "hel-1 stays in the mesh: {peers:?}");
+    let d = &v["diagnostics"][0];
+    assert_eq!(d["name"], "hel-1");
+    assert_eq!(d["key"], "kilo.squat.ai/persistent-keepalive");
+    assert_eq!(d["skipped"], false);
+    assert!(d["problem"].as_str().expect("problem").contains("\"abc\""));
+    // hel-1's own plan: no keepalive (Kilo's 0), the warning in the text output.
+    let v: serde_json::Value = serde_json::from_str(&plan("hel-1", "json")).expect("json");
+    for p in v["peers"].as_array().expect("peers") {
+        assert_eq!(p["persistent_keepalive"], 0, "{p}");
+    }
+    let text = plan("hel-1", "text");
+    assert!(
+        text.contains("node hel-1: kilo.squat.ai/persistent-keepalive: \"abc\""),
+        "{text}"
+    );
+    assert!(!text.contains("left out"), "{text}");
+}
+
+#[test]
+fn plan_for_a_node_left_out_says_why_not_that_it_is_absent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = edited_example(
+        dir.path(),
+        "cpmjjEo1wKcecLnNDXzPhTFGyG68rKbZxhzDpiN/bAI=",
+        "not-a-key",
+    );
+    let (_, stderr, ok) = meshctl(&["plan", "--nodes", &file, "--node", "hel-1"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("node hel-1 is left out: kilo.squat.ai/key: \"not-a-key\""),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("not in the cluster"), "{stderr}");
+}
+
 #[test]
 fn plan_timings_print_parse_and_engine_phases() {
     let (_, stderr, ok) = meshctl(&[

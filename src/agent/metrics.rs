@@ -55,6 +55,13 @@ struct LeftOutLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FallbackLabels {
+    subject: &'static str,
+    name: String,
+    key: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PeerLabels {
     name: String,
     public_key: String,
@@ -221,6 +228,21 @@ pub fn render(view: &View, live: &Live, lm: &LoopMetrics, ready: bool) -> String
         "Nodes, peers and input documents left out of the mesh, by reason",
         left,
     );
+    let kept: Family<FallbackLabels, Gauge> = Family::default();
+    for ((subject, name, key), &n) in &view.fallbacks {
+        kept.get_or_create(&FallbackLabels {
+            subject,
+            name: name.clone(),
+            key: key.clone(),
+        })
+        .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+    r.register(
+        "fallbacks",
+        "Problems of nodes and peers kept in the mesh (a malformed value replaced by Kilo's \
+         default or ignored), by object and key",
+        kept,
+    );
     if let Some(l) = view.leader {
         r.register(
             "leader",
@@ -344,6 +366,15 @@ mod tests {
             mesh_nodes: 3,
             mesh_peers: 1,
             left_out: [(("node", "no-key"), 2)].into(),
+            fallbacks: [(
+                (
+                    "node",
+                    "hel-1".to_owned(),
+                    "kilo.squat.ai/persistent-keepalive".to_owned(),
+                ),
+                1,
+            )]
+            .into(),
             tunnels: BTreeMap::from([(
                 WgKey([1; 32]),
                 Tunnel {
@@ -465,6 +496,14 @@ mod tests {
             [(
                 "subject=\"node\",reason=\"no-key\"".to_owned(),
                 "2".to_owned()
+            )]
+        );
+        assert_eq!(
+            samples(&text, "wiremesh_fallbacks"),
+            [(
+                "subject=\"node\",name=\"hel-1\",key=\"kilo.squat.ai/persistent-keepalive\""
+                    .to_owned(),
+                "1".to_owned()
             )]
         );
         let results = samples(&text, "wiremesh_reconciliations_total");

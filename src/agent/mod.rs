@@ -399,7 +399,10 @@ pub async fn run_with<K: Kernel>(
                 Some(r) => Some(r),
                 None => match engine.desired() {
                     Err(e) => {
-                        warn!("{e}; nothing is programmed until it can");
+                        warn!(
+                            "{}; nothing is programmed until it can",
+                            e.explained_by(&registry_diags)
+                        );
                         None
                     }
                     Ok(desired) => {
@@ -583,7 +586,7 @@ pub async fn run_with<K: Kernel>(
                         while pending.is_none() && !full_needed {
                             let Some(ev) = events.next() else { break };
                             engine.apply_batch([ev], |u| {
-                                absorb(u, &mut pending, &mut dirty, &mut full_needed);
+                                absorb(u, &registry_diags, &mut pending, &mut dirty, &mut full_needed);
                             });
                         }
                         let rest: Vec<Event> = events.collect();
@@ -614,7 +617,7 @@ pub async fn run_with<K: Kernel>(
                 // Otherwise the last judgement stands (a node left out before an outage is not
                 // taken back in because of it).
                 if live_since.is_some_and(|t| t.elapsed() >= staleness_grace()) {
-                    absorb(engine.set_now(Some(unix_now())), &mut pending, &mut dirty, &mut full_needed);
+                    absorb(engine.set_now(Some(unix_now())), &registry_diags, &mut pending, &mut dirty, &mut full_needed);
                     diags_dirty = true;
                 }
                 match kernel.read_wireguard().await {
@@ -641,14 +644,21 @@ pub fn staleness_grace() -> Duration {
         + cluster::publish_backoff().longest()
 }
 
-/// Fold an engine update into the loop's pending work.
+/// Fold an engine update into the loop's pending work. `registry` (the registry's current
+/// diagnostics) explains why this node is unavailable when the registry left it out.
 ///
 /// One change keeps its delta: the reconciliation applies just its operations. From a second
 /// change on (a burst taken in one batch) the deltas are dropped and the whole desired state is
 /// planned against the cached kernel state instead: that nets them out (a peer renumbered ten
 /// times is set once), and the work and memory are bounded by the mesh's size, not by the
 /// burst's (each of a thousand deltas may hold thousands of peers).
-fn absorb(u: Update, pending: &mut Option<DesiredDelta>, dirty: &mut bool, full_needed: &mut bool) {
+fn absorb(
+    u: Update,
+    registry: &[Diagnostic],
+    pending: &mut Option<DesiredDelta>,
+    dirty: &mut bool,
+    full_needed: &mut bool,
+) {
     match u {
         Update::Delta(d) if d.is_empty() => {}
         Update::Delta(d) => {
@@ -666,7 +676,7 @@ fn absorb(u: Update, pending: &mut Option<DesiredDelta>, dirty: &mut bool, full_
             *dirty = true;
             *full_needed = true;
         }
-        Update::Unavailable(e) => warn!("{e}"),
+        Update::Unavailable(e) => warn!("{}", e.explained_by(registry)),
     }
 }
 

@@ -1,5 +1,6 @@
 //! What the agent loop shows the outside world: a [`View`] of its mesh (nodes, peers, what was
-//! left out and why, leadership, the tunnels it wants), whether it is alive and ready, and its
+//! left out and why, what was kept with a fallback, leadership, the tunnels it wants), whether it
+//! is alive and ready, and its
 //! counters ([`LoopMetrics`]).
 //!
 //! The loop writes through an [`Observer`]: a mutex held only to copy small values in or out
@@ -65,6 +66,10 @@ impl Tunnel {
 /// Why objects were left out, for the `left_out` metric: (subject, reason) → how many.
 pub type LeftOut = BTreeMap<(&'static str, &'static str), usize>;
 
+/// Problems of objects kept in the mesh, for the `fallbacks` metric: (subject, name, key) → how
+/// many. The key is empty for a problem that names none.
+pub type Fallbacks = BTreeMap<(&'static str, String, String), usize>;
+
 /// The loop's view of the mesh, as last written.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct View {
@@ -88,6 +93,8 @@ pub struct View {
     pub mesh_peers: usize,
     /// Objects left out, by subject (`node`, `peer`, `input`) and reason.
     pub left_out: LeftOut,
+    /// Problems of objects kept in the mesh, by object and key.
+    pub fallbacks: Fallbacks,
     /// The tunnels of the desired state, by the peer's public key.
     pub tunnels: BTreeMap<WgKey, Tunnel>,
     /// The last reconciliation's failure, for `/readyz` before the first success.
@@ -136,6 +143,27 @@ pub fn left_out(registry: &[Diagnostic], engine: &[Diagnostic]) -> LeftOut {
         }
     }
     out
+}
+
+/// The kept diagnostics (a value ignored or replaced by Kilo's default) of objects that are not
+/// left out, by subject, name and key: each problem counted once.
+pub fn fallbacks(registry: &[Diagnostic], engine: &[Diagnostic]) -> Fallbacks {
+    let all = || registry.iter().chain(engine);
+    let out: BTreeSet<(Subject, &str)> = all()
+        .filter(|d| d.skipped)
+        .map(|d| (d.subject, d.name.as_str()))
+        .collect();
+    let unique: BTreeSet<&Diagnostic> = all()
+        .filter(|d| !d.skipped && !out.contains(&(d.subject, d.name.as_str())))
+        .collect();
+    let mut counts = Fallbacks::new();
+    for d in unique {
+        let key = d.key.clone().unwrap_or_default();
+        *counts
+            .entry((subject(d.subject), d.name.clone(), key))
+            .or_insert(0) += 1;
+    }
+    counts
 }
 
 struct Inner {
@@ -232,10 +260,12 @@ impl Observer {
             .filter(|p| !out.contains(&(Subject::Peer, p.name.as_str())))
             .count();
         let left = left_out(registry, engine);
+        let kept = fallbacks(registry, engine);
         let mut v = self.lock();
         v.mesh_nodes = mesh_nodes;
         v.mesh_peers = mesh_peers;
         v.left_out = left;
+        v.fallbacks = kept;
     }
 
     /// The whole desired state was reconciled: its leadership and tunnels. `external` holds the
@@ -368,6 +398,32 @@ mod tests {
         ]
         .into();
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn fallbacks_count_kept_problems_of_objects_that_take_part_by_name_and_key() {
+        let ka = "kilo.squat.ai/persistent-keepalive";
+        let alips = "kilo.squat.ai/allowed-location-ips";
+        let reg = vec![
+            Diagnostic::node("a", Some(ka), "\"x\" is not a number").kept(),
+            Diagnostic::node("a", Some(alips), "\"bogus\" is not a CIDR").kept(),
+            Diagnostic::node("a", Some(alips), "\"10.0.0.0/33\" is not a CIDR").kept(),
+            // Left out: its warnings are no fallback in effect.
+            Diagnostic::node("gone", Some(ka), "\"x\" is not a number").kept(),
+            Diagnostic::node("gone", Some("kilo.squat.ai/key"), "not a key"),
+        ];
+        let eng = vec![
+            Diagnostic::node("b", None, "allowed IP 10.0.0.0/8 is already routed").kept(),
+            Diagnostic::node("old", None, NotReady::StaleHeartbeat.text()),
+            Diagnostic::node("old", Some("kilo.squat.ai/last-seen"), "read as 0").kept(),
+        ];
+        let want: Fallbacks = [
+            (("node", "a".to_owned(), ka.to_owned()), 1),
+            (("node", "a".to_owned(), alips.to_owned()), 2),
+            (("node", "b".to_owned(), String::new()), 1),
+        ]
+        .into();
+        assert_eq!(fallbacks(&reg, &eng), want);
     }
 
     #[test]

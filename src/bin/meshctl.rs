@@ -454,12 +454,14 @@ fn plan(args: PlanArgs) -> Result<()> {
     let parse = ms(t0);
     let opts = args.mesh.options(&inputs);
     let t1 = Instant::now();
+    // A node the registry left out is named with its problems, not as absent.
     let mut plan = topology::compute(
         &inputs.nodes,
         &inputs.peers,
         &NodeName(args.node.clone()),
         &opts,
-    )?;
+    )
+    .map_err(|e| e.explained_by(&inputs.diagnostics))?;
     let engine = ms(t1);
     let mut diagnostics = inputs.diagnostics;
     diagnostics.append(&mut plan.diagnostics);
@@ -584,7 +586,9 @@ fn showconf(args: ShowconfArgs) -> Result<()> {
     use wiremesh::showconf::{self as sc, Format};
     let inputs = args.mesh.load()?;
     let opts = args.mesh.options(&inputs);
-    let topo = topology::build(&inputs.nodes, &inputs.peers, &opts);
+    let mut topo = topology::build(&inputs.nodes, &inputs.peers, &opts);
+    // The registry's problems too, so that a node or peer it left out is named with them.
+    topo.diagnostics.extend(inputs.diagnostics.iter().cloned());
     let private_key: Option<WgKey> = match &args.private_key {
         Some(path) => Some(
             std::fs::read_to_string(path)

@@ -182,8 +182,8 @@ impl Cluster {
             })?
     }
 
-    /// All Nodes and Peers, parsed as the agent parses them; objects left out come back as
-    /// diagnostics, exactly as from files. A cluster without the Peer CRD has no peers.
+    /// All Nodes and Peers, parsed as the agent parses them; objects left out and malformed
+    /// values of kept Nodes come back as diagnostics, exactly as from files. A cluster without the Peer CRD has no peers.
     pub async fn inputs(&self, topology_label: &str) -> Result<Inputs, ClusterCliError> {
         let (nodes, peers) = self
             .timed(async {

@@ -25,7 +25,8 @@ pub struct Inputs {
     pub nodes: Vec<MeshNode>,
     /// Valid external peers.
     pub peers: Vec<MeshPeer>,
-    /// Objects left out while parsing.
+    /// Problems found while parsing: objects left out, and malformed values of kept objects
+    /// (replaced by Kilo's).
     pub diagnostics: Vec<Diagnostic>,
 }
 

@@ -80,18 +80,12 @@ pub enum GraphFormat {
     Dot,
 }
 
-/// Parse Node objects as the agents do; those that do not parse are left out with their
-/// diagnostics.
+/// Parse Node objects as the agents do; those left out come back as diagnostics, as do the
+/// malformed values of the nodes kept.
 pub fn parse_nodes(nodes: &[k8s_openapi::api::core::v1::Node]) -> Loaded<MeshNode> {
-    let mut out = Loaded {
-        items: Vec::new(),
-        diagnostics: Vec::new(),
-    };
+    let mut out = Loaded::default();
     for n in nodes {
-        match parse_node(n, DEFAULT_TOPOLOGY_LABEL) {
-            Ok(m) => out.items.push(m),
-            Err(d) => out.diagnostics.extend(d),
-        }
+        out.push(parse_node(n, DEFAULT_TOPOLOGY_LABEL));
     }
     out
 }

@@ -1100,8 +1100,9 @@ mod tests {
             assert_eq!(ann.get("kilo.squat.ai/leader").is_some(), n.leader);
             // What the agents will read back from it.
             let node: k8s_openapi::api::core::v1::Node = serde_json::from_value(v).unwrap();
-            let m =
-                crate::registry::annotations::parse_node(&node, DEFAULT_TOPOLOGY_LABEL).unwrap();
+            let m = crate::registry::annotations::parse_node(&node, DEFAULT_TOPOLOGY_LABEL)
+                .unwrap()
+                .value;
             assert_eq!(m.location, n.location);
             assert_eq!(m.key, None);
             assert_eq!(m.endpoint, None);

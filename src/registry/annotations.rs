@@ -1,7 +1,8 @@
 //! Node annotations: the key names (Kilo's `kilo.squat.ai/` and our `wiremesh.io/`) and the
 //! translation of a Kubernetes `Node` into a validated [`MeshNode`].
 //!
-//! Pure: depends on `k8s-openapi` types, the model and diagnostics; no I/O, no client.
+//! Pure: depends on `k8s-openapi` types, the model, diagnostics and [`Parsed`]; no I/O, no
+//! client.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -12,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::diagnostic::Diagnostic;
 use crate::model::{Endpoint, Granularity, MeshNode, NodeName, WgKey, network_of};
+use crate::registry::Parsed;
 
 /// Our own annotation prefix; it wins over Kilo's when both are set.
 pub const WIREMESH_PREFIX: &str = "wiremesh.io/";
@@ -115,9 +117,12 @@ pub struct NodeParts<'a> {
 
 /// Translate a Kubernetes Node into a [`MeshNode`].
 ///
-/// Every malformed value is reported (node, key, problem); a node with any malformed value is
-/// returned as `Err` with all of them, so the caller leaves exactly that node out.
-pub fn parse_node(node: &Node, topology_label: &str) -> Result<MeshNode, Vec<Diagnostic>> {
+/// Every malformed value is reported (node, key, problem). Like Kilo, a node is left out
+/// (`Err`, with all its diagnostics) only when it lacks what the mesh cannot do without: a
+/// valid public key, an endpoint or a pod CIDR. Any other malformed value is replaced by what
+/// Kilo uses in its place (a default, the next source, or nothing) and reported as a kept
+/// diagnostic in [`Parsed::warnings`]. `docs/kilo-compatibility.md` has the table.
+pub fn parse_node(node: &Node, topology_label: &str) -> Result<Parsed<MeshNode>, Vec<Diagnostic>> {
     let spec = node.spec.as_ref();
     let parts = NodeParts {
         name: node.metadata.name.as_deref().unwrap_or_default(),
@@ -137,15 +142,32 @@ pub fn parse_node(node: &Node, topology_label: &str) -> Result<MeshNode, Vec<Dia
     parse_parts(parts, topology_label)
 }
 
+/// The diagnostics of one node, in the order its values are read.
+struct Found<'a> {
+    name: &'a str,
+    diags: Vec<Diagnostic>,
+}
+
+impl Found<'_> {
+    /// A malformed value that leaves the node out.
+    fn fatal(&mut self, key: &str, problem: String) {
+        self.diags
+            .push(Diagnostic::node(self.name, Some(key), problem));
+    }
+
+    /// A malformed value replaced by Kilo's; the node stays.
+    fn fallback(&mut self, key: &str, problem: String) {
+        self.diags
+            .push(Diagnostic::node(self.name, Some(key), problem).kept());
+    }
+}
+
 /// Translate the mesh-relevant parts of a Node into a [`MeshNode`] (see [`parse_node`]).
-pub fn parse_parts(node: NodeParts<'_>, topology_label: &str) -> Result<MeshNode, Vec<Diagnostic>> {
-    let name = node.name.to_owned();
-    let empty = BTreeMap::new();
-    let ann = node.annotations.unwrap_or(&empty);
-    let mut errs: Vec<Diagnostic> = Vec::new();
-    let mut bad =
-        |key: &str, problem: String| errs.push(Diagnostic::node(&name, Some(key), problem));
-    let mut out = MeshNode::new(name.clone());
+pub fn parse_parts(
+    node: NodeParts<'_>,
+    topology_label: &str,
+) -> Result<Parsed<MeshNode>, Vec<Diagnostic>> {
+    let name = node.name;
     if name.is_empty() {
         return Err(vec![Diagnostic::node(
             "<unnamed>",
@@ -153,6 +175,13 @@ pub fn parse_parts(node: NodeParts<'_>, topology_label: &str) -> Result<MeshNode
             "the Node has no name",
         )]);
     }
+    let empty = BTreeMap::new();
+    let ann = node.annotations.unwrap_or(&empty);
+    let mut found = Found {
+        name,
+        diags: Vec::new(),
+    };
+    let mut out = MeshNode::new(name);
 
     // Location: the annotation, even empty, beats the topology label.
     out.location = match lookup(ann, keys::LOCATION) {
@@ -164,46 +193,165 @@ pub fn parse_parts(node: NodeParts<'_>, topology_label: &str) -> Result<MeshNode
             .unwrap_or_default(),
     };
 
+    // Key: Kilo reads a malformed key as the zero key, which makes the node not ready.
     if let Some((k, v)) = lookup(ann, keys::KEY).filter(|(_, v)| !v.is_empty()) {
         match v.parse::<WgKey>() {
             Ok(key) => out.key = Some(key),
-            Err(e) => bad(&k, format!("{v:?} is not a WireGuard public key: {e}")),
+            Err(e) => found.fatal(&k, format!("{v:?} is not a WireGuard public key: {e}")),
         }
     }
 
-    // Endpoint: force-endpoint wins over the published one.
-    let forced = lookup(ann, keys::FORCE_ENDPOINT).filter(|(_, v)| !v.is_empty());
-    let published = lookup(ann, keys::ENDPOINT).filter(|(_, v)| !v.is_empty());
-    if let Some((k, v)) = forced.or(published) {
-        match v.parse::<Endpoint>() {
-            Ok(e) => out.endpoint = Some(e),
-            Err(e) => bad(&k, format!("{v:?} is not an endpoint: {e}")),
+    parse_endpoint(ann, &mut out, &mut found);
+    parse_internal_ip(ann, node.status_internal_ip, &mut out, &mut found);
+    parse_pod_cidrs(&node, &mut out, &mut found);
+
+    if let Some((k, v)) = lookup(ann, keys::WIREGUARD_IP).filter(|(_, v)| !v.is_empty()) {
+        match parse_ip_or_cidr(v) {
+            Ok(ip) => out.wireguard_ip = Some(ip),
+            Err(e) => found.fallback(&k, format!("{e}; ignored")),
         }
     }
 
-    // Internal IP: force-internal-ip ("-" or "" = none) > published > status InternalIP.
-    match lookup(ann, keys::FORCE_INTERNAL_IP) {
-        Some((_, v)) if v.trim().is_empty() || v.trim() == "-" => out.no_internal_ip = true,
-        Some((k, v)) => match parse_ip_or_cidr(v) {
-            Ok(ip) => out.internal_ip = Some(ip),
-            Err(e) => bad(&k, e),
-        },
-        None => {
-            if let Some((k, v)) = lookup(ann, keys::INTERNAL_IP).filter(|(_, v)| !v.is_empty()) {
-                match parse_ip_or_cidr(v) {
-                    Ok(ip) => out.internal_ip = Some(ip),
-                    Err(e) => bad(&k, e),
-                }
-            } else {
-                out.internal_ip = node
-                    .status_internal_ip
-                    .and_then(|a| a.parse::<IpAddr>().ok())
-                    .map(IpNetwork::from);
+    if let Some((k, v)) = lookup(ann, keys::PERSISTENT_KEEPALIVE).filter(|(_, v)| !v.is_empty()) {
+        match v.trim().parse::<u16>() {
+            Ok(p) => out.persistent_keepalive = p,
+            Err(_) => found.fallback(
+                &k,
+                format!("{v:?} is not a number of seconds from 0 to 65535; no keepalive is used"),
+            ),
+        }
+    }
+
+    out.leader = lookup(ann, keys::LEADER).is_some();
+
+    // Allowed location IPs: Kilo drops each entry that does not parse and keeps the others.
+    if let Some((k, v)) = lookup(ann, keys::ALLOWED_LOCATION_IPS) {
+        for item in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            match parse_cidr(item) {
+                Ok(n) => out.allowed_location_ips.push(n),
+                Err(e) => found.fallback(&k, format!("{e}; the entry is ignored")),
             }
         }
     }
 
-    // Pod CIDRs: spec.podCIDRs, else spec.podCIDR.
+    // Last seen: Kilo reads a malformed heartbeat as 0 (never), so the node counts as stale.
+    if let Some((k, v)) = lookup(ann, keys::LAST_SEEN).filter(|(_, v)| !v.is_empty()) {
+        match v.trim().parse::<i64>() {
+            Ok(t) => out.last_seen = Some(t),
+            Err(_) => {
+                out.last_seen = Some(0);
+                found.fallback(
+                    &k,
+                    format!(
+                        "{v:?} is not a Unix time in seconds; read as 0 (never seen), so the node counts as stale"
+                    ),
+                );
+            }
+        }
+    }
+
+    parse_discovered_endpoints(ann, &mut out, &mut found);
+
+    if let Some((k, v)) = lookup(ann, keys::GRANULARITY).filter(|(_, v)| !v.is_empty()) {
+        match v.parse::<Granularity>() {
+            Ok(g) => out.granularity = Some(g),
+            Err(e) => found.fallback(&k, format!("{e}; ignored")),
+        }
+    }
+
+    if found.diags.iter().any(|d| d.skipped) {
+        Err(found.diags)
+    } else {
+        Ok(Parsed {
+            value: out,
+            warnings: found.diags,
+        })
+    }
+}
+
+/// Endpoint: a valid force-endpoint wins over the published one; a malformed one falls back to
+/// the published endpoint (Kilo's order). Without any valid endpoint the node is left out.
+fn parse_endpoint(ann: &BTreeMap<String, String>, out: &mut MeshNode, found: &mut Found<'_>) {
+    let parse = |kv: Option<(String, &str)>| {
+        kv.filter(|(_, v)| !v.is_empty()).map(|(k, v)| {
+            (
+                v.parse::<Endpoint>()
+                    .map_err(|e| format!("{v:?} is not an endpoint: {e}")),
+                k,
+            )
+        })
+    };
+    let forced = parse(lookup(ann, keys::FORCE_ENDPOINT));
+    let published = parse(lookup(ann, keys::ENDPOINT));
+    match (forced, published) {
+        (Some((Ok(e), _)), published) => {
+            out.endpoint = Some(e);
+            if let Some((Err(p), k)) = published {
+                found.fallback(&k, format!("{p}; ignored (force-endpoint is used)"));
+            }
+        }
+        (Some((Err(p), fk)), Some((Ok(e), _))) => {
+            out.endpoint = Some(e);
+            found.fallback(&fk, format!("{p}; the published endpoint is used"));
+        }
+        (None, Some((Ok(e), _))) => out.endpoint = Some(e),
+        (forced, published) => {
+            // No valid endpoint: every malformed one is why the node is left out.
+            for (r, k) in [forced, published].into_iter().flatten() {
+                if let Err(p) = r {
+                    found.fatal(&k, p);
+                }
+            }
+        }
+    }
+}
+
+/// Internal IP: force-internal-ip (`-` or empty = none) > published > the status InternalIP.
+/// A malformed force-internal-ip is skipped (the next source is used), as in Kilo; a malformed
+/// internal-ip means no internal IP, as in Kilo (the status address is used only when the
+/// annotation is absent). A malformed value is reported even when a forced one makes it moot.
+fn parse_internal_ip(
+    ann: &BTreeMap<String, String>,
+    status_internal_ip: Option<&str>,
+    out: &mut MeshNode,
+    found: &mut Found<'_>,
+) {
+    let mut forced = false;
+    match lookup(ann, keys::FORCE_INTERNAL_IP) {
+        Some((_, v)) if v.trim().is_empty() || v.trim() == "-" => {
+            out.no_internal_ip = true;
+            forced = true;
+        }
+        Some((k, v)) => match parse_ip_or_cidr(v) {
+            Ok(ip) => {
+                out.internal_ip = Some(ip);
+                forced = true;
+            }
+            Err(e) => found.fallback(&k, format!("{e}; ignored (internal-ip is used)")),
+        },
+        None => {}
+    }
+    match lookup(ann, keys::INTERNAL_IP).filter(|(_, v)| !v.is_empty()) {
+        Some((k, v)) => match parse_ip_or_cidr(v) {
+            Ok(ip) if !forced => out.internal_ip = Some(ip),
+            Ok(_) => {}
+            Err(e) if forced => {
+                found.fallback(&k, format!("{e}; ignored (force-internal-ip is used)"))
+            }
+            Err(e) => found.fallback(&k, format!("{e}; the node has no internal IP")),
+        },
+        None if !forced => {
+            out.internal_ip = status_internal_ip
+                .and_then(|a| a.parse::<IpAddr>().ok())
+                .map(IpNetwork::from);
+        }
+        None => {}
+    }
+}
+
+/// Pod CIDRs: spec.podCIDRs, else spec.podCIDR. A malformed entry beside a valid one is
+/// dropped; without any valid pod CIDR the node is left out (Kilo needs its pod CIDR).
+fn parse_pod_cidrs(node: &NodeParts<'_>, out: &mut MeshNode, found: &mut Found<'_>) {
     let (field, list): (&str, Vec<&str>) = if !node.pod_cidrs.is_empty() {
         (
             "spec.podCIDRs",
@@ -218,76 +366,56 @@ pub fn parse_parts(node: NodeParts<'_>, topology_label: &str) -> Result<MeshNode
                 .collect(),
         )
     };
+    let mut bad = Vec::new();
     for c in list {
         match parse_cidr(c) {
             Ok(n) => out.pod_cidrs.push(n),
-            Err(e) => bad(field, e),
+            Err(e) => bad.push(e),
         }
     }
-
-    if let Some((k, v)) = lookup(ann, keys::WIREGUARD_IP).filter(|(_, v)| !v.is_empty()) {
-        match parse_ip_or_cidr(v) {
-            Ok(ip) => out.wireguard_ip = Some(ip),
-            Err(e) => bad(&k, e),
+    for e in bad {
+        if out.pod_cidrs.is_empty() {
+            found.fatal(field, e);
+        } else {
+            found.fallback(field, format!("{e}; the entry is ignored"));
         }
     }
+}
 
-    if let Some((k, v)) = lookup(ann, keys::PERSISTENT_KEEPALIVE).filter(|(_, v)| !v.is_empty()) {
-        match v.trim().parse::<u16>() {
-            Ok(p) => out.persistent_keepalive = p,
-            Err(_) => bad(
-                &k,
-                format!("{v:?} is not a number of seconds from 0 to 65535"),
-            ),
-        }
-    }
-
-    out.leader = lookup(ann, keys::LEADER).is_some();
-
-    if let Some((k, v)) = lookup(ann, keys::ALLOWED_LOCATION_IPS) {
-        for item in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            match parse_cidr(item) {
-                Ok(n) => out.allowed_location_ips.push(n),
-                Err(e) => bad(&k, e),
-            }
-        }
-    }
-
-    if let Some((k, v)) = lookup(ann, keys::LAST_SEEN).filter(|(_, v)| !v.is_empty()) {
-        match v.trim().parse::<i64>() {
-            Ok(t) => out.last_seen = Some(t),
-            Err(_) => bad(&k, format!("{v:?} is not a Unix time in seconds")),
-        }
-    }
-
-    if let Some((k, v)) = lookup(ann, keys::DISCOVERED_ENDPOINTS)
+/// Discovered endpoints (Go `net.UDPAddr` JSON by public key): a map that does not decode is
+/// ignored whole, as in Kilo; an entry whose key is no public key is dropped (Kilo keeps it, but
+/// it can never match a peer).
+fn parse_discovered_endpoints(
+    ann: &BTreeMap<String, String>,
+    out: &mut MeshNode,
+    found: &mut Found<'_>,
+) {
+    let Some((k, v)) = lookup(ann, keys::DISCOVERED_ENDPOINTS)
         .filter(|(_, v)| !v.trim().is_empty() && v.trim() != "null")
-    {
-        match serde_json::from_str::<BTreeMap<String, Option<GoUdpAddr>>>(v) {
-            Ok(map) => {
-                for (key, addr) in map {
-                    let Some(addr) = addr else { continue };
-                    match key.parse::<WgKey>() {
-                        Ok(wk) => {
-                            out.discovered_endpoints
-                                .insert(wk, SocketAddr::new(addr.ip, addr.port));
-                        }
-                        Err(e) => bad(&k, format!("map key {key:?} is not a public key: {e}")),
+    else {
+        return;
+    };
+    match serde_json::from_str::<BTreeMap<String, Option<GoUdpAddr>>>(v) {
+        Ok(map) => {
+            for (key, addr) in map {
+                let Some(addr) = addr else { continue };
+                match key.parse::<WgKey>() {
+                    Ok(wk) => {
+                        out.discovered_endpoints
+                            .insert(wk, SocketAddr::new(addr.ip, addr.port));
                     }
+                    Err(e) => found.fallback(
+                        &k,
+                        format!("map key {key:?} is not a public key: {e}; the entry is ignored"),
+                    ),
                 }
             }
-            Err(e) => bad(&k, format!("not a JSON map of key to {{IP, Port}}: {e}")),
         }
+        Err(e) => found.fallback(
+            &k,
+            format!("not a JSON map of key to {{IP, Port}}: {e}; no discovered endpoint is used"),
+        ),
     }
-
-    if let Some((k, v)) = lookup(ann, keys::GRANULARITY).filter(|(_, v)| !v.is_empty()) {
-        match v.parse::<Granularity>() {
-            Ok(g) => out.granularity = Some(g),
-            Err(e) => bad(&k, e),
-        }
-    }
-
-    if errs.is_empty() { Ok(out) } else { Err(errs) }
 }
 
 /// The node name as a [`NodeName`].
@@ -335,7 +463,9 @@ mod tests {
 
     #[test]
     fn empty_node_is_valid_but_has_no_key_or_endpoint() {
-        let n = parse_node(&node("a", &[]), DEFAULT_TOPOLOGY_LABEL).unwrap();
+        let n = parse_node(&node("a", &[]), DEFAULT_TOPOLOGY_LABEL)
+            .unwrap()
+            .value;
         assert_eq!(n.key, None);
         assert_eq!(n.endpoint, None);
         assert_eq!(n.location, "eu");
@@ -364,7 +494,8 @@ mod tests {
             ),
             DEFAULT_TOPOLOGY_LABEL,
         )
-        .unwrap();
+        .unwrap()
+        .value;
         assert_eq!(n.key.unwrap().to_string(), KEY);
         assert_eq!(n.endpoint.unwrap().to_string(), "1.2.3.4:51820");
         assert_eq!(n.internal_ip, Some("10.0.0.5/24".parse().unwrap()));
@@ -387,7 +518,8 @@ mod tests {
             ),
             DEFAULT_TOPOLOGY_LABEL,
         )
-        .unwrap();
+        .unwrap()
+        .value;
         assert_eq!(n.location, "our-loc");
     }
 
@@ -403,7 +535,8 @@ mod tests {
             ),
             DEFAULT_TOPOLOGY_LABEL,
         )
-        .unwrap();
+        .unwrap()
+        .value;
         assert_eq!(n.endpoint.unwrap().to_string(), "example.com:51821");
     }
 
@@ -413,7 +546,8 @@ mod tests {
             &node("a", &[("kilo.squat.ai/location", "")]),
             DEFAULT_TOPOLOGY_LABEL,
         )
-        .unwrap();
+        .unwrap()
+        .value;
         assert_eq!(n.location, "");
     }
 
@@ -429,13 +563,14 @@ mod tests {
             ),
             DEFAULT_TOPOLOGY_LABEL,
         )
-        .unwrap();
+        .unwrap()
+        .value;
         assert_eq!(n.internal_ip, None);
         assert!(n.no_internal_ip);
     }
 
     #[test]
-    fn every_malformed_value_is_reported_with_node_and_key() {
+    fn only_a_bad_key_or_endpoint_leaves_the_node_out_with_every_problem_named() {
         let errs = parse_node(
             &node(
                 "bad",
@@ -449,17 +584,372 @@ mod tests {
             DEFAULT_TOPOLOGY_LABEL,
         )
         .unwrap_err();
-        let keys: Vec<_> = errs.iter().map(|d| d.key.clone().unwrap()).collect();
+        let keys: Vec<_> = errs
+            .iter()
+            .map(|d| (d.key.clone().unwrap(), d.skipped))
+            .collect();
         assert_eq!(
             keys,
             vec![
-                "kilo.squat.ai/key",
-                "wiremesh.io/endpoint",
-                "kilo.squat.ai/persistent-keepalive",
-                "kilo.squat.ai/allowed-location-ips"
+                ("kilo.squat.ai/key".to_owned(), true),
+                ("wiremesh.io/endpoint".to_owned(), true),
+                ("kilo.squat.ai/persistent-keepalive".to_owned(), false),
+                ("kilo.squat.ai/allowed-location-ips".to_owned(), false),
             ]
         );
-        assert!(errs.iter().all(|d| d.name == "bad" && d.skipped));
+        assert!(errs.iter().all(|d| d.name == "bad"));
+    }
+
+    /// What parsing one node must give.
+    enum Want {
+        /// In the mesh, the check holds, and a kept diagnostic names this key (or none).
+        Kept(Option<&'static str>, fn(&MeshNode) -> bool),
+        /// Left out, with a skipped diagnostic on this key.
+        LeftOut(&'static str),
+    }
+
+    /// One case: what it is, the annotations added to a ready node, what must come out.
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, Want);
+
+    /// Kilo's `TestTranslateNode` in our terms: per key, an empty, an invalid and a valid value
+    /// on top of a node that is otherwise ready (key, endpoint, pod CIDR, status InternalIP).
+    #[test]
+    fn each_key_empty_invalid_and_valid_keeps_or_leaves_out_the_node_as_kilo_does() {
+        use Want::{Kept, LeftOut};
+        let json = format!(
+            r#"{{"{KEY}":{{"IP":"5.6.7.8","Port":4000}},"nokey":{{"IP":"5.6.7.9","Port":1}}}}"#
+        );
+        let cases: Vec<Case<'_>> = vec![
+            (
+                "key empty",
+                vec![("kilo.squat.ai/key", "")],
+                Kept(None, |n| n.key.is_none()),
+            ),
+            (
+                "key invalid",
+                vec![("kilo.squat.ai/key", "short")],
+                LeftOut("kilo.squat.ai/key"),
+            ),
+            (
+                "key valid",
+                vec![],
+                Kept(None, |n| n.key.is_some_and(|k| k.to_string() == KEY)),
+            ),
+            (
+                "endpoint empty",
+                vec![("kilo.squat.ai/endpoint", "")],
+                Kept(None, |n| n.endpoint.is_none()),
+            ),
+            (
+                "endpoint invalid",
+                vec![("kilo.squat.ai/endpoint", "1.2.3.4")],
+                LeftOut("kilo.squat.ai/endpoint"),
+            ),
+            (
+                "endpoint valid",
+                vec![],
+                Kept(None, |n| {
+                    n.endpoint
+                        .as_ref()
+                        .is_some_and(|e| e.to_string() == "1.2.3.4:51820")
+                }),
+            ),
+            (
+                "endpoint invalid, force-endpoint valid",
+                vec![
+                    ("kilo.squat.ai/endpoint", "1.2.3.4:0"),
+                    ("kilo.squat.ai/force-endpoint", "5.6.7.8:1"),
+                ],
+                Kept(Some("kilo.squat.ai/endpoint"), |n| {
+                    n.endpoint
+                        .as_ref()
+                        .is_some_and(|e| e.to_string() == "5.6.7.8:1")
+                }),
+            ),
+            (
+                "force-endpoint empty",
+                vec![("kilo.squat.ai/force-endpoint", "")],
+                Kept(None, |n| {
+                    n.endpoint
+                        .as_ref()
+                        .is_some_and(|e| e.to_string() == "1.2.3.4:51820")
+                }),
+            ),
+            (
+                "force-endpoint invalid: the published endpoint",
+                vec![("kilo.squat.ai/force-endpoint", "no port")],
+                Kept(Some("kilo.squat.ai/force-endpoint"), |n| {
+                    n.endpoint
+                        .as_ref()
+                        .is_some_and(|e| e.to_string() == "1.2.3.4:51820")
+                }),
+            ),
+            (
+                "force-endpoint invalid, no endpoint",
+                vec![
+                    ("kilo.squat.ai/force-endpoint", "no port"),
+                    ("kilo.squat.ai/endpoint", ""),
+                ],
+                LeftOut("kilo.squat.ai/force-endpoint"),
+            ),
+            (
+                "force-endpoint valid",
+                vec![("kilo.squat.ai/force-endpoint", "example.com:7")],
+                Kept(None, |n| {
+                    n.endpoint
+                        .as_ref()
+                        .is_some_and(|e| e.to_string() == "example.com:7")
+                }),
+            ),
+            (
+                "internal-ip empty: the status address",
+                vec![("kilo.squat.ai/internal-ip", "")],
+                Kept(None, |n| {
+                    n.internal_ip == Some("192.168.1.5/32".parse().unwrap())
+                }),
+            ),
+            (
+                "internal-ip invalid: none",
+                vec![("kilo.squat.ai/internal-ip", "10.0.0.300/24")],
+                Kept(Some("kilo.squat.ai/internal-ip"), |n| {
+                    n.internal_ip.is_none() && !n.no_internal_ip
+                }),
+            ),
+            (
+                "internal-ip valid",
+                vec![("kilo.squat.ai/internal-ip", "10.0.0.5/24")],
+                Kept(None, |n| {
+                    n.internal_ip == Some("10.0.0.5/24".parse().unwrap())
+                }),
+            ),
+            (
+                "force-internal-ip empty: none",
+                vec![("kilo.squat.ai/force-internal-ip", "")],
+                Kept(None, |n| n.internal_ip.is_none() && n.no_internal_ip),
+            ),
+            (
+                "force-internal-ip invalid: internal-ip",
+                vec![
+                    ("kilo.squat.ai/force-internal-ip", "nope"),
+                    ("kilo.squat.ai/internal-ip", "10.0.0.5/24"),
+                ],
+                Kept(Some("kilo.squat.ai/force-internal-ip"), |n| {
+                    n.internal_ip == Some("10.0.0.5/24".parse().unwrap()) && !n.no_internal_ip
+                }),
+            ),
+            (
+                "force-internal-ip valid",
+                vec![
+                    ("kilo.squat.ai/force-internal-ip", "10.1.0.1/16"),
+                    ("kilo.squat.ai/internal-ip", "10.0.0.5/24"),
+                ],
+                Kept(None, |n| {
+                    n.internal_ip == Some("10.1.0.1/16".parse().unwrap())
+                }),
+            ),
+            (
+                "wireguard-ip empty",
+                vec![("kilo.squat.ai/wireguard-ip", "")],
+                Kept(None, |n| n.wireguard_ip.is_none()),
+            ),
+            (
+                "wireguard-ip invalid",
+                vec![("kilo.squat.ai/wireguard-ip", "10.4.0")],
+                Kept(Some("kilo.squat.ai/wireguard-ip"), |n| {
+                    n.wireguard_ip.is_none()
+                }),
+            ),
+            (
+                "wireguard-ip valid",
+                vec![("kilo.squat.ai/wireguard-ip", "10.4.0.1/16")],
+                Kept(None, |n| {
+                    n.wireguard_ip == Some("10.4.0.1/16".parse().unwrap())
+                }),
+            ),
+            (
+                "persistent-keepalive empty",
+                vec![("kilo.squat.ai/persistent-keepalive", "")],
+                Kept(None, |n| n.persistent_keepalive == 0),
+            ),
+            (
+                "persistent-keepalive invalid",
+                vec![("kilo.squat.ai/persistent-keepalive", "abc")],
+                Kept(Some("kilo.squat.ai/persistent-keepalive"), |n| {
+                    n.persistent_keepalive == 0
+                }),
+            ),
+            (
+                "persistent-keepalive negative",
+                vec![("kilo.squat.ai/persistent-keepalive", "-3")],
+                Kept(Some("kilo.squat.ai/persistent-keepalive"), |n| {
+                    n.persistent_keepalive == 0
+                }),
+            ),
+            (
+                "persistent-keepalive too big",
+                vec![("wiremesh.io/persistent-keepalive", "70000")],
+                Kept(Some("wiremesh.io/persistent-keepalive"), |n| {
+                    n.persistent_keepalive == 0
+                }),
+            ),
+            (
+                "persistent-keepalive valid",
+                vec![("kilo.squat.ai/persistent-keepalive", "25")],
+                Kept(None, |n| n.persistent_keepalive == 25),
+            ),
+            (
+                "allowed-location-ips empty",
+                vec![("kilo.squat.ai/allowed-location-ips", "")],
+                Kept(None, |n| n.allowed_location_ips.is_empty()),
+            ),
+            (
+                "allowed-location-ips one invalid entry",
+                vec![(
+                    "kilo.squat.ai/allowed-location-ips",
+                    "10.9.0.0/16,bogus,10.8.0.0/24",
+                )],
+                Kept(Some("kilo.squat.ai/allowed-location-ips"), |n| {
+                    n.allowed_location_ips
+                        == vec![
+                            "10.9.0.0/16".parse().unwrap(),
+                            "10.8.0.0/24".parse().unwrap(),
+                        ]
+                }),
+            ),
+            (
+                "allowed-location-ips valid",
+                vec![("kilo.squat.ai/allowed-location-ips", "10.9.0.0/16")],
+                Kept(None, |n| n.allowed_location_ips.len() == 1),
+            ),
+            (
+                "leader empty",
+                vec![("kilo.squat.ai/leader", "")],
+                Kept(None, |n| n.leader),
+            ),
+            (
+                "leader any value",
+                vec![("kilo.squat.ai/leader", "false")],
+                Kept(None, |n| n.leader),
+            ),
+            (
+                "location empty",
+                vec![("kilo.squat.ai/location", "")],
+                Kept(None, |n| n.location.is_empty()),
+            ),
+            (
+                "location valid",
+                vec![("kilo.squat.ai/location", "x y")],
+                Kept(None, |n| n.location == "x y"),
+            ),
+            (
+                "last-seen empty",
+                vec![("kilo.squat.ai/last-seen", "")],
+                Kept(None, |n| n.last_seen.is_none()),
+            ),
+            (
+                "last-seen invalid: never",
+                vec![("kilo.squat.ai/last-seen", "yesterday")],
+                Kept(Some("kilo.squat.ai/last-seen"), |n| n.last_seen == Some(0)),
+            ),
+            (
+                "last-seen valid",
+                vec![("kilo.squat.ai/last-seen", "1700000000")],
+                Kept(None, |n| n.last_seen == Some(1_700_000_000)),
+            ),
+            (
+                "discovered-endpoints empty",
+                vec![("kilo.squat.ai/discovered-endpoints", "")],
+                Kept(None, |n| n.discovered_endpoints.is_empty()),
+            ),
+            (
+                "discovered-endpoints invalid",
+                vec![("kilo.squat.ai/discovered-endpoints", "{not json")],
+                Kept(Some("kilo.squat.ai/discovered-endpoints"), |n| {
+                    n.discovered_endpoints.is_empty()
+                }),
+            ),
+            (
+                "discovered-endpoints one entry without a key",
+                vec![("kilo.squat.ai/discovered-endpoints", json.as_str())],
+                Kept(Some("kilo.squat.ai/discovered-endpoints"), |n| {
+                    n.discovered_endpoints
+                        .values()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        == ["5.6.7.8:4000"]
+                }),
+            ),
+            (
+                "granularity empty",
+                vec![("kilo.squat.ai/granularity", "")],
+                Kept(None, |n| n.granularity.is_none()),
+            ),
+            (
+                "granularity invalid",
+                vec![("kilo.squat.ai/granularity", "mesh")],
+                Kept(Some("kilo.squat.ai/granularity"), |n| {
+                    n.granularity.is_none()
+                }),
+            ),
+            (
+                "granularity valid",
+                vec![("kilo.squat.ai/granularity", "full")],
+                Kept(None, |n| n.granularity == Some(Granularity::Full)),
+            ),
+        ];
+        for (what, extra, want) in cases {
+            let mut ann = vec![
+                ("kilo.squat.ai/key", KEY),
+                ("kilo.squat.ai/endpoint", "1.2.3.4:51820"),
+            ];
+            ann.retain(|(k, _)| !extra.iter().any(|(e, _)| e == k));
+            ann.extend(extra);
+            let got = parse_node(&node("n", &ann), DEFAULT_TOPOLOGY_LABEL);
+            match (want, got) {
+                (Kept(warned, check), Ok(p)) => {
+                    assert!(check(&p.value), "{what}: {:?}", p.value);
+                    let keys: Vec<_> = p.warnings.iter().map(|d| d.key.as_deref()).collect();
+                    assert_eq!(
+                        keys,
+                        warned.map(Some).into_iter().collect::<Vec<_>>(),
+                        "{what}"
+                    );
+                    assert!(
+                        p.warnings.iter().all(|d| d.name == "n" && !d.skipped),
+                        "{what}"
+                    );
+                }
+                (LeftOut(key), Err(d)) => {
+                    assert!(
+                        d.iter()
+                            .any(|d| d.key.as_deref() == Some(key) && d.skipped && d.name == "n"),
+                        "{what}: {d:?}"
+                    );
+                }
+                (_, got) => panic!("{what}: got {got:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_bad_pod_cidr_leaves_the_node_out_unless_a_good_one_remains() {
+        let mut n = node("a", &[]);
+        n.spec = Some(NodeSpec {
+            pod_cidr: Some("10.42.1.0/33".into()),
+            ..Default::default()
+        });
+        let d = parse_node(&n, DEFAULT_TOPOLOGY_LABEL).unwrap_err();
+        assert_eq!(d.len(), 1);
+        assert!(d[0].skipped && d[0].key.as_deref() == Some("spec.podCIDR"));
+        n.spec = Some(NodeSpec {
+            pod_cidrs: Some(vec!["10.42.1.0/24".into(), "fd42::/129".into()]),
+            ..Default::default()
+        });
+        let p = parse_node(&n, DEFAULT_TOPOLOGY_LABEL).unwrap();
+        assert_eq!(p.value.pod_cidrs, vec!["10.42.1.0/24".parse().unwrap()]);
+        assert_eq!(p.warnings.len(), 1);
+        assert_eq!(p.warnings[0].key.as_deref(), Some("spec.podCIDRs"));
+        assert!(!p.warnings[0].skipped);
     }
 
     #[test]
@@ -469,7 +959,8 @@ mod tests {
             &node("a", &[("kilo.squat.ai/discovered-endpoints", &json)]),
             DEFAULT_TOPOLOGY_LABEL,
         )
-        .unwrap();
+        .unwrap()
+        .value;
         let (k, v) = n.discovered_endpoints.iter().next().unwrap();
         assert_eq!(k.to_string(), KEY);
         assert_eq!(v.to_string(), "5.6.7.8:4000");
@@ -483,7 +974,7 @@ mod tests {
             pod_cidrs: Some(vec!["10.42.9.7/24".into(), "fd42::/64".into()]),
             ..Default::default()
         });
-        let m = parse_node(&n, DEFAULT_TOPOLOGY_LABEL).unwrap();
+        let m = parse_node(&n, DEFAULT_TOPOLOGY_LABEL).unwrap().value;
         assert_eq!(
             m.pod_cidrs,
             vec![

@@ -14,6 +14,7 @@ use serde_json::value::RawValue;
 
 use crate::diagnostic::{Diagnostic, Subject};
 use crate::model::{MeshNode, MeshPeer};
+use crate::registry::Parsed;
 use crate::registry::annotations::{NodeParts, parse_parts};
 use crate::registry::peer::{PeerResource, parse_peer};
 
@@ -39,13 +40,36 @@ pub enum FileError {
     },
 }
 
-/// What a registry read yields: the valid objects, and a diagnostic for each one left out.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// What a registry read yields: the objects that take part, and the problems found: one or more
+/// per object left out, and one per malformed value of a kept object (Kilo's value is used).
+#[derive(Debug, Clone, PartialEq)]
 pub struct Loaded<T> {
-    /// Objects that were valid.
+    /// Objects that take part.
     pub items: Vec<T>,
-    /// Problems, one or more per object left out.
+    /// Problems: those of objects left out (`skipped`) and warnings about kept ones.
     pub diagnostics: Vec<Diagnostic>,
+}
+
+impl<T> Default for Loaded<T> {
+    fn default() -> Self {
+        Loaded {
+            items: Vec::new(),
+            diagnostics: Vec::new(),
+        }
+    }
+}
+
+impl<T> Loaded<T> {
+    /// Add one parse result: the object (and its warnings), or its problems.
+    pub fn push(&mut self, r: Result<Parsed<T>, Vec<Diagnostic>>) {
+        match r {
+            Ok(p) => {
+                self.items.push(p.value);
+                self.diagnostics.extend(p.warnings);
+            }
+            Err(d) => self.diagnostics.extend(d),
+        }
+    }
 }
 
 /// One object of an input: borrowed raw JSON (no intermediate tree), or a value from YAML.
@@ -133,7 +157,7 @@ fn decode_each<T: DeserializeOwned, U>(
     subject: Subject,
     expected_kind: &str,
     kind_of: impl Fn(&T) -> Option<&str>,
-    translate: impl Fn(&T) -> Result<U, Vec<Diagnostic>>,
+    translate: impl Fn(&T) -> Result<Parsed<U>, Vec<Diagnostic>>,
 ) -> Loaded<U> {
     let mut out = Loaded {
         items: Vec::with_capacity(items.len()),
@@ -145,10 +169,7 @@ fn decode_each<T: DeserializeOwned, U>(
                 if kind_of(&obj).is_some_and(|k| !k.is_empty() && k != expected_kind) {
                     continue; // A mixed file: other kinds are not ours to read.
                 }
-                match translate(&obj) {
-                    Ok(u) => out.items.push(u),
-                    Err(d) => out.diagnostics.extend(d),
-                }
+                out.push(translate(&obj));
             }
             Err(e) => {
                 let header: Header = item.decode().unwrap_or_default();
@@ -244,7 +265,7 @@ pub fn decode_nodes(text: &str, topology_label: &str) -> Result<Loaded<MeshNode>
 #[derive(Debug, Default)]
 pub struct NodeCache {
     label: String,
-    by_text: rustc_hash::FxHashMap<Box<str>, Result<MeshNode, Vec<Diagnostic>>>,
+    by_text: rustc_hash::FxHashMap<Box<str>, Result<Parsed<MeshNode>, Vec<Diagnostic>>>,
 }
 
 /// Like [`decode_nodes`], reusing the translations in `cache` for JSON objects whose text did
@@ -283,16 +304,13 @@ pub fn decode_nodes_cached(
                     |n| parse_parts(n.parts(), topology_label),
                 );
                 let result = match (one.items.into_iter().next(), one.diagnostics) {
-                    (Some(n), _) => Ok(n),
+                    (Some(value), warnings) => Ok(Parsed { value, warnings }),
                     (None, d) => Err(d),
                 };
                 (Box::from(key), result)
             }
         };
-        match &result {
-            Ok(n) => out.items.push(n.clone()),
-            Err(d) => out.diagnostics.extend(d.iter().cloned()),
-        }
+        out.push(result.clone());
         cache.by_text.insert(key, result);
     }
     if !fresh.is_empty() {
@@ -326,7 +344,7 @@ pub fn decode_peers(text: &str) -> Result<Loaded<MeshPeer>, FileError> {
         Subject::Peer,
         "Peer",
         |p| Some(p.kind.as_str()),
-        parse_peer,
+        |p| parse_peer(p).map(Parsed::clean),
     ))
 }
 

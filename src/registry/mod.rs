@@ -1,5 +1,6 @@
 //! Registries: where nodes and peers come from (a file, or Kubernetes in [`cluster`]),
-//! translated into validated model values with a diagnostic for every object left out.
+//! translated into validated model values ([`Parsed`]) with a diagnostic for every object left
+//! out and for every value that was ignored or replaced by Kilo's default.
 //!
 //! May depend on the model, diagnostics, serde, `k8s-openapi`, `kube` (in [`cluster`] only) and
 //! the engine's event type; never on netlink or the reconciler.
@@ -11,8 +12,49 @@ pub mod peer;
 
 use std::collections::BTreeMap;
 
+use crate::diagnostic::Diagnostic;
 use crate::model::{MeshNode, MeshPeer, NodeName};
 use crate::topology::incremental::Event;
+
+/// An object the registry keeps in the mesh, with the warnings about values of it that were
+/// malformed and replaced by what Kilo uses instead (a default, or nothing).
+///
+/// Parsers return `Result<Parsed<T>, Vec<Diagnostic>>`: `Err` when the object is left out, with
+/// every problem found (those that left it out are `skipped`, the others kept).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Parsed<T> {
+    /// The object as it takes part.
+    pub value: T,
+    /// Kept diagnostics (`skipped == false`), in the order the values were read.
+    pub warnings: Vec<Diagnostic>,
+}
+
+impl<T> Parsed<T> {
+    /// An object read without any problem.
+    pub fn clean(value: T) -> Self {
+        Parsed {
+            value,
+            warnings: Vec::new(),
+        }
+    }
+
+    /// The same warnings about another form of the value.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Parsed<U> {
+        Parsed {
+            value: f(self.value),
+            warnings: self.warnings,
+        }
+    }
+}
+
+/// The diagnostics of one parse result: the warnings of a kept object, or every problem of one
+/// left out.
+pub fn diagnostics_of<T>(r: &Result<Parsed<T>, Vec<Diagnostic>>) -> &[Diagnostic] {
+    match r {
+        Ok(p) => &p.warnings,
+        Err(d) => d,
+    }
+}
 
 /// Events for every item of `new` that is not in `current` as it is (upserts), then for every
 /// item of `current` whose name is gone from `new` (removals).

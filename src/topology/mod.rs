@@ -625,12 +625,70 @@ fn alip_diag(seg: &Segment<'_>, ip: IpNetwork, why: String) -> Diagnostic {
 /// Why a desired state cannot be computed for the local node.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LocalError {
-    /// The local node is not among the nodes.
+    /// The local node is not among the nodes, and no diagnostic says it was left out.
     #[error("node {0} is not in the cluster")]
     Unknown(String),
-    /// The local node is present but cannot take part.
-    #[error("node {0} cannot take part in the mesh: {1}")]
-    NotReady(String, String),
+    /// The local node exists but was left out: its diagnostics as `KEY: PROBLEM`, `; `-joined,
+    /// those that left it out first.
+    #[error("node {0} is left out: {1}")]
+    LeftOut(String, String),
+}
+
+impl LocalError {
+    /// Why node `name` is left out, from `diagnostics` (all of its own, those that left it out
+    /// first), or `None` when none of them left it out.
+    pub fn left_out<'d>(
+        name: &str,
+        diagnostics: impl IntoIterator<Item = &'d Diagnostic>,
+    ) -> Option<LocalError> {
+        let mut mine: Vec<&Diagnostic> = diagnostics
+            .into_iter()
+            .filter(|d| d.subject == crate::diagnostic::Subject::Node && d.name == name)
+            .collect();
+        if !mine.iter().any(|d| d.skipped) {
+            return None;
+        }
+        // Stable: within each group the order of the input stays.
+        mine.sort_by_key(|d| !d.skipped);
+        let mut why: Vec<String> = Vec::with_capacity(mine.len());
+        for d in mine {
+            let text = match &d.key {
+                Some(k) => format!("{k}: {}", d.problem),
+                None => d.problem.clone(),
+            };
+            if !why.contains(&text) {
+                why.push(text);
+            }
+        }
+        Some(LocalError::LeftOut(name.to_owned(), why.join("; ")))
+    }
+
+    /// This error told with the diagnostics found before the engine (the registry's parse
+    /// problems): a node the registry left out is [`LocalError::LeftOut`], not unknown, and a
+    /// node the engine left out also names the registry's warnings about it (a malformed
+    /// `last-seen` read as "never" explains a stale heartbeat).
+    pub fn explained_by(self, registry: &[Diagnostic]) -> LocalError {
+        match self {
+            LocalError::Unknown(name) => {
+                LocalError::left_out(&name, registry).unwrap_or(LocalError::Unknown(name))
+            }
+            LocalError::LeftOut(name, why) => {
+                let extra: Vec<String> = registry
+                    .iter()
+                    .filter(|d| d.subject == crate::diagnostic::Subject::Node && d.name == name)
+                    .map(|d| match &d.key {
+                        Some(k) => format!("{k}: {}", d.problem),
+                        None => d.problem.clone(),
+                    })
+                    .collect();
+                if extra.is_empty() {
+                    LocalError::LeftOut(name, why)
+                } else {
+                    LocalError::LeftOut(name, format!("{why}; {}", extra.join("; ")))
+                }
+            }
+        }
+    }
 }
 
 /// The result of a full computation for one node.
@@ -681,14 +739,8 @@ impl<'a> Topology<'a> {
         opts: &MeshOptions,
     ) -> Result<(DesiredState, Vec<Diagnostic>), LocalError> {
         let idx = self.segment_of(local).ok_or_else(|| {
-            match self
-                .diagnostics
-                .iter()
-                .find(|d| d.name == local.as_str() && d.skipped)
-            {
-                Some(d) => LocalError::NotReady(local.to_string(), d.problem.clone()),
-                None => LocalError::Unknown(local.to_string()),
-            }
+            LocalError::left_out(local.as_str(), &self.diagnostics)
+                .unwrap_or_else(|| LocalError::Unknown(local.to_string()))
         })?;
         let ctx = LocalContext::new(self, idx, local, opts);
         let mut acc = Contribution::with_capacity(self.segments.len() + self.peers.len());

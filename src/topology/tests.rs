@@ -374,10 +374,55 @@ fn local_node_that_is_not_ready_is_an_error_that_says_why() {
     nodes[0].pod_cidrs.clear();
     let e = compute(&nodes, &[], &name("a"), &opts(Granularity::Full)).unwrap_err();
     assert!(
-        matches!(e, LocalError::NotReady(ref n, ref why) if n == "a" && why.contains("pod CIDR"))
+        matches!(e, LocalError::LeftOut(ref n, ref why) if n == "a" && why.contains("pod CIDR"))
+    );
+    assert_eq!(
+        e.to_string(),
+        "node a is left out: no pod CIDR assigned yet"
     );
     let e = compute(&nodes, &[], &name("zz"), &opts(Granularity::Full)).unwrap_err();
     assert_eq!(e, LocalError::Unknown("zz".into()));
+}
+
+#[test]
+fn a_node_the_registry_left_out_is_left_out_with_all_its_diagnostics_not_unknown() {
+    let nodes = kilo_cluster();
+    let registry = vec![
+        Diagnostic::node(
+            "zz",
+            Some("kilo.squat.ai/granularity"),
+            "\"x\" is bad; ignored",
+        )
+        .kept(),
+        Diagnostic::node("zz", Some("kilo.squat.ai/key"), "\"short\" is not a key"),
+        Diagnostic::node("other", Some("kilo.squat.ai/key"), "not a key"),
+    ];
+    let e = compute(&nodes, &[], &name("zz"), &opts(Granularity::Full)).unwrap_err();
+    assert_eq!(
+        e.explained_by(&registry).to_string(),
+        "node zz is left out: kilo.squat.ai/key: \"short\" is not a key; \
+         kilo.squat.ai/granularity: \"x\" is bad; ignored"
+    );
+    // Only warnings about a node that is absent: still not in the cluster.
+    let e = compute(&nodes, &[], &name("zz"), &opts(Granularity::Full)).unwrap_err();
+    assert_eq!(
+        e.explained_by(&registry[..1]),
+        LocalError::Unknown("zz".into())
+    );
+    // The engine left it out (stale); the registry says why the heartbeat reads as stale.
+    let mut stale = kilo_cluster();
+    stale[0].last_seen = Some(0);
+    let mut o = opts(Granularity::Full);
+    o.now = Some(1_000_000);
+    let e = compute(&stale, &[], &name("a"), &o).unwrap_err();
+    let warning = Diagnostic::node("a", Some("kilo.squat.ai/last-seen"), "read as 0").kept();
+    assert_eq!(
+        e.explained_by(&[warning]).to_string(),
+        format!(
+            "node a is left out: {}; kilo.squat.ai/last-seen: read as 0",
+            NotReady::StaleHeartbeat.text()
+        )
+    );
 }
 
 #[test]

@@ -5,7 +5,8 @@
 //! - [`list`]: one consistent read of Nodes and Peers (for `meshctl`).
 //! - [`watch`]: a task that watches both and sends coalesced [`Batch`]es of engine events.
 //! - [`publish`]: this node's annotations as one merge patch of only those keys.
-//! - [`report`]: Kubernetes Events for objects left out, once per change.
+//! - [`report`]: Kubernetes Events for objects left out or kept with a malformed value, once per
+//!   change.
 //!
 //! May depend on `kube`, `k8s-openapi`, tokio, the model, diagnostics, the other registry modules
 //! and the engine's event type; never on netlink or the reconciler.
@@ -122,7 +123,8 @@ pub async fn has_peer_crd(client: &Client) -> Result<bool, ClusterError> {
 }
 
 /// All Nodes and Peers, parsed: one list of each. Objects that do not parse are left out with
-/// their diagnostics; a cluster without the Peer CRD has no peers.
+/// their diagnostics, and the malformed optional values of kept Nodes come back as warnings; a
+/// cluster without the Peer CRD has no peers.
 pub async fn list(
     client: &Client,
     topology_label: &str,
@@ -130,15 +132,9 @@ pub async fn list(
     let nodes = Api::<Node>::all(client.clone())
         .list(&ListParams::default())
         .await?;
-    let mut n = Loaded {
-        items: Vec::new(),
-        diagnostics: Vec::new(),
-    };
+    let mut n = Loaded::default();
     for node in &nodes.items {
-        match parse_node(node, topology_label) {
-            Ok(m) => n.items.push(m),
-            Err(d) => n.diagnostics.extend(d),
-        }
+        n.push(parse_node(node, topology_label));
     }
     let mut p = Loaded {
         items: Vec::new(),

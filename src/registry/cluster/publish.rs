@@ -309,7 +309,9 @@ mod tests {
             pod_cidr: Some("10.42.0.0/24".into()),
             ..Default::default()
         });
-        let m = crate::registry::annotations::parse_node(&n, "x").unwrap();
+        let m = crate::registry::annotations::parse_node(&n, "x")
+            .unwrap()
+            .value;
         assert_eq!(m.key, Some(key));
         assert_eq!(m.last_seen, Some(1_700_000_000));
         assert_eq!(

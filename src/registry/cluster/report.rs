@@ -1,5 +1,7 @@
-//! Kubernetes Events for objects the mesh leaves out (a malformed annotation on a Node, an
-//! invalid Peer), so `kubectl describe node X` says which key is wrong and why.
+//! Kubernetes Events for objects the mesh leaves out (a Node without a valid key, an invalid
+//! Peer) and for objects it keeps with a malformed value replaced by Kilo's (a bad keepalive, an
+//! allowed-location-ips entry dropped), so `kubectl describe node X` says which key is wrong and
+//! why. The Event's reason tells the two apart ([`REASON_NODE`], [`REASON_NODE_FALLBACK`]).
 //!
 //! Once per change: an Event is created when an object's problems change, not on resyncs. Its
 //! name is derived from the object and the problem, so the same report from another agent (every
@@ -28,6 +30,11 @@ pub const EVENT_NAMESPACE: &str = "default";
 pub const REASON_NODE: &str = "WiremeshInvalidNode";
 /// `reason` of an Event about a Peer left out of the mesh.
 pub const REASON_PEER: &str = "WiremeshInvalidPeer";
+/// `reason` of an Event about a Node kept in the mesh with a value ignored or replaced by a
+/// default (a malformed optional annotation, an allowed IP that another segment has).
+pub const REASON_NODE_FALLBACK: &str = "WiremeshNodeFallback";
+/// `reason` of an Event about a Peer kept in the mesh with a value ignored.
+pub const REASON_PEER_FALLBACK: &str = "WiremeshPeerFallback";
 
 /// Reports diagnostics as Events, remembering what it reported.
 pub struct Reporter {
@@ -39,8 +46,13 @@ pub struct Reporter {
     created: BTreeMap<String, i32>,
 }
 
+/// Whether the object of these diagnostics (all of one object) is left out of the mesh.
+fn left_out(diags: &[&Diagnostic]) -> bool {
+    diags.iter().any(|d| d.skipped)
+}
+
 /// The text of all problems of one object, in a stable order, saying whether it was left out
-/// of the mesh or only warned about.
+/// of the mesh or kept with a fallback.
 fn problems(diags: &[&Diagnostic]) -> String {
     let mut lines: Vec<String> = diags
         .iter()
@@ -51,10 +63,10 @@ fn problems(diags: &[&Diagnostic]) -> String {
         .collect();
     lines.sort();
     lines.dedup();
-    let verdict = if diags.iter().any(|d| d.skipped) {
+    let verdict = if left_out(diags) {
         "left out of the mesh"
     } else {
-        "kept in the mesh, with a warning"
+        "kept in the mesh, with a fallback"
     };
     format!("{verdict}: {}", lines.join("; "))
 }
@@ -67,18 +79,37 @@ pub fn event_name(subject: Subject, name: &str, uid: Option<&str>, text: &str) -
     format!("{prefix}.wiremesh-{:016x}", h.finish())
 }
 
+/// What an Event is about: the object, and whether the mesh left it out or kept it with a
+/// fallback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct About<'a> {
+    /// Kind of the object.
+    pub subject: Subject,
+    /// Its name.
+    pub name: &'a str,
+    /// Its uid, when known.
+    pub uid: Option<&'a str>,
+    /// Left out of the mesh (`true`) or kept with a fallback.
+    pub left_out: bool,
+}
+
 /// The Event for `text` about the object.
-pub fn event(
-    subject: Subject,
-    name: &str,
-    uid: Option<&str>,
-    text: &str,
-    reporter: &str,
-    now: Timestamp,
-) -> Event {
-    let (api_version, kind, reason) = match subject {
-        Subject::Peer => (format!("{PEER_GROUP}/{PEER_VERSION}"), "Peer", REASON_PEER),
-        _ => ("v1".to_owned(), "Node", REASON_NODE),
+pub fn event(about: About<'_>, text: &str, reporter: &str, now: Timestamp) -> Event {
+    let About {
+        subject,
+        name,
+        uid,
+        left_out,
+    } = about;
+    let (api_version, kind, reason) = match (subject, left_out) {
+        (Subject::Peer, true) => (format!("{PEER_GROUP}/{PEER_VERSION}"), "Peer", REASON_PEER),
+        (Subject::Peer, false) => (
+            format!("{PEER_GROUP}/{PEER_VERSION}"),
+            "Peer",
+            REASON_PEER_FALLBACK,
+        ),
+        (_, true) => ("v1".to_owned(), "Node", REASON_NODE),
+        (_, false) => ("v1".to_owned(), "Node", REASON_NODE_FALLBACK),
     };
     Event {
         metadata: ObjectMeta {
@@ -154,14 +185,14 @@ impl Reporter {
                     .push(d);
             }
         }
-        let current: BTreeMap<(Subject, String), String> = by_object
+        let current: BTreeMap<(Subject, String), (String, bool)> = by_object
             .into_iter()
-            .map(|(k, v)| (k, problems(&v)))
+            .map(|(k, v)| (k, (problems(&v), left_out(&v))))
             .collect();
         let api = Api::<Event>::namespaced(self.client.clone(), EVENT_NAMESPACE);
         let now = Timestamp::now();
         let mut kept = BTreeMap::new();
-        for ((subject, name), text) in current {
+        for ((subject, name), (text, left_out)) in current {
             if self.reported.get(&(subject, name.clone())) == Some(&text) {
                 kept.insert((subject, name), text);
                 continue;
@@ -170,7 +201,13 @@ impl Reporter {
             let uid = (subject == Subject::Node && name == self.node)
                 .then_some(node_uid)
                 .flatten();
-            let ev = event(subject, &name, uid, &text, &self.node, now);
+            let about = About {
+                subject,
+                name: &name,
+                uid,
+                left_out,
+            };
+            let ev = event(about, &text, &self.node, now);
             let ev_name = ev.metadata.name.clone().unwrap_or_default();
             match api.create(&PostParams::default(), &ev).await {
                 Ok(_) => {
@@ -233,19 +270,13 @@ mod tests {
             text,
             "left out of the mesh: kilo.squat.ai/endpoint: port 0; kilo.squat.ai/key: not base64"
         );
-        let warning = Diagnostic::node("n1", None, "allowed IP 10.0.0.0/24 is taken").kept();
-        assert_eq!(
-            problems(&[&warning]),
-            "kept in the mesh, with a warning: allowed IP 10.0.0.0/24 is taken"
-        );
-        let ev = event(
-            Subject::Node,
-            "n1",
-            Some("uid-1"),
-            &text,
-            "n1",
-            Timestamp::now(),
-        );
+        let node = |left_out| About {
+            subject: Subject::Node,
+            name: "n1",
+            uid: Some("uid-1"),
+            left_out,
+        };
+        let ev = event(node(left_out(&[&d2, &d1])), &text, "n1", Timestamp::now());
         assert_eq!(ev.involved_object.kind.as_deref(), Some("Node"));
         assert_eq!(ev.involved_object.uid.as_deref(), Some("uid-1"));
         assert_eq!(ev.reason.as_deref(), Some(REASON_NODE));
@@ -254,18 +285,48 @@ mod tests {
                 .unwrap()
                 .contains("kilo.squat.ai/key: not base64")
         );
-        let ev = event(
-            Subject::Peer,
-            "laptop",
-            None,
-            "spec.publicKey: x",
-            "n1",
-            Timestamp::now(),
-        );
+        let peer = About {
+            subject: Subject::Peer,
+            name: "laptop",
+            uid: None,
+            left_out: true,
+        };
+        let ev = event(peer, "spec.publicKey: x", "n1", Timestamp::now());
         assert_eq!(
             ev.involved_object.api_version.as_deref(),
             Some("kilo.squat.ai/v1alpha1")
         );
         assert_eq!(ev.type_.as_deref(), Some("Warning"));
+        assert_eq!(ev.reason.as_deref(), Some(REASON_PEER));
+    }
+
+    #[test]
+    fn a_node_kept_with_a_fallback_gets_its_own_reason_and_verdict() {
+        let warning = Diagnostic::node(
+            "n1",
+            Some("kilo.squat.ai/persistent-keepalive"),
+            "\"abc\" is not a number of seconds from 0 to 65535; no keepalive is used",
+        )
+        .kept();
+        let text = problems(&[&warning]);
+        assert_eq!(
+            text,
+            "kept in the mesh, with a fallback: kilo.squat.ai/persistent-keepalive: \"abc\" is \
+             not a number of seconds from 0 to 65535; no keepalive is used"
+        );
+        assert!(!left_out(&[&warning]));
+        let about = About {
+            subject: Subject::Node,
+            name: "n1",
+            uid: None,
+            left_out: false,
+        };
+        let ev = event(about, &text, "n1", Timestamp::now());
+        assert_eq!(ev.reason.as_deref(), Some(REASON_NODE_FALLBACK));
+        assert_eq!(ev.type_.as_deref(), Some("Warning"));
+        // One fatal problem among warnings: the node is left out, and the Event says so.
+        let fatal = Diagnostic::node("n1", Some("kilo.squat.ai/key"), "not a key");
+        assert!(left_out(&[&warning, &fatal]));
+        assert!(problems(&[&warning, &fatal]).starts_with("left out of the mesh: "));
     }
 }

@@ -1,9 +1,9 @@
 //! The registry's view of one kind of object (Nodes or Peers) as a watch delivers it, turned into
 //! engine events.
 //!
-//! Every object is parsed when it arrives; the store keeps the parsed value or its diagnostics
-//! by name. A change that leaves the parsed value as it was yields no event; an object that
-//! becomes invalid is removed from the engine (and reported); a relist (`Init` … `InitDone`) is
+//! Every object is parsed when it arrives; the store keeps the parsed value (with its warnings)
+//! or its diagnostics by name. A change that leaves the parsed value as it was yields no event;
+//! an object that becomes invalid is removed from the engine (and reported); a relist (`Init` … `InitDone`) is
 //! buffered and replaces the store only when complete, so nothing is removed before a full list
 //! has arrived (after a start, a 410 Gone or an outage).
 //!
@@ -16,20 +16,21 @@ use crate::diagnostic::Diagnostic;
 use std::sync::Arc;
 
 use crate::model::{MeshNode, MeshPeer, NodeName};
+use crate::registry::{Parsed, diagnostics_of};
 use crate::topology::incremental::Event;
 
 /// One step of a watch, as `kube::runtime::watcher` delivers it, with the object already
-/// parsed (`Ok`) or rejected with its diagnostics (`Err`).
+/// parsed (`Ok`, with its warnings) or rejected with its diagnostics (`Err`).
 #[derive(Debug, Clone, PartialEq)]
 pub enum WatchEvent<T> {
     /// An object was added or changed.
-    Apply(String, Result<T, Vec<Diagnostic>>),
+    Apply(String, Entry<T>),
     /// An object was deleted.
     Delete(String),
     /// A (re)list starts.
     Init,
     /// An object of the (re)list.
-    InitApply(String, Result<T, Vec<Diagnostic>>),
+    InitApply(String, Entry<T>),
     /// The (re)list is complete.
     InitDone,
 }
@@ -60,7 +61,13 @@ impl Kind for MeshPeer {
     }
 }
 
-type Entry<T> = Result<T, Vec<Diagnostic>>;
+/// One object as parsed: kept (with its warnings) or left out (with its diagnostics).
+pub type Entry<T> = Result<Parsed<T>, Vec<Diagnostic>>;
+
+/// The value of an entry that takes part.
+fn value<T>(e: &Entry<T>) -> Option<&T> {
+    e.as_ref().ok().map(|p| &p.value)
+}
 
 /// Parsed objects of one kind by name, and the relist in progress.
 #[derive(Debug)]
@@ -86,16 +93,17 @@ impl<T: Kind> Store<T> {
         self.synced
     }
 
-    /// The valid objects.
+    /// The objects that take part.
     pub fn valid(&self) -> impl Iterator<Item = &T> {
-        self.items.values().filter_map(|e| e.as_ref().ok())
+        self.items.values().filter_map(value)
     }
 
-    /// Diagnostics of the objects left out, by object name.
+    /// Diagnostics by object name: of the objects left out, and the warnings of those kept.
     pub fn diagnostics(&self) -> impl Iterator<Item = (&str, &[Diagnostic])> {
         self.items
             .iter()
-            .filter_map(|(n, e)| e.as_ref().err().map(|d| (n.as_str(), d.as_slice())))
+            .map(|(n, e)| (n.as_str(), diagnostics_of(e)))
+            .filter(|(_, d)| !d.is_empty())
     }
 
     /// Apply one watch step; push the engine events it causes onto `out`. Returns whether the
@@ -120,8 +128,8 @@ impl<T: Kind> Store<T> {
                     }
                 }
                 for (name, entry) in &new {
-                    if let Ok(v) = entry
-                        && self.items.get(name).and_then(|e| e.as_ref().ok()) != Some(v)
+                    if let Some(v) = value(entry)
+                        && self.items.get(name).and_then(value) != Some(v)
                     {
                         out.push(v.clone().upsert());
                     }
@@ -131,24 +139,27 @@ impl<T: Kind> Store<T> {
                 true
             }
             WatchEvent::Apply(name, entry) => {
+                let old = self.items.get(&name);
                 let diag_change =
-                    entry.is_err() || self.items.get(&name).is_some_and(Result::is_err);
-                let was = self.items.get(&name).and_then(|e| e.as_ref().ok());
-                match &entry {
-                    Ok(v) if was != Some(v) => out.push(v.clone().upsert()),
-                    Ok(_) => {}
-                    Err(_) if was.is_some() => out.push(T::remove(NodeName(name.clone()))),
-                    Err(_) => {}
+                    diagnostics_of(&entry) != old.map(diagnostics_of).unwrap_or_default();
+                let was = old.and_then(value);
+                match value(&entry) {
+                    Some(v) if was != Some(v) => out.push(v.clone().upsert()),
+                    Some(_) => {}
+                    None if was.is_some() => out.push(T::remove(NodeName(name.clone()))),
+                    None => {}
                 }
                 self.items.insert(name, entry);
                 diag_change
             }
             WatchEvent::Delete(name) => match self.items.remove(&name) {
-                Some(Ok(_)) => {
-                    out.push(T::remove(NodeName(name)));
-                    false
+                Some(e) => {
+                    let had_diags = !diagnostics_of(&e).is_empty();
+                    if e.is_ok() {
+                        out.push(T::remove(NodeName(name)));
+                    }
+                    had_diags
                 }
-                Some(Err(_)) => true,
                 None => false,
             },
         }
@@ -192,7 +203,18 @@ mod tests {
     }
 
     fn ok(name: &str, loc: &str) -> (String, Entry<Arc<MeshNode>>) {
-        (name.into(), Ok(node(name, loc)))
+        (name.into(), Ok(Parsed::clean(node(name, loc))))
+    }
+
+    fn warned(name: &str, loc: &str, problem: &str) -> (String, Entry<Arc<MeshNode>>) {
+        let warning = Diagnostic::node(name, Some("kilo.squat.ai/persistent-keepalive"), problem);
+        (
+            name.into(),
+            Ok(Parsed {
+                value: node(name, loc),
+                warnings: vec![warning.kept()],
+            }),
+        )
     }
 
     fn bad(name: &str) -> (String, Entry<Arc<MeshNode>>) {
@@ -293,6 +315,34 @@ mod tests {
         assert!(step(&mut s, WatchEvent::Delete("a".into())).is_empty());
         assert_eq!(s.diagnostics().count(), 0);
         assert!(step(&mut s, WatchEvent::Delete("zz".into())).is_empty());
+    }
+
+    #[test]
+    fn a_kept_object_with_warnings_is_in_the_engine_and_its_warnings_are_reported() {
+        let mut s = listed(vec![warned("a", "x", "\"abc\" is not a number")]);
+        assert_eq!(s.valid().count(), 1);
+        let diags: Vec<_> = s.diagnostics().collect();
+        assert_eq!(diags.len(), 1);
+        assert!(!diags[0].1[0].skipped);
+        // Only the warning changes: no engine event, but the diagnostics changed.
+        let mut out = Vec::new();
+        let (n, e) = warned("a", "x", "\"abd\" is not a number");
+        assert!(s.apply(WatchEvent::Apply(n, e), &mut out));
+        assert!(out.is_empty());
+        // The same again: nothing changed at all.
+        let (n, e) = warned("a", "x", "\"abd\" is not a number");
+        assert!(!s.apply(WatchEvent::Apply(n, e), &mut out));
+        // Fixed: the warning goes, the value is the same.
+        let (n, e) = ok("a", "x");
+        assert!(s.apply(WatchEvent::Apply(n, e), &mut out));
+        assert!(out.is_empty());
+        assert_eq!(s.diagnostics().count(), 0);
+        // Deleting a kept object with warnings removes it and its warnings.
+        let (n, e) = warned("a", "x", "bad");
+        s.apply(WatchEvent::Apply(n, e), &mut out);
+        assert!(s.apply(WatchEvent::Delete("a".into()), &mut out));
+        assert_eq!(out, vec![Event::NodeRemove(NodeName("a".into()))]);
+        assert_eq!(s.diagnostics().count(), 0);
     }
 
     #[test]

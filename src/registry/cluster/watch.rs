@@ -18,11 +18,12 @@ use kube::runtime::watcher;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::store::{Store, WatchEvent, coalesce};
+use super::store::{Entry, Store, WatchEvent, coalesce};
 use super::{peer_entry, peers_api};
 use crate::backoff::Backoff;
 use crate::diagnostic::Diagnostic;
 use crate::model::{MeshNode, MeshPeer};
+use crate::registry::Parsed;
 use crate::registry::annotations::parse_node;
 use crate::topology::incremental::Event;
 
@@ -44,7 +45,8 @@ pub struct Batch {
     pub synced: bool,
     /// Whether the last watch step succeeded (false while the API server is unreachable).
     pub connected: bool,
-    /// Diagnostics of every object currently left out, when they may have changed.
+    /// Diagnostics of every object currently left out and warnings about those kept, when they
+    /// may have changed.
     pub diagnostics: Option<Vec<Diagnostic>>,
     /// This node's Node object, when it changed.
     pub local: Option<Box<Node>>,
@@ -120,7 +122,7 @@ enum Step {
 fn convert<K, T>(
     ev: watcher::Event<K>,
     name: impl Fn(&K) -> String,
-    parse: impl Fn(&K) -> Result<T, Vec<Diagnostic>>,
+    parse: impl Fn(&K) -> Entry<T>,
 ) -> WatchEvent<T> {
     match ev {
         watcher::Event::Apply(o) => WatchEvent::Apply(name(&o), parse(&o)),
@@ -199,7 +201,7 @@ impl State {
                 let ev = convert(
                     ev,
                     |n: &Node| n.metadata.name.clone().unwrap_or_default(),
-                    |n| parse_node(n, &label).map(Arc::new),
+                    |n| parse_node(n, &label).map(|p| p.map(Arc::new)),
                 );
                 self.nodes.apply(ev, &mut events)
             }
@@ -211,7 +213,7 @@ impl State {
                 let ev = convert(
                     ev,
                     |p: &DynamicObject| p.metadata.name.clone().unwrap_or_default(),
-                    peer_entry,
+                    |o| peer_entry(o).map(Parsed::clean),
                 );
                 self.peers.apply(ev, &mut events)
             }
