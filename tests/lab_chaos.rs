@@ -217,11 +217,19 @@ fn a_route_the_kernel_refuses_is_reported_and_retried_with_backoff_while_the_res
         lab.ip("n1", &["route", "show", dst])
             .contains("proto static")
     );
-    // Once it is gone, the next retry installs wiremesh's route and node1 reaches node4's pods.
+    // wiremesh's guard for the destination is in, below the foreign route (which wins).
+    assert!(
+        lab.ip("n1", &["route", "show", dst]).contains("blackhole"),
+        "{}",
+        lab.ip("n1", &["route", "show", dst])
+    );
+    // Once it is gone, the next retry installs wiremesh's route and node1 reaches node4's pods
+    // (until then the guard drops their packets: nothing leaves by the default route).
     lab.ip("n1", &["route", "del", dst, "proto", "static"]);
     let fixed = poll(Duration::from_secs(40), || {
         lab.ip("n1", &["route", "show", dst])
-            .contains("proto 104")
+            .lines()
+            .any(|l| l.contains("dev wiremesh0") && l.contains("proto 104"))
             .then_some(())
     });
     assert!(fixed.is_some(), "the route was not retried");
