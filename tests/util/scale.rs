@@ -451,6 +451,17 @@ pub fn plan_view(json: &str) -> MeshView {
             r["onlink"].as_bool().unwrap_or(false),
         ));
     }
+    // Each guard is a blackhole route in the main table (see `Route::guard`).
+    for g in v["guards"].as_array().into_iter().flatten() {
+        m.routes.insert((
+            254,
+            parse_net(g.as_str().expect("a guard's destination")),
+            None,
+            "blackhole".to_owned(),
+            None,
+            false,
+        ));
+    }
     for r in v["rules"].as_array().into_iter().flatten() {
         m.rules.insert((
             opt_net(&r["src"]),
@@ -978,11 +989,16 @@ impl Scale {
                     d => d,
                 };
                 let opt_ip = |x: &serde_json::Value| x.as_str().and_then(|s| s.parse().ok());
+                // A guard has no device (IPv6 shows `lo`): named by its type.
+                let dev = match r["type"].as_str() {
+                    Some("blackhole") => "blackhole",
+                    _ => r["dev"].as_str().unwrap_or_default(),
+                };
                 m.routes.insert((
                     table_number(&r["table"]),
                     parse_net(dst),
                     opt_ip(&r["gateway"]),
-                    r["dev"].as_str().unwrap_or_default().to_owned(),
+                    dev.to_owned(),
                     opt_ip(&r["prefsrc"]),
                     r["flags"]
                         .as_array()
