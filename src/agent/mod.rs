@@ -419,6 +419,13 @@ pub async fn run_with<K: Kernel>(
                 Some(Ok(report)) if report.failed.is_empty() => {
                     backoff.reset();
                     retry_at = None;
+                    if report.applied.contains_key("address") {
+                        // Linux flushes every route through a link that loses its last IPv4
+                        // address (a mesh IP renumbered: old one removed, new one added), and
+                        // tells nobody: `known` would still hold them. Read the kernel again at
+                        // once (the retry turn) and put back what went.
+                        retry_at = Some(tokio::time::Instant::now());
+                    }
                     if !reconciled_once {
                         // Said once at info: after a restart it shows what was rewritten (an
                         // agent that adopts an intact kernel state reports 0 operations).

@@ -17,6 +17,9 @@ struct FakeKernel {
     refuse: Arc<Mutex<Option<(ipnetwork::IpNetwork, usize)>>>,
     /// How many times operations were applied (one reconciliation each).
     reconciles: Arc<Mutex<usize>>,
+    /// Behave as Linux does when a link loses its last address: every route through it goes,
+    /// silently (no kernel event).
+    flush_routes_with_last_address: bool,
 }
 
 const KEY: WgKey = WgKey([7; 32]);
@@ -36,11 +39,17 @@ impl Kernel for FakeKernel {
                 return Err(KernelError::Unsupported("refused by the test".into()));
             }
         }
-        simulate(
-            &mut self.state.lock().unwrap(),
-            std::slice::from_ref(op),
-            KEY,
-        );
+        let mut state = self.state.lock().unwrap();
+        simulate(&mut state, std::slice::from_ref(op), KEY);
+        if self.flush_routes_with_last_address
+            && matches!(op, Op::DelAddress { .. })
+            && state.link.as_ref().is_some_and(|l| l.addresses.is_empty())
+        {
+            state
+                .routes
+                .retain(|r| r.dev != crate::desired::RouteDev::WireGuard);
+        }
+        drop(state);
         self.applied.lock().unwrap().push(op.clone());
         Ok(())
     }
@@ -315,6 +324,55 @@ async fn nothing_is_programmed_or_removed_before_the_first_complete_list() {
         .await
         .unwrap();
     wait_for("one peer", || peers(&kernel) == 1).await;
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn routes_the_kernel_flushed_when_the_mesh_ip_was_renumbered_are_put_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.node = NodeName("par-1".into());
+    let kernel = FakeKernel {
+        flush_routes_with_last_address: true,
+        ..FakeKernel::default()
+    };
+    let (tx, rx) = mpsc::channel(4);
+    let agent = Running::with_registry(cfg, &kernel, rx, None);
+    let nodes = three_clouds();
+    let named = |name: &str| {
+        let n = nodes.iter().find(|n| n.name.0 == name).unwrap().clone();
+        Event::node(n)
+    };
+    let routes_to = |cidr: &str| {
+        let dst: ipnetwork::IpNetwork = cidr.parse().unwrap();
+        kernel.state.lock().unwrap().routes.iter().any(|r| r.dst == dst)
+    };
+    let mesh_ip = || {
+        let st = kernel.state.lock().unwrap();
+        st.link.as_ref().map(|l| l.addresses.clone()).unwrap_or_default()
+    };
+    // hel-1 is not there yet: par-1 is the second segment and holds the second mesh IP.
+    tx.send(batch(vec![named("fra-1"), named("par-1")], true))
+        .await
+        .unwrap();
+    wait_for("the route to fra-1's pods", || routes_to("10.42.0.0/24")).await;
+    let first = mesh_ip();
+    // hel-1 comes between them: par-1's mesh IP moves to the third, and the kernel drops the
+    // route to fra-1 with the old address.
+    tx.send(batch(vec![named("hel-1")], true)).await.unwrap();
+    wait_for("the route to hel-1's pods", || routes_to("10.42.1.0/24")).await;
+    wait_for("the route to fra-1's pods again", || {
+        routes_to("10.42.0.0/24")
+    })
+    .await;
+    assert_ne!(mesh_ip(), first, "par-1 was renumbered");
+    let renumbered = kernel
+        .applied
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|o| matches!(o, Op::DelAddress { .. }));
+    assert!(renumbered, "the old mesh IP was removed");
     agent.stop().await;
 }
 
