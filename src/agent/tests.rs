@@ -345,11 +345,20 @@ async fn routes_the_kernel_flushed_when_the_mesh_ip_was_renumbered_are_put_back(
     };
     let routes_to = |cidr: &str| {
         let dst: ipnetwork::IpNetwork = cidr.parse().unwrap();
-        kernel.state.lock().unwrap().routes.iter().any(|r| r.dst == dst)
+        kernel
+            .state
+            .lock()
+            .unwrap()
+            .routes
+            .iter()
+            .any(|r| r.dst == dst)
     };
     let mesh_ip = || {
         let st = kernel.state.lock().unwrap();
-        st.link.as_ref().map(|l| l.addresses.clone()).unwrap_or_default()
+        st.link
+            .as_ref()
+            .map(|l| l.addresses.clone())
+            .unwrap_or_default()
     };
     // hel-1 is not there yet: par-1 is the second segment and holds the second mesh IP.
     tx.send(batch(vec![named("fra-1"), named("par-1")], true))
