@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! tcpdump -i any in the underlay namespace (every port of its bridge) ─┐
-//! ping from each pod to each other pod's address, N at a time        ├─→ CheckReport
+//! ping each pod pair both ways at once, about N pings at a time        ├─→ CheckReport
 //! pcap → packets → tally: WireGuard (UDP :port) / pod- or mesh-addressed / other ┘
 //! ```
 //!
@@ -14,6 +14,8 @@
 //! sends plaintext by design with `--encapsulate never`). When some pair of pods sits in
 //! different LANs, the capture must also have seen WireGuard packets, or it proved nothing.
 //!
+//! Each ping's first reply is timed, so the report says when every pair had answered once.
+//!
 //! Parsing and tallying are pure; [`check`] runs the processes. Depends on the state, `sys`
 //! and `status` (table layout).
 
@@ -21,9 +23,9 @@ use std::fmt::Write as _;
 use std::io::{BufRead as _, BufReader, Read as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Barrier, Mutex};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
+use std::sync::{Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use ipnetwork::IpNetwork;
@@ -92,6 +94,9 @@ pub fn pods(state: &LabState) -> Vec<Pod> {
         })
         .collect()
 }
+
+/// One ping to run: source pod, target pod (indexes into the pods), the target's address.
+pub type PingTarget = (usize, usize, IpAddr);
 
 /// Every (from, to, address) to ping: each pod to each address of every other pod.
 pub fn pairs(pods: &[Pod]) -> Vec<(usize, usize, IpAddr)> {
@@ -177,22 +182,24 @@ fn ping(netns: &str, ip: IpAddr, since: Instant) -> PingOutcome {
 /// response to their own initiation and the next retry (after REKEY_TIMEOUT, 5 s plus up to
 /// 1/3 s of jitter that sets the two ends apart) succeeds; [`PING_DEADLINE_SECS`] leaves room
 /// for that retry.
-pub fn meetings(pods: &[Pod]) -> Vec<Vec<(usize, usize, IpAddr)>> {
-    let mut groups: Vec<((usize, usize), Vec<(usize, usize, IpAddr)>)> = Vec::new();
+pub fn meetings(pods: &[Pod]) -> Vec<Vec<PingTarget>> {
+    let mut groups: std::collections::BTreeMap<(usize, usize), Vec<PingTarget>> =
+        std::collections::BTreeMap::new();
     for (from, to, ip) in pairs(pods) {
-        let key = (from.min(to), from.max(to));
-        match groups.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, v)) => v.push((from, to, ip)),
-            None => groups.push((key, vec![(from, to, ip)])),
-        }
+        groups
+            .entry((from.min(to), from.max(to)))
+            .or_default()
+            .push((from, to, ip));
     }
-    groups.into_iter().map(|(_, v)| v).collect()
+    groups.into_values().collect()
 }
 
-/// Ping every pair, `parallel` pod pairs at a time, each pair both ways at the same moment.
-/// Each result's first reply is timed from the moment the first ping started.
+/// Ping every pair, each pod pair both ways at the same moment, about `parallel` pings at a
+/// time (half as many pod pairs, at least one). Each result's first reply is timed from the
+/// moment the first ping started.
 pub fn ping_all(pods: &[Pod], parallel: usize) -> Vec<PingResult> {
     let work = meetings(pods);
+    let parallel = parallel / 2;
     let next = AtomicUsize::new(0);
     let results = Mutex::new(Vec::with_capacity(pods.len() * pods.len()));
     let since = Instant::now();
@@ -782,7 +789,9 @@ mod tests {
             assert!(m.iter().any(|&(f, t, _)| (f, t) == (y, x)), "{m:?}");
         }
         // Pod 0 has two addresses: its meetings ping both of them.
-        let with_b = meetings.iter().find(|m| m.iter().any(|&(f, t, _)| (f, t) == (1, 0)));
+        let with_b = meetings
+            .iter()
+            .find(|m| m.iter().any(|&(f, t, _)| (f, t) == (1, 0)));
         assert_eq!(with_b.unwrap().len(), 3);
         let mut all: Vec<_> = meetings.concat();
         all.sort();
