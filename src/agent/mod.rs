@@ -3,8 +3,8 @@
 //! Watches the registry (files for now), turns every change into engine events, and reconciles
 //! the kernel when the desired state changed, when the kernel lost something of ours (a route
 //! deleted by hand), on a resync period, after failures (with backoff), and right after it
-//! changed the WireGuard link's addresses (Linux may have flushed routes silently). Logs what changed
-//! and why. May depend on every library module; the kernel is reached only through
+//! changed the WireGuard link's addresses (Linux may have flushed routes silently). Logs what
+//! changed and why. May depend on every library module; the kernel is reached only through
 //! [`crate::reconcile::Kernel`].
 //!
 //! What the loop does is visible from outside through an [`observe::Observer`] it writes to
