@@ -2,8 +2,9 @@
 //!
 //! Watches the registry (files for now), turns every change into engine events, and reconciles
 //! the kernel when the desired state changed, when the kernel lost something of ours (a route
-//! deleted by hand), on a resync period, and after failures (with backoff). Logs what changed
-//! and why. May depend on every library module; the kernel is reached only through
+//! deleted by hand), on a resync period, after failures (with backoff), and right after an
+//! address of the WireGuard link went (Linux may have flushed routes silently). Logs what
+//! changed and why. May depend on every library module; the kernel is reached only through
 //! [`crate::reconcile::Kernel`].
 //!
 //! What the loop does is visible from outside through an [`observe::Observer`] it writes to

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! tcpdump -i any in the underlay namespace (every port of its bridge) ─┐
-//! ping from each pod to each other pod's address, N at a time        ├─→ CheckReport
+//! ping each pod pair both ways at once, about N pings at a time        ├─→ CheckReport
 //! pcap → packets → tally: WireGuard (UDP :port) / pod- or mesh-addressed / other ┘
 //! ```
 //!
@@ -14,6 +14,8 @@
 //! sends plaintext by design with `--encapsulate never`). When some pair of pods sits in
 //! different LANs, the capture must also have seen WireGuard packets, or it proved nothing.
 //!
+//! Each ping's first reply is timed, so the report says when every pair had answered once.
+//!
 //! Parsing and tallying are pure; [`check`] runs the processes. Depends on the state, `sys`
 //! and `status` (table layout).
 
@@ -21,10 +23,10 @@ use std::fmt::Write as _;
 use std::io::{BufRead as _, BufReader, Read as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::sync::{Barrier, Mutex};
+use std::time::{Duration, Instant};
 
 use ipnetwork::IpNetwork;
 use nix::sys::signal::{Signal, kill};
@@ -72,6 +74,8 @@ pub struct PingResult {
     pub received: u32,
     /// Whether all [`PING_COUNT`] replies came in time.
     pub ok: bool,
+    /// When the first reply came, counted from the start of the check's first ping.
+    pub first_reply: Option<Duration>,
 }
 
 /// The pods of a lab, in node order.
@@ -90,6 +94,9 @@ pub fn pods(state: &LabState) -> Vec<Pod> {
         })
         .collect()
 }
+
+/// One ping to run: source pod, target pod (indexes into the pods), the target's address.
+pub type PingTarget = (usize, usize, IpAddr);
 
 /// Every (from, to, address) to ping: each pod to each address of every other pod.
 pub fn pairs(pods: &[Pod]) -> Vec<(usize, usize, IpAddr)> {
@@ -113,82 +120,127 @@ pub fn parse_ping_summary(text: &str) -> Option<(u32, u32)> {
     Some((nums.next()?, nums.next()?))
 }
 
-fn ping(netns: &str, ip: IpAddr) -> (u32, u32, bool) {
-    let out = Command::new("ip")
-        .args(["netns", "exec", netns, "ping", "-n", "-q", "-i", "0.5"])
+/// What one `ping` process reported.
+struct PingOutcome {
+    transmitted: u32,
+    received: u32,
+    ok: bool,
+    first_reply: Option<Duration>,
+}
+
+/// Ping `ip` from pod namespace `netns`; the first reply's time is taken from `since`, when its
+/// line comes out of ping.
+fn ping(netns: &str, ip: IpAddr, since: Instant) -> PingOutcome {
+    let failed = PingOutcome {
+        transmitted: 0,
+        received: 0,
+        ok: false,
+        first_reply: None,
+    };
+    let child = Command::new("ip")
+        .args(["netns", "exec", netns, "ping", "-n", "-i", "0.5"])
         .args(["-c", &PING_COUNT.to_string()])
         .args(["-w", &PING_DEADLINE_SECS.to_string()])
         .arg(ip.to_string())
         .stdin(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
-        .output();
-    match out {
-        Ok(o) => {
-            let (tx, rx) =
-                parse_ping_summary(&String::from_utf8_lossy(&o.stdout)).unwrap_or((0, 0));
-            (tx, rx, o.status.success() && rx >= PING_COUNT)
-        }
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
         Err(e) => {
             tracing::warn!(netns, %ip, error = %e, "cannot run ping");
-            (0, 0, false)
+            return failed;
         }
+    };
+    let mut first_reply = None;
+    let mut text = String::new();
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if first_reply.is_none() && line.contains(" bytes from ") {
+                first_reply = Some(since.elapsed());
+            }
+            text.push_str(&line);
+            text.push('\n');
+        }
+    }
+    let success = child.wait().is_ok_and(|s| s.success());
+    let (transmitted, received) = parse_ping_summary(&text).unwrap_or((0, 0));
+    PingOutcome {
+        transmitted,
+        received,
+        ok: success && received >= PING_COUNT,
+        first_reply,
     }
 }
 
-/// The pairs in two rounds: first those towards a node later by name (or the same node), then
-/// the way back.
+/// The pairs grouped by the two pods they join: each group holds both directions (every
+/// address of each pod pinged from the other), to be started at the same moment.
 ///
-/// Why: two ends that start a handshake at the same moment each answer the other's initiation
-/// and drop the response to their own (their handshake state is now the responder's); neither
-/// may send data on a session the other has not confirmed, and both retry together 5 s later
-/// when their pings run in step, again and again. Pinging both directions of a pair at once
-/// does exactly that; real traffic (a request, then its answer) does not.
-pub fn rounds(pods: &[Pod]) -> [Vec<(usize, usize, IpAddr)>; 2] {
-    let (there, back) = pairs(pods)
-        .into_iter()
-        .partition(|&(from, to, _)| pods[from].node <= pods[to].node);
-    [there, back]
+/// Both ends of a pair start their first handshake together, as nodes of a real cluster do
+/// all the time. WireGuard resolves crossed initiations itself: at worst both drop the
+/// response to their own initiation and the next retry (after REKEY_TIMEOUT, 5 s plus up to
+/// 1/3 s of jitter that sets the two ends apart) succeeds; [`PING_DEADLINE_SECS`] leaves room
+/// for that retry.
+pub fn meetings(pods: &[Pod]) -> Vec<Vec<PingTarget>> {
+    let mut groups: std::collections::BTreeMap<(usize, usize), Vec<PingTarget>> =
+        std::collections::BTreeMap::new();
+    for (from, to, ip) in pairs(pods) {
+        groups
+            .entry((from.min(to), from.max(to)))
+            .or_default()
+            .push((from, to, ip));
+    }
+    groups.into_values().collect()
 }
 
-/// Ping every pair, `parallel` at a time, in the two [`rounds`].
+/// Ping every pair, each pod pair both ways at the same moment, about `parallel` pings at a
+/// time (half as many pod pairs, at least one). Each result's first reply is timed from the
+/// moment the first ping started.
 pub fn ping_all(pods: &[Pod], parallel: usize) -> Vec<PingResult> {
-    let mut v: Vec<PingResult> = rounds(pods)
-        .iter()
-        .flat_map(|work| ping_round(pods, work, parallel))
-        .collect();
-    v.sort_by_key(|r| (r.from, r.to, r.ip));
-    v
-}
-
-/// Ping the pairs of `work`, `parallel` at a time.
-fn ping_round(pods: &[Pod], work: &[(usize, usize, IpAddr)], parallel: usize) -> Vec<PingResult> {
+    let work = meetings(pods);
+    let parallel = parallel / 2;
     let next = AtomicUsize::new(0);
-    let results = Mutex::new(Vec::with_capacity(work.len()));
+    let results = Mutex::new(Vec::with_capacity(pods.len() * pods.len()));
+    let since = Instant::now();
     std::thread::scope(|s| {
         for _ in 0..parallel.clamp(1, work.len().max(1)) {
             s.spawn(|| {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(&(from, to, ip)) = work.get(i) else {
+                    let Some(group) = work.get(i) else {
                         break;
                     };
-                    let (transmitted, received, ok) = ping(&pods[from].netns, ip);
-                    let r = PingResult {
-                        from,
-                        to,
-                        ip,
-                        transmitted,
-                        received,
-                        ok,
-                    };
-                    if let Ok(mut v) = results.lock() {
-                        v.push(r);
-                    }
+                    // One thread per direction, released together.
+                    let start = Barrier::new(group.len());
+                    std::thread::scope(|g| {
+                        for &(from, to, ip) in group {
+                            let (start, results) = (&start, &results);
+                            g.spawn(move || {
+                                start.wait();
+                                let o = ping(&pods[from].netns, ip, since);
+                                let r = PingResult {
+                                    from,
+                                    to,
+                                    ip,
+                                    transmitted: o.transmitted,
+                                    received: o.received,
+                                    ok: o.ok,
+                                    first_reply: o.first_reply,
+                                };
+                                if let Ok(mut v) = results.lock() {
+                                    v.push(r);
+                                }
+                            });
+                        }
+                    });
                 }
             });
         }
     });
-    results.into_inner().unwrap_or_default()
+    let mut v = results.into_inner().unwrap_or_default();
+    v.sort_by_key(|r| (r.from, r.to, r.ip));
+    v
 }
 
 /// The ping matrix: a row per source pod, a column per target address.
@@ -519,6 +571,15 @@ impl CheckReport {
         self.pings.iter().filter(|r| !r.ok).count()
     }
 
+    /// How long after the first ping every pair had answered at least once: the time to full
+    /// connectivity, or `None` when some pair never answered.
+    pub fn connected_after(&self) -> Option<Duration> {
+        self.pings
+            .iter()
+            .map(|r| r.first_reply)
+            .try_fold(Duration::ZERO, |max, t| Some(max.max(t?)))
+    }
+
     /// Whether the capture saw WireGuard traffic when it had to.
     pub fn wireguard_seen(&self) -> bool {
         !self.crosses_underlay || self.tally.wireguard > 0
@@ -535,11 +596,23 @@ impl CheckReport {
         let _ = writeln!(
             s,
             "reachability: {} pods, {} pairs, ping -c {PING_COUNT} -w {PING_DEADLINE_SECS} \
-             from each pod to each other pod (towards later nodes first, then back)",
+             from each pod to each other pod, both ways of a pair at the same moment",
             self.pods.len(),
             self.pings.len()
         );
         s.push_str(&render_matrix(&self.pods, &self.pings));
+        match self.connected_after() {
+            Some(t) => {
+                let _ = writeln!(
+                    s,
+                    "every pair answered within {:.1} s of the first ping",
+                    t.as_secs_f64()
+                );
+            }
+            None => {
+                let _ = writeln!(s, "some pairs never answered");
+            }
+        }
         let ranges: Vec<String> = self.overlay.iter().map(ToString::to_string).collect();
         let _ = writeln!(
             s,
@@ -698,32 +771,35 @@ mod tests {
     }
 
     #[test]
-    fn no_round_pings_both_ways_between_two_nodes_and_together_they_ping_every_pair() {
+    fn each_meeting_holds_both_ways_of_one_pod_pair_and_together_they_ping_every_pair() {
+        let mut b = pod("b", "p1", "10.42.1.2", 1);
+        b.ips.push("fd00::2".parse().unwrap());
         let pods = vec![
-            pod("b", "p1", "10.42.1.2", 1),
+            b,
             pod("a", "p2", "10.42.0.2", 0),
             pod("a", "p3", "10.42.0.3", 0),
             pod("c", "p4", "10.42.2.2", 2),
         ];
-        let rounds = rounds(&pods);
-        for round in &rounds {
-            let ways: BTreeSet<(&str, &str)> = round
-                .iter()
-                .map(|&(f, t, _)| (pods[f].node.as_str(), pods[t].node.as_str()))
-                .collect();
-            for (f, t) in &ways {
-                assert!(
-                    f == t || !ways.contains(&(t, f)),
-                    "{f} <-> {t} in one round"
-                );
-            }
+        let meetings = meetings(&pods);
+        assert_eq!(meetings.len(), 6, "one per unordered pod pair");
+        for m in &meetings {
+            let ends: BTreeSet<(usize, usize)> =
+                m.iter().map(|&(f, t, _)| (f.min(t), f.max(t))).collect();
+            assert_eq!(ends.len(), 1, "one pod pair per meeting: {m:?}");
+            let (x, y) = *ends.first().unwrap();
+            assert!(m.iter().any(|&(f, t, _)| (f, t) == (x, y)), "{m:?}");
+            assert!(m.iter().any(|&(f, t, _)| (f, t) == (y, x)), "{m:?}");
         }
-        let mut all: Vec<_> = rounds.concat();
+        // Pod 0 has two addresses: its meetings ping both of them.
+        let with_b = meetings
+            .iter()
+            .find(|m| m.iter().any(|&(f, t, _)| (f, t) == (1, 0)));
+        assert_eq!(with_b.unwrap().len(), 3);
+        let mut all: Vec<_> = meetings.concat();
         all.sort();
         let mut want = pairs(&pods);
         want.sort();
         assert_eq!(all, want);
-        assert!(rounds.iter().all(|r| !r.is_empty()));
     }
 
     #[test]
@@ -740,6 +816,7 @@ mod tests {
                 transmitted: 2,
                 received: 2,
                 ok: true,
+                first_reply: Some(Duration::from_millis(300)),
             },
             PingResult {
                 from: 1,
@@ -748,6 +825,7 @@ mod tests {
                 transmitted: 10,
                 received: 0,
                 ok: false,
+                first_reply: None,
             },
         ];
         let m = render_matrix(&pods, &pings);
@@ -810,16 +888,17 @@ mod tests {
             pod("a", "p1", "10.42.0.2", 0),
             pod("b", "p2", "10.42.1.2", 1),
         ];
-        let ok = |from, to, ip: &str| PingResult {
+        let ok = |from, to, ip: &str, ms| PingResult {
             from,
             to,
             ip: ip.parse().unwrap(),
             transmitted: 2,
             received: 2,
             ok: true,
+            first_reply: Some(Duration::from_millis(ms)),
         };
         let mut r = CheckReport {
-            pings: vec![ok(0, 1, "10.42.1.2"), ok(1, 0, "10.42.0.2")],
+            pings: vec![ok(0, 1, "10.42.1.2", 5300), ok(1, 0, "10.42.0.2", 40)],
             pods,
             capture_netns: "wml-wm-ul".into(),
             overlay: vec!["10.42.0.0/16".parse().unwrap()],
@@ -836,6 +915,11 @@ mod tests {
             r.render()
                 .contains("no plaintext pod packets on the underlay ok")
         );
+        assert_eq!(r.connected_after(), Some(Duration::from_millis(5300)));
+        assert!(
+            r.render()
+                .contains("every pair answered within 5.3 s of the first ping")
+        );
         r.tally.wireguard = 0;
         assert!(
             !r.passed(),
@@ -851,5 +935,9 @@ mod tests {
             r.render()
                 .contains("plaintext on the underlay: 10.42.0.2 > 10.42.1.2 icmp")
         );
+        r.pings[0].first_reply = None;
+        r.pings[0].ok = false;
+        assert_eq!(r.connected_after(), None);
+        assert!(r.render().contains("some pairs never answered"));
     }
 }
