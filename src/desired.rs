@@ -92,14 +92,20 @@ impl Route {
     /// instead of following the default route out of the node unencrypted. Guards are derived
     /// by the reconciler, not the engine; `None` for routes of other tables and for guards.
     pub fn guard(&self) -> Option<Route> {
-        (self.table == MAIN_TABLE && self.dev != RouteDev::Blackhole).then_some(Route {
-            table: self.table,
-            dst: self.dst,
+        (self.table == MAIN_TABLE && self.dev != RouteDev::Blackhole)
+            .then(|| Route::blackhole(self.table, self.dst))
+    }
+
+    /// A guard route: a blackhole to `dst` in `table` (at [`GUARD_METRIC`] in the kernel).
+    pub fn blackhole(table: u32, dst: IpNetwork) -> Route {
+        Route {
+            table,
+            dst,
             gateway: None,
             dev: RouteDev::Blackhole,
             src: None,
             onlink: false,
-        })
+        }
     }
 }
 

@@ -422,44 +422,22 @@ fn a_lost_tunnel_route_drops_pod_traffic_instead_of_leaking_it_check_names_a_rea
         // fra-1 forgets its tunnel route to hel-1's pods: the guard (a blackhole at the lowest
         // priority) now holds the destination, so the pods' packets are dropped, not sent by
         // the default route.
-        let del = sh(
-            "ip",
-            &[
-                "-n",
-                &lab.ns("n1"),
-                "route",
-                "del",
-                "10.42.1.0/24",
-                "dev",
-                "wiremesh0",
-            ],
-        );
-        assert!(del.status.success(), "{}", text(&del));
-        let check = lab.run(&["lab", "check"]);
-        let report = text(&check);
-        assert_eq!(check.status.code(), Some(1), "{report}");
+        let n1 = lab.ns("n1");
+        let del_then_check = |route: &[&str]| {
+            let del = sh("ip", &[&["-n", &n1, "route", "del"][..], route].concat());
+            assert!(del.status.success(), "{}", text(&del));
+            let check = lab.run(&["lab", "check"]);
+            let report = text(&check);
+            assert_eq!(check.status.code(), Some(1), "{report}");
+            report
+        };
+        let report = del_then_check(&["10.42.1.0/24", "dev", "wiremesh0"]);
         assert!(
             report.contains("no plaintext pod packets on the underlay ok"),
             "{report}"
         );
         // Without the guard too, they leave in plaintext onto the underlay, and check says so.
-        let del = sh(
-            "ip",
-            &[
-                "-n",
-                &lab.ns("n1"),
-                "route",
-                "del",
-                "blackhole",
-                "10.42.1.0/24",
-                "metric",
-                "4294967295",
-            ],
-        );
-        assert!(del.status.success(), "{}", text(&del));
-        let check = lab.run(&["lab", "check"]);
-        let report = text(&check);
-        assert_eq!(check.status.code(), Some(1), "{report}");
+        let report = del_then_check(&["blackhole", "10.42.1.0/24", "metric", "4294967295"]);
         assert!(
             report.contains("plaintext on the underlay: 10.42.0.2 > 10.42.1.2 icmp"),
             "{report}"

@@ -295,17 +295,26 @@ fn batch(events: Vec<Event>, synced: bool) -> Batch {
     }
 }
 
-#[tokio::test]
-async fn routes_the_kernel_drops_with_an_old_address_are_restored_at_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path());
-    let kernel = FakeKernel::default();
+/// An agent for fra-1 over `kernel`, fed by a channel that has listed the three clouds, once it
+/// has programmed their two peers.
+async fn fra_1_listed(
+    dir: &std::path::Path,
+    kernel: &FakeKernel,
+) -> (Running, mpsc::Sender<Batch>, Vec<MeshNode>) {
     let (tx, rx) = mpsc::channel(4);
-    let agent = Running::with_registry(cfg, &kernel, rx, None);
+    let agent = Running::with_registry(config(dir), kernel, rx, None);
     let nodes = three_clouds();
     let all = nodes.iter().cloned().map(Event::node).collect();
     tx.send(batch(all, true)).await.unwrap();
-    wait_for("the mesh's two peers", || peers(&kernel) == 2).await;
+    wait_for("the mesh's two peers", || peers(kernel) == 2).await;
+    (agent, tx, nodes)
+}
+
+#[tokio::test]
+async fn routes_the_kernel_drops_with_an_old_address_are_restored_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = FakeKernel::default();
+    let (agent, tx, nodes) = fra_1_listed(dir.path(), &kernel).await;
     let address = || {
         let st = kernel.state.lock().unwrap();
         st.link.as_ref().and_then(|l| l.addresses.first().copied())
@@ -418,14 +427,8 @@ async fn nothing_is_programmed_or_removed_before_the_first_complete_list() {
 #[tokio::test]
 async fn a_burst_taken_in_one_batch_reaches_the_kernel_as_its_net_change() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path());
     let kernel = FakeKernel::default();
-    let (tx, rx) = mpsc::channel(4);
-    let agent = Running::with_registry(cfg, &kernel, rx, None);
-    let nodes = three_clouds();
-    let all = nodes.iter().cloned().map(Event::node).collect();
-    tx.send(batch(all, true)).await.unwrap();
-    wait_for("the mesh's two peers", || peers(&kernel) == 2).await;
+    let (agent, tx, nodes) = fra_1_listed(dir.path(), &kernel).await;
     let before = kernel.applied.lock().unwrap().len();
     // par-1 moves three times and hel-1 once, all in one batch: four engine deltas.
     let moved = |i: usize, port: u16| {

@@ -144,14 +144,7 @@ impl KernelRoute {
                 && self.src.is_none()
                 && !self.onlink;
             return if guard {
-                Ok(Route {
-                    table: self.table,
-                    dst: self.dst,
-                    gateway: None,
-                    dev: RouteDev::Blackhole,
-                    src: None,
-                    onlink: false,
-                })
+                Ok(Route::blackhole(self.table, self.dst))
             } else {
                 Err(self.identity())
             };
