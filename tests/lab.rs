@@ -26,6 +26,34 @@ use crate::util::lab::{
     Lab, MESHCTL, first_pod, netns_list, node, peer, poll, require_tools, sh, text,
 };
 
+/// Lab names are a test's tag plus the PID: two tests with one tag would share a lab (and its
+/// state directory) when they run at the same time.
+#[test]
+fn every_lab_test_has_a_tag_of_its_own() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
+    let mut tags: Vec<(String, String)> = Vec::new();
+    for entry in std::fs::read_dir(&dir).expect("tests/") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_none_or(|e| e != "rs") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).expect("a test file");
+        for part in text.split("Lab::new(\"").skip(1) {
+            let tag = part.split('"').next().unwrap_or_default().to_owned();
+            tags.push((tag, path.display().to_string()));
+        }
+    }
+    assert!(tags.len() > 10, "the scan found no lab tests: {tags:?}");
+    tags.sort();
+    for w in tags.windows(2) {
+        assert_ne!(
+            w[0].0, w[1].0,
+            "tag {:?} in {} and {}",
+            w[0].0, w[0].1, w[1].1
+        );
+    }
+}
+
 /// `lab`'s only requirement that can be checked without root: it refuses, with exit code 2
 /// and a message saying what it needs, before touching anything.
 #[test]

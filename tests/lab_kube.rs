@@ -724,7 +724,7 @@ fn kube_lab_check_right_after_up_passes_every_time() {
     let t0 = Instant::now();
     let mut times = Vec::new();
     for run in 1..=RUNS {
-        let lab = Lab::new("kr");
+        let lab = Lab::new("ka");
         let up = lab.up(&["--registry", "kube"]);
         assert!(up.status.success(), "run {run}: {}", text(&up));
         let check = lab.run(&["lab", "check"]);
