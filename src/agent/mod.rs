@@ -12,6 +12,7 @@
 //! readiness and a status document.
 
 mod cluster;
+pub mod guards;
 pub mod http;
 pub mod metrics;
 pub mod observe;
@@ -341,6 +342,10 @@ pub async fn run_with<K: Kernel>(
     // Whether something else holds the listen port: then the endpoint is not published.
     let mut port = port::PortGuard::new(cfg.mesh.port);
     port.found(kernel.port_holder(cfg.mesh.port).await, &observer);
+    // The guards of the last run first: after a reboot pods may run before the registry is
+    // listed (or reachable), and their packets to other nodes must be dropped, not leak.
+    let guards_path = guards::path_for(&cfg.private_key);
+    let mut guards_saved = restore_guards(kernel, &guards_path).await;
     info!(node = %cfg.node, "agent started; waiting for the registry's first complete list");
     loop {
         observer.turned();
@@ -421,6 +426,7 @@ pub async fn run_with<K: Kernel>(
             // address of the link, or as a route's preferred source): read it back at once and
             // restore what went, rather than trust the picture the operations left.
             let reread = matches!(&report, Some(Ok(r)) if r.removed_address);
+            let routes_changed = matches!(&report, Some(Ok(r)) if r.applied.contains_key("route"));
             match &report {
                 None => {}
                 Some(Ok(r)) => observer.reconciled(started.elapsed(), r),
@@ -481,6 +487,9 @@ pub async fn run_with<K: Kernel>(
             if reread {
                 debug!("an address of the interface went; reading the kernel again");
                 retry_at = Some(tokio::time::Instant::now());
+            }
+            if routes_changed && let Some(k) = &known {
+                save_guards(&guards_path, k, &mut guards_saved);
             }
             if let Some(link) = &cluster {
                 let p = publication(
@@ -634,6 +643,51 @@ pub async fn run_with<K: Kernel>(
             _ = heartbeat.tick() => {}
             _ = retry => { dirty = true; known = None; full_needed = true; }
         }
+    }
+}
+
+/// Put back the guards saved by the last run (see [`guards`]); the saved list's fingerprint.
+async fn restore_guards<K: Kernel>(kernel: &mut K, path: &std::path::Path) -> u64 {
+    let dsts = match guards::load(path) {
+        Ok(d) => d,
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "cannot read the saved guards");
+            return guards::fingerprint(&[]);
+        }
+    };
+    let saved = guards::fingerprint(&dsts);
+    if dsts.is_empty() {
+        return saved;
+    }
+    let ops: Vec<reconcile::Op> = dsts
+        .iter()
+        .map(|d| {
+            reconcile::Op::AddRoute(crate::desired::Route::blackhole(
+                crate::desired::MAIN_TABLE,
+                *d,
+            ))
+        })
+        .collect();
+    let report = reconcile::apply_ops(kernel, ops).await;
+    info!(
+        guards = dsts.len(),
+        failed = report.failed.len(),
+        "guards of the last run in place before the registry is listed"
+    );
+    saved
+}
+
+/// Save the destinations `known` guards when they differ from the last saved (`saved`).
+fn save_guards(path: &std::path::Path, known: &reconcile::OwnedState, saved: &mut u64) {
+    let dsts = guards::of(known);
+    let now = guards::fingerprint(&dsts);
+    if now == *saved {
+        return;
+    }
+    // Said once per change of the list, not per reconciliation.
+    *saved = now;
+    if let Err(e) = guards::save(path, &dsts) {
+        warn!(path = %path.display(), error = %e, "cannot save the guards");
     }
 }
 

@@ -311,6 +311,60 @@ async fn fra_1_listed(
 }
 
 #[tokio::test]
+async fn the_last_runs_guards_are_in_place_before_the_registry_is_listed() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let saved: Vec<ipnetwork::IpNetwork> = vec![
+        "10.42.1.0/24".parse().unwrap(),
+        "10.42.2.0/24".parse().unwrap(),
+    ];
+    guards::save(&guards::path_for(&cfg.private_key), &saved).unwrap();
+    let kernel = FakeKernel::default();
+    // A registry that never lists (an API server still away after a reboot).
+    let (_tx, rx) = mpsc::channel(4);
+    let agent = Running::with_registry(cfg, &kernel, rx, None);
+    wait_for("the saved guards", || {
+        kernel.state.lock().unwrap().routes.len() == 2
+    })
+    .await;
+    let st = kernel.state.lock().unwrap().clone();
+    for (r, dst) in st.routes.iter().zip(&saved) {
+        assert_eq!(
+            r,
+            &crate::desired::Route::blackhole(crate::desired::MAIN_TABLE, *dst)
+        );
+    }
+    // Nothing else before the list: no interface, no peer, no CNI config.
+    assert!(
+        st.link.is_none() && st.wireguard.is_none() && st.cni.is_none(),
+        "{st:?}"
+    );
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn the_saved_guards_follow_the_mesh() {
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = FakeKernel::default();
+    let (agent, tx, nodes) = fra_1_listed(dir.path(), &kernel).await;
+    let path = guards::path_for(&dir.path().join("key"));
+    let saved = || guards::load(&path).unwrap();
+    let remote: Vec<ipnetwork::IpNetwork> = vec![
+        "10.42.1.0/24".parse().unwrap(),
+        "10.42.2.0/24".parse().unwrap(),
+    ];
+    wait_for("both remote pod CIDRs saved", || saved() == remote).await;
+    tx.send(batch(vec![Event::NodeRemove(nodes[2].name.clone())], true))
+        .await
+        .unwrap();
+    wait_for("par-1's pod CIDR no longer saved", || {
+        saved() == remote[..1]
+    })
+    .await;
+    agent.stop().await;
+}
+
+#[tokio::test]
 async fn routes_the_kernel_drops_with_an_old_address_are_restored_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let kernel = FakeKernel::default();
