@@ -188,7 +188,7 @@ struct AgentArgs {
     #[arg(long, env = "WIREMESH_CHECK_IN_PERIOD", default_value = "30s", value_parser = parse_check_in)]
     check_in_period: Duration,
     /// How often to compare the kernel with the desired state even without changes.
-    #[arg(long, env = "WIREMESH_RESYNC_PERIOD", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "WIREMESH_RESYNC_PERIOD", default_value = "30s", value_parser = parse_period)]
     resync_period: Duration,
     /// Where to serve /metrics (Prometheus), /healthz, /readyz and /status (JSON): an address
     /// and port (`:1107` is every address, as in Kilo), or `off`.
@@ -224,9 +224,21 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" | "" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
+        "m" => n
+            .checked_mul(60)
+            .map(Duration::from_secs)
+            .ok_or_else(|| format!("{s:?} is too long")),
         _ => Err(format!("{s:?} is not a duration like 30s, 500ms or 5m")),
     }
+}
+
+/// A period of something the agent repeats: above 0 (a zero period would spin).
+fn parse_period(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err(format!("{s:?}: a period must be above 0"));
+    }
+    Ok(d)
 }
 
 fn parse_check_in(s: &str) -> Result<Duration, String> {
@@ -428,6 +440,31 @@ async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_zero_or_overflowing_period_is_refused_with_a_clear_error() {
+        assert_eq!(parse_period("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_period("5m"), Ok(Duration::from_secs(300)));
+        for bad in ["0s", "0", "0ms", "0m"] {
+            assert!(parse_period(bad).unwrap_err().contains("above 0"), "{bad}");
+        }
+        assert!(
+            parse_duration("307445734561825861m")
+                .unwrap_err()
+                .contains("too long")
+        );
+        let e = parse_from([
+            "wiremesh",
+            "agent",
+            "--hostname",
+            "n",
+            "--resync-period",
+            "0s",
+        ])
+        .err()
+        .expect("refused");
+        assert!(e.to_string().contains("above 0"), "{e}");
+    }
 
     #[test]
     fn check_in_period_is_bounded_by_the_staleness_threshold() {

@@ -265,17 +265,46 @@ pub fn load_or_generate_private_key(path: &Path) -> Result<PrivateKey, KernelErr
     }
 }
 
+/// Read the key at `path`: a regular file (a symbolic link is refused, not followed) holding a
+/// base64 key. Only once it is known to be a key is a mode readable by others tightened to
+/// 0600, so a wrong path never changes an unrelated file.
 fn read_key_file(path: &Path) -> Result<PrivateKey, KernelError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
     let op = format!("read private key {}", path.display());
     let io_err = |source| KernelError::Io {
         op: op.clone(),
         source,
     };
-    let mut file = File::open(path).map_err(io_err)?;
+    let mut file = match fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(wg_err(&op, "a symbolic link; give the key file itself"));
+        }
+        Err(e) => return Err(io_err(e)),
+    };
     let meta = file.metadata().map_err(io_err)?;
     if !meta.is_file() {
         return Err(wg_err(&op, "not a regular file"));
     }
+    // A key is 44 characters; read a little more to tell "too long" from "just right".
+    let mut text = String::new();
+    (&mut file)
+        .take(256)
+        .read_to_string(&mut text)
+        .map_err(|e| {
+            // The io error of a non-UTF-8 file says nothing about its bytes, but keep it generic.
+            io_err(io::Error::new(e.kind(), "not valid UTF-8 text"))
+        })?;
+    let key = decode_private_key(text.trim()).ok_or_else(|| {
+        wg_err(
+            &op,
+            "not a base64-encoded 32-byte key (as written by `wg genkey`)",
+        )
+    })?;
     let mode = meta.mode() & 0o777;
     if mode & 0o077 != 0 {
         tracing::warn!(
@@ -291,21 +320,7 @@ fn read_key_file(path: &Path) -> Result<PrivateKey, KernelError> {
                 source,
             })?;
     }
-    // A key is 44 characters; read a little more to tell "too long" from "just right".
-    let mut text = String::new();
-    (&mut file)
-        .take(256)
-        .read_to_string(&mut text)
-        .map_err(|e| {
-            // The io error of a non-UTF-8 file says nothing about its bytes, but keep it generic.
-            io_err(io::Error::new(e.kind(), "not valid UTF-8 text"))
-        })?;
-    decode_private_key(text.trim()).ok_or_else(|| {
-        wg_err(
-            &op,
-            "not a base64-encoded 32-byte key (as written by `wg genkey`)",
-        )
-    })
+    Ok(key)
 }
 
 fn decode_private_key(text: &str) -> Option<PrivateKey> {
@@ -1514,6 +1529,41 @@ mod tests {
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
         assert_eq!(load_or_generate_private_key(&path).unwrap(), k);
         assert_eq!(fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_key_keeps_its_mode_and_a_link_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = dir.path().join("config.yaml");
+        fs::write(&other, "not: a key\n").unwrap();
+        fs::set_permissions(&other, fs::Permissions::from_mode(0o644)).unwrap();
+        let e = load_or_generate_private_key(&other).unwrap_err();
+        assert!(e.to_string().contains("not a base64-encoded"), "{e}");
+        assert_eq!(
+            fs::metadata(&other).unwrap().mode() & 0o777,
+            0o644,
+            "mode changed"
+        );
+        // A link to a real key is refused too, and the target is left as it is.
+        let key = dir.path().join("real.key");
+        fs::write(
+            &key,
+            base64::engine::general_purpose::STANDARD.encode(PrivateKey::generate().0),
+        )
+        .unwrap();
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
+        let link = dir.path().join("key");
+        std::os::unix::fs::symlink(&key, &link).unwrap();
+        let e = load_or_generate_private_key(&link).unwrap_err();
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        assert_eq!(
+            fs::metadata(&key).unwrap().mode() & 0o777,
+            0o644,
+            "target changed"
+        );
+        // A directory is not a key either, and is not replaced by one.
+        let e = load_or_generate_private_key(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
     }
 
     #[test]
