@@ -263,7 +263,9 @@ fn sorted_set<T: Ord>(items: &[T]) -> Vec<&T> {
 }
 
 /// The operations that turn `actual` into `desired`, in the order they must run: interface
-/// first, then peers, bridge and firewall, then rule and route removals, then additions.
+/// first (a new address before the old one goes), then peers, bridge and firewall, then rule and
+/// route removals, then additions, and the CNI config last. Every route of the main table comes
+/// with its guard ([`Route::guard`]).
 ///
 /// `public_key` is the public key of the private key the agent holds: when the device reports
 /// another one (or none), the device is configured again.

@@ -2,7 +2,9 @@
 //!
 //! A route is ours when its protocol is [`RTPROT_WIREMESH`]. Adds use `NLM_F_EXCL`, so the kernel
 //! never replaces, prepends to, or merges into (IPv6 multipath) a foreign route; deletes name the
-//! protocol, so the kernel never matches a foreign route.
+//! protocol, so the kernel never matches a foreign route. Guards (`RouteDev::Blackhole`) are
+//! blackhole routes at [`GUARD_METRIC`]: the metric is part of their key, so adding or deleting
+//! one never touches the route it guards, and the reverse.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
