@@ -109,12 +109,19 @@ impl Route {
     }
 }
 
-/// The routes with their guards ([`Route::guard`]), sorted and each once: what the kernel holds
-/// when `routes` are programmed.
+/// The guards of `routes` ([`Route::guard`]), sorted and each once.
+pub fn guards_of(routes: &[Route]) -> Vec<Route> {
+    let mut out: Vec<Route> = routes.iter().filter_map(Route::guard).collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The routes with their guards, sorted and each once: what the kernel holds when `routes` are
+/// programmed.
 pub fn with_guards(routes: &[Route]) -> Vec<Route> {
-    let mut out = Vec::with_capacity(routes.len() * 2);
+    let mut out = guards_of(routes);
     out.extend(routes.iter().cloned());
-    out.extend(routes.iter().filter_map(Route::guard));
     out.sort();
     out.dedup();
     out

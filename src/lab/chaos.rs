@@ -333,9 +333,8 @@ fn flows(state: &LabState, fault: &Fault) -> Vec<Flow> {
     match fault {
         Fault::Renumber(node) => {
             // Every other node's pod to the first other node's pod, and that one to the last.
-            let others: Vec<usize> = (0..n)
-                .filter(|&j| Some(j) != state.node(node).map(|(i, _)| i))
-                .collect();
+            let gone = state.node(node).map(|(i, _)| i);
+            let others: Vec<usize> = (0..n).filter(|&j| Some(j) != gone).collect();
             let (Some(&first), Some(&last)) = (others.first(), others.last()) else {
                 return Vec::new();
             };

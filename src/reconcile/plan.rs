@@ -9,7 +9,7 @@ use ipnetwork::IpNetwork;
 use serde::Serialize;
 
 use crate::desired::{
-    Bridge, DesiredDelta, DesiredState, Masquerade, Route, Rule, WgPeer, with_guards,
+    Bridge, DesiredDelta, DesiredState, Masquerade, Route, Rule, WgPeer, guards_of,
 };
 use crate::model::WgKey;
 
@@ -243,8 +243,13 @@ pub fn same_peer(want: &WgPeer, have: &WgPeer, recent: bool) -> bool {
 /// Items of `want` not in `have`, and items of `have` not in `want`, each sorted and once, by
 /// reference (copied once, into their operations).
 fn sorted_diff<'a, T: Ord>(want: &'a [T], have: &'a [T]) -> (Vec<&'a T>, Vec<&'a T>) {
+    diff_refs(&sorted_set(want), have)
+}
+
+/// [`sorted_diff`] of items already sorted and deduplicated, by reference, against `have`.
+fn diff_refs<'a, T: Ord>(want: &[&'a T], have: &'a [T]) -> (Vec<&'a T>, Vec<&'a T>) {
     let (mut add, mut del) = (Vec::new(), Vec::new());
-    merge(&sorted_set(want), &sorted_set(have), T::cmp, |m| match m {
+    merge(want, &sorted_set(have), T::cmp, |m| match m {
         Merged::Both(..) => {}
         Merged::Want(w) => add.push(w),
         Merged::Have(h) => del.push(h),
@@ -305,9 +310,13 @@ pub fn plan(desired: &DesiredState, actual: &OwnedState, public_key: WgKey) -> V
         device.map_or(&[][..], |d| &d.recent_handshakes),
     );
     let (add_rules, del_rules) = sorted_diff(&desired.rules, &actual.rules);
-    // Every route of the main table with its guard (see `Route::guard`).
-    let want_routes = with_guards(&desired.routes);
-    let (add_routes, del_routes) = sorted_diff(&want_routes, &actual.routes);
+    // Every route of the main table with its guard (see `Route::guard`), by reference: only
+    // the guards are new values, the routes are not copied to be compared.
+    let guards = guards_of(&desired.routes);
+    let mut want_routes: Vec<&Route> = desired.routes.iter().chain(&guards).collect();
+    want_routes.sort();
+    want_routes.dedup();
+    let (add_routes, del_routes) = diff_refs(&want_routes, &actual.routes);
     // Sized once: a whole mesh renumbered is tens of thousands of operations, and growing by
     // doubling would hold up to twice their size at the worst moment. The differences above are
     // references, so each changed peer and route is copied once, here.
@@ -368,13 +377,7 @@ pub fn plan(desired: &DesiredState, actual: &OwnedState, public_key: WgKey) -> V
 /// depends only on its route's table and destination, so a route that changes (removed and
 /// added again with another gateway) keeps its guard untouched.
 fn guard_delta(added: &[Route], removed: &[Route]) -> (Vec<Route>, Vec<Route>) {
-    let guards = |routes: &[Route]| {
-        let mut g: Vec<Route> = routes.iter().filter_map(Route::guard).collect();
-        g.sort();
-        g.dedup();
-        g
-    };
-    let (add, del) = (guards(added), guards(removed));
+    let (add, del) = (guards_of(added), guards_of(removed));
     let keep = |g: &[Route], other: &[Route]| -> Vec<Route> {
         g.iter()
             .filter(|r| other.binary_search(r).is_err())
@@ -567,6 +570,7 @@ fn sorted_remove<T: Ord>(v: &mut Vec<T>, item: &T) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::desired::with_guards;
     use crate::model::{MeshNode, NodeName};
     use crate::topology::{Encapsulate, MeshOptions, compute};
     use proptest::prelude::*;
