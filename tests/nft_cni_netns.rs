@@ -389,6 +389,88 @@ async fn iptables_masquerade_lets_pods_out_and_leaves_exempt_traffic_alone() {
     masquerade_really_works(FirewallMode::Iptables).await;
 }
 
+/// The handle of wiremesh's table: a new one whenever the table is replaced.
+fn our_table_handle(node: &Netns) -> String {
+    let listing = node.exec(&["nft", "-a", "list", "table", "inet", "wiremesh"], None);
+    let first = listing.lines().next().unwrap_or_default();
+    first
+        .split("# handle ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no handle in {first:?}"))
+        .trim()
+        .to_owned()
+}
+
+#[tokio::test]
+#[cfg_attr(
+    not(feature = "netns-tests"),
+    ignore = "needs root, nftables, CNI plugins"
+)]
+async fn nft_changes_go_element_by_element_and_a_table_changed_by_hand_is_replaced() {
+    require_root_and_tools();
+    let node = Netns::new(PREFIX);
+    let mut fw = Firewall::in_netns(FirewallMode::Nftables, &node.name).await;
+    let first = lab_masquerade();
+    fw.apply(&first).await.expect("apply");
+    let handle = our_table_handle(&node);
+    let fresh = || Firewall::in_netns(FirewallMode::Nftables, &node.name);
+
+    // A join and a leave: one exemption more, one less, a source more; adjacent blocks merge.
+    let mut second = first.clone();
+    second.exempt = nets(&["10.200.4.0/24", "10.200.6.0/24", "fd00:5::/64"]);
+    second.sources.push("10.200.10.0/24".parse().expect("CIDR"));
+    fw.apply(&second).await.expect("change");
+    assert_eq!(
+        fresh().await.read().await.expect("read"),
+        Some(canonical(&second)),
+        "the kernel holds exactly the new lists"
+    );
+    assert_eq!(
+        our_table_handle(&node),
+        handle,
+        "the table was changed in place, not replaced"
+    );
+
+    // Someone deletes an element by hand: the next change cannot delete it, so the table is
+    // replaced whole, and ends as wanted.
+    node.exec(
+        &[
+            "nft",
+            "delete",
+            "element",
+            "inet",
+            "wiremesh",
+            "exempt4",
+            "{",
+            "10.200.6.0/24",
+            "}",
+        ],
+        None,
+    );
+    let mut third = second.clone();
+    third.exempt = nets(&["10.200.4.0/24", "fd00:5::/64"]);
+    fw.apply(&third)
+        .await
+        .expect("change after a change by hand");
+    assert_eq!(
+        fresh().await.read().await.expect("read"),
+        Some(canonical(&third))
+    );
+    assert_ne!(our_table_handle(&node), handle, "the table was replaced");
+
+    // A read makes the lists known again, so the next change is in place as well.
+    let mut reader = fresh().await;
+    assert_eq!(reader.read().await.expect("read"), Some(canonical(&third)));
+    let handle = our_table_handle(&node);
+    reader.apply(&first).await.expect("change after a read");
+    assert_eq!(
+        fresh().await.read().await.expect("read"),
+        Some(canonical(&first))
+    );
+    assert_eq!(our_table_handle(&node), handle);
+    reader.delete().await.expect("delete");
+}
+
 #[tokio::test]
 #[cfg_attr(
     not(feature = "netns-tests"),

@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! Masquerade ─ canonical() ─→ render_nft()            ─→ nft -f -                  (one transaction)
+//!                           ├→ render_nft_delta()      ─→ nft -f -        (changed elements only)
 //!                           └→ render_iptables_apply() ─→ ip{,6}tables-restore --noflush
 //! nft -j list table inet wiremesh ─ parse_nft_table()   ─→ TableState ─→ Option<Masquerade>
 //! ip{,6}tables-save -t nat        ─ parse_iptables_save() ─┘
@@ -32,11 +33,13 @@ use std::fmt::{self, Write as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::Stdio;
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ipnetwork::IpNetwork;
 use serde_json::Value;
 use tokio::io::AsyncWriteExt as _;
+use tracing::debug;
 
 use super::KernelError;
 use crate::desired::Masquerade;
@@ -378,6 +381,47 @@ pub fn render_nft(m: &Masquerade) -> String {
 /// The `nft -f -` script that removes wiremesh's table whether or not it exists.
 pub fn render_nft_delete() -> String {
     format!("add table {NFT_FAMILY} {NFT_TABLE}\ndelete table {NFT_FAMILY} {NFT_TABLE}\n")
+}
+
+/// The `nft -f -` script that turns the sets of table `from` into those of `to` element by element,
+/// in one transaction: every deletion first (so no added interval overlaps one still to go), then
+/// every addition. `None` when the sets are equal. Both are taken in canonical form, which is what
+/// [`render_nft`] writes and a read returns, so each deleted element is one the kernel holds.
+///
+/// Why not [`render_nft`] every time: a join or leave changes one or two elements of sets that
+/// hold one per node, and replacing the table makes `nft` parse and the kernel rebuild all of
+/// them (at 5,000 nodes the slowest step of a reconciliation).
+pub fn render_nft_delta(from: &Masquerade, to: &Masquerade) -> Option<String> {
+    let (from, to) = (canonical(from), canonical(to));
+    let mut deletes = String::new();
+    let mut adds = String::new();
+    for ((stem, old), (_, new)) in lists(&from).into_iter().zip(lists(&to)) {
+        for fam in [IpFamily::V4, IpFamily::V6] {
+            let of_fam = |nets: &[IpNetwork]| -> std::collections::BTreeSet<IpNetwork> {
+                nets.iter()
+                    .filter(|n| IpFamily::of(n) == fam)
+                    .copied()
+                    .collect()
+            };
+            let (old, new) = (of_fam(old), of_fam(new));
+            let set = set_name(stem, fam);
+            for (out, verb, elems) in [
+                (&mut deletes, "delete", old.difference(&new)),
+                (&mut adds, "add", new.difference(&old)),
+            ] {
+                let elems: Vec<String> = elems.map(ToString::to_string).collect();
+                if !elems.is_empty() {
+                    let _ = writeln!(
+                        out,
+                        "{verb} element {NFT_FAMILY} {NFT_TABLE} {set} {{ {} }}",
+                        elems.join(", ")
+                    );
+                }
+            }
+        }
+    }
+    let script = deletes + &adds;
+    (!script.is_empty()).then_some(script)
 }
 
 /// Why a listing could not be read at all (as opposed to holding unexpected rules).
@@ -960,6 +1004,10 @@ pub async fn nft_works(netns: Option<&str>) -> bool {
 pub struct Firewall {
     mode: FirewallMode,
     exec: Exec,
+    /// The lists wiremesh's table held at the last successful read or write (nftables only):
+    /// what [`Firewall::apply`] changes element by element. `None`: unknown, replace whole.
+    /// Shared by clones, which stand for the same table.
+    held: Arc<Mutex<Option<Masquerade>>>,
 }
 
 impl Firewall {
@@ -984,6 +1032,7 @@ impl Firewall {
             exec: Exec {
                 netns: netns.map(str::to_owned),
             },
+            held: Arc::default(),
         }
     }
 
@@ -1036,11 +1085,26 @@ impl Firewall {
     ///
     /// [`OwnedState::masquerade`]: super::OwnedState::masquerade
     pub async fn read(&self) -> Result<Option<Masquerade>, KernelError> {
-        Ok(self.read_state().await?.masquerade())
+        let state = self.read_state().await;
+        self.hold(match (&state, self.mode) {
+            (Ok(TableState::Present(m)), FirewallMode::Nftables) => Some(m.clone()),
+            _ => None,
+        });
+        Ok(state?.masquerade())
+    }
+
+    /// Remember what the table holds (`None`: unknown).
+    fn hold(&self, m: Option<Masquerade>) {
+        if let Ok(mut held) = self.held.lock() {
+            *held = m;
+        }
     }
 
     /// Replace wiremesh's rules with ones for `m`: one `nft` transaction, or one restore per
-    /// family (a family without networks in `m` has its chain removed).
+    /// family (a family without networks in `m` has its chain removed). With nftables, when the
+    /// table's lists are known from the last read or write, only the elements that differ are
+    /// deleted and added ([`render_nft_delta`]); if that fails (the table was changed behind
+    /// wiremesh's back) the table is replaced whole.
     pub async fn apply(&mut self, m: &Masquerade) -> Result<(), KernelError> {
         match self.mode {
             FirewallMode::Iptables => {
@@ -1052,10 +1116,25 @@ impl Firewall {
                 }
             }
             FirewallMode::Nftables | FirewallMode::Auto => {
+                let held = self.held.lock().ok().and_then(|mut h| h.take());
+                // No difference to what was written or read last, yet asked to apply: the caller
+                // knows better (the table changed since), so it is replaced.
+                if let Some(script) = held.and_then(|h| render_nft_delta(&h, m)) {
+                    let op = format!("change the sets of table {NFT_FAMILY} {NFT_TABLE}");
+                    match self.exec.run(&op, "nft", &["-f", "-"], Some(&script)).await {
+                        Ok(_) => {
+                            self.hold(Some(canonical(m)));
+                            return Ok(());
+                        }
+                        // The table was changed behind our back: replacing it repairs it.
+                        Err(e) => debug!(error = %e, "replacing the table instead"),
+                    }
+                }
                 let op = format!("replace table {NFT_FAMILY} {NFT_TABLE}");
                 self.exec
                     .run(&op, "nft", &["-f", "-"], Some(&render_nft(m)))
                     .await?;
+                self.hold(Some(canonical(m)));
             }
         }
         Ok(())
@@ -1063,6 +1142,7 @@ impl Firewall {
 
     /// Remove wiremesh's table (or chains and jumps); nothing else. Succeeds when absent.
     pub async fn delete(&mut self) -> Result<(), KernelError> {
+        self.hold(None);
         match self.mode {
             FirewallMode::Iptables => {
                 for fam in [IpFamily::V4, IpFamily::V6] {
@@ -1216,6 +1296,38 @@ table inet wiremesh {
         {
             assert!(line.contains("inet wiremesh"), "{line}");
         }
+    }
+
+    #[test]
+    fn nft_delta_deletes_before_it_adds_and_names_only_changed_elements_of_our_sets() {
+        let from = sample();
+        assert_eq!(
+            render_nft_delta(&from, &from),
+            None,
+            "equal lists: nothing to do"
+        );
+        let mut to = from.clone();
+        to.exempt.retain(|n| *n != net("10.4.0.0/16"));
+        to.exempt.push(net("10.99.0.0/24"));
+        to.sources.push(net("fd00:99::/64"));
+        let script = render_nft_delta(&from, &to).expect("a change");
+        let lines: Vec<&str> = script.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "delete element inet wiremesh exempt4 { 10.4.0.0/16 }",
+                "add element inet wiremesh exempt4 { 10.99.0.0/24 }",
+                "add element inet wiremesh sources6 { fd00:99::/64 }",
+            ]
+        );
+        // Adjacent blocks merge in canonical form: the old block goes, the merged one comes.
+        let mut merged = to.clone();
+        merged.exempt.push(net("10.99.1.0/24"));
+        assert_eq!(
+            render_nft_delta(&to, &merged).expect("a change"),
+            "delete element inet wiremesh exempt4 { 10.99.0.0/24 }\n\
+             add element inet wiremesh exempt4 { 10.99.0.0/23 }\n"
+        );
     }
 
     #[test]

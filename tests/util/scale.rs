@@ -64,7 +64,7 @@ pub const NETNS_PREFIX: &str = "wmsc";
 /// Index of the probe node (key, pod CIDR, internal IP); synthetic nodes stay below it.
 const PROBE_INDEX: usize = 16_383;
 /// The agent's log filter: info, and the loop's debug lines ("registry changed events=N").
-const LOG_LEVEL: &str = "info,wiremesh::agent=debug";
+const LOG_LEVEL: &str = "info,wiremesh::agent=debug,wiremesh::reconcile::system=debug";
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
