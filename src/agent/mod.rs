@@ -5,7 +5,9 @@
 //! (a route deleted by hand), on a resync period, after failures (with backoff), and right after
 //! an address of the WireGuard link went (Linux may have flushed routes silently). Logs what
 //! changed and why. When and what to reconcile is decided by a sans-I/O state machine
-//! ([`machine`]); this loop only feeds it events and carries out its decisions. May depend on every library module; the kernel is reached only through
+//! ([`machine`]); this loop only feeds it events and carries out its decisions. On Kubernetes it
+//! publishes this node's annotations and re-asserts them when someone else writes them
+//! ([`identity`]). May depend on every library module; the kernel is reached only through
 //! [`crate::reconcile::Kernel`].
 //!
 //! What the loop does is visible from outside through an [`observe::Observer`] it writes to
@@ -15,6 +17,7 @@
 mod cluster;
 pub mod guards;
 pub mod http;
+mod identity;
 mod machine;
 pub mod metrics;
 pub mod observe;
@@ -324,6 +327,7 @@ pub async fn run_with<K: Kernel>(
         discovered: BTreeMap::new(),
         port: port::PortGuard::new(cfg.mesh.port),
         public_key,
+        identity: identity::Identity::new(),
     };
     // Since when the registry has been listed and reachable without a break (for staleness).
     let mut live_since: Option<tokio::time::Instant> = None;
@@ -426,6 +430,9 @@ pub async fn run_with<K: Kernel>(
                     }
                 }
                 if let Some(n) = batch.local {
+                    if let Some(link) = &cluster {
+                        me.check_identity(&cfg, &n, link, &observer);
+                    }
                     let first = me.node.is_none() && me.own.is_none();
                     me.node = Some(n);
                     if first && let Some(link) = &cluster {
@@ -685,6 +692,8 @@ struct Local {
     port: port::PortGuard,
     /// This agent's public key.
     public_key: WgKey,
+    /// What the agent owns on its Node, to tell a foreign write.
+    identity: identity::Identity,
 }
 
 impl Local {
@@ -700,8 +709,29 @@ impl Local {
             &self.discovered,
         );
         let out = self.port.publication(p.clone());
+        self.identity.publishing(&out);
         link.publish(out);
         self.own = Some(p);
+    }
+
+    /// Compare this node's Node (`node`, just read) with what the agent owns on it: a value
+    /// someone else wrote is an incident (log, Event, metric), and what the agent owns is
+    /// written back at once.
+    fn check_identity(
+        &mut self,
+        cfg: &AgentConfig,
+        node: &k8s_openapi::api::core::v1::Node,
+        link: &ClusterLink,
+        observer: &Observer,
+    ) {
+        let foreign = self.identity.foreign(node);
+        if foreign.is_empty() {
+            return;
+        }
+        let text = identity::describe(&foreign);
+        warn!(node = %cfg.node, "{text}");
+        observer.identity_restored();
+        link.restore(text, node.metadata.uid.clone());
     }
 }
 

@@ -321,6 +321,11 @@ impl Observer {
         }
     }
 
+    /// Someone else wrote this node's own annotations and the agent wrote them back.
+    pub fn identity_restored(&self) {
+        self.inner.metrics.identity_restored();
+    }
+
     /// What holds the listen port now (`None`: free, or held by our interface).
     pub fn listen_port(&self, conflict: Option<&crate::reconcile::port::PortConflict>) {
         self.lock().listen_port_conflict = conflict.map(ToString::to_string);
