@@ -43,7 +43,7 @@ pub(crate) fn retry_backoff() -> Backoff {
 pub(crate) enum Plan {
     /// Apply just this change of the desired state, against the cached kernel picture (the loop
     /// falls back to the whole state when it has none, or the delta does not apply to it).
-    Delta(DesiredDelta),
+    Delta(Box<DesiredDelta>),
     /// Plan the whole desired state.
     Full,
 }
@@ -249,7 +249,7 @@ impl Machine {
         let pending = self.pending.take();
         let full = std::mem::take(&mut self.full_needed);
         let plan = match pending {
-            Some(d) if !full && !reread => Plan::Delta(d),
+            Some(d) if !full && !reread => Plan::Delta(Box::new(d)),
             _ => Plan::Full,
         };
         Some(Work { plan, reread })

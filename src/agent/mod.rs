@@ -619,7 +619,7 @@ async fn reconcile_step<K: Kernel>(
         // The delta's peers and routes move into the operations, and from them into `known`:
         // a renumbered mesh's thousands are never held twice.
         if let Some(k) = known.take() {
-            match reconcile::plan::plan_delta(d, &k) {
+            match reconcile::plan::plan_delta(*d, &k) {
                 Some(ops) => {
                     return Step::Report(Ok(reconcile::apply_planned(
                         kernel, ops, k, public_key, known,
