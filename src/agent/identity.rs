@@ -113,11 +113,19 @@ impl Identity {
     }
 }
 
-/// One line saying what was found and that it is being restored.
+/// Characters of a foreign value quoted in the log and the Event, at most.
+const QUOTE_MAX: usize = 100;
+
+/// One line saying what was found and that it is being restored (each value cut to
+/// [`QUOTE_MAX`] characters: whoever wrote it chose its size).
 pub(crate) fn describe(foreign: &[Foreign]) -> String {
     let parts: Vec<String> = foreign
         .iter()
         .map(|f| match &f.found {
+            Some(v) if v.chars().count() > QUOTE_MAX => {
+                let cut: String = v.chars().take(QUOTE_MAX).collect();
+                format!("{}={cut:?}…", f.key)
+            }
             Some(v) => format!("{}={v:?}", f.key),
             None => format!("{} removed", f.key),
         })
@@ -196,6 +204,15 @@ mod tests {
             }]
         );
         assert!(describe(&got).contains("wiremesh.io/key="));
+        let huge = Foreign {
+            key: "wiremesh.io/key".into(),
+            found: Some("x".repeat(100_000)),
+            ours: None,
+        };
+        assert!(
+            describe(&[huge]).len() < 300,
+            "a forged value's size is not ours to repeat"
+        );
         let still = node_with(&p, &[("wiremesh.io/key", Some(&forged))]);
         assert!(
             id.foreign(&still).is_empty(),

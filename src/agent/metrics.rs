@@ -196,7 +196,7 @@ pub fn render(view: &View, live: &Live, lm: &LoopMetrics, ready: bool) -> String
     );
     r.register(
         "ready",
-        "1 once the registry listed everything and a reconciliation succeeded (as /readyz)",
+        "1 while ready, as /readyz: listed, reconciled, this node in the mesh, the kernel as desired",
         flag(ready),
     );
     r.register(

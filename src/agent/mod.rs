@@ -433,7 +433,7 @@ pub async fn run_with<K: Kernel>(
                     if let Some(link) = &cluster {
                         me.check_identity(&cfg, &n, link, &observer);
                     }
-                    let first = me.node.is_none() && me.own.is_none();
+                    let first = me.own.is_none();
                     me.node = Some(n);
                     if first && let Some(link) = &cluster {
                         // Publish at once what is known before the first reconciliation.
