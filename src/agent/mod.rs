@@ -462,48 +462,7 @@ pub async fn run_with<K: Kernel>(
                         link.reconnected();
                     }
                 }
-                match &mut mesh {
-                    Mesh::Listing { nodes, peers } => {
-                        for ev in events {
-                            match ev {
-                                Event::NodeUpsert(n) => { nodes.insert(n.name.clone(), n); }
-                                Event::NodeRemove(n) => { nodes.remove(&n); }
-                                Event::PeerUpsert(p) => { peers.insert(p.name.clone(), p); }
-                                Event::PeerRemove(n) => { peers.remove(&n); }
-                            }
-                        }
-                        if batch.synced {
-                            let nodes: Vec<Arc<MeshNode>> = std::mem::take(nodes).into_values().collect();
-                            let peers: Vec<MeshPeer> = std::mem::take(peers).into_values().collect();
-                            let engine = Engine::new(nodes, peers, cfg.node.clone(), cfg.mesh.clone());
-                            info!(node = %cfg.node, nodes = engine.nodes().count(), peers = engine.peers().count(),
-                                "registry listed; reconciling");
-                            mesh = Mesh::Running(Box::new(engine));
-                            machine.listed();
-                        }
-                    }
-                    Mesh::Running(engine) => {
-                        debug!(events = events.len(), "registry changed");
-                        // Event by event while the one delta the machine keeps is still to
-                        // come; from the second change on the whole state is planned, so the
-                        // rest is folded in without updates (no diff of the whole mesh per
-                        // burst).
-                        let mut events = events.into_iter();
-                        while machine.wants_deltas() {
-                            let Some(ev) = events.next() else { break };
-                            engine.apply_batch([ev], |u| absorb(&mut machine, u, &diags.registry));
-                        }
-                        let rest: Vec<Event> = events.collect();
-                        if !rest.is_empty() {
-                            debug!(events = rest.len(), "folding the rest of the batch in");
-                            if tracing::enabled!(tracing::Level::DEBUG) {
-                                rest.iter().for_each(log_folded);
-                            }
-                            engine.fold_batch(rest);
-                            machine.folded();
-                        }
-                    }
-                }
+                take_events(&cfg, &mut mesh, &mut machine, &diags.registry, events, batch.synced);
             }
             ev = kernel_events.recv(), if kernel_events_open => {
                 match ev {
@@ -535,6 +494,67 @@ pub async fn run_with<K: Kernel>(
             }
             _ = heartbeat.tick() => {}
             _ = tokio::time::sleep_until(deadline) => machine.tick(now()),
+        }
+    }
+}
+
+/// Hand a batch's `events` to the mesh: gathered until the registry has listed everything
+/// (`synced`), then the engine is made; afterwards into the engine, its updates to `machine`.
+fn take_events(
+    cfg: &AgentConfig,
+    mesh: &mut Mesh,
+    machine: &mut Machine,
+    registry: &[Diagnostic],
+    events: Vec<Event>,
+    synced: bool,
+) {
+    match mesh {
+        Mesh::Listing { nodes, peers } => {
+            for ev in events {
+                match ev {
+                    Event::NodeUpsert(n) => {
+                        nodes.insert(n.name.clone(), n);
+                    }
+                    Event::NodeRemove(n) => {
+                        nodes.remove(&n);
+                    }
+                    Event::PeerUpsert(p) => {
+                        peers.insert(p.name.clone(), p);
+                    }
+                    Event::PeerRemove(n) => {
+                        peers.remove(&n);
+                    }
+                }
+            }
+            if synced {
+                let nodes: Vec<Arc<MeshNode>> = std::mem::take(nodes).into_values().collect();
+                let peers: Vec<MeshPeer> = std::mem::take(peers).into_values().collect();
+                let engine = Engine::new(nodes, peers, cfg.node.clone(), cfg.mesh.clone());
+                info!(node = %cfg.node, nodes = engine.nodes().count(), peers = engine.peers().count(),
+                    "registry listed; reconciling");
+                *mesh = Mesh::Running(Box::new(engine));
+                machine.listed();
+            }
+        }
+        Mesh::Running(engine) => {
+            debug!(events = events.len(), "registry changed");
+            // Event by event while the one delta the machine keeps is still to come; from the
+            // second change on the whole state is planned, so the rest is folded in without
+            // updates (no diff of the whole mesh per burst).
+            let mut events = events.into_iter();
+            while machine.wants_deltas() {
+                let Some(ev) = events.next() else { break };
+                engine.apply_batch([ev], |u| absorb(machine, u, registry));
+            }
+            let rest: Vec<Event> = events.collect();
+            if !rest.is_empty() {
+                debug!(events = rest.len(), "folding the rest of the batch in");
+                if tracing::enabled!(tracing::Level::DEBUG) {
+                    rest.iter().for_each(log_folded);
+                }
+                engine.fold_batch(rest);
+                machine.folded();
+            }
         }
     }
 }
