@@ -1042,3 +1042,41 @@ async fn a_pending_retry_and_the_local_node_leaving_the_registry_do_not_spin_the
     assert!(why.contains("not in the cluster"), "{why}");
     agent.stop().await;
 }
+
+#[tokio::test]
+async fn a_ready_agent_is_not_ready_while_the_kernel_refuses_part_of_a_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = FakeKernel::default();
+    let (agent, tx, nodes) = fra_1_listed(dir.path(), &kernel).await;
+    wait_for("ready", || agent.observer.readiness().is_ok()).await;
+    // A node joins whose route the kernel refuses once.
+    let dst: ipnetwork::IpNetwork = "10.42.9.0/24".parse().unwrap();
+    *kernel.refuse.lock().unwrap() = Some((dst, 1));
+    let mut joining = nodes[1].clone();
+    joining.name = NodeName("zzz-1".into());
+    joining.key = Some(WgKey([9; 32]));
+    joining.pod_cidrs = vec![dst];
+    joining.endpoint = Some("203.0.113.99:51820".parse().unwrap());
+    joining.internal_ip = None;
+    tx.send(batch(vec![Event::node(joining)], true))
+        .await
+        .unwrap();
+    wait_for("the refusal", || {
+        kernel.refuse.lock().unwrap().is_some_and(|(_, n)| n == 0)
+    })
+    .await;
+    let why = agent.observer.readiness().unwrap_err();
+    assert!(
+        why.starts_with("the kernel does not match the desired state: the kernel refused 1"),
+        "{why}"
+    );
+    // The retry (about 1 s later) succeeds: ready again.
+    for _ in 0..40 {
+        if agent.observer.readiness().is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(agent.observer.readiness(), Ok(()));
+    agent.stop().await;
+}
