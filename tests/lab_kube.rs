@@ -455,6 +455,12 @@ fn kube_lab_mesh_forms_from_the_api_server_alone_then_grows_regroups_and_shrinks
     conflicting_nodes_are_reported_and_break_nothing(&lab);
     let panics = agent_logs(&lab);
     assert!(!panics.contains("panicked"), "an agent panicked:\n{panics}");
+    // Agents publishing, republishing and moving never take their own writes for someone
+    // else's.
+    assert!(
+        !panics.contains("someone else wrote"),
+        "an identity incident without a foreign write:\n{panics}"
+    );
     lab.down_and_assert_gone();
     eprintln!("kube lab scenario in {:?}", t0.elapsed());
 }

@@ -3,6 +3,7 @@
 mod util;
 
 mod agent_foreign;
+mod agent_identity;
 mod agent_kilo;
 mod boundary;
 mod cluster_registry;

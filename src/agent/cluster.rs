@@ -1,6 +1,7 @@
 //! The agent's writes to Kubernetes, off the reconcile path: a publisher task that keeps this
-//! node's annotations up to date (on change, and a last-seen heartbeat every check-in period),
-//! and a reporter task that turns new diagnostics into Events. Both retry with backoff while
+//! node's annotations up to date (on change, a last-seen heartbeat every check-in period, and at
+//! once when someone else overwrote them), and a reporter task that turns new diagnostics and
+//! such identity incidents into Events. Both retry with backoff while
 //! the API server is unreachable and never block the agent loop: the loop only replaces the
 //! latest value in a `watch` channel.
 //!
@@ -9,7 +10,7 @@
 use std::time::Duration;
 
 use kube::Client;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -30,6 +31,8 @@ pub struct ClusterLink {
     publication: watch::Sender<Option<Publication>>,
     diagnostics: watch::Sender<(Vec<Diagnostic>, Option<String>)>,
     reconnected: std::sync::Arc<Notify>,
+    restore: std::sync::Arc<Notify>,
+    incidents: mpsc::Sender<(String, Option<String>)>,
 }
 
 impl ClusterLink {
@@ -38,18 +41,27 @@ impl ClusterLink {
         let (ptx, prx) = watch::channel(None);
         let (dtx, drx) = watch::channel((Vec::new(), None));
         let reconnected = std::sync::Arc::new(Notify::new());
+        let restore = std::sync::Arc::new(Notify::new());
+        // A few incidents in flight at most: more while the API server is away are dropped
+        // (each is logged and counted by the loop anyway).
+        let (itx, irx) = mpsc::channel(8);
         tokio::spawn(publisher(
             client.clone(),
             node.clone(),
             check_in,
             prx,
-            reconnected.clone(),
+            Signals {
+                reconnected: reconnected.clone(),
+                restore: restore.clone(),
+            },
         ));
-        tokio::spawn(reporter(Reporter::new(client, &node), drx));
+        tokio::spawn(reporter(Reporter::new(client, &node), drx, irx));
         ClusterLink {
             publication: ptx,
             diagnostics: dtx,
             reconnected,
+            restore,
+            incidents: itx,
         }
     }
 
@@ -71,10 +83,28 @@ impl ClusterLink {
         });
     }
 
+    /// Someone else wrote this node's own annotations (`text` says what): write the current
+    /// publication back now, whatever was published before, and report the incident as an
+    /// Event on the Node (uid `node_uid`).
+    pub fn restore(&self, text: String, node_uid: Option<String>) {
+        self.restore.notify_one();
+        if self.incidents.try_send((text, node_uid)).is_err() {
+            debug!("an identity incident is not reported as an Event: too many in flight");
+        }
+    }
+
     /// Report the current diagnostics (all of them; only what is new becomes an Event).
     pub fn report(&self, diags: Vec<Diagnostic>, node_uid: Option<String>) {
         let _ = self.diagnostics.send((diags, node_uid));
     }
+}
+
+/// What wakes the publisher besides a new publication.
+struct Signals {
+    /// The API server answers again.
+    reconnected: std::sync::Arc<Notify>,
+    /// The Node's own annotations were overwritten: publish now.
+    restore: std::sync::Arc<Notify>,
 }
 
 async fn publisher(
@@ -82,8 +112,12 @@ async fn publisher(
     node: String,
     check_in: Duration,
     mut rx: watch::Receiver<Option<Publication>>,
-    reconnected: std::sync::Arc<Notify>,
+    signals: Signals,
 ) {
+    let Signals {
+        reconnected,
+        restore,
+    } = signals;
     let mut published: Option<Publication> = None;
     let mut next_heartbeat = Instant::now();
     let mut backoff = publish_backoff();
@@ -129,6 +163,8 @@ async fn publisher(
                 next_heartbeat = Instant::now();
                 backoff.reset();
             },
+            // Written back at once (a Node event just came: the API server answers).
+            _ = restore.notified() => published = None,
         }
     }
 }
@@ -136,9 +172,20 @@ async fn publisher(
 async fn reporter(
     mut reporter: Reporter,
     mut rx: watch::Receiver<(Vec<Diagnostic>, Option<String>)>,
+    mut incidents: mpsc::Receiver<(String, Option<String>)>,
 ) {
-    while rx.changed().await.is_ok() {
-        let (diags, uid) = rx.borrow_and_update().clone();
-        reporter.report(&diags, uid.as_deref()).await;
+    loop {
+        tokio::select! {
+            r = rx.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                let (diags, uid) = rx.borrow_and_update().clone();
+                reporter.report(&diags, uid.as_deref()).await;
+            }
+            Some((text, uid)) = incidents.recv() => {
+                reporter.identity_restored(&text, uid.as_deref()).await;
+            }
+        }
     }
 }

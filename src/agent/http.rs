@@ -5,7 +5,7 @@
 //! | --- | --- |
 //! | `GET /metrics` | every metric, OpenMetrics text ([`super::metrics`]) |
 //! | `GET /healthz` | 200 `ok` while the agent loop turns ([`super::observe::LIVENESS_BOUND`]), else 503 and why |
-//! | `GET /readyz` | 200 `ready` once the registry listed everything and a reconciliation succeeded, while nothing else holds the listen port; else 503 and what is awaited, in one line |
+//! | `GET /readyz` | 200 `ready` once the registry listed everything and a reconciliation succeeded, while nothing else holds the listen port, this node takes part and the kernel is not known to differ from the desired state; else 503 and what is awaited, in one line |
 //! | `GET /status` | this node's view as JSON ([`crate::status::AgentStatus`]) |
 //!
 //! `/metrics` and `/status` read the WireGuard device when asked (on the blocking pool, bounded

@@ -86,6 +86,7 @@ pub struct LoopMetrics {
     errors: Family<KindLabels, Counter>,
     operations: Family<KindLabels, Counter>,
     duration: Histogram,
+    identity_restored: Counter,
 }
 
 impl Default for LoopMetrics {
@@ -96,6 +97,7 @@ impl Default for LoopMetrics {
             operations: Family::default(),
             // 1 ms to about 33 s.
             duration: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            identity_restored: Counter::default(),
         };
         // Present from the start, at 0, so that rates and alerts work before the first event.
         for result in ["ok", "partial", "failed"] {
@@ -128,6 +130,11 @@ impl LoopMetrics {
                 .inc();
         }
         self.duration.observe(took.as_secs_f64());
+    }
+
+    /// Someone else wrote this node's own annotations; the agent wrote them back.
+    pub fn identity_restored(&self) {
+        self.identity_restored.inc();
     }
 
     /// A reconciliation could not read the kernel after `took`.
@@ -189,7 +196,7 @@ pub fn render(view: &View, live: &Live, lm: &LoopMetrics, ready: bool) -> String
     );
     r.register(
         "ready",
-        "1 once the registry listed everything and a reconciliation succeeded (as /readyz)",
+        "1 while ready, as /readyz: listed, reconciled, this node in the mesh, the kernel as desired",
         flag(ready),
     );
     r.register(
@@ -260,6 +267,12 @@ pub fn render(view: &View, live: &Live, lm: &LoopMetrics, ready: bool) -> String
         "reconcile_errors",
         "Reconcile errors by kind: the failed operation's kind, or read-kernel",
         lm.errors.clone(),
+    );
+    r.register(
+        "identity_restored",
+        "Times this node's own annotations (key, endpoint, mesh IP, …) were found written by \
+         someone else and written back",
+        lm.identity_restored.clone(),
     );
     r.register(
         "kernel_operations",

@@ -1,10 +1,13 @@
 //! The node agent's loop: registry → incremental engine → desired state → reconciler → kernel.
 //!
-//! Watches the registry (files for now), turns every change into engine events, and reconciles
-//! the kernel when the desired state changed, when the kernel lost something of ours (a route
-//! deleted by hand), on a resync period, after failures (with backoff), and right after an
-//! address of the WireGuard link went (Linux may have flushed routes silently). Logs what
-//! changed and why. May depend on every library module; the kernel is reached only through
+//! Watches the registry (files or Kubernetes), turns every change into engine events, and
+//! reconciles the kernel when the desired state changed, when the kernel lost something of ours
+//! (a route deleted by hand), on a resync period, after failures (with backoff), and right after
+//! an address of the WireGuard link went (Linux may have flushed routes silently). Logs what
+//! changed and why. When and what to reconcile is decided by a sans-I/O state machine
+//! ([`machine`]); this loop only feeds it events and carries out its decisions. On Kubernetes it
+//! publishes this node's annotations and re-asserts them when someone else writes them
+//! ([`identity`]). May depend on every library module; the kernel is reached only through
 //! [`crate::reconcile::Kernel`].
 //!
 //! What the loop does is visible from outside through an [`observe::Observer`] it writes to
@@ -14,6 +17,8 @@
 mod cluster;
 pub mod guards;
 pub mod http;
+mod identity;
+mod machine;
 pub mod metrics;
 pub mod observe;
 mod port;
@@ -31,7 +36,6 @@ use ipnetwork::IpNetwork;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::backoff::Backoff;
 use crate::desired::DesiredDelta;
 use crate::diagnostic::Diagnostic;
 use crate::model::{MeshNode, MeshPeer, NodeName, WgKey};
@@ -44,6 +48,7 @@ use crate::registry::cluster::{Batch, ClientOptions, ClusterError, WatchOptions}
 use crate::registry::file::FileError;
 use crate::topology::MeshOptions;
 use crate::topology::incremental::{Engine, Event, Update};
+use machine::{Machine, Note, Outcome, Plan};
 
 pub use cluster::ClusterLink;
 pub use observe::Observer;
@@ -283,7 +288,8 @@ pub(crate) fn unix_now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-/// The agent loop over any kernel.
+/// The agent loop over any kernel: thin wiring around [`machine::Machine`], which decides when
+/// and what to reconcile; this loop feeds it events and carries its decisions out.
 pub async fn run_with<K: Kernel>(
     cfg: AgentConfig,
     kernel: &mut K,
@@ -302,22 +308,10 @@ pub async fn run_with<K: Kernel>(
         nodes: BTreeMap::new(),
         peers: BTreeMap::new(),
     };
-    let mut seen_diags = BTreeSet::new();
-    // Problems of the registry's objects (parsing) and of the mesh (engine), surfaced when they
-    // may have changed.
-    let mut registry_diags: Vec<Diagnostic> = Vec::new();
-    let mut last_diags: Option<Vec<Diagnostic>> = None;
-    let mut diags_dirty = false;
-    let mut dirty = false;
+    let mut machine = Machine::new(now(), cfg.resync_period);
+    let mut diags = Diags::default();
     // The kernel state the last reconciliation left; `None` makes the next one read the kernel.
     let mut known: Option<reconcile::OwnedState> = None;
-    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
-    let mut retry_at: Option<tokio::time::Instant> = None;
-    let mut resync = tokio::time::interval_at(
-        tokio::time::Instant::now() + cfg.resync_period,
-        cfg.resync_period,
-    );
-    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut check_in = tokio::time::interval(cfg.check_in_period);
     check_in.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Turns the loop when nothing happens, so that a loop that turns no more is seen (/healthz).
@@ -326,22 +320,19 @@ pub async fn run_with<K: Kernel>(
     tokio::pin!(shutdown);
     let mut kernel_events_open = true;
     let mut registry_open = true;
-    // The one engine delta since the last reconciliation, planned against `known` when
-    // possible (see `absorb`).
-    let mut pending: Option<DesiredDelta> = None;
-    let mut full_needed = true;
-    let mut reconciled_once = false;
-    // This node's Node object and what the agent publishes (Kubernetes registry).
-    let mut local_node: Option<Box<k8s_openapi::api::core::v1::Node>> = None;
-    let mut own: Option<Publication> = None;
-    // This node's mesh IP as the last desired state had it (published as wireguard-ip).
-    let mut mesh_ip: Option<IpNetwork> = None;
-    let mut discovered = BTreeMap::new();
+    let mut me = Local {
+        node: None,
+        own: None,
+        mesh_ip: None,
+        discovered: BTreeMap::new(),
+        port: port::PortGuard::new(cfg.mesh.port),
+        public_key,
+        identity: identity::Identity::new(),
+    };
     // Since when the registry has been listed and reachable without a break (for staleness).
     let mut live_since: Option<tokio::time::Instant> = None;
-    // Whether something else holds the listen port: then the endpoint is not published.
-    let mut port = port::PortGuard::new(cfg.mesh.port);
-    port.found(kernel.port_holder(cfg.mesh.port).await, &observer);
+    me.port
+        .found(kernel.port_holder(cfg.mesh.port).await, &observer);
     // The guards of the last run first: after a reboot pods may run before the registry is
     // listed (or reachable), and their packets to other nodes must be dropped, not leak.
     let guards_path = guards::path_for(&cfg.private_key);
@@ -349,166 +340,70 @@ pub async fn run_with<K: Kernel>(
     info!(node = %cfg.node, "agent started; waiting for the registry's first complete list");
     loop {
         observer.turned();
-        if diags_dirty {
-            diags_dirty = false;
-            let mut all = registry_diags.clone();
-            if let Mesh::Running(engine) = &mesh {
-                let engine_diags = engine.diagnostics();
-                observer.mesh(
-                    engine.nodes(),
-                    engine.peers(),
-                    &registry_diags,
-                    &engine_diags,
-                );
-                all.extend(engine_diags);
-            }
-            if last_diags.as_ref() != Some(&all) {
-                log_new_diagnostics(&mut seen_diags, &all);
-                if let Some(link) = &cluster {
-                    let uid = local_node.as_ref().and_then(|n| n.metadata.uid.clone());
-                    link.report(all.clone(), uid);
-                }
-                last_diags = Some(all);
-            }
+        if let Some(link) = &cluster {
+            diags.show(&mesh, &observer, |all| {
+                let uid = me.node.as_ref().and_then(|n| n.metadata.uid.clone());
+                link.report(all, uid);
+            });
+        } else {
+            diags.show(&mesh, &observer, |_| {});
         }
-        if dirty && let Mesh::Running(engine) = &mesh {
-            dirty = false;
+        if let Mesh::Running(engine) = &mesh
+            && let Some(work) = machine.poll()
+        {
             let started = tokio::time::Instant::now();
-            let external: BTreeSet<WgKey> = engine.peers().map(|p| p.key).collect();
-            let delta = pending.take();
-            if let Some(d) = &delta {
-                observer.delta(d, &external);
-                if let Some(i) = &d.interface {
-                    mesh_ip = i.address;
-                }
+            if work.reread {
+                known = None;
             }
-            let report = match (full_needed, known.take(), delta) {
-                // The delta's peers and routes move into the operations, and from them into
-                // `known`: a renumbered mesh's thousands are never held twice.
-                (false, Some(k), Some(d)) => match reconcile::plan::plan_delta(d, &k) {
-                    Some(ops) => {
-                        let report =
-                            reconcile::apply_planned(kernel, ops, k, public_key, &mut known).await;
-                        Some(Ok(report))
-                    }
-                    None => {
-                        known = Some(k);
-                        None
-                    }
-                },
-                (_, k, _) => {
-                    known = k;
-                    None
-                }
-            };
-            let report = match report {
-                Some(r) => Some(r),
-                None => match engine.desired() {
-                    Err(e) => {
-                        warn!(
-                            "{}; nothing is programmed until it can",
-                            e.explained_by(&registry_diags)
-                        );
-                        None
-                    }
-                    Ok(desired) => {
-                        mesh_ip = desired.interface.address;
-                        observer.desired(&desired, &external);
-                        Some(
-                            reconcile::reconcile_cached(kernel, desired, public_key, &mut known)
-                                .await,
-                        )
-                    }
-                },
-            };
-            full_needed = false;
-            // The kernel drops routes without a word when an address goes (with the last IPv4
-            // address of the link, or as a route's preferred source): read it back at once and
-            // restore what went, rather than trust the picture the operations left.
-            let reread = matches!(&report, Some(Ok(r)) if r.removed_address);
-            let routes_changed = matches!(&report, Some(Ok(r)) if r.applied.contains_key("route"));
-            match &report {
-                None => {}
-                Some(Ok(r)) => observer.reconciled(started.elapsed(), r),
-                Some(Err(e)) => observer.read_failed(started.elapsed(), e),
+            let step = reconcile_step(
+                engine,
+                work.plan,
+                kernel,
+                public_key,
+                &mut known,
+                &diags.registry,
+                &observer,
+                &mut me.mesh_ip,
+            )
+            .await;
+            // The kernel drops routes without a word when an address goes: the machine has the
+            // kernel read again at once.
+            let routes_changed =
+                matches!(&step, Step::Report(Ok(r)) if r.applied.contains_key("route"));
+            match &step {
+                Step::Report(Ok(r)) => observer.reconciled(started.elapsed(), r),
+                Step::Report(Err(e)) => observer.read_failed(started.elapsed(), e),
+                Step::Unavailable(_) => {}
             }
-            if let Some(Ok(r)) = &report {
-                let holder = if port::device_failed(r) || port.is_held() {
+            if let Step::Report(Ok(r)) = &step {
+                let holder = if port::device_failed(r) || me.port.is_held() {
                     kernel.port_holder(cfg.mesh.port).await
                 } else {
                     None
                 };
-                port.found(holder, &observer);
-                if port.is_held() {
-                    // The device may claim the port without holding it: read it again.
-                    known = None;
+                me.port.found(holder, &observer);
+                for (op, e) in &r.failed {
+                    warn!(op = op.kind(), error = %e, "kernel refused an operation");
                 }
             }
-            match report {
-                None => {}
-                Some(Ok(report)) if report.failed.is_empty() && !port.is_held() => {
-                    backoff.reset();
-                    retry_at = None;
-                    if !reconciled_once {
-                        // Said once at info: after a restart it shows what was rewritten (an
-                        // agent that adopts an intact kernel state reports 0 operations).
-                        reconciled_once = true;
-                        let kinds: Vec<_> = report.applied.keys().collect();
-                        info!(ops = report.applied_count(), kinds = ?kinds, "first reconciliation done");
-                    } else if report.is_noop() {
-                        debug!("kernel already matches the desired state");
-                    } else {
-                        let kinds: Vec<_> = report.applied.keys().collect();
-                        info!(ops = report.applied_count(), kinds = ?kinds, "kernel reconciled");
-                    }
-                }
-                Some(Ok(report)) if report.failed.is_empty() => {
-                    // Applied, but the port is still held (said above): try again later.
-                    retry_at = Some(tokio::time::Instant::now() + backoff.next_delay());
-                    full_needed = true;
-                }
-                Some(Ok(report)) => {
-                    for (op, e) in &report.failed {
-                        warn!(op = op.kind(), error = %e, "kernel refused an operation");
-                    }
-                    let wait = backoff.next_delay();
-                    info!(applied = report.applied_count(), failed = report.failed.len(), retry_in = ?wait,
-                        "kernel partly reconciled; retrying the rest");
-                    retry_at = Some(tokio::time::Instant::now() + wait);
-                    full_needed = true;
-                }
-                Some(Err(e)) => {
-                    let wait = backoff.next_delay();
-                    warn!(error = %e, retry_in = ?wait, "cannot read the kernel state");
-                    retry_at = Some(tokio::time::Instant::now() + wait);
-                    full_needed = true;
-                }
-            }
-            if reread {
-                debug!("an address of the interface went; reading the kernel again");
-                retry_at = Some(tokio::time::Instant::now());
-            }
+            let outcome = match &step {
+                Step::Unavailable(why) => Outcome::Unavailable(why.clone()),
+                Step::Report(Ok(report)) => Outcome::Applied {
+                    report,
+                    port_held: me.port.is_held(),
+                },
+                Step::Report(Err(e)) => Outcome::ReadFailed(e.to_string()),
+            };
+            say(machine.reconciled(now(), outcome));
             if routes_changed && let Some(k) = &known {
                 save_guards(&guards_path, k, &mut guards_saved);
             }
             if let Some(link) = &cluster {
-                let p = publication(
-                    &cfg,
-                    public_key,
-                    local_node.as_deref(),
-                    &host,
-                    mesh_ip,
-                    &discovered,
-                );
-                publish_to(link, &mut own, p, &port);
+                me.publish(&cfg, link, &host);
             }
         }
-        let retry = async {
-            match retry_at {
-                Some(t) => tokio::time::sleep_until(t).await,
-                None => std::future::pending().await,
-            }
-        };
+        observer.loop_not_ready(machine.not_ready());
+        let deadline = tokio::time::Instant::from_std(machine.deadline());
         tokio::select! {
             _ = &mut shutdown => {
                 info!("shutting down; the mesh stays programmed (use `wiremesh cleanup` to remove it)");
@@ -535,26 +430,27 @@ pub async fn run_with<K: Kernel>(
                     }
                 }
                 if let Some(n) = batch.local {
-                    if let Some(link) = &cluster
-                        && own.is_none()
-                    {
-                        // Publish at once what is known before the first reconciliation.
-                        let p = publication(&cfg, public_key, Some(&n), &host, None, &BTreeMap::new());
-                        publish_to(link, &mut own, p, &port);
+                    if let Some(link) = &cluster {
+                        me.check_identity(&cfg, &n, link, &observer);
                     }
-                    local_node = Some(n);
+                    let first = me.own.is_none();
+                    me.node = Some(n);
+                    if first && let Some(link) = &cluster {
+                        // Publish at once what is known before the first reconciliation.
+                        me.publish(&cfg, link, &host);
+                    }
                 }
                 observer.registry(batch.connected, batch.synced);
-                if let Some(diags) = batch.diagnostics {
-                    registry_diags = diags;
+                if let Some(d) = batch.diagnostics {
+                    diags.registry = d;
                 }
-                diags_dirty = true;
+                diags.dirty = true;
                 let mut events = batch.events;
                 for ev in &mut events {
                     if let Event::NodeUpsert(n) = ev
                         && n.name == cfg.node
                     {
-                        overlay_local(Arc::make_mut(n), public_key, own.as_ref());
+                        overlay_local(Arc::make_mut(n), public_key, me.own.as_ref());
                     }
                 }
                 if interrupted {
@@ -566,56 +462,14 @@ pub async fn run_with<K: Kernel>(
                         link.reconnected();
                     }
                 }
-                match &mut mesh {
-                    Mesh::Listing { nodes, peers } => {
-                        for ev in events {
-                            match ev {
-                                Event::NodeUpsert(n) => { nodes.insert(n.name.clone(), n); }
-                                Event::NodeRemove(n) => { nodes.remove(&n); }
-                                Event::PeerUpsert(p) => { peers.insert(p.name.clone(), p); }
-                                Event::PeerRemove(n) => { peers.remove(&n); }
-                            }
-                        }
-                        if batch.synced {
-                            let nodes: Vec<Arc<MeshNode>> = std::mem::take(nodes).into_values().collect();
-                            let peers: Vec<MeshPeer> = std::mem::take(peers).into_values().collect();
-                            let engine = Engine::new(nodes, peers, cfg.node.clone(), cfg.mesh.clone());
-                            info!(node = %cfg.node, nodes = engine.nodes().count(), peers = engine.peers().count(),
-                                "registry listed; reconciling");
-                            mesh = Mesh::Running(Box::new(engine));
-                            dirty = true;
-                            full_needed = true;
-                        }
-                    }
-                    Mesh::Running(engine) => {
-                        debug!(events = events.len(), "registry changed");
-                        // Event by event while the one delta `absorb` keeps is still to come;
-                        // from the second change on the whole state is planned, so the rest is
-                        // folded in without updates (no diff of the whole mesh per burst).
-                        let mut events = events.into_iter();
-                        while pending.is_none() && !full_needed {
-                            let Some(ev) = events.next() else { break };
-                            engine.apply_batch([ev], |u| {
-                                absorb(u, &registry_diags, &mut pending, &mut dirty, &mut full_needed);
-                            });
-                        }
-                        let rest: Vec<Event> = events.collect();
-                        if !rest.is_empty() {
-                            debug!(events = rest.len(), "folding the rest of the batch in");
-                            if tracing::enabled!(tracing::Level::DEBUG) {
-                                rest.iter().for_each(log_folded);
-                            }
-                            engine.fold_batch(rest);
-                            pending = None;
-                            full_needed = true;
-                            dirty = true;
-                        }
-                    }
-                }
+                take_events(&cfg, &mut mesh, &mut machine, &diags.registry, events, batch.synced);
             }
             ev = kernel_events.recv(), if kernel_events_open => {
                 match ev {
-                    Some(why) => { info!(why, "the kernel changed state of ours behind our back; reading it again and restoring it"); dirty = true; known = None; full_needed = true; }
+                    Some(why) => {
+                        info!(why, "the kernel changed state of ours behind our back; reading it again and restoring it");
+                        machine.kernel_changed();
+                    }
                     None => kernel_events_open = false,
                 }
             }
@@ -627,22 +481,277 @@ pub async fn run_with<K: Kernel>(
                 // Otherwise the last judgement stands (a node left out before an outage is not
                 // taken back in because of it).
                 if live_since.is_some_and(|t| t.elapsed() >= staleness_grace()) {
-                    absorb(engine.set_now(Some(unix_now())), &registry_diags, &mut pending, &mut dirty, &mut full_needed);
-                    diags_dirty = true;
+                    absorb(&mut machine, engine.set_now(Some(unix_now())), &diags.registry);
+                    diags.dirty = true;
                 }
                 match kernel.read_wireguard().await {
-                    Ok(device) => discovered = discovered_endpoints(engine, device.as_ref()),
+                    Ok(device) => me.discovered = discovered_endpoints(engine, device.as_ref()),
                     Err(e) => debug!(error = %e, "cannot read the WireGuard device for discovered endpoints"),
                 }
                 if let Some(link) = &cluster {
-                    let p = publication(&cfg, public_key, local_node.as_deref(), &host, mesh_ip, &discovered);
-                    publish_to(link, &mut own, p, &port);
+                    me.publish(&cfg, link, &host);
                 }
             }
-            _ = resync.tick() => { dirty = true; known = None; full_needed = true; }
             _ = heartbeat.tick() => {}
-            _ = retry => { dirty = true; known = None; full_needed = true; }
+            _ = tokio::time::sleep_until(deadline) => machine.tick(now()),
         }
+    }
+}
+
+/// Hand a batch's `events` to the mesh: gathered until the registry has listed everything
+/// (`synced`), then the engine is made; afterwards into the engine, its updates to `machine`.
+fn take_events(
+    cfg: &AgentConfig,
+    mesh: &mut Mesh,
+    machine: &mut Machine,
+    registry: &[Diagnostic],
+    events: Vec<Event>,
+    synced: bool,
+) {
+    match mesh {
+        Mesh::Listing { nodes, peers } => {
+            for ev in events {
+                match ev {
+                    Event::NodeUpsert(n) => {
+                        nodes.insert(n.name.clone(), n);
+                    }
+                    Event::NodeRemove(n) => {
+                        nodes.remove(&n);
+                    }
+                    Event::PeerUpsert(p) => {
+                        peers.insert(p.name.clone(), p);
+                    }
+                    Event::PeerRemove(n) => {
+                        peers.remove(&n);
+                    }
+                }
+            }
+            if synced {
+                let nodes: Vec<Arc<MeshNode>> = std::mem::take(nodes).into_values().collect();
+                let peers: Vec<MeshPeer> = std::mem::take(peers).into_values().collect();
+                let engine = Engine::new(nodes, peers, cfg.node.clone(), cfg.mesh.clone());
+                info!(node = %cfg.node, nodes = engine.nodes().count(), peers = engine.peers().count(),
+                    "registry listed; reconciling");
+                *mesh = Mesh::Running(Box::new(engine));
+                machine.listed();
+            }
+        }
+        Mesh::Running(engine) => {
+            debug!(events = events.len(), "registry changed");
+            // Event by event while the one delta the machine keeps is still to come; from the
+            // second change on the whole state is planned, so the rest is folded in without
+            // updates (no diff of the whole mesh per burst).
+            let mut events = events.into_iter();
+            while machine.wants_deltas() {
+                let Some(ev) = events.next() else { break };
+                engine.apply_batch([ev], |u| absorb(machine, u, registry));
+            }
+            let rest: Vec<Event> = events.collect();
+            if !rest.is_empty() {
+                debug!(events = rest.len(), "folding the rest of the batch in");
+                if tracing::enabled!(tracing::Level::DEBUG) {
+                    rest.iter().for_each(log_folded);
+                }
+                engine.fold_batch(rest);
+                machine.folded();
+            }
+        }
+    }
+}
+
+/// The loop's clock as the machine takes it: tokio's (paused in tests), as a std `Instant`.
+fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// Write a machine's note to the log.
+fn say(note: Option<Note>) {
+    let Some(note) = note else { return };
+    match note {
+        // Said once at info: after a restart it shows what was rewritten (an agent that adopts
+        // an intact kernel state reports 0 operations).
+        Note::FirstReconciliation { ops } => info!(ops, "first reconciliation done"),
+        Note::Reconciled { ops: 0 } => debug!("kernel already matches the desired state"),
+        Note::Reconciled { ops } => info!(ops, "kernel reconciled"),
+        Note::Partial {
+            applied,
+            failed,
+            retry_in,
+        } => {
+            info!(applied, failed, retry_in = ?retry_in, "kernel partly reconciled; retrying the rest")
+        }
+        Note::PortHeld { retry_in } => debug!(retry_in = ?retry_in,
+            "reconciled, but the listen port is held; probing it again"),
+        Note::ReadFailed { error, retry_in } => {
+            warn!(error = %error, retry_in = ?retry_in, "cannot read the kernel state")
+        }
+        Note::Unavailable(why) => warn!(
+            "{why}; nothing is programmed until it can (the kernel is kept as it is, and this \
+             node is not ready)"
+        ),
+        Note::Available => info!("this node can take part in the mesh now"),
+    }
+}
+
+/// An engine update handed to the machine; its delta logged, its unavailability explained by
+/// the registry's diagnostics (`registry`).
+fn absorb(machine: &mut Machine, u: Update, registry: &[Diagnostic]) {
+    let u = match u {
+        Update::Delta(d) => {
+            if !d.is_empty() {
+                log_delta(&d);
+            }
+            Update::Delta(d)
+        }
+        Update::Unavailable(e) => Update::Unavailable(e.explained_by(registry)),
+        full => full,
+    };
+    say(machine.update(u));
+}
+
+/// What one reconciliation did.
+enum Step {
+    /// The engine has no state for this node; why.
+    Unavailable(String),
+    /// Operations applied, or the kernel could not be read.
+    Report(Result<reconcile::Report, KernelError>),
+}
+
+/// Carry out one reconciliation of `plan`: the delta against `known` when it applies, else the
+/// whole desired state. `mesh_ip` follows the desired interface address.
+#[allow(clippy::too_many_arguments)]
+async fn reconcile_step<K: Kernel>(
+    engine: &Engine,
+    plan: Plan,
+    kernel: &mut K,
+    public_key: WgKey,
+    known: &mut Option<reconcile::OwnedState>,
+    registry: &[Diagnostic],
+    observer: &Observer,
+    mesh_ip: &mut Option<IpNetwork>,
+) -> Step {
+    let external: BTreeSet<WgKey> = engine.peers().map(|p| p.key).collect();
+    if let Plan::Delta(d) = plan {
+        observer.delta(&d, &external);
+        if let Some(i) = &d.interface {
+            *mesh_ip = i.address;
+        }
+        // The delta's peers and routes move into the operations, and from them into `known`:
+        // a renumbered mesh's thousands are never held twice.
+        if let Some(k) = known.take() {
+            match reconcile::plan::plan_delta(*d, &k) {
+                Some(ops) => {
+                    return Step::Report(Ok(reconcile::apply_planned(
+                        kernel, ops, k, public_key, known,
+                    )
+                    .await));
+                }
+                None => *known = Some(k),
+            }
+        }
+    }
+    match engine.desired() {
+        Err(e) => Step::Unavailable(e.explained_by(registry).to_string()),
+        Ok(desired) => {
+            *mesh_ip = desired.interface.address;
+            observer.desired(&desired, &external);
+            Step::Report(reconcile::reconcile_cached(kernel, desired, public_key, known).await)
+        }
+    }
+}
+
+/// The registry's and the engine's diagnostics, shown (log, observer, Events) when they may
+/// have changed.
+#[derive(Default)]
+struct Diags {
+    /// The registry's current diagnostics (parsing).
+    registry: Vec<Diagnostic>,
+    /// Whether they may have changed since last shown.
+    dirty: bool,
+    last: Option<Vec<Diagnostic>>,
+    seen: BTreeSet<String>,
+}
+
+impl Diags {
+    /// Show them if they may have changed; `report` gets all of them when they did.
+    fn show(&mut self, mesh: &Mesh, observer: &Observer, report: impl FnOnce(Vec<Diagnostic>)) {
+        if !self.dirty {
+            return;
+        }
+        self.dirty = false;
+        let mut all = self.registry.clone();
+        if let Mesh::Running(engine) = mesh {
+            let engine_diags = engine.diagnostics();
+            observer.mesh(
+                engine.nodes(),
+                engine.peers(),
+                &self.registry,
+                &engine_diags,
+            );
+            all.extend(engine_diags);
+        }
+        if self.last.as_ref() != Some(&all) {
+            log_new_diagnostics(&mut self.seen, &all);
+            report(all.clone());
+            self.last = Some(all);
+        }
+    }
+}
+
+/// What the agent knows and says of its own node (Kubernetes registry).
+struct Local {
+    /// This node's Node object, as last seen.
+    node: Option<Box<k8s_openapi::api::core::v1::Node>>,
+    /// What the agent last handed to the publisher (the engine's view of this node).
+    own: Option<Publication>,
+    /// This node's mesh IP as the last desired state had it (published as wireguard-ip).
+    mesh_ip: Option<IpNetwork>,
+    /// Endpoints of NATed peers where this node saw them.
+    discovered: BTreeMap<WgKey, std::net::SocketAddr>,
+    /// Whether something else holds the listen port: then the endpoint is not published.
+    port: port::PortGuard,
+    /// This agent's public key.
+    public_key: WgKey,
+    /// What the agent owns on its Node, to tell a foreign write.
+    identity: identity::Identity,
+}
+
+impl Local {
+    /// Hand what this node publishes now to the publisher (without what the port guard says
+    /// this node cannot serve), and remember all of it as what it is about to publish.
+    fn publish(&mut self, cfg: &AgentConfig, link: &ClusterLink, host: &HostInfo) {
+        let p = publication(
+            cfg,
+            self.public_key,
+            self.node.as_deref(),
+            host,
+            self.mesh_ip,
+            &self.discovered,
+        );
+        let out = self.port.publication(p.clone());
+        self.identity.publishing(&out);
+        link.publish(out);
+        self.own = Some(p);
+    }
+
+    /// Compare this node's Node (`node`, just read) with what the agent owns on it: a value
+    /// someone else wrote is an incident (log, Event, metric), and what the agent owns is
+    /// written back at once.
+    fn check_identity(
+        &mut self,
+        cfg: &AgentConfig,
+        node: &k8s_openapi::api::core::v1::Node,
+        link: &ClusterLink,
+        observer: &Observer,
+    ) {
+        let foreign = self.identity.foreign(node);
+        if foreign.is_empty() {
+            return;
+        }
+        let text = identity::describe(&foreign);
+        warn!(node = %cfg.node, "{text}");
+        observer.identity_restored();
+        link.restore(text, node.metadata.uid.clone());
     }
 }
 
@@ -699,42 +808,6 @@ pub fn staleness_grace() -> Duration {
         + cluster::publish_backoff().longest()
 }
 
-/// Fold an engine update into the loop's pending work. `registry` (the registry's current
-/// diagnostics) explains why this node is unavailable when the registry left it out.
-///
-/// One change keeps its delta: the reconciliation applies just its operations. From a second
-/// change on (a burst taken in one batch) the deltas are dropped and the whole desired state is
-/// planned against the cached kernel state instead: that nets them out (a peer renumbered ten
-/// times is set once), and the work and memory are bounded by the mesh's size, not by the
-/// burst's (each of a thousand deltas may hold thousands of peers).
-fn absorb(
-    u: Update,
-    registry: &[Diagnostic],
-    pending: &mut Option<DesiredDelta>,
-    dirty: &mut bool,
-    full_needed: &mut bool,
-) {
-    match u {
-        Update::Delta(d) if d.is_empty() => {}
-        Update::Delta(d) => {
-            log_delta(&d);
-            if pending.is_none() && !*full_needed {
-                *pending = Some(d);
-            } else {
-                *pending = None;
-                *full_needed = true;
-            }
-            *dirty = true;
-        }
-        Update::Full(_) => {
-            info!("this node can take part in the mesh now");
-            *dirty = true;
-            *full_needed = true;
-        }
-        Update::Unavailable(e) => warn!("{}", e.explained_by(registry)),
-    }
-}
-
 /// What to publish: the key, what is detected from this node's Node object (when known) and
 /// host addresses, the mesh IP and the discovered endpoints.
 fn publication(
@@ -755,18 +828,6 @@ fn publication(
         granularity: Some(cfg.mesh.granularity),
         discovered_endpoints: discovered.clone(),
     }
-}
-
-/// Hand `p` to the publisher (without what `port` says this node cannot serve) and remember
-/// all of it as what this node is about to publish (the engine's view of this node).
-fn publish_to(
-    link: &ClusterLink,
-    own: &mut Option<Publication>,
-    p: Publication,
-    port: &port::PortGuard,
-) {
-    link.publish(port.publication(p.clone()));
-    *own = Some(p);
 }
 
 fn system_options(

@@ -102,6 +102,10 @@ pub struct View {
     /// What holds the WireGuard listen port instead of this node's interface, in one line saying
     /// what to do; the endpoint and mesh IP are not published meanwhile.
     pub listen_port_conflict: Option<String>,
+    /// Why the loop knows the node does not serve the mesh as desired: this node is out of the
+    /// registry (or left out), or the kernel is known not to match the desired state after a
+    /// first success.
+    pub loop_not_ready: Option<String>,
 }
 
 /// The reason label of a diagnostic that left its object out: `invalid` for what the registry
@@ -309,6 +313,19 @@ impl Observer {
         }
     }
 
+    /// Why the loop's state machine says the node is not ready (`None`: nothing).
+    pub fn loop_not_ready(&self, why: Option<String>) {
+        let mut v = self.lock();
+        if v.loop_not_ready != why {
+            v.loop_not_ready = why;
+        }
+    }
+
+    /// Someone else wrote this node's own annotations and the agent wrote them back.
+    pub fn identity_restored(&self) {
+        self.inner.metrics.identity_restored();
+    }
+
     /// What holds the listen port now (`None`: free, or held by our interface).
     pub fn listen_port(&self, conflict: Option<&crate::reconcile::port::PortConflict>) {
         self.lock().listen_port_conflict = conflict.map(ToString::to_string);
@@ -342,21 +359,27 @@ impl Observer {
         }
     }
 
-    /// `Ok` once the registry listed everything and a reconciliation succeeded, and while
-    /// nothing else holds the listen port; else what is awaited, in one line.
+    /// `Ok` once the registry listed everything and a reconciliation succeeded, while nothing
+    /// else holds the listen port, this node takes part and the kernel is not known to differ
+    /// from the desired state; else what is awaited, in one line.
     pub fn readiness(&self) -> Result<(), String> {
         readiness(&self.lock())
     }
 }
 
 /// Whether `v` is ready, else what it waits for. A held listen port comes first: it keeps the
-/// node out of the mesh whatever else is done.
+/// node out of the mesh whatever else is done. Then the first list; then what the loop knows
+/// (this node out of the registry, a kernel known not to match after a first success); then the
+/// first successful reconciliation.
 pub fn readiness(v: &View) -> Result<(), String> {
     if let Some(c) = &v.listen_port_conflict {
         return Err(format!("not serving the mesh: {c}"));
     }
     if !v.listed {
         return Err("waiting for the registry's first complete list".to_owned());
+    }
+    if let Some(why) = &v.loop_not_ready {
+        return Err(why.clone());
     }
     if !v.reconciled {
         return Err(match &v.last_error {
@@ -438,6 +461,27 @@ mod tests {
         assert!(!e.contains('\n'));
         v.reconciled = true;
         assert_eq!(readiness(&v), Ok(()));
+    }
+
+    #[test]
+    fn what_the_loop_knows_makes_even_a_reconciled_agent_unready() {
+        let mut v = View {
+            listed: true,
+            reconciled: true,
+            ..View::default()
+        };
+        assert_eq!(readiness(&v), Ok(()));
+        v.loop_not_ready = Some("this node cannot take part in the mesh: gone".into());
+        assert_eq!(
+            readiness(&v),
+            Err("this node cannot take part in the mesh: gone".into())
+        );
+        v.reconciled = false;
+        assert_eq!(
+            readiness(&v),
+            Err("this node cannot take part in the mesh: gone".into()),
+            "also before the first reconciliation"
+        );
     }
 
     #[test]

@@ -978,3 +978,105 @@ async fn withholds_the_endpoint_while_the_port_is_held(kernel_style: bool) {
     );
     agent.stop().await;
 }
+
+/// Counts WARN and ERROR events of the current thread's subscriber (the tests' runtimes run the
+/// agent on the test's thread).
+#[derive(Clone, Default)]
+struct WarnCounter(Arc<Mutex<Vec<String>>>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for WarnCounter {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        if *event.metadata().level() <= tracing::Level::WARN {
+            struct Message(String);
+            impl tracing::field::Visit for Message {
+                fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                    if f.name() == "message" {
+                        self.0 = format!("{v:?}");
+                    }
+                }
+            }
+            let mut m = Message(String::new());
+            event.record(&mut m);
+            self.0.lock().unwrap().push(m.0);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_pending_retry_and_the_local_node_leaving_the_registry_do_not_spin_the_loop() {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    let warnings = WarnCounter::default();
+    let _guard =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(warnings.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = FakeKernel::default();
+    // One route is refused for good: a retry is always pending.
+    let dst: ipnetwork::IpNetwork = "10.42.2.0/24".parse().unwrap();
+    *kernel.refuse.lock().unwrap() = Some((dst, usize::MAX));
+    let (agent, tx, _) = fra_1_listed(dir.path(), &kernel).await;
+    let reconciles = *kernel.reconciles.lock().unwrap();
+    // This node drops out of the registry while the retry is pending.
+    tx.send(batch(
+        vec![Event::NodeRemove(NodeName("fra-1".into()))],
+        true,
+    ))
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let seen = warnings.0.lock().unwrap().clone();
+    let lost: Vec<&String> = seen
+        .iter()
+        .filter(|w| w.contains("not in the cluster"))
+        .collect();
+    assert_eq!(
+        lost.len(),
+        1,
+        "said once, not per turn: {} lines",
+        lost.len()
+    );
+    assert!(
+        *kernel.reconciles.lock().unwrap() - reconciles <= 1,
+        "the kernel is left as it is while this node is out of the registry"
+    );
+    let why = agent.observer.readiness().unwrap_err();
+    assert!(why.contains("not in the cluster"), "{why}");
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_ready_agent_is_not_ready_while_the_kernel_refuses_part_of_a_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = FakeKernel::default();
+    let (agent, tx, nodes) = fra_1_listed(dir.path(), &kernel).await;
+    wait_for("ready", || agent.observer.readiness().is_ok()).await;
+    // A node joins whose route the kernel refuses once.
+    let dst: ipnetwork::IpNetwork = "10.42.9.0/24".parse().unwrap();
+    *kernel.refuse.lock().unwrap() = Some((dst, 1));
+    let mut joining = nodes[1].clone();
+    joining.name = NodeName("zzz-1".into());
+    joining.key = Some(WgKey([9; 32]));
+    joining.pod_cidrs = vec![dst];
+    joining.endpoint = Some("203.0.113.99:51820".parse().unwrap());
+    joining.internal_ip = None;
+    tx.send(batch(vec![Event::node(joining)], true))
+        .await
+        .unwrap();
+    wait_for("the refusal", || {
+        kernel.refuse.lock().unwrap().is_some_and(|(_, n)| n == 0)
+    })
+    .await;
+    let why = agent.observer.readiness().unwrap_err();
+    assert!(
+        why.starts_with("the kernel does not match the desired state: the kernel refused 1"),
+        "{why}"
+    );
+    // The retry (about 1 s later) succeeds: ready again.
+    for _ in 0..40 {
+        if agent.observer.readiness().is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(agent.observer.readiness(), Ok(()));
+    agent.stop().await;
+}

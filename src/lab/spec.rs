@@ -1071,7 +1071,9 @@ mod tests {
             let ann = v["metadata"]["annotations"].as_object().unwrap();
             for k in crate::registry::cluster::publish::PUBLISHED_KEYS {
                 assert!(
-                    !ann.contains_key(&format!("{KILO_PREFIX}{k}")),
+                    !crate::registry::cluster::publish::PREFIXES
+                        .iter()
+                        .any(|p| ann.contains_key(&format!("{p}{k}"))),
                     "{k} on {}",
                     n.name
                 );

@@ -1,7 +1,9 @@
 //! Publishing this node: the annotations other nodes need (key, endpoint, internal IP, mesh IP,
 //! granularity, last-seen heartbeat, discovered endpoints), under Kilo's key names so Kilo nodes
 //! in the same cluster read them, written as one JSON merge patch of exactly those keys on this
-//! node's own Node object.
+//! node's own Node object. Each is written under both prefixes, `kilo.squat.ai/` and
+//! `wiremesh.io/` ([`PREFIXES`]): wiremesh reads its own prefix first, so a value someone else
+//! wrote under it would otherwise win over this node's own (issue 16, finding 3).
 //!
 //! **Endpoint order.** The engine prefers a node's `force-endpoint` annotation to everything; what
 //! the agent detects and publishes as `endpoint` is, first found: the Node's `ExternalIP`, a
@@ -23,9 +25,13 @@ use kube::api::{Api, Patch, PatchParams};
 
 use super::ClusterError;
 use crate::model::{Endpoint, Granularity, WgKey};
-use crate::registry::annotations::{GoUdpAddr, KILO_PREFIX, keys};
+use crate::registry::annotations::{GoUdpAddr, KILO_PREFIX, WIREMESH_PREFIX, keys};
 
-/// The annotation keys the agent owns on its Node (with Kilo's prefix).
+/// The prefixes every published annotation is written under.
+pub const PREFIXES: [&str; 2] = [KILO_PREFIX, WIREMESH_PREFIX];
+
+/// The annotation keys the agent owns on its Node (without prefix; each under both
+/// [`PREFIXES`]).
 pub const PUBLISHED_KEYS: [&str; 7] = [
     keys::KEY,
     keys::ENDPOINT,
@@ -57,8 +63,14 @@ fn full(key: &str) -> String {
     format!("{KILO_PREFIX}{key}")
 }
 
+/// `key` under each of [`PREFIXES`].
+fn both(key: &str) -> [String; 2] {
+    PREFIXES.map(|p| format!("{p}{key}"))
+}
+
 impl Publication {
-    /// The annotations, without last-seen: a value of `None` means "remove the key".
+    /// The annotations under both prefixes, without last-seen: a value of `None` means "remove
+    /// the key".
     pub fn annotations(&self) -> BTreeMap<String, Option<String>> {
         let discovered = (!self.discovered_endpoints.is_empty()).then(|| {
             let m: BTreeMap<String, GoUdpAddr> = self
@@ -77,26 +89,21 @@ impl Publication {
                 .collect();
             serde_json::to_string(&m).unwrap_or_default()
         });
-        BTreeMap::from([
-            (full(keys::KEY), self.key.map(|k| k.to_string())),
+        let values = [
+            (keys::KEY, self.key.map(|k| k.to_string())),
             (
-                full(keys::ENDPOINT),
+                keys::ENDPOINT,
                 self.endpoint.as_ref().map(ToString::to_string),
             ),
-            (
-                full(keys::INTERNAL_IP),
-                self.internal_ip.map(|n| n.to_string()),
-            ),
-            (
-                full(keys::WIREGUARD_IP),
-                self.wireguard_ip.map(|n| n.to_string()),
-            ),
-            (
-                full(keys::GRANULARITY),
-                self.granularity.map(|g| g.to_string()),
-            ),
-            (full(keys::DISCOVERED_ENDPOINTS), discovered),
-        ])
+            (keys::INTERNAL_IP, self.internal_ip.map(|n| n.to_string())),
+            (keys::WIREGUARD_IP, self.wireguard_ip.map(|n| n.to_string())),
+            (keys::GRANULARITY, self.granularity.map(|g| g.to_string())),
+            (keys::DISCOVERED_ENDPOINTS, discovered),
+        ];
+        values
+            .into_iter()
+            .flat_map(|(k, v)| both(k).map(|k| (k, v.clone())))
+            .collect()
     }
 
     /// Whether `node` already carries exactly these annotations (last-seen aside).
@@ -117,7 +124,8 @@ pub fn last_seen(node: &Node) -> Option<i64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// The merge patch that writes `annotations` and `last-seen`, and nothing else.
+/// The merge patch that writes `annotations` and `last-seen` (under both prefixes), and
+/// nothing else.
 pub fn merge_patch(
     annotations: &BTreeMap<String, Option<String>>,
     last_seen: i64,
@@ -130,10 +138,9 @@ pub fn merge_patch(
                 .map_or(serde_json::Value::Null, serde_json::Value::String),
         );
     }
-    map.insert(
-        full(keys::LAST_SEEN),
-        serde_json::Value::String(last_seen.to_string()),
-    );
+    for k in both(keys::LAST_SEEN) {
+        map.insert(k, serde_json::Value::String(last_seen.to_string()));
+    }
     serde_json::json!({ "metadata": { "annotations": map } })
 }
 
@@ -288,10 +295,14 @@ mod tests {
             .insert(key, "198.51.100.9:40000".parse().unwrap());
         let v = merge_patch(&p.annotations(), 1_700_000_000);
         let ann = v["metadata"]["annotations"].as_object().unwrap();
-        assert_eq!(ann.len(), PUBLISHED_KEYS.len());
+        assert_eq!(ann.len(), 2 * PUBLISHED_KEYS.len());
         for k in PUBLISHED_KEYS {
-            assert!(ann.contains_key(&full(k)), "{k}");
+            for key in both(k) {
+                assert!(ann.contains_key(&key), "{key}");
+            }
         }
+        assert_eq!(ann["wiremesh.io/key"], key.to_string());
+        assert_eq!(ann["wiremesh.io/last-seen"], "1700000000");
         assert_eq!(ann["kilo.squat.ai/key"], key.to_string());
         assert_eq!(ann["kilo.squat.ai/endpoint"], "203.0.113.7:51820");
         assert_eq!(ann["kilo.squat.ai/wireguard-ip"], serde_json::Value::Null);

@@ -2,6 +2,8 @@
 //! Peer) and for objects it keeps with a malformed value replaced by Kilo's (a bad keepalive, an
 //! allowed-location-ips entry dropped), so `kubectl describe node X` says which key is wrong and
 //! why. The Event's reason tells the two apart ([`REASON_NODE`], [`REASON_NODE_FALLBACK`]).
+//! An agent that finds its own Node's annotations written by someone else says so with
+//! [`REASON_IDENTITY_RESTORED`], one Event per incident.
 //!
 //! Once per change: an Event is created when an object's problems change, not on resyncs. Its
 //! name is derived from the object and the problem, so the same report from another agent (every
@@ -35,6 +37,9 @@ pub const REASON_PEER: &str = "WiremeshInvalidPeer";
 pub const REASON_NODE_FALLBACK: &str = "WiremeshNodeFallback";
 /// `reason` of an Event about a Peer kept in the mesh with a value ignored.
 pub const REASON_PEER_FALLBACK: &str = "WiremeshPeerFallback";
+/// `reason` of an Event about this node's own annotations (key, endpoint, mesh IP, …) written
+/// by someone else and written back by its agent.
+pub const REASON_IDENTITY_RESTORED: &str = "WiremeshIdentityRestored";
 
 /// Reports diagnostics as Events, remembering what it reported.
 pub struct Reporter {
@@ -153,7 +158,37 @@ async fn recur(
         .map(|_| ())
 }
 
+/// The Event for an identity incident on this node's Node (`node`, uid `uid`): `text` says
+/// what was found. Named per incident (the time is part of the hash): each is its own Event.
+pub fn identity_event(node: &str, uid: Option<&str>, text: &str, now: Timestamp) -> Event {
+    let about = About {
+        subject: Subject::Node,
+        name: node,
+        uid,
+        left_out: false,
+    };
+    let mut ev = event(about, text, node, now);
+    ev.metadata.name = Some(event_name(
+        Subject::Node,
+        node,
+        uid,
+        &format!("{text} at {now}"),
+    ));
+    ev.reason = Some(REASON_IDENTITY_RESTORED.into());
+    ev
+}
+
 impl Reporter {
+    /// Report that someone else wrote this node's own annotations (`text`) and the agent wrote
+    /// them back, as an Event on its Node (uid `node_uid`).
+    pub async fn identity_restored(&mut self, text: &str, node_uid: Option<&str>) {
+        let api = Api::<Event>::namespaced(self.client.clone(), EVENT_NAMESPACE);
+        let ev = identity_event(&self.node, node_uid, text, Timestamp::now());
+        if let Err(e) = api.create(&PostParams::default(), &ev).await {
+            warn!(error = %e, "cannot create a Kubernetes Event about this node's annotations");
+        }
+    }
+
     /// A reporter acting for the node `node`.
     pub fn new(client: Client, node: &str) -> Reporter {
         Reporter {
