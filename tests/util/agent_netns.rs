@@ -174,13 +174,31 @@ impl AgentNode {
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
-    /// Run `wiremesh cleanup --cni-config DIR/cni.conflist` in the node (same `/run` as the
-    /// agent had, so it reaches the node's userspace WireGuard daemon).
+    /// Run `wiremesh cleanup --cni-config DIR/cni.conflist --private-key DIR/key` in the node
+    /// (same `/run` as the agent had, so it reaches the node's userspace WireGuard daemon; the
+    /// agent's state directory, so it restores what the agent recorded).
     pub fn cleanup(&self) -> Output {
+        self.cleanup_with(&[])
+    }
+
+    /// [`Self::cleanup`] with more arguments (e.g. `--interface NAME`).
+    pub fn cleanup_with(&self, extra: &[&str]) -> Output {
         let cni = self.cni_config();
-        self.wiremesh(&["cleanup", "--cni-config", cni.to_str().unwrap()])
-            .output()
-            .expect("run wiremesh cleanup")
+        let key = self.dir.join("key");
+        let mut args = vec![
+            "cleanup",
+            "--cni-config",
+            cni.to_str().unwrap(),
+            "--private-key",
+            key.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        self.wiremesh(&args).output().expect("run wiremesh cleanup")
+    }
+
+    /// `sysctl -n KEY` inside the node's namespace, trimmed.
+    pub fn sysctl(&self, key: &str) -> String {
+        self.ns.exec(&["sysctl", "-n", key], None).trim().to_owned()
     }
 
     /// PIDs of every process in the node's network namespace.
