@@ -432,11 +432,13 @@ mod tests {
 
     #[test]
     fn installed_routes_and_bridge_count_but_guards_do_not() {
-        let mut state = OwnedState::default();
-        state.routes = vec![
-            route("10.42.1.0/24", RouteDev::WireGuard),
-            Route::blackhole(MAIN_TABLE, net("fd00:42::/64")),
-        ];
+        let mut state = OwnedState {
+            routes: vec![
+                route("10.42.1.0/24", RouteDev::WireGuard),
+                Route::blackhole(MAIN_TABLE, net("fd00:42::/64")),
+            ],
+            ..OwnedState::default()
+        };
         assert_eq!(
             needed_by_state(&state),
             Families {
