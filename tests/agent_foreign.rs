@@ -400,3 +400,49 @@ fn an_ipv4_mesh_turns_on_ipv4_forwarding_only_and_cleanup_turns_it_off_again() {
     assert!(a.cleanup().status.success());
     assert_eq!(a.sysctl("net.ipv4.ip_forward"), "0");
 }
+
+#[test]
+#[cfg_attr(
+    not(feature = "netns-tests"),
+    ignore = "needs root and network namespaces"
+)]
+fn the_agent_changes_nothing_on_an_interface_that_is_not_wiremeshs() {
+    let mut mesh = AgentNodes::new("wm-fi");
+    let state = |n: &AgentNode| {
+        format!(
+            "{}\n{}",
+            n.ns.ip(&["-d", "-o", "link", "show", "dev", "v1"]),
+            n.ns.ip(&["-o", "addr", "show", "dev", "v1"])
+        )
+    };
+    {
+        let ns = &mesh.nodes[0].ns;
+        ns.ip(&["link", "add", "v1", "type", "veth", "peer", "name", "v1p"]);
+        ns.ip(&["addr", "add", "10.61.0.1/24", "dev", "v1"]);
+        ns.ip(&["link", "set", "v1p", "up"]);
+    }
+    // Down: bringing it up would be a change too.
+    let before = state(&mesh.nodes[0]);
+    let file = mesh.nodes_file.clone();
+    mesh.nodes[0].start_with(&file, &["--interface", "v1"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !mesh.nodes[0]
+        .log()
+        .contains("not wiremesh's WireGuard interface")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no refusal logged after 30 s\n{}",
+            mesh.logs()
+        );
+        assert!(mesh.nodes[0].agent_running(), "{}", mesh.logs());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(state(&mesh.nodes[0]), before, "{}", mesh.logs());
+    assert!(
+        mesh.nodes[0].pids().len() == 1,
+        "a WireGuard daemon was started for v1: {:?}",
+        mesh.nodes[0].pids()
+    );
+}

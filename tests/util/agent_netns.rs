@@ -119,30 +119,41 @@ impl AgentNode {
 
     /// Start `wiremesh agent` (full mesh, no encapsulation, userspace WireGuard).
     pub fn start(&mut self, nodes_file: &Path) {
+        self.start_with(nodes_file, &[]);
+    }
+
+    /// [`Self::start`] with more arguments (e.g. `--interface NAME`).
+    pub fn start_with(&mut self, nodes_file: &Path, extra: &[&str]) {
         let log = File::create(self.dir.join("agent.log")).unwrap();
         let err = log.try_clone().unwrap();
         let key = self.dir.join("key");
         let cni = self.cni_config();
         let child = self
-            .wiremesh(&[
-                "agent",
-                "--hostname",
-                &self.name,
-                "--nodes",
-                nodes_file.to_str().unwrap(),
-                "--private-key",
-                key.to_str().unwrap(),
-                "--granularity",
-                "full",
-                "--encapsulate",
-                "never",
-                "--wireguard",
-                "userspace",
-                "--cni-config",
-                cni.to_str().unwrap(),
-                "--log-level",
-                "info",
-            ])
+            .wiremesh(
+                &[
+                    "agent",
+                    "--hostname",
+                    &self.name,
+                    "--nodes",
+                    nodes_file.to_str().unwrap(),
+                    "--private-key",
+                    key.to_str().unwrap(),
+                    "--granularity",
+                    "full",
+                    "--encapsulate",
+                    "never",
+                    "--wireguard",
+                    "userspace",
+                    "--cni-config",
+                    cni.to_str().unwrap(),
+                    "--log-level",
+                    "info",
+                ]
+                .iter()
+                .chain(extra)
+                .copied()
+                .collect::<Vec<_>>(),
+            )
             .stdout(log)
             .stderr(err)
             .spawn()
