@@ -446,3 +446,61 @@ fn the_agent_changes_nothing_on_an_interface_that_is_not_wiremeshs() {
         mesh.nodes[0].pids()
     );
 }
+
+#[test]
+#[cfg_attr(
+    not(feature = "netns-tests"),
+    ignore = "needs root and network namespaces"
+)]
+fn with_a_read_only_proc_sys_and_forwarding_off_the_agent_keeps_running_unready_and_names_the_host_setting()
+ {
+    let mut mesh = AgentNodes::new("wm-fr");
+    mesh.nodes[0].read_only_proc_sys = true;
+    // Node b forwards already: its agent must not even try to write.
+    mesh.nodes[1].ns.sysctl("net.ipv4.ip_forward=1");
+    mesh.nodes[1].read_only_proc_sys = true;
+    mesh.start();
+    let wanted = "net.ipv4.ip_forward is 0 and cannot be set";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, body) = mesh.nodes[0].http_get("/readyz");
+        if code == 503 && body.contains(wanted) {
+            assert!(body.contains("sysctl -w net.ipv4.ip_forward=1"), "{body}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz: {code} {body}\n{}",
+            mesh.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for n in &mut mesh.nodes {
+        assert!(n.agent_running(), "agent {} exited\n{}", n.name, n.log());
+    }
+    assert_eq!(mesh.nodes[0].sysctl("net.ipv6.conf.all.forwarding"), "0");
+    // The host sets it: the agent's next retry completes the mesh and it becomes ready.
+    mesh.nodes[0].ns.sysctl("net.ipv4.ip_forward=1");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for n in 0..2 {
+        loop {
+            let (code, body) = mesh.nodes[n].http_get("/readyz");
+            if code == 200 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {n} /readyz: {code} {body}\n{}",
+                mesh.logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let (a_src, b_bridge) = (mesh.nodes[0].bridge_ip(), mesh.nodes[1].bridge_ip());
+    assert!(pings(&mesh.nodes[0], &a_src, &b_bridge), "{}", mesh.logs());
+    assert!(
+        !mesh.nodes[1].log().contains("cannot be set"),
+        "b tried to write a sysctl that was on\n{}",
+        mesh.nodes[1].log()
+    );
+}

@@ -28,6 +28,11 @@ pub const WIREMESH: &str = env!("CARGO_BIN_EXE_wiremesh");
 
 /// Mounts the node's directory over `/run`, then execs the rest of the arguments.
 const SHELL: &str = "mount --bind \"$1\" /run && shift && exec \"$@\"";
+/// [`SHELL`], with `/proc/sys` read-only first, as container runtimes mount it in an
+/// unprivileged container.
+const SHELL_RO_SYSCTL: &str = "mount --bind /proc/sys /proc/sys && \
+    mount -o remount,bind,ro /proc/sys && \
+    mount --bind \"$1\" /run && shift && exec \"$@\"";
 
 /// One node: a namespace, its directory, its agent.
 pub struct AgentNode {
@@ -41,6 +46,8 @@ pub struct AgentNode {
     pub pod_cidr: String,
     /// The node's private directory (key, CNI config, `run/`, agent log).
     pub dir: PathBuf,
+    /// Whether commands started in the node (the agent) see `/proc/sys` read-only.
+    pub read_only_proc_sys: bool,
     agent: Option<Child>,
 }
 
@@ -74,7 +81,12 @@ impl AgentNode {
     /// the node's `/run` as the agent does (`wg` and `wireguard-go` reach the same sockets).
     fn command(&self, cmd: &[&str]) -> Command {
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.ns.name, "sh", "-c", SHELL, "sh"])
+        let shell = if self.read_only_proc_sys {
+            SHELL_RO_SYSCTL
+        } else {
+            SHELL
+        };
+        c.args(["netns", "exec", &self.ns.name, "sh", "-c", shell, "sh"])
             .arg(self.dir.join("run"))
             .args(cmd)
             .stdin(Stdio::null());
@@ -260,6 +272,7 @@ impl AgentNodes {
                 ip: format!("10.77.0.{}", i + 1),
                 pod_cidr: format!("10.78.{}.0/24", i + 1),
                 dir: node_dir,
+                read_only_proc_sys: false,
                 agent: None,
             });
         }
