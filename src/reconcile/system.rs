@@ -323,12 +323,11 @@ impl SystemKernel {
         Ok(())
     }
 
-    /// Turn on forwarding for the families of `need` not known to be on; returns the families
-    /// that could not be, with the reason.
-    fn ensure_forwarding(&mut self, need: Families) -> (Families, Option<String>) {
-        let mut blocked = Families::default();
-        let mut why = None;
-        for (want, on, key, block) in [
+    /// Turn on forwarding for the families of `need` not known to be on; returns, per family
+    /// (IPv4, IPv6), why it could not be.
+    fn ensure_forwarding(&mut self, need: Families) -> Blocked {
+        let mut blocked = Blocked::default();
+        for (want, on, key, why) in [
             (
                 need.v4,
                 &mut self.forwarding.v4,
@@ -349,12 +348,11 @@ impl SystemKernel {
                 Ok(_) => *on = true,
                 Err(e) => {
                     error!(error = %e, "forwarding is off and cannot be turned on");
-                    *block = true;
-                    why = Some(e.to_string());
+                    *why = Some(e.to_string());
                 }
             }
         }
-        (blocked, why)
+        blocked
     }
 
     /// `Err` when ops must not reach the WireGuard link (another kind of link, or another
@@ -420,26 +418,27 @@ impl SystemKernel {
     }
 }
 
+/// Per family, why its forwarding could not be turned on (`None`: it is on, or not needed).
+#[derive(Debug, Default)]
+struct Blocked {
+    v4: Option<String>,
+    v6: Option<String>,
+}
+
 /// Why `op` may not be applied: it needs forwarding of a `blocked` family, or acts on a
-/// WireGuard link that is not ours. Pure.
-fn blocked_reason(
-    op: &Op,
-    blocked: Families,
-    forwarding_why: Option<&str>,
-    link_why: Option<&str>,
-) -> Option<KernelError> {
+/// WireGuard link that is not ours (`link_why`). Pure.
+fn blocked_reason(op: &Op, blocked: &Blocked, link_why: Option<&str>) -> Option<KernelError> {
     if let Some(why) = link_why
         && on_wireguard_link(op)
     {
         return Some(KernelError::NotOwned(why.to_owned()));
     }
     let need = forwarding::needed_by_op(op);
-    if (need.v4 && blocked.v4) || (need.v6 && blocked.v6) {
-        return Some(KernelError::Unsupported(
-            forwarding_why.unwrap_or("forwarding is off").to_owned(),
-        ));
-    }
-    None
+    let why = match (need.v4, &blocked.v4, need.v6, &blocked.v6) {
+        (true, Some(w), _, _) | (_, _, true, Some(w)) => w,
+        _ => return None,
+    };
+    Some(KernelError::Unsupported(why.clone()))
 }
 
 impl Kernel for SystemKernel {
@@ -482,7 +481,7 @@ impl Kernel for SystemKernel {
     /// the rest in batches, and marks a WireGuard link it created.
     async fn apply_all(&mut self, ops: &[Op]) -> Vec<Result<(), KernelError>> {
         let need = forwarding::needed_by_ops(ops).union(self.in_use);
-        let (blocked, forwarding_why) = self.ensure_forwarding(need);
+        let blocked = self.ensure_forwarding(need);
         let link_why = if ops.iter().any(on_wireguard_link) {
             match self.check_wireguard_link().await {
                 Ok(()) => None,
@@ -493,7 +492,7 @@ impl Kernel for SystemKernel {
         };
         let reasons: Vec<Option<KernelError>> = ops
             .iter()
-            .map(|op| blocked_reason(op, blocked, forwarding_why.as_deref(), link_why.as_deref()))
+            .map(|op| blocked_reason(op, &blocked, link_why.as_deref()))
             .collect();
         let results = if reasons.iter().all(Option::is_none) {
             self.apply_batched(ops).await
@@ -549,19 +548,26 @@ mod tests {
             MAIN_TABLE,
             "fd00:42::/64".parse().unwrap(),
         ));
-        let only_v6 = Families {
-            v4: false,
-            v6: true,
+        let only_v6 = Blocked {
+            v4: None,
+            v6: Some("set v6".into()),
         };
-        assert!(blocked_reason(&v6, only_v6, Some("set it"), None).is_some());
-        assert!(blocked_reason(&v4, only_v6, Some("set it"), None).is_none());
-        assert!(blocked_reason(&guard, only_v6, Some("set it"), None).is_none());
+        let e = blocked_reason(&v6, &only_v6, None).expect("blocked");
+        assert_eq!(e.to_string(), "set v6");
+        assert!(blocked_reason(&v4, &only_v6, None).is_none());
+        assert!(blocked_reason(&guard, &only_v6, None).is_none());
+        let both = Blocked {
+            v4: Some("set v4".into()),
+            v6: Some("set v6".into()),
+        };
+        let e = blocked_reason(&v4, &both, None).expect("blocked");
+        assert_eq!(e.to_string(), "set v4", "each family its own reason");
         let foreign = Some("not ours");
         for op in [Op::LinkUp, Op::CreateInterface, Op::SetMtu { mtu: None }] {
-            let e = blocked_reason(&op, Families::default(), None, foreign);
+            let e = blocked_reason(&op, &Blocked::default(), foreign);
             assert!(matches!(e, Some(KernelError::NotOwned(_))), "{op:?}");
         }
-        assert!(blocked_reason(&v4, Families::default(), None, foreign).is_none());
+        assert!(blocked_reason(&v4, &Blocked::default(), foreign).is_none());
     }
 
     #[test]
