@@ -385,6 +385,13 @@ fn an_ipv4_mesh_turns_on_ipv4_forwarding_only_and_cleanup_turns_it_off_again() {
         "IPv6 forwarding in an IPv4-only mesh"
     );
     assert!(a.dir.join("sysctl").exists(), "nothing recorded");
+    // The userspace device (a tun) carries wiremesh's mark.
+    let link = a.ns.ip(&["-d", "link", "show", "dev", "wiremesh0"]);
+    assert!(link.contains("tun"), "{link}");
+    assert!(
+        link.contains("alias wiremesh WireGuard interface"),
+        "{link}"
+    );
     mesh.nodes[0].stop();
     let a = &mesh.nodes[0];
     let out = a.cleanup();
