@@ -191,6 +191,40 @@ pub fn write_conflist(path: &Path, text: &str) -> Result<bool, CniError> {
     Ok(true)
 }
 
+/// Whether a conflist text is one wiremesh wrote: JSON whose network `name` is
+/// [`DEFAULT_NETWORK_NAME`] and whose first plugin is the `bridge` plugin (what
+/// [`render_conflist`] writes, in every version). Anything else (a flannel or calico conflist, an
+/// empty or hand-edited file) is someone else's: wiremesh neither overwrites nor deletes it. Pure.
+pub fn is_ours(text: &str) -> bool {
+    let Ok(doc) = serde_json::from_str::<Value>(text) else {
+        return false;
+    };
+    doc.get("name").and_then(Value::as_str) == Some(DEFAULT_NETWORK_NAME)
+        && doc
+            .get("plugins")
+            .and_then(Value::as_array)
+            .and_then(|p| p.first())
+            .and_then(|p| p.get("type"))
+            .and_then(Value::as_str)
+            == Some("bridge")
+}
+
+/// Whose the file at `path` is: `Ok(None)` when there is none, `Ok(Some(true))` when it is
+/// wiremesh's ([`is_ours`]), `Ok(Some(false))` when it is someone else's.
+pub fn file_is_ours(path: &Path) -> Result<Option<bool>, CniError> {
+    match fs::read_to_string(path) {
+        Ok(text) => Ok(Some(is_ours(&text))),
+        // Not text at all: not a conflist of ours.
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => Ok(Some(false)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(CniError::Io {
+            op: "read",
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
 /// The IPAM subnets of a conflist text, in file order: every `ranges` entry of every plugin's
 /// `ipam` (and a legacy single `subnet`). Pure; `path` only names the file in errors.
 pub fn conflist_cidrs(path: &Path, text: &str) -> Result<Vec<IpNetwork>, CniError> {
@@ -329,6 +363,28 @@ mod tests {
         assert_eq!(keys, ["BRIDGE", "MTU", "NAME", "RANGES", "ROUTES"]);
         let text = render_conflist("wm0", &nets(&["10.0.0.0/24"]), 1420, "x");
         assert!(!text.contains("{{"), "{text}");
+    }
+
+    #[test]
+    fn only_a_conflist_wiremesh_renders_is_ours() {
+        let ours = render_conflist(
+            "wmbr0",
+            &nets(&["10.42.0.0/24"]),
+            1420,
+            DEFAULT_NETWORK_NAME,
+        );
+        assert!(is_ours(&ours));
+        let flannel = r#"{"name":"cbr0","cniVersion":"0.3.1","plugins":[
+            {"type":"flannel","delegate":{"hairpinMode":true,"isDefaultGateway":true}},
+            {"type":"portmap","capabilities":{"portMappings":true}}]}"#;
+        assert!(!is_ours(flannel));
+        let renamed = ours.replace("\"name\": \"wiremesh\"", "\"name\": \"k8s-pod-network\"");
+        assert!(!is_ours(&renamed));
+        let other_plugin = ours.replace("\"type\": \"bridge\"", "\"type\": \"calico\"");
+        assert!(!is_ours(&other_plugin));
+        for junk in ["", "{", "[]", "null", "{\"name\":\"wiremesh\"}"] {
+            assert!(!is_ours(junk), "{junk:?}");
+        }
     }
 
     #[test]

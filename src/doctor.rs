@@ -205,7 +205,10 @@ pub fn run(encapsulate: crate::topology::Encapsulate, port: u16, interface: &str
         if fwd.trim() == "1" {
             "net.ipv4.ip_forward=1".into()
         } else {
-            "net.ipv4.ip_forward=0: the agent turns it on".into()
+            "net.ipv4.ip_forward=0: the agent turns it on where /proc/sys is writable (and \
+             `wiremesh cleanup` turns it off again); in a container set it on the host \
+             (sysctl -w net.ipv4.ip_forward=1)"
+                .into()
         },
     );
     out.push(listen_port_check(

@@ -221,3 +221,293 @@ fn agent_and_cleanup_leave_foreign_state_exactly_as_it_was_and_cleanup_leaves_no
         "cleanup changed foreign state\n{cleanup_log}"
     );
 }
+
+/// A conflist flannel writes (what a cluster migrating from flannel has in `/etc/cni/net.d`).
+const FLANNEL_CONFLIST: &str = r#"{
+  "name": "cbr0",
+  "cniVersion": "0.3.1",
+  "plugins": [
+    {"type": "flannel", "delegate": {"hairpinMode": true, "isDefaultGateway": true}},
+    {"type": "portmap", "capabilities": {"portMappings": true}}
+  ]
+}
+"#;
+
+/// `wiremesh cleanup` in `n` with `extra` arguments: (succeeded, stderr).
+fn cleanup(n: &AgentNode, extra: &[&str]) -> (bool, String) {
+    let out = n.cleanup_with(extra);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "netns-tests"),
+    ignore = "needs root and network namespaces"
+)]
+fn cleanup_refuses_an_interface_bridge_or_cni_file_that_is_not_wiremeshs_and_touches_nothing() {
+    let mesh = AgentNodes::new("wm-fc");
+    let a = &mesh.nodes[0];
+    let ns = &a.ns;
+    // An ordinary veth named like the argument, with an address and a route.
+    ns.ip(&["link", "add", "v1", "type", "veth", "peer", "name", "v1p"]);
+    ns.ip(&["addr", "add", "10.61.0.1/24", "dev", "v1"]);
+    ns.ip(&["link", "set", "v1", "up"]);
+    ns.ip(&["link", "set", "v1p", "up"]);
+    // A TUN device without wiremesh's mark under a name other than wiremesh0 (someone's
+    // userspace VPN, or a link of an older wiremesh: the message says how to remove it).
+    ns.ip(&["tuntap", "add", "wg7", "mode", "tun"]);
+    // Someone else's bridge (it carries their alias).
+    ns.ip(&["link", "add", "docker0", "type", "bridge"]);
+    ns.ip(&["link", "set", "docker0", "alias", "docker bridge"]);
+    // Something of ours that a refused cleanup must leave too: a guard route.
+    ns.ip(&[
+        "route",
+        "add",
+        "blackhole",
+        "10.42.9.0/24",
+        "proto",
+        "104",
+        "metric",
+        "4294967295",
+    ]);
+    let before = foreign_snapshot(a);
+    let guard = || a.ns.ip(&["route", "show", "proto", "104"]);
+    assert!(guard().contains("10.42.9.0/24"));
+
+    for (args, why) in [
+        (&["--interface", "v1"][..], "veth"),
+        (&["--interface", "eth0"], "veth"),
+        (&["--interface", "lo"], "without a link kind"),
+        (&["--interface", "wg7"], "ip link del wg7"),
+        (&["--bridge", "docker0"], "docker bridge"),
+        (&["--bridge", "v1"], "not a bridge"),
+    ] {
+        let (ok, err) = cleanup(a, args);
+        assert!(!ok, "{args:?} accepted:\n{err}");
+        assert!(err.contains("refused, nothing removed"), "{args:?}: {err}");
+        assert!(
+            err.contains("not wiremesh's") || err.contains("without wiremesh's mark"),
+            "{args:?}: {err}"
+        );
+        assert!(err.contains(why), "{args:?}: {err}");
+        assert_eq!(
+            foreign_snapshot(a),
+            before,
+            "{args:?} changed foreign state"
+        );
+        assert!(guard().contains("10.42.9.0/24"), "{args:?} removed a route");
+    }
+    assert!(
+        a.ns.ip(&["addr", "show", "dev", "v1"])
+            .contains("10.61.0.1/24")
+    );
+
+    // A flannel conflist at --cni-config: refused, kept byte for byte.
+    std::fs::write(a.cni_config(), FLANNEL_CONFLIST).unwrap();
+    let (ok, err) = cleanup(a, &[]);
+    assert!(!ok, "a flannel conflist accepted:\n{err}");
+    assert!(err.contains("--cni-config"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(a.cni_config()).unwrap(),
+        FLANNEL_CONFLIST
+    );
+    assert!(guard().contains("10.42.9.0/24"));
+
+    // Without the foreign file, the same cleanup removes what is ours, and only that.
+    std::fs::remove_file(a.cni_config()).unwrap();
+    let (ok, err) = cleanup(a, &[]);
+    assert!(ok, "{err}");
+    assert_eq!(guard(), "", "{err}");
+    assert_eq!(foreign_snapshot(a), before);
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "netns-tests"),
+    ignore = "needs root and network namespaces"
+)]
+fn the_agent_never_overwrites_a_cni_file_that_is_not_its_own() {
+    let mut mesh = AgentNodes::new("wm-fn");
+    std::fs::write(mesh.nodes[0].cni_config(), FLANNEL_CONFLIST).unwrap();
+    mesh.start();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !mesh.nodes[0].log().contains("is not wiremesh's") {
+        assert!(
+            Instant::now() < deadline,
+            "no refusal logged after 30 s\n{}",
+            mesh.logs()
+        );
+        assert!(
+            mesh.nodes[0].agent_running(),
+            "the agent exited\n{}",
+            mesh.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(mesh.nodes[0].agent_running(), "{}", mesh.logs());
+    assert_eq!(
+        std::fs::read_to_string(mesh.nodes[0].cni_config()).unwrap(),
+        FLANNEL_CONFLIST,
+        "{}",
+        mesh.logs()
+    );
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "netns-tests"),
+    ignore = "needs root and network namespaces"
+)]
+fn an_ipv4_mesh_turns_on_ipv4_forwarding_only_and_cleanup_turns_it_off_again() {
+    let mut mesh = AgentNodes::new("wm-ff");
+    for key in ["net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"] {
+        assert_eq!(mesh.nodes[0].sysctl(key), "0", "{key} in a fresh namespace");
+    }
+    mesh.start();
+    let (a_src, b_bridge) = (mesh.nodes[0].bridge_ip(), mesh.nodes[1].bridge_ip());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !pings(&mesh.nodes[0], &a_src, &b_bridge) {
+        assert!(
+            Instant::now() < deadline,
+            "no ping {a_src} -> {b_bridge} after 30 s\n{}",
+            mesh.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let a = &mesh.nodes[0];
+    assert_eq!(a.sysctl("net.ipv4.ip_forward"), "1");
+    assert_eq!(
+        a.sysctl("net.ipv6.conf.all.forwarding"),
+        "0",
+        "IPv6 forwarding in an IPv4-only mesh"
+    );
+    assert!(a.dir.join("sysctl").exists(), "nothing recorded");
+    // The userspace device (a tun) carries wiremesh's mark.
+    let link = a.ns.ip(&["-d", "link", "show", "dev", "wiremesh0"]);
+    assert!(link.contains("tun"), "{link}");
+    assert!(
+        link.contains("alias wiremesh WireGuard interface"),
+        "{link}"
+    );
+    mesh.nodes[0].stop();
+    let a = &mesh.nodes[0];
+    let out = a.cleanup();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(a.sysctl("net.ipv4.ip_forward"), "0", "not restored");
+    assert_eq!(a.sysctl("net.ipv6.conf.all.forwarding"), "0");
+    assert!(!a.dir.join("sysctl").exists(), "record left");
+    // A second cleanup has nothing recorded: it never turns forwarding on.
+    assert!(a.cleanup().status.success());
+    assert_eq!(a.sysctl("net.ipv4.ip_forward"), "0");
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "netns-tests"),
+    ignore = "needs root and network namespaces"
+)]
+fn the_agent_changes_nothing_on_an_interface_that_is_not_wiremeshs() {
+    let mut mesh = AgentNodes::new("wm-fi");
+    let state = |n: &AgentNode| {
+        format!(
+            "{}\n{}",
+            n.ns.ip(&["-d", "-o", "link", "show", "dev", "v1"]),
+            n.ns.ip(&["-o", "addr", "show", "dev", "v1"])
+        )
+    };
+    {
+        let ns = &mesh.nodes[0].ns;
+        ns.ip(&["link", "add", "v1", "type", "veth", "peer", "name", "v1p"]);
+        ns.ip(&["addr", "add", "10.61.0.1/24", "dev", "v1"]);
+        ns.ip(&["link", "set", "v1p", "up"]);
+    }
+    // Down: bringing it up would be a change too.
+    let before = state(&mesh.nodes[0]);
+    let file = mesh.nodes_file.clone();
+    mesh.nodes[0].start_with(&file, &["--interface", "v1"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !mesh.nodes[0]
+        .log()
+        .contains("not wiremesh's WireGuard interface")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no refusal logged after 30 s\n{}",
+            mesh.logs()
+        );
+        assert!(mesh.nodes[0].agent_running(), "{}", mesh.logs());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(state(&mesh.nodes[0]), before, "{}", mesh.logs());
+    assert!(
+        mesh.nodes[0].pids().len() == 1,
+        "a WireGuard daemon was started for v1: {:?}",
+        mesh.nodes[0].pids()
+    );
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "netns-tests"),
+    ignore = "needs root and network namespaces"
+)]
+fn with_a_read_only_proc_sys_and_forwarding_off_the_agent_keeps_running_unready_and_names_the_host_setting()
+ {
+    let mut mesh = AgentNodes::new("wm-fr");
+    mesh.nodes[0].read_only_proc_sys = true;
+    // Node b forwards already: its agent must not even try to write.
+    mesh.nodes[1].ns.sysctl("net.ipv4.ip_forward=1");
+    mesh.nodes[1].read_only_proc_sys = true;
+    mesh.start();
+    let wanted = "net.ipv4.ip_forward is 0 and cannot be set";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, body) = mesh.nodes[0].http_get("/readyz");
+        if code == 503 && body.contains(wanted) {
+            assert!(body.contains("sysctl -w net.ipv4.ip_forward=1"), "{body}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz: {code} {body}\n{}",
+            mesh.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for n in &mut mesh.nodes {
+        assert!(n.agent_running(), "agent {} exited\n{}", n.name, n.log());
+    }
+    assert_eq!(mesh.nodes[0].sysctl("net.ipv6.conf.all.forwarding"), "0");
+    // The host sets it: the agent's next retry completes the mesh and it becomes ready.
+    mesh.nodes[0].ns.sysctl("net.ipv4.ip_forward=1");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for n in 0..2 {
+        loop {
+            let (code, body) = mesh.nodes[n].http_get("/readyz");
+            if code == 200 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {n} /readyz: {code} {body}\n{}",
+                mesh.logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let (a_src, b_bridge) = (mesh.nodes[0].bridge_ip(), mesh.nodes[1].bridge_ip());
+    assert!(pings(&mesh.nodes[0], &a_src, &b_bridge), "{}", mesh.logs());
+    assert!(
+        !mesh.nodes[1].log().contains("cannot be set"),
+        "b tried to write a sysctl that was on\n{}",
+        mesh.nodes[1].log()
+    );
+}

@@ -233,7 +233,41 @@ fn daemonset_runs_the_agent_on_every_node_in_the_host_network() {
             json!({"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}}),
             "{b}"
         );
-        assert!(c.liveness_probe.is_none() && c.readiness_probe.is_none());
+    }
+}
+
+#[test]
+fn daemonset_probes_healthz_and_readyz_on_the_agents_port() {
+    for f in FLAVOURS {
+        let ds = daemonset(f);
+        let c = &ds
+            .spec
+            .expect("spec")
+            .template
+            .spec
+            .expect("pod")
+            .containers[0];
+        let probe = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
+            let p = p
+                .as_ref()
+                .unwrap_or_else(|| panic!("{}: probe missing", f.bundle()));
+            let get = p.http_get.as_ref().expect("httpGet");
+            // Host network: the node's IP, the agent's default --listen port.
+            assert!(get.host.is_none(), "{}", f.bundle());
+            assert_eq!(
+                get.port,
+                k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1107),
+                "{}",
+                f.bundle()
+            );
+            get.path.clone().unwrap_or_default()
+        };
+        assert_eq!(probe(&c.liveness_probe), "/healthz");
+        assert_eq!(probe(&c.readiness_probe), "/readyz");
+        // Lenient liveness: a minute without an answer before a restart.
+        let live = c.liveness_probe.as_ref().expect("liveness");
+        let window = live.period_seconds.unwrap_or(10) * live.failure_threshold.unwrap_or(3);
+        assert!(window >= 60, "{}: liveness window {window} s", f.bundle());
     }
 }
 
@@ -272,7 +306,7 @@ fn daemonset_sets_the_agents_environment() {
 }
 
 #[test]
-fn daemonset_is_not_privileged_and_adds_only_net_admin_and_net_raw() {
+fn daemonset_drops_every_capability_but_net_admin_and_net_raw_on_a_read_only_root() {
     for f in FLAVOURS {
         let ds = daemonset(f);
         let c = &ds
@@ -288,7 +322,9 @@ fn daemonset_is_not_privileged_and_adds_only_net_admin_and_net_raw() {
             json!({
                 "privileged": false,
                 "allowPrivilegeEscalation": false,
-                "capabilities": {"add": ["NET_ADMIN", "NET_RAW"]},
+                "readOnlyRootFilesystem": true,
+                "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]},
+                "seccompProfile": {"type": "RuntimeDefault"},
             }),
             "{}",
             f.bundle()
@@ -296,7 +332,35 @@ fn daemonset_is_not_privileged_and_adds_only_net_admin_and_net_raw() {
     }
 }
 
-/// (host path, hostPath type, path in the container, read only) of every volume.
+#[test]
+fn daemonset_gives_the_read_only_root_a_small_writable_tmp() {
+    for f in FLAVOURS {
+        let ds = daemonset(f);
+        let pod = ds.spec.expect("spec").template.spec.expect("pod");
+        let mount = pod.containers[0]
+            .volume_mounts
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .find(|m| m.mount_path == "/tmp")
+            .unwrap_or_else(|| panic!("{}: no /tmp", f.bundle()))
+            .clone();
+        let v = pod
+            .volumes
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .find(|v| v.name == mount.name)
+            .expect("volume")
+            .clone();
+        let empty = v.empty_dir.expect("/tmp is an emptyDir");
+        assert_eq!(empty.medium.as_deref(), Some("Memory"), "{}", f.bundle());
+        assert!(empty.size_limit.is_some(), "{}", f.bundle());
+    }
+}
+
+/// (host path, hostPath type, path in the container, read only) of every hostPath volume (the
+/// `/tmp` emptyDir is checked on its own).
 fn host_mounts(ds: &DaemonSet) -> Vec<(String, String, String, bool)> {
     let pod = ds.spec.as_ref().and_then(|s| s.template.spec.as_ref());
     let pod = pod.expect("pod spec");
@@ -308,6 +372,7 @@ fn host_mounts(ds: &DaemonSet) -> Vec<(String, String, String, bool)> {
     assert_eq!(volumes.len(), mounts.len(), "one mount per volume");
     mounts
         .iter()
+        .filter(|m| m.mount_path != "/tmp")
         .map(|m| {
             let v = volumes
                 .iter()

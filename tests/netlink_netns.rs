@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use ipnetwork::IpNetwork;
 use nix::sched::CloneFlags;
 use wiremesh::desired::{Bridge, ENCAP_TABLE, MAIN_TABLE, Route, RouteDev, Rule};
+use wiremesh::reconcile::forwarding::{self, Families, Sysctls};
 use wiremesh::reconcile::netlink::{Devices, Netlink, NetlinkKernel};
 use wiremesh::reconcile::{Kernel, KernelError, Op};
 
@@ -318,7 +319,7 @@ fn foreign_routes_and_rules_are_left_exactly_as_they_were() {
         "pref",
         "1107",
     ]);
-    ns.ip(&["rule", "add", "iif", WG, "lookup", "100", "pref", "1107"]);
+    ns.ip(&["rule", "add", "iif", WG, "lookup", "main", "pref", "1107"]);
     let before = ns.snapshot();
 
     // Same destinations as the foreign routes, in the other table: both may live.
@@ -345,7 +346,7 @@ fn foreign_routes_and_rules_are_left_exactly_as_they_were() {
             src: None,
             dst: None,
             iif: Some(WG.into()),
-            table: 100,
+            table: MAIN_TABLE,
         },
     ];
     let name = ns.name.clone();
@@ -680,8 +681,61 @@ fn cleanup_leaves_only_foreign_state() {
     ]);
     ns.ip(&["link", "add", "fbr0", "type", "bridge"]);
     ns.ip(&["addr", "add", "10.9.9.1/24", "dev", "fbr0"]);
+    // Protocol 104, but not wiremesh's: on an interface wiremesh does not use, in a table it
+    // does not use (on its own interface), and a rule to such a table.
+    ns.ip(&[
+        "route",
+        "add",
+        "10.77.0.0/24",
+        "dev",
+        "wm-wgp",
+        "proto",
+        "104",
+    ]);
+    ns.ip(&[
+        "route",
+        "add",
+        "10.76.0.0/24",
+        "dev",
+        WG,
+        "table",
+        "200",
+        "proto",
+        "104",
+    ]);
+    ns.ip(&[
+        "route",
+        "add",
+        "blackhole",
+        "10.75.0.0/24",
+        "table",
+        "200",
+        "proto",
+        "104",
+    ]);
+    ns.ip(&[
+        "-6",
+        "route",
+        "add",
+        "fd00:77::/64",
+        "dev",
+        "wm-wgp",
+        "proto",
+        "104",
+    ]);
+    ns.ip(&[
+        "rule",
+        "add",
+        "from",
+        "10.74.0.0/16",
+        "lookup",
+        "200",
+        "pref",
+        "1107",
+        "proto",
+        "104",
+    ]);
     let before = ns.snapshot();
-    let name = ns.name.clone();
     let done = ns.run(devices(), async move |nl| {
         let routes = vec![
             route(MAIN_TABLE, "10.42.1.0/24", None, RouteDev::WireGuard),
@@ -692,6 +746,7 @@ fn cleanup_leaves_only_foreign_state() {
                 RouteDev::Private,
             ),
             route(MAIN_TABLE, "fd00:42::/64", None, RouteDev::WireGuard),
+            Route::blackhole(MAIN_TABLE, net("10.42.1.0/24")),
         ];
         assert_all_ok(&nl.apply_routes(&routes, &[]).await.adds);
         let rule = Rule {
@@ -706,19 +761,11 @@ fn cleanup_leaves_only_foreign_state() {
             addresses: vec![net("10.42.0.1/24")],
         };
         nl.ensure_bridge(&bridge).await.expect("bridge");
-        // A stray of ours: on an interface wiremesh does not manage.
-        ip(
-            &name,
-            &[
-                "route",
-                "add",
-                "10.77.0.0/24",
-                "dev",
-                "wm-wgp",
-                "proto",
-                "104",
-            ],
-        );
+        // The foreign protocol-104 routes and rule are not read as ours either.
+        assert_eq!(nl.read_routes().await.unwrap(), sorted(&routes));
+        assert!(nl.read_route_dump().await.unwrap().strays.is_empty());
+        assert_eq!(nl.read_rule_dump().await.unwrap().rules, vec![rule]);
+        assert!(nl.read_rule_dump().await.unwrap().strays.is_empty());
         nl.cleanup().await.expect("cleanup")
     });
     assert_eq!((done.routes, done.rules, done.bridge), (4, 1, true));
@@ -736,16 +783,20 @@ fn cleanup_leaves_only_foreign_state() {
 )]
 fn strays_are_reported_apart_and_purged() {
     let ns = TestNs::new();
+    // Strays of ours: a blackhole that is not a guard (metric 0), a route through our
+    // interface with a TOS no desired route has, and a rule at another priority.
+    ns.ip(&["route", "add", "blackhole", "10.78.0.0/24", "proto", "104"]);
     ns.ip(&[
         "route",
         "add",
         "10.77.0.0/24",
         "dev",
-        "wm-wgp",
+        WG,
+        "tos",
+        "0x10",
         "proto",
         "104",
     ]);
-    ns.ip(&["route", "add", "blackhole", "10.78.0.0/24", "proto", "104"]);
     ns.ip(&[
         "rule",
         "add",
@@ -758,9 +809,42 @@ fn strays_are_reported_apart_and_purged() {
         "proto",
         "104",
     ]);
+    // Protocol 104 but someone else's: another device, another table, a rule to another table.
+    ns.ip(&[
+        "route",
+        "add",
+        "10.76.0.0/24",
+        "dev",
+        "wm-wgp",
+        "proto",
+        "104",
+    ]);
+    ns.ip(&[
+        "route",
+        "add",
+        "10.75.0.0/24",
+        "dev",
+        WG,
+        "table",
+        "200",
+        "proto",
+        "104",
+    ]);
+    ns.ip(&[
+        "rule",
+        "add",
+        "from",
+        "10.74.0.0/24",
+        "lookup",
+        "200",
+        "pref",
+        "5",
+        "proto",
+        "104",
+    ]);
     let name = ns.name.clone();
     ns.run(devices(), async move |nl| {
-        let ours = route(MAIN_TABLE, "10.77.0.0/24", None, RouteDev::WireGuard);
+        let ours = route(MAIN_TABLE, "10.78.0.0/24", None, RouteDev::WireGuard);
         let err = nl
             .add_route(&ours)
             .await
@@ -769,6 +853,12 @@ fn strays_are_reported_apart_and_purged() {
             err.to_string().contains("another route of wiremesh"),
             "{err}"
         );
+        let foreign = route(MAIN_TABLE, "10.76.0.0/24", None, RouteDev::WireGuard);
+        let err = nl
+            .add_route(&foreign)
+            .await
+            .expect_err("a foreign route holds the key");
+        assert!(err.to_string().contains("not owned by wiremesh"), "{err}");
         assert!(nl.read_routes().await.unwrap().is_empty());
         let dump = nl.read_route_dump().await.unwrap();
         let dsts: Vec<String> = dump.strays.iter().map(|s| s.dst.to_string()).collect();
@@ -777,11 +867,19 @@ fn strays_are_reported_apart_and_purged() {
         assert!(nl.read_rules().await.unwrap().is_empty());
         let k = NetlinkKernel::new(nl);
         assert_eq!(k.purge_strays().await.unwrap(), 3);
-        assert_eq!(
-            ip(&name, &["route", "show", "table", "all", "proto", "104"]),
-            ""
+        let left = ip(&name, &["route", "show", "table", "all", "proto", "104"]);
+        assert!(
+            left.contains("10.76.0.0/24 dev wm-wgp")
+                && left.contains("10.75.0.0/24 dev wm-wg table 200"),
+            "{left}"
         );
-        assert!(!ip(&name, &["rule", "show"]).contains("proto 104"));
+        assert_eq!(left.lines().count(), 2, "{left}");
+        let rules = ip(&name, &["rule", "show"]);
+        assert!(
+            rules.contains("from 10.74.0.0/24 lookup 200 proto 104"),
+            "{rules}"
+        );
+        assert!(!rules.contains("lookup 1107 proto 104"), "{rules}");
         k.netlink
             .add_route(&ours)
             .await
@@ -840,9 +938,39 @@ fn links_addresses_mtu_and_forwarding() {
         assert_eq!(v6_private.unwrap().as_deref(), Some(ETH));
         let nobody = nl.private_interface_for("10.9.9.9".parse().unwrap()).await;
         assert_eq!(nobody.unwrap(), None);
-
-        nl.enable_forwarding(true).expect("forwarding");
     });
+    // Forwarding, per family, in this namespace only (`/proc/sys/net` follows the calling
+    // thread's namespace): an IPv4-only mesh turns on IPv4 forwarding alone, and cleanup puts
+    // back what it found.
+    let record = tempfile::tempdir().unwrap();
+    let record_file = record.path().join("sysctl");
+    let path = format!("/run/netns/{}", ns.name);
+    let seen = std::thread::spawn(move || {
+        let fd = std::fs::File::open(&path).expect("open the namespace");
+        nix::sched::setns(&fd, CloneFlags::CLONE_NEWNET).expect("enter the namespace");
+        let s = Sysctls::new(forwarding::PROC_SYS, Some(record_file));
+        let read = |s: &Sysctls| {
+            (
+                s.read(forwarding::IPV4_FORWARD).unwrap(),
+                s.read(forwarding::IPV6_FORWARD).unwrap(),
+            )
+        };
+        let fresh = read(&s);
+        s.ensure_families(Families {
+            v4: true,
+            v6: false,
+        })
+        .expect("forwarding");
+        let on = read(&s);
+        s.restore().expect("restore");
+        (fresh, on, read(&s))
+    })
+    .join()
+    .expect("forwarding thread");
+    let zero = || ("0".to_owned(), "0".to_owned());
+    assert_eq!(seen.0, zero(), "a fresh namespace forwards nothing");
+    assert_eq!(seen.1, ("1".to_owned(), "0".to_owned()), "IPv4 only");
+    assert_eq!(seen.2, zero(), "restored");
     let sysctl = |key: &str| {
         run(
             "ip",
@@ -850,8 +978,8 @@ fn links_addresses_mtu_and_forwarding() {
             None,
         )
     };
-    assert_eq!(sysctl("net.ipv4.ip_forward").trim(), "1");
-    assert_eq!(sysctl("net.ipv6.conf.all.forwarding").trim(), "1");
+    assert_eq!(sysctl("net.ipv4.ip_forward").trim(), "0");
+    assert_eq!(sysctl("net.ipv6.conf.all.forwarding").trim(), "0");
     assert_eq!(
         std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap(),
         host_forward,

@@ -834,6 +834,7 @@ fn system_options(
     cfg: &KernelConfig,
     mtu: Option<u32>,
     internal_ip: Option<std::net::IpAddr>,
+    state_dir: Option<PathBuf>,
 ) -> Result<SystemOptions, AgentError> {
     let bad = |what: &str, e: String| {
         AgentError::Kernel(KernelError::Unsupported(format!("{what}: {e}")))
@@ -853,7 +854,17 @@ fn system_options(
         cni_config: cfg.cni_config.clone(),
         mtu,
         internal_ip,
+        private_interface: None,
+        state_dir,
     })
+}
+
+/// The agent's state directory: that of its private key file.
+pub fn state_dir(private_key: &std::path::Path) -> PathBuf {
+    match private_key.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    }
 }
 
 /// This machine's addresses, read over netlink.
@@ -941,7 +952,12 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             (rx, Some(link), internal_ip)
         }
     };
-    let opts = system_options(&cfg.kernel, cfg.mesh.mtu, internal_ip)?;
+    let opts = system_options(
+        &cfg.kernel,
+        cfg.mesh.mtu,
+        internal_ip,
+        Some(state_dir(&cfg.private_key)),
+    )?;
     let mut kernel = SystemKernel::new(opts, key).await?;
     if let Some(server) = &server {
         server.set_device(Arc::new(kernel.wireguard().reader()));
@@ -993,10 +1009,15 @@ pub async fn serve_http(addr: SocketAddr, observer: Observer) -> Result<http::Se
     Ok(server)
 }
 
-/// Remove everything wiremesh created on this machine, and nothing else.
-pub async fn cleanup(cfg: &KernelConfig) -> Result<(), AgentError> {
+/// Remove everything wiremesh created on this machine, and nothing else; put back the sysctls
+/// the agent recorded as changed in `state_dir` (the directory of its private key). Refused,
+/// with nothing touched, when something it is named is not wiremesh's.
+pub async fn cleanup(cfg: &KernelConfig, state_dir: Option<PathBuf>) -> Result<(), AgentError> {
     // The key is not needed to delete the interface; a throwaway one keeps the real one unread.
-    let opts = system_options(cfg, None, None)?;
+    let mut opts = system_options(cfg, None, None, state_dir.clone())?;
+    opts.private_interface = state_dir
+        .as_deref()
+        .and_then(crate::reconcile::system::load_private_interface);
     let mut kernel = SystemKernel::new(opts, PrivateKey::generate()).await?;
     kernel.cleanup().await?;
     info!("wiremesh removed from this node");

@@ -50,8 +50,10 @@ enum Command {
     /// Run the agent on this node until SIGTERM or SIGINT.
     Agent(Box<AgentArgs>),
     /// Remove everything wiremesh created on this node (interface, routes, rules, bridge,
-    /// firewall table, CNI config) and nothing else.
-    Cleanup(KernelArgs),
+    /// firewall table, CNI config) and nothing else, and put back the forwarding sysctls the
+    /// agent turned on. Refuses, touching nothing, when a named interface, bridge or CNI file is
+    /// not wiremesh's.
+    Cleanup(CleanupArgs),
     /// Print a shell completion script to stdout (`source <(wiremesh completion bash)`).
     Completion {
         /// The shell: bash, zsh or fish (also elvish, powershell).
@@ -117,6 +119,21 @@ struct KernelArgs {
         default_value = "/etc/cni/net.d/10-wiremesh.conflist"
     )]
     cni_config: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct CleanupArgs {
+    #[command(flatten)]
+    kernel: KernelArgs,
+    /// The agent's private key file: the record of what the agent changed on the host
+    /// (forwarding sysctls, the private interface) is read from its directory. The key itself is
+    /// not read.
+    #[arg(
+        long,
+        env = "WIREMESH_PRIVATE_KEY",
+        default_value = "/var/lib/wiremesh/key"
+    )]
+    private_key: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -407,8 +424,9 @@ fn main() {
                         wiremesh::agent::run(cfg, shutdown_signal()).await?;
                         Ok(())
                     }
-                    Command::Cleanup(k) => {
-                        wiremesh::agent::cleanup(&k.config()).await?;
+                    Command::Cleanup(c) => {
+                        let state = wiremesh::agent::state_dir(&c.private_key);
+                        wiremesh::agent::cleanup(&c.kernel.config(), Some(state)).await?;
                         Ok(())
                     }
                     Command::Completion { .. } => Ok(()),

@@ -13,6 +13,7 @@
 //! port. May depend on the desired state and the model;
 //! never on the topology engine or Kubernetes.
 
+pub mod forwarding;
 pub mod netlink;
 pub mod nft;
 pub mod plan;
@@ -67,9 +68,14 @@ pub enum KernelError {
         #[source]
         source: std::io::Error,
     },
-    /// The kernel lacks a feature the desired state needs (e.g. the IPIP tunnel).
+    /// The kernel lacks a feature the desired state needs (e.g. the IPIP tunnel), or a setting
+    /// it needs (forwarding) cannot be made here.
     #[error("{0}")]
     Unsupported(String),
+    /// Something wiremesh was asked to change or remove does not carry wiremesh's mark; it was
+    /// left alone. The text names it and says why.
+    #[error("{0}")]
+    NotOwned(String),
 }
 
 /// The door to the system: read what wiremesh owns, apply one operation.

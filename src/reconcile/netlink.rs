@@ -1,5 +1,5 @@
 //! The kernel's routing side through rtnetlink: routes, policy rules, interface addresses and
-//! MTU, the CNI bridge, forwarding sysctls, and route events.
+//! MTU, the CNI bridge, and route events.
 //!
 //! ```text
 //! desired::Route / Rule / Bridge ─→ Netlink::{apply_routes, add_rule, ensure_bridge, …} ─→ kernel
@@ -11,18 +11,23 @@
 //! read back, changed or removed:
 //! - routes and rules carry the route protocol [`RTPROT_WIREMESH`] (`proto 104` in `ip route` and
 //!   `ip rule`); rules also sit at priority [`RULE_PRIORITY`]. Deletions name the protocol, so the
-//!   kernel itself refuses to match a foreign route or rule with the same destination.
+//!   kernel itself refuses to match a foreign route or rule with the same destination. The
+//!   protocol alone is not proof: a route is ours only in one of [`OWN_TABLES`] and as a
+//!   blackhole (guard) or through the WireGuard, private or tunnel interface; a rule only when
+//!   it looks up one of [`OWN_TABLES`]. Anything else with protocol 104 is never read or removed.
 //! - a route is added with `NLM_F_EXCL`: when a foreign route already holds the same destination,
 //!   table and metric, the add fails with a "not owned by wiremesh" error instead of replacing,
 //!   prepending to or (IPv6) merging into a multipath route with the foreign one.
 //! - addresses, MTU and up/down are changed only on the interfaces named in [`Devices`].
 //! - the CNI bridge is changed only under its configured name, only if it is a bridge, and deleted
-//!   by [`Netlink::cleanup`] only if wiremesh created it (it carries the alias [`BRIDGE_ALIAS`]).
+//!   by [`Netlink::cleanup`] only if wiremesh created it (it carries the alias [`BRIDGE_ALIAS`]);
+//!   an interface of that name with another kind or another alias is refused.
+//! - the WireGuard interface carries the alias [`WG_ALIAS`] ([`Netlink::mark_link`]); see
+//!   [`wireguard_owner`] for how a link of that name is judged.
 //!
 //! **Namespaces and threads.** A netlink socket belongs to the network namespace of the thread
 //! that opens it, so [`Netlink::new`] and [`Netlink::watch_routes`] act on the namespace of the
-//! calling thread, for the life of the object. `/proc/sys/net` resolves against the calling
-//! thread's namespace too, which is why [`Netlink::enable_forwarding`] is synchronous.
+//! calling thread, for the life of the object.
 //!
 //! **Speed.** Mutations travel on their own socket in batches: up to a few hundred requests in
 //! one datagram, several datagrams in flight, one acknowledgement per request matched back by its
@@ -50,15 +55,25 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use super::{KernelError, RTPROT_WIREMESH, RULE_PRIORITY};
-use crate::desired::RouteDev;
+use crate::desired::{ENCAP_TABLE, MAIN_TABLE, RouteDev};
 
 pub use kernel::NetlinkKernel;
-pub use link::{FALLBACK_MTU, MIN_MTU, WIREGUARD_OVERHEAD};
+pub use link::{
+    FALLBACK_MTU, LinkOwner, MIN_MTU, WIREGUARD_OVERHEAD, bridge_owner, wireguard_owner,
+};
 pub use route::{RouteDump, RouteResults, StrayRoute};
 pub use rule::{RuleDump, StrayRule};
 
 /// The alias (`ip link show` "alias") of a CNI bridge that wiremesh created itself.
 pub const BRIDGE_ALIAS: &str = "wiremesh CNI bridge";
+/// The alias (`ip link show` "alias") wiremesh puts on the WireGuard interface it creates or
+/// adopts; `wiremesh cleanup` deletes a WireGuard interface only when it carries it (or see
+/// [`LinkOwner::Unmarked`]).
+pub const WG_ALIAS: &str = "wiremesh WireGuard interface";
+/// The routing tables wiremesh installs routes in and points rules to: main and
+/// [`ENCAP_TABLE`]. Routes and rules with wiremesh's protocol in any other table are not
+/// wiremesh's and are never read, changed or removed.
+pub const OWN_TABLES: [u32; 2] = [MAIN_TABLE, ENCAP_TABLE];
 
 /// Largest request count in one datagram. The kernel caps a datagram at the socket's send buffer
 /// (208 KiB by default); 256 route requests take about 20 KiB.
@@ -352,31 +367,11 @@ impl Netlink {
         Ok(self.link_by_name(name).await?.map(|l| l.header.index))
     }
 
-    /// Turn on IPv4 forwarding, and IPv6 forwarding when `ipv6`, in the calling thread's network
-    /// namespace (`/proc/sys/net/ipv4/ip_forward`, `/proc/sys/net/ipv6/conf/all/forwarding`).
-    ///
-    /// Synchronous on purpose: `/proc/sys/net` shows the namespace of the thread that opens it,
-    /// and an async file API would open it on a pool thread, possibly in another namespace. Note
-    /// that IPv6 forwarding makes the kernel ignore router advertisements unless `accept_ra` is 2.
-    pub fn enable_forwarding(&self, ipv6: bool) -> Result<(), KernelError> {
-        let mut keys = vec!["/proc/sys/net/ipv4/ip_forward"];
-        if ipv6 {
-            keys.push("/proc/sys/net/ipv6/conf/all/forwarding");
-        }
-        for key in keys {
-            let now = std::fs::read_to_string(key).map_err(io_err(key))?;
-            if now.trim() != "1" {
-                std::fs::write(key, "1\n").map_err(io_err(key))?;
-                info!(key, "forwarding enabled");
-            }
-        }
-        Ok(())
-    }
-
-    /// Remove everything wiremesh owns here: every route and rule with protocol 104 in every
-    /// table (also those [`Netlink::read_routes`] cannot describe), and the CNI bridge if
-    /// wiremesh created it. Nothing else is touched. Tries everything, then reports the first
-    /// failure.
+    /// Remove the routes, rules and bridge wiremesh owns here: every route and rule of ours
+    /// (protocol 104, in [`OWN_TABLES`], routes also only blackholes or through the WireGuard,
+    /// private or tunnel interface; also those [`Netlink::read_routes`] cannot describe), and
+    /// the CNI bridge if wiremesh created it. Nothing else is touched. Tries everything, then
+    /// reports the first failure.
     pub async fn cleanup(&self) -> Result<Cleanup, KernelError> {
         let mut errors = Vec::new();
         let mut done = Cleanup::default();
@@ -385,7 +380,11 @@ impl Netlink {
             Vec::new()
         });
         done.rules = tally(self.del_stray_rules(&rules).await, &mut errors);
-        let routes: Vec<StrayRoute> = match self.read_kernel_routes().await {
+        let routes = match self.device_indices().await {
+            Ok(devs) => self.read_kernel_routes(&devs).await,
+            Err(e) => Err(e),
+        };
+        let routes: Vec<StrayRoute> = match routes {
             Ok(r) => r.iter().map(|r| r.identity()).collect(),
             Err(e) => {
                 errors.push(e);

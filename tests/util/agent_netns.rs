@@ -28,6 +28,11 @@ pub const WIREMESH: &str = env!("CARGO_BIN_EXE_wiremesh");
 
 /// Mounts the node's directory over `/run`, then execs the rest of the arguments.
 const SHELL: &str = "mount --bind \"$1\" /run && shift && exec \"$@\"";
+/// [`SHELL`], with `/proc/sys` read-only first, as container runtimes mount it in an
+/// unprivileged container.
+const SHELL_RO_SYSCTL: &str = "mount --bind /proc/sys /proc/sys && \
+    mount -o remount,bind,ro /proc/sys && \
+    mount --bind \"$1\" /run && shift && exec \"$@\"";
 
 /// One node: a namespace, its directory, its agent.
 pub struct AgentNode {
@@ -41,6 +46,8 @@ pub struct AgentNode {
     pub pod_cidr: String,
     /// The node's private directory (key, CNI config, `run/`, agent log).
     pub dir: PathBuf,
+    /// Whether commands started in the node (the agent) see `/proc/sys` read-only.
+    pub read_only_proc_sys: bool,
     agent: Option<Child>,
 }
 
@@ -74,7 +81,12 @@ impl AgentNode {
     /// the node's `/run` as the agent does (`wg` and `wireguard-go` reach the same sockets).
     fn command(&self, cmd: &[&str]) -> Command {
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.ns.name, "sh", "-c", SHELL, "sh"])
+        let shell = if self.read_only_proc_sys {
+            SHELL_RO_SYSCTL
+        } else {
+            SHELL
+        };
+        c.args(["netns", "exec", &self.ns.name, "sh", "-c", shell, "sh"])
             .arg(self.dir.join("run"))
             .args(cmd)
             .stdin(Stdio::null());
@@ -119,30 +131,41 @@ impl AgentNode {
 
     /// Start `wiremesh agent` (full mesh, no encapsulation, userspace WireGuard).
     pub fn start(&mut self, nodes_file: &Path) {
+        self.start_with(nodes_file, &[]);
+    }
+
+    /// [`Self::start`] with more arguments (e.g. `--interface NAME`).
+    pub fn start_with(&mut self, nodes_file: &Path, extra: &[&str]) {
         let log = File::create(self.dir.join("agent.log")).unwrap();
         let err = log.try_clone().unwrap();
         let key = self.dir.join("key");
         let cni = self.cni_config();
         let child = self
-            .wiremesh(&[
-                "agent",
-                "--hostname",
-                &self.name,
-                "--nodes",
-                nodes_file.to_str().unwrap(),
-                "--private-key",
-                key.to_str().unwrap(),
-                "--granularity",
-                "full",
-                "--encapsulate",
-                "never",
-                "--wireguard",
-                "userspace",
-                "--cni-config",
-                cni.to_str().unwrap(),
-                "--log-level",
-                "info",
-            ])
+            .wiremesh(
+                &[
+                    "agent",
+                    "--hostname",
+                    &self.name,
+                    "--nodes",
+                    nodes_file.to_str().unwrap(),
+                    "--private-key",
+                    key.to_str().unwrap(),
+                    "--granularity",
+                    "full",
+                    "--encapsulate",
+                    "never",
+                    "--wireguard",
+                    "userspace",
+                    "--cni-config",
+                    cni.to_str().unwrap(),
+                    "--log-level",
+                    "info",
+                ]
+                .iter()
+                .chain(extra)
+                .copied()
+                .collect::<Vec<_>>(),
+            )
             .stdout(log)
             .stderr(err)
             .spawn()
@@ -174,13 +197,31 @@ impl AgentNode {
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
-    /// Run `wiremesh cleanup --cni-config DIR/cni.conflist` in the node (same `/run` as the
-    /// agent had, so it reaches the node's userspace WireGuard daemon).
+    /// Run `wiremesh cleanup --cni-config DIR/cni.conflist --private-key DIR/key` in the node
+    /// (same `/run` as the agent had, so it reaches the node's userspace WireGuard daemon; the
+    /// agent's state directory, so it restores what the agent recorded).
     pub fn cleanup(&self) -> Output {
+        self.cleanup_with(&[])
+    }
+
+    /// [`Self::cleanup`] with more arguments (e.g. `--interface NAME`).
+    pub fn cleanup_with(&self, extra: &[&str]) -> Output {
         let cni = self.cni_config();
-        self.wiremesh(&["cleanup", "--cni-config", cni.to_str().unwrap()])
-            .output()
-            .expect("run wiremesh cleanup")
+        let key = self.dir.join("key");
+        let mut args = vec![
+            "cleanup",
+            "--cni-config",
+            cni.to_str().unwrap(),
+            "--private-key",
+            key.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        self.wiremesh(&args).output().expect("run wiremesh cleanup")
+    }
+
+    /// `sysctl -n KEY` inside the node's namespace, trimmed.
+    pub fn sysctl(&self, key: &str) -> String {
+        self.ns.exec(&["sysctl", "-n", key], None).trim().to_owned()
     }
 
     /// PIDs of every process in the node's network namespace.
@@ -231,6 +272,7 @@ impl AgentNodes {
                 ip: format!("10.77.0.{}", i + 1),
                 pod_cidr: format!("10.78.{}.0/24", i + 1),
                 dir: node_dir,
+                read_only_proc_sys: false,
                 agent: None,
             });
         }

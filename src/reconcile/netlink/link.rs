@@ -22,7 +22,7 @@ use rtnetlink::packet_route::route::RouteAttribute;
 use rtnetlink::{AddressMessageBuilder, LinkBridge, LinkUnspec};
 use tracing::{debug, info, warn};
 
-use super::{Answer, BRIDGE_ALIAS, Netlink, errno, nl_err, request};
+use super::{Answer, BRIDGE_ALIAS, Netlink, WG_ALIAS, errno, nl_err, request};
 use crate::desired::{Bridge, MAIN_TABLE};
 use crate::reconcile::{KernelError, LinkState};
 
@@ -66,13 +66,83 @@ fn link_alias(m: &LinkMessage) -> Option<&str> {
     })
 }
 
-fn is_bridge(m: &LinkMessage) -> bool {
-    m.attributes.iter().any(|a| match a {
-        LinkAttribute::LinkInfo(infos) => infos
-            .iter()
-            .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Bridge))),
-        _ => false,
+fn link_kind(m: &LinkMessage) -> Option<&InfoKind> {
+    m.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+            LinkInfo::Kind(k) => Some(k),
+            _ => None,
+        }),
+        _ => None,
     })
+}
+
+fn is_bridge(m: &LinkMessage) -> bool {
+    matches!(link_kind(m), Some(InfoKind::Bridge))
+}
+
+/// Whose a link named as wiremesh's WireGuard interface is (see [`wireguard_owner`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkOwner {
+    /// A WireGuard (kernel) or TUN (userspace) link carrying [`WG_ALIAS`].
+    Ours,
+    /// A WireGuard or TUN link without any alias: made by a wiremesh that did not mark its
+    /// links yet, or by someone else under the name wiremesh was given.
+    Unmarked,
+    /// Not wiremesh's; the text says why.
+    Foreign(String),
+}
+
+/// Whose a link of kind `kind` (`None`: the kernel reported none, as for a physical device)
+/// and alias `alias` is, when it has the name of wiremesh's WireGuard interface. Pure.
+///
+/// Kernel WireGuard links have kind `wireguard`; the userspace daemon's device is a TUN device
+/// (kind `tun`). Any other kind is foreign whatever its alias; a WireGuard or TUN link is ours
+/// with [`WG_ALIAS`], unmarked without alias, and foreign with another alias.
+pub fn wireguard_owner(kind: Option<&InfoKind>, alias: Option<&str>) -> LinkOwner {
+    link_owner(
+        kind,
+        alias,
+        &[InfoKind::Wireguard, InfoKind::Tun],
+        "a WireGuard (wireguard or tun) interface",
+        WG_ALIAS,
+    )
+}
+
+/// Whose a link with the name of wiremesh's CNI bridge is, by the same rule as
+/// [`wireguard_owner`]: kind `bridge`, marked with [`BRIDGE_ALIAS`]. Pure.
+pub fn bridge_owner(kind: Option<&InfoKind>, alias: Option<&str>) -> LinkOwner {
+    link_owner(kind, alias, &[InfoKind::Bridge], "a bridge", BRIDGE_ALIAS)
+}
+
+fn link_owner(
+    kind: Option<&InfoKind>,
+    alias: Option<&str>,
+    kinds: &[InfoKind],
+    what: &str,
+    mark: &str,
+) -> LinkOwner {
+    match kind {
+        Some(k) if kinds.contains(k) => {}
+        Some(k) => {
+            let k = match k {
+                InfoKind::Other(o) => o.clone(),
+                k => format!("{k:?}").to_lowercase(),
+            };
+            return LinkOwner::Foreign(format!("it is a {k} link, not {what}"));
+        }
+        None => {
+            return LinkOwner::Foreign(format!(
+                "it is a device without a link kind (physical or loopback), not {what}"
+            ));
+        }
+    }
+    match alias {
+        Some(a) if a == mark => LinkOwner::Ours,
+        None | Some("") => LinkOwner::Unmarked,
+        Some(other) => LinkOwner::Foreign(format!(
+            "it carries the alias {other:?}, not wiremesh's {mark:?}"
+        )),
+    }
 }
 
 /// The address an address message carries, with its prefix; `None` for IPv6 link-local ones.
@@ -382,6 +452,47 @@ impl Netlink {
             .and_then(|l| link_name(&l).map(str::to_owned)))
     }
 
+    /// Whose the configured WireGuard interface is ([`wireguard_owner`]); `None` when no link
+    /// has its name.
+    pub async fn wireguard_owner(&self) -> Result<Option<LinkOwner>, KernelError> {
+        Ok(self
+            .link_by_name(&self.devices.wireguard)
+            .await?
+            .map(|l| wireguard_owner(link_kind(&l), link_alias(&l))))
+    }
+
+    /// Whose the configured CNI bridge is ([`bridge_owner`]); `None` when no link has its name.
+    pub async fn bridge_owner(&self) -> Result<Option<LinkOwner>, KernelError> {
+        Ok(self
+            .link_by_name(&self.devices.bridge)
+            .await?
+            .map(|l| bridge_owner(link_kind(&l), link_alias(&l))))
+    }
+
+    /// Set the alias of link `name` to `alias` (`ip link set NAME alias ALIAS`) unless it
+    /// already has it. wiremesh marks the links it creates or adopts this way.
+    pub async fn mark_link(&self, name: &str, alias: &str) -> Result<(), KernelError> {
+        let op = format!("set link {name} alias {alias:?}");
+        let link = self
+            .link_by_name(name)
+            .await?
+            .ok_or_else(|| KernelError::Netlink {
+                op: op.clone(),
+                message: format!("no interface named {name:?}"),
+            })?;
+        if link_alias(&link) == Some(alias) {
+            return Ok(());
+        }
+        let msg = LinkUnspec::new_with_index(link.header.index)
+            .alias(alias)
+            .build();
+        let a = self
+            .send_one(request(RouteNetlinkMessage::NewLink(msg), 0))
+            .await;
+        debug!(op = "mark link", name, alias, ?a);
+        a.into_result(&[], || op)
+    }
+
     /// Make the CNI bridge exist, be up, and hold exactly `bridge.addresses` (IPv6 link-local
     /// ones aside). Creates it (`ip link add NAME type bridge`, marked with [`BRIDGE_ALIAS`]) if
     /// missing. Refuses a name other than the configured bridge, and an existing interface of
@@ -408,10 +519,10 @@ impl Netlink {
                     .ok_or_else(|| refuse("the bridge vanished right after creation".into()))?
             }
         };
-        if !is_bridge(&link) {
-            return Err(refuse(
-                "an interface of that name exists and is not a bridge; left alone".into(),
-            ));
+        if let LinkOwner::Foreign(why) = bridge_owner(link_kind(&link), link_alias(&link)) {
+            return Err(refuse(format!(
+                "an interface of that name exists and is not wiremesh's: {why}; left alone"
+            )));
         }
         let index = link.header.index;
         let have: BTreeSet<IpNetwork> = self.addresses_of(index).await?.into_iter().collect();
@@ -509,7 +620,7 @@ impl Netlink {
         let Some(link) = self.link_by_name(name).await? else {
             return Ok(false);
         };
-        if !is_bridge(&link) || link_alias(&link) != Some(BRIDGE_ALIAS) {
+        if bridge_owner(link_kind(&link), link_alias(&link)) != LinkOwner::Ours {
             info!(
                 bridge = %name,
                 "CNI bridge not created by wiremesh; left in place"
@@ -547,6 +658,53 @@ mod tests {
             let a: IpNetwork = a.parse().unwrap();
             assert_eq!(parse_address(&address_message(3, a)), Some(a));
         }
+    }
+
+    #[test]
+    fn only_marked_wireguard_or_tun_links_are_ours_and_other_kinds_never() {
+        for kind in [InfoKind::Wireguard, InfoKind::Tun] {
+            assert_eq!(
+                wireguard_owner(Some(&kind), Some(WG_ALIAS)),
+                LinkOwner::Ours
+            );
+            assert_eq!(wireguard_owner(Some(&kind), None), LinkOwner::Unmarked);
+            assert_eq!(wireguard_owner(Some(&kind), Some("")), LinkOwner::Unmarked);
+            assert!(matches!(
+                wireguard_owner(Some(&kind), Some("corp vpn")),
+                LinkOwner::Foreign(_)
+            ));
+        }
+        // A veth, a bridge, a physical device: foreign even with wiremesh's alias.
+        for kind in [Some(InfoKind::Veth), Some(InfoKind::Bridge), None] {
+            let LinkOwner::Foreign(why) = wireguard_owner(kind.as_ref(), Some(WG_ALIAS)) else {
+                panic!("{kind:?} taken as ours");
+            };
+            assert!(why.contains("not a WireGuard"), "{why}");
+        }
+        let LinkOwner::Foreign(why) = wireguard_owner(Some(&InfoKind::Veth), None) else {
+            panic!("a veth taken as ours");
+        };
+        assert!(why.contains("veth"), "{why}");
+    }
+
+    #[test]
+    fn only_bridges_are_wiremesh_bridges_and_a_foreign_alias_is_refused() {
+        assert_eq!(
+            bridge_owner(Some(&InfoKind::Bridge), Some(BRIDGE_ALIAS)),
+            LinkOwner::Ours
+        );
+        assert_eq!(
+            bridge_owner(Some(&InfoKind::Bridge), None),
+            LinkOwner::Unmarked
+        );
+        assert!(matches!(
+            bridge_owner(Some(&InfoKind::Bridge), Some("docker")),
+            LinkOwner::Foreign(_)
+        ));
+        assert!(matches!(
+            bridge_owner(Some(&InfoKind::Veth), Some(BRIDGE_ALIAS)),
+            LinkOwner::Foreign(_)
+        ));
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Routes: `desired::Route` ⇄ `RouteMessage`, reading ours back, and pipelined adds/deletes.
 //!
-//! A route is ours when its protocol is [`RTPROT_WIREMESH`]. Adds use `NLM_F_EXCL`, so the kernel
+//! A route is ours when its protocol is [`RTPROT_WIREMESH`], its table one of [`OWN_TABLES`]
+//! (main and 1107), and it is a blackhole (a guard) or leaves through the WireGuard, private or
+//! tunnel interface; a protocol-104 route anywhere else is someone else's. Adds use `NLM_F_EXCL`, so the kernel
 //! never replaces, prepends to, or merges into (IPv6 multipath) a foreign route; deletes name the
 //! protocol, so the kernel never matches a foreign route. Guards (`RouteDev::Blackhole`) are
 //! blackhole routes at [`GUARD_METRIC`]: the metric is part of their key, so adding or deleting
@@ -19,7 +21,7 @@ use rtnetlink::packet_route::route::{
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use tracing::{debug, info};
 
-use super::{Answer, Devices, Netlink, RTPROT_WIREMESH, nl_err, request};
+use super::{Answer, Devices, Netlink, OWN_TABLES, RTPROT_WIREMESH, nl_err, request};
 use crate::desired::{GUARD_METRIC, Route, RouteDev};
 use crate::reconcile::KernelError;
 
@@ -121,6 +123,13 @@ pub(super) struct KernelRoute {
 }
 
 impl KernelRoute {
+    /// Whether this route (already known to carry protocol 104) is wiremesh's: in one of
+    /// [`OWN_TABLES`], and a blackhole or through one of `devs`.
+    pub(super) fn is_owned(&self, devs: &[(u32, RouteDev)]) -> bool {
+        OWN_TABLES.contains(&self.table)
+            && (self.blackhole || self.oif.is_some_and(|i| devs.iter().any(|(d, _)| *d == i)))
+    }
+
     /// What deleting exactly this route needs.
     pub(super) fn identity(&self) -> StrayRoute {
         StrayRoute {
@@ -392,18 +401,40 @@ impl Netlink {
         Ok(msgs)
     }
 
-    /// Every IPv4 and IPv6 route with protocol 104, in every table.
-    pub(super) async fn read_kernel_routes(&self) -> Result<Vec<KernelRoute>, KernelError> {
+    /// Every IPv4 and IPv6 route of wiremesh's: protocol 104, in one of [`OWN_TABLES`], and
+    /// either a blackhole (guards have no device; IPv6 reports them on `lo`) or through one of
+    /// the devices `devs` (the WireGuard, private and tunnel interfaces that exist now). Routes
+    /// with protocol 104 elsewhere are someone else's: they are counted in a debug line, never
+    /// returned.
+    pub(super) async fn read_kernel_routes(
+        &self,
+        devs: &[(u32, RouteDev)],
+    ) -> Result<Vec<KernelRoute>, KernelError> {
         let mut out = Vec::new();
+        let mut foreign = 0usize;
         for v4 in [true, false] {
-            let msgs = self.dump_routes(v4, 0, RTPROT_WIREMESH).await?;
-            out.extend(msgs.iter().filter_map(parse_route));
+            for table in OWN_TABLES {
+                let msgs = self.dump_routes(v4, table, RTPROT_WIREMESH).await?;
+                for r in msgs.iter().filter_map(parse_route) {
+                    if r.is_owned(devs) {
+                        out.push(r);
+                    } else {
+                        foreign += 1;
+                    }
+                }
+            }
+        }
+        if foreign > 0 {
+            debug!(
+                foreign,
+                "routes with protocol 104 on devices wiremesh does not use: left alone"
+            );
         }
         Ok(out)
     }
 
     /// The indices of the three route devices that exist now.
-    async fn device_indices(&self) -> Result<Vec<(u32, RouteDev)>, KernelError> {
+    pub(super) async fn device_indices(&self) -> Result<Vec<(u32, RouteDev)>, KernelError> {
         let mut out = Vec::new();
         for dev in [RouteDev::WireGuard, RouteDev::Private, RouteDev::Tunnel] {
             if let Some(i) = self.index_of(self.devices.name(dev)).await? {
@@ -413,12 +444,12 @@ impl Netlink {
         Ok(out)
     }
 
-    /// Every route of ours (protocol 104, all tables, IPv4 and IPv6), split into those a
+    /// Every route of ours (see [`Netlink::read_kernel_routes`]), split into those a
     /// `desired::Route` describes and the strays (see [`StrayRoute`]).
     pub async fn read_route_dump(&self) -> Result<RouteDump, KernelError> {
         let devs = self.device_indices().await?;
         let mut dump = RouteDump::default();
-        for r in self.read_kernel_routes().await? {
+        for r in self.read_kernel_routes(&devs).await? {
             match r.classify(&devs) {
                 Ok(route) => dump.routes.push(route),
                 Err(stray) => dump.strays.push(stray),
@@ -721,6 +752,31 @@ mod tests {
         let mut m = route_message(&route, 7, true).unwrap();
         m.attributes.push(RouteAttribute::MultiPath(Vec::new()));
         assert!(parse_route(&m).unwrap().classify(DEVS).is_err());
+    }
+
+    #[test]
+    fn only_routes_in_wiremesh_tables_through_its_devices_or_blackholes_are_owned() {
+        let on = |table, oif| {
+            parse_route(&route_message(&r(table, "10.42.1.0/24", None, None), oif, true).unwrap())
+                .unwrap()
+        };
+        assert!(on(MAIN_TABLE, 7).is_owned(DEVS));
+        assert!(on(ENCAP_TABLE, 8).is_owned(DEVS));
+        assert!(!on(MAIN_TABLE, 99).is_owned(DEVS), "another device");
+        assert!(!on(200, 7).is_owned(DEVS), "another table");
+        let guard = |table| {
+            parse_route(
+                &route_message(
+                    &Route::blackhole(table, "10.42.1.0/24".parse().unwrap()),
+                    0,
+                    true,
+                )
+                .unwrap(),
+            )
+            .unwrap()
+        };
+        assert!(guard(MAIN_TABLE).is_owned(DEVS));
+        assert!(!guard(200).is_owned(DEVS));
     }
 
     #[test]

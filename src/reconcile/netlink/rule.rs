@@ -1,7 +1,8 @@
 //! Policy rules: `desired::Rule` ⇄ `RuleMessage`, reading ours back, adds and deletes.
 //!
-//! A rule is ours when its protocol (`FRA_PROTOCOL`) is [`RTPROT_WIREMESH`]; ours sit at
-//! [`RULE_PRIORITY`] and look up a table (`FR_ACT_TO_TBL`).
+//! A rule is ours when its protocol (`FRA_PROTOCOL`) is [`RTPROT_WIREMESH`] and the table it
+//! looks up is one of [`OWN_TABLES`]; ours sit at [`RULE_PRIORITY`] and look up a table
+//! (`FR_ACT_TO_TBL`). A protocol-104 rule to another table is someone else's.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -16,7 +17,7 @@ use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use tracing::debug;
 
 use super::route::table_byte;
-use super::{Answer, Netlink, RTPROT_WIREMESH, RULE_PRIORITY, nl_err, request};
+use super::{Answer, Netlink, OWN_TABLES, RTPROT_WIREMESH, RULE_PRIORITY, nl_err, request};
 use crate::desired::Rule;
 use crate::reconcile::KernelError;
 
@@ -98,10 +99,26 @@ pub(super) fn rule_message(rule: &Rule) -> Result<RuleMessage, String> {
 }
 
 /// Whether `m` carries wiremesh's protocol.
-fn is_ours(m: &RuleMessage) -> bool {
+fn has_our_protocol(m: &RuleMessage) -> bool {
     m.attributes
         .iter()
         .any(|a| matches!(a, RuleAttribute::Protocol(p) if u8::from(*p) == RTPROT_WIREMESH))
+}
+
+/// The table `m` looks up (the 32-bit attribute when present, else the header's byte).
+fn rule_table(m: &RuleMessage) -> u32 {
+    m.attributes
+        .iter()
+        .find_map(|a| match a {
+            RuleAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(m.header.table))
+}
+
+/// Whether `m` is wiremesh's: its protocol, and a table of [`OWN_TABLES`].
+fn is_ours(m: &RuleMessage) -> bool {
+    has_our_protocol(m) && OWN_TABLES.contains(&rule_table(m))
 }
 
 /// The `desired::Rule` that `m` (one of ours) is, if one describes it exactly.
@@ -150,7 +167,8 @@ fn rule_text(verb: &str, r: &Rule) -> String {
 }
 
 impl Netlink {
-    /// Every IPv4 and IPv6 rule with protocol 104, as the kernel reports it.
+    /// Every IPv4 and IPv6 rule of ours (protocol 104, a table of [`OWN_TABLES`]), as the
+    /// kernel reports it.
     async fn read_own_rule_messages(&self) -> Result<Vec<RuleMessage>, KernelError> {
         let mut out = Vec::new();
         for v in [IpVersion::V4, IpVersion::V6] {
@@ -168,7 +186,7 @@ impl Netlink {
         Ok(out)
     }
 
-    /// Every rule of ours (protocol 104, IPv4 and IPv6), split into those a `desired::Rule`
+    /// Every rule of ours (protocol 104 to a table of [`OWN_TABLES`], IPv4 and IPv6), split into those a `desired::Rule`
     /// describes and the strays.
     pub async fn read_rule_dump(&self) -> Result<RuleDump, KernelError> {
         let mut dump = RuleDump::default();
@@ -292,8 +310,25 @@ mod tests {
         ];
         for r in rules {
             let m = rule_message(&r).unwrap();
-            assert!(is_ours(&m));
+            assert!(has_our_protocol(&m));
             assert_eq!(parse_rule(&m), Some(r));
+        }
+    }
+
+    #[test]
+    fn only_rules_to_wiremesh_tables_are_ours() {
+        let mut r = Rule {
+            src: Some(net("10.42.0.0/24")),
+            dst: None,
+            iif: None,
+            table: 1107,
+        };
+        assert!(is_ours(&rule_message(&r).unwrap()));
+        r.table = 254;
+        assert!(is_ours(&rule_message(&r).unwrap()));
+        for other in [100, 200, 255, 100_000] {
+            r.table = other;
+            assert!(!is_ours(&rule_message(&r).unwrap()), "table {other}");
         }
     }
 
