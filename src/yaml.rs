@@ -157,6 +157,23 @@ mod tests {
     }
 
     #[test]
+    fn a_wide_alias_fan_out_is_refused_as_over_the_alias_budget() {
+        // 750 KB: one anchor of 1,000 strings used 250,000 times (serde_yaml 0.9 ran out of
+        // 6 GB on it).
+        let text = format!(
+            "x: &a [{}]\nitems: [{}]\n",
+            vec!["lol"; 1_000].join(","),
+            vec!["*a"; 250_000].join(",")
+        );
+        let e = from_str::<serde_json::Value>(&text).expect_err("refused");
+        assert!(
+            e.to_string()
+                .starts_with("alias replay limit exceeded: total_replayed_events=100001"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn a_hundred_thousand_nested_flow_sequences_are_refused_as_too_deep() {
         let text = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
         let e = from_str::<serde_json::Value>(&text).expect_err("refused");
