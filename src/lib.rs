@@ -28,3 +28,4 @@ pub mod registry;
 pub mod showconf;
 pub mod status;
 pub mod topology;
+pub mod yaml;

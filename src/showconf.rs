@@ -413,7 +413,7 @@ pub fn render_peer(peer: &WgPeer, format: Format) -> Result<String, ShowconfErro
             })
             .map_err(|e| encode(e.to_string())),
         Format::Yaml => {
-            serde_yaml::to_string(&peer_resource(peer)).map_err(|e| encode(e.to_string()))
+            crate::yaml::to_string(&peer_resource(peer)).map_err(|e| encode(e.to_string()))
         }
     }
 }

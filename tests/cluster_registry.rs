@@ -57,7 +57,7 @@ async fn apply_crd(client: &Client) {
     )
     .unwrap();
     let crd: k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition =
-        serde_yaml::from_str(&text).unwrap();
+        wiremesh::yaml::from_str(&text).unwrap();
     Api::all(client.clone())
         .create(&PostParams::default(), &crd)
         .await

@@ -18,7 +18,6 @@ use kube::api::{
 };
 use kube::core::GroupVersionKind;
 use kube::discovery::Scope;
-use serde::Deserialize as _;
 use serde_json::{Value, json};
 
 use crate::util::apiserver::ApiServer;
@@ -71,8 +70,9 @@ fn manifest(name: &str) -> String {
 /// Every YAML document of `text`, as JSON; empty documents (comments only) are skipped, as
 /// kubectl skips them.
 fn documents(text: &str, what: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(text)
-        .map(|d| Value::deserialize(d).unwrap_or_else(|e| panic!("{what}: not YAML: {e}")))
+    wiremesh::yaml::documents::<Value>(text)
+        .unwrap_or_else(|e| panic!("{what}: not YAML: {e}"))
+        .into_iter()
         .filter(|v| !v.is_null())
         .collect()
 }

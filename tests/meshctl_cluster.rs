@@ -110,8 +110,8 @@ async fn on_cluster(api: &ApiServer, args: &[&str]) -> Run {
 fn objects(path: &Path) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let mut out = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let v: serde_json::Value = serde::Deserialize::deserialize(doc).expect("yaml");
+    let docs: Vec<serde_json::Value> = wiremesh::yaml::documents(&text).expect("yaml");
+    for v in docs {
         match v.get("items").and_then(|i| i.as_array()) {
             Some(items) => out.extend(items.iter().cloned()),
             None if !v.is_null() => out.push(v),
@@ -148,7 +148,7 @@ async fn create_nodes(client: &Client, nodes: &[serde_json::Value]) {
 /// Install the Peer CRD from `manifests/crd-peer.yaml` and wait until Peers can be listed.
 async fn apply_crd(client: &Client) {
     let text = std::fs::read_to_string(example("manifests/crd-peer.yaml")).expect("crd file");
-    let crd: CustomResourceDefinition = serde_yaml::from_str(&text).expect("a CRD");
+    let crd: CustomResourceDefinition = wiremesh::yaml::from_str(&text).expect("a CRD");
     let api = Api::<CustomResourceDefinition>::all(client.clone());
     api.create(&PostParams::default(), &crd)
         .await
@@ -195,7 +195,7 @@ async fn stored_peers(client: &Client) -> Vec<DynamicObject> {
 /// Write `objects` as a YAML list to `path` (a file the `--nodes`/`--peers` path reads).
 fn write_list(path: &Path, objects: &[serde_json::Value]) {
     let list = serde_json::json!({ "apiVersion": "v1", "kind": "List", "items": objects });
-    std::fs::write(path, serde_yaml::to_string(&list).expect("yaml")).expect("write");
+    std::fs::write(path, wiremesh::yaml::to_string(&list).expect("yaml")).expect("write");
 }
 
 /// A kubeconfig for `server` with a token nobody checks.
@@ -761,7 +761,7 @@ fn peer_add_dry_run_needs_no_cluster_and_feeds_showconf() {
     let yaml = run.ok("dry run without any configuration");
     // The same Peer as examples/peers.yaml, so the same configuration.
     let want: serde_json::Value = serde_json::to_value(&objects(&example(PEERS))[0]).expect("json");
-    let got: serde_json::Value = serde_yaml::from_str(&yaml).expect("yaml");
+    let got: serde_json::Value = wiremesh::yaml::from_str(&yaml).expect("yaml");
     assert_eq!(got, want);
     let pf = home.path().join("peer.yaml");
     std::fs::write(&pf, &yaml).expect("write");

@@ -53,7 +53,8 @@ use machine::{Machine, Note, Outcome, Plan};
 pub use cluster::ClusterLink;
 pub use observe::Observer;
 pub use source::{FileRegistry, file_source};
-pub use watch::FileWatcher;
+pub use source::{Settle, file_source_with};
+pub use watch::{ChangeFeed, Changes, FileWatcher};
 
 /// Kernel-side settings shared by the agent and `wiremesh cleanup`.
 #[derive(Debug, Clone, PartialEq, Eq)]

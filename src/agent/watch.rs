@@ -1,13 +1,18 @@
 //! Watches registry files for changes (including editors' and `kubectl`'s replace-by-rename) and
-//! turns them into a tokio channel of "something changed" signals.
+//! tells how each changed: written in place (its content may be half-written until the writer
+//! closes it), or replaced by a rename onto its name (its content is complete). The events are
+//! folded into one [`Changes`] record under a lock and announced on a channel of capacity one, so
+//! a burst of writes costs no memory and loses nothing.
 //!
 //! Depends on `notify` and tokio only.
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
-use notify::{RecursiveMode, Watcher};
+use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
+use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
 use super::AgentError;
@@ -17,25 +22,110 @@ pub struct FileWatcher {
     _inner: notify::RecommendedWatcher,
 }
 
+/// What happened to the watched files since the last look.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Changes {
+    /// Events seen (of every kind below).
+    pub events: u64,
+    /// A file was written, truncated, created, removed or renamed away: what it holds may be
+    /// a writer's unfinished work.
+    pub in_place: bool,
+    /// A file was replaced by a rename onto its name.
+    pub replaced: bool,
+    /// A file was written and its writer has not closed it yet (as far as the events tell):
+    /// the state now, not since the last look.
+    pub writing: bool,
+}
+
+/// The receiving end of a [`FileWatcher`]: waits for changes and takes them.
+pub struct ChangeFeed {
+    signal: mpsc::Receiver<()>,
+    state: Arc<Mutex<Changes>>,
+}
+
+impl ChangeFeed {
+    /// Wait until something changed, then take everything that did; `None` once the watcher
+    /// is gone.
+    pub async fn next(&mut self) -> Option<Changes> {
+        self.signal.recv().await?;
+        Some(self.take())
+    }
+
+    /// Take what changed since the last look (`events == 0`: nothing) without waiting.
+    pub fn take(&mut self) -> Changes {
+        while self.signal.try_recv().is_ok() {}
+        let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let out = *s;
+        *s = Changes {
+            writing: s.writing,
+            ..Changes::default()
+        };
+        out
+    }
+}
+
+/// Fold one event of a watched file into `state` and announce it.
+fn note(state: &Mutex<Changes>, tx: &mpsc::Sender<()>, kind: &EventKind) {
+    {
+        let mut s = state.lock().unwrap_or_else(PoisonError::into_inner);
+        match kind {
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) => s.writing = false,
+            EventKind::Access(_) => return,
+            EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both)) => {
+                s.replaced = true;
+                s.writing = false;
+            }
+            EventKind::Modify(ModifyKind::Metadata(_)) => s.in_place = true,
+            EventKind::Modify(ModifyKind::Name(_)) | EventKind::Remove(_) => {
+                s.in_place = true;
+                s.writing = false;
+            }
+            EventKind::Modify(_) | EventKind::Create(_) | EventKind::Any | EventKind::Other => {
+                s.in_place = true;
+                s.writing = true;
+            }
+        }
+        s.events += 1;
+    }
+    // A full channel already holds a pending signal: the state above is read with it.
+    let _ = tx.try_send(());
+}
+
 impl FileWatcher {
     /// Watch `files`. The parent directories are watched, so a file replaced by a rename (or
     /// created later) is seen too.
-    pub fn new(files: &[PathBuf]) -> Result<(Self, mpsc::Receiver<()>), AgentError> {
-        let (tx, rx) = mpsc::channel(64);
+    pub fn new(files: &[PathBuf]) -> Result<(Self, ChangeFeed), AgentError> {
+        let (tx, signal) = mpsc::channel(1);
+        let state = Arc::new(Mutex::new(Changes::default()));
         let names: BTreeSet<OsString> = files
             .iter()
             .filter_map(|f| f.file_name().map(|n| n.to_owned()))
             .collect();
+        let shared = state.clone();
         let mut inner = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            if let Ok(ev) = res {
-                let ours = ev
-                    .paths
-                    .iter()
-                    .any(|p| p.file_name().is_some_and(|n| names.contains(n)));
-                if ours && !ev.kind.is_access() {
-                    // A full channel already holds a pending signal: dropping this one is fine.
-                    let _ = tx.try_send(());
-                }
+            let Ok(ev) = res else { return };
+            // A rename names the destination last; any other event names the file itself.
+            let ours = match ev.kind {
+                EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => ev.paths.last(),
+                _ => ev.paths.first(),
+            }
+            .is_some_and(|p| p.file_name().is_some_and(|n| names.contains(n)));
+            let moved_away = matches!(
+                ev.kind,
+                EventKind::Modify(ModifyKind::Name(RenameMode::Both))
+            ) && ev
+                .paths
+                .first()
+                .is_some_and(|p| p.file_name().is_some_and(|n| names.contains(n)));
+            if ours {
+                note(&shared, &tx, &ev.kind);
+            }
+            if moved_away && !ours {
+                note(
+                    &shared,
+                    &tx,
+                    &EventKind::Remove(notify::event::RemoveKind::File),
+                );
             }
         })
         .map_err(|e| AgentError::Watch {
@@ -57,6 +147,6 @@ impl FileWatcher {
                     message: e.to_string(),
                 })?;
         }
-        Ok((FileWatcher { _inner: inner }, rx))
+        Ok((FileWatcher { _inner: inner }, ChangeFeed { signal, state }))
     }
 }

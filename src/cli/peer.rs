@@ -182,8 +182,8 @@ pub fn render_table(peers: &[PeerResource]) -> String {
 }
 
 /// The Peer as YAML, as `peer add --dry-run` prints it.
-pub fn render_yaml(peer: &PeerResource) -> Result<String, serde_yaml::Error> {
-    serde_yaml::to_string(peer)
+pub fn render_yaml(peer: &PeerResource) -> Result<String, crate::yaml::YamlError> {
+    crate::yaml::to_string(peer)
 }
 
 #[cfg(test)]

@@ -634,11 +634,11 @@ pub fn run(root: &Path, lab: &LabName, opts: &ChaosOptions) -> Result<ChaosRepor
 
 /// The nodes file `text` without the item of node `name`.
 fn without_node(text: &str, name: &str) -> Result<String, LabError> {
-    let mut doc: serde_yaml::Value = serde_yaml::from_str(text)
+    let mut doc: serde_json::Value = crate::yaml::from_str(text)
         .map_err(|e| LabError::Options(format!("the lab's nodes file is not YAML: {e}")))?;
     let items = doc
         .get_mut("items")
-        .and_then(serde_yaml::Value::as_sequence_mut)
+        .and_then(serde_json::Value::as_array_mut)
         .ok_or_else(|| LabError::Options("the lab's nodes file has no items".into()))?;
     let before = items.len();
     items.retain(|n| n["metadata"]["name"].as_str() != Some(name));
@@ -647,7 +647,7 @@ fn without_node(text: &str, name: &str) -> Result<String, LabError> {
             "{name} is not in the nodes file"
         )));
     }
-    serde_yaml::to_string(&doc)
+    crate::yaml::to_string(&doc)
         .map_err(|e| LabError::Options(format!("cannot write the nodes file: {e}")))
 }
 
@@ -894,9 +894,9 @@ mod tests {
     fn a_renumbered_nodes_file_loses_exactly_that_node() {
         let text = "apiVersion: v1\nkind: List\nitems:\n- metadata:\n    name: node1\n- metadata:\n    name: node2\n- metadata:\n    name: node3\n";
         let out = without_node(text, "node2").unwrap();
-        let doc: serde_yaml::Value = serde_yaml::from_str(&out).unwrap();
+        let doc: serde_json::Value = crate::yaml::from_str(&out).unwrap();
         let names: Vec<&str> = doc["items"]
-            .as_sequence()
+            .as_array()
             .unwrap()
             .iter()
             .filter_map(|n| n["metadata"]["name"].as_str())

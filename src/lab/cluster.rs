@@ -165,15 +165,8 @@ pub fn reachable(api: &ApiServerState) -> Result<(), LabError> {
 
 /// The YAML documents of `text` as JSON values (empty documents skipped).
 fn documents(text: &str) -> Result<Vec<serde_json::Value>, LabError> {
-    use serde::Deserialize as _;
-    let mut out = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(text) {
-        let v = serde_json::Value::deserialize(doc)?;
-        if !v.is_null() {
-            out.push(v);
-        }
-    }
-    Ok(out)
+    let docs: Vec<serde_json::Value> = crate::yaml::documents(text)?;
+    Ok(docs.into_iter().filter(|v| !v.is_null()).collect())
 }
 
 fn decode<T: serde::de::DeserializeOwned>(what: &str, v: serde_json::Value) -> Result<T, LabError> {
@@ -201,7 +194,7 @@ where
 /// Install the Peer CRD (and wait until it is established) and the agents' RBAC.
 pub fn install(api: &ApiServerState) -> Result<(), LabError> {
     let crd: CustomResourceDefinition =
-        decode("manifests/crd-peer.yaml", serde_yaml::from_str(CRD_PEER)?)?;
+        decode("manifests/crd-peer.yaml", crate::yaml::from_str(CRD_PEER)?)?;
     let rbac = documents(RBAC)?;
     with_admin(api, |c| async move {
         let crds = Api::<CustomResourceDefinition>::all(c.clone());
@@ -418,7 +411,7 @@ mod tests {
             super::super::apiserver::AGENT_USER
         );
         let _: CustomResourceDefinition =
-            decode("crd", serde_yaml::from_str(CRD_PEER).unwrap()).unwrap();
+            decode("crd", crate::yaml::from_str(CRD_PEER).unwrap()).unwrap();
     }
 
     #[test]

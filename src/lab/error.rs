@@ -104,9 +104,9 @@ pub enum LabError {
         #[source]
         source: serde_json::Error,
     },
-    /// The nodes file could not be rendered.
-    #[error("rendering the nodes file: {0}")]
-    Yaml(#[from] serde_yaml::Error),
+    /// A YAML document (the nodes file, a manifest) could not be rendered or read.
+    #[error("YAML: {0}")]
+    Yaml(#[from] crate::yaml::YamlError),
     /// A node's agent exited while the lab was coming up.
     #[error("the agent of node {node} exited ({status}); last lines of {}:\n{tail}", log.display())]
     AgentExited {

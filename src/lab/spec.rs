@@ -763,7 +763,7 @@ pub fn render_nodes_file(
             }
         })
         .collect();
-    let body = serde_yaml::to_string(&NodeListDoc {
+    let body = crate::yaml::to_string(&NodeListDoc {
         api_version: "v1",
         kind: "NodeList",
         items,

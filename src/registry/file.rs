@@ -1,8 +1,11 @@
 //! The file registry: Nodes and Peers from JSON or YAML text, as `kubectl get -o json|yaml` prints
 //! them (a `NodeList`, a `List`, a single object, or several YAML documents).
 //!
-//! Decoding is pure (`decode_nodes`, `decode_peers` take text); `load_*` add the file read.
-//! Depends on serde, `k8s-openapi` and the annotation/peer translators.
+//! Decoding is pure (`decode_nodes`, `decode_peers` take text); `load_*` add the file read,
+//! which refuses a file over [`crate::yaml::MAX_INPUT_BYTES`] unread. JSON is decoded by
+//! `serde_json` (nesting limited to 128), YAML by [`crate::yaml`] (budgets for depth, aliases
+//! and size).
+//! Depends on serde, `k8s-openapi`, [`crate::yaml`] and the annotation/peer translators.
 
 use std::path::Path;
 
@@ -30,7 +33,17 @@ pub enum FileError {
         #[source]
         source: std::io::Error,
     },
-    /// The text is neither JSON nor YAML of the expected shape.
+    /// The file is larger than [`crate::yaml::MAX_INPUT_BYTES`]; it was not read.
+    #[error("{path} is {size} bytes, over the limit of {limit} bytes; not read")]
+    TooLarge {
+        /// The file's path.
+        path: String,
+        /// Its size in bytes.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// The text is neither JSON nor YAML of the expected shape, or exceeds a YAML budget.
     #[error("{what}: {problem}")]
     Decode {
         /// Which input.
@@ -38,6 +51,34 @@ pub enum FileError {
         /// What the decoder said.
         problem: String,
     },
+    /// The nodes file is empty (or only white space): a registry without nodes is never
+    /// applied (a file being rewritten in place looks like this).
+    #[error("{path} is empty")]
+    Empty {
+        /// The file's path.
+        path: String,
+    },
+    /// The nodes file holds no valid node: a registry without nodes is never applied.
+    #[error("{path} holds no valid node ({left_out} left out)")]
+    NoNodes {
+        /// The file's path.
+        path: String,
+        /// Nodes left out, each with a diagnostic.
+        left_out: usize,
+    },
+}
+
+impl FileError {
+    /// This error with the input named by `path` (a decode error names what was decoded).
+    pub fn at(self, path: &Path) -> FileError {
+        match self {
+            FileError::Decode { problem, .. } => FileError::Decode {
+                what: path.display().to_string(),
+                problem,
+            },
+            other => other,
+        }
+    }
 }
 
 /// What a registry read yields: the objects that take part, and the problems found: one or more
@@ -133,8 +174,9 @@ fn documents<'a>(text: &'a str, what: &str) -> Result<Vec<Item<'a>>, FileError> 
         });
     }
     let mut items = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(text) {
-        let v = serde_json::Value::deserialize(doc).map_err(|e| decode_err(e.to_string()))?;
+    let docs: Vec<serde_json::Value> =
+        crate::yaml::documents(text).map_err(|e| decode_err(e.to_string()))?;
+    for v in docs {
         match v {
             serde_json::Value::Null => {}
             serde_json::Value::Array(a) => items.extend(a.into_iter().map(Item::Value)),
@@ -333,7 +375,7 @@ pub fn load_nodes_cached(
     topology_label: &str,
     cache: &mut NodeCache,
 ) -> Result<Loaded<MeshNode>, FileError> {
-    decode_nodes_cached(&read(path)?, topology_label, cache).map_err(|e| with_path(e, path))
+    decode_nodes_cached(&read_text(path)?, topology_label, cache).map_err(|e| e.at(path))
 }
 
 /// Decode Peer resources from text and translate each; bad peers become diagnostics.
@@ -348,31 +390,30 @@ pub fn decode_peers(text: &str) -> Result<Loaded<MeshPeer>, FileError> {
     ))
 }
 
-fn read(path: &Path) -> Result<String, FileError> {
-    std::fs::read_to_string(path).map_err(|source| FileError::Read {
-        path: path.display().to_string(),
-        source,
+/// The text of a registry file, refused unread when over [`crate::yaml::MAX_INPUT_BYTES`].
+pub fn read_text(path: &Path) -> Result<String, FileError> {
+    use crate::yaml::{MAX_INPUT_BYTES, ReadError, read_bounded};
+    read_bounded(path, MAX_INPUT_BYTES).map_err(|e| match e {
+        ReadError::Io(source) => FileError::Read {
+            path: path.display().to_string(),
+            source,
+        },
+        ReadError::TooLarge { size, limit } => FileError::TooLarge {
+            path: path.display().to_string(),
+            size,
+            limit,
+        },
     })
 }
 
 /// Read and decode a Nodes file.
 pub fn load_nodes(path: &Path, topology_label: &str) -> Result<Loaded<MeshNode>, FileError> {
-    decode_nodes(&read(path)?, topology_label).map_err(|e| with_path(e, path))
+    decode_nodes(&read_text(path)?, topology_label).map_err(|e| e.at(path))
 }
 
 /// Read and decode a Peers file.
 pub fn load_peers(path: &Path) -> Result<Loaded<MeshPeer>, FileError> {
-    decode_peers(&read(path)?).map_err(|e| with_path(e, path))
-}
-
-fn with_path(e: FileError, path: &Path) -> FileError {
-    match e {
-        FileError::Decode { problem, .. } => FileError::Decode {
-            what: path.display().to_string(),
-            problem,
-        },
-        other => other,
-    }
+    decode_peers(&read_text(path)?).map_err(|e| e.at(path))
 }
 
 #[cfg(test)]
@@ -434,6 +475,72 @@ mod tests {
         );
         assert_eq!(second.items[0].pod_cidrs[0].to_string(), "10.42.9.0/24");
         assert_eq!(cache.by_text.len(), 2, "the old text of node a was dropped");
+    }
+
+    fn file_with(text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("nodes.yaml");
+        std::fs::write(&path, text).expect("write");
+        (dir, path)
+    }
+
+    #[test]
+    fn a_nodes_file_with_an_alias_bomb_is_refused_over_the_alias_budget() {
+        let mut text = String::from(
+            "apiVersion: v1\nkind: List\nx0: &x0 [lol,lol,lol,lol,lol,lol,lol,lol,lol,lol]\n",
+        );
+        for i in 1..10 {
+            let refs = vec![format!("*x{}", i - 1); 10].join(",");
+            text.push_str(&format!("x{i}: &x{i} [{refs}]\n"));
+        }
+        text.push_str("items: [*x9]\n");
+        let (_dir, path) = file_with(&text);
+        let e = load_nodes(&path, DEFAULT_TOPOLOGY_LABEL).expect_err("refused");
+        let FileError::Decode { what, problem } = &e else {
+            panic!("not a decode error: {e}")
+        };
+        assert_eq!(what, &path.display().to_string());
+        assert!(
+            problem.starts_with("budget breached: RecordedAnchorEvents"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_nodes_file_nested_a_hundred_thousand_deep_is_refused_as_too_deep() {
+        let yaml = format!("items: {}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let (_dir, path) = file_with(&yaml);
+        let e = load_nodes(&path, DEFAULT_TOPOLOGY_LABEL).expect_err("refused");
+        assert!(matches!(e, FileError::Decode { .. }), "{e}");
+        assert!(e.to_string().contains("recursion limit exceeded"), "{e}");
+        // JSON items are split without being decoded: the deep one is left out as no Node.
+        let json = format!(
+            "{{\"items\": [{}{}]}}",
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        let (_dir, path) = file_with(&json);
+        let l = load_nodes(&path, DEFAULT_TOPOLOGY_LABEL).expect("read");
+        assert!(l.items.is_empty());
+        assert!(l.diagnostics[0].problem.starts_with("not a valid Node"));
+    }
+
+    #[test]
+    fn a_nodes_file_over_the_size_limit_is_refused_unread() {
+        let (_dir, path) = file_with("");
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("open");
+        // Sparse: no 64 MiB written to disk.
+        f.set_len(crate::yaml::MAX_INPUT_BYTES + 1).expect("grow");
+        let e = load_nodes(&path, DEFAULT_TOPOLOGY_LABEL).expect_err("refused");
+        assert!(
+            matches!(e, FileError::TooLarge { size, limit, .. }
+                if size == limit + 1 && limit == crate::yaml::MAX_INPUT_BYTES),
+            "{e}"
+        );
+        assert!(e.to_string().contains("over the limit"), "{e}");
     }
 
     #[test]

@@ -200,7 +200,7 @@ mod tests {
     use super::*;
 
     fn peer(yaml: &str) -> PeerResource {
-        serde_yaml::from_str(yaml).unwrap()
+        crate::yaml::from_str(yaml).unwrap()
     }
 
     #[test]

@@ -124,9 +124,8 @@ impl ApiServer {
         .expect("read manifests/rbac.yaml");
         let admin = self.admin().await;
         let pp = PostParams::default();
-        for doc in serde_yaml::Deserializer::from_str(&text) {
-            let v: serde_json::Value =
-                serde::Deserialize::deserialize(doc).expect("a YAML document");
+        let docs: Vec<serde_json::Value> = wiremesh::yaml::documents(&text).expect("YAML");
+        for v in docs {
             match v["kind"].as_str() {
                 Some("ServiceAccount") => {
                     let sa: ServiceAccount = serde_json::from_value(v).expect("ServiceAccount");

@@ -203,15 +203,15 @@ impl Lab {
     /// then rename): an agent never reads a half-written file.
     pub fn remove_node(&self, name: &str) {
         let path = self.dir().join("nodes.yaml");
-        let mut doc: serde_yaml::Value =
-            serde_yaml::from_str(&std::fs::read_to_string(&path).expect("nodes.yaml"))
+        let mut doc: serde_json::Value =
+            wiremesh::yaml::from_str(&std::fs::read_to_string(&path).expect("nodes.yaml"))
                 .expect("YAML");
-        let items = doc["items"].as_sequence_mut().expect("items");
+        let items = doc["items"].as_array_mut().expect("items");
         let before = items.len();
         items.retain(|n| n["metadata"]["name"].as_str() != Some(name));
         assert_eq!(items.len(), before - 1, "{name} not in {}", path.display());
         let tmp = self.dir().join(".nodes.yaml.tmp");
-        std::fs::write(&tmp, serde_yaml::to_string(&doc).expect("YAML")).expect("write");
+        std::fs::write(&tmp, wiremesh::yaml::to_string(&doc).expect("YAML")).expect("write");
         std::fs::rename(&tmp, &path).expect("rename");
     }
 
