@@ -368,7 +368,9 @@ impl Observer {
 }
 
 /// Whether `v` is ready, else what it waits for. A held listen port comes first: it keeps the
-/// node out of the mesh whatever else is done. Then the first list; then what the loop knows
+/// node out of the mesh whatever else is done. Then the first list; then the registry being
+/// reachable and usable (an outage keeps the kernel as it was, which may be stale); then what the
+/// loop knows
 /// (this node out of the registry, a kernel known not to match after a first success); then the
 /// first successful reconciliation.
 pub fn readiness(v: &View) -> Result<(), String> {
@@ -377,6 +379,12 @@ pub fn readiness(v: &View) -> Result<(), String> {
     }
     if !v.listed {
         return Err("waiting for the registry's first complete list".to_owned());
+    }
+    if !v.connected {
+        return Err(
+            "the registry is unreachable or unusable: keeping the mesh as it was until it is back"
+                .to_owned(),
+        );
     }
     if let Some(why) = &v.loop_not_ready {
         return Err(why.clone());
@@ -454,6 +462,7 @@ mod tests {
         let mut v = View::default();
         assert!(readiness(&v).unwrap_err().contains("first complete list"));
         v.listed = true;
+        v.connected = true;
         v.last_error = Some("route: refused".into());
         let e = readiness(&v).unwrap_err();
         assert!(e.contains("first successful reconciliation"), "{e}");
@@ -464,9 +473,24 @@ mod tests {
     }
 
     #[test]
+    fn an_unreachable_or_unusable_registry_makes_a_reconciled_agent_unready_until_it_is_back() {
+        let mut v = View {
+            listed: true,
+            connected: false,
+            reconciled: true,
+            ..View::default()
+        };
+        let e = readiness(&v).unwrap_err();
+        assert!(e.contains("registry is unreachable or unusable"), "{e}");
+        v.connected = true;
+        assert_eq!(readiness(&v), Ok(()));
+    }
+
+    #[test]
     fn what_the_loop_knows_makes_even_a_reconciled_agent_unready() {
         let mut v = View {
             listed: true,
+            connected: true,
             reconciled: true,
             ..View::default()
         };
