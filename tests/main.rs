@@ -17,6 +17,7 @@ mod meshctl_cluster;
 mod meshctl_flags;
 mod netlink_netns;
 mod nft_cni_netns;
+mod node_credentials;
 mod observability;
 mod plan_golden;
 mod scale_kube;

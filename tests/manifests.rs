@@ -49,6 +49,25 @@ impl Flavour {
     fn daemonset_part(&self) -> String {
         format!("parts/daemonset-{}.yaml", self.name)
     }
+    fn node_credentials_patch(&self) -> String {
+        format!("node-credentials/daemonset-{}.yaml", self.name)
+    }
+    /// The kubelet's kubeconfig and the files it names (kubeadm: its certificate and key in one
+    /// file, the CA inline; k3s: certificate, key and CA in three files).
+    fn kubelet_files(&self) -> &'static [&'static str] {
+        match self.name {
+            "k3s" => &[
+                "/var/lib/rancher/k3s/agent/kubelet.kubeconfig",
+                "/var/lib/rancher/k3s/agent/client-kubelet.crt",
+                "/var/lib/rancher/k3s/agent/client-kubelet.key",
+                "/var/lib/rancher/k3s/agent/server-ca.crt",
+            ],
+            _ => &[
+                "/etc/kubernetes/kubelet.conf",
+                "/var/lib/kubelet/pki/kubelet-client-current.pem",
+            ],
+        }
+    }
 }
 
 fn repo() -> &'static Path {
@@ -90,9 +109,11 @@ fn all_manifest_files() -> Vec<PathBuf> {
         manifest_path("rbac.yaml"),
         repo().join("examples/peers.yaml"),
     ];
+    files.push(manifest_path("node-credentials/rbac.yaml"));
     for f in FLAVOURS {
         files.push(manifest_path(&f.bundle()));
         files.push(manifest_path(&f.daemonset_part()));
+        files.push(manifest_path(&f.node_credentials_patch()));
     }
     files
 }
@@ -477,6 +498,47 @@ fn cluster_role_has_no_wildcards_and_no_write_beyond_node_patch_and_events() {
     }
 }
 
+#[test]
+fn node_credentials_role_only_reads_nodes_and_peers_for_the_group_system_nodes() {
+    let docs = documents(
+        &manifest("node-credentials/rbac.yaml"),
+        "node-credentials/rbac.yaml",
+    );
+    let role = docs
+        .iter()
+        .find(|d| d["kind"] == "ClusterRole")
+        .expect("ClusterRole");
+    let rules: Vec<(Value, Value, Value)> = role["rules"]
+        .as_array()
+        .expect("rules")
+        .iter()
+        .map(|r| {
+            (
+                r["apiGroups"].clone(),
+                r["resources"].clone(),
+                r["verbs"].clone(),
+            )
+        })
+        .collect();
+    let read = json!(["get", "list", "watch"]);
+    assert_eq!(
+        rules,
+        [
+            (json!([""]), json!(["nodes"]), read.clone()),
+            (json!(["kilo.squat.ai"]), json!(["peers"]), read),
+        ]
+    );
+    let binding = docs
+        .iter()
+        .find(|d| d["kind"] == "ClusterRoleBinding")
+        .expect("ClusterRoleBinding");
+    assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
+    assert_eq!(
+        binding["subjects"],
+        json!([{ "apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "system:nodes" }])
+    );
+}
+
 // ---- Against a real kube-apiserver ----
 
 /// Every field of `sent` is in `got` with the same value (objects by key, arrays by index):
@@ -850,4 +912,93 @@ async fn agent_may_read_nodes_and_peers_patch_nodes_and_record_events_and_nothin
             .expect("get")
             .is_none()
     );
+}
+
+#[tokio::test]
+#[cfg_attr(
+    not(feature = "apiserver-tests"),
+    ignore = "needs a kube-apiserver: --features apiserver-tests"
+)]
+async fn node_credentials_patch_points_the_agent_at_the_kubelets_kubeconfig_and_mounts_only_its_files()
+ {
+    let server = ApiServer::start();
+    let admin = server.admin().await;
+    let api: Api<DaemonSet> = Api::namespaced(admin, "kube-system");
+    for f in FLAVOURS {
+        let before = daemonset(f);
+        api.create(&PostParams::default(), &before)
+            .await
+            .unwrap_or_else(|e| panic!("{}: create the DaemonSet: {e}", f.name));
+        // `kubectl patch --patch-file` sends the file as a strategic merge patch.
+        let patch = documents(
+            &manifest(&f.node_credentials_patch()),
+            &f.node_credentials_patch(),
+        );
+        let [patch] = patch.as_slice() else {
+            panic!("{}: one document", f.node_credentials_patch())
+        };
+        let after = api
+            .patch(
+                "wiremesh",
+                &PatchParams::default(),
+                &Patch::Strategic(patch),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{}: refused: {e}", f.node_credentials_patch()));
+        let pod = |ds: &DaemonSet| ds.spec.clone().and_then(|s| s.template.spec).expect("pod");
+        let (old, new) = (pod(&before), pod(&after));
+        assert_eq!(
+            new.automount_service_account_token,
+            Some(false),
+            "{}",
+            f.name
+        );
+        assert_eq!(new.dns_policy.as_deref(), Some("Default"), "{}", f.name);
+        let c = &new.containers[0];
+        let env: Vec<(String, Option<String>)> = c
+            .env
+            .iter()
+            .flatten()
+            .map(|e| (e.name.clone(), e.value.clone()))
+            .collect();
+        let kubeconfig = f.kubelet_files()[0];
+        assert!(
+            env.contains(&("WIREMESH_KUBECONFIG".into(), Some(kubeconfig.into()))),
+            "{}: {env:?}",
+            f.name
+        );
+        // Everything else kept: one more variable, the old mounts plus the kubelet's files,
+        // each read-only at its own path.
+        assert_eq!(
+            env.len(),
+            old.containers[0].env.as_ref().map_or(0, Vec::len) + 1
+        );
+        let (old_mounts, new_mounts) = (host_mounts(&before), host_mounts(&after));
+        let added: Vec<_> = new_mounts
+            .iter()
+            .filter(|m| !old_mounts.contains(m))
+            .cloned()
+            .collect();
+        assert_eq!(
+            new_mounts.len(),
+            old_mounts.len() + added.len(),
+            "{}",
+            f.name
+        );
+        let want: Vec<_> = f
+            .kubelet_files()
+            .iter()
+            .map(|p| (p.to_string(), "File".to_string(), p.to_string(), true))
+            .collect();
+        assert_eq!(added, want, "{}", f.name);
+        api.delete("wiremesh", &DeleteParams::default())
+            .await
+            .expect("delete the DaemonSet");
+        for _ in 0..100 {
+            if api.get_opt("wiremesh").await.expect("get").is_none() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }

@@ -5,6 +5,9 @@
 # BIND (default 127.0.0.1) is the address the API server listens on (also in its certificate);
 # SKIP_ETCD=1 starts only the API server again, on the etcd already running for DIR (its data,
 # resourceVersions and PKI kept): an outage and its end.
+# Authorization and admission as kubeadm and k3s set them: the Node authorizer before RBAC and the
+# NodeRestriction admission plugin, so a client certificate for `system:node:NAME` (group
+# `system:nodes`, signed by $DIR/pki/ca.crt) is a kubelet's identity with a kubelet's limits.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 bin=$("$here/setup.sh")
@@ -45,11 +48,12 @@ fi
 "$bin" --etcd-servers="http://127.0.0.1:$etcd_port" \
   --bind-address="$bind" --advertise-address="$bind" --secure-port="$api" \
   --tls-cert-file="$pki/apiserver.crt" --tls-private-key-file="$pki/apiserver.key" \
-  --client-ca-file="$pki/ca.crt" --token-auth-file="$pki/tokens.csv" --authorization-mode=RBAC \
+  --client-ca-file="$pki/ca.crt" --token-auth-file="$pki/tokens.csv" --authorization-mode=Node,RBAC \
   --service-account-issuer=https://kubernetes.default.svc.cluster.local \
   --service-account-key-file="$pki/sa.pub" --service-account-signing-key-file="$pki/sa.key" \
   --service-cluster-ip-range=10.0.0.0/24 --cert-dir="$dir/certs" \
   --enable-priority-and-fairness=false --endpoint-reconciler-type=none \
+  --enable-admission-plugins=NodeRestriction \
   --disable-admission-plugins=TaintNodesByCondition,ServiceAccount \
   --logtostderr=true --v=1 >> "$dir/apiserver.log" 2>&1 &
 api_pid=$!

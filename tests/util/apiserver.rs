@@ -112,16 +112,72 @@ impl ApiServer {
         client(&self.agent_kubeconfig).await
     }
 
+    /// A kubeconfig with a kubelet's identity for `node`: a client certificate for
+    /// `CN=system:node:NODE, O=system:nodes` signed by the server's client CA, referenced by path
+    /// as kubeadm's `kubelet.conf` and k3s's `kubelet.kubeconfig` do. The Node authorizer and
+    /// NodeRestriction (both on, `tests/apiserver/up.sh`) give it a kubelet's rights and limits.
+    pub fn node_kubeconfig(&self, node: &str) -> PathBuf {
+        let pki = self.dir.path().join("pki");
+        let dir = self.dir.path().join("nodes").join(node);
+        std::fs::create_dir_all(&dir).expect("node credential dir");
+        let (key, crt) = (dir.join("client.key"), dir.join("client.crt"));
+        // X.509 v3 with the client usage, as a kubelet's certificate (rustls refuses v1).
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(
+                "set -e; printf 'extendedKeyUsage=clientAuth\\nkeyUsage=critical,digitalSignature\\n' \
+                 > \"$DIR/client.ext\"; \
+                 openssl req -newkey rsa:2048 -nodes -subj \"/O=system:nodes/CN=system:node:$NODE\" \
+                 -keyout \"$KEY\" -out \"$DIR/client.csr\"; \
+                 openssl x509 -req -in \"$DIR/client.csr\" -CA \"$PKI/ca.crt\" -CAkey \"$PKI/ca.key\" \
+                 -CAcreateserial -days 1 -extfile \"$DIR/client.ext\" -out \"$CRT\"",
+            )
+            .env("DIR", &dir)
+            .env("PKI", &pki)
+            .env("NODE", node)
+            .env("KEY", &key)
+            .env("CRT", &crt)
+            .output()
+            .expect("run openssl");
+        assert!(
+            out.status.success(),
+            "node certificate: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let path = dir.join("kubeconfig");
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: wm-kas\n  cluster:\n    \
+             server: {url}\n    certificate-authority: {ca}\nusers:\n- name: node\n  user:\n    \
+             client-certificate: {crt}\n    client-key: {key}\ncontexts:\n- name: node\n  \
+             context: {{cluster: wm-kas, user: node}}\ncurrent-context: node\n",
+            url = self.url(),
+            ca = pki.join("ca.crt").display(),
+            crt = crt.display(),
+            key = key.display(),
+        );
+        std::fs::write(&path, text).expect("write node kubeconfig");
+        path
+    }
+
     /// Create what `manifests/rbac.yaml` declares (ServiceAccount, ClusterRole, binding), so
     /// [`Self::agent`] has exactly the rights the DaemonSet's agent has.
     pub async fn install_rbac(&self) {
+        self.install_rbac_file("manifests/rbac.yaml").await;
+    }
+
+    /// Create what `manifests/node-credentials/rbac.yaml` declares: the rights an agent running
+    /// with its node's credentials needs beyond what the Node authorizer gives a kubelet.
+    pub async fn install_node_rbac(&self) {
+        self.install_rbac_file("manifests/node-credentials/rbac.yaml")
+            .await;
+    }
+
+    async fn install_rbac_file(&self, file: &str) {
         use k8s_openapi::api::core::v1::ServiceAccount;
         use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
         use kube::api::{Api, PostParams};
-        let text = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/rbac.yaml"),
-        )
-        .expect("read manifests/rbac.yaml");
+        let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(file))
+            .unwrap_or_else(|e| panic!("read {file}: {e}"));
         let admin = self.admin().await;
         let pp = PostParams::default();
         let docs: Vec<serde_json::Value> = wiremesh::yaml::documents(&text).expect("YAML");
@@ -151,7 +207,7 @@ impl ApiServer {
                         .expect("create ClusterRoleBinding");
                 }
                 None => {}
-                Some(k) => panic!("unexpected kind {k} in manifests/rbac.yaml"),
+                Some(k) => panic!("unexpected kind {k} in {file}"),
             }
         }
     }
