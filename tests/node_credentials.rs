@@ -59,7 +59,7 @@ async fn cluster(api: &ApiServer) -> Client {
     )
     .unwrap();
     let crd: k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition =
-        serde_yaml::from_str(&text).unwrap();
+        wiremesh::yaml::from_str(&text).unwrap();
     Api::all(admin.clone())
         .create(&PostParams::default(), &crd)
         .await
