@@ -5,6 +5,7 @@ mod util;
 mod agent_foreign;
 mod agent_kilo;
 mod boundary;
+mod claims_props;
 mod cluster_registry;
 mod engine_props;
 mod fuzz_parsers;

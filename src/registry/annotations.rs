@@ -113,6 +113,8 @@ pub struct NodeParts<'a> {
     pub pod_cidrs: &'a [String],
     /// The first `InternalIP` of `status.addresses`.
     pub status_internal_ip: Option<&'a str>,
+    /// `metadata.creationTimestamp` as Unix seconds.
+    pub created: Option<i64>,
 }
 
 /// Translate a Kubernetes Node into a [`MeshNode`].
@@ -138,6 +140,11 @@ pub fn parse_node(node: &Node, topology_label: &str) -> Result<Parsed<MeshNode>,
             .and_then(|s| s.addresses.as_ref())
             .and_then(|a| a.iter().find(|a| a.type_ == "InternalIP"))
             .map(|a| a.address.as_str()),
+        created: node
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.as_second()),
     };
     parse_parts(parts, topology_label)
 }
@@ -182,6 +189,7 @@ pub fn parse_parts(
         diags: Vec::new(),
     };
     let mut out = MeshNode::new(name);
+    out.created = node.created;
 
     // Location: the annotation, even empty, beats the topology label.
     out.location = match lookup(ann, keys::LOCATION) {
@@ -193,8 +201,11 @@ pub fn parse_parts(
             .unwrap_or_default(),
     };
 
-    // Key: Kilo reads a malformed key as the zero key, which makes the node not ready.
-    if let Some((k, v)) = lookup(ann, keys::KEY).filter(|(_, v)| !v.is_empty()) {
+    // Key: Kilo reads a malformed key as the zero key, which makes the node not ready. Every
+    // agent (Kilo's and ours) publishes its key under Kilo's prefix, so where the two disagree
+    // Kilo's wins: a `wiremesh.io/key` written onto another node's object cannot replace the
+    // key that node's agent publishes.
+    if let Some((k, v)) = key_annotation(ann, &mut found) {
         match v.parse::<WgKey>() {
             Ok(key) => out.key = Some(key),
             Err(e) => found.fatal(&k, format!("{v:?} is not a WireGuard public key: {e}")),
@@ -266,6 +277,38 @@ pub fn parse_parts(
             value: out,
             warnings: found.diags,
         })
+    }
+}
+
+/// The key annotation to read: `kilo.squat.ai/key` when both prefixes carry a (non-empty) key
+/// and they differ, with a warning on `wiremesh.io/key`; otherwise as [`lookup`].
+fn key_annotation<'a>(
+    ann: &'a BTreeMap<String, String>,
+    found: &mut Found<'_>,
+) -> Option<(String, &'a str)> {
+    let ours_key = format!("{WIREMESH_PREFIX}{}", keys::KEY);
+    let kilo_key = format!("{KILO_PREFIX}{}", keys::KEY);
+    let ours = ann
+        .get(&ours_key)
+        .map(String::as_str)
+        .filter(|v| !v.is_empty());
+    let kilo = ann
+        .get(&kilo_key)
+        .map(String::as_str)
+        .filter(|v| !v.is_empty());
+    match (ours, kilo) {
+        (Some(o), Some(k)) if o.trim() != k.trim() => {
+            found.fallback(
+                &ours_key,
+                format!(
+                    "{o:?} differs from {kilo_key}={k:?}, the key the node's agent publishes; {kilo_key} is used"
+                ),
+            );
+            Some((kilo_key, k))
+        }
+        (Some(o), _) => Some((ours_key, o)),
+        (None, Some(k)) => Some((kilo_key, k)),
+        (None, None) => None,
     }
 }
 

@@ -211,6 +211,17 @@ struct MetaLite {
     annotations: Option<BTreeMap<String, String>>,
     #[serde(default)]
     labels: Option<BTreeMap<String, String>>,
+    /// RFC 3339; an unreadable one counts as unknown.
+    #[serde(default, rename = "creationTimestamp")]
+    creation_timestamp: Option<Lenient>,
+}
+
+/// A string, or anything else (ignored) rather than a failed decoding.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Lenient {
+    Text(String),
+    Other(serde::de::IgnoredAny),
 }
 
 #[derive(Deserialize, Default)]
@@ -251,6 +262,15 @@ impl NodeLite {
                 .and_then(|s| s.addresses.as_ref())
                 .and_then(|a| a.iter().find(|a| a.type_ == "InternalIP"))
                 .map(|a| a.address.as_str()),
+            created: self
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .and_then(|t| match t {
+                    Lenient::Text(t) => t.parse::<k8s_openapi::jiff::Timestamp>().ok(),
+                    Lenient::Other(_) => None,
+                })
+                .map(|t| t.as_second()),
         }
     }
 }

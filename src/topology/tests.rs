@@ -426,13 +426,31 @@ fn a_node_the_registry_left_out_is_left_out_with_all_its_diagnostics_not_unknown
 }
 
 #[test]
-fn duplicate_key_keeps_first_node_and_reports_the_second() {
+fn a_duplicate_key_goes_to_the_node_created_first_whatever_the_names() {
+    let mut nodes = kilo_cluster();
+    // c copies b's key; b sorts first by name but c's Node object is older.
+    nodes[2].key = nodes[1].key;
+    nodes[1].created = Some(2_000);
+    nodes[2].created = Some(1_000);
+    let plan = compute(&nodes, &[], &name("a"), &opts(Granularity::Full)).unwrap();
+    assert_eq!(plan.desired.peers.len(), 2);
+    let d = plan.diagnostics.iter().find(|d| d.name == "b").unwrap();
+    assert!(d.skipped && d.key.as_deref() == Some("key"), "{d}");
+    assert!(d.problem.contains("also published by node c"), "{d}");
+    assert_eq!(d.other.as_deref(), Some("c"));
+    assert!(plan.diagnostics.iter().all(|d| d.name != "c"));
+}
+
+#[test]
+fn a_duplicate_key_without_an_older_node_goes_to_neither() {
     let mut nodes = kilo_cluster();
     nodes[2].key = nodes[1].key;
     let plan = compute(&nodes, &[], &name("a"), &opts(Granularity::Full)).unwrap();
-    assert_eq!(plan.desired.peers.len(), 2);
-    let d = plan.diagnostics.iter().find(|d| d.name == "c").unwrap();
-    assert!(d.problem.contains("already used by node b"), "{d}");
+    assert_eq!(plan.desired.peers.len(), 1, "only d is left besides a");
+    for n in ["b", "c"] {
+        let d = plan.diagnostics.iter().find(|d| d.name == n).unwrap();
+        assert!(d.skipped && d.problem.contains("neither takes part"), "{d}");
+    }
 }
 
 #[test]
@@ -595,11 +613,14 @@ fn net_key_orders_like_ipnetwork() {
 }
 
 #[test]
-fn a_node_whose_pod_cidr_overlaps_an_earlier_nodes_is_left_out_and_named() {
+fn a_node_whose_pod_cidr_overlaps_an_older_nodes_is_left_out_and_named() {
     let mut nodes = kilo_cluster();
     // c's /23 covers b's /24 (and more); d keeps its own.
     let b = nodes[1].pod_cidrs[0];
     nodes[2].pod_cidrs = vec![IpNetwork::new(b.network(), 23).unwrap()];
+    // Each overlaps one claim: the older Node keeps its pod CIDR.
+    nodes[1].created = Some(1_000);
+    nodes[2].created = Some(2_000);
     let o = opts(Granularity::Full);
     let plan = compute(&nodes, &[], &name("a"), &o).unwrap();
     let peer_names: Vec<&str> = plan.desired.peers.iter().map(|p| p.name.as_str()).collect();
