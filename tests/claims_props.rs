@@ -32,12 +32,15 @@ fn host(ip: std::net::IpAddr) -> IpNetwork {
     IpNetwork::from(ip)
 }
 
+/// A node's accepted claims: pod CIDRs, internal IP, allowed-location-ips.
+type Claims = (Vec<IpNetwork>, Option<IpNetwork>, Vec<IpNetwork>);
+
 /// The accepted nodes as (name, claims), names mapped through `rename`.
 fn accepted(
     nodes: &[MeshNode],
     o: &MeshOptions,
     rename: &dyn Fn(&str) -> String,
-) -> BTreeMap<String, (Vec<IpNetwork>, Option<IpNetwork>, Vec<IpNetwork>)> {
+) -> BTreeMap<String, Claims> {
     check(nodes, o)
         .iter()
         .map(|n| {

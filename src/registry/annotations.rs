@@ -517,6 +517,45 @@ mod tests {
     }
 
     #[test]
+    fn a_wiremesh_key_that_differs_from_the_published_kilo_key_does_not_win() {
+        let forged = "GKPmdSLdoYrLqjd+qPxYoBN2+YTZaH4zYgJ3Cjgx+VA=";
+        assert_ne!(forged, KEY);
+        let p = parse_node(
+            &node(
+                "victim",
+                &[("wiremesh.io/key", forged), ("kilo.squat.ai/key", KEY)],
+            ),
+            DEFAULT_TOPOLOGY_LABEL,
+        )
+        .unwrap();
+        assert_eq!(p.value.key, Some(KEY.parse().unwrap()));
+        assert_eq!(p.warnings.len(), 1, "{:?}", p.warnings);
+        let w = &p.warnings[0];
+        assert_eq!(w.key.as_deref(), Some("wiremesh.io/key"));
+        assert!(
+            !w.skipped && w.problem.contains("kilo.squat.ai/key is used"),
+            "{w}"
+        );
+        // The same key under both prefixes is no disagreement.
+        let p = parse_node(
+            &node("n", &[("wiremesh.io/key", KEY), ("kilo.squat.ai/key", KEY)]),
+            DEFAULT_TOPOLOGY_LABEL,
+        )
+        .unwrap();
+        assert!(p.warnings.is_empty());
+    }
+
+    #[test]
+    fn the_creation_timestamp_is_read_as_unix_seconds() {
+        let mut n = node("a", &[]);
+        n.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            "2024-01-01T00:00:00Z".parse().unwrap(),
+        ));
+        let m = parse_node(&n, DEFAULT_TOPOLOGY_LABEL).unwrap().value;
+        assert_eq!(m.created, Some(1_704_067_200));
+    }
+
+    #[test]
     fn kilo_annotations_are_read() {
         let n = parse_node(
             &node(

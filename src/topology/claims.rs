@@ -91,10 +91,7 @@ fn reserved_hit<'r>(net: &IpNetwork, reserved: &'r [(IpNetwork, String)]) -> Opt
     reserved
         .iter()
         .find(|(r, _)| overlaps(net, r))
-        .map(|(r, what)| {
-            let _ = r;
-            what.as_str()
-        })
+        .map(|(_, what)| what.as_str())
 }
 
 /// Families in use: `[IPv4, IPv6]`. The mesh subnet's family and every family of a pod CIDR.
@@ -247,53 +244,6 @@ pub fn check<'a>(nodes: impl IntoIterator<Item = &'a MeshNode>, opts: &MeshOptio
     let mut out: Vec<Cow<'a, MeshNode>> = ready.into_iter().map(Cow::Borrowed).collect();
     let mut gone = vec![false; out.len()];
 
-    // Keys: the Node created first keeps a key several publish; without a first, nobody does.
-    let mut by_key: FxHashMap<WgKey, Vec<usize>> = FxHashMap::default();
-    by_key.reserve(out.len());
-    for (i, n) in out.iter().enumerate() {
-        if let Some(k) = n.key {
-            by_key.entry(k).or_default().push(i);
-        }
-    }
-    let mut dup_keys: Vec<(&WgKey, &Vec<usize>)> =
-        by_key.iter().filter(|(_, v)| v.len() > 1).collect();
-    dup_keys.sort();
-    for (key, holders) in dup_keys {
-        let first = holders
-            .iter()
-            .map(|&i| out[i].created.unwrap_or(i64::MAX))
-            .min()
-            .unwrap_or(i64::MAX);
-        let firsts: Vec<usize> = holders
-            .iter()
-            .copied()
-            .filter(|&i| out[i].created.unwrap_or(i64::MAX) == first)
-            .collect();
-        let winner = (firsts.len() == 1 && first != i64::MAX).then(|| firsts[0]);
-        for &i in holders {
-            if Some(i) == winner {
-                continue;
-            }
-            gone[i] = true;
-            let (other, why) = match winner {
-                Some(w) => (w, "whose Node object was created first; it keeps the key"),
-                None => (
-                    *holders.iter().find(|&&j| j != i).unwrap_or(&i),
-                    "and neither Node object is known to be older; neither takes part",
-                ),
-            };
-            let other = out[other].name.to_string();
-            diagnostics.push(
-                Diagnostic::node(
-                    out[i].name.as_str(),
-                    Some("key"),
-                    format!("public key {key} is also published by node {other}, {why}"),
-                )
-                .with_other(&other),
-            );
-        }
-    }
-
     let fams = families(
         opts,
         out.iter()
@@ -381,6 +331,57 @@ pub fn check<'a>(nodes: impl IntoIterator<Item = &'a MeshNode>, opts: &MeshOptio
             diagnostics.push(d);
         }
     }
+    // Keys, among the nodes not left out already: the Node created first keeps a key several
+    // publish; without a first, nobody does.
+    let mut by_key: FxHashMap<WgKey, Vec<usize>> = FxHashMap::default();
+    by_key.reserve(out.len());
+    for (i, n) in out.iter().enumerate() {
+        if gone[i] {
+            continue;
+        }
+        if let Some(k) = n.key {
+            by_key.entry(k).or_default().push(i);
+        }
+    }
+    let mut dup_keys: Vec<(&WgKey, &Vec<usize>)> =
+        by_key.iter().filter(|(_, v)| v.len() > 1).collect();
+    dup_keys.sort();
+    for (key, holders) in dup_keys {
+        let first = holders
+            .iter()
+            .map(|&i| out[i].created.unwrap_or(i64::MAX))
+            .min()
+            .unwrap_or(i64::MAX);
+        let firsts: Vec<usize> = holders
+            .iter()
+            .copied()
+            .filter(|&i| out[i].created.unwrap_or(i64::MAX) == first)
+            .collect();
+        let winner = (firsts.len() == 1 && first != i64::MAX).then(|| firsts[0]);
+        for &i in holders {
+            if Some(i) == winner {
+                continue;
+            }
+            gone[i] = true;
+            let (other, why) = match winner {
+                Some(w) => (w, "whose Node object was created first; it keeps the key"),
+                None => (
+                    *holders.iter().find(|&&j| j != i).unwrap_or(&i),
+                    "and neither Node object is known to be older; neither takes part",
+                ),
+            };
+            let other = out[other].name.to_string();
+            diagnostics.push(
+                Diagnostic::node(
+                    out[i].name.as_str(),
+                    Some("key"),
+                    format!("public key {key} is also published by node {other}, {why}"),
+                )
+                .with_other(&other),
+            );
+        }
+    }
+
     // Several nodes may share an endpoint address (behind one NAT).
     let mut endpoints: FxHashMap<IpAddr, Vec<usize>> = FxHashMap::default();
     for (i, n) in out.iter().enumerate() {
@@ -420,12 +421,9 @@ pub fn check<'a>(nodes: impl IntoIterator<Item = &'a MeshNode>, opts: &MeshOptio
                         )
                     })
             });
-        match why {
-            Some((why, other)) => {
-                n.to_mut().internal_ip = None;
-                diagnostics.push(claim_diag(n, "internal-ip", ip, why, other.as_deref()));
-            }
-            None => {}
+        if let Some((why, other)) = why {
+            n.to_mut().internal_ip = None;
+            diagnostics.push(claim_diag(n, "internal-ip", ip, why, other.as_deref()));
         }
     }
     // Allowed-location-ips: reserved, family, allow list, what other segments own, then
@@ -458,9 +456,9 @@ pub fn check<'a>(nodes: impl IntoIterator<Item = &'a MeshNode>, opts: &MeshOptio
         let owner = *seg_owner.entry(&seg_of[i]).or_insert(i);
         let mut refused = Vec::new();
         for a in &out[i].allowed_location_ips {
-            let why = local_refusal(a, &reserved, fams)
+            let why = outside_allow_list(a, opts)
+                .or_else(|| local_refusal(a, &reserved, fams))
                 .map(|w| (w, None))
-                .or_else(|| outside_allow_list(a, opts).map(|w| (w, None)))
                 .or_else(|| {
                     other_segment_pod_cidr(&pods, a, &index_of, &seg_of, i).map(|(c, o)| {
                         (
@@ -672,9 +670,8 @@ impl Hosts {
     fn other_in(&self, net: &IpNetwork, me: &NodeName, endpoints: bool, internal: bool) -> bool {
         let (first, last) = match net {
             IpNetwork::V4(n) => (IpAddr::V4(n.network()), IpAddr::V4(n.broadcast())),
-            IpNetwork::V6(n) => {
+            IpNetwork::V6(_) => {
                 let (_, f, l) = span(net);
-                let _ = n;
                 (
                     IpAddr::V6(std::net::Ipv6Addr::from(f)),
                     IpAddr::V6(std::net::Ipv6Addr::from(l)),
