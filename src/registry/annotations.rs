@@ -15,7 +15,8 @@ use crate::diagnostic::Diagnostic;
 use crate::model::{Endpoint, Granularity, MeshNode, NodeName, WgKey, network_of};
 use crate::registry::Parsed;
 
-/// Our own annotation prefix; it wins over Kilo's when both are set.
+/// Our own annotation prefix; it wins over Kilo's when both are set, except for the key (see
+/// [`parse_parts`]).
 pub const WIREMESH_PREFIX: &str = "wiremesh.io/";
 /// Kilo's annotation prefix, read so that a Kilo cluster works unchanged.
 pub const KILO_PREFIX: &str = "kilo.squat.ai/";
