@@ -213,18 +213,29 @@ fn resolve(claims: &[Claim]) -> Vec<Option<Lost>> {
                 None => survivors.push(i),
             }
         }
-        // Survivors of equal standing that overlap each other all lose.
-        for (x, &i) in survivors.iter().enumerate() {
-            for &j in &survivors[x + 1..] {
-                if claims[i].owner != claims[j].owner && overlaps(&claims[i].net, &claims[j].net) {
+        // Survivors of equal standing that overlap each other all lose (a sweep as above).
+        survivors.sort_by_key(|&i| {
+            let (v6, first, last) = span(&claims[i].net);
+            (v6, first, std::cmp::Reverse(last))
+        });
+        let mut enclosing: Vec<usize> = Vec::new();
+        for &i in &survivors {
+            let (v6, first, _) = span(&claims[i].net);
+            enclosing.retain(|&a| {
+                let (av6, _, alast) = span(&claims[a].net);
+                av6 == v6 && alast >= first
+            });
+            for &a in &enclosing {
+                if claims[a].owner != claims[i].owner {
                     if out[i].is_none() {
-                        out[i] = Some(Lost::Tie(claims[j].owner, claims[j].net));
+                        out[i] = Some(Lost::Tie(claims[a].owner, claims[a].net));
                     }
-                    if out[j].is_none() {
-                        out[j] = Some(Lost::Tie(claims[i].owner, claims[i].net));
+                    if out[a].is_none() {
+                        out[a] = Some(Lost::Tie(claims[i].owner, claims[i].net));
                     }
                 }
             }
+            enclosing.push(i);
         }
         for &i in &survivors {
             if out[i].is_none() {
@@ -580,9 +591,15 @@ fn same_family_at_most(ip: &IpAddr, net: &IpNetwork, last: u128) -> bool {
 
 /// The words and the other node of a lost claim.
 fn lost_words(l: &Lost, what: &str, nodes: &[Cow<'_, MeshNode>]) -> (String, String) {
+    let name = |o: &usize| {
+        nodes
+            .get(*o)
+            .map(|n| n.name.to_string())
+            .unwrap_or_default()
+    };
     match l {
         Lost::To(o, net) => {
-            let o = nodes[*o].name.to_string();
+            let o = name(o);
             (
                 format!(
                     "overlaps {what} {net} of node {o}, which overlaps fewer claims or whose Node object was created first"
@@ -591,7 +608,7 @@ fn lost_words(l: &Lost, what: &str, nodes: &[Cow<'_, MeshNode>]) -> (String, Str
             )
         }
         Lost::Tie(o, net) => {
-            let o = nodes[*o].name.to_string();
+            let o = name(o);
             (
                 format!(
                     "overlaps {what} {net} of node {o}, and neither claim comes first; neither is used"
