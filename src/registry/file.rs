@@ -417,6 +417,19 @@ mod tests {
     }
 
     #[test]
+    fn a_creation_timestamp_is_read_and_an_unreadable_one_is_unknown() {
+        let text = r#"{"kind":"NodeList","items":[
+          {"kind":"Node","metadata":{"name":"a","creationTimestamp":"2024-01-01T00:00:00Z"},"spec":{"podCIDR":"10.42.0.0/24"}},
+          {"kind":"Node","metadata":{"name":"b","creationTimestamp":7},"spec":{"podCIDR":"10.42.1.0/24"}},
+          {"kind":"Node","metadata":{"name":"c","creationTimestamp":"yesterday"},"spec":{"podCIDR":"10.42.2.0/24"}}
+        ]}"#;
+        let l = decode_nodes(text, DEFAULT_TOPOLOGY_LABEL).unwrap();
+        let created: Vec<Option<i64>> = l.items.iter().map(|n| n.created).collect();
+        assert_eq!(created, [Some(1_704_067_200), None, None]);
+        assert!(l.diagnostics.is_empty(), "{:?}", l.diagnostics);
+    }
+
+    #[test]
     fn yaml_list_and_multi_document_yaml_are_read() {
         let list = "apiVersion: v1\nkind: List\nitems:\n- kind: Node\n  metadata: {name: a}\n- kind: Node\n  metadata: {name: b}\n";
         assert_eq!(
