@@ -6,10 +6,13 @@
 //! in a reserved range (the mesh subnet, the service ranges, link-local, loopback, multicast,
 //! unspecified), in an IP family the mesh does not use, or (allowed-location-ips only) outside
 //! [`MeshOptions::allowed_location_ips_within`]. Between nodes, the more authoritative kind of
-//! claim wins — pod CIDR, then endpoint, then internal IP, then allowed-location-ips — and
-//! between claims of one kind, the one that overlaps fewer other claims wins, then the one of
-//! the Node object created first; when neither comes first, neither is accepted. Names never
-//! decide. A refused claim drops that claim only; a node left without an endpoint, a pod CIDR or
+//! claim wins — pod CIDR, then endpoint, then internal IP, then allowed-location-ips. Between
+//! two nodes' pod CIDRs (or two segments' allowed-location-ips) the one that overlaps fewer
+//! others wins, then the one of the Node object created first; when neither comes first,
+//! neither is accepted. Then, among the nodes still in, a key several publish goes to the Node
+//! created first, or to none. Names never decide. Equal internal IPs in different locations
+//! are allowed (sites may share private addressing, as in Kilo's own tests); the merge reports
+//! them. A refused claim drops that claim only; a node left without an endpoint, a pod CIDR or
 //! a key it may use is left out. Every refusal is a [`Diagnostic`] naming node, key, value and
 //! the owner it collides with.
 //!
