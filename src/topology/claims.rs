@@ -63,26 +63,53 @@ impl Checked<'_> {
     }
 }
 
+/// The ranges no node may claim whatever the options, and what they are. Built from constants:
+/// the incremental engine checks them on every event.
+fn fixed_reserved() -> [(IpNetwork, &'static str); 8] {
+    use ipnetwork::{Ipv4Network, Ipv6Network};
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    let v4 = |a: [u8; 4], p: u8| {
+        Ipv4Network::new(Ipv4Addr::from(a), p).map_or(
+            IpNetwork::V4(Ipv4Network::from(Ipv4Addr::from(a))),
+            IpNetwork::V4,
+        )
+    };
+    let v6 = |a: u128, p: u8| {
+        Ipv6Network::new(Ipv6Addr::from(a), p).map_or(
+            IpNetwork::V6(Ipv6Network::from(Ipv6Addr::from(a))),
+            IpNetwork::V6,
+        )
+    };
+    [
+        (v4([169, 254, 0, 0], 16), "the link-local range"),
+        (v6(0xfe80 << 112, 10), "the link-local range"),
+        (v4([127, 0, 0, 0], 8), "the loopback range"),
+        (v6(1, 128), "the loopback address"),
+        (v4([224, 0, 0, 0], 4), "the multicast range"),
+        (v6(0xff00 << 112, 8), "the multicast range"),
+        (v4([0, 0, 0, 0], 32), "the unspecified address"),
+        (v6(0, 128), "the unspecified address"),
+    ]
+}
+
 /// A range no node may claim, and what it is.
 fn reserved(opts: &MeshOptions) -> Vec<(IpNetwork, String)> {
-    let mut out: Vec<(IpNetwork, String)> = [
-        ("169.254.0.0/16", "the link-local range"),
-        ("fe80::/10", "the link-local range"),
-        ("127.0.0.0/8", "the loopback range"),
-        ("::1/128", "the loopback address"),
-        ("224.0.0.0/4", "the multicast range"),
-        ("ff00::/8", "the multicast range"),
-        ("0.0.0.0/32", "the unspecified address"),
-        ("::/128", "the unspecified address"),
-    ]
-    .into_iter()
-    .filter_map(|(c, what)| c.parse().ok().map(|c| (c, what.to_owned())))
-    .collect();
+    let mut out: Vec<(IpNetwork, String)> = fixed_reserved()
+        .into_iter()
+        .map(|(c, what)| (c, what.to_owned()))
+        .collect();
     out.push((opts.subnet, "the mesh subnet".to_owned()));
     for s in &opts.service_cidrs {
         out.push((*s, "the service range".to_owned()));
     }
     out
+}
+
+/// Whether `net` overlaps a reserved range, without building the list (the fast path).
+fn is_reserved(net: &IpNetwork, opts: &MeshOptions) -> bool {
+    fixed_reserved().iter().any(|(r, _)| overlaps(net, r))
+        || overlaps(net, &opts.subnet)
+        || opts.service_cidrs.iter().any(|s| overlaps(net, s))
 }
 
 fn overlaps(a: &IpNetwork, b: &IpNetwork) -> bool {
@@ -730,19 +757,16 @@ impl Hosts {
         if fams != fam(self.pod_families) || !new.allowed_location_ips.is_empty() {
             return false;
         }
-        let reserved = reserved(opts);
         let me = &new.name;
+        let refused = |c: &IpNetwork| is_reserved(c, opts) || !fams[usize::from(c.is_ipv6())];
         for c in &new.pod_cidrs {
-            if local_refusal(c, &reserved, fams).is_some()
-                || pods.conflict(c, me).is_some()
-                || self.other_in(c, me, true, true)
-            {
+            if refused(c) || pods.conflict(c, me).is_some() || self.other_in(c, me, true, true) {
                 return false;
             }
         }
         if let Some(ip) = new.endpoint.as_ref().and_then(|e| e.ip()) {
             let host = host_net(ip);
-            if reserved_hit(&host, &reserved).is_some()
+            if is_reserved(&host, opts)
                 || pods.conflict(&host, me).is_some()
                 || self.other_in(&host, me, false, true)
             {
@@ -751,7 +775,7 @@ impl Hosts {
         }
         if let Some(ip) = new.internal_ip {
             let host = host_net(ip.ip());
-            if local_refusal(&host, &reserved, fams).is_some()
+            if refused(&host)
                 || pods.conflict(&host, me).is_some()
                 || self.other_in(&host, me, true, false)
             {
