@@ -340,6 +340,9 @@ pub struct MeshNode {
     pub discovered_endpoints: BTreeMap<WgKey, SocketAddr>,
     /// Granularity the node's agent published.
     pub granularity: Option<Granularity>,
+    /// Unix time the Node object was created (`metadata.creationTimestamp`, set by the API
+    /// server), when known. Settles which of two nodes claiming one key or pod CIDR came first.
+    pub created: Option<i64>,
 }
 
 impl MeshNode {
@@ -360,6 +363,7 @@ impl MeshNode {
             last_seen: None,
             discovered_endpoints: BTreeMap::new(),
             granularity: None,
+            created: None,
         }
     }
 }

@@ -6,6 +6,7 @@ mod agent_foreign;
 mod agent_identity;
 mod agent_kilo;
 mod boundary;
+mod claims_props;
 mod cluster_registry;
 mod engine_props;
 mod fuzz_parsers;

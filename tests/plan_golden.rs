@@ -231,3 +231,59 @@ fn plan_for_unknown_node_fails_with_a_message() {
         "{stderr}"
     );
 }
+
+/// The three-clouds example plus `extra` (YAML items), written to a file in `dir`.
+fn example_with(dir: &Path, extra: &str) -> String {
+    let file = dir.join("nodes.yaml");
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/three-clouds.yaml"),
+    )
+    .expect("example");
+    std::fs::write(&file, format!("{text}{extra}")).expect("write");
+    file.to_str().expect("path").to_owned()
+}
+
+#[test]
+fn plan_leaves_out_a_node_whose_pod_cidr_covers_every_other_not_the_real_nodes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Named to sort first, created before everyone, with a copy of fra-1's key and a pod CIDR
+    // over every node's.
+    let file = example_with(
+        dir.path(),
+        "- apiVersion: v1
+  kind: Node
+  metadata:
+    name: 0-evil
+    creationTimestamp: \"2000-01-01T00:00:00Z\"
+    annotations:
+      kilo.squat.ai/key: 6fcT3bwmiNulRE+RHfLJs4FfNX6IunjB0pJpmI6w5DA=
+      kilo.squat.ai/endpoint: 192.0.2.66:51820
+      kilo.squat.ai/internal-ip: 169.254.169.254/32
+  spec:
+    podCIDR: 10.42.0.0/16
+",
+    );
+    let (stdout, stderr, ok) =
+        meshctl(&["plan", "--nodes", &file, "--node", "fra-1", "-o", "json"]);
+    assert!(ok, "meshctl plan failed: {stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+    let mut peers: Vec<&str> = v["peers"]
+        .as_array()
+        .expect("peers")
+        .iter()
+        .map(|p| p["name"].as_str().expect("name"))
+        .collect();
+    peers.sort();
+    assert_eq!(peers, ["hel-1", "par-1"]);
+    let evil: Vec<&serde_json::Value> = v["diagnostics"]
+        .as_array()
+        .expect("diagnostics")
+        .iter()
+        .filter(|d| d["name"] == "0-evil")
+        .collect();
+    assert!(
+        evil.iter()
+            .any(|d| d["key"] == "podCIDR" && d["skipped"] == true),
+        "{evil:?}"
+    );
+}

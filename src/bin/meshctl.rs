@@ -62,6 +62,7 @@ const GLOBAL_FLAGS: &[&str] = &[
     "encapsulate",
     "interface",
     "service-cidr",
+    "allowed-location-ips-within",
     "output",
 ];
 
@@ -189,6 +190,14 @@ struct MeshArgs {
     /// Service CIDRs, never masqueraded (repeatable).
     #[arg(long = "service-cidr", value_name = "CIDR")]
     service_cidrs: Vec<IpNetwork>,
+    /// The ranges a node's allowed-location-ips must lie in, as the agent's flag of that name.
+    #[arg(
+        long = "allowed-location-ips-within",
+        value_name = "CIDR,...",
+        value_delimiter = ',',
+        default_values_t = topology::claims::default_allowed_location_ips_within()
+    )]
+    allowed_location_ips_within: Vec<IpNetwork>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -439,6 +448,7 @@ impl MeshArgs {
                 .ok()
                 .and_then(|d| i64::try_from(d.as_secs()).ok()),
             service_cidrs: self.service_cidrs.clone(),
+            allowed_location_ips_within: self.allowed_location_ips_within.clone(),
             ..MeshOptions::default()
         }
     }
@@ -486,7 +496,8 @@ fn plan(args: PlanArgs) -> Result<()> {
 fn graph(args: GraphArgs) -> Result<()> {
     let inputs = args.mesh.load()?;
     let opts = args.mesh.options(&inputs);
-    let topo = topology::build(&inputs.nodes, &inputs.peers, &opts);
+    let checked = topology::claims::check(&inputs.nodes, &opts);
+    let topo = topology::build_checked(&checked, &inputs.peers, &opts);
     if let Some(n) = &args.node
         && topo.segment_of(&NodeName(n.clone())).is_none()
     {
@@ -586,7 +597,8 @@ fn showconf(args: ShowconfArgs) -> Result<()> {
     use wiremesh::showconf::{self as sc, Format};
     let inputs = args.mesh.load()?;
     let opts = args.mesh.options(&inputs);
-    let mut topo = topology::build(&inputs.nodes, &inputs.peers, &opts);
+    let checked = topology::claims::check(&inputs.nodes, &opts);
+    let mut topo = topology::build_checked(&checked, &inputs.peers, &opts);
     // The registry's problems too, so that a node or peer it left out is named with them.
     topo.diagnostics.extend(inputs.diagnostics.iter().cloned());
     let private_key: Option<WgKey> = match &args.private_key {

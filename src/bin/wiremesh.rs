@@ -198,6 +198,17 @@ struct AgentArgs {
         value_delimiter = ','
     )]
     service_cidrs: Vec<IpNetwork>,
+    /// The ranges a node's allowed-location-ips must lie in (comma-separated CIDRs); an entry
+    /// outside them is ignored with a diagnostic. Default: the private ranges 10/8, 172.16/12,
+    /// 192.168/16, 100.64/10 and fc00::/7. `0.0.0.0/0,::/0` allows any range, as Kilo does.
+    #[arg(
+        long = "allowed-location-ips-within",
+        env = "WIREMESH_ALLOWED_LOCATION_IPS_WITHIN",
+        value_name = "CIDR,...",
+        value_delimiter = ',',
+        default_values_t = wiremesh::topology::claims::default_allowed_location_ips_within()
+    )]
+    allowed_location_ips_within: Vec<IpNetwork>,
     /// How often this node's last-seen heartbeat is published (Kubernetes registry), at most
     /// 30s. Every agent, as Kilo's, leaves out a node whose heartbeat is 60 s old, but only
     /// once its own view of the API has been up for 60 s plus the longest publishing retry
@@ -334,6 +345,7 @@ fn agent_config(a: AgentArgs) -> Result<AgentConfig> {
             now: None,
             mtu,
             service_cidrs: a.service_cidrs,
+            allowed_location_ips_within: a.allowed_location_ips_within,
         },
         listen: a.listen.0,
     })

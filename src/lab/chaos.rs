@@ -371,7 +371,8 @@ fn divergence_without(
 ) -> Result<Vec<String>, LabError> {
     let loaded = mesh_nodes(state)?;
     let opts = mesh_options(state);
-    let topo = topology::build(&loaded.items, &[], &opts);
+    let checked = topology::claims::check(&loaded.items, &opts);
+    let topo = topology::build_checked(&checked, &[], &opts);
     let mut out = Vec::new();
     for n in &state.nodes {
         if !n.agent.as_ref().is_some_and(sys::is_running) || Some(n.name.as_str()) == absent {

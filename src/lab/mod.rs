@@ -128,7 +128,8 @@ pub fn graph(
 ) -> Result<(String, Vec<String>), LabError> {
     let loaded = mesh_nodes(state)?;
     let opts = mesh_options(state);
-    let topo = topology::build(&loaded.items, &[], &opts);
+    let checked = topology::claims::check(&loaded.items, &opts);
+    let topo = topology::build_checked(&checked, &[], &opts);
     if let Some(n) = local
         && topo.segment_of(&NodeName(n.to_owned())).is_none()
     {

@@ -138,7 +138,8 @@ struct Mesh {
 
 fn mesh(state: &LabState, nodes: &[MeshNode]) -> Mesh {
     let opts = super::mesh_options(state);
-    let topo = topology::build(nodes, &[], &opts);
+    let checked = topology::claims::check(nodes, &opts);
+    let topo = topology::build_checked(&checked, &[], &opts);
     let mut m = Mesh {
         leader: BTreeMap::new(),
         mesh_ip: BTreeMap::new(),

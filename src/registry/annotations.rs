@@ -15,7 +15,8 @@ use crate::diagnostic::Diagnostic;
 use crate::model::{Endpoint, Granularity, MeshNode, NodeName, WgKey, network_of};
 use crate::registry::Parsed;
 
-/// Our own annotation prefix; it wins over Kilo's when both are set.
+/// Our own annotation prefix; it wins over Kilo's when both are set, except for the key (see
+/// [`parse_parts`]).
 pub const WIREMESH_PREFIX: &str = "wiremesh.io/";
 /// Kilo's annotation prefix, read so that a Kilo cluster works unchanged.
 pub const KILO_PREFIX: &str = "kilo.squat.ai/";
@@ -113,6 +114,8 @@ pub struct NodeParts<'a> {
     pub pod_cidrs: &'a [String],
     /// The first `InternalIP` of `status.addresses`.
     pub status_internal_ip: Option<&'a str>,
+    /// `metadata.creationTimestamp` as Unix seconds.
+    pub created: Option<i64>,
 }
 
 /// Translate a Kubernetes Node into a [`MeshNode`].
@@ -138,6 +141,11 @@ pub fn parse_node(node: &Node, topology_label: &str) -> Result<Parsed<MeshNode>,
             .and_then(|s| s.addresses.as_ref())
             .and_then(|a| a.iter().find(|a| a.type_ == "InternalIP"))
             .map(|a| a.address.as_str()),
+        created: node
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.as_second()),
     };
     parse_parts(parts, topology_label)
 }
@@ -182,6 +190,7 @@ pub fn parse_parts(
         diags: Vec::new(),
     };
     let mut out = MeshNode::new(name);
+    out.created = node.created;
 
     // Location: the annotation, even empty, beats the topology label.
     out.location = match lookup(ann, keys::LOCATION) {
@@ -193,8 +202,11 @@ pub fn parse_parts(
             .unwrap_or_default(),
     };
 
-    // Key: Kilo reads a malformed key as the zero key, which makes the node not ready.
-    if let Some((k, v)) = lookup(ann, keys::KEY).filter(|(_, v)| !v.is_empty()) {
+    // Key: Kilo reads a malformed key as the zero key, which makes the node not ready. Every
+    // agent (Kilo's and ours) publishes its key under Kilo's prefix, so where the two disagree
+    // Kilo's wins: a `wiremesh.io/key` written onto another node's object cannot replace the
+    // key that node's agent publishes.
+    if let Some((k, v)) = key_annotation(ann, &mut found) {
         match v.parse::<WgKey>() {
             Ok(key) => out.key = Some(key),
             Err(e) => found.fatal(&k, format!("{v:?} is not a WireGuard public key: {e}")),
@@ -266,6 +278,38 @@ pub fn parse_parts(
             value: out,
             warnings: found.diags,
         })
+    }
+}
+
+/// The key annotation to read: `kilo.squat.ai/key` when both prefixes carry a (non-empty) key
+/// and they differ, with a warning on `wiremesh.io/key`; otherwise as [`lookup`].
+fn key_annotation<'a>(
+    ann: &'a BTreeMap<String, String>,
+    found: &mut Found<'_>,
+) -> Option<(String, &'a str)> {
+    let ours_key = format!("{WIREMESH_PREFIX}{}", keys::KEY);
+    let kilo_key = format!("{KILO_PREFIX}{}", keys::KEY);
+    let ours = ann
+        .get(&ours_key)
+        .map(String::as_str)
+        .filter(|v| !v.is_empty());
+    let kilo = ann
+        .get(&kilo_key)
+        .map(String::as_str)
+        .filter(|v| !v.is_empty());
+    match (ours, kilo) {
+        (Some(o), Some(k)) if o.trim() != k.trim() => {
+            found.fallback(
+                &ours_key,
+                format!(
+                    "{o:?} differs from {kilo_key}={k:?}, the key the node's agent publishes; {kilo_key} is used"
+                ),
+            );
+            Some((kilo_key, k))
+        }
+        (Some(o), _) => Some((ours_key, o)),
+        (None, Some(k)) => Some((kilo_key, k)),
+        (None, None) => None,
     }
 }
 
@@ -471,6 +515,45 @@ mod tests {
         assert_eq!(n.location, "eu");
         assert_eq!(n.internal_ip, Some("192.168.1.5/32".parse().unwrap()));
         assert_eq!(n.pod_cidrs, vec!["10.42.1.0/24".parse().unwrap()]);
+    }
+
+    #[test]
+    fn a_wiremesh_key_that_differs_from_the_published_kilo_key_does_not_win() {
+        let forged = "GKPmdSLdoYrLqjd+qPxYoBN2+YTZaH4zYgJ3Cjgx+VA=";
+        assert_ne!(forged, KEY);
+        let p = parse_node(
+            &node(
+                "victim",
+                &[("wiremesh.io/key", forged), ("kilo.squat.ai/key", KEY)],
+            ),
+            DEFAULT_TOPOLOGY_LABEL,
+        )
+        .unwrap();
+        assert_eq!(p.value.key, Some(KEY.parse().unwrap()));
+        assert_eq!(p.warnings.len(), 1, "{:?}", p.warnings);
+        let w = &p.warnings[0];
+        assert_eq!(w.key.as_deref(), Some("wiremesh.io/key"));
+        assert!(
+            !w.skipped && w.problem.contains("kilo.squat.ai/key is used"),
+            "{w}"
+        );
+        // The same key under both prefixes is no disagreement.
+        let p = parse_node(
+            &node("n", &[("wiremesh.io/key", KEY), ("kilo.squat.ai/key", KEY)]),
+            DEFAULT_TOPOLOGY_LABEL,
+        )
+        .unwrap();
+        assert!(p.warnings.is_empty());
+    }
+
+    #[test]
+    fn the_creation_timestamp_is_read_as_unix_seconds() {
+        let mut n = node("a", &[]);
+        n.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            "2024-01-01T00:00:00Z".parse().unwrap(),
+        ));
+        let m = parse_node(&n, DEFAULT_TOPOLOGY_LABEL).unwrap().value;
+        assert_eq!(m.created, Some(1_704_067_200));
     }
 
     #[test]

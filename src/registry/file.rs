@@ -253,6 +253,17 @@ struct MetaLite {
     annotations: Option<BTreeMap<String, String>>,
     #[serde(default)]
     labels: Option<BTreeMap<String, String>>,
+    /// RFC 3339; an unreadable one counts as unknown.
+    #[serde(default, rename = "creationTimestamp")]
+    creation_timestamp: Option<Lenient>,
+}
+
+/// A string, or anything else (ignored) rather than a failed decoding.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Lenient {
+    Text(String),
+    Other(serde::de::IgnoredAny),
 }
 
 #[derive(Deserialize, Default)]
@@ -293,6 +304,15 @@ impl NodeLite {
                 .and_then(|s| s.addresses.as_ref())
                 .and_then(|a| a.iter().find(|a| a.type_ == "InternalIP"))
                 .map(|a| a.address.as_str()),
+            created: self
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .and_then(|t| match t {
+                    Lenient::Text(t) => t.parse::<k8s_openapi::jiff::Timestamp>().ok(),
+                    Lenient::Other(_) => None,
+                })
+                .map(|t| t.as_second()),
         }
     }
 }
@@ -435,6 +455,19 @@ mod tests {
         assert_eq!(l.diagnostics[0].name, "a");
         assert_eq!(l.diagnostics[0].key.as_deref(), Some("kilo.squat.ai/key"));
         assert_eq!(l.diagnostics[1].name, "c");
+    }
+
+    #[test]
+    fn a_creation_timestamp_is_read_and_an_unreadable_one_is_unknown() {
+        let text = r#"{"kind":"NodeList","items":[
+          {"kind":"Node","metadata":{"name":"a","creationTimestamp":"2024-01-01T00:00:00Z"},"spec":{"podCIDR":"10.42.0.0/24"}},
+          {"kind":"Node","metadata":{"name":"b","creationTimestamp":7},"spec":{"podCIDR":"10.42.1.0/24"}},
+          {"kind":"Node","metadata":{"name":"c","creationTimestamp":"yesterday"},"spec":{"podCIDR":"10.42.2.0/24"}}
+        ]}"#;
+        let l = decode_nodes(text, DEFAULT_TOPOLOGY_LABEL).unwrap();
+        let created: Vec<Option<i64>> = l.items.iter().map(|n| n.created).collect();
+        assert_eq!(created, [Some(1_704_067_200), None, None]);
+        assert!(l.diagnostics.is_empty(), "{:?}", l.diagnostics);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use ipnetwork::IpNetwork;
 
 use super::{
-    CidrIndex, Contribution, LocalContext, LocalError, MeshOptions, SegmentKey, allocate, build,
+    CidrIndex, Contribution, LocalContext, LocalError, MeshOptions, SegmentKey, allocate,
     make_segment, not_ready_reason, segment_key,
 };
 use crate::desired::{DesiredDelta, DesiredState, Masquerade, Rule, WgPeer};
@@ -190,6 +190,8 @@ pub struct Engine {
     key_owner: HashMap<WgKey, NodeName>,
     /// Which ready node holds which pod CIDR.
     cidr_owner: CidrIndex,
+    /// The endpoints and internal IPs of the nodes that take part.
+    hosts: super::claims::Hosts,
     contributions: Contributions,
     ctx: Option<LocalContext>,
     local_segment: Option<SegmentKey>,
@@ -238,6 +240,7 @@ impl Engine {
             leaders: HashMap::new(),
             key_owner: HashMap::new(),
             cidr_owner: CidrIndex::default(),
+            hosts: super::claims::Hosts::default(),
             contributions: Contributions::default(),
             ctx: None,
             local_segment: None,
@@ -457,6 +460,16 @@ impl Engine {
         {
             return None;
         }
+        // A claim the whole check would refuse or settle (an address another node holds, a
+        // reserved range, a new IP family) needs the whole check.
+        // The node's own old addresses count as its own (same name), not as another's.
+        if let Some(n) = new_ready
+            && !self
+                .hosts
+                .accepts(n, old_ready, &self.cidr_owner, &self.opts)
+        {
+            return None;
+        }
         let old_seg = old_ready.map(|n| segment_key(n, self.opts.granularity));
         let new_seg = new_ready.map(|n| segment_key(n, self.opts.granularity));
         let old_key = old_ready.and_then(|n| n.key);
@@ -616,6 +629,12 @@ impl Engine {
         }
         for c in old_ready.iter().flat_map(|n| &n.pod_cidrs) {
             self.cidr_owner.remove(c, name);
+        }
+        if let Some(o) = old_ready {
+            self.hosts.remove(o);
+        }
+        if let Some(n) = self.ready(self.nodes.get(name).map(|n| &**n)) {
+            self.hosts.insert(n);
         }
         let new_ready = self.ready(self.nodes.get(name).map(|n| &**n));
         for c in new_ready.iter().flat_map(|n| &n.pod_cidrs) {
@@ -804,7 +823,8 @@ impl Engine {
         self.stats.full += 1;
         self.work += self.order.len();
         let peers: Vec<MeshPeer> = self.peers.values().cloned().collect();
-        let topo = build(self.nodes.values().map(|n| &**n), &peers, &self.opts);
+        let checked = super::claims::check(self.nodes.values().map(|n| &**n), &self.opts);
+        let topo = super::build_checked(&checked, &peers, &self.opts);
         self.order = topo.segments.iter().map(|s| s.key.clone()).collect();
         self.members = topo
             .segments
@@ -822,10 +842,12 @@ impl Engine {
             .map(|s| (s.key.clone(), s.leader_node().name.clone()))
             .collect();
         self.cidr_owner = CidrIndex::default();
+        self.hosts = super::claims::Hosts::default();
         for n in topo.segments.iter().flat_map(|s| s.nodes.iter()) {
             for c in &n.pod_cidrs {
                 self.cidr_owner.insert(c, &n.name);
             }
+            self.hosts.insert(n);
         }
         self.key_owner = topo
             .segments

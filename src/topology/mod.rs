@@ -6,6 +6,7 @@
 //! May depend on the model, diagnostics and desired state only; never on netlink, Kubernetes or
 //! tokio (a test in `tests/` checks this).
 
+pub mod claims;
 mod contribute;
 pub mod incremental;
 
@@ -81,8 +82,11 @@ pub struct MeshOptions {
     pub now: Option<i64>,
     /// Fixed WireGuard MTU; `None` = automatic.
     pub mtu: Option<u32>,
-    /// Service CIDRs, never masqueraded.
+    /// Service CIDRs: never masqueraded, and no node may claim an address in them.
     pub service_cidrs: Vec<IpNetwork>,
+    /// The ranges a node's allowed-location-ips must lie in (`--allowed-location-ips-within`);
+    /// by default [`claims::DEFAULT_ALLOWED_LOCATION_IPS_WITHIN`].
+    pub allowed_location_ips_within: Vec<IpNetwork>,
 }
 
 impl Default for MeshOptions {
@@ -99,6 +103,7 @@ impl Default for MeshOptions {
             now: None,
             mtu: None,
             service_cidrs: Vec::new(),
+            allowed_location_ips_within: claims::default_allowed_location_ips_within(),
         }
     }
 }
@@ -341,9 +346,33 @@ impl CidrIndex {
             .find(|(_, o)| *o != node)
     }
 
-    /// Record `net` as `node`'s (it must not overlap another node's).
+    /// Every CIDR in the index that overlaps `net`, with its node.
+    pub fn overlapping(&self, net: &IpNetwork) -> impl Iterator<Item = (&IpNetwork, &NodeName)> {
+        let (v6, first, last) = span(net);
+        self.spans
+            .range((v6, 0)..=(v6, last))
+            .rev()
+            .take_while(move |(_, (end, _, _))| *end >= first)
+            .map(|(_, (_, c, o))| (c, o))
+    }
+
+    /// Record `net` as `node`'s (it must not overlap another node's). The index keeps only the
+    /// widest of a node's nested CIDRs, so that its spans stay disjoint.
     pub fn insert(&mut self, net: &IpNetwork, node: &NodeName) {
         let (v6, first, last) = span(net);
+        let mut inner = Vec::new();
+        for (c, o) in self.overlapping(net) {
+            if o == node {
+                let (_, f, l) = span(c);
+                if f <= first && last <= l {
+                    return;
+                }
+                inner.push(f);
+            }
+        }
+        for f in inner {
+            self.spans.remove(&(v6, f));
+        }
         self.spans.insert((v6, first), (last, *net, node.clone()));
     }
 
@@ -363,6 +392,18 @@ impl CidrIndex {
 /// The ready nodes, sorted by name and unique by name, key and pod CIDRs (a node whose pod CIDR
 /// overlaps one of a node earlier by name is left out), plus diagnostics for the rest.
 pub fn ready_nodes<'a>(
+    nodes: impl IntoIterator<Item = &'a MeshNode>,
+    now: Option<i64>,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Vec<&'a MeshNode> {
+    let mut ready = ready_unique(nodes, now, diagnostics);
+    ready_nodes_backstop(&mut ready, diagnostics);
+    ready
+}
+
+/// The ready nodes, sorted by name and unique by name (the first of a name is used), plus
+/// diagnostics for the rest.
+pub(crate) fn ready_unique<'a>(
     nodes: impl IntoIterator<Item = &'a MeshNode>,
     now: Option<i64>,
     diagnostics: &mut Vec<Diagnostic>,
@@ -387,6 +428,13 @@ pub fn ready_nodes<'a>(
         }
         dup
     });
+    ready
+}
+
+/// Leave out a node whose key or pod CIDR another node earlier by name holds. After
+/// [`claims::check`] nothing is left out here; the engine's builder keeps it so that no input
+/// can give WireGuard one key twice or route one pod CIDR two ways.
+fn ready_nodes_backstop(ready: &mut Vec<&MeshNode>, diagnostics: &mut Vec<Diagnostic>) {
     let mut owners: FxHashMap<WgKey, &NodeName> = FxHashMap::default();
     owners.reserve(ready.len());
     ready.retain(|n| {
@@ -431,7 +479,6 @@ pub fn ready_nodes<'a>(
         }
         true
     });
-    ready
 }
 
 /// External peers that take part: sorted by name, keys not used by nodes, allowed IPs
@@ -471,7 +518,21 @@ pub fn ready_peers(
     out
 }
 
-/// Build the mesh from all nodes and peers.
+/// Build the mesh from nodes whose claims [`claims::check`] checked; its diagnostics come first.
+pub fn build_checked<'a>(
+    checked: &'a claims::Checked<'_>,
+    peers: &[MeshPeer],
+    opts: &MeshOptions,
+) -> Topology<'a> {
+    let mut topo = build(checked.iter(), peers, opts);
+    let mut diagnostics = checked.diagnostics.clone();
+    diagnostics.append(&mut topo.diagnostics);
+    topo.diagnostics = diagnostics;
+    topo
+}
+
+/// Build the mesh from all nodes and peers, taking their claims as they are: callers that
+/// take nodes from outside call [`claims::check`] first and [`build_checked`].
 pub fn build<'a>(
     nodes: impl IntoIterator<Item = &'a MeshNode>,
     peers: &[MeshPeer],
@@ -755,14 +816,15 @@ impl<'a> Topology<'a> {
     }
 }
 
-/// The full computation: build the mesh, then node `local`'s desired state.
+/// The full computation: check the claims, build the mesh, then node `local`'s desired state.
 pub fn compute(
     nodes: &[MeshNode],
     peers: &[MeshPeer],
     local: &NodeName,
     opts: &MeshOptions,
 ) -> Result<Plan, LocalError> {
-    let topo = build(nodes, peers, opts);
+    let checked = claims::check(nodes, opts);
+    let topo = build_checked(&checked, peers, opts);
     let (desired, conflicts) = topo.local_state(local, opts)?;
     let mut diagnostics = topo.diagnostics;
     diagnostics.extend(conflicts);

@@ -426,13 +426,31 @@ fn a_node_the_registry_left_out_is_left_out_with_all_its_diagnostics_not_unknown
 }
 
 #[test]
-fn duplicate_key_keeps_first_node_and_reports_the_second() {
+fn a_duplicate_key_goes_to_the_node_created_first_whatever_the_names() {
+    let mut nodes = kilo_cluster();
+    // c copies b's key; b sorts first by name but c's Node object is older.
+    nodes[2].key = nodes[1].key;
+    nodes[1].created = Some(2_000);
+    nodes[2].created = Some(1_000);
+    let plan = compute(&nodes, &[], &name("a"), &opts(Granularity::Full)).unwrap();
+    assert_eq!(plan.desired.peers.len(), 2);
+    let d = plan.diagnostics.iter().find(|d| d.name == "b").unwrap();
+    assert!(d.skipped && d.key.as_deref() == Some("key"), "{d}");
+    assert!(d.problem.contains("also published by node c"), "{d}");
+    assert_eq!(d.other.as_deref(), Some("c"));
+    assert!(plan.diagnostics.iter().all(|d| d.name != "c"));
+}
+
+#[test]
+fn a_duplicate_key_without_an_older_node_goes_to_neither() {
     let mut nodes = kilo_cluster();
     nodes[2].key = nodes[1].key;
     let plan = compute(&nodes, &[], &name("a"), &opts(Granularity::Full)).unwrap();
-    assert_eq!(plan.desired.peers.len(), 2);
-    let d = plan.diagnostics.iter().find(|d| d.name == "c").unwrap();
-    assert!(d.problem.contains("already used by node b"), "{d}");
+    assert_eq!(plan.desired.peers.len(), 1, "only d is left besides a");
+    for n in ["b", "c"] {
+        let d = plan.diagnostics.iter().find(|d| d.name == n).unwrap();
+        assert!(d.skipped && d.problem.contains("neither takes part"), "{d}");
+    }
 }
 
 #[test]
@@ -595,11 +613,14 @@ fn net_key_orders_like_ipnetwork() {
 }
 
 #[test]
-fn a_node_whose_pod_cidr_overlaps_an_earlier_nodes_is_left_out_and_named() {
+fn a_node_whose_pod_cidr_overlaps_an_older_nodes_is_left_out_and_named() {
     let mut nodes = kilo_cluster();
     // c's /23 covers b's /24 (and more); d keeps its own.
     let b = nodes[1].pod_cidrs[0];
     nodes[2].pod_cidrs = vec![IpNetwork::new(b.network(), 23).unwrap()];
+    // Each overlaps one claim: the older Node keeps its pod CIDR.
+    nodes[1].created = Some(1_000);
+    nodes[2].created = Some(2_000);
     let o = opts(Granularity::Full);
     let plan = compute(&nodes, &[], &name("a"), &o).unwrap();
     let peer_names: Vec<&str> = plan.desired.peers.iter().map(|p| p.name.as_str()).collect();
@@ -677,5 +698,180 @@ fn every_not_ready_reason_is_recognised_from_its_words() {
     assert_eq!(
         not_ready_reason(&n, None),
         Some(NotReady::NoEndpoint.text())
+    );
+}
+
+/// Every destination node `local` routes or gives a peer, in the full mesh.
+fn destinations(nodes: &[MeshNode], local: &str, o: &MeshOptions) -> (Vec<IpNetwork>, Plan) {
+    let plan = compute(nodes, &[], &name(local), o).unwrap();
+    let mut d: Vec<IpNetwork> = plan.desired.routes.iter().map(|r| r.dst).collect();
+    for p in &plan.desired.peers {
+        d.extend(p.allowed_ips.iter().copied());
+    }
+    (d, plan)
+}
+
+fn refusal<'p>(plan: &'p Plan, node: &str, key: &str) -> &'p Diagnostic {
+    plan.diagnostics
+        .iter()
+        .find(|d| d.name == node && d.key.as_deref() == Some(key))
+        .unwrap_or_else(|| panic!("no {key} diagnostic for {node}: {:?}", plan.diagnostics))
+}
+
+#[test]
+fn an_internal_ip_on_the_cloud_metadata_address_is_refused_and_routed_nowhere() {
+    let mut nodes = kilo_cluster();
+    nodes[2].internal_ip = Some(net("169.254.169.254/32"));
+    let (dst, plan) = destinations(&nodes, "a", &opts(Granularity::Full));
+    assert!(!dst.contains(&net("169.254.169.254/32")), "{dst:?}");
+    let d = refusal(&plan, "c", "internal-ip");
+    assert!(!d.skipped, "c stays: {d}");
+    assert!(
+        d.problem.contains("169.254.169.254/32") && d.problem.contains("link-local"),
+        "{d}"
+    );
+    assert!(plan.desired.peers.iter().any(|p| p.name == "c"));
+}
+
+#[test]
+fn an_internal_ip_inside_another_nodes_pod_cidr_is_refused_and_the_owner_named() {
+    let mut nodes = kilo_cluster();
+    // c claims a pod IP of b.
+    nodes[2].internal_ip = Some(net("10.2.2.7/32"));
+    let (dst, plan) = destinations(&nodes, "a", &opts(Granularity::Full));
+    assert!(!dst.contains(&net("10.2.2.7/32")), "{dst:?}");
+    let d = refusal(&plan, "c", "internal-ip");
+    assert!(d.problem.contains("pod CIDR 10.2.2.0/24 of node b"), "{d}");
+    assert_eq!(d.other.as_deref(), Some("b"));
+}
+
+#[test]
+fn an_internal_ip_on_another_nodes_endpoint_is_refused() {
+    let mut nodes = kilo_cluster();
+    nodes[2].internal_ip = Some(net("10.1.0.4/32"));
+    let (dst, plan) = destinations(&nodes, "a", &opts(Granularity::Full));
+    assert!(!dst.contains(&net("10.1.0.4/32")), "{dst:?}");
+    let d = refusal(&plan, "c", "internal-ip");
+    assert!(d.problem.contains("endpoint address of node d"), "{d}");
+}
+
+#[test]
+fn allowed_location_ips_that_cover_the_internet_or_other_owners_are_refused_one_by_one() {
+    let mut nodes = kilo_cluster();
+    let mut o = opts(Granularity::Full);
+    o.service_cidrs = vec![net("10.96.0.0/12")];
+    nodes[2].allowed_location_ips = vec![
+        net("0.0.0.0/1"),
+        net("128.0.0.0/1"),
+        net("10.0.0.0/8"),
+        net("10.2.0.0/16"),
+        net("10.96.0.0/16"),
+        net("172.20.0.0/24"),
+    ];
+    let (dst, plan) = destinations(&nodes, "a", &o);
+    for refused in [
+        "0.0.0.0/1",
+        "128.0.0.0/1",
+        "10.0.0.0/8",
+        "10.2.0.0/16",
+        "10.96.0.0/16",
+    ] {
+        assert!(!dst.contains(&net(refused)), "{refused} in {dst:?}");
+        assert!(
+            plan.diagnostics.iter().any(|d| d.name == "c"
+                && d.key.as_deref() == Some("allowed-location-ips")
+                && d.problem.starts_with(&format!("{refused} is refused"))),
+            "{refused}: {:?}",
+            plan.diagnostics
+        );
+    }
+    // The claim of its own network stays, and so does c.
+    assert!(dst.contains(&net("172.20.0.0/24")), "{dst:?}");
+    let why = |c: &str| {
+        plan.diagnostics
+            .iter()
+            .find(|d| d.problem.starts_with(&format!("{c} is refused")))
+            .unwrap()
+            .problem
+            .clone()
+    };
+    assert!(why("0.0.0.0/1").contains("--allowed-location-ips-within"));
+    assert!(why("10.0.0.0/8").contains("mesh subnet"));
+    assert!(
+        why("10.2.0.0/16").contains("of node"),
+        "{}",
+        why("10.2.0.0/16")
+    );
+    assert!(why("10.96.0.0/16").contains("service range"));
+}
+
+#[test]
+fn a_node_whose_pod_cidr_covers_every_other_loses_it_and_the_real_nodes_stay() {
+    let mut nodes = kilo_cluster();
+    // Named to sort first, older than everyone, its /16 over every node's /24.
+    let mut evil = node("0-evil", "9", 9, "10.1.0.9:51820", None, "10.2.0.0/16");
+    evil.created = Some(1);
+    nodes.push(evil);
+    let (_, plan) = destinations(&nodes, "a", &opts(Granularity::Full));
+    let mut peers: Vec<&str> = plan.desired.peers.iter().map(|p| p.name.as_str()).collect();
+    peers.sort();
+    assert_eq!(peers, ["b", "c", "d"]);
+    let d = refusal(&plan, "0-evil", "podCIDR");
+    assert!(d.skipped, "its only pod CIDR is gone, so is it: {d}");
+    for n in ["b", "c", "d"] {
+        assert!(compute(&nodes, &[], &name(n), &opts(Granularity::Full)).is_ok());
+    }
+}
+
+#[test]
+fn two_pod_cidrs_of_equal_standing_go_to_neither() {
+    let mut nodes = kilo_cluster();
+    nodes[2].pod_cidrs = nodes[1].pod_cidrs.clone();
+    let (_, plan) = destinations(&nodes, "a", &opts(Granularity::Full));
+    for n in ["b", "c"] {
+        let d = refusal(&plan, n, "podCIDR");
+        assert!(d.skipped && d.problem.contains("neither"), "{d}");
+    }
+}
+
+#[test]
+fn a_range_of_a_family_the_mesh_does_not_use_is_a_diagnostic_not_a_route() {
+    let mut nodes = kilo_cluster();
+    nodes[2].allowed_location_ips = vec![net("fd00:1::/64")];
+    nodes[1].internal_ip = Some(net("fd00::2/128"));
+    for g in [Granularity::Full, Granularity::Location] {
+        let (dst, plan) = destinations(&nodes, "a", &opts(g));
+        assert!(dst.iter().all(IpNetwork::is_ipv4), "{dst:?}");
+        let d = refusal(&plan, "c", "allowed-location-ips");
+        assert!(
+            d.problem.contains("IPv6, a family the mesh does not use"),
+            "{d}"
+        );
+        refusal(&plan, "b", "internal-ip");
+    }
+    // With an IPv6 pod CIDR in the mesh the family is in use.
+    nodes[3].pod_cidrs.push(net("fd42::/64"));
+    let (dst, _) = destinations(&nodes, "a", &opts(Granularity::Full));
+    assert!(dst.contains(&net("fd00:1::/64")), "{dst:?}");
+}
+
+#[test]
+fn the_incremental_engine_refuses_a_claim_made_by_an_event_as_the_full_computation_does() {
+    let nodes = kilo_cluster();
+    let o = opts(Granularity::Full);
+    let mut e = incremental::Engine::new(nodes.clone(), Vec::new(), name("a"), o.clone());
+    let mut c = nodes[2].clone();
+    c.internal_ip = Some(net("10.1.0.4/32"));
+    e.apply(incremental::Event::node(c.clone()));
+    let mut all = nodes.clone();
+    all[2] = c;
+    assert_eq!(
+        e.desired(),
+        compute(&all, &[], &name("a"), &o).map(|p| p.desired)
+    );
+    assert!(
+        e.diagnostics()
+            .iter()
+            .any(|d| d.name == "c" && d.key.as_deref() == Some("internal-ip"))
     );
 }

@@ -81,3 +81,68 @@ pub fn peer(i: u8) -> impl Strategy<Value = MeshPeer> {
         preshared_key: psk.then(|| key(100 + i)),
     })
 }
+
+/// A node whose claims are drawn from a small pool of addresses that collide on purpose: pod
+/// CIDRs that nest (/16, /23, /24), internal IPs and endpoints that are other nodes' addresses
+/// or reserved ones, allowed-location-ips that are wide, public, reserved or of the other
+/// family, keys shared with others, creation times that tie.
+pub fn hostile_node(i: u8) -> impl Strategy<Value = MeshNode> {
+    let pods = prop_oneof![
+        4 => (0..6u8).prop_map(|p| format!("10.42.{p}.0/24")),
+        1 => Just("10.42.0.0/23".to_owned()),
+        1 => Just("10.42.0.0/16".to_owned()),
+        1 => Just("169.254.0.0/24".to_owned()),
+        1 => Just("10.4.0.0/24".to_owned()),
+    ];
+    let hosts = prop_oneof![
+        4 => (0..6u8).prop_map(|h| format!("192.168.0.{h}")),
+        1 => (0..6u8).prop_map(|p| format!("10.42.{p}.7")),
+        1 => Just("169.254.169.254".to_owned()),
+        1 => Just("127.0.0.1".to_owned()),
+        1 => Just("fd00::1".to_owned()),
+    ];
+    let alips = prop_oneof![
+        Just("172.20.0.0/24"),
+        Just("172.20.0.0/16"),
+        Just("10.0.0.0/8"),
+        Just("0.0.0.0/1"),
+        Just("192.168.0.0/24"),
+        Just("8.8.8.0/24"),
+        Just("fd00:1::/64"),
+        Just("10.96.0.0/12"),
+    ];
+    (
+        0..3u8,
+        0..4u8,
+        prop::collection::vec(pods, 1..=2),
+        hosts.clone(),
+        prop::option::of(hosts),
+        prop::collection::vec(alips, 0..=2),
+        prop::option::of(0..3i64),
+        any::<bool>(),
+    )
+        .prop_map(
+            move |(loc, k, pods, endpoint, internal, alips, created, leader)| {
+                let mut n = MeshNode::new(format!("n{i:02}"));
+                n.location = format!("loc{loc}");
+                n.key = Some(key(k));
+                n.endpoint = Some(Endpoint::Addr(std::net::SocketAddr::new(
+                    endpoint.parse().expect("ip"),
+                    51820,
+                )));
+                n.internal_ip = internal.map(|h| h.parse::<std::net::IpAddr>().expect("ip").into());
+                n.pod_cidrs = pods.iter().map(|p| p.parse().expect("cidr")).collect();
+                n.pod_cidrs.dedup();
+                n.allowed_location_ips = alips.iter().map(|a| a.parse().expect("cidr")).collect();
+                n.allowed_location_ips.dedup();
+                n.created = created.map(|c| 1_700_000_000 + c);
+                n.leader = leader;
+                n
+            },
+        )
+}
+
+/// A cluster of `2..=max` hostile nodes with unique names.
+pub fn hostile_cluster(max: u8) -> impl Strategy<Value = Vec<MeshNode>> {
+    (2..=max).prop_flat_map(|n| (0..n).map(hostile_node).collect::<Vec<_>>())
+}
