@@ -406,7 +406,7 @@ fn our_table_handle(node: &Netns) -> String {
     not(feature = "netns-tests"),
     ignore = "needs root, nftables, CNI plugins"
 )]
-async fn nft_changes_go_element_by_element_and_a_table_changed_by_hand_is_replaced() {
+async fn nft_joins_add_elements_in_place_and_a_leave_replaces_the_table() {
     require_root_and_tools();
     let node = Netns::new(PREFIX);
     let mut fw = Firewall::in_netns(FirewallMode::Nftables, &node.name).await;
@@ -415,10 +415,10 @@ async fn nft_changes_go_element_by_element_and_a_table_changed_by_hand_is_replac
     let handle = our_table_handle(&node);
     let fresh = || Firewall::in_netns(FirewallMode::Nftables, &node.name);
 
-    // A join and a leave: one exemption more, one less, a source more; adjacent blocks merge.
+    // A join: an exemption and a source more. Added in place.
     let mut second = first.clone();
-    second.exempt = nets(&["10.200.4.0/24", "10.200.6.0/24", "fd00:5::/64"]);
-    second.sources.push("10.200.10.0/24".parse().expect("CIDR"));
+    second.exempt.push("10.200.6.0/24".parse().expect("CIDR"));
+    second.sources.push("10.200.12.0/24".parse().expect("CIDR"));
     fw.apply(&second).await.expect("change");
     assert_eq!(
         fresh().await.read().await.expect("read"),
@@ -431,8 +431,8 @@ async fn nft_changes_go_element_by_element_and_a_table_changed_by_hand_is_replac
         "the table was changed in place, not replaced"
     );
 
-    // Someone deletes an element by hand: the next change cannot delete it, so the table is
-    // replaced whole, and ends as wanted.
+    // Someone deletes an element by hand; a read tells, and the next join adds its element and
+    // puts the missing one back, still in place.
     node.exec(
         &[
             "nft",
@@ -447,8 +447,11 @@ async fn nft_changes_go_element_by_element_and_a_table_changed_by_hand_is_replac
         ],
         None,
     );
+    let mut by_hand = second.clone();
+    by_hand.exempt.retain(|n| n.to_string() != "10.200.6.0/24");
+    assert_eq!(fw.read().await.expect("read"), Some(canonical(&by_hand)));
     let mut third = second.clone();
-    third.exempt = nets(&["10.200.4.0/24", "fd00:5::/64"]);
+    third.exempt.push("10.200.8.0/24".parse().expect("CIDR"));
     fw.apply(&third)
         .await
         .expect("change after a change by hand");
@@ -456,16 +459,24 @@ async fn nft_changes_go_element_by_element_and_a_table_changed_by_hand_is_replac
         fresh().await.read().await.expect("read"),
         Some(canonical(&third))
     );
+    assert_eq!(our_table_handle(&node), handle, "still in place");
+
+    // A leave deletes an exemption: the table is replaced whole, and ends as wanted.
+    fw.apply(&second).await.expect("a leave");
+    assert_eq!(
+        fresh().await.read().await.expect("read"),
+        Some(canonical(&second))
+    );
     assert_ne!(our_table_handle(&node), handle, "the table was replaced");
 
     // A read makes the lists known again, so the next change is in place as well.
     let mut reader = fresh().await;
-    assert_eq!(reader.read().await.expect("read"), Some(canonical(&third)));
+    assert_eq!(reader.read().await.expect("read"), Some(canonical(&second)));
     let handle = our_table_handle(&node);
-    reader.apply(&first).await.expect("change after a read");
+    reader.apply(&third).await.expect("change after a read");
     assert_eq!(
         fresh().await.read().await.expect("read"),
-        Some(canonical(&first))
+        Some(canonical(&third))
     );
     assert_eq!(our_table_handle(&node), handle);
     reader.delete().await.expect("delete");
