@@ -41,8 +41,8 @@ fn fake_peer(i: u32) -> WgPeer {
             format!("10.100.{hi}.{lo}/32").parse().unwrap(),
             format!("fd00:100::{i:x}/128").parse().unwrap(),
         ],
-        persistent_keepalive: if i % 3 == 0 { 25 } else { 0 },
-        preshared_key: (i % 5 == 0).then_some(WgKey([i as u8 | 0x80; 32])),
+        persistent_keepalive: if i.is_multiple_of(3) { 25 } else { 0 },
+        preshared_key: i.is_multiple_of(5).then_some(WgKey([i as u8 | 0x80; 32])),
         name: String::new(),
     }
 }
