@@ -26,6 +26,7 @@ pub mod model;
 pub mod reconcile;
 pub mod registry;
 pub mod showconf;
+pub mod state_file;
 pub mod status;
 pub mod topology;
 pub mod yaml;

@@ -8,7 +8,6 @@
 //! next to the private key) holds one destination per line; it says nothing secret.
 
 use std::hash::{Hash, Hasher};
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use ipnetwork::IpNetwork;
@@ -79,11 +78,7 @@ pub fn load(path: &Path) -> std::io::Result<Vec<IpNetwork>> {
 
 /// Save `dsts` at `path` in one rename (never half written).
 pub fn save(path: &Path, dsts: &[IpNetwork]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(render(dsts).as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    crate::state_file::replace(path, &render(dsts))
 }
 
 #[cfg(test)]

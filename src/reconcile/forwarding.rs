@@ -22,7 +22,6 @@
 //! shows the network namespace of the calling *thread*, so the calls are synchronous. Depends
 //! on the reconciler's [`Op`] and [`OwnedState`] only.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use ipnetwork::IpNetwork;
@@ -343,11 +342,7 @@ fn save_record(path: &Path, entries: &[(String, String)]) -> std::io::Result<()>
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    crate::state_file::replace(path, &text)
 }
 
 #[cfg(test)]

@@ -74,9 +74,7 @@ pub fn save_private_interface(dir: &Path, name: &str) -> std::io::Result<()> {
         return Ok(());
     }
     std::fs::create_dir_all(dir)?;
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, format!("{name}\n"))?;
-    std::fs::rename(&tmp, &path)
+    crate::state_file::replace(&path, &format!("{name}\n"))
 }
 
 /// The private interface recorded in `dir`, if any and if it is a plausible interface name
