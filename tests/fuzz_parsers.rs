@@ -116,7 +116,15 @@ proptest! {
         // Left out exactly for a malformed key, no valid endpoint though one is malformed, or a
         // malformed pod CIDR.
         let set = |k: &str| lookup(&ann, k).map(|(_, v)| v).filter(|v| !v.is_empty());
-        let bad_key = set(keys::KEY).is_some_and(|v| v.parse::<WgKey>().is_err());
+        // The key: kilo.squat.ai/key wins when both prefixes carry different keys (a forged
+        // wiremesh.io/key must not replace what the node's agent publishes); an empty one is unset.
+        let nonempty = |k: &str| ann.get(k).map(String::as_str).filter(|v| !v.is_empty());
+        let key = match (nonempty("wiremesh.io/key"), nonempty("kilo.squat.ai/key")) {
+            (Some(o), Some(k)) if o.trim() != k.trim() => Some(k),
+            (Some(o), _) => Some(o),
+            (None, k) => k,
+        };
+        let bad_key = key.is_some_and(|v| v.parse::<WgKey>().is_err());
         let endpoints = [set(keys::FORCE_ENDPOINT), set(keys::ENDPOINT)];
         let bad_endpoint = endpoints.iter().flatten().any(|v| v.parse::<Endpoint>().is_err())
             && !endpoints.iter().flatten().any(|v| v.parse::<Endpoint>().is_ok());
