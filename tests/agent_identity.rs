@@ -11,28 +11,15 @@ use wiremesh::agent::{
     AgentConfig, HostInfo, Inputs, KernelConfig, Observer, RegistryConfig, run_with,
 };
 use wiremesh::model::{NodeName, WgKey};
-use wiremesh::reconcile::plan::simulate;
-use wiremesh::reconcile::{Kernel, KernelError, Op, OwnedState};
+use wiremesh::reconcile::OwnedState;
 use wiremesh::registry::cluster::report::{EVENT_NAMESPACE, REASON_IDENTITY_RESTORED};
 use wiremesh::registry::cluster::{ClientOptions, WatchOptions, watch};
 
 use crate::util::apiserver::ApiServer;
+use crate::util::mem_kernel::MemKernel;
 
 const KEY: &str = "xNJEOu7NN15eM+y5mY6klkIdXAJfF9u84LdBYLvztTc=";
 const FORGED: &str = "0UHno+lxky2QJBklRgi1B3PLoZTn07vdJ1FhoO19AGo=";
-
-/// A kernel that applies operations to an in-memory state, as a correct kernel would.
-struct MemKernel(OwnedState, WgKey);
-
-impl Kernel for MemKernel {
-    async fn read_owned(&mut self) -> Result<OwnedState, KernelError> {
-        Ok(self.0.clone())
-    }
-    async fn apply(&mut self, op: &Op) -> Result<(), KernelError> {
-        simulate(&mut self.0, std::slice::from_ref(op), self.1);
-        Ok(())
-    }
-}
 
 fn config(dir: &std::path::Path) -> AgentConfig {
     AgentConfig {

@@ -17,8 +17,7 @@ use wiremesh::agent::{
     AgentConfig, ClusterLink, HostInfo, Inputs, KernelConfig, Observer, RegistryConfig, run_with,
 };
 use wiremesh::model::{NodeName, WgKey};
-use wiremesh::reconcile::plan::simulate;
-use wiremesh::reconcile::{Kernel, KernelError, Op, OwnedState};
+use wiremesh::reconcile::OwnedState;
 use wiremesh::registry::cluster::publish::{merge_patch, patch_node};
 use wiremesh::registry::cluster::report::{EVENT_NAMESPACE, REASON_IDENTITY_RESTORED};
 use wiremesh::registry::cluster::{
@@ -27,6 +26,7 @@ use wiremesh::registry::cluster::{
 use wiremesh::topology::incremental::Event;
 
 use crate::util::apiserver::{ApiServer, client};
+use crate::util::mem_kernel::MemKernel;
 
 const KEY_A: &str = "xNJEOu7NN15eM+y5mY6klkIdXAJfF9u84LdBYLvztTc=";
 const KEY_B: &str = "GIRyTJ1vQ9q1P8VyBcm9X6zKX0Plfnp0gTQaTtCcmGk=";
@@ -214,19 +214,6 @@ async fn a_node_credential_reads_every_node_and_peer_only_with_the_node_credenti
         upserted("a") && upserted("b") && upserted("laptop"),
         "{events:?}"
     );
-}
-
-/// A kernel that applies operations to an in-memory state, as a correct kernel would.
-struct MemKernel(OwnedState, WgKey);
-
-impl Kernel for MemKernel {
-    async fn read_owned(&mut self) -> Result<OwnedState, KernelError> {
-        Ok(self.0.clone())
-    }
-    async fn apply(&mut self, op: &Op) -> Result<(), KernelError> {
-        simulate(&mut self.0, std::slice::from_ref(op), self.1);
-        Ok(())
-    }
 }
 
 /// Polls Node `name` until `pred` holds; panics after 20 s.

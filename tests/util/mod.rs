@@ -7,6 +7,8 @@ pub mod agent_netns;
 pub mod apiserver;
 #[allow(dead_code)]
 pub mod lab;
+/// The agent over an in-memory kernel.
+pub mod mem_kernel;
 #[allow(dead_code)]
 pub mod netns;
 #[allow(dead_code)]
