@@ -1,7 +1,9 @@
-//! Print a synthetic cluster as `kubectl get nodes -o json` would: N nodes, 10 per location,
-//! public endpoints, internal IPs, one /24 pod CIDR each. For benchmarks and load tests.
+//! Print a synthetic cluster as `kubectl get nodes -o json` would: N nodes, 10 per location
+//! (or the second argument), public endpoints, internal IPs, one /24 pod CIDR each. For
+//! benchmarks, load tests and the graph screenshots.
 //!
 //! `cargo run --release --example gen_cluster -- 5000 > nodes.json`
+//! `cargo run --example gen_cluster -- 40 10 > nodes.json` (4 locations of 10)
 
 use base64::Engine as _;
 use serde_json::json;
@@ -11,6 +13,11 @@ fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(1000);
+    let per_location: usize = std::env::args()
+        .nth(2)
+        .and_then(|a| a.parse().ok())
+        .filter(|&p| p > 0)
+        .unwrap_or(10);
     let items: Vec<serde_json::Value> = (0..n)
         .map(|i| {
             let mut key = [0u8; 32];
@@ -22,7 +29,7 @@ fn main() {
                 "kind": "Node",
                 "metadata": {
                     "name": format!("node-{i:05}"),
-                    "labels": {"topology.kubernetes.io/region": format!("loc-{:04}", i / 10)},
+                    "labels": {"topology.kubernetes.io/region": format!("loc-{:04}", i / per_location)},
                     "annotations": {
                         "kilo.squat.ai/key": base64::engine::general_purpose::STANDARD.encode(key),
                         "kilo.squat.ai/endpoint": format!("100.{}.{hi}.{lo}:51820", 64 + (i >> 16)),

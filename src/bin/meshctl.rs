@@ -21,7 +21,7 @@ use wiremesh::cli::cluster::Cluster;
 use wiremesh::cli::peer::{NewPeer, render_table, render_yaml};
 use wiremesh::cli::plan::{DeviceNames, render_json, render_text};
 use wiremesh::cli::{Inputs, auto_granularity, load};
-use wiremesh::graph::{GraphOptions, render_dot, render_svg};
+use wiremesh::graph::{GraphOptions, View, render_dot, render_svg};
 use wiremesh::lab::LabError;
 use wiremesh::model::{Granularity, NodeName, WgKey};
 use wiremesh::registry::annotations::DEFAULT_TOPOLOGY_LABEL;
@@ -279,6 +279,16 @@ struct GraphArgs {
     /// Highlight this node.
     #[arg(long)]
     node: Option<String>,
+    /// Draw the overview (locations as boxes, one line per pair of locations) whatever the
+    /// mesh's size; by default it is drawn when the full drawing would not fit 1920×1620 px.
+    #[arg(long, conflicts_with_all = ["focus", "location"])]
+    overview: bool,
+    /// Draw one node's tunnels and private link, its location in full.
+    #[arg(long, value_name = "NODE", conflicts_with = "location")]
+    focus: Option<String>,
+    /// Draw one location in full, with the tunnels that leave it.
+    #[arg(long, value_name = "LOCATION")]
+    location: Option<String>,
     /// Write to this file instead of stdout.
     #[arg(short = 'O', long = "out", value_name = "FILE")]
     out: Option<PathBuf>,
@@ -503,6 +513,27 @@ fn graph(args: GraphArgs) -> Result<()> {
     {
         bail!("node {n} does not take part in the mesh");
     }
+    if let Some(n) = &args.focus
+        && topo.segment_of(&NodeName(n.clone())).is_none()
+    {
+        bail!("node {n} does not take part in the mesh");
+    }
+    if let Some(l) = &args.location {
+        let known = wiremesh::graph::locations(&topo);
+        let label = if l.is_empty() { "no location" } else { l };
+        if !known.iter().any(|k| k == label) {
+            bail!(
+                "no location {l:?} in the mesh (locations: {})",
+                known.join(", ")
+            );
+        }
+    }
+    let view = match (args.overview, args.focus, args.location) {
+        (true, _, _) => View::Overview,
+        (_, Some(n), _) => View::Focus(NodeName(n)),
+        (_, _, Some(l)) => View::Location(l),
+        _ => View::Auto,
+    };
     let live = if args.live {
         Some(live_from_agents(&args.agents)?)
     } else {
@@ -512,6 +543,7 @@ fn graph(args: GraphArgs) -> Result<()> {
         local: args.node.map(NodeName),
         title: None,
         live,
+        view,
     };
     let text = match args.format {
         GraphFormat::Svg => render_svg(&topo, &gopts),

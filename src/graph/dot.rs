@@ -1,22 +1,28 @@
 //! DOT writer: the mesh as a graphviz document, shaped like Kilo's `kgctl graph`.
 //!
-//! One `cluster_<n>` subgraph per segment, labelled with its location; one box per node whose
+//! It draws the view the SVG writer chooses (full drawing or overview by size, or one node or
+//! location): one `cluster_<n>` subgraph per location drawn in full; one box per node whose
 //! label holds its name, mesh IP, pod CIDRs, internal IP and endpoint; the external peers in
 //! `cluster_peers`. Edges: `dir=both` WireGuard tunnels between leaders and from each leader to
 //! each peer, dashed undirected private links from each leader to its members. Nodes are
-//! identified by name, peers by `peer:<name>` (a Node name cannot contain `:`).
+//! identified by name, peers by `peer:<name>` (a Node name cannot contain `:`). A location
+//! (or the external peers) drawn as words is one box `box:<n>`, and a line standing for several
+//! tunnels is labelled with their count (and, live, the worst handshake).
 //!
 //! A live drawing colours each tunnel by its state (green, amber, red, grey and dashed for
 //! unknown), says it in the edge's `tooltip`, and adds a `cluster_legend` of sample edges
 //! between `legend:` points (no node can be named so).
 //!
-//! Pure. Depends on the topology and model (through the parent module) only.
+//! Pure. Depends on the topology and model (through the parent module), the scene, and the SVG
+//! writer's choice of view only.
 
 use std::fmt::Write as _;
 
+use super::scene::{self, Anchor, BoxKind};
+use super::svg;
 use super::{
-    EdgeKind, End, GraphOptions, LIVE_LEGEND, TunnelState, caption, edges, live_caption, local_end,
-    node_card, peer_card, segment_label, touches_local, tunnel_state,
+    EdgeKind, End, GraphOptions, LIVE_LEGEND, TunnelState, caption, live_caption, local_end,
+    node_card, peer_card,
 };
 use crate::topology::Topology;
 
@@ -75,9 +81,21 @@ fn id(topo: &Topology<'_>, end: End) -> String {
     }
 }
 
-/// The whole document.
+/// The DOT ID of a line's end: a card's node or peer, or a box of words (`box:<n>`, which no
+/// node can be named).
+fn anchor_id(topo: &Topology<'_>, a: Anchor) -> String {
+    match a {
+        Anchor::Card(end) => id(topo, end),
+        Anchor::Box(b) => quote(&format!("box:{b}")),
+    }
+}
+
+/// The whole document: the view the SVG would draw (the same choice of full drawing or
+/// overview, the same caps), as clusters of cards and boxes of words.
 pub fn render(topo: &Topology<'_>, opts: &GraphOptions) -> String {
-    let local = local_end(topo, opts);
+    let (mode, caps) = svg::choose(topo, opts);
+    let scene = scene::build(topo, mode, caps, local_end(topo, opts), opts.live.as_ref());
+    let local = scene.local;
     let mut out = String::with_capacity(1024 + 256 * topo.segments.len() * topo.segments.len());
     let mut title = Vec::with_capacity(2);
     title.extend(opts.title.clone());
@@ -97,36 +115,59 @@ pub fn render(topo: &Topology<'_>, opts: &GraphOptions) -> String {
         "\tnode [shape=\"box\", style=\"rounded\", fontname=\"monospace\", fontsize=\"10\"];\n",
     );
     let _ = writeln!(out, "\tedge [dir=\"both\", color=\"{TUNNEL}\"];");
-    for (s, seg) in topo.segments.iter().enumerate() {
-        let _ = writeln!(out, "\tsubgraph \"cluster_{s}\" {{");
+    for (b, bx) in scene.boxes.iter().enumerate() {
+        if bx.cards.is_empty() {
+            let mut lines = vec![bx.label.clone()];
+            lines.extend(bx.rows.iter().cloned());
+            let style = if bx.kind == BoxKind::Peers {
+                "rounded,dashed"
+            } else {
+                "rounded,filled"
+            };
+            let _ = writeln!(
+                out,
+                "\t{} [label={}, style=\"{style}\", fillcolor=\"#e7f5ff\"];",
+                anchor_id(topo, Anchor::Box(b)),
+                label(&lines)
+            );
+            continue;
+        }
+        let _ = writeln!(out, "\tsubgraph \"cluster_{b}\" {{");
+        let mut cluster_label = bx.label.clone();
+        if let Some(row) = bx.rows.first() {
+            cluster_label.push('\n');
+            cluster_label.push_str(row);
+        }
         let _ = writeln!(
             out,
             "\t\tgraph [label={}, style=\"dashed,rounded\"];",
-            quote(&segment_label(seg))
+            quote(&cluster_label)
         );
-        for m in 0..seg.nodes.len() {
+        for &end in &bx.cards {
+            let End::Node(s, m) = end else { continue };
+            let seg = &topo.segments[s];
             let lines = node_card(topo, s, m, None).lines();
             let mut attrs = format!("label={}", label(&lines));
             let leader = m == seg.leader && seg.nodes.len() > 1;
-            let is_local = local == Some(End::Node(s, m));
-            node_style(&mut attrs, leader, is_local, false);
-            let _ = writeln!(out, "\t\t{} [{attrs}];", id(topo, End::Node(s, m)));
+            node_style(&mut attrs, leader, local == Some(end), false);
+            let _ = writeln!(out, "\t\t{} [{attrs}];", id(topo, end));
         }
         out.push_str("\t}\n");
     }
-    if !topo.peers.is_empty() {
+    if !scene.peer_cards.is_empty() {
         out.push_str("\tsubgraph \"cluster_peers\" {\n");
         out.push_str("\t\tgraph [label=\"peers\", style=\"dashed,rounded\"];\n");
-        for (p, peer) in topo.peers.iter().enumerate() {
+        for &p in &scene.peer_cards {
+            let peer = &topo.peers[p];
             let mut attrs = format!("label={}", label(&peer_card(peer, None).lines()));
             node_style(&mut attrs, false, local == Some(End::Peer(p)), true);
             let _ = writeln!(out, "\t\t{} [{attrs}];", id(topo, End::Peer(p)));
         }
         out.push_str("\t}\n");
     }
-    for e in edges(topo) {
-        let on = touches_local(topo, &e, local);
-        let state = opts.live.as_ref().and_then(|l| tunnel_state(topo, &e, l));
+    for e in &scene.edges {
+        let on = e.local;
+        let state = e.state;
         let colour = match e.kind {
             _ if state.is_some() => state.map_or(TUNNEL, |s| live_colour(s.word())),
             _ if on => LOCAL,
@@ -138,11 +179,16 @@ pub fn render(topo: &Topology<'_>, opts: &GraphOptions) -> String {
         if e.kind == EdgeKind::Private {
             attrs.push("dir=\"none\", style=\"dashed\"".to_owned());
         }
+        if let Some(words) = e.label() {
+            attrs.push(format!("label={}", quote(&words)));
+        }
         if let Some(s) = state {
             if s == TunnelState::Unknown {
                 attrs.push("style=\"dashed\"".to_owned());
             }
-            attrs.push(format!("tooltip={}", quote(&s.describe())));
+            if e.edge.is_some() {
+                attrs.push(format!("tooltip={}", quote(&s.describe())));
+            }
         }
         if colour != TUNNEL {
             attrs.push(format!("color=\"{colour}\""));
@@ -150,7 +196,11 @@ pub fn render(topo: &Topology<'_>, opts: &GraphOptions) -> String {
         if on {
             attrs.push("penwidth=\"2.5\"".to_owned());
         }
-        let _ = write!(out, "\t{} -> {}", id(topo, e.a), id(topo, e.b));
+        let (a, b) = match e.edge {
+            Some(edge) => (id(topo, edge.a), id(topo, edge.b)),
+            None => (anchor_id(topo, e.a), anchor_id(topo, e.b)),
+        };
+        let _ = write!(out, "\t{a} -> {b}");
         if !attrs.is_empty() {
             let _ = write!(out, " [{}]", attrs.join(", "));
         }
@@ -221,6 +271,7 @@ mod tests {
 
     use super::super::fixtures::*;
     use super::*;
+    use crate::graph::View;
     use crate::model::Granularity;
 
     fn edge_lines(dot: &str) -> Vec<&str> {
@@ -280,6 +331,7 @@ mod tests {
             local: None,
             title: Some("say \"hi\"\\".into()),
             live: None,
+            view: View::Auto,
         };
         let dot = render(&topo, &opts);
         assert!(dot.contains(r#""x\\y\"z" [label="x\\y\"z\n"#), "{dot}");
@@ -305,6 +357,7 @@ mod tests {
             local: Some("laptop".into()),
             title: None,
             live: None,
+            view: View::Auto,
         };
         let dot = render(&topo, &opts);
         assert!(dot.contains("\"peer:laptop\" [label=\"laptop\\n"));
@@ -439,6 +492,7 @@ mod tests {
                 local: Some(nodes[0].name.clone()),
                 title: Some(file.to_owned()),
                 live: None,
+                view: View::Auto,
             };
             // Graphviz writes `-` in titles as a character reference.
             let svg = graphviz(&render(&topo, &opts)).replace("&#45;", "-");
@@ -464,6 +518,7 @@ mod tests {
             local: Some(nodes[1].name.clone()),
             title: Some("say \"hi\"\\".into()),
             live: None,
+            view: View::Auto,
         };
         graphviz(&render(&topo, &opts));
     }

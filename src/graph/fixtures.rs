@@ -79,7 +79,11 @@ pub fn generated(n: u32, locations: u32) -> Vec<MeshNode> {
                     .parse()
                     .expect("ip"),
             );
-            node.pod_cidrs = vec![format!("10.42.{i}.0/24").parse().expect("cidr")];
+            node.pod_cidrs = vec![
+                format!("10.{}.{}.0/24", 42 + i / 256, i % 256)
+                    .parse()
+                    .expect("cidr"),
+            ];
             node
         })
         .collect()

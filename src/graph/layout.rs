@@ -68,7 +68,6 @@ impl Rect {
     }
 
     /// Whether the two rectangles share some area (touching edges do not count).
-    #[cfg(test)]
     pub fn overlaps(&self, other: &Rect) -> bool {
         self.x < other.x + other.w
             && other.x < self.x + self.w
@@ -101,15 +100,20 @@ impl Rect {
     }
 }
 
-/// One segment to place: how many cards it holds, which is the leader, how wide its label is.
+/// One box to place (a location's frame): how many cards it holds, which is the leader and
+/// which members it links to, how wide its label is, and the text rows under its cards.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Group {
-    /// Number of member cards (at least one is drawn).
+    /// Number of member cards (none for a box that only holds text rows).
     pub members: usize,
-    /// Index of the leader among the members.
-    pub leader: usize,
+    /// Index of the leader among the members, if one has private links to others.
+    pub leader: Option<usize>,
+    /// The members `0..linked` are the leader's segment: it has a private link to each of them.
+    pub linked: usize,
     /// Width of the frame's label text.
     pub label_width: f64,
+    /// Size of the text rows under the cards (zero when there are none).
+    pub extra: Size,
 }
 
 /// Everything the layout depends on.
@@ -134,8 +138,11 @@ pub struct GroupBox {
     pub frame: Rect,
     /// One card per member, in member order.
     pub members: Vec<Rect>,
-    /// Per member, the private link from the leader as a polyline (empty for the leader).
+    /// Per member, the private link from the leader as a polyline (empty for the leader and
+    /// for members the leader has no link to).
     pub links: Vec<Vec<Point>>,
+    /// Where the text rows under the cards go.
+    pub extra: Rect,
 }
 
 /// The placed drawing.
@@ -155,9 +162,11 @@ pub struct Layout {
     pub peers: Vec<Rect>,
 }
 
-/// Columns and rows of the near-square grid holding `k` cards.
+/// Columns and rows of the near-square grid holding `k` cards (none for none).
 fn grid(k: usize) -> (usize, usize) {
-    let k = k.max(1);
+    if k == 0 {
+        return (0, 0);
+    }
     let mut cols = 1;
     while cols * cols < k {
         cols += 1;
@@ -165,13 +174,31 @@ fn grid(k: usize) -> (usize, usize) {
     (cols, k.div_ceil(cols))
 }
 
-fn frame_size(g: &Group, card: Size) -> Size {
-    let (cols, rows) = grid(g.members);
-    let grid_w = cols as f64 * card.w + (cols - 1) as f64 * CELL_GAP;
-    let grid_h = rows as f64 * card.h + (rows - 1) as f64 * CELL_GAP;
+/// Width and height of the grid of `k` cards.
+fn grid_size(k: usize, card: Size) -> Size {
+    let (cols, rows) = grid(k);
+    let gaps = |n: usize| n.saturating_sub(1) as f64 * CELL_GAP;
     Size {
-        w: grid_w.max(g.label_width) + 2.0 * FRAME_PAD,
-        h: LABEL_H + grid_h + 2.0 * FRAME_PAD,
+        w: cols as f64 * card.w + gaps(cols),
+        h: rows as f64 * card.h + gaps(rows),
+    }
+}
+
+/// The gap between the cards and the text rows under them, when there are both.
+fn extra_gap(g: &Group) -> f64 {
+    if g.members > 0 && g.extra.h > 0.0 {
+        CELL_GAP / 2.0
+    } else {
+        0.0
+    }
+}
+
+/// The size of a group's frame: label line, grid of cards, text rows, padding.
+pub fn frame_size(g: &Group, card: Size) -> Size {
+    let grid = grid_size(g.members, card);
+    Size {
+        w: grid.w.max(g.label_width).max(g.extra.w) + 2.0 * FRAME_PAD,
+        h: LABEL_H + grid.h + extra_gap(g) + g.extra.h + 2.0 * FRAME_PAD,
     }
 }
 
@@ -216,10 +243,18 @@ pub fn layout(spec: &Spec<'_>) -> Layout {
             (0.0, 0.0)
         };
         let (members, links) = cells(g, &frame, spec.card, inward);
+        let grid = grid_size(g.members, spec.card);
+        let extra = Rect {
+            x: frame.x + FRAME_PAD,
+            y: frame.y + FRAME_PAD + LABEL_H + grid.h + extra_gap(g),
+            w: frame.w - 2.0 * FRAME_PAD,
+            h: g.extra.h,
+        };
         groups.push(GroupBox {
             frame,
             members,
             links,
+            extra,
         });
     }
     let peers = placed[spec.groups.len()..]
@@ -385,9 +420,14 @@ pub type Point = (f64, f64);
 /// enters the member's card from a gutter beside it: links never pass under a card. Every link
 /// starts at the leader, so links that share a stretch of gutter draw the same dashes there.
 fn cells(g: &Group, frame: &Rect, card: Size, inward: Point) -> (Vec<Rect>, Vec<Vec<Point>>) {
+    if g.members == 0 {
+        return (Vec::new(), Vec::new());
+    }
     let (cols, rows) = grid(g.members);
-    let grid_w = cols as f64 * card.w + (cols - 1) as f64 * CELL_GAP;
-    let grid_h = rows as f64 * card.h + (rows - 1) as f64 * CELL_GAP;
+    let Size {
+        w: grid_w,
+        h: grid_h,
+    } = grid_size(g.members, card);
     let left = frame.x + (frame.w - grid_w) / 2.0;
     let top = frame.y + FRAME_PAD + LABEL_H;
     let cell = |c: usize| Rect {
@@ -401,6 +441,10 @@ fn cells(g: &Group, frame: &Rect, card: Size, inward: Point) -> (Vec<Rect>, Vec<
         let (cx, cy) = cell(c).centre();
         (cx - gx) * inward.0 + (cy - gy) * inward.1
     };
+    let Some(leader) = g.leader.filter(|&l| l < g.members) else {
+        let cards = (0..g.members).map(cell).collect();
+        return (cards, vec![Vec::new(); g.members]);
+    };
     let mut leader_cell = 0;
     for c in 1..cols * rows {
         // A margin keeps ties (and float noise) with the earlier cell.
@@ -411,7 +455,7 @@ fn cells(g: &Group, frame: &Rect, card: Size, inward: Point) -> (Vec<Rect>, Vec<
     let mut free = (0..cols * rows).filter(|&c| c != leader_cell);
     let assigned: Vec<usize> = (0..g.members)
         .map(|m| {
-            if m == g.leader {
+            if m == leader {
                 leader_cell
             } else {
                 free.next().unwrap_or(leader_cell)
@@ -447,11 +491,12 @@ fn cells(g: &Group, frame: &Rect, card: Size, inward: Point) -> (Vec<Rect>, Vec<
     let (lx, ly) = lead.centre();
     let links = assigned
         .iter()
-        .map(|&c| {
+        .enumerate()
+        .map(|(k, &c)| {
             let (mr, mc) = (c / cols, c % cols);
             let m = cell(c);
             let (mx, my) = m.centre();
-            if c == leader_cell {
+            if c == leader_cell || k >= g.linked {
                 return Vec::new();
             }
             if mr == lr && mc.abs_diff(lc) == 1 {
@@ -509,8 +554,10 @@ mod tests {
         (0..n)
             .map(|_| Group {
                 members: 1,
-                leader: 0,
+                leader: Some(0),
+                linked: 1,
                 label_width: 60.0,
+                extra: Size::default(),
             })
             .collect()
     }
@@ -519,8 +566,10 @@ mod tests {
         (0..n)
             .map(|i| Group {
                 members: 1 + i % 5,
-                leader: (i % 5) / 2,
+                leader: Some((i % 5) / 2),
+                linked: 1 + i % 5,
                 label_width: 40.0 + 30.0 * (i % 3) as f64,
+                extra: Size::default(),
             })
             .collect()
     }
@@ -611,8 +660,10 @@ mod tests {
                 for inward in [(0.0, 1.0), (0.0, -1.0), (1.0, 0.0), (-0.7, 0.7), (0.0, 0.0)] {
                     let g = Group {
                         members,
-                        leader,
+                        leader: Some(leader),
+                        linked: members,
                         label_width: 50.0,
+                        extra: Size::default(),
                     };
                     let size = frame_size(&g, CARD);
                     let frame = Rect::centred(500.0, 500.0, size);
@@ -695,13 +746,17 @@ mod tests {
         let groups = [
             Group {
                 members: 4,
-                leader: 0,
+                leader: Some(0),
+                linked: 4,
                 label_width: 10.0,
+                extra: Size::default(),
             },
             Group {
                 members: 4,
-                leader: 3,
+                leader: Some(3),
+                linked: 4,
                 label_width: 10.0,
+                extra: Size::default(),
             },
         ];
         let l = layout(&spec(&groups, 0));

@@ -17,10 +17,15 @@
 
 mod dot;
 mod layout;
+mod scene;
 mod svg;
+
+pub use svg::{FULL_CANVAS, MAX_CANVAS};
 
 #[cfg(test)]
 mod fixtures;
+#[cfg(test)]
+mod geometry;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -38,6 +43,31 @@ pub struct GraphOptions {
     pub title: Option<String>,
     /// Handshakes as agents saw them: tunnels are coloured by their state (a live drawing).
     pub live: Option<Live>,
+    /// What to draw: the whole mesh or an overview (chosen by size), or one node or location.
+    pub view: View,
+}
+
+/// Which drawing of the mesh to make.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum View {
+    /// Every node as a card and every tunnel as a line when that drawing fits
+    /// [`FULL_CANVAS`]; otherwise the overview.
+    #[default]
+    Auto,
+    /// Locations as boxes with their node count, leader and (live) worst handshake; one line
+    /// per pair of locations, labelled with the number of tunnels it stands for.
+    Overview,
+    /// One node's tunnels and private link: its location's nodes as cards, the other
+    /// locations as in the overview.
+    Focus(NodeName),
+    /// One location in full: its nodes as cards, the other locations as in the overview, only
+    /// the lines that touch it.
+    Location(String),
+}
+
+/// The location labels a drawing knows, in drawing order ("no location" for nodes without).
+pub fn locations(topo: &Topology<'_>) -> Vec<String> {
+    scene::places(topo).into_iter().map(|p| p.label).collect()
 }
 
 /// One agent's reading of one of its WireGuard peers.
@@ -185,7 +215,7 @@ pub fn render_svg(topo: &Topology<'_>, opts: &GraphOptions) -> String {
 }
 
 /// One end of an edge: a member node (segment index, index in the segment) or a peer index.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum End {
     Node(usize, usize),
     Peer(usize),

@@ -11,23 +11,23 @@
 //! and on [`super::layout`] for positions.
 
 use std::borrow::Cow;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
 use super::layout::{self, FRAME_PAD, Group, Layout, Rect, Size, Spec};
+use super::scene::{self, Anchor, BoxKind, Caps, Mode, Scene, places};
 use super::{
-    Card, Edge, EdgeKind, End, GraphOptions, LIVE_LEGEND, Live, TunnelState, caption, edge_key,
-    edges, end_name, live_caption, local_end, node_card, peer_card, segment_label, touches_local,
-    tunnel_state,
+    Card, EdgeKind, End, GraphOptions, LIVE_LEGEND, TunnelState, View, caption, end_name,
+    live_caption, local_end, node_card, peer_card,
 };
 use crate::topology::Topology;
 
 /// Width of one character of 12 px monospace text (0.6 em, rounded up).
-const CHAR_W: f64 = 7.3;
+pub(super) const CHAR_W: f64 = 7.3;
 /// Width of one character of a 13 px bold heading.
-const HEAD_CHAR_W: f64 = 8.0;
+pub(super) const HEAD_CHAR_W: f64 = 8.0;
 /// Width of one character of the 18 px title.
-const TITLE_CHAR_W: f64 = 11.0;
+pub(super) const TITLE_CHAR_W: f64 = 11.0;
 /// Distance between two rows of a card.
 const LINE_H: f64 = 16.0;
 /// Height of a card's heading line.
@@ -70,6 +70,11 @@ text{font-family:'DejaVu Sans Mono',Menlo,Consolas,'Liberation Mono',monospace;f
 .tunnel.live-unknown{stroke:#adb5bd;stroke-dasharray:4 4}\
 .legend-local{fill:#fff4e6;stroke:#e8590c;stroke-width:2}\
 .legend-peer{fill:#f8f0fc;stroke:#862e9c;stroke-dasharray:5 3}\
+.legend-box{fill:#e7f5ff;stroke:#495057}\
+.box .frame{stroke:#495057;stroke-width:1.2}\
+.box.peers .frame{stroke:#862e9c;stroke-dasharray:5 3}\
+.box.live-stale .frame{stroke:#e03131;stroke-width:2.5}\
+.edge-label-bg{fill:#fff;stroke:#adb5bd;stroke-width:0.8}\
 .footer text{fill:#c92a2a}";
 
 /// Legend samples keep their own look however many tunnels thin the real ones.
@@ -113,7 +118,7 @@ fn num(v: f64) -> String {
     if s == "-0" { "0".to_owned() } else { s }
 }
 
-fn text_width(s: &str, char_w: f64) -> f64 {
+pub(super) fn text_width(s: &str, char_w: f64) -> f64 {
     s.chars().count() as f64 * char_w
 }
 
@@ -160,7 +165,7 @@ const CAPTION_H: f64 = 20.0;
 const LEGEND_H: f64 = 22.0;
 
 impl Header {
-    fn new(topo: &Topology<'_>, opts: &GraphOptions, has_local: bool) -> Header {
+    fn new(topo: &Topology<'_>, opts: &GraphOptions, has_local: bool, mode: Mode) -> Header {
         let mut legend = Vec::new();
         let mut caption = caption(topo);
         match &opts.live {
@@ -177,7 +182,10 @@ impl Header {
                 }
             }
         }
-        if topo.segments.iter().any(|s| s.nodes.len() > 1) {
+        if mode != Mode::Full {
+            legend.push((Sample::Box("legend-box"), "location: nodes counted"));
+        }
+        if mode != Mode::Overview && topo.segments.iter().any(|s| s.nodes.len() > 1) {
             legend.push((Sample::Line("link"), "private network to leader"));
             legend.push((Sample::Mark, "leader"));
         }
@@ -316,6 +324,7 @@ fn footer_lines(topo: &Topology<'_>) -> Vec<String> {
 }
 
 /// Stroke width and opacity of tunnels: thinner and lighter as they multiply.
+/// Stroke width and opacity of tunnels: thinner and lighter as they multiply.
 fn tunnel_stroke(count: usize) -> (f64, f64) {
     match count {
         0..=30 => (2.0, 0.9),
@@ -324,41 +333,209 @@ fn tunnel_stroke(count: usize) -> (f64, f64) {
     }
 }
 
+/// The largest canvas any drawing gets, in px: twice a 1200-px-high screen, so that at 100 %
+/// zoom (12 px text) a drawing is at most two screens in either direction.
+pub const MAX_CANVAS: Size = Size {
+    w: 2400.0,
+    h: 2400.0,
+};
+
+/// The largest canvas the full view may take when the view is chosen automatically: one Full
+/// HD screen's width at 100 % zoom, and at most one and a half of its heights. A mesh whose
+/// full drawing is larger is drawn as an overview.
+pub const FULL_CANVAS: Size = Size {
+    w: 1920.0,
+    h: 1620.0,
+};
+
+/// The caps tried in turn for a view of words until its canvas fits [`MAX_CANVAS`].
+const CAP_STEPS: [Caps; 7] = [
+    Caps {
+        cards: 16,
+        boxes: 24,
+    },
+    Caps {
+        cards: 12,
+        boxes: 16,
+    },
+    Caps {
+        cards: 9,
+        boxes: 12,
+    },
+    Caps { cards: 6, boxes: 8 },
+    Caps { cards: 4, boxes: 6 },
+    Caps { cards: 2, boxes: 4 },
+    Caps { cards: 2, boxes: 2 },
+];
+
+/// Longest text (in characters) in a card, box or label; longer text is cut with `…` (the
+/// tooltip has it whole).
+const TEXT_CAP: usize = 40;
+
+/// `s` cut to `TEXT_CAP` characters.
+fn cut(s: &str) -> String {
+    if s.chars().count() <= TEXT_CAP {
+        return s.to_owned();
+    }
+    let mut out: String = s.chars().take(TEXT_CAP - 1).collect();
+    out.push('…');
+    out
+}
+
+/// The card with every line cut to `TEXT_CAP`.
+fn cut_card(mut c: Card) -> Card {
+    c.heading = cut(&c.heading);
+    for r in &mut c.rows {
+        r.value = cut(&r.value);
+    }
+    c
+}
+
+/// A rendered document and its canvas.
+struct Drawing {
+    text: String,
+    size: Size,
+}
+
+/// What `opts.view` asks for, resolved against the topology; `None`: automatic.
+pub(super) fn requested(topo: &Topology<'_>, opts: &GraphOptions) -> Option<Mode> {
+    match &opts.view {
+        View::Auto => None,
+        View::Overview => Some(Mode::Overview),
+        View::Location(l) => {
+            let label = if l.is_empty() { "no location" } else { l };
+            places(topo)
+                .iter()
+                .position(|p| p.label == label)
+                .map(Mode::Location)
+                .or(Some(Mode::Overview))
+        }
+        View::Focus(n) => {
+            let s = topo.segment_of(n)?;
+            let m = topo.segments[s].nodes.iter().position(|x| &x.name == n)?;
+            Some(Mode::Focus(End::Node(s, m)))
+        }
+    }
+}
+
+/// The mode and caps a drawing of `topo` under `opts` uses: the full view when it fits
+/// [`FULL_CANVAS`] (automatic view), otherwise the first caps at which the view fits
+/// [`MAX_CANVAS`].
+pub(super) fn choose(topo: &Topology<'_>, opts: &GraphOptions) -> (Mode, Caps) {
+    draw_chosen(topo, opts).1
+}
+
+fn draw_chosen(topo: &Topology<'_>, opts: &GraphOptions) -> (Drawing, (Mode, Caps)) {
+    let mode = match requested(topo, opts) {
+        Some(m) => m,
+        None => {
+            let d = draw(topo, opts, Mode::Full, CAP_STEPS[0]);
+            if d.size.w <= FULL_CANVAS.w && d.size.h <= FULL_CANVAS.h {
+                return (d, (Mode::Full, CAP_STEPS[0]));
+            }
+            Mode::Overview
+        }
+    };
+    let mut last = None;
+    for caps in CAP_STEPS {
+        let d = draw(topo, opts, mode, caps);
+        if d.size.w <= MAX_CANVAS.w && d.size.h <= MAX_CANVAS.h {
+            return (d, (mode, caps));
+        }
+        last = Some((d, (mode, caps)));
+    }
+    last.unwrap_or_else(|| {
+        let caps = CAP_STEPS[CAP_STEPS.len() - 1];
+        (draw(topo, opts, mode, caps), (mode, caps))
+    })
+}
+
 /// The whole document.
 pub fn render(topo: &Topology<'_>, opts: &GraphOptions) -> String {
+    draw_chosen(topo, opts).0.text
+}
+
+/// Where each drawn card is: box and place in it, or peer card index.
+fn card_positions(scene: &Scene) -> BTreeMap<End, (usize, usize)> {
+    let mut at = BTreeMap::new();
+    for (b, bx) in scene.boxes.iter().enumerate() {
+        for (c, end) in bx.cards.iter().enumerate() {
+            at.insert(*end, (b, c));
+        }
+    }
+    at
+}
+
+/// Words for the caption naming the view.
+fn view_words(topo: &Topology<'_>, scene: &Scene) -> String {
+    match scene.mode {
+        Mode::Full => String::new(),
+        Mode::Overview => " · overview (--location L or --focus NODE draw one in full)".to_owned(),
+        Mode::Location(_) => {
+            let label = scene
+                .boxes
+                .iter()
+                .find(|b| !b.cards.is_empty())
+                .map_or("", |b| b.label.as_str());
+            format!(" · location {}", cut(label))
+        }
+        Mode::Focus(end) => format!(" · focus on {}", cut(end_name(topo, end))),
+    }
+}
+
+fn draw(topo: &Topology<'_>, opts: &GraphOptions, mode: Mode, caps: Caps) -> Drawing {
     let local = local_end(topo, opts);
-    let node_cards: Vec<Vec<Card>> = topo
-        .segments
+    let scene = scene::build(topo, mode, caps, local, opts.live.as_ref());
+    let local = scene.local;
+    let node_cards: BTreeMap<End, Card> = scene
+        .boxes
         .iter()
-        .enumerate()
-        .map(|(s, seg)| {
-            (0..seg.nodes.len())
-                .map(|m| node_card(topo, s, m, Some(LIST_CAP)))
-                .collect()
+        .flat_map(|b| b.cards.iter())
+        .map(|&end| {
+            let card = match end {
+                End::Node(s, m) => node_card(topo, s, m, Some(LIST_CAP)),
+                End::Peer(p) => peer_card(&topo.peers[p], Some(LIST_CAP)),
+            };
+            (end, cut_card(card))
         })
         .collect();
-    let peer_cards: Vec<Card> = topo
-        .peers
+    let peer_cards: Vec<Card> = scene
+        .peer_cards
         .iter()
-        .map(|p| peer_card(p, Some(LIST_CAP)))
+        .map(|&p| cut_card(peer_card(&topo.peers[p], Some(LIST_CAP))))
         .collect();
-    let card = card_size(node_cards.iter().flatten().chain(&peer_cards));
-    let labels: Vec<String> = topo.segments.iter().map(segment_label).collect();
-    let header = Header::new(topo, opts, local.is_some());
+    let card = card_size(node_cards.values().chain(&peer_cards));
+    let labels: Vec<String> = scene.boxes.iter().map(|b| cut(&b.label)).collect();
+    let rows: Vec<Vec<String>> = scene
+        .boxes
+        .iter()
+        .map(|b| b.rows.iter().map(|r| cut(r)).collect())
+        .collect();
+    let mut header = Header::new(topo, opts, local.is_some(), scene.mode);
+    header.caption.push_str(&view_words(topo, &scene));
     let footer = footer_lines(topo);
-    let groups: Vec<Group> = topo
-        .segments
+    let groups: Vec<Group> = scene
+        .boxes
         .iter()
         .zip(&labels)
-        .map(|(seg, label)| Group {
-            members: seg.nodes.len(),
-            leader: seg.leader,
+        .zip(&rows)
+        .map(|((b, label), rows)| Group {
+            members: b.cards.len(),
+            leader: b.leader,
+            linked: b.linked,
             label_width: text_width(label, CHAR_W),
+            extra: Size {
+                w: rows
+                    .iter()
+                    .map(|r| text_width(r, CHAR_W))
+                    .fold(0.0, f64::max),
+                h: rows.len() as f64 * LINE_H,
+            },
         })
         .collect();
     let l = layout::layout(&Spec {
         groups: &groups,
-        peers: topo.peers.len(),
+        peers: scene.peer_cards.len(),
         card,
         header: header.size(),
         footer: Size {
@@ -370,8 +547,8 @@ pub fn render(topo: &Topology<'_>, opts: &GraphOptions) -> String {
         },
     });
 
-    let all_edges = edges(topo);
-    let tunnels = all_edges
+    let tunnels = scene
+        .edges
         .iter()
         .filter(|e| e.kind != EdgeKind::Private)
         .count();
@@ -381,13 +558,24 @@ pub fn render(topo: &Topology<'_>, opts: &GraphOptions) -> String {
         .clone()
         .unwrap_or_else(|| format!("wiremesh topology: {}", topo.subnet));
 
-    let mut out = String::with_capacity(4096 + 600 * all_edges.len() + 1500 * groups.len());
-    let (w, h) = (num(l.width.ceil()), num(l.height.ceil()));
+    let mut out = String::with_capacity(4096 + 600 * scene.edges.len() + 1500 * groups.len());
+    let size = Size {
+        w: l.width.ceil(),
+        h: l.height.ceil(),
+    };
+    let (w, h) = (num(size.w), num(size.h));
     out.push_str("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
+    let view = match scene.mode {
+        Mode::Full => "full",
+        Mode::Overview => "overview",
+        Mode::Location(_) => "location",
+        Mode::Focus(_) => "focus",
+    };
     let _ = writeln!(
         out,
         "<svg xmlns=\"http://www.w3.org/2000/svg\" version=\"1.1\" width=\"{w}\" height=\"{h}\" \
-         viewBox=\"0 0 {w} {h}\" class=\"wiremesh-graph\" data-subnet=\"{}\" data-granularity=\"{}\">",
+         viewBox=\"0 0 {w} {h}\" class=\"wiremesh-graph\" data-subnet=\"{}\" data-granularity=\"{}\" \
+         data-view=\"{view}\">",
         topo.subnet, topo.granularity
     );
     let _ = writeln!(out, "<title>{}</title>", esc(&title));
@@ -403,11 +591,30 @@ pub fn render(topo: &Topology<'_>, opts: &GraphOptions) -> String {
         "<rect class=\"background\" x=\"0\" y=\"0\" width=\"{w}\" height=\"{h}\"/>"
     );
     header.write(&mut out, &l.header);
-    write_frames(&mut out, topo, &l, &labels);
-    write_edges(&mut out, topo, &l, &all_edges, local, opts.live.as_ref());
-    write_labels(&mut out, &l, &labels);
-    write_nodes(&mut out, topo, &l, &node_cards, &labels, local);
-    write_peers(&mut out, topo, &l, &peer_cards, local);
+    let at = card_positions(&scene);
+    let peer_at: BTreeMap<usize, usize> = scene
+        .peer_cards
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| (p, i))
+        .collect();
+    let anchor_rect = |a: Anchor| -> Rect {
+        match a {
+            Anchor::Box(b) => l.groups[b].frame,
+            Anchor::Card(End::Peer(p)) => {
+                peer_at.get(&p).map_or_else(Rect::default, |&i| l.peers[i])
+            }
+            Anchor::Card(end) => at
+                .get(&end)
+                .map_or_else(Rect::default, |&(b, c)| l.groups[b].members[c]),
+        }
+    };
+    write_frames(&mut out, &scene, &l, &labels);
+    write_edges(&mut out, topo, &scene, &l, &at, &anchor_rect);
+    write_boxes(&mut out, &scene, &l, &labels, &rows);
+    write_nodes(&mut out, topo, &scene, &l, &node_cards, local);
+    write_peers(&mut out, topo, &scene, &l, &peer_cards, local);
+    write_edge_labels(&mut out, &scene, &l, &anchor_rect);
     if !footer.is_empty() {
         out.push_str("<g class=\"footer\">\n");
         for (i, line) in footer.iter().enumerate() {
@@ -422,26 +629,33 @@ pub fn render(topo: &Topology<'_>, opts: &GraphOptions) -> String {
         out.push_str("</g>\n");
     }
     out.push_str("</svg>\n");
-    out
+    Drawing { text: out, size }
 }
 
-fn write_frames(out: &mut String, topo: &Topology<'_>, l: &Layout, labels: &[String]) {
+/// The palette colour of a box's label.
+fn colour_of(labels: &[String], label: &str) -> &'static str {
     let locations: BTreeSet<&str> = labels.iter().map(String::as_str).collect();
+    locations
+        .iter()
+        .position(|l| *l == label)
+        .map_or(PALETTE[0], |i| PALETTE[i % PALETTE.len()])
+}
+
+/// The frames of the boxes that hold cards (drawn under the lines).
+fn write_frames(out: &mut String, scene: &Scene, l: &Layout, labels: &[String]) {
     out.push_str("<g class=\"segments\">\n");
-    for (s, (seg, gb)) in topo.segments.iter().zip(&l.groups).enumerate() {
-        let colour = locations
-            .iter()
-            .position(|l| *l == labels[s])
-            .map_or(PALETTE[0], |i| PALETTE[i % PALETTE.len()]);
+    for (b, (bx, gb)) in scene.boxes.iter().zip(&l.groups).enumerate() {
+        if bx.cards.is_empty() {
+            continue;
+        }
         let f = &gb.frame;
         let _ = writeln!(
             out,
-            "<g id=\"segment-{s}\" class=\"segment\" data-segment=\"{}\" data-location=\"{}\" \
-             data-mesh-ip=\"{}\">\n<rect class=\"frame\" fill=\"{colour}\" x=\"{}\" y=\"{}\" \
-             width=\"{}\" height=\"{}\" rx=\"10\"/>\n</g>",
-            esc(&seg.key.to_string()),
-            esc(&labels[s]),
-            seg.mesh_ip,
+            "<g id=\"box-{b}\" class=\"segment\" data-location=\"{}\" data-node-count=\"{}\">\n\
+             <rect class=\"frame\" fill=\"{}\" x=\"{}\" y=\"{}\" width=\"{}\" height=\"{}\" rx=\"10\"/>\n</g>",
+            esc(&bx.label),
+            bx.count,
+            colour_of(labels, &labels[b]),
             num(f.x),
             num(f.y),
             num(f.w),
@@ -451,46 +665,90 @@ fn write_frames(out: &mut String, topo: &Topology<'_>, l: &Layout, labels: &[Str
     out.push_str("</g>\n");
 }
 
-/// Location labels go above the edges (with a halo), so tunnels never hide them.
-fn write_labels(out: &mut String, l: &Layout, labels: &[String]) {
+/// The label and words of every box, and the boxes of words themselves (drawn over the lines).
+fn write_boxes(
+    out: &mut String,
+    scene: &Scene,
+    l: &Layout,
+    labels: &[String],
+    rows: &[Vec<String>],
+) {
     out.push_str("<g class=\"labels\">\n");
-    for (gb, label) in l.groups.iter().zip(labels) {
+    for (b, (bx, gb)) in scene.boxes.iter().zip(&l.groups).enumerate() {
+        let f = &gb.frame;
+        let words = bx.cards.is_empty();
+        if words {
+            let (class, attr) = match &bx.kind {
+                BoxKind::Location => ("box", format!("data-location=\"{}\"", esc(&bx.label))),
+                BoxKind::Others(locs) => (
+                    "box others",
+                    format!("data-locations=\"{}\"", esc(&locs.join("\n"))),
+                ),
+                BoxKind::Peers => ("box peers", "data-peers=\"true\"".to_owned()),
+            };
+            let state = bx
+                .state
+                .map_or(String::new(), |s| format!(" data-health=\"{}\"", s.word()));
+            let mut tooltip = format!("{}\n{}", bx.label, bx.rows.join("\n"));
+            if let BoxKind::Others(locs) = &bx.kind {
+                tooltip.push('\n');
+                tooltip.push_str(&locs.join(", "));
+            }
+            let _ = writeln!(
+                out,
+                "<g id=\"box-{b}\" class=\"{class}\" {attr} data-node-count=\"{}\"{state}>\n\
+                 <title>{}</title>\n\
+                 <rect class=\"frame\" fill=\"{}\" x=\"{}\" y=\"{}\" width=\"{}\" height=\"{}\" rx=\"10\"/>",
+                bx.count,
+                esc(&tooltip),
+                colour_of(labels, &labels[b]),
+                num(f.x),
+                num(f.y),
+                num(f.w),
+                num(f.h),
+            );
+        } else {
+            let _ = writeln!(out, "<g class=\"box-words\" data-box=\"box-{b}\">");
+        }
         let _ = writeln!(
             out,
             "<text class=\"location\" x=\"{}\" y=\"{}\">{}</text>",
-            num(gb.frame.x + FRAME_PAD),
-            num(gb.frame.y + FRAME_PAD + 10.0),
-            esc(label)
+            num(f.x + FRAME_PAD),
+            num(f.y + FRAME_PAD + 10.0),
+            esc(&labels[b])
         );
+        for (i, row) in rows[b].iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "<text class=\"row\" x=\"{}\" y=\"{}\">{}</text>",
+                num(gb.extra.x),
+                num(gb.extra.y + 12.0 + i as f64 * LINE_H),
+                esc(row)
+            );
+        }
+        out.push_str("</g>\n");
     }
     out.push_str("</g>\n");
-}
-
-fn end_rect(l: &Layout, end: End) -> Rect {
-    match end {
-        End::Node(s, m) => l.groups[s].members[m],
-        End::Peer(p) => l.peers[p],
-    }
 }
 
 fn write_edges(
     out: &mut String,
     topo: &Topology<'_>,
+    scene: &Scene,
     l: &Layout,
-    all: &[Edge],
-    local: Option<End>,
-    live: Option<&Live>,
+    at: &BTreeMap<End, (usize, usize)>,
+    anchor_rect: &dyn Fn(Anchor) -> Rect,
 ) {
     out.push_str("<g class=\"links\">\n");
-    write_edge_set(out, topo, l, all, local, live, |k, _| {
+    write_edge_set(out, topo, scene, l, at, anchor_rect, |k, _| {
         k == EdgeKind::Private
     });
     out.push_str("</g>\n<g class=\"tunnels\">\n");
     // Tunnels the local node uses go last, on top of the others.
-    write_edge_set(out, topo, l, all, local, live, |k, on| {
+    write_edge_set(out, topo, scene, l, at, anchor_rect, |k, on| {
         k != EdgeKind::Private && !on
     });
-    write_edge_set(out, topo, l, all, local, live, |k, on| {
+    write_edge_set(out, topo, scene, l, at, anchor_rect, |k, on| {
         k != EdgeKind::Private && on
     });
     out.push_str("</g>\n");
@@ -499,55 +757,68 @@ fn write_edges(
 fn write_edge_set(
     out: &mut String,
     topo: &Topology<'_>,
+    scene: &Scene,
     l: &Layout,
-    all: &[Edge],
-    local: Option<End>,
-    live: Option<&Live>,
+    at: &BTreeMap<End, (usize, usize)>,
+    anchor_rect: &dyn Fn(Anchor) -> Rect,
     pick: impl Fn(EdgeKind, bool) -> bool,
 ) {
-    for (i, e) in all.iter().enumerate() {
-        let on = touches_local(topo, e, local);
-        if !pick(e.kind, on) {
+    for (i, e) in scene.edges.iter().enumerate() {
+        if !pick(e.kind, e.local) {
             continue;
         }
-        let (class, attr, what) = match e.kind {
-            EdgeKind::Private => ("link", "data-link", "private network"),
-            EdgeKind::Tunnel => ("tunnel", "data-tunnel", "WireGuard tunnel"),
-            EdgeKind::PeerTunnel => ("tunnel peer-tunnel", "data-tunnel", "WireGuard tunnel"),
+        let (class, attr, what) = match (e.kind, e.edge.is_some()) {
+            (EdgeKind::Private, _) => ("link", "data-link", "private network"),
+            (EdgeKind::Tunnel, true) => ("tunnel", "data-tunnel", "WireGuard tunnel"),
+            (EdgeKind::PeerTunnel, true) => {
+                ("tunnel peer-tunnel", "data-tunnel", "WireGuard tunnel")
+            }
+            (EdgeKind::Tunnel, false) => ("tunnel bundle", "data-bundle", "WireGuard tunnels"),
+            (EdgeKind::PeerTunnel, false) => (
+                "tunnel peer-tunnel bundle",
+                "data-bundle",
+                "WireGuard tunnels",
+            ),
         };
-        let local_class = if on { " local" } else { "" };
+        let local_class = if e.local { " local" } else { "" };
         let shape = if e.kind == EdgeKind::Private {
             "polyline"
         } else {
             "line"
         };
-        let state = live.and_then(|lv| tunnel_state(topo, e, lv));
-        let live_class = state.map_or(String::new(), |s| format!(" live-{}", s.word()));
+        let live_class = e
+            .state
+            .map_or(String::new(), |s| format!(" live-{}", s.word()));
         let _ = write!(
             out,
             "<{shape} id=\"edge-{i}\" class=\"{class}{local_class}{live_class}\" {attr}=\"{}\" ",
-            esc(&edge_key(topo, e)),
+            esc(&e.key),
         );
-        if let Some(s) = state {
+        if e.edge.is_none() {
+            let _ = write!(out, "data-tunnel-count=\"{}\" ", e.tunnels);
+        }
+        if let Some(s) = e.state {
             let _ = write!(out, "data-health=\"{}\" ", s.word());
             if let TunnelState::Known { age: Some(a), .. } = s {
                 let _ = write!(out, "data-handshake-age=\"{a}\" ");
             }
         }
-        match (e.kind, e.b) {
-            (EdgeKind::Private, End::Node(s, m)) => {
+        match (e.kind, e.edge) {
+            (EdgeKind::Private, Some(edge)) => {
                 out.push_str("points=\"");
-                for (k, (x, y)) in l.groups[s].links[m].iter().enumerate() {
-                    if k > 0 {
-                        out.push(' ');
+                if let Some(&(b, c)) = at.get(&edge.b) {
+                    for (k, (x, y)) in l.groups[b].links[c].iter().enumerate() {
+                        if k > 0 {
+                            out.push(' ');
+                        }
+                        let _ = write!(out, "{},{}", num(*x), num(*y));
                     }
-                    let _ = write!(out, "{},{}", num(*x), num(*y));
                 }
                 out.push('"');
             }
             _ => {
-                let (x1, y1) = end_rect(l, e.a).centre();
-                let (x2, y2) = end_rect(l, e.b).centre();
+                let (x1, y1) = anchor_rect(e.a).centre();
+                let (x2, y2) = anchor_rect(e.b).centre();
                 let _ = write!(
                     out,
                     "x1=\"{}\" y1=\"{}\" x2=\"{}\" y2=\"{}\"",
@@ -558,15 +829,88 @@ fn write_edge_set(
                 );
             }
         }
-        let detail = state.map_or(String::new(), |s| format!(", {}", s.describe()));
+        let ends = match e.edge {
+            Some(edge) => format!("{} ↔ {}", end_name(topo, edge.a), end_name(topo, edge.b)),
+            None => e.key.replacen("--", " ↔ ", 1),
+        };
+        let detail = match (e.edge, e.state) {
+            (Some(_), Some(s)) => format!(", {}", s.describe()),
+            (None, _) => format!(", {}", e.label().unwrap_or_default()),
+            _ => String::new(),
+        };
         let _ = writeln!(
             out,
-            "><title>{what}: {} ↔ {}{}</title></{shape}>",
-            esc(end_name(topo, e.a)),
-            esc(end_name(topo, e.b)),
+            "><title>{what}: {}{}</title></{shape}>",
+            esc(&ends),
             esc(&detail),
         );
     }
+}
+
+/// Height of an edge label's background.
+const EDGE_LABEL_H: f64 = 16.0;
+/// Padding left and right of an edge label's text.
+const EDGE_LABEL_PAD: f64 = 4.0;
+
+/// The words on bundled lines, each where it covers no box, card or other label: at the
+/// middle of its line if free there, else further along either way; left out (its line's
+/// tooltip still says it) when no place is free.
+fn write_edge_labels(
+    out: &mut String,
+    scene: &Scene,
+    l: &Layout,
+    anchor_rect: &dyn Fn(Anchor) -> Rect,
+) {
+    let mut taken: Vec<Rect> = l
+        .groups
+        .iter()
+        .flat_map(|g| std::iter::once(g.frame).chain(g.members.iter().copied()))
+        .chain(l.peers.iter().copied())
+        .chain([l.header])
+        .collect();
+    out.push_str("<g class=\"edge-labels\">\n");
+    for (i, e) in scene.edges.iter().enumerate() {
+        let Some(words) = e.label() else { continue };
+        let words = cut(&words);
+        let (ax, ay) = anchor_rect(e.a).centre();
+        let (bx, by) = anchor_rect(e.b).centre();
+        let w = text_width(&words, CHAR_W) + 2.0 * EDGE_LABEL_PAD;
+        let spot = [0.5, 0.42, 0.58, 0.34, 0.66, 0.26, 0.74]
+            .into_iter()
+            .map(|t| {
+                Rect::centred(
+                    ax + (bx - ax) * t,
+                    ay + (by - ay) * t,
+                    Size { w, h: EDGE_LABEL_H },
+                )
+            })
+            .find(|r| {
+                // A margin keeps rounded coordinates apart too.
+                let wide = Rect {
+                    x: r.x - 2.0,
+                    y: r.y - 2.0,
+                    w: r.w + 4.0,
+                    h: r.h + 4.0,
+                };
+                taken.iter().all(|t| !wide.overlaps(t)) && r.x >= 0.0 && r.y >= 0.0
+            });
+        let Some(r) = spot else { continue };
+        let _ = writeln!(
+            out,
+            "<g class=\"edge-label\" data-edge=\"edge-{i}\">\n\
+             <rect class=\"edge-label-bg\" x=\"{}\" y=\"{}\" width=\"{}\" height=\"{}\" rx=\"3\"/>\n\
+             <text x=\"{}\" y=\"{}\">{}</text>\n</g>",
+            num(r.x),
+            num(r.y),
+            num(r.w),
+            num(r.h),
+            num(r.x + EDGE_LABEL_PAD),
+            num(r.y + 12.0),
+            esc(&words)
+        );
+        taken.push(r);
+    }
+    out.push_str("</g>\n");
 }
 
 fn write_card(out: &mut String, r: &Rect, card: &Card, tooltip: &str) {
@@ -608,16 +952,19 @@ fn write_card(out: &mut String, r: &Rect, card: &Card, tooltip: &str) {
 fn write_nodes(
     out: &mut String,
     topo: &Topology<'_>,
+    scene: &Scene,
     l: &Layout,
-    cards: &[Vec<Card>],
-    labels: &[String],
+    cards: &BTreeMap<End, Card>,
     local: Option<End>,
 ) {
     out.push_str("<g class=\"nodes\">\n");
-    for (s, seg) in topo.segments.iter().enumerate() {
-        for (m, node) in seg.nodes.iter().enumerate() {
+    for (b, bx) in scene.boxes.iter().enumerate() {
+        for (c, &end) in bx.cards.iter().enumerate() {
+            let End::Node(s, m) = end else { continue };
+            let seg = &topo.segments[s];
+            let node = seg.nodes[m];
             let leader = m == seg.leader;
-            let is_local = local == Some(End::Node(s, m));
+            let is_local = local == Some(end);
             let mut class = String::from("node");
             if leader && seg.nodes.len() > 1 {
                 class.push_str(" leader");
@@ -631,17 +978,19 @@ fn write_nodes(
                  data-location=\"{}\" data-leader=\"{leader}\">",
                 esc(node.name.as_str()),
                 esc(&seg.key.to_string()),
-                esc(&labels[s])
+                esc(&bx.label)
             );
             let mut tooltip = node_card(topo, s, m, None).lines().join("\n");
-            let _ = write!(tooltip, "\nlocation {}", labels[s]);
+            let _ = write!(tooltip, "\nlocation {}", bx.label);
             if leader {
                 let _ = write!(tooltip, "\nleader of {}", seg.key);
             }
             if is_local {
                 tooltip.push_str("\n(local node)");
             }
-            write_card(out, &l.groups[s].members[m], &cards[s][m], &tooltip);
+            if let Some(card) = cards.get(&end) {
+                write_card(out, &l.groups[b].members[c], card, &tooltip);
+            }
             out.push_str("</g>\n");
         }
     }
@@ -651,12 +1000,14 @@ fn write_nodes(
 fn write_peers(
     out: &mut String,
     topo: &Topology<'_>,
+    scene: &Scene,
     l: &Layout,
     cards: &[Card],
     local: Option<End>,
 ) {
     out.push_str("<g class=\"peers\">\n");
-    for (p, peer) in topo.peers.iter().enumerate() {
+    for (i, &p) in scene.peer_cards.iter().enumerate() {
+        let peer = &topo.peers[p];
         let class = if local == Some(End::Peer(p)) {
             "peer local"
         } else {
@@ -668,7 +1019,7 @@ fn write_peers(
             esc(peer.name.as_str())
         );
         let tooltip = peer_card(peer, None).lines().join("\n");
-        write_card(out, &l.peers[p], &cards[p], &tooltip);
+        write_card(out, &l.peers[i], &cards[i], &tooltip);
         out.push_str("</g>\n");
     }
     out.push_str("</g>\n");
@@ -681,8 +1032,14 @@ mod tests {
     use quick_xml::events::Event;
 
     use super::super::fixtures::*;
+    use super::super::{Live, segment_label};
     use super::*;
     use crate::model::Granularity;
+
+    /// The full view, whatever its size.
+    fn full(topo: &Topology<'_>, opts: &GraphOptions) -> String {
+        draw(topo, opts, Mode::Full, CAP_STEPS[0]).text
+    }
 
     /// What a parsed SVG holds: `data-*` values by attribute, and the document's title text.
     #[derive(Debug, Default)]
@@ -838,9 +1195,12 @@ mod tests {
             "each tunnel once"
         );
         assert_eq!(parsed.set("data-link"), want.links);
+        assert_eq!(parsed.count("data-segment"), want.nodes.len());
+        let locations: BTreeSet<String> = topo.segments.iter().map(|s| segment_label(s)).collect();
         assert_eq!(
-            parsed.count("data-segment"),
-            topo.segments.len() + want.nodes.len()
+            parsed.count("data-node-count"),
+            locations.len(),
+            "one box per location"
         );
         let leaders = parsed
             .data
@@ -884,7 +1244,7 @@ mod tests {
         let nodes = generated(50, 50);
         let peers = generated_peers(2);
         let topo = build(&nodes, &peers, Granularity::Full);
-        let parsed = assert_complete(&topo, &render(&topo, &GraphOptions::default()));
+        let parsed = assert_complete(&topo, &full(&topo, &GraphOptions::default()));
         assert_eq!(parsed.count("data-tunnel"), 50 * 49 / 2 + 50 * 2);
     }
 
@@ -892,7 +1252,7 @@ mod tests {
     fn svg_has_every_node_and_tunnel_at_50_nodes_in_5_locations() {
         let nodes = generated(50, 5);
         let topo = build(&nodes, &[], Granularity::Location);
-        let parsed = assert_complete(&topo, &render(&topo, &GraphOptions::default()));
+        let parsed = assert_complete(&topo, &full(&topo, &GraphOptions::default()));
         assert_eq!(parsed.count("data-tunnel"), 10);
         assert_eq!(parsed.count("data-link"), 45);
     }
@@ -906,6 +1266,7 @@ mod tests {
             local: Some(nodes[0].name.clone()),
             title: Some(title.to_owned()),
             live: None,
+            view: View::Auto,
         };
         let svg = render(&topo, &opts);
         assert!(
@@ -1047,6 +1408,7 @@ mod tests {
             local: Some("node-04".into()),
             title: Some("t".into()),
             live: None,
+            view: View::Auto,
         };
         assert_eq!(render(&a, &opts), render(&b, &opts));
     }
@@ -1059,6 +1421,7 @@ mod tests {
             local: Some("home-a".into()),
             title: Some("from home-a".into()),
             live: None,
+            view: View::Auto,
         };
         let svg = render(&topo, &opts);
         let parsed = parse(&svg);

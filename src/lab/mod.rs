@@ -160,6 +160,7 @@ pub fn graph(
         local: local.map(|n| NodeName(n.to_owned())),
         title: Some(format!("wiremesh lab {}", state.name)),
         live,
+        view: Default::default(),
     };
     let text = match format {
         GraphFormat::Svg => render_svg(&topo, &gopts),
