@@ -155,7 +155,7 @@ enum Sample {
 struct Header {
     title: Option<String>,
     caption: String,
-    legend: Vec<(Sample, &'static str)>,
+    legend: Vec<(Sample, Cow<'static, str>)>,
 }
 
 const LEGEND_SAMPLE_W: f64 = 26.0;
@@ -171,29 +171,32 @@ impl Header {
         match &opts.live {
             Some(live) => {
                 for (word, words) in LIVE_LEGEND {
-                    legend.push((Sample::Line(live_line_class(word)), words));
+                    legend.push((Sample::Line(live_line_class(word)), words.into()));
                 }
                 caption.push_str(&live_caption(live));
             }
             None => {
-                legend.push((Sample::Line("tunnel"), "WireGuard tunnel"));
+                legend.push((Sample::Line("tunnel"), "WireGuard tunnel".into()));
                 if !topo.peers.is_empty() {
-                    legend.push((Sample::Line("tunnel peer-tunnel"), "tunnel to a peer"));
+                    legend.push((
+                        Sample::Line("tunnel peer-tunnel"),
+                        "tunnel to a peer".into(),
+                    ));
                 }
             }
         }
         if mode != Mode::Full {
-            legend.push((Sample::Box("legend-box"), "location: nodes counted"));
+            legend.push((Sample::Box("legend-box"), "location: nodes counted".into()));
         }
         if mode != Mode::Overview && topo.segments.iter().any(|s| s.nodes.len() > 1) {
-            legend.push((Sample::Line("link"), "private network to leader"));
-            legend.push((Sample::Mark, "leader"));
+            legend.push((Sample::Line("link"), "private network to leader".into()));
+            legend.push((Sample::Mark, "leader".into()));
         }
         if has_local {
-            legend.push((Sample::Box("legend-local"), "local node"));
+            legend.push((Sample::Box("legend-local"), "local node".into()));
         }
         if !topo.peers.is_empty() {
-            legend.push((Sample::Box("legend-peer"), "external peer"));
+            legend.push((Sample::Box("legend-peer"), "external peer".into()));
         }
         Header {
             title: opts.title.clone(),
@@ -513,6 +516,13 @@ fn draw(topo: &Topology<'_>, opts: &GraphOptions, mode: Mode, caps: Caps) -> Dra
         .collect();
     let mut header = Header::new(topo, opts, local.is_some(), scene.mode);
     header.caption.push_str(&view_words(topo, &scene));
+    let common = common_label(&scene);
+    if let Some(words) = &common {
+        header.legend.push((
+            Sample::Line("tunnel"),
+            format!("line without words: {}", cut(words)).into(),
+        ));
+    }
     let footer = footer_lines(topo);
     let groups: Vec<Group> = scene
         .boxes
@@ -614,7 +624,7 @@ fn draw(topo: &Topology<'_>, opts: &GraphOptions, mode: Mode, caps: Caps) -> Dra
     write_boxes(&mut out, &scene, &l, &labels, &rows);
     write_nodes(&mut out, topo, &scene, &l, &node_cards, local);
     write_peers(&mut out, topo, &scene, &l, &peer_cards, local);
-    write_edge_labels(&mut out, &scene, &l, &anchor_rect);
+    write_edge_labels(&mut out, &scene, &l, &anchor_rect, common.as_deref());
     if !footer.is_empty() {
         out.push_str("<g class=\"footer\">\n");
         for (i, line) in footer.iter().enumerate() {
@@ -847,6 +857,25 @@ fn write_edge_set(
     }
 }
 
+/// Past this many lines with words, the words most of them share are said once in the legend
+/// instead of on each line (on many lines they only hide one another).
+const SAY_ONCE_PAST: usize = 12;
+
+/// The words most lines with words share, when there are more than `SAY_ONCE_PAST` such lines
+/// (ties: the first in order).
+fn common_label(scene: &Scene) -> Option<String> {
+    let labels: Vec<String> = scene.edges.iter().filter_map(|e| e.label()).collect();
+    if labels.len() <= SAY_ONCE_PAST {
+        return None;
+    }
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for l in &labels {
+        *counts.entry(l).or_default() += 1;
+    }
+    let top = counts.values().copied().max()?;
+    labels.iter().find(|l| counts[l.as_str()] == top).cloned()
+}
+
 /// Height of an edge label's background.
 const EDGE_LABEL_H: f64 = 16.0;
 /// Padding left and right of an edge label's text.
@@ -854,12 +883,14 @@ const EDGE_LABEL_PAD: f64 = 4.0;
 
 /// The words on bundled lines, each where it covers no box, card or other label: at the
 /// middle of its line if free there, else further along either way; left out (its line's
-/// tooltip still says it) when no place is free.
+/// tooltip still says it) when no place is free, or when they are the `common` words the
+/// legend gives.
 fn write_edge_labels(
     out: &mut String,
     scene: &Scene,
     l: &Layout,
     anchor_rect: &dyn Fn(Anchor) -> Rect,
+    common: Option<&str>,
 ) {
     let mut taken: Vec<Rect> = l
         .groups
@@ -871,6 +902,9 @@ fn write_edge_labels(
     out.push_str("<g class=\"edge-labels\">\n");
     for (i, e) in scene.edges.iter().enumerate() {
         let Some(words) = e.label() else { continue };
+        if common == Some(words.as_str()) {
+            continue;
+        }
         let words = cut(&words);
         let (ax, ay) = anchor_rect(e.a).centre();
         let (bx, by) = anchor_rect(e.b).centre();
