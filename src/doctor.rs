@@ -4,7 +4,11 @@
 //!
 //! Probes read `/sys`, `/proc` and `PATH`, and try to create links only inside a throwaway
 //! network namespace, so the host is never changed. May depend on the reconcile modules'
-//! detection functions and `lab::sys::find_program`.
+//! detection functions and `lab::sys::find_program`. [`peers`] answers "why no handshake" for
+//! a running agent's peers, with [`firewall`] reading this host's nftables ruleset.
+
+pub mod firewall;
+pub mod peers;
 
 use std::path::Path;
 use std::process::Command;

@@ -80,6 +80,11 @@ pub struct PeerStatus {
     pub public_key: WgKey,
     /// Its endpoint as the device has it (after roaming: where its packets came from).
     pub endpoint: Option<String>,
+    /// The endpoint the agent configured for it (published or discovered); differs from
+    /// `endpoint` when the peer roamed. Absent from documents of agents that predate it, and
+    /// when the agent configured none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub configured_endpoint: Option<String>,
     /// Its allowed IPs.
     pub allowed_ips: Vec<IpNetwork>,
     /// Unix seconds of the latest handshake; `None`: never.
@@ -220,6 +225,7 @@ mod tests {
             kind: PeerKind::Node,
             public_key: WgKey([1; 32]),
             endpoint: None,
+            configured_endpoint: None,
             allowed_ips: Vec::new(),
             latest_handshake: Some(1000),
             rx_bytes: 0,
@@ -248,6 +254,7 @@ mod tests {
                 kind: PeerKind::Node,
                 public_key: WgKey([1; 32]),
                 endpoint: Some("10.200.0.2:51820".into()),
+                configured_endpoint: None,
                 allowed_ips: vec!["10.42.1.0/24".parse().unwrap()],
                 latest_handshake: Some(1_699_999_990),
                 rx_bytes: 180,

@@ -314,6 +314,44 @@ struct DoctorArgs {
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t = PlanFormat::Text)]
     output: PlanFormat,
+    /// Diagnose the tunnels of a running agent instead of the machine.
+    #[command(subcommand)]
+    what: Option<DoctorCommand>,
+}
+
+#[derive(Subcommand, Debug)]
+enum DoctorCommand {
+    /// For every peer of this node's agent without a recent handshake: the endpoint used and
+    /// where it came from, bytes each way, whether this host's nftables drop UDP to the listen
+    /// port, the keys as published and as used, and the most likely cause with what to do.
+    /// Exits 1 when a peer has no recent handshake.
+    Peers(DoctorPeersArgs),
+}
+
+#[derive(Args, Debug)]
+struct DoctorPeersArgs {
+    /// The agent's HTTP endpoint (its `--listen`).
+    #[arg(long, value_name = "URL", default_value = wiremesh::cli::status::DEFAULT_AGENT)]
+    agent: String,
+    /// The node's WireGuard listen port, checked against this host's firewall.
+    #[arg(long, default_value_t = wiremesh::topology::DEFAULT_PORT)]
+    port: u16,
+    /// The Nodes as published (`kubectl get nodes -o yaml`), to check keys and tell published
+    /// from discovered endpoints.
+    #[arg(long, value_name = "FILE")]
+    nodes: Option<PathBuf>,
+    /// The external Peers as published, with `--nodes`.
+    #[arg(long, value_name = "FILE", requires = "nodes")]
+    peers: Option<PathBuf>,
+    /// Report peers with a recent handshake too.
+    #[arg(long)]
+    all: bool,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = PlanFormat::Text)]
+    output: PlanFormat,
+    /// Seconds to wait for the agent.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    timeout: u64,
 }
 
 #[derive(Args, Debug)]
@@ -609,7 +647,53 @@ fn status(args: StatusArgs) -> Result<()> {
     Ok(())
 }
 
+fn doctor_peers(args: DoctorPeersArgs) -> Result<()> {
+    use wiremesh::cli::status::{AgentUrl, fetch_status};
+    use wiremesh::doctor::{firewall, peers};
+    let url = AgentUrl::parse(&args.agent)?;
+    let timeout = std::time::Duration::from_secs(args.timeout);
+    let status = block_on(fetch_status(&url, timeout))??;
+    let published = match &args.nodes {
+        Some(nodes) => {
+            let inputs = load(nodes, args.peers.as_deref(), DEFAULT_TOPOLOGY_LABEL)
+                .with_context(|| format!("reading {}", nodes.display()))?;
+            Some(peers::Published::new(&inputs.nodes, &inputs.peers))
+        }
+        None => None,
+    };
+    let firewall = match firewall::read_ruleset() {
+        Ok(rs) => firewall::judge(&rs, args.port),
+        Err(why) => firewall::Verdict::Unknown { why },
+    };
+    let report = peers::diagnose(
+        &peers::Local {
+            status,
+            listen_port: args.port,
+            firewall,
+            published,
+        },
+        args.all,
+    );
+    let text = match args.output {
+        PlanFormat::Json => format!("{}\n", serde_json::to_string_pretty(&report)?),
+        PlanFormat::Text => peers::render(&report),
+    };
+    std::io::stdout().write_all(text.as_bytes())?;
+    if report.findings.iter().any(|f| {
+        !matches!(
+            f.health,
+            wiremesh::status::Health::Fresh | wiremesh::status::Health::Aging
+        )
+    }) {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
 fn doctor(args: DoctorArgs) -> Result<()> {
+    if let Some(DoctorCommand::Peers(p)) = args.what {
+        return doctor_peers(p);
+    }
     let checks = wiremesh::doctor::run(args.encapsulate.into(), args.port, &args.interface);
     let text = match args.output {
         PlanFormat::Json => format!("{}\n", serde_json::to_string_pretty(&checks)?),

@@ -364,6 +364,7 @@ mod tests {
             kind: PeerKind::Node,
             public_key: WgKey([k; 32]),
             endpoint: Some(format!("10.200.0.{k}:51820")),
+            configured_endpoint: None,
             allowed_ips: vec![format!("10.42.{k}.0/24").parse().unwrap()],
             latest_handshake: hs,
             rx_bytes: 2048,

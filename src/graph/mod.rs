@@ -665,6 +665,7 @@ mod tests {
                 kind: PeerKind::Node,
                 public_key: WgKey([1; 32]),
                 endpoint: None,
+                configured_endpoint: None,
                 allowed_ips: vec![],
                 latest_handshake: Some(990),
                 rx_bytes: 1,
