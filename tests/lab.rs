@@ -645,3 +645,71 @@ fn location_leader_removed_from_the_file_hands_over_to_the_other_node_of_its_loc
     }
     lab.down_and_assert_gone();
 }
+
+/// `meshctl doctor peers` names a blocked listen port. In the three-clouds lab, fra-1's agent
+/// starts behind an nft rule (in fra-1's namespace) that drops UDP to 51820, so no handshake
+/// with fra-1 ever completes. On fra-1 the doctor finds the rule and says to open UDP 51820 on
+/// fra-1; on par-1 (behind NAT, with keepalive, so it keeps sending) it says fra-1 never
+/// answered and to open UDP 51820 on fra-1's firewall.
+#[test]
+#[cfg_attr(
+    not(feature = "netns-tests"),
+    ignore = "needs root and network namespaces"
+)]
+fn doctor_peers_names_a_listen_port_blocked_by_nftables_and_the_node_behind_it() {
+    require_tools(&[]);
+    let lab = Lab::new("dr");
+    // The rule goes in before node1's agent starts: a wrapper around the agent binary, run in
+    // the node's namespace like the agent itself.
+    let dir = std::env::temp_dir().join(format!("wm-doctor-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let wrapper = dir.join("agent.sh");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\ncase \" $* \" in *\" --hostname fra-1 \"*)\n  nft -f - <<'EOF'\n\
+             table inet wmblock {{\n  chain input {{\n    type filter hook input priority 0; policy accept;\n    \
+             udp dport 51820 drop\n  }}\n}}\nEOF\n;;\nesac\nexec {} \"$@\"\n",
+            env!("CARGO_BIN_EXE_wiremesh")
+        ),
+    )
+    .expect("wrapper");
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let up = lab.up(&["--agent", wrapper.to_str().expect("utf-8 path")]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(up.status.success(), "lab up: {}", text(&up));
+    let nodes = lab.dir().join("nodes.yaml");
+    let nodes = nodes.to_str().expect("utf-8 path");
+    let doctor = |suffix: &str| -> Option<serde_json::Value> {
+        let out = lab.exec(
+            suffix,
+            &[MESHCTL, "doctor", "peers", "-o", "json", "--nodes", nodes],
+        );
+        serde_json::from_slice(&out.stdout).ok()
+    };
+    let finding = |report: &serde_json::Value, peer: &str, cause: &str| -> Option<String> {
+        report["findings"]
+            .as_array()?
+            .iter()
+            .find(|f| f["peer"] == peer && f["cause"] == cause)
+            .and_then(|f| f["advice"].as_str().map(str::to_owned))
+    };
+    let on_fra = poll(Duration::from_secs(30), || {
+        finding(&doctor("n1")?, "hel-1", "local-firewall")
+    })
+    .unwrap_or_else(|| panic!("fra-1's doctor: {:?}", doctor("n1")));
+    assert!(
+        on_fra.contains("fra-1's firewall drops UDP 51820")
+            && on_fra.contains("inet wmblock input: udp dport 51820 drop")
+            && on_fra.contains("Open UDP 51820 on fra-1"),
+        "{on_fra}"
+    );
+    let on_par = poll(Duration::from_secs(30), || {
+        finding(&doctor("n3")?, "fra-1", "no-answer")
+    })
+    .unwrap_or_else(|| panic!("par-1's doctor: {:?}", doctor("n3")));
+    assert!(
+        on_par.contains("Open UDP 51820 on fra-1's firewall"),
+        "{on_par}"
+    );
+}

@@ -186,7 +186,10 @@ fn source(
     let Some(ep) = endpoint else {
         return EndpointSource::None;
     };
-    if configured.is_some_and(|c| c != ep) {
+    // A configured name (DNS) resolves to an address the device shows: only an address that
+    // differs counts as roamed.
+    let configured_addr = configured.and_then(|c| c.parse::<std::net::SocketAddr>().ok());
+    if configured_addr.is_some_and(|c| c.to_string() != ep) {
         return EndpointSource::Roamed;
     }
     let Some(p) = published else {
