@@ -132,6 +132,84 @@ fn bundles_are_up_to_date_with_their_parts() {
     );
 }
 
+/// `kubectl kustomize DIR` (kubectl's built-in kustomize), as YAML documents.
+fn kustomize(dir: &str) -> Vec<Value> {
+    let path = manifest_path(dir);
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(&path)
+        .output()
+        .unwrap_or_else(|e| panic!("kubectl kustomize (scripts/setup.sh installs kubectl): {e}"));
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    documents(&String::from_utf8_lossy(&out.stdout), dir)
+}
+
+/// Documents by `kind/name`, each once.
+fn by_label(docs: Vec<Value>, what: &str) -> std::collections::BTreeMap<String, Value> {
+    let mut out = std::collections::BTreeMap::new();
+    for d in docs {
+        let l = label(&d);
+        assert!(out.insert(l.clone(), d).is_none(), "{what}: {l} twice");
+    }
+    out
+}
+
+#[test]
+fn kustomize_overlays_render_the_same_objects_as_the_bundles() {
+    for f in FLAVOURS {
+        let rendered = by_label(kustomize(&format!("kustomize/{}", f.name)), f.name);
+        let bundle = by_label(documents(&manifest(&f.bundle()), &f.bundle()), &f.bundle());
+        assert_eq!(
+            rendered.keys().collect::<Vec<_>>(),
+            bundle.keys().collect::<Vec<_>>(),
+            "{}: the same objects",
+            f.name
+        );
+        for (l, want) in &bundle {
+            assert_eq!(
+                &rendered[l], want,
+                "{}: {l} differs from the bundle's",
+                f.name
+            );
+        }
+    }
+}
+
+#[test]
+fn example_overlay_changes_only_image_granularity_and_listen_port() {
+    let mut rendered = by_label(kustomize("kustomize/example"), "example");
+    let bundle = by_label(
+        documents(&manifest("wiremesh-kubeadm.yaml"), "kubeadm"),
+        "kubeadm",
+    );
+    let ds = rendered
+        .get_mut("DaemonSet/wiremesh")
+        .expect("the DaemonSet");
+    let container = &mut ds["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        container["image"],
+        "registry.example.com/platform/wiremesh:0.1.0-example"
+    );
+    let env = container["env"].as_array_mut().expect("env");
+    let value = |env: &[Value], name: &str| {
+        env.iter()
+            .find(|e| e["name"] == name)
+            .map(|e| e["value"].clone())
+    };
+    assert_eq!(value(env, "WIREMESH_GRANULARITY"), Some(json!("full")));
+    assert_eq!(value(env, "WIREMESH_PORT"), Some(json!("51821")));
+    // Take the three changes back out: the rest is the kubeadm bundle.
+    env.retain(|e| e["name"] != "WIREMESH_GRANULARITY" && e["name"] != "WIREMESH_PORT");
+    container["image"] =
+        bundle["DaemonSet/wiremesh"]["spec"]["template"]["spec"]["containers"][0]["image"].clone();
+    assert_eq!(rendered, bundle);
+}
+
 #[test]
 fn bundles_hold_the_crd_and_rbac_byte_for_byte_and_nothing_else() {
     let crd = manifest("crd-peer.yaml");
