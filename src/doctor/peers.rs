@@ -394,7 +394,7 @@ fn cause(
                     "no endpoint is known for {peer} and it has not reached {me}: both nodes are \
                      probably behind NAT, or {peer} publishes no endpoint. Give one of them a \
                      reachable endpoint (kilo.squat.ai/force-endpoint) and keepalive on the \
-                     other (kilo.squat.ai/persistent-keepalive): see docs/nat.md"
+                     other (kilo.squat.ai/persistent-keepalive): see docs/install.md, \"Nodes behind NAT\""
                 ),
             )
         };
@@ -623,7 +623,7 @@ mod tests {
         p.configured_endpoint = None;
         let f = diagnose(&local(vec![p], Verdict::Open), false).findings[0].clone();
         assert_eq!(f.cause, Cause::NoEndpoint);
-        assert!(f.advice.contains("docs/nat.md"), "{}", f.advice);
+        assert!(f.advice.contains("Nodes behind NAT"), "{}", f.advice);
         assert_eq!(f.endpoint_source, EndpointSource::None);
     }
 
