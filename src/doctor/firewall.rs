@@ -237,9 +237,7 @@ impl Ctx<'_, '_> {
                 ("accept", Truth::Yes) => return Outcome::Accept,
                 ("drop" | "reject", Truth::Yes) => return Outcome::Drop(by),
                 ("drop" | "reject", Truth::Maybe) => {
-                    if self.maybe.is_none() {
-                        self.maybe = Some(by);
-                    }
+                    self.maybe.get_or_insert(by);
                 }
                 ("return", Truth::Yes) => return Outcome::Continue,
                 ("jump" | "goto", Truth::Yes | Truth::Maybe) => {
@@ -254,9 +252,7 @@ impl Ctx<'_, '_> {
                         Outcome::Continue => {}
                         other if truth == Truth::Yes => return other,
                         Outcome::Drop(by) => {
-                            if self.maybe.is_none() {
-                                self.maybe = Some(by);
-                            }
+                            self.maybe.get_or_insert(by);
                         }
                         Outcome::Accept => {}
                     }

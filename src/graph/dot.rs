@@ -279,6 +279,38 @@ mod tests {
     }
 
     #[test]
+    fn dot_of_a_large_mesh_is_the_overview_with_labelled_lines_and_one_location_in_full() {
+        let nodes = generated(40, 4);
+        let topo = build(&nodes, &[], Granularity::Full);
+        let dot = render(&topo, &GraphOptions::default());
+        assert!(!dot.contains("subgraph \"cluster_"), "no cards: {dot}");
+        for b in 0..4 {
+            assert!(
+                dot.contains(&format!("\t\"box:{b}\" [label=\"site-{b}\\n10 nodes")),
+                "{dot}"
+            );
+        }
+        let edges = edge_lines(&dot);
+        assert_eq!(edges.len(), 6, "one line per pair of locations");
+        assert!(
+            edges.iter().all(|l| l.contains("label=\"100 tunnels\"")),
+            "{edges:?}"
+        );
+        let one = render(
+            &topo,
+            &GraphOptions {
+                view: View::Location("site-1".into()),
+                ..GraphOptions::default()
+            },
+        );
+        assert_eq!(one.matches("subgraph \"cluster_").count(), 1);
+        assert!(
+            one.contains("graph [label=\"site-1\", style=\"dashed,rounded\"];"),
+            "{one}"
+        );
+    }
+
+    #[test]
     fn dot_has_a_cluster_per_segment_and_every_tunnel() {
         let (nodes, peers) = example("locations.yaml", true);
         let topo = build(&nodes, &peers, Granularity::Location);

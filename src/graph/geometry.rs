@@ -78,13 +78,16 @@ fn char_w(class: &str) -> f64 {
     }
 }
 
+/// A `<text>` being read: class, baseline, segments (x, characters), content.
+type Reading = (String, f64, Vec<(f64, usize)>, String);
+
 fn parse(svg: &str) -> Drawing {
     let mut reader = quick_xml::Reader::from_str(svg);
     let mut d = Drawing::default();
     // The open elements: name and attributes.
     let mut stack: Vec<(String, BTreeMap<String, String>)> = Vec::new();
-    // The text being read: class, baseline, segments (x, characters).
-    let mut text: Option<(String, f64, Vec<(f64, usize)>, String)> = None;
+    // The text being read: class, baseline, segments (x, characters), content.
+    let mut text: Option<Reading> = None;
     let mut pending_g: Option<BTreeMap<String, String>> = None;
     loop {
         let event = reader.read_event().expect("well-formed XML");
