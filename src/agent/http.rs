@@ -515,6 +515,8 @@ mod tests {
         let p = &doc.peers[1];
         assert_eq!(p.name, "par-1");
         assert_eq!(p.endpoint.as_deref(), Some("10.200.0.254:40000"));
+        // What the agent configured, next to where the peer roamed to.
+        assert_eq!(p.configured_endpoint.as_deref(), Some("10.200.0.3:51820"));
         assert_eq!(p.latest_handshake, Some(1_700_000_070));
         assert_eq!(p.age(doc.time), Some(30));
         assert_eq!((p.rx_bytes, p.tx_bytes), (5, 6));
