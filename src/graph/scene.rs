@@ -185,9 +185,17 @@ pub(super) fn places(topo: &Topology<'_>) -> Vec<Place> {
     out
 }
 
-/// The index of the place holding `end` (a node).
-fn place_of(places: &[Place], end: End) -> Option<usize> {
-    places.iter().position(|p| p.nodes.contains(&end))
+/// The place of each segment (a segment's nodes share one place), by segment index.
+fn segment_places(topo: &Topology<'_>, places: &[Place]) -> Vec<usize> {
+    let mut out = vec![0; topo.segments.len()];
+    for (p, place) in places.iter().enumerate() {
+        for end in &place.nodes {
+            if let End::Node(s, _) = end {
+                out[*s] = p;
+            }
+        }
+    }
+    out
 }
 
 /// How bad a tunnel state is, for "the worst" of several: stale, unknown, aging, new, fresh.
@@ -246,6 +254,12 @@ pub(super) fn build(
     live: Option<&Live>,
 ) -> Scene {
     let places = places(topo);
+    let seg_place = segment_places(topo, &places);
+    // The index of the place holding `end`, a node.
+    let place_of = |end: End| match end {
+        End::Node(s, _) => seg_place.get(s).copied(),
+        End::Peer(_) => None,
+    };
     let all = edges(topo);
     if mode == Mode::Full {
         return full(topo, &places, all, local, live);
@@ -253,7 +267,7 @@ pub(super) fn build(
     // The place drawn in full, if any.
     let open = match mode {
         Mode::Location(p) => Some(p),
-        Mode::Focus(end) => place_of(&places, end),
+        Mode::Focus(end) => place_of(end),
         _ => None,
     };
     // Which places get a box: the open one, then the largest, up to the cap.
@@ -269,7 +283,10 @@ pub(super) fn build(
     kept.sort_unstable();
     // Box of each place; the rest share the box after the kept ones.
     let others_box = kept.len();
-    let box_of_place = |p: usize| kept.iter().position(|&k| k == p).unwrap_or(others_box);
+    let mut box_of = vec![others_box; places.len()];
+    for (b, &p) in kept.iter().enumerate() {
+        box_of[p] = b;
+    }
     let mut boxes: Vec<SceneBox> = kept
         .iter()
         .map(|&p| {
@@ -340,7 +357,7 @@ pub(super) fn build(
         match end {
             End::Peer(_) => Anchor::Box(peers_box.unwrap_or(0)),
             End::Node(..) => {
-                let b = place_of(&places, end).map_or(others_box, box_of_place);
+                let b = place_of(end).map_or(others_box, |p| box_of[p]);
                 if boxes[b].cards.contains(&end) {
                     Anchor::Card(end)
                 } else {
@@ -360,7 +377,7 @@ pub(super) fn build(
     for e in &all {
         let keep = match mode {
             Mode::Overview | Mode::Full => true,
-            Mode::Location(p) => [e.a, e.b].iter().any(|x| place_of(&places, *x) == Some(p)),
+            Mode::Location(p) => [e.a, e.b].iter().any(|x| place_of(*x) == Some(p)),
             Mode::Focus(end) => touches_local(topo, e, Some(end)),
         };
         if !keep {

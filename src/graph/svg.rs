@@ -432,25 +432,24 @@ fn draw_chosen(topo: &Topology<'_>, opts: &GraphOptions) -> (Drawing, (Mode, Cap
     let mode = match requested(topo, opts) {
         Some(m) => m,
         None => {
-            let d = draw(topo, opts, Mode::Full, CAP_STEPS[0]);
-            if d.size.w <= FULL_CANVAS.w && d.size.h <= FULL_CANVAS.h {
+            if let Some(d) = draw(topo, opts, Mode::Full, CAP_STEPS[0], Some(FULL_CANVAS)) {
                 return (d, (Mode::Full, CAP_STEPS[0]));
             }
             Mode::Overview
         }
     };
-    let mut last = None;
     for caps in CAP_STEPS {
-        let d = draw(topo, opts, mode, caps);
-        if d.size.w <= MAX_CANVAS.w && d.size.h <= MAX_CANVAS.h {
+        if let Some(d) = draw(topo, opts, mode, caps, Some(MAX_CANVAS)) {
             return (d, (mode, caps));
         }
-        last = Some((d, (mode, caps)));
     }
-    last.unwrap_or_else(|| {
-        let caps = CAP_STEPS[CAP_STEPS.len() - 1];
-        (draw(topo, opts, mode, caps), (mode, caps))
-    })
+    // Nothing fits (names of hundreds of characters cannot, as they are cut): the smallest.
+    let caps = CAP_STEPS[CAP_STEPS.len() - 1];
+    let d = draw(topo, opts, mode, caps, None).unwrap_or_else(|| Drawing {
+        text: String::new(),
+        size: Size::default(),
+    });
+    (d, (mode, caps))
 }
 
 /// The whole document.
@@ -486,7 +485,15 @@ fn view_words(topo: &Topology<'_>, scene: &Scene) -> String {
     }
 }
 
-fn draw(topo: &Topology<'_>, opts: &GraphOptions, mode: Mode, caps: Caps) -> Drawing {
+/// The drawing of `mode` under `caps`; `None` when its canvas would exceed `limit` (then no
+/// text is written).
+fn draw(
+    topo: &Topology<'_>,
+    opts: &GraphOptions,
+    mode: Mode,
+    caps: Caps,
+    limit: Option<Size>,
+) -> Option<Drawing> {
     let local = local_end(topo, opts);
     let scene = scene::build(topo, mode, caps, local, opts.live.as_ref());
     let local = scene.local;
@@ -557,6 +564,11 @@ fn draw(topo: &Topology<'_>, opts: &GraphOptions, mode: Mode, caps: Caps) -> Dra
         },
     });
 
+    if let Some(limit) = limit
+        && (l.width.ceil() > limit.w || l.height.ceil() > limit.h)
+    {
+        return None;
+    }
     let tunnels = scene
         .edges
         .iter()
@@ -639,7 +651,7 @@ fn draw(topo: &Topology<'_>, opts: &GraphOptions, mode: Mode, caps: Caps) -> Dra
         out.push_str("</g>\n");
     }
     out.push_str("</svg>\n");
-    Drawing { text: out, size }
+    Some(Drawing { text: out, size })
 }
 
 /// The palette colour of a box's label.
@@ -1072,7 +1084,9 @@ mod tests {
 
     /// The full view, whatever its size.
     fn full(topo: &Topology<'_>, opts: &GraphOptions) -> String {
-        draw(topo, opts, Mode::Full, CAP_STEPS[0]).text
+        draw(topo, opts, Mode::Full, CAP_STEPS[0], None)
+            .expect("no limit")
+            .text
     }
 
     /// What a parsed SVG holds: `data-*` values by attribute, and the document's title text.
