@@ -394,10 +394,9 @@ fn cut_card(mut c: Card) -> Card {
     c
 }
 
-/// A rendered document and its canvas.
+/// A rendered document.
 struct Drawing {
     text: String,
-    size: Size,
 }
 
 /// What `opts.view` asks for, resolved against the topology; `None`: automatic.
@@ -447,7 +446,6 @@ fn draw_chosen(topo: &Topology<'_>, opts: &GraphOptions) -> (Drawing, (Mode, Cap
     let caps = CAP_STEPS[CAP_STEPS.len() - 1];
     let d = draw(topo, opts, mode, caps, None).unwrap_or_else(|| Drawing {
         text: String::new(),
-        size: Size::default(),
     });
     (d, (mode, caps))
 }
@@ -651,7 +649,7 @@ fn draw(
         out.push_str("</g>\n");
     }
     out.push_str("</svg>\n");
-    Some(Drawing { text: out, size })
+    Some(Drawing { text: out })
 }
 
 /// The palette colour of a box's label.
