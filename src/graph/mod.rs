@@ -1,19 +1,24 @@
 //! Graph exporter: draws a [`Topology`] as DOT or as a self-contained SVG (no graphviz needed).
 //!
-//! What a drawing shows: each segment as a group labelled with its location; each member node
-//! as a card with its name, mesh IP, pod CIDRs, internal IP and endpoint, the leader starred;
-//! each external peer as a card with its allowed IPs; a WireGuard tunnel between the leaders of
-//! every two segments and between every leader and every peer; and a private-network link from
-//! each leader to the other members of its segment. The SVG also lists the nodes and peers left
-//! out of the mesh. `GraphOptions::local` highlights a node (or peer) and the tunnels and link
-//! its traffic uses. `GraphOptions::live` (`meshctl graph --live`) colours each tunnel by the
-//! age of its latest handshake as the agents at its ends reported it ([`Live`]): green under
-//! 2 min, amber up to 5 min or none yet, red stale, grey where no agent said anything.
+//! What a drawing shows ([`View`]): nodes of one location share one box in either
+//! granularity. The full view draws each node as a card with its name, mesh IP, pod CIDRs,
+//! internal IP and endpoint, the leader starred; each external peer as a card with its allowed
+//! IPs; a WireGuard tunnel between the leaders of every two segments and between every leader
+//! and every peer; and a private-network link from each leader to the other members of its
+//! segment. Past [`FULL_CANVAS`] the default is the overview: locations as boxes with their node
+//! count, leader and (live) worst handshake, one line per pair of locations labelled with the
+//! tunnels it stands for; `View::Location` and `View::Focus` draw one location or one node's
+//! tunnels in full and the rest as in the overview. No drawing exceeds [`MAX_CANVAS`]: past it,
+//! fewer cards and boxes are drawn and the rest is counted. The SVG also lists the nodes and
+//! peers left out of the mesh. `GraphOptions::local` highlights a node (or peer) and the tunnels
+//! and link its traffic uses. `GraphOptions::live` (`meshctl graph --live`) colours each tunnel
+//! by the age of its latest handshake as the agents at its ends reported it ([`Live`]): green
+//! under 2 min, amber up to 5 min or none yet, red stale, grey where no agent said anything.
 //!
 //! Pure: `fn(&Topology) -> String`, the same input gives the same bytes. Depends on the topology
 //! (with the diagnostics it carries), the model and the status document's health rules only.
-//! This module decides *what* is drawn (cards, edges, tunnel states); `layout` places the
-//! boxes, `svg` and `dot` write the documents.
+//! This module decides *what* is drawn (cards, edges, tunnel states); `scene` picks the view's
+//! boxes and lines, `layout` places the boxes, `svg` and `dot` write the documents.
 
 mod dot;
 mod layout;

@@ -6,6 +6,10 @@
 //! tests can find them; hovering shows a `<title>` tooltip. Text is measured as monospace. In a
 //! live drawing each tunnel also has the class `live-<state>` and `data-health="<state>"`
 //! (`fresh`, `aging`, `new`, `stale`, `unknown`), and `data-handshake-age` (seconds) when known.
+//! The root carries `data-view` (`full`, `overview`, `location`, `focus`); each location's box
+//! `data-location` and `data-node-count` (the box of the other locations `data-locations`, one
+//! per line); a line standing for several tunnels `data-bundle="a--b"` and `data-tunnel-count`.
+//! The view and its caps are chosen here, by canvas size ([`FULL_CANVAS`], [`MAX_CANVAS`]).
 //!
 //! Pure. Depends on the topology (with its diagnostics) and model, through the parent module,
 //! and on [`super::layout`] for positions.
