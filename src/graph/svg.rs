@@ -12,7 +12,7 @@
 //! The view and its caps are chosen here, by canvas size ([`FULL_CANVAS`], [`MAX_CANVAS`]).
 //!
 //! Pure. Depends on the topology (with its diagnostics) and model, through the parent module,
-//! and on [`super::layout`] for positions.
+//! on [`super::scene`] for what a view holds and on [`super::layout`] for positions.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
