@@ -839,6 +839,15 @@ enum LabCommand {
         /// Highlight this node.
         #[arg(long)]
         node: Option<String>,
+        /// Draw the overview of locations whatever the lab's size.
+        #[arg(long, conflicts_with_all = ["focus", "location"])]
+        overview: bool,
+        /// Draw one node's tunnels and private link, its location in full.
+        #[arg(long, value_name = "NODE", conflicts_with = "location")]
+        focus: Option<String>,
+        /// Draw one location in full, with the tunnels that leave it.
+        #[arg(long, value_name = "LOCATION")]
+        location: Option<String>,
         /// Write to this file instead of stdout.
         #[arg(short = 'O', long = "out", value_name = "FILE")]
         out: Option<PathBuf>,
@@ -1191,6 +1200,9 @@ fn lab(args: LabArgs) -> Result<(), LabError> {
             format,
             live,
             node,
+            overview,
+            focus,
+            location,
             out,
         } => {
             let state = l::load(&args.root, &name)?;
@@ -1198,7 +1210,13 @@ fn lab(args: LabArgs) -> Result<(), LabError> {
                 GraphFormat::Svg => G::Svg,
                 GraphFormat::Dot => G::Dot,
             };
-            let (text, warnings) = l::graph(&state, format, node.as_deref(), live)?;
+            let view = match (overview, focus, location) {
+                (true, _, _) => View::Overview,
+                (_, Some(n), _) => View::Focus(NodeName(n)),
+                (_, _, Some(l)) => View::Location(l),
+                _ => View::Auto,
+            };
+            let (text, warnings) = l::graph(&state, format, node.as_deref(), live, view)?;
             for w in warnings {
                 eprintln!("warning: {w}");
             }

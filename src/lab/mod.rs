@@ -125,6 +125,7 @@ pub fn graph(
     format: GraphFormat,
     local: Option<&str>,
     live: bool,
+    view: crate::graph::View,
 ) -> Result<(String, Vec<String>), LabError> {
     let loaded = mesh_nodes(state)?;
     let opts = mesh_options(state);
@@ -160,7 +161,7 @@ pub fn graph(
         local: local.map(|n| NodeName(n.to_owned())),
         title: Some(format!("wiremesh lab {}", state.name)),
         live,
-        view: Default::default(),
+        view,
     };
     let text = match format {
         GraphFormat::Svg => render_svg(&topo, &gopts),
