@@ -1715,6 +1715,48 @@ mod tests {
     }
 
     #[test]
+    fn graph_views_exclude_each_other_and_doctor_peers_takes_its_own_flags() {
+        let Command::Graph(g) = parse(&["graph", "--location", "hel"])
+            .expect("parses")
+            .command
+        else {
+            panic!("not graph");
+        };
+        assert_eq!(g.location.as_deref(), Some("hel"));
+        for both in [
+            &["graph", "--overview", "--focus", "a"][..],
+            &["graph", "--focus", "a", "--location", "b"][..],
+        ] {
+            let e = parse(both).expect_err("refused");
+            assert_eq!(
+                e.kind(),
+                clap::error::ErrorKind::ArgumentConflict,
+                "{both:?}"
+            );
+        }
+        let Command::Doctor(d) = parse(&[
+            "doctor",
+            "peers",
+            "-o",
+            "json",
+            "--agent",
+            "http://a:1107",
+            "--port",
+            "51821",
+        ])
+        .expect("parses")
+        .command
+        else {
+            panic!("not doctor");
+        };
+        let Some(DoctorCommand::Peers(p)) = d.what else {
+            panic!("not doctor peers");
+        };
+        assert!(matches!(p.output, PlanFormat::Json));
+        assert_eq!((p.agent.as_str(), p.port), ("http://a:1107", 51821));
+    }
+
+    #[test]
     fn graph_agents_are_repeatable_and_need_live() {
         let Command::Graph(g) = parse(&[
             "graph",
