@@ -65,15 +65,18 @@ pairs() { # n [secs]
 service() {
   local ip p out ok=0 total=0
   ip=$(kc get service wmk-ping -o jsonpath='{.spec.clusterIP}')
+  # Kubernetes' part first: every pod in the Service's Endpoints.
+  wait_for 60 sh -c "[ \$(\"$0\" _endpoints) = $(pods | wc -l) ]" \
+    || die "Service endpoints: $("$0" _endpoints) of $(pods | wc -l)"
   for p in $(pods | awk '{print $1}'); do
     total=$((total + 1))
     out=
-    for _ in 1 2 3 4 5; do
-      out=$(kc exec "$p" -- sh -c "printf 'GET / HTTP/1.0\r\n\r\n' | nc -w 3 $ip 80" 2>/dev/null || true)
+    for _ in $(seq 10); do
+      out=$(kc exec "$p" -- sh -c "printf 'GET / HTTP/1.0\r\n\r\n' | nc -w 3 $ip 80" 2>&1 || true)
       echo "$out" | grep -q 'wmk-ping-' && break
       sleep 1
     done
-    echo "$out" | grep -q 'wmk-ping-' || die "Service $ip:80 did not answer pod $p"
+    echo "$out" | grep -q 'wmk-ping-' || die "Service $ip:80 did not answer pod $p: $out"
     ok=$((ok + 1))
   done
   echo "service $ip answered $ok/$total pods"
@@ -153,7 +156,9 @@ resources() { # secs
   for i in $(live_nodes); do
     d=$(node_dir "$i")
     agent=$(find /sys/fs/cgroup/pids/"$(node_name "$i")" -name cgroup.procs -exec cat {} + 2>/dev/null \
-      | while read -r p; do c=$(cat "/proc/$p/comm" 2>/dev/null); [ "$c" = wiremesh ] || [ "$c" = wireguard-go ] && echo "$p"; done | tr '\n' ' ')
+      | while read -r p; do
+          case $(cat "/proc/$p/comm" 2>/dev/null) in wiremesh | wireguard-go) echo "$p" ;; esac
+        done | tr '\n' ' ')
     echo "$i agent $agent" >> "$S/res.pids"
     echo "$i kubelet $(cat "$d/kubelet.pid")" >> "$S/res.pids"
     echo "$i kube-proxy $(cat "$d/kube-proxy.pid")" >> "$S/res.pids"
@@ -176,6 +181,7 @@ case ${1:-} in
   peer-ops) peer_ops "$2" ;;
   resources) resources "${2:-20}" ;;
   _live) live_nodes ;;
+  _endpoints) kc get endpoints wmk-ping -o jsonpath='{.subsets[*].addresses[*].ip}' 2>/dev/null | wc -w ;;
   _agent_ready) kc -n kube-system get pods -l app.kubernetes.io/name=wiremesh --field-selector spec.nodeName="$(node_name "$2")" \
     -o jsonpath='{.items[0].status.conditions[?(@.type=="Ready")].status}' 2>/dev/null ;;
   _agents) kc -n kube-system get pods -l app.kubernetes.io/name=wiremesh -o name 2>/dev/null ;;
