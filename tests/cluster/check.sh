@@ -113,9 +113,24 @@ logs_exec() {
 
 guard() {
   local c
+  local f where= early=0 dests=
   c=$(guard_drops)
-  [ "$c" = 0 ] || die "the drop guards counted $c packets trying to leave the test network"
-  echo "guard 0 drops"
+  for f in "$S"/nodes/n*/holder.pid; do
+    [ -e "/proc/$(cat "$f")" ] || continue
+    early=$((early + $(nsenter -t "$(cat "$f")" -n nft list table inet wmk_guard 2>/dev/null | count_rules service other || true)))
+    dests="$dests $(nsenter -t "$(cat "$f")" -n nft list set inet wmk_guard other 2>/dev/null \
+      | sed -n 's/.*elements = { *\(.*\) *}.*/\1/p' | tr -d ' ' || true)"
+  done
+  if [ "$c" != 0 ]; then
+    for f in "$S"/nodes/n*/holder.pid; do
+      where="$where ${f%/holder.pid}: $(nsenter -t "$(cat "$f")" -n nft list table inet wmk_guard 2>/dev/null \
+        | awk '/packets [1-9]/{print}' | tr -s ' \n' ' ')"
+    done
+    where="$where host: $(nft list table inet wmk_guard 2>/dev/null | awk '/packets [1-9]/' | tr -s ' \n' ' ')"
+    die "the drop guards counted $c packets trying to leave the test network:$where"
+  fi
+  dests=$(echo "$dests" | tr ', ' '\n\n' | grep . | sort -u | tr '\n' ' ' || true)
+  echo "guard: 0 plaintext pod packets, 0 reached the machine's namespace; $early early node dials stopped${dests:+ (other: ${dests% })}"
 }
 
 # Nodes up (by their directory and holder), as numbers.

@@ -24,6 +24,8 @@ node_pids() { # n
 node_down() { # n
   local n=$1 name d f pids _
   name=$(node_name "$n"); d=$(node_dir "$n")
+  # Its guard's count outlives it (check.sh guard adds it up).
+  guard_count "$name" >> "$S/guard-drops-gone" 2>/dev/null || true
   # The kubelet first, so it restarts nothing; then everything else of the node.
   for f in kubelet kube-proxy; do
     [ -f "$d/$f.pid" ] && kill -9 "$(cat "$d/$f.pid")" 2>/dev/null || true

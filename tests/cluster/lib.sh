@@ -102,13 +102,27 @@ wait_for() { # seconds cmd...
 
 # Sum of the drop guards' counters: packets from or to the test ranges that tried to leave by a
 # real interface of the machine, or to leave a node's underlay for anything but the underlay.
+# Packets a guard table counted in its rules whose comment is one of KINDS (all: every rule).
+count_rules() { # kinds...
+  awk -v kinds=" $* " '/packets/ {
+      k = "all"; if (match($0, /comment "[a-z0-9]+"/)) k = substr($0, RSTART + 9, RLENGTH - 10)
+      if (kinds ~ " all " || index(kinds, " " k " ")) for (i = 1; i <= NF; i++) if ($i == "packets") s += $(i + 1)
+    } END { print s + 0 }'
+}
+# The assertable count of one node's guard (by netns name): plaintext pod packets and IPv6.
+guard_count() {
+  ip netns exec "$1" nft list table inet wmk_guard 2>/dev/null | count_rules pod ipv6
+}
 guard_drops() {
   local total=0 c f
   for f in "$S"/nodes/n*/holder.pid; do
-    [ -f "$f" ] || continue
-    c=$(nsenter -t "$(cat "$f")" -n nft list table inet wmk_guard 2>/dev/null | awk '/packets/{for(i=1;i<=NF;i++) if($i=="packets") s+=$(i+1)} END{print s+0}')
+    [ -e "/proc/$(cat "$f")" ] || continue
+    c=$(nsenter -t "$(cat "$f")" -n nft list table inet wmk_guard 2>/dev/null | count_rules pod ipv6)
     total=$((total + c))
   done
-  c=$(nft list table inet wmk_guard 2>/dev/null | awk '/packets/{for(i=1;i<=NF;i++) if($i=="packets") s+=$(i+1)} END{print s+0}')
+  if [ -f "$S/guard-drops-gone" ]; then
+    total=$((total + $(awk '{s+=$1} END{print s+0}' "$S/guard-drops-gone")))
+  fi
+  c=$(nft list table inet wmk_guard 2>/dev/null | count_rules all)
   echo $((total + c))
 }

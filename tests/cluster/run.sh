@@ -68,7 +68,7 @@ record() { # name cmd...
   set -e
   out=$(tail -n 1 "$S/step.out")
   [ "$rc" = 0 ] || { failed="$name${out:+ ($out)}"; exit 1; }
-  log "$name: $out ($(since "$t0") s)"
+  log "$name: $out ($(since "$t0") s; guard drops so far $(guard_drops))"
   summary+=("$out")
 }
 check() { "$here/check.sh" "$@"; }
@@ -231,8 +231,12 @@ if has uninstall; then record uninstall uninstall kubeadm; fi
 
 # --- k3s bundle, on nodes whose container runtime uses k3s's CNI directories ---
 k3s() {
-  local i t0 pids=()
+  local i t0 pids=() pairs
   kc delete -f "$ROOT/manifests/wiremesh-kubeadm.yaml" --ignore-not-found >/dev/null 2>&1 || true
+  # The test pods go with their nodes (new nodes of the same names would otherwise inherit
+  # pods whose sandboxes died with the old ones).
+  kc delete deployment wmk-ping --wait=false >/dev/null
+  kc delete pods -l app=wmk-ping --grace-period=0 --force >/dev/null 2>&1 || true
   for i in $(seq "$n"); do
     "$here/down.sh" node "$i"
     kc delete node "$(node_name "$i")" --ignore-not-found >/dev/null
@@ -245,8 +249,8 @@ k3s() {
   t0=$(now)
   kc apply -f "$ROOT/manifests/wiremesh-k3s.yaml" >/dev/null
   check agents "$n" >/dev/null
-  check pairs "$n" 180 >/dev/null
-  echo "k3s $n nodes, apply->mesh $(since "$t0") s, $(check pairs "$n" 30 | cut -d' ' -f1) pairs"
+  pairs=$(check pairs "$n" 180)
+  echo "k3s $n nodes, apply->mesh $(since "$t0") s, ${pairs%% *} pod pairs"
 }
 if has k3s; then
   record k3s k3s

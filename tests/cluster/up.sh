@@ -118,13 +118,20 @@ node_up() { # n flavour location
   ip -n "$name" link set eth0 up
   ip -n "$name" route add default via "$UNDERLAY_GW"
   ip netns exec "$name" sysctl -qw net.ipv4.ip_forward=1
-  # Guard: nothing leaves the node's underlay for an address outside it (the control plane
-  # would drop it anyway); counted, the run asserts 0.
+  # Guard: nothing leaves the node's eth0 for an address outside the underlay (the control
+  # plane, which has no route out, would drop it anyway). Counted by kind: "pod" is a plaintext
+  # pod packet on the underlay (wiremesh is fail-closed: the run asserts 0, and 0 for "ipv6");
+  # "service" and "other" are the node's own early dials (the agent before kube-proxy's rules,
+  # the kubelet's cloud-metadata probes), reported with their destinations.
   ip netns exec "$name" nft -f - <<NFT
 table inet wmk_guard {
+  set other { type ipv4_addr . inet_service; flags dynamic; }
   chain guard_postrouting { type filter hook postrouting priority 100; policy accept;
-    oifname "eth0" ip daddr != $UNDERLAY counter drop
-    oifname "eth0" ip6 daddr != { fe80::/10, ff02::/16 } counter drop
+    oifname "eth0" ip daddr $CLUSTER_CIDR counter drop comment "pod"
+    oifname "eth0" ip daddr $SERVICE_RANGE counter drop comment "service"
+    oifname "eth0" ip daddr != $UNDERLAY meta l4proto tcp add @other { ip daddr . tcp dport }
+    oifname "eth0" ip daddr != $UNDERLAY counter drop comment "other"
+    oifname "eth0" ip6 daddr != { fe80::/10, ff02::/16 } counter drop comment "ipv6"
   }
 }
 NFT
