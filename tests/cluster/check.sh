@@ -20,6 +20,14 @@ pods() {
     | awk '$4 == "Running" && $3 != "" {print $1, $2, $3}'
 }
 
+# Wait until every live node runs a test pod.
+all_pods() {
+  local want
+  want=$(live_nodes | wc -l)
+  wait_for 120 sh -c "[ \$(\"$0\" _pods | wc -l) = $want ]" \
+    || die "$(pods | wc -l) of $want test pods Running"
+}
+
 agents() { # n
   local n=$1 ready
   wait_for 240 sh -c "[ \"\$(\"$0\" _ds_ready)\" = $n ]" || {
@@ -64,6 +72,7 @@ pairs() { # n [secs]
 
 service() {
   local ip p out ok=0 total=0
+  all_pods
   ip=$(kc get service wmk-ping -o jsonpath='{.spec.clusterIP}')
   # Kubernetes' part first: every pod in the Service's Endpoints.
   wait_for 60 sh -c "[ \$(\"$0\" _endpoints) = $(pods | wc -l) ]" \
@@ -84,6 +93,7 @@ service() {
 
 apiserver() {
   local p out ok=0 total=0
+  all_pods
   for p in $(pods | awk '{print $1}'); do
     total=$((total + 1))
     # Plain HTTP to the TLS port: Go's server answers 400 "Client sent an HTTP request to an
@@ -101,6 +111,7 @@ apiserver() {
 
 logs_exec() {
   local p node out nodes=0
+  all_pods
   while read -r p node _; do
     out=$(kc logs "$p" 2>&1) || die "kubectl logs $p (node $node): $out"
     echo "$out" | grep -q "started on $node" || die "kubectl logs $p: unexpected: $out"
@@ -188,7 +199,8 @@ resources() { # secs
     line="$line n$i $k $((b / 1024)) MiB $(awk -v t=$((a - ${before["$i $k"]})) -v hz="$hz" -v s="$secs" 'BEGIN{printf "%.1f", 100 * t / hz / s}')% CPU;"
   done < "$S/res.pids"
   rm -f "$S/res.pids"
-  echo "${line% ;}"
+  line=${line# }
+  echo "${line%;}"
 }
 
 case ${1:-} in

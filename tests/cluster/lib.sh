@@ -73,8 +73,9 @@ client_kubeconfig() { # out cn org
   local out=$1 cn=$2 org=$3 pki=$S/cp/pki
   local base=${out%.kubeconfig}
   openssl req -newkey rsa:2048 -nodes -subj "/O=$org/CN=$cn" -keyout "$base.key" -out "$base.csr" 2>/dev/null
-  openssl x509 -req -in "$base.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial -days 2 \
-    -out "$base.crt" 2>/dev/null
+  # A random serial: nodes come up in parallel, and -CAcreateserial's shared serial file races.
+  openssl x509 -req -in "$base.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -days 2 \
+    -set_serial "0x$(openssl rand -hex 12)" -out "$base.crt" 2>/dev/null
   cat > "$out" <<KC
 apiVersion: v1
 kind: Config

@@ -33,6 +33,7 @@ finish() {
   set +e
   if [ "$rc" != 0 ] && [ -z "$failed" ]; then failed="$step"; fi
   if [ -n "$failed" ] && [ -d "$S/cp" ]; then
+    rm -rf /tmp/wmk-failed
     mkdir -p /tmp/wmk-failed
     cp -r "$S/cp"/*.log /tmp/wmk-failed/ 2>/dev/null
     for d in "$S"/nodes/n*; do
@@ -193,6 +194,8 @@ full() {
   check agents "$n" >/dev/null
   check peers $((n - 1)) >/dev/null
   check pairs "$n" 120
+  # Kept for a look at how the agents took the location change.
+  kc -n kube-system logs -l app.kubernetes.io/name=wiremesh --tail=-1 --prefix > /tmp/wmk-full-agents.log 2>&1 || true
 }
 if has full; then record full full; fi
 

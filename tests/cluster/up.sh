@@ -254,7 +254,13 @@ case ${1:-} in
       node_up "$i" "${2:-kubeadm}" "$loc" &
       pids+=($!)
     done
-    for p in "${pids[@]}"; do wait "$p" || die "a node failed to come up"; done
+    for p in "${pids[@]}"; do
+      if ! wait "$p"; then
+        # The other nodes stop too (what they started, down.sh ends).
+        kill "${pids[@]}" 2>/dev/null || true
+        die "a node failed to come up"
+      fi
+    done
     ;;
   *) echo "usage: $0 images|cp|node N [FLAVOUR] [LOC]|N [FLAVOUR] [each|one]" >&2; exit 2 ;;
 esac
