@@ -173,10 +173,13 @@ fi
 delete_node() {
   local cidr i t0
   cidr=$(kc get node "$(node_name "$m")" -o jsonpath='{.spec.podCIDR}')
-  kc scale deployment/wmk-ping --replicas="$n" >/dev/null
   t0=$(now)
   "$here/down.sh" node "$m"
   kc delete node "$(node_name "$m")" >/dev/null
+  # Its test pod went with it (the pod garbage collector would take 20-40 s to notice), then
+  # one pod per remaining node.
+  kc delete pods -l app=wmk-ping --field-selector spec.nodeName="$(node_name "$m")" --grace-period=0 --force >/dev/null 2>&1 || true
+  kc scale deployment/wmk-ping --replicas="$n" >/dev/null
   "$here/check.sh" peers $((n - 1)) >/dev/null
   for i in $(seq "$n"); do
     wait_for 60 sh -c "! ip -n $(node_name "$i") route show | grep -q '^$cidr '" \
