@@ -197,8 +197,8 @@ full() {
   check agents "$n" >/dev/null
   check peers $((n - 1)) >/dev/null
   check pairs "$n" 120
-  # Kept for a look at how the agents took the location change.
-  kc -n kube-system logs -l app.kubernetes.io/name=wiremesh --tail=-1 --prefix > /tmp/wmk-full-agents.log 2>&1 || true
+  # Kept with the logs of a failed run (/tmp/wmk-failed).
+  kc -n kube-system logs -l app.kubernetes.io/name=wiremesh --tail=-1 --prefix > "$S/cp/full-agents.log" 2>&1 || true
 }
 if has full; then record full full; fi
 
