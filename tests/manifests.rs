@@ -329,7 +329,7 @@ fn daemonset_runs_the_agent_on_every_node_in_the_host_network() {
         let res = serde_json::to_value(&c.resources).expect("resources");
         assert_eq!(
             res,
-            json!({"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}}),
+            json!({"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "384Mi"}}),
             "{b}"
         );
     }
