@@ -7,7 +7,7 @@
 # (down.sh), and prints one summary line last. Exit 0 only if every check passed.
 #   tests/cluster/run.sh [N]
 # Root. Holds /tmp/wiremesh-netns.lock and the shared CPU lock while the cluster runs.
-# WMK_SCENARIOS (default "core join rollout delete full uninstall k3s") picks scenarios; WMK_KEEP=1
+# WMK_SCENARIOS (default "core join rollout delete full uninstall k3s migrate") picks scenarios; WMK_KEEP=1
 # keeps the logs in /tmp/wmk-cluster after the run. Where the time goes: docs/testing.md.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -81,7 +81,7 @@ t0=$(now)
 "$here/up.sh" images >/dev/null
 log "images $(since "$t0") s"
 
-scenarios=${WMK_SCENARIOS:-core join rollout delete full uninstall k3s}
+scenarios=${WMK_SCENARIOS:-core join rollout delete full uninstall k3s migrate}
 has() { [[ " $scenarios " == *" $1 "* ]]; }
 
 # --- kubeadm bundle, each node its own location (no IPIP in this kernel: within one location
@@ -126,26 +126,37 @@ if has join; then record join join; fi
 # counted and bounded; an agent restarted with unchanged identity must not make the others
 # rewrite their WireGuard peers.
 ROLLOUT_LOSS_BOUND=${WMK_ROLLOUT_LOSS_BOUND:-200}
-rollout() {
-  local list ips p ip lost=0 sent=0 worst=0 tx rx t0 name
-  list=$("$here/check.sh" _pods)
-  ips=$(echo "$list" | awk '{print $3}' | tr '\n' ' ')
+# Every pod of LIST ("name node ip" lines) pings every other, 2/s, in the background.
+pings_start() { # list
+  local ips p ip
+  ips=$(echo "$1" | awk '{print $3}' | tr '\n' ' ')
   while read -r p _ ip; do
     kc exec "$p" -- sh -c "for t in $ips; do [ \$t = $ip ] || setsid ping -i 0.5 -q \$t > /tmp/ping.\$t 2>&1 & done" >/dev/null
-  done <<< "$list"
+  done <<< "$1"
+}
+# Stops the pings of pings_start; sets lost, sent and worst (the most a pair lost).
+pings_stop() { # list
+  local p tx rx
+  lost=0 sent=0 worst=0
+  while read -r p _ _; do
+    while read -r tx rx; do
+      sent=$((sent + tx)); lost=$((lost + tx - rx))
+      [ $((tx - rx)) -le "$worst" ] || worst=$((tx - rx))
+    done < <(kc exec "$p" -- sh -c 'killall -INT ping; sleep 1; cat /tmp/ping.*; rm -f /tmp/ping.*' 2>/dev/null \
+      | awk '/packets transmitted/{print $1, $4}')
+  done <<< "$1"
+}
+rollout() {
+  local list lost sent worst t0 name
+  list=$("$here/check.sh" _pods)
+  pings_start "$list"
   sleep 2
   t0=$(now)
   kc -n kube-system set image daemonset/wiremesh wiremesh="${WMK_IMAGE:-ghcr.io/wiremesh/wiremesh}:${WMK_SECOND_TAG:-0.1.0-rollout}" >/dev/null
   kc -n kube-system rollout status daemonset/wiremesh --timeout=300s >/dev/null
   name="rollout in $(since "$t0") s"
   sleep 5
-  while read -r p _ ip; do
-    while read -r tx rx; do
-      sent=$((sent + tx)); lost=$((lost + tx - rx))
-      [ $((tx - rx)) -le "$worst" ] || worst=$((tx - rx))
-    done < <(kc exec "$p" -- sh -c 'killall -INT ping; sleep 1; cat /tmp/ping.*; rm -f /tmp/ping.*' 2>/dev/null \
-      | awk '/packets transmitted/{print $1, $4}')
-  done <<< "$list"
+  pings_stop "$list"
   [ "$sent" -gt 0 ] || { echo "no ping statistics" >&2; return 1; }
   [ "$worst" -le "$ROLLOUT_LOSS_BOUND" ] || { echo "$name: a pair lost $worst pings (bound $ROLLOUT_LOSS_BOUND)" >&2; return 1; }
   "$here/check.sh" pairs "$m" 60 >/dev/null
@@ -236,22 +247,27 @@ uninstall() {
 if has uninstall; then record uninstall uninstall kubeadm; fi
 
 # --- k3s bundle, on nodes whose container runtime uses k3s's CNI directories ---
-k3s() {
-  local i t0 pids=() pairs
-  kc delete -f "$ROOT/manifests/wiremesh-kubeadm.yaml" --ignore-not-found >/dev/null 2>&1 || true
+# New nodes of FLAVOUR in place of the current ones (the bundle BUNDLE deleted first).
+renew_nodes() { # flavour bundle
+  local i pids=()
+  kc delete -f "$ROOT/manifests/wiremesh-$2.yaml" --ignore-not-found >/dev/null 2>&1 || true
   # The test pods go with their nodes (new nodes of the same names would otherwise inherit
   # pods whose sandboxes died with the old ones).
-  kc delete deployment wmk-ping --wait=false >/dev/null
+  kc delete deployment wmk-ping --wait=false --ignore-not-found >/dev/null
   kc delete pods -l app=wmk-ping --grace-period=0 --force >/dev/null 2>&1 || true
   for i in $(seq "$n"); do
     "$here/down.sh" node "$i"
     kc delete node "$(node_name "$i")" --ignore-not-found >/dev/null
   done
   for i in $(seq "$n"); do
-    "$here/up.sh" node "$i" k3s "loc$i" 2>/dev/null &
+    "$here/up.sh" node "$i" "$1" "loc$i" 2>/dev/null &
     pids+=($!)
   done
   for i in "${pids[@]}"; do wait "$i"; done
+}
+k3s() {
+  local t0 pairs
+  renew_nodes k3s kubeadm
   t0=$(now)
   kc apply -f "$ROOT/manifests/wiremesh-k3s.yaml" >/dev/null
   check agents "$n" >/dev/null
@@ -265,5 +281,68 @@ if has k3s; then
   record k3s-logs-exec check logs-exec
   if has uninstall; then record k3s-uninstall uninstall k3s; fi
 fi
+
+# --- Migration from a bridge CNI with static routes, node by node, as docs/install.md says
+# ("Migrating from a bridge CNI with static routes"). Every pod pings every other after each
+# node's move; the guards accept plaintext only to the pod CIDRs a node still reaches through a
+# static route (set "legacy"), so a plaintext packet between two moved nodes fails the run. ---
+migrate() {
+  local i j t0 t1 moved=() cidr=() out left= took= list lost sent worst pinged=0
+  renew_nodes kubeadm k3s
+  "$here/up.sh" legacy "$n"
+  for i in $(seq "$n"); do cidr[i]=$(kc get node "$(node_name "$i")" -o jsonpath='{.spec.podCIDR}'); done
+  kc wait --for=condition=Ready node --all --timeout=120s >/dev/null
+  check pairs "$n" 120 >/dev/null || { echo "the bridge CNI's pods do not reach each other" >&2; return 1; }
+  # Once: the DaemonSet only on the nodes that moved (none yet).
+  sed 's#^      tolerations:#      nodeSelector: {wiremesh.io/migrate: wiremesh}\n      tolerations:#' \
+    "$ROOT/manifests/wiremesh-kubeadm.yaml" | kc apply -f - >/dev/null
+  t0=$(now)
+  for i in $(seq "$n"); do
+    t1=$(now)
+    # The pods of the other nodes ping each other while this one moves.
+    list=$("$here/check.sh" _pods | awk -v x="$(node_name "$i")" '$2 != x')
+    pings_start "$list"
+    kc drain "$(node_name "$i")" --ignore-daemonsets --delete-emptydir-data --grace-period=1 >/dev/null 2>&1
+    # On the node: the old config, bridge, and routes to the nodes that moved. The harness's
+    # guards follow each route: plaintext only to the pod CIDRs still routed by the old way.
+    in_node "$i" sh -c "rm /etc/cni/net.d/10-bridge.conflist && ip link del cni0"
+    for j in "${moved[@]}"; do
+      in_node "$i" ip route del "${cidr[j]}"
+      ip netns exec "$(node_name "$i")" nft delete element inet wmk_guard legacy "{ ${cidr[j]} }"
+    done
+    # On the nodes that moved: the route to this one.
+    for j in "${moved[@]}"; do
+      in_node "$j" ip route del "${cidr[i]}"
+      ip netns exec "$(node_name "$j")" nft delete element inet wmk_guard legacy "{ ${cidr[i]} }"
+    done
+    kc label node "$(node_name "$i")" wiremesh.io/migrate=wiremesh --overwrite >/dev/null
+    wait_for 120 sh -c "[ \"\$(\"$here/check.sh\" _agent_ready $i)\" = True ]" \
+      || { echo "the agent on $(node_name "$i") did not get ready" >&2; return 1; }
+    kc uncordon "$(node_name "$i")" >/dev/null
+    pings_stop "$list"
+    [ "$sent" -gt 0 ] || { echo "no ping statistics" >&2; return 1; }
+    [ "$lost" = 0 ] || { echo "pods of the other nodes lost $lost/$sent pings while $(node_name "$i") moved" >&2; return 1; }
+    pinged=$((pinged + sent))
+    moved+=("$i")
+    check pairs "$n" 120 >/dev/null || { echo "pod pairs after $(node_name "$i") moved" >&2; return 1; }
+    took="$took $(since "$t1")"
+  done
+  # After the last node: everywhere, then the labels.
+  kc -n kube-system patch daemonset wiremesh --type json \
+    -p '[{"op":"remove","path":"/spec/template/spec/nodeSelector"}]' >/dev/null
+  kc -n kube-system rollout status daemonset/wiremesh --timeout=300s >/dev/null
+  kc label nodes --all wiremesh.io/migrate- >/dev/null
+  check agents "$n" >/dev/null
+  check peers $((n - 1)) >/dev/null
+  check pairs "$n" 120 >/dev/null
+  for i in $(seq "$n"); do
+    out=$(in_node "$i" sh -c "ip link show cni0 2>/dev/null | head -1; ls /etc/cni/net.d/10-bridge.conflist 2>/dev/null
+      ip route show | grep -v '^default' | grep ' via 172\.31\.242\.'" || true)
+    [ -z "$out" ] || left="$left $(node_name "$i"): $(echo "$out" | tr '\n' ';')"
+  done
+  [ -z "$left" ] || { echo "old network left:$left" >&2; return 1; }
+  echo "migrated $n nodes from bridge+static routes in $(since "$t0") s (per node:$took s); other nodes' pods lost 0/$pinged pings during the moves; all pod pairs after each"
+}
+if has migrate; then record migrate migrate; fi
 
 record guard check guard

@@ -126,7 +126,11 @@ node_up() { # n flavour location
   ip netns exec "$name" nft -f - <<NFT
 table inet wmk_guard {
   set other { type ipv4_addr . inet_service; flags dynamic; }
+  # Pod CIDRs this node reaches in plaintext by design: the static routes of the bridge CNI a
+  # migration starts from (empty unless the run's migrate scenario fills it; see run.sh).
+  set legacy { type ipv4_addr; flags interval; }
   chain guard_postrouting { type filter hook postrouting priority 100; policy accept;
+    oifname "eth0" ip daddr @legacy counter accept comment "legacy"
     oifname "eth0" ip daddr $CLUSTER_CIDR counter drop comment "pod"
     oifname "eth0" ip daddr $SERVICE_RANGE counter drop comment "service"
     oifname "eth0" ip daddr != $UNDERLAY meta l4proto tcp add @other { ip daddr . tcp dport }
@@ -241,8 +245,34 @@ TOML
   log "node $n ($name, $flavour${loc:+, location $loc}) registered, pod CIDR $cidr"
 }
 
+# The network a cluster without flannel has before wiremesh: on every node of 1..N a bridge CNI
+# config (bridge cni0, host-local on the node's pod CIDR), sorting before wiremesh's file, and a
+# static route to every other node's pod CIDR through its underlay address. The nodes' guards
+# accept (and count as "legacy") plaintext to those CIDRs.
+legacy_cni() { # n
+  local n=$1 i j conf_dir cidr
+  for i in $(seq "$n"); do
+    cidr=$(kc get node "$(node_name "$i")" -o jsonpath='{.spec.podCIDR}')
+    conf_dir=/etc/cni/net.d
+    [ "$(cat "$(node_dir "$i")/flavour")" != k3s ] || conf_dir=/var/lib/rancher/k3s/agent/etc/cni/net.d
+    cat > "$(node_dir "$i")/root$conf_dir/10-bridge.conflist" <<JSON
+{"cniVersion": "0.3.1", "name": "bridge", "plugins": [
+  {"type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false,
+   "ipam": {"type": "host-local", "ranges": [[{"subnet": "$cidr"}]], "routes": [{"dst": "0.0.0.0/0"}]}},
+  {"type": "portmap", "capabilities": {"portMappings": true}}]}
+JSON
+    for j in $(seq "$n"); do
+      [ "$j" != "$i" ] || continue
+      ip -n "$(node_name "$j")" route add "$cidr" via "$(node_ip "$i")"
+      ip netns exec "$(node_name "$j")" nft add element inet wmk_guard legacy "{ $cidr }"
+    done
+  done
+  log "bridge CNI and static routes on $n nodes"
+}
+
 case ${1:-} in
   images) images ;;
+  legacy) legacy_cni "$2" ;;
   cp) cp_up ;;
   node) node_up "$2" "${3:-kubeadm}" "${4:-}" ;;
   [0-9]*)
@@ -262,5 +292,5 @@ case ${1:-} in
       fi
     done
     ;;
-  *) echo "usage: $0 images|cp|node N [FLAVOUR] [LOC]|N [FLAVOUR] [each|one]" >&2; exit 2 ;;
+  *) echo "usage: $0 images|cp|node N [FLAVOUR] [LOC]|legacy N|N [FLAVOUR] [each|one]" >&2; exit 2 ;;
 esac
