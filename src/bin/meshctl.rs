@@ -279,6 +279,16 @@ struct GraphArgs {
     /// Highlight this node.
     #[arg(long)]
     node: Option<String>,
+    #[command(flatten)]
+    view: ViewArgs,
+    /// Write to this file instead of stdout.
+    #[arg(short = 'O', long = "out", value_name = "FILE")]
+    out: Option<PathBuf>,
+}
+
+/// Which part of the mesh `graph` and `lab graph` draw.
+#[derive(Args, Debug, Clone, Default)]
+struct ViewArgs {
     /// Draw the overview (locations as boxes, one line per pair of locations) whatever the
     /// mesh's size; by default it is drawn when the full drawing would not fit 1920×1620 px.
     #[arg(long, conflicts_with_all = ["focus", "location"])]
@@ -289,9 +299,18 @@ struct GraphArgs {
     /// Draw one location in full, with the tunnels that leave it.
     #[arg(long, value_name = "LOCATION")]
     location: Option<String>,
-    /// Write to this file instead of stdout.
-    #[arg(short = 'O', long = "out", value_name = "FILE")]
-    out: Option<PathBuf>,
+}
+
+impl ViewArgs {
+    /// The view these flags ask for.
+    fn view(self) -> View {
+        match (self.overview, self.focus, self.location) {
+            (true, _, _) => View::Overview,
+            (_, Some(n), _) => View::Focus(NodeName(n)),
+            (_, _, Some(l)) => View::Location(l),
+            _ => View::Auto,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -551,12 +570,12 @@ fn graph(args: GraphArgs) -> Result<()> {
     {
         bail!("node {n} does not take part in the mesh");
     }
-    if let Some(n) = &args.focus
+    if let Some(n) = &args.view.focus
         && topo.segment_of(&NodeName(n.clone())).is_none()
     {
         bail!("node {n} does not take part in the mesh");
     }
-    if let Some(l) = &args.location {
+    if let Some(l) = &args.view.location {
         let known = wiremesh::graph::locations(&topo);
         let label = if l.is_empty() { "no location" } else { l };
         if !known.iter().any(|k| k == label) {
@@ -566,12 +585,7 @@ fn graph(args: GraphArgs) -> Result<()> {
             );
         }
     }
-    let view = match (args.overview, args.focus, args.location) {
-        (true, _, _) => View::Overview,
-        (_, Some(n), _) => View::Focus(NodeName(n)),
-        (_, _, Some(l)) => View::Location(l),
-        _ => View::Auto,
-    };
+    let view = args.view.view();
     let live = if args.live {
         Some(live_from_agents(&args.agents)?)
     } else {
@@ -839,15 +853,8 @@ enum LabCommand {
         /// Highlight this node.
         #[arg(long)]
         node: Option<String>,
-        /// Draw the overview of locations whatever the lab's size.
-        #[arg(long, conflicts_with_all = ["focus", "location"])]
-        overview: bool,
-        /// Draw one node's tunnels and private link, its location in full.
-        #[arg(long, value_name = "NODE", conflicts_with = "location")]
-        focus: Option<String>,
-        /// Draw one location in full, with the tunnels that leave it.
-        #[arg(long, value_name = "LOCATION")]
-        location: Option<String>,
+        #[command(flatten)]
+        view: ViewArgs,
         /// Write to this file instead of stdout.
         #[arg(short = 'O', long = "out", value_name = "FILE")]
         out: Option<PathBuf>,
@@ -1200,9 +1207,7 @@ fn lab(args: LabArgs) -> Result<(), LabError> {
             format,
             live,
             node,
-            overview,
-            focus,
-            location,
+            view,
             out,
         } => {
             let state = l::load(&args.root, &name)?;
@@ -1210,12 +1215,7 @@ fn lab(args: LabArgs) -> Result<(), LabError> {
                 GraphFormat::Svg => G::Svg,
                 GraphFormat::Dot => G::Dot,
             };
-            let view = match (overview, focus, location) {
-                (true, _, _) => View::Overview,
-                (_, Some(n), _) => View::Focus(NodeName(n)),
-                (_, _, Some(l)) => View::Location(l),
-                _ => View::Auto,
-            };
+            let view = view.view();
             let (text, warnings) = l::graph(&state, format, node.as_deref(), live, view)?;
             for w in warnings {
                 eprintln!("warning: {w}");
@@ -1722,7 +1722,7 @@ mod tests {
         else {
             panic!("not graph");
         };
-        assert_eq!(g.location.as_deref(), Some("hel"));
+        assert_eq!(g.view.location.as_deref(), Some("hel"));
         for both in [
             &["graph", "--overview", "--focus", "a"][..],
             &["graph", "--focus", "a", "--location", "b"][..],
