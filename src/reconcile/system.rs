@@ -304,7 +304,12 @@ impl SystemKernel {
             })??;
         match std::fs::remove_file(&self.opts.cni_config) {
             Ok(()) => info!(path = %self.opts.cni_config.display(), "CNI config removed"),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => warn!(
+                path = %self.opts.cni_config.display(),
+                "no CNI config there, nothing removed; if the agent wrote it elsewhere (k3s: \
+                 /var/lib/rancher/k3s/agent/etc/cni/net.d/10-wiremesh.conflist), run again \
+                 with that --cni-config"
+            ),
             Err(source) => {
                 return Err(KernelError::Io {
                     op: format!("remove {}", self.opts.cni_config.display()),
