@@ -181,13 +181,25 @@ fn plan_for_a_node_left_out_says_why_not_that_it_is_absent() {
         "cpmjjEo1wKcecLnNDXzPhTFGyG68rKbZxhzDpiN/bAI=",
         "not-a-key",
     );
-    let (_, stderr, ok) = meshctl(&["plan", "--nodes", &file, "--node", "hel-1"]);
+    for args in [
+        &["plan", "--nodes", &file, "--node", "hel-1"][..],
+        &["graph", "--nodes", &file, "--node", "hel-1"][..],
+        &["graph", "--nodes", &file, "--focus", "hel-1"][..],
+    ] {
+        let (_, stderr, ok) = meshctl(args);
+        assert!(!ok, "{args:?}");
+        assert!(
+            stderr.contains("node hel-1 is left out: kilo.squat.ai/key: \"not-a-key\""),
+            "{args:?}: {stderr}"
+        );
+        assert!(!stderr.contains("not in the cluster"), "{stderr}");
+    }
+    let (_, stderr, ok) = meshctl(&["graph", "--nodes", &file, "--focus", "nope"]);
     assert!(!ok);
     assert!(
-        stderr.contains("node hel-1 is left out: kilo.squat.ai/key: \"not-a-key\""),
+        stderr.contains("node nope is not in the cluster"),
         "{stderr}"
     );
-    assert!(!stderr.contains("not in the cluster"), "{stderr}");
 }
 
 #[test]

@@ -26,7 +26,7 @@ use wiremesh::lab::LabError;
 use wiremesh::model::{Granularity, NodeName, WgKey};
 use wiremesh::registry::annotations::DEFAULT_TOPOLOGY_LABEL;
 use wiremesh::registry::cluster::ClientOptions;
-use wiremesh::topology::{self, DEFAULT_INTERFACE, Encapsulate, MeshOptions};
+use wiremesh::topology::{self, DEFAULT_INTERFACE, Encapsulate, LocalError, MeshOptions};
 
 /// Inspect a WireGuard mesh computed the way the wiremesh agent computes it.
 ///
@@ -565,15 +565,14 @@ fn graph(args: GraphArgs) -> Result<()> {
     let opts = args.mesh.options(&inputs);
     let checked = topology::claims::check(&inputs.nodes, &opts);
     let topo = topology::build_checked(&checked, &inputs.peers, &opts);
-    if let Some(n) = &args.node
-        && topo.segment_of(&NodeName(n.clone())).is_none()
-    {
-        bail!("node {n} does not take part in the mesh");
-    }
-    if let Some(n) = &args.view.focus
-        && topo.segment_of(&NodeName(n.clone())).is_none()
-    {
-        bail!("node {n} does not take part in the mesh");
+    // A node named but not drawn: why it is out (`node X is left out: KEY: PROBLEM`), or that
+    // the input has no such node.
+    for n in [&args.node, &args.view.focus].into_iter().flatten() {
+        if topo.segment_of(&NodeName(n.clone())).is_none() {
+            let why = LocalError::left_out(n, topo.diagnostics.iter().chain(&inputs.diagnostics))
+                .unwrap_or_else(|| LocalError::Unknown(n.clone()));
+            bail!("{why}");
+        }
     }
     if let Some(l) = &args.view.location {
         let known = wiremesh::graph::locations(&topo);
