@@ -3,10 +3,13 @@
 //! once when someone else overwrote them), and a reporter task that turns new diagnostics and
 //! such identity incidents into Events. Both retry with backoff while
 //! the API server is unreachable and never block the agent loop: the loop only replaces the
-//! latest value in a `watch` channel.
+//! latest value in a `watch` channel. On a graceful stop the link writes one last heartbeat, so a
+//! restart (a rolling update) has a whole staleness period before other nodes drop this one.
 //!
 //! Depends on the Kubernetes registry's publish and report modules and tokio.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use kube::Client;
@@ -33,6 +36,10 @@ pub struct ClusterLink {
     reconnected: std::sync::Arc<Notify>,
     restore: std::sync::Arc<Notify>,
     incidents: mpsc::Sender<(String, Option<String>)>,
+    /// For the farewell heartbeat: the client, the node, and whether a publication went through.
+    client: Client,
+    node: String,
+    published: Arc<AtomicBool>,
 }
 
 impl ClusterLink {
@@ -45,6 +52,7 @@ impl ClusterLink {
         // A few incidents in flight at most: more while the API server is away are dropped
         // (each is logged and counted by the loop anyway).
         let (itx, irx) = mpsc::channel(8);
+        let published = Arc::new(AtomicBool::new(false));
         tokio::spawn(publisher(
             client.clone(),
             node.clone(),
@@ -53,15 +61,37 @@ impl ClusterLink {
             Signals {
                 reconnected: reconnected.clone(),
                 restore: restore.clone(),
+                published: published.clone(),
             },
         ));
-        tokio::spawn(reporter(Reporter::new(client, &node), drx, irx));
+        tokio::spawn(reporter(Reporter::new(client.clone(), &node), drx, irx));
         ClusterLink {
             publication: ptx,
             diagnostics: dtx,
             reconnected,
             restore,
             incidents: itx,
+            client,
+            node,
+            published,
+        }
+    }
+
+    /// The agent stops with the mesh still programmed: write a last-seen heartbeat (only that
+    /// annotation) so other nodes keep this one for a whole staleness period, time for a restart.
+    /// Nothing is written when this run never published; gives up after `within`.
+    pub async fn farewell(&self, within: Duration) {
+        if !self.published.load(Ordering::Relaxed) {
+            return;
+        }
+        let patch = merge_patch(&Default::default(), unix_now());
+        match tokio::time::timeout(within, patch_node(&self.client, &self.node, &patch)).await {
+            Ok(Ok(_)) => info!("last heartbeat (last-seen) published before stopping"),
+            Ok(Err(e)) => warn!(error = %e, "cannot publish a last heartbeat before stopping"),
+            Err(_) => warn!(
+                secs = within.as_secs_f64(),
+                "no last heartbeat before stopping: the API server did not answer in time"
+            ),
         }
     }
 
@@ -105,6 +135,8 @@ struct Signals {
     reconnected: std::sync::Arc<Notify>,
     /// The Node's own annotations were overwritten: publish now.
     restore: std::sync::Arc<Notify>,
+    /// Set once a publication went through.
+    published: Arc<AtomicBool>,
 }
 
 async fn publisher(
@@ -117,6 +149,7 @@ async fn publisher(
     let Signals {
         reconnected,
         restore,
+        published: went_through,
     } = signals;
     let mut published: Option<Publication> = None;
     let mut next_heartbeat = Instant::now();
@@ -142,6 +175,7 @@ async fn publisher(
                         }
                         failing = false;
                         backoff.reset();
+                        went_through.store(true, Ordering::Relaxed);
                         published = Some(want);
                         next_heartbeat = Instant::now() + check_in;
                     }

@@ -408,6 +408,9 @@ pub async fn run_with<K: Kernel>(
         tokio::select! {
             _ = &mut shutdown => {
                 info!("shutting down; the mesh stays programmed (use `wiremesh cleanup` to remove it)");
+                if let Some(link) = &cluster {
+                    link.farewell(FAREWELL_WITHIN).await;
+                }
                 return Ok(());
             }
             batch = registry.recv(), if registry_open => {
@@ -883,6 +886,9 @@ async fn host_info(netlink: &crate::reconcile::netlink::Netlink) -> HostInfo {
         local,
     }
 }
+
+/// The longest a stopping agent waits for its last heartbeat to be written.
+const FAREWELL_WITHIN: Duration = Duration::from_secs(3);
 
 /// Run the agent on this machine's kernel until `shutdown` completes.
 pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {

@@ -979,6 +979,53 @@ async fn withholds_the_endpoint_while_the_port_is_held(kernel_style: bool) {
     agent.stop().await;
 }
 
+#[tokio::test]
+async fn a_stopping_agent_writes_a_last_heartbeat_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let kernel = FakeKernel::default();
+    let patches = Arc::new(Mutex::new(Vec::new()));
+    let addr = patch_recorder(patches.clone()).await;
+    let client =
+        kube::Client::try_from(kube::Config::new(format!("http://{addr}").parse().unwrap()))
+            .unwrap();
+    let link = ClusterLink::spawn(client, cfg.node.0.clone(), cfg.check_in_period);
+    let (tx, rx) = mpsc::channel(4);
+    let agent = Running::with_registry(cfg, &kernel, rx, Some(link));
+    let events = three_clouds().into_iter().map(Event::node).collect();
+    tx.send(batch(events, true)).await.unwrap();
+    wait_for("a publication", || !patches.lock().unwrap().is_empty()).await;
+    let before = patches.lock().unwrap().len();
+    let stopped_at = unix_now();
+    agent.stop().await;
+
+    let patches = patches.lock().unwrap();
+    assert_eq!(
+        patches.len(),
+        before + 1,
+        "one patch on stopping: {patches:?}"
+    );
+    let last = patches.last().unwrap();
+    let written: Vec<&String> = last["metadata"]["annotations"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .collect();
+    assert_eq!(
+        written,
+        ["kilo.squat.ai/last-seen", "wiremesh.io/last-seen"],
+        "only the heartbeat: {last}"
+    );
+    let seen: i64 = annotation(last, "wiremesh.io/last-seen")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        seen >= stopped_at,
+        "a fresh heartbeat: {seen} < {stopped_at}"
+    );
+}
+
 /// Counts WARN and ERROR events of the current thread's subscriber (the tests' runtimes run the
 /// agent on the test's thread).
 #[derive(Clone, Default)]

@@ -163,17 +163,24 @@ rollout() {
   echo "$name, $lost/$sent pings lost, worst pair $worst (bound $ROLLOUT_LOSS_BOUND)"
 }
 restart_keeps_peers() {
-  local i before= after= p sel
+  local i before= after= p sel t0 took
   for i in $(seq 2 "$m"); do before="$before $("$here/check.sh" peer-ops "$i")"; done
   sel=(-l app.kubernetes.io/name=wiremesh --field-selector spec.nodeName="$(node_name 1)")
   p=$(kc -n kube-system get pods "${sel[@]}" -o name)
+  t0=$(now)
   kc -n kube-system delete "$p" --wait=true >/dev/null
-  wait_for 120 sh -c "[ \"\$(\"$here/check.sh\" _agent_ready 1)\" = True ]" \
+  # The new pod, not the old one still terminating (sel and p are the caller's).
+  new_agent_ready() {
+    [ "$(kc -n kube-system get pods "${sel[@]}" -o name 2>/dev/null)" != "$p" ] \
+      && [ "$("$here/check.sh" _agent_ready 1)" = True ]
+  }
+  wait_for 120 new_agent_ready \
     || { echo "the agent on $(node_name 1) did not come back" >&2; return 1; }
+  took=$(since "$t0")
   sleep 5
   for i in $(seq 2 "$m"); do after="$after $("$here/check.sh" peer-ops "$i")"; done
-  [ "$before" = "$after" ] || { echo "peer operations on the other nodes changed: $before ->$after" >&2; return 1; }
-  echo "agent on $(node_name 1) restarted, other nodes' peer operations unchanged ($after)"
+  [ "$before" = "$after" ] || { echo "peer operations on the other nodes changed: $before ->$after (restart took $took s)" >&2; return 1; }
+  echo "agent on $(node_name 1) restarted in $took s, other nodes' peer operations unchanged ($after)"
 }
 if has rollout && has join; then
   record rollout rollout
@@ -255,7 +262,8 @@ renew_nodes() { # flavour bundle
   # pods whose sandboxes died with the old ones).
   kc delete deployment wmk-ping --wait=false --ignore-not-found >/dev/null
   kc delete pods -l app=wmk-ping --grace-period=0 --force >/dev/null 2>&1 || true
-  for i in $(seq "$n"); do
+  # Every node, also one that joined and was not deleted (a run without "delete").
+  for i in $({ seq "$n"; "$here/check.sh" _live; } | sort -un); do
     "$here/down.sh" node "$i"
     kc delete node "$(node_name "$i")" --ignore-not-found >/dev/null
   done
@@ -305,7 +313,7 @@ migrate() {
     kc drain "$(node_name "$i")" --ignore-daemonsets --delete-emptydir-data --grace-period=1 >/dev/null 2>&1
     # On the node: the old config, bridge, and routes to the nodes that moved. The harness's
     # guards follow each route: plaintext only to the pod CIDRs still routed by the old way.
-    in_node "$i" sh -c "rm /etc/cni/net.d/10-bridge.conflist && ip link del cni0"
+    in_node "$i" sh -c "rm /etc/cni/net.d/10-bridge.conflist && ip link del cni0 && rm -rf /var/lib/cni/networks/bridge"
     for j in "${moved[@]}"; do
       in_node "$i" ip route del "${cidr[j]}"
       ip netns exec "$(node_name "$i")" nft delete element inet wmk_guard legacy "{ ${cidr[j]} }"
@@ -336,7 +344,7 @@ migrate() {
   check peers $((n - 1)) >/dev/null
   check pairs "$n" 120 >/dev/null
   for i in $(seq "$n"); do
-    out=$(in_node "$i" sh -c "ip link show cni0 2>/dev/null | head -1; ls /etc/cni/net.d/10-bridge.conflist 2>/dev/null
+    out=$(in_node "$i" sh -c "ip link show cni0 2>/dev/null | head -1; ls -d /etc/cni/net.d/10-bridge.conflist /var/lib/cni/networks/bridge 2>/dev/null
       ip route show | grep -v '^default' | grep ' via 172\.31\.242\.'" || true)
     [ -z "$out" ] || left="$left $(node_name "$i"): $(echo "$out" | tr '\n' ';')"
   done
