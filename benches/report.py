@@ -190,6 +190,25 @@ for r in kv(os.path.join(out, "dataplane.txt"), "dataplane"):
     if "runs_mesh" in r:
         w(f"Rounds (Mbit/s), wiremesh: {r['runs_mesh'].replace(',', ', ')}; bare: {r['runs_bare'].replace(',', ', ')}.")
         w("")
+for r in kv(os.path.join(out, "relay.txt"), "relay"):
+    w("## Relayed versus direct (`benches/relay.sh`, root)")
+    w("")
+    w("A `meshctl lab --registry kube` of four locations, node3 and node4 behind NAT routers of their")
+    w("own: their agents find no direct path and relay the pair through node1 ([docs/nat.md](docs/nat.md)).")
+    w("In the same run, node3's pod to node4's pod (relayed: two WireGuard legs, decrypted and")
+    w("encrypted again on node1) against node3's pod to node1's pod (direct: the first leg), alternating;")
+    w("medians of 3 rounds of 40 pings and of a 5 s iperf3. Userspace WireGuard on 2 shared cores:")
+    w("the relay's extra decryption and encryption compete with both ends for the same CPU.")
+    w("")
+    w("| | relayed (node3 → node1 → node4) | direct (node3 → node1) |")
+    w("| --- | ---: | ---: |")
+    w(f"| throughput | {r['relayed_mbps']} Mbit/s | {r['direct_mbps']} Mbit/s |")
+    w(f"| ping RTT (average) | {float(r['relayed_rtt_ms']):.3f} ms | {float(r['direct_rtt_ms']):.3f} ms |")
+    w("")
+    w(f"The pair answered {r['relayed_after_s']} s after `lab up` started (the lab itself takes about 25 s;")
+    w("detection is 20 s of unanswered packets plus a sample, 5 s). Rounds (Mbit/s), relayed: "
+      f"{r['runs_relayed_mbps'].replace(',', ', ')}; direct: {r['runs_direct_mbps'].replace(',', ', ')}.")
+    w("")
 scale = kv(os.path.join(out, "scale.txt"), "scale")
 if scale:
     def ms(v):

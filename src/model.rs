@@ -3,7 +3,7 @@
 //! Pure data. Depends only on `std`, `ipnetwork`, `base64` and `serde`; never on Kubernetes,
 //! netlink or async code. Every string from outside is parsed once into one of these types.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
@@ -338,6 +338,11 @@ pub struct MeshNode {
     pub last_seen: Option<i64>,
     /// Endpoints this node observed for NATed peers, by their public key.
     pub discovered_endpoints: BTreeMap<WgKey, SocketAddr>,
+    /// Segment leaders (by public key) this node's agent tried and failed to reach directly
+    /// (`wiremesh.io/unreachable`). `None` when its agent does not report (Kilo, or not yet):
+    /// only nodes that report take part in relays.
+    #[serde(default)]
+    pub unreachable: Option<BTreeSet<WgKey>>,
     /// Granularity the node's agent published.
     pub granularity: Option<Granularity>,
     /// Unix time the Node object was created (`metadata.creationTimestamp`, set by the API
@@ -362,6 +367,7 @@ impl MeshNode {
             allowed_location_ips: Vec::new(),
             last_seen: None,
             discovered_endpoints: BTreeMap::new(),
+            unreachable: None,
             granularity: None,
             created: None,
         }

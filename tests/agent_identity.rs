@@ -98,6 +98,7 @@ async fn a_forged_key_on_the_agents_node_is_written_back_under_both_prefixes_wit
         kernel_events,
         host: HostInfo::default(),
         observer: observer.clone(),
+        device: None,
     };
     let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let agent = tokio::spawn(async move {

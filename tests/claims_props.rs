@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use ipnetwork::IpNetwork;
 use proptest::prelude::*;
-use wiremesh::model::{Granularity, MeshNode, NodeName};
+use wiremesh::model::{MeshNode, NodeName};
 use wiremesh::topology::claims::check;
 use wiremesh::topology::incremental::{Engine, Event};
 use wiremesh::topology::{MeshOptions, compute, segment_key};
@@ -14,13 +14,9 @@ use crate::util::strategy as gens;
 
 fn opts(full: bool) -> MeshOptions {
     MeshOptions {
-        granularity: if full {
-            Granularity::Full
-        } else {
-            Granularity::Location
-        },
+        encapsulate: MeshOptions::default().encapsulate,
         service_cidrs: vec!["10.96.0.0/12".parse().expect("cidr")],
-        ..MeshOptions::default()
+        ..gens::opts(full)
     }
 }
 

@@ -383,6 +383,7 @@ async fn publishing_writes_only_our_keys_on_our_node() {
         wireguard_ip: Some("10.4.0.1/16".parse().unwrap()),
         granularity: Some(Granularity::Location),
         discovered_endpoints: BTreeMap::from([(key, "198.51.100.7:4000".parse().unwrap())]),
+        unreachable: Default::default(),
     };
     let before = Api::<Node>::all(admin.clone()).get("a").await.unwrap();
     api.install_rbac().await;

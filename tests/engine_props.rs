@@ -5,23 +5,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use wiremesh::desired::{DesiredState, RouteDev};
-use wiremesh::model::{Granularity, MeshNode, MeshPeer, NodeName};
+use wiremesh::model::{MeshNode, MeshPeer, NodeName};
 use wiremesh::topology::incremental::{Engine, Event, Update};
 use wiremesh::topology::{Encapsulate, MeshOptions, build, compute};
 
 use crate::util::strategy as gens;
 
-fn opts(full: bool) -> MeshOptions {
-    MeshOptions {
-        granularity: if full {
-            Granularity::Full
-        } else {
-            Granularity::Location
-        },
-        encapsulate: Encapsulate::Never,
-        ..MeshOptions::default()
-    }
-}
+use gens::opts;
 
 fn first(nodes: &[MeshNode]) -> NodeName {
     nodes[0].name.clone()

@@ -752,3 +752,153 @@ fn kube_lab_check_right_after_up_passes_every_time() {
         times[RUNS - 1]
     );
 }
+
+/// The keys Node `name` publishes as unreachable (`wiremesh.io/unreachable`), if it reports.
+fn unreachable_of(lab: &Lab, name: &str) -> Option<String> {
+    api_nodes(lab)
+        .into_iter()
+        .find(|n| n.metadata.name.as_deref() == Some(name))
+        .and_then(|n| n.metadata.annotations)
+        .and_then(|a| a.get("wiremesh.io/unreachable").cloned())
+}
+
+/// Whether `a` reports `b` unreachable and the other way round.
+fn report_each_other(lab: &Lab, a: &str, b: &str) -> bool {
+    let (ka, kb) = (lab.public_key(a), lab.public_key(b));
+    unreachable_of(lab, a).is_some_and(|u| u.contains(&kb))
+        && unreachable_of(lab, b).is_some_and(|u| u.contains(&ka))
+}
+
+/// Issue 13, relays. Four locations, two behind NAT routers of their own: the two NATed nodes
+/// cannot reach each other (each router answers the other's first packets itself, and the
+/// mapping the other then needs is taken), as in Kilo. Each agent reports the other within
+/// its bound, the mesh relays them through the first public node, and `lab check` passes and
+/// names the relayed pair. Then a path between two public nodes breaks (node1 drops node2's
+/// WireGuard packets): relayed too; and once it works again, the direct path comes back
+/// (probed every minute) and nothing is relayed between them.
+#[test]
+#[cfg_attr(
+    not(all(feature = "netns-tests", feature = "apiserver-tests")),
+    ignore = "needs root and a kube-apiserver: --features netns-tests,apiserver-tests"
+)]
+fn kube_lab_relays_nated_locations_and_a_broken_path_and_goes_direct_once_it_works() {
+    require_kube_tools();
+    let lab = Lab::new("kr");
+    let t0 = Instant::now();
+    let up = lab.up(&[
+        "--registry",
+        "kube",
+        "--nodes",
+        "4",
+        "--locations",
+        "4",
+        "--nat",
+        "2",
+    ]);
+    assert!(up.status.success(), "{}", text(&up));
+    let up_took = t0.elapsed();
+    poll(Duration::from_secs(60), || {
+        report_each_other(&lab, "node3", "node4").then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "node3 and node4 never reported each other\n{}",
+            lab.diagnostics()
+        )
+    });
+    let reported = t0.elapsed();
+    let check = lab.run(&["lab", "check"]);
+    let report = text(&check);
+    assert!(
+        check.status.success() && !report.contains("LOSS"),
+        "{report}\n{}",
+        lab.diagnostics()
+    );
+    assert!(report.contains("node3 <-> node4 through node1"), "{report}");
+    assert!(report.contains("relays: 1 pair(s)"), "{report}");
+    assert!(
+        report.contains("no plaintext pod packets on the underlay ok"),
+        "{report}"
+    );
+    eprintln!(
+        "relay: lab up {:.1} s, both NATed nodes reported each other {:.1} s after the start",
+        up_took.as_secs_f64(),
+        reported.as_secs_f64()
+    );
+
+    // node1 drops node2's WireGuard packets; pods of node2 keep pinging node1's.
+    let state = lab.state();
+    let ip_of = |name: &str| {
+        state
+            .spec
+            .nodes
+            .iter()
+            .find(|n| n.name == name)
+            .and_then(|n| n.underlay_ip)
+            .expect("a public node")
+            .to_string()
+    };
+    let rule = format!(
+        "table inet wmtest {{ chain in {{ type filter hook input priority -10; ip saddr {} udp dport 51820 counter drop; }}; }}",
+        ip_of("node2")
+    );
+    let nft = lab.exec("n1", &["nft", &rule]);
+    assert!(nft.status.success(), "{}", text(&nft));
+    let pod1 = state.nodes[0].pods[0].addrs().next().expect("a pod IP");
+    let pinger = BackgroundPing::start(Flow {
+        from_pod: state.nodes[1].pods[0].netns.clone(),
+        from_node: "node2".into(),
+        to_node: "node1".into(),
+        to: pod1,
+        sent: 0,
+        received: 0,
+        gap: 0,
+    })
+    .expect("start ping");
+    let broken = Instant::now();
+    poll(Duration::from_secs(90), || {
+        unreachable_of(&lab, "node2")
+            .is_some_and(|u| u.contains(&lab.public_key("node1")))
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("node2 never reported node1\n{}", lab.diagnostics()));
+    let relayed_after = broken.elapsed();
+    let relayed = poll(Duration::from_secs(30), || {
+        let r = wiremesh::lab::check::relayed(&lab.state());
+        r.iter()
+            .find(|(a, b, _)| a == "node1" && b == "node2")
+            .cloned()
+    })
+    .unwrap_or_else(|| panic!("node1 and node2 not relayed\n{}", lab.diagnostics()));
+    assert_eq!(relayed.2, "node3", "the first segment that reaches both");
+    assert!(
+        lab.pod_pings(&state.nodes[1].pods[0].netns, &pod1.to_string()),
+        "node2's pod does not reach node1's through the relay\n{}",
+        lab.diagnostics()
+    );
+
+    // The path works again: the next probe finds it, the reports go, the pair is direct.
+    let nft = lab.exec("n1", &["nft", "delete", "table", "inet", "wmtest"]);
+    assert!(nft.status.success(), "{}", text(&nft));
+    let healed = Instant::now();
+    poll(Duration::from_secs(120), || {
+        let r = wiremesh::lab::check::relayed(&lab.state());
+        (!r.iter().any(|(a, b, _)| a == "node1" && b == "node2")).then_some(())
+    })
+    .unwrap_or_else(|| panic!("node1 and node2 stayed relayed\n{}", lab.diagnostics()));
+    let direct_after = healed.elapsed();
+    let flow = pinger.stop();
+    eprintln!(
+        "broken path: relayed {:.1} s after the drop, direct again {:.1} s after the repair; \
+         node2's pod pinging node1's meanwhile: {} sent, {} lost, longest gap {}",
+        relayed_after.as_secs_f64(),
+        direct_after.as_secs_f64(),
+        flow.sent,
+        flow.lost(),
+        flow.gap
+    );
+    lab.check_passes();
+    let logs = agent_logs(&lab);
+    assert!(!logs.contains("panicked"), "an agent panicked:\n{logs}");
+    lab.down_and_assert_gone();
+}

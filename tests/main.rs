@@ -21,6 +21,7 @@ mod nft_cni_netns;
 mod node_credentials;
 mod observability;
 mod plan_golden;
+mod relay_props;
 mod scale_kube;
 mod showconf_wg;
 mod wg_netns;

@@ -282,6 +282,7 @@ async fn the_agent_with_its_nodes_credentials_publishes_and_restores_its_own_ann
         kernel_events,
         host: HostInfo::default(),
         observer,
+        device: None,
     };
     let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let agent = tokio::spawn(async move {

@@ -129,14 +129,95 @@ fn plan_reports_bad_nodes_and_keeps_the_rest() {
 
 /// The three-clouds example with the first `from` replaced by `to`, written to a file in `dir`.
 fn edited_example(dir: &Path, from: &str, to: &str) -> String {
+    edited_example_at(dir, &[(from, to)])
+}
+
+/// examples/three-clouds.yaml with each `from` replaced once by its `to`, written into `dir`.
+fn edited_example_at(dir: &Path, edits: &[(&str, &str)]) -> String {
     let file = dir.join("nodes.yaml");
-    let text = std::fs::read_to_string(
+    let mut text = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/three-clouds.yaml"),
     )
     .expect("example");
-    assert!(text.contains(from), "{from}");
-    std::fs::write(&file, text.replacen(from, to, 1)).expect("write");
+    for (from, to) in edits {
+        assert!(text.contains(from), "{from}");
+        text = text.replacen(from, to, 1);
+    }
+    std::fs::write(&file, text).expect("write");
     file.to_str().expect("path").to_owned()
+}
+
+/// The three clouds with `wiremesh.io/unreachable` as agents publish it: fra-1 has no handshake
+/// with hel-1, hel-1 and par-1 report nothing unreachable.
+fn reporting_example(dir: &Path) -> String {
+    const FRA: &str = "6fcT3bwmiNulRE+RHfLJs4FfNX6IunjB0pJpmI6w5DA=";
+    const HEL: &str = "cpmjjEo1wKcecLnNDXzPhTFGyG68rKbZxhzDpiN/bAI=";
+    const PAR: &str = "f9r1NdEbmqO6dMerKkaahx+Im2GIJndztRrbqS9X3iU=";
+    let report = |key: &str, unreachable: &str| {
+        (
+            format!("kilo.squat.ai/key: {key}\n"),
+            format!("kilo.squat.ai/key: {key}\n      wiremesh.io/unreachable: \"{unreachable}\"\n"),
+        )
+    };
+    let edits = [report(FRA, HEL), report(HEL, ""), report(PAR, "")];
+    let edits: Vec<(&str, &str)> = edits
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    edited_example_at(dir, &edits)
+}
+
+#[test]
+fn plan_shows_a_pair_without_a_handshake_relayed_through_the_third_cloud() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = reporting_example(dir.path());
+    let plan = |node: &str, out: &str| {
+        let (stdout, stderr, ok) = meshctl(&["plan", "--nodes", &file, "--node", node, "-o", out]);
+        assert!(ok, "{stderr}");
+        stdout
+    };
+    let peers = |node: &str| -> Vec<serde_json::Value> {
+        let v: serde_json::Value = serde_json::from_str(&plan(node, "json")).expect("json");
+        v["peers"].as_array().expect("peers").clone()
+    };
+    let by_name = |ps: &[serde_json::Value], n: &str| -> serde_json::Value {
+        ps.iter().find(|p| p["name"] == n).cloned().expect(n)
+    };
+    // Both ends of the broken pair send the other's pods through par-1, whatever side reported.
+    for (me, other) in [("fra-1", "hel-1"), ("hel-1", "fra-1")] {
+        let ps = peers(me);
+        let direct = by_name(&ps, other);
+        assert_eq!(direct["relayed_via"], "par-1", "{me}: {direct}");
+        assert_eq!(
+            direct["allowed_ips"].as_array().map(Vec::len),
+            Some(0),
+            "{direct}"
+        );
+        let relay = by_name(&ps, "par-1");
+        let ips: Vec<&str> = relay["allowed_ips"]
+            .as_array()
+            .expect("ips")
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect();
+        let other_pods = if other == "hel-1" {
+            "10.42.1.0/24"
+        } else {
+            "10.42.0.0/24"
+        };
+        assert!(
+            ips.contains(&other_pods),
+            "{me}: par-1 carries {other_pods}: {ips:?}"
+        );
+        assert!(relay.get("relayed_via").is_none(), "{relay}");
+    }
+    // The relay keeps both ends direct, with their own pods only.
+    for p in peers("par-1") {
+        assert!(p.get("relayed_via").is_none(), "{p}");
+        assert!(!p["allowed_ips"].as_array().expect("ips").is_empty(), "{p}");
+    }
+    let text = plan("fra-1", "text");
+    assert!(text.contains("relayed through par-1"), "{text}");
 }
 
 #[test]
@@ -298,4 +379,44 @@ fn plan_leaves_out_a_node_whose_pod_cidr_covers_every_other_not_the_real_nodes()
             .any(|d| d["key"] == "podCIDR" && d["skipped"] == true),
         "{evil:?}"
     );
+}
+
+#[test]
+fn graph_draws_the_relayed_tunnel_dotted_and_names_the_relay() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = reporting_example(dir.path());
+    let graph = |format: &str| {
+        let (stdout, stderr, ok) = meshctl(&["graph", "--nodes", &file, "--format", format]);
+        assert!(ok, "{stderr}");
+        stdout
+    };
+    let dot = graph("dot");
+    let relayed: Vec<&str> = dot.lines().filter(|l| l.contains("relayed via")).collect();
+    assert_eq!(relayed.len(), 1, "one relayed tunnel: {dot}");
+    assert!(
+        relayed[0].contains("fra-1") && relayed[0].contains("hel-1"),
+        "{}",
+        relayed[0]
+    );
+    assert!(relayed[0].contains("relayed via par-1") && relayed[0].contains("dotted"));
+    let svg = graph("svg");
+    assert_eq!(
+        svg.matches("data-relayed-via=\"par-1\"").count(),
+        1,
+        "{svg}"
+    );
+    assert!(
+        svg.contains("no direct handshake: relayed through par-1"),
+        "{svg}"
+    );
+    // Without reports nothing is relayed.
+    let (plain, stderr, ok) = meshctl(&[
+        "graph",
+        "--format",
+        "dot",
+        "--nodes",
+        "examples/three-clouds.yaml",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(!plain.contains("relayed"), "{plain}");
 }

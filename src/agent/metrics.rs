@@ -286,6 +286,12 @@ pub fn render(view: &View, live: &Live, lm: &LoopMetrics, ready: bool) -> String
         lm.duration.clone(),
     );
     r.register(
+        "unreachable_peers",
+        "Segment leaders this node sends to without a handshake completing (published as \
+         wiremesh.io/unreachable; the mesh relays around them)",
+        count(view.unreachable.len()),
+    );
+    r.register(
         "wireguard_up",
         "1 when the WireGuard device could be read for this scrape",
         flag(live.peers.is_ok()),

@@ -22,6 +22,7 @@ mod machine;
 pub mod metrics;
 pub mod observe;
 mod port;
+mod reach;
 mod source;
 mod watch;
 
@@ -42,7 +43,7 @@ use crate::model::{MeshNode, MeshPeer, NodeName, WgKey};
 use crate::reconcile::nft::FirewallMode;
 use crate::reconcile::system::{SystemKernel, SystemOptions};
 use crate::reconcile::wg::{PrivateKey, WgMode, load_or_generate_private_key};
-use crate::reconcile::{self, Kernel, KernelError};
+use crate::reconcile::{self, Kernel, KernelError, Op};
 use crate::registry::cluster::publish::{self, Publication};
 use crate::registry::cluster::{Batch, ClientOptions, ClusterError, WatchOptions};
 use crate::registry::file::FileError;
@@ -158,6 +159,9 @@ pub struct Inputs {
     pub host: HostInfo,
     /// Where the loop shows what it does (metrics, readiness, status).
     pub observer: Observer,
+    /// The WireGuard device's per-peer counters, sampled to tell unreachable peers (for
+    /// relays; Kubernetes registry only). `None`: nothing is judged.
+    pub device: Option<Arc<dyn http::DeviceReader>>,
 }
 
 /// Log diagnostics that are new since the last read, once each.
@@ -304,6 +308,7 @@ pub async fn run_with<K: Kernel>(
         mut kernel_events,
         host,
         observer,
+        device,
     } = inputs;
     let mut mesh = Mesh::Listing {
         nodes: BTreeMap::new(),
@@ -318,6 +323,9 @@ pub async fn run_with<K: Kernel>(
     // Turns the loop when nothing happens, so that a loop that turns no more is seen (/healthz).
     let mut heartbeat = tokio::time::interval(observe::HEARTBEAT);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reach_tick = tokio::time::interval(REACH_PERIOD);
+    reach_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let judge_reach = cluster.is_some() && device.is_some();
     tokio::pin!(shutdown);
     let mut kernel_events_open = true;
     let mut registry_open = true;
@@ -329,6 +337,7 @@ pub async fn run_with<K: Kernel>(
         port: port::PortGuard::new(cfg.mesh.port),
         public_key,
         identity: identity::Identity::new(),
+        reach: reach::Reachability::default(),
     };
     // Since when the registry has been listed and reachable without a break (for staleness).
     let mut live_since: Option<tokio::time::Instant> = None;
@@ -493,6 +502,17 @@ pub async fn run_with<K: Kernel>(
                     Err(e) => debug!(error = %e, "cannot read the WireGuard device for discovered endpoints"),
                 }
                 if let Some(link) = &cluster {
+                    me.publish(&cfg, link, &host);
+                }
+            }
+            _ = reach_tick.tick(), if judge_reach => {
+                let (Mesh::Running(engine), Some(device)) = (&mesh, &device) else { continue };
+                if sample_reachability(engine, device, kernel, &mut me.reach).await
+                    && let Some(link) = &cluster
+                {
+                    info!(unreachable = ?me.reach.unreachable().iter().map(ToString::to_string).collect::<Vec<_>>(),
+                        "segment leaders this node cannot reach directly changed; publishing them (relays go around them)");
+                    observer.unreachable(me.reach.unreachable());
                     me.publish(&cfg, link, &host);
                 }
             }
@@ -718,6 +738,8 @@ struct Local {
     public_key: WgKey,
     /// What the agent owns on its Node, to tell a foreign write.
     identity: identity::Identity,
+    /// Which segment leaders this node cannot reach directly (published for relays).
+    reach: reach::Reachability,
 }
 
 impl Local {
@@ -732,6 +754,10 @@ impl Local {
             self.mesh_ip,
             &self.discovered,
         );
+        let p = Publication {
+            unreachable: self.reach.unreachable().clone(),
+            ..p
+        };
         let out = self.port.publication(p.clone());
         self.identity.publishing(&out);
         link.publish(out);
@@ -831,7 +857,59 @@ fn publication(
         wireguard_ip: mesh_ip,
         granularity: Some(cfg.mesh.granularity),
         discovered_endpoints: discovered.clone(),
+        unreachable: BTreeSet::new(),
     }
+}
+
+/// How often the WireGuard device is sampled for unreachable peers.
+const REACH_PERIOD: Duration = Duration::from_secs(5);
+
+/// Sample the device's peers into `reach` (segment leaders only: the engine's nodes' keys), and
+/// try the direct path of unreachable peers again when due: the peer removed and added again as
+/// it was, so its keepalive starts a new handshake. Returns whether the unreachable set changed.
+async fn sample_reachability<K: Kernel>(
+    engine: &Engine,
+    device: &Arc<dyn http::DeviceReader>,
+    kernel: &mut K,
+    reach: &mut reach::Reachability,
+) -> bool {
+    let reader = device.clone();
+    let stats = match tokio::task::spawn_blocking(move || reader.peer_stats()).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            debug!(error = %e, "cannot read the WireGuard device for reachability");
+            return false;
+        }
+        Err(e) => {
+            debug!(error = %e, "the WireGuard device read did not finish");
+            return false;
+        }
+    };
+    let nodes: BTreeSet<WgKey> = engine.nodes().filter_map(|n| n.key).collect();
+    let changed = reach.sample(std::time::Instant::now(), &stats, |k| nodes.contains(k));
+    let due = reach.probes_due(std::time::Instant::now());
+    if !due.is_empty()
+        && let Ok(Some(dev)) = kernel.read_wireguard().await
+    {
+        // Only peers with a keepalive (a relayed one always has one). The peer is made anew,
+        // without the old session, so its keepalive needs a handshake: an answer proves the path.
+        let probed = dev
+            .peers
+            .iter()
+            .filter(|p| due.contains(&p.public_key) && p.persistent_keepalive != 0);
+        for p in probed {
+            let remove = Op::RemovePeer {
+                public_key: p.public_key,
+            };
+            for op in [remove, Op::UpsertPeer(Box::new(p.clone()))] {
+                if let Err(e) = kernel.apply(&op).await {
+                    debug!(error = %e, peer = %p.public_key, "cannot try the direct path again");
+                }
+            }
+            debug!(peer = %p.public_key, "trying the direct path of an unreachable peer again");
+        }
+    }
+    changed
 }
 
 fn system_options(
@@ -994,6 +1072,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         kernel_events,
         host,
         observer,
+        device: Some(Arc::new(kernel.wireguard().reader())),
     };
     run_with(cfg, &mut kernel, public_key, inputs, shutdown).await
 }

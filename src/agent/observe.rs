@@ -106,6 +106,8 @@ pub struct View {
     /// registry (or left out), or the kernel is known not to match the desired state after a
     /// first success.
     pub loop_not_ready: Option<String>,
+    /// Segment leaders this node cannot reach directly (relays go around them), by key.
+    pub unreachable: Vec<WgKey>,
 }
 
 /// The reason label of a diagnostic that left its object out: `invalid` for what the registry
@@ -319,6 +321,11 @@ impl Observer {
         if v.loop_not_ready != why {
             v.loop_not_ready = why;
         }
+    }
+
+    /// The segment leaders this node cannot reach directly now.
+    pub fn unreachable(&self, keys: &std::collections::BTreeSet<WgKey>) {
+        self.lock().unreachable = keys.iter().copied().collect();
     }
 
     /// Someone else wrote this node's own annotations and the agent wrote them back.

@@ -181,6 +181,7 @@ impl Running {
             kernel_events: rx,
             host: HostInfo::default(),
             observer: observer.clone(),
+            device: None,
         };
         let task = tokio::spawn(async move {
             run_with(cfg, &mut k, KEY, inputs, async {

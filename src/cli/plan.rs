@@ -69,6 +69,10 @@ struct JsonPeer<'a> {
     persistent_keepalive: u16,
     /// Whether a preshared key is set (the key itself is a secret and never printed).
     preshared_key: bool,
+    /// The relay this peer's traffic goes through (its allowed IPs are on the relay's peer;
+    /// the direct path keeps being tried). Absent for a direct peer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    relayed_via: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -115,6 +119,7 @@ pub fn render_json(plan: &Plan, granularity: Granularity, devs: &DeviceNames) ->
                 allowed_ips: p.allowed_ips.iter().map(|a| a.to_string()).collect(),
                 persistent_keepalive: p.persistent_keepalive,
                 preshared_key: p.preshared_key.is_some(),
+                relayed_via: plan.relayed.get(&p.name).map(String::as_str),
             })
             .collect(),
         routes: d.routes.iter().map(|r| json_route(r, devs)).collect(),
@@ -188,7 +193,18 @@ pub fn render_text(plan: &Plan, granularity: Granularity, devs: &DeviceNames) ->
                 e.to_string()
             });
         let _ = writeln!(o, "  endpoint: {ep}");
-        let _ = writeln!(o, "  allowed ips: {}", join(&p.allowed_ips));
+        match plan.relayed.get(&p.name) {
+            Some(via) => {
+                let _ = writeln!(
+                    o,
+                    "  relayed through {via}: no direct handshake (its allowed IPs are on {via}'s \
+                     peer; the direct path is tried again every minute)"
+                );
+            }
+            None => {
+                let _ = writeln!(o, "  allowed ips: {}", join(&p.allowed_ips));
+            }
+        }
         if p.persistent_keepalive > 0 {
             let _ = writeln!(
                 o,

@@ -182,6 +182,12 @@ pub fn render(topo: &Topology<'_>, opts: &GraphOptions) -> String {
         if let Some(words) = e.label() {
             attrs.push(format!("label={}", quote(&words)));
         }
+        if let Some(via) = &e.relayed_via {
+            attrs.push(format!(
+                "label={}, style=\"dotted\"",
+                quote(&format!("relayed via {via}"))
+            ));
+        }
         if let Some(s) = state {
             if s == TunnelState::Unknown {
                 attrs.push("style=\"dashed\"".to_owned());

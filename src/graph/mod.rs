@@ -280,6 +280,19 @@ fn edges(topo: &Topology<'_>) -> Vec<Edge> {
     out
 }
 
+/// The leader that relays tunnel `e`'s traffic, when its two segments reach each other only
+/// through a third ([`Topology::relays`]).
+fn relay_of<'t>(topo: &'t Topology<'_>, e: &Edge) -> Option<&'t str> {
+    let (EdgeKind::Tunnel, End::Node(i, _), End::Node(j, _)) = (e.kind, e.a, e.b) else {
+        return None;
+    };
+    let (a, b) = (i.min(j), i.max(j));
+    topo.relays
+        .iter()
+        .find(|r| r.a == a && r.b == b)
+        .map(|r| topo.segments[r.via].leader_node().name.as_str())
+}
+
 /// The name of a node or peer at one end of an edge.
 fn end_name<'t>(topo: &'t Topology<'_>, end: End) -> &'t str {
     match end {

@@ -15,9 +15,11 @@
 
 use std::collections::BTreeMap;
 
+use std::fmt::Write as _;
+
 use super::{
-    Edge, EdgeKind, End, Live, TunnelState, edge_key, edges, segment_label, touches_local,
-    tunnel_state,
+    Edge, EdgeKind, End, Live, TunnelState, edge_key, edges, relay_of, segment_label,
+    touches_local, tunnel_state,
 };
 use crate::status::{Health, human_age};
 use crate::topology::Topology;
@@ -104,6 +106,11 @@ pub(super) struct SceneEdge {
     pub local: bool,
     /// Its identity: `a--b` of node names for one edge, of box labels for a bundle.
     pub key: String,
+    /// How many of its tunnels carry no traffic because the pair is relayed through a third
+    /// segment; for one edge, the relay's leader is `relayed_via`.
+    pub relayed: usize,
+    /// The leader that relays this one tunnel's traffic.
+    pub relayed_via: Option<String>,
 }
 
 impl SceneEdge {
@@ -117,6 +124,9 @@ impl SceneEdge {
             self.tunnels,
             if self.tunnels == 1 { "" } else { "s" }
         );
+        if self.relayed > 0 {
+            let _ = write!(s, " · {} relayed", self.relayed);
+        }
         if let Some(state) = self.state {
             s.push_str(" · ");
             s.push_str(&worst_words(state));
@@ -409,6 +419,8 @@ pub(super) fn build(
                 state,
                 local: on,
                 key: edge_key(topo, e),
+                relayed: usize::from(relay_of(topo, e).is_some()),
+                relayed_via: relay_of(topo, e).map(str::to_owned),
             });
             continue;
         }
@@ -426,8 +438,11 @@ pub(super) fn build(
             state: None,
             local: false,
             key: String::new(),
+            relayed: 0,
+            relayed_via: None,
         });
         entry.tunnels += 1;
+        entry.relayed += usize::from(relay_of(topo, e).is_some());
         entry.state = worse(entry.state, state);
         entry.local |= on;
         if e.kind == EdgeKind::PeerTunnel {
@@ -548,6 +563,8 @@ fn full(
             state: live.and_then(|lv| tunnel_state(topo, e, lv)),
             local: touches_local(topo, e, local),
             key: edge_key(topo, e),
+            relayed: usize::from(relay_of(topo, e).is_some()),
+            relayed_via: relay_of(topo, e).map(str::to_owned),
         })
         .collect();
     Scene {

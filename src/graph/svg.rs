@@ -72,6 +72,7 @@ text{font-family:'DejaVu Sans Mono',Menlo,Consolas,'Liberation Mono',monospace;f
 .tunnel.live-aging,.tunnel.live-new{stroke:#f08c00}\
 .tunnel.live-stale{stroke:#e03131}\
 .tunnel.live-unknown{stroke:#adb5bd;stroke-dasharray:4 4}\
+.tunnel.relayed{stroke-dasharray:1 5;stroke-linecap:round}\
 .legend-local{fill:#fff4e6;stroke:#e8590c;stroke-width:2}\
 .legend-peer{fill:#f8f0fc;stroke:#862e9c;stroke-dasharray:5 3}\
 .legend-box{fill:#e7f5ff;stroke:#495057}\
@@ -804,7 +805,12 @@ fn write_edge_set(
                 "WireGuard tunnels",
             ),
         };
-        let local_class = if e.local { " local" } else { "" };
+        let local_class = match (e.local, e.relayed_via.is_some()) {
+            (true, true) => " local relayed",
+            (true, false) => " local",
+            (false, true) => " relayed",
+            (false, false) => "",
+        };
         let shape = if e.kind == EdgeKind::Private {
             "polyline"
         } else {
@@ -820,6 +826,9 @@ fn write_edge_set(
         );
         if e.edge.is_none() {
             let _ = write!(out, "data-tunnel-count=\"{}\" ", e.tunnels);
+        }
+        if let Some(via) = &e.relayed_via {
+            let _ = write!(out, "data-relayed-via=\"{}\" ", esc(via));
         }
         if let Some(s) = e.state {
             let _ = write!(out, "data-health=\"{}\" ", s.word());
@@ -857,11 +866,14 @@ fn write_edge_set(
             Some(edge) => format!("{} ↔ {}", end_name(topo, edge.a), end_name(topo, edge.b)),
             None => e.key.replacen("--", " ↔ ", 1),
         };
-        let detail = match (e.edge, e.state) {
+        let mut detail = match (e.edge, e.state) {
             (Some(_), Some(s)) => format!(", {}", s.describe()),
             (None, _) => format!(", {}", e.label().unwrap_or_default()),
             _ => String::new(),
         };
+        if let Some(via) = &e.relayed_via {
+            let _ = write!(detail, ", no direct handshake: relayed through {via}");
+        }
         let _ = writeln!(
             out,
             "><title>{what}: {}{}</title></{shape}>",

@@ -563,6 +563,9 @@ pub struct CheckReport {
     pub tally: Tally,
     /// Whether some pair crosses the underlay (then WireGuard packets must have been seen).
     pub crosses_underlay: bool,
+    /// Pairs of nodes whose traffic goes through a relay, as their WireGuard devices hold them
+    /// after the pings: (node, peer, relay), each pair once.
+    pub relayed: Vec<(String, String, String)>,
 }
 
 impl CheckReport {
@@ -638,6 +641,21 @@ impl CheckReport {
         for (flow, n) in flows(&self.tally.other, 5) {
             let _ = writeln!(s, "    {flow} ({n}×)");
         }
+        if self.relayed.is_empty() {
+            let _ = writeln!(
+                s,
+                "\nrelays: none (every pair of leaders reaches each other directly)"
+            );
+        } else {
+            let _ = writeln!(
+                s,
+                "\nrelays: {} pair(s) of leaders cannot reach each other directly",
+                self.relayed.len()
+            );
+            for (a, b, via) in &self.relayed {
+                let _ = writeln!(s, "  {a} <-> {b} through {via}");
+            }
+        }
         let verdict = |ok: bool| if ok { "ok" } else { "FAILED" };
         let _ = writeln!(
             s,
@@ -690,7 +708,57 @@ pub fn check(state: &LabState, parallel: usize) -> Result<CheckReport, LabError>
         overlay,
         port: state.spec.port,
         crosses_underlay,
+        relayed: relayed(state),
     })
+}
+
+/// The relayed pairs as the nodes' WireGuard devices hold them: a peer of a node without
+/// allowed IPs while another peer holds that peer's pod CIDR. Each pair once, sorted.
+pub fn relayed(state: &LabState) -> Vec<(String, String, String)> {
+    let by_key: std::collections::BTreeMap<String, &str> = state
+        .nodes
+        .iter()
+        .filter_map(|n| Some((n.public_key.clone()?, n.name.as_str())))
+        .collect();
+    let devices: Vec<(&str, super::uapi::WgDevice)> = state
+        .nodes
+        .iter()
+        .filter_map(|n| {
+            let dev = super::uapi::get(&n.uapi_socket(), Duration::from_secs(2)).ok()?;
+            Some((n.name.as_str(), dev))
+        })
+        .collect();
+    let mut out = std::collections::BTreeSet::new();
+    for (node, dev) in &devices {
+        for p in dev.peers.iter().filter(|p| p.allowed_ips.is_empty()) {
+            let Some(&peer) = by_key.get(&p.public_key.to_string()) else {
+                continue;
+            };
+            let Some(cidr) = state
+                .spec
+                .nodes
+                .iter()
+                .find(|n| n.name == peer)
+                .and_then(|n| n.pod_cidrs.first())
+            else {
+                continue;
+            };
+            let via = dev
+                .peers
+                .iter()
+                .find(|q| q.allowed_ips.contains(cidr))
+                .and_then(|q| by_key.get(&q.public_key.to_string()));
+            if let Some(via) = via {
+                let (a, b) = if *node < peer {
+                    (*node, peer)
+                } else {
+                    (peer, *node)
+                };
+                out.insert((a.to_owned(), b.to_owned(), (*via).to_owned()));
+            }
+        }
+    }
+    out.into_iter().collect()
 }
 
 #[cfg(test)]
@@ -909,6 +977,7 @@ mod tests {
                 ..Tally::default()
             },
             crosses_underlay: true,
+            relayed: Vec::new(),
         };
         assert!(r.passed(), "{}", r.render());
         assert!(
@@ -939,5 +1008,9 @@ mod tests {
         r.pings[0].ok = false;
         assert_eq!(r.connected_after(), None);
         assert!(r.render().contains("some pairs never answered"));
+        assert!(r.render().contains("relays: none"));
+        r.relayed = vec![("node3".into(), "node4".into(), "node1".into())];
+        assert!(r.render().contains("relays: 1 pair(s)"));
+        assert!(r.render().contains("  node3 <-> node4 through node1\n"));
     }
 }

@@ -49,6 +49,9 @@ pub mod keys {
     pub const ALLOWED_LOCATION_IPS: &str = "allowed-location-ips";
     /// The granularity the node's agent runs with.
     pub const GRANULARITY: &str = "granularity";
+    /// Comma-separated public keys of the segment leaders this node cannot reach directly
+    /// (wiremesh only: read and written under `wiremesh.io/` alone).
+    pub const UNREACHABLE: &str = "unreachable";
 }
 
 /// The well-known label that gives a node's location when no annotation does.
@@ -263,6 +266,7 @@ pub fn parse_parts(
     }
 
     parse_discovered_endpoints(ann, &mut out, &mut found);
+    parse_unreachable(ann, &mut out, &mut found);
 
     if let Some((k, v)) = lookup(ann, keys::GRANULARITY).filter(|(_, v)| !v.is_empty()) {
         match v.parse::<Granularity>() {
@@ -460,6 +464,26 @@ fn parse_discovered_endpoints(
             format!("not a JSON map of key to {{IP, Port}}: {e}; no discovered endpoint is used"),
         ),
     }
+}
+
+/// `wiremesh.io/unreachable`: present (even empty) when the node's agent reports reachability;
+/// an entry that is no public key is dropped with a warning, the others are kept.
+fn parse_unreachable(ann: &BTreeMap<String, String>, out: &mut MeshNode, found: &mut Found<'_>) {
+    let k = format!("{WIREMESH_PREFIX}{}", keys::UNREACHABLE);
+    let Some(v) = ann.get(&k) else { return };
+    let mut keys = std::collections::BTreeSet::new();
+    for item in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        match item.parse::<WgKey>() {
+            Ok(key) => {
+                keys.insert(key);
+            }
+            Err(e) => found.fallback(
+                &k,
+                format!("entry {item:?} is not a public key: {e}; the entry is ignored"),
+            ),
+        }
+    }
+    out.unreachable = Some(keys);
 }
 
 /// The node name as a [`NodeName`].

@@ -120,6 +120,8 @@ pub(crate) struct LocalContext {
     /// The local segment's mesh IP, with the subnet's prefix (leaders only).
     pub address: Option<IpNetwork>,
     pub discovered: BTreeMap<WgKey, SocketAddr>,
+    /// Segments (by leader key) reached through a relay, with the relay's key (leaders only).
+    pub relayed: BTreeMap<WgKey, WgKey>,
     pub encapsulate: Encapsulate,
     pub local_routes: bool,
     pub cni: bool,
@@ -141,7 +143,11 @@ impl LocalContext {
             .copied()
             .unwrap_or(seg.leader_node());
         let discovered = topo.discovered_endpoints(me);
-        Self::from_parts(seg, me, discovered, opts, topo.subnet)
+        let mut ctx = Self::from_parts(seg, me, discovered, opts, topo.subnet);
+        if ctx.leader {
+            ctx.relayed = topo.relayed_from(idx);
+        }
+        ctx
     }
 
     /// The context from the local segment and node, without a whole topology.
@@ -172,6 +178,7 @@ impl LocalContext {
                 None
             },
             discovered,
+            relayed: BTreeMap::new(),
             encapsulate: opts.encapsulate,
             local_routes: opts.local_routes,
             cni: opts.cni,
@@ -477,6 +484,28 @@ fn sorted_unique(mut v: Vec<IpNetwork>) -> Vec<IpNetwork> {
 /// Merge the accumulated contributions, in order, into a desired state. Where two contributions
 /// claim the same allowed IP or route destination the first keeps it; each such conflict is
 /// returned as a diagnostic (an empty list means the contributions were disjoint).
+/// Move the allowed IPs of each relayed segment's peer to its relay's peer. The direct peer
+/// stays, without allowed IPs and with a keepalive, so the direct path keeps being tried.
+fn relay(ctx: &LocalContext, peers: &mut [WgPeer]) {
+    if ctx.relayed.is_empty() {
+        return;
+    }
+    let mut moved: BTreeMap<WgKey, Vec<IpNetwork>> = BTreeMap::new();
+    for p in peers.iter_mut() {
+        if let Some(via) = ctx.relayed.get(&p.public_key) {
+            moved.entry(*via).or_default().append(&mut p.allowed_ips);
+            if p.persistent_keepalive == 0 {
+                p.persistent_keepalive = super::RELAY_PROBE_KEEPALIVE;
+            }
+        }
+    }
+    for p in peers.iter_mut() {
+        if let Some(ips) = moved.get_mut(&p.public_key) {
+            p.allowed_ips.append(ips);
+        }
+    }
+}
+
 pub(crate) fn assemble(ctx: &LocalContext, acc: Contribution) -> (DesiredState, Vec<Diagnostic>) {
     let Contribution {
         mut peers,
@@ -487,6 +516,7 @@ pub(crate) fn assemble(ctx: &LocalContext, acc: Contribution) -> (DesiredState, 
         mut nat_exempt,
     } = acc;
     let mut diagnostics = Vec::new();
+    relay(ctx, &mut peers);
     // Every allowed IP of a peer is in the exemption list once per claim, except mesh IPs (unique
     // by allocation) and allowed-location-ips (overlaps already filtered). So when the sorted
     // list has no repeat, no IP is claimed twice and the per-IP check can be skipped.

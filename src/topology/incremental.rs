@@ -4,8 +4,8 @@
 //! Common events (a node changes inside its location, an endpoint moves, a key rotates, a node
 //! joins or leaves) recompute only the segments they touch: work proportional to the change.
 //! Events whose effect is global (the local node itself changes, its segment's leader changes,
-//! discovered endpoints change, allowed-location-ips or conflicting claims exist, any external
-//! peer changes) fall back to a full recomputation and a diff. Both paths use the same
+//! discovered endpoints change, allowed-location-ips, unreachable reports (relays) or conflicting
+//! claims exist, any external peer changes) fall back to a full recomputation and a diff. Both paths use the same
 //! per-segment contribution functions as [`super::compute`], so they cannot disagree; a property
 //! test checks that any event sequence ends in the full computation's state.
 //!
@@ -447,6 +447,10 @@ impl Engine {
         if new_ready.is_some_and(|n| !n.allowed_location_ips.is_empty()) {
             return None;
         }
+        // An unreachable report may start, move or end a relay between any two segments.
+        if new_ready.is_some_and(reports_unreachable) {
+            return None;
+        }
         if let Some(k) = new_ready.and_then(|n| n.key)
             && self.key_owner.get(&k).is_some_and(|o| o != name)
         {
@@ -866,6 +870,10 @@ impl Engine {
             .segments
             .iter()
             .any(|s| s.nodes.iter().any(|n| !n.allowed_location_ips.is_empty()));
+        let any_reports = topo
+            .segments
+            .iter()
+            .any(|s| s.nodes.iter().any(|n| reports_unreachable(n)));
         let Some(idx) = topo.segment_of(&self.local) else {
             self.local_error = topo.desired_for(&self.local, &self.opts).err();
             self.global_diagnostics = topo.diagnostics;
@@ -937,8 +945,13 @@ impl Engine {
                 self.global_diagnostics.push(d);
             }
         }
-        self.slow = any_alips || !self.global_diagnostics.is_empty();
+        self.slow = any_alips || any_reports || !self.global_diagnostics.is_empty();
     }
+}
+
+/// Whether `n` reports a segment it cannot reach (relays then need the full computation).
+fn reports_unreachable(n: &MeshNode) -> bool {
+    n.unreachable.as_ref().is_some_and(|u| !u.is_empty())
 }
 
 /// Remove items present in both sorted lists, in place (a renumbered mesh's delta holds

@@ -305,9 +305,109 @@ pub struct Topology<'a> {
     pub segments: Vec<Segment<'a>>,
     /// External peers that take part, sorted by name, allowed IPs deduplicated among them.
     pub peers: Vec<MeshPeer>,
+    /// Pairs of segments that reach each other through a third, sorted; empty unless some
+    /// agent reported a segment it cannot reach (see [`relays`]).
+    pub relays: Vec<Relay>,
     /// Every node or peer left out or warned about, and why.
     pub diagnostics: Vec<Diagnostic>,
 }
+
+/// Two segments (indices, `a < b`) whose leaders cannot reach each other directly, and the
+/// segment `via` whose leader forwards between them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Relay {
+    /// The first segment of the pair.
+    pub a: usize,
+    /// The second segment of the pair.
+    pub b: usize,
+    /// The relaying segment.
+    pub via: usize,
+}
+
+/// Keepalive (seconds) on a relayed pair's direct peer when the local node sets none: the
+/// direct path keeps being tried, so it replaces the relay once it works.
+pub const RELAY_PROBE_KEEPALIVE: u16 = 25;
+
+/// The relays of the mesh: a pair of segments is relayed when the leader of either reports the
+/// other's leader unreachable (`MeshNode::unreachable`) and both leaders report at all (a
+/// leader whose agent does not, Kilo's, would not accept the relayed packets). The relay is the
+/// first segment, those without keepalive (not behind NAT) before the others and then in
+/// segment order, whose leader reports and that neither end reports nor reports either end.
+/// Every pair has one path: direct, or through one relay that reaches both ends directly (no
+/// chain, no loop). A pair without such a segment stays direct, with a diagnostic.
+pub fn relays(segments: &[Segment<'_>], diagnostics: &mut Vec<Diagnostic>) -> Vec<Relay> {
+    let leaders: Vec<&MeshNode> = segments.iter().map(Segment::leader_node).collect();
+    let reported = |i: usize| leaders[i].unreachable.as_ref().filter(|u| !u.is_empty());
+    if !(0..leaders.len()).any(|i| reported(i).is_some()) {
+        return Vec::new();
+    }
+    let by_key: FxHashMap<WgKey, usize> = leaders
+        .iter()
+        .enumerate()
+        .filter_map(|(i, n)| n.key.map(|k| (k, i)))
+        .collect();
+    let reports = |i: usize, j: usize| {
+        leaders[i]
+            .unreachable
+            .as_ref()
+            .zip(leaders[j].key)
+            .is_some_and(|(u, k)| u.contains(&k))
+    };
+    let blocked = |i: usize, j: usize| reports(i, j) || reports(j, i);
+    let mut pairs: BTreeSet<(usize, usize)> = BTreeSet::new();
+    for i in 0..leaders.len() {
+        for k in reported(i).into_iter().flatten() {
+            let Some(&j) = by_key.get(k).filter(|&&j| j != i) else {
+                continue;
+            };
+            if leaders[j].unreachable.is_none() {
+                diagnostics.push(
+                    Diagnostic::node(
+                        leaders[i].name.as_str(),
+                        Some(UNREACHABLE_KEY),
+                        format!(
+                            "{} is unreachable from here, but its agent does not relay (not \
+                             wiremesh); the direct path is kept",
+                            leaders[j].name
+                        ),
+                    )
+                    .kept(),
+                );
+                continue;
+            }
+            pairs.insert((i.min(j), i.max(j)));
+        }
+    }
+    let mut candidates: Vec<usize> = (0..leaders.len())
+        .filter(|&r| leaders[r].unreachable.is_some())
+        .collect();
+    candidates.sort_by_key(|&r| (leaders[r].persistent_keepalive != 0, r));
+    let mut out = Vec::with_capacity(pairs.len());
+    for (a, b) in pairs {
+        match candidates
+            .iter()
+            .find(|&&r| r != a && r != b && !blocked(a, r) && !blocked(b, r))
+        {
+            Some(&via) => out.push(Relay { a, b, via }),
+            None => diagnostics.push(
+                Diagnostic::node(
+                    leaders[a].name.as_str(),
+                    Some(UNREACHABLE_KEY),
+                    format!(
+                        "{} and this node cannot reach each other directly and no segment \
+                         reaches both; the direct path is kept",
+                        leaders[b].name
+                    ),
+                )
+                .kept(),
+            ),
+        }
+    }
+    out
+}
+
+/// The annotation that carries unreachable reports, named in diagnostics.
+const UNREACHABLE_KEY: &str = "wiremesh.io/unreachable";
 
 /// The pod CIDRs of nodes in the mesh, disjoint, for overlap checks in O(log n).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -608,11 +708,13 @@ fn finish<'a>(
     if segments.iter().any(|s| !s.allowed_location_ips.is_empty()) {
         filter_allowed_location_ips(&mut segments, &peers, &mut diagnostics);
     }
+    let relays = relays(&segments, &mut diagnostics);
     Topology {
         granularity: opts.granularity,
         subnet: opts.subnet,
         segments,
         peers,
+        relays,
         diagnostics,
     }
 }
@@ -759,6 +861,8 @@ pub struct Plan {
     pub desired: DesiredState,
     /// Problems found in the input.
     pub diagnostics: Vec<Diagnostic>,
+    /// Peers (by label) this node reaches through a relay, with the relay's label.
+    pub relayed: BTreeMap<String, String>,
 }
 
 impl<'a> Topology<'a> {
@@ -767,6 +871,25 @@ impl<'a> Topology<'a> {
         self.segments
             .iter()
             .position(|s| s.nodes.iter().any(|n| &n.name == name))
+    }
+
+    /// For segment `idx`: the public key of each segment it reaches through a relay, mapped to
+    /// the relaying segment's key.
+    pub fn relayed_from(&self, idx: usize) -> BTreeMap<WgKey, WgKey> {
+        let key = |i: usize| self.segments[i].public_key();
+        self.relays
+            .iter()
+            .filter_map(|r| {
+                let other = if r.a == idx {
+                    r.b
+                } else if r.b == idx {
+                    r.a
+                } else {
+                    return None;
+                };
+                Some((key(other)?, key(r.via)?))
+            })
+            .collect()
     }
 
     /// The endpoints the local node should use for NATed peers: its own discoveries first, then
@@ -826,11 +949,27 @@ pub fn compute(
     let checked = claims::check(nodes, opts);
     let topo = build_checked(&checked, peers, opts);
     let (desired, conflicts) = topo.local_state(local, opts)?;
+    let relayed = match topo.segment_of(local) {
+        Some(i) if desired.leader => {
+            let name = |k: &WgKey| {
+                topo.segments
+                    .iter()
+                    .find(|s| s.public_key() == Some(*k))
+                    .map_or_else(|| k.to_string(), Segment::label)
+            };
+            topo.relayed_from(i)
+                .iter()
+                .map(|(peer, via)| (name(peer), name(via)))
+                .collect()
+        }
+        _ => BTreeMap::new(),
+    };
     let mut diagnostics = topo.diagnostics;
     diagnostics.extend(conflicts);
     Ok(Plan {
         desired,
         diagnostics,
+        relayed,
     })
 }
 

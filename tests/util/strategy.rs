@@ -2,9 +2,23 @@
 
 use ipnetwork::IpNetwork;
 use proptest::prelude::*;
-use wiremesh::model::{Endpoint, MeshNode, MeshPeer, NodeName, WgKey};
+use wiremesh::model::{Endpoint, Granularity, MeshNode, MeshPeer, NodeName, WgKey};
+use wiremesh::topology::{Encapsulate, MeshOptions};
 
 /// A key from a small pool, so that collisions happen when `unique` is false.
+/// Mesh options of the property tests: full or location granularity, no IPIP.
+pub fn opts(full: bool) -> MeshOptions {
+    MeshOptions {
+        granularity: if full {
+            Granularity::Full
+        } else {
+            Granularity::Location
+        },
+        encapsulate: Encapsulate::Never,
+        ..MeshOptions::default()
+    }
+}
+
 pub fn key(i: u8) -> WgKey {
     WgKey([i.wrapping_add(1); 32])
 }
@@ -21,9 +35,27 @@ pub fn node(i: u8, unique: bool) -> impl Strategy<Value = MeshNode> {
         prop::option::weighted(0.1, 0..3u8),   // allowed-location-ip
         prop::option::weighted(0.1, Just(())), // not ready (no key)
         (0..4u8, 23..=24u8),                   // pod CIDR source and prefix (non-unique mode)
+        // Reports of unreachable segment leaders (by key index), or none (a Kilo agent); rare,
+        // since a report takes the incremental engine off its fast path (`reporting_cluster`
+        // for more).
+        prop::option::weighted(
+            0.8,
+            prop_oneof![15 => Just(Vec::new()), 1 => prop::collection::vec(0..10u8, 1..3)],
+        ),
     )
         .prop_map(
-            move |(loc, internal, public, leader, ka, c, alip, unready, (pod, prefix))| {
+            move |(
+                loc,
+                internal,
+                public,
+                leader,
+                ka,
+                c,
+                alip,
+                unready,
+                (pod, prefix),
+                unreachable,
+            )| {
                 let mut n = MeshNode::new(format!("n{i:02}"));
                 n.location = format!("loc{loc}");
                 let id = if unique { i } else { c };
@@ -52,6 +84,7 @@ pub fn node(i: u8, unique: bool) -> impl Strategy<Value = MeshNode> {
                 }];
                 n.leader = leader;
                 n.persistent_keepalive = ka;
+                n.unreachable = unreachable.map(|u| u.into_iter().map(key).collect());
                 if let (Some(a), false) = (alip, unique) {
                     n.allowed_location_ips =
                         vec![format!("172.20.{a}.0/24").parse().expect("cidr")];
@@ -145,4 +178,34 @@ pub fn hostile_node(i: u8) -> impl Strategy<Value = MeshNode> {
 /// A cluster of `2..=max` hostile nodes with unique names.
 pub fn hostile_cluster(max: u8) -> impl Strategy<Value = Vec<MeshNode>> {
     (2..=max).prop_flat_map(|n| (0..n).map(hostile_node).collect::<Vec<_>>())
+}
+
+/// A ready node without randomness: name `n{i:02}`, key [`key`]`(i)`, location `loc{i}`, a
+/// public endpoint and pod CIDR `10.42.{i}.0/24`.
+pub fn fixed_node(i: u8) -> MeshNode {
+    let mut n = MeshNode::new(format!("n{i:02}"));
+    n.location = format!("loc{i}");
+    n.key = Some(key(i));
+    n.endpoint = Some(format!("203.0.113.{i}:51820").parse().expect("endpoint"));
+    n.pod_cidrs = vec![format!("10.42.{i}.0/24").parse().expect("cidr")];
+    n
+}
+
+/// A cluster of `2..=max` unique nodes, a third of them reporting one or two unreachable
+/// segment leaders, a fifth not reporting at all (Kilo's agents).
+pub fn reporting_cluster(max: u8) -> impl Strategy<Value = Vec<MeshNode>> {
+    let report = prop::option::weighted(
+        0.8,
+        prop_oneof![2 => Just(Vec::new()), 1 => prop::collection::vec(0..max, 1..3)],
+    );
+    (
+        cluster(max, true),
+        prop::collection::vec(report, max as usize),
+    )
+        .prop_map(|(mut nodes, reports)| {
+            for (n, r) in nodes.iter_mut().zip(reports) {
+                n.unreachable = r.map(|r| r.into_iter().map(key).collect());
+            }
+            nodes
+        })
 }

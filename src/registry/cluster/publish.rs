@@ -1,5 +1,6 @@
 //! Publishing this node: the annotations other nodes need (key, endpoint, internal IP, mesh IP,
-//! granularity, last-seen heartbeat, discovered endpoints), under Kilo's key names so Kilo nodes
+//! granularity, last-seen heartbeat, discovered endpoints; and, under `wiremesh.io/` only, the
+//! segment leaders it cannot reach directly), under Kilo's key names so Kilo nodes
 //! in the same cluster read them, written as one JSON merge patch of exactly those keys on this
 //! node's own Node object. Each is written under both prefixes, `kilo.squat.ai/` and
 //! `wiremesh.io/` ([`PREFIXES`]): wiremesh reads its own prefix first, so a value someone else
@@ -57,6 +58,10 @@ pub struct Publication {
     pub granularity: Option<Granularity>,
     /// Where peers behind NAT were really seen (keys of nodes or peers with keepalive).
     pub discovered_endpoints: BTreeMap<WgKey, SocketAddr>,
+    /// Segment leaders this node tried and failed to reach directly (relays go around them).
+    /// Written under `wiremesh.io/` only, always (empty when none): its presence says this
+    /// node's agent relays.
+    pub unreachable: std::collections::BTreeSet<WgKey>,
 }
 
 fn full(key: &str) -> String {
@@ -100,10 +105,16 @@ impl Publication {
             (keys::GRANULARITY, self.granularity.map(|g| g.to_string())),
             (keys::DISCOVERED_ENDPOINTS, discovered),
         ];
-        values
+        let mut out: BTreeMap<String, Option<String>> = values
             .into_iter()
             .flat_map(|(k, v)| both(k).map(|k| (k, v.clone())))
-            .collect()
+            .collect();
+        let unreachable: Vec<String> = self.unreachable.iter().map(ToString::to_string).collect();
+        out.insert(
+            format!("{WIREMESH_PREFIX}{}", keys::UNREACHABLE),
+            Some(unreachable.join(",")),
+        );
+        out
     }
 
     /// Whether `node` already carries exactly these annotations (last-seen aside).
@@ -295,7 +306,7 @@ mod tests {
             .insert(key, "198.51.100.9:40000".parse().unwrap());
         let v = merge_patch(&p.annotations(), 1_700_000_000);
         let ann = v["metadata"]["annotations"].as_object().unwrap();
-        assert_eq!(ann.len(), 2 * PUBLISHED_KEYS.len());
+        assert_eq!(ann.len(), 2 * PUBLISHED_KEYS.len() + 1);
         for k in PUBLISHED_KEYS {
             for key in both(k) {
                 assert!(ann.contains_key(&key), "{key}");
@@ -307,6 +318,11 @@ mod tests {
         assert_eq!(ann["kilo.squat.ai/endpoint"], "203.0.113.7:51820");
         assert_eq!(ann["kilo.squat.ai/wireguard-ip"], serde_json::Value::Null);
         assert_eq!(ann["kilo.squat.ai/last-seen"], "1700000000");
+        assert_eq!(
+            ann["wiremesh.io/unreachable"], "",
+            "reported, nothing unreachable"
+        );
+        assert!(!ann.contains_key("kilo.squat.ai/unreachable"), "not Kilo's");
         assert_eq!(ann["kilo.squat.ai/granularity"], "location");
         // What we write, our own parser (and Kilo's format) reads back.
         let mut n = Node::default();
