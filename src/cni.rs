@@ -5,7 +5,7 @@
 //! ```text
 //! (bridge name, pod CIDRs, MTU, network name) ─ render_conflist() ─→ JSON text
 //!   ─ write_conflist(path) ─→ file, replaced atomically, only when the text changed
-//! file ─ read_conflist_cidrs() ─→ the pod CIDRs it already allocates from
+//! file ─ read_conflist() ─→ the pod CIDRs it already allocates from, and its pods' MTU
 //! ```
 //!
 //! [`render_conflist`] fills `cni/10-wiremesh.conflist.template` (compiled in) and is pure; the
@@ -261,11 +261,39 @@ pub fn conflist_cidrs(path: &Path, text: &str) -> Result<Vec<IpNetwork>, CniErro
         .collect()
 }
 
+/// The pods' MTU a conflist text gives: the first plugin's `mtu` that is a number (the bridge
+/// plugin's, in wiremesh's file); `None` when there is none or the text is not JSON. Pure.
+pub fn conflist_mtu(text: &str) -> Option<u32> {
+    let doc: Value = serde_json::from_str(text).ok()?;
+    let plugins = doc.get("plugins").and_then(Value::as_array)?;
+    plugins
+        .iter()
+        .find_map(|p| p.get("mtu").and_then(Value::as_u64))
+        .and_then(|m| u32::try_from(m).ok())
+}
+
+/// What the planner compares of a CNI config file: its IPAM subnets and its pods' MTU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conflist {
+    /// The IPAM subnets, in file order ([`conflist_cidrs`]).
+    pub pod_cidrs: Vec<IpNetwork>,
+    /// The pods' MTU ([`conflist_mtu`]).
+    pub mtu: Option<u32>,
+}
+
 /// The IPAM subnets of the conflist at `path` (see [`conflist_cidrs`]); `None` when there is no
 /// file.
 pub fn read_conflist_cidrs(path: &Path) -> Result<Option<Vec<IpNetwork>>, CniError> {
+    Ok(read_conflist(path)?.map(|c| c.pod_cidrs))
+}
+
+/// The IPAM subnets and pods' MTU of the conflist at `path`; `None` when there is no file.
+pub fn read_conflist(path: &Path) -> Result<Option<Conflist>, CniError> {
     match fs::read_to_string(path) {
-        Ok(text) => conflist_cidrs(path, &text).map(Some),
+        Ok(text) => Ok(Some(Conflist {
+            pod_cidrs: conflist_cidrs(path, &text)?,
+            mtu: conflist_mtu(&text),
+        })),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(CniError::Io {
             op: "read",
@@ -311,6 +339,16 @@ mod tests {
 }
 "#;
         assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn the_pods_mtu_reads_back_as_written() {
+        for mtu in [1220, 1420, 8941] {
+            let text = render_conflist("wm0", &nets(&["10.42.1.0/24"]), mtu, "wiremesh");
+            assert_eq!(conflist_mtu(&text), Some(mtu));
+        }
+        assert_eq!(conflist_mtu(r#"{"plugins": [{"type": "bridge"}]}"#), None);
+        assert_eq!(conflist_mtu("not json"), None);
     }
 
     #[test]

@@ -27,8 +27,34 @@ pub struct WgInterface {
     pub listen_port: u16,
     /// The mesh address with the mesh subnet's prefix; `None` on a non-leader.
     pub address: Option<IpNetwork>,
-    /// MTU; `None` means "underlay MTU minus WireGuard overhead", found by the reconciler.
+    /// MTU; `None` means automatic: the underlay's MTU minus [`WgInterface::overhead`], found by
+    /// the reconciler.
     pub mtu: Option<u32>,
+    /// The local node's endpoint address, when it is an IP address: the automatic MTU is that of
+    /// the interface traffic to it leaves by, and its family decides WireGuard's overhead.
+    pub underlay: Option<IpAddr>,
+    /// Whether the MSS of TCP SYNs forwarded into or out of the interface is clamped to the
+    /// route's MTU, so a path smaller than the tunnel expects never blackholes TCP.
+    pub mss_clamp: bool,
+}
+
+/// Bytes WireGuard adds to a packet sent over IPv4: outer IPv4 header (20) + UDP (8) + data
+/// message header (type and reserved 4, receiver index 4, counter 8) + Poly1305 tag (16).
+pub const WG_OVERHEAD_IPV4: u32 = 60;
+/// Bytes WireGuard adds to a packet sent over IPv6: the same with a 40-byte outer header.
+pub const WG_OVERHEAD_IPV6: u32 = 80;
+
+impl WgInterface {
+    /// WireGuard's per-packet overhead on this node's underlay: [`WG_OVERHEAD_IPV4`] when the
+    /// node's endpoint is an IPv4 address, else [`WG_OVERHEAD_IPV6`] (an IPv6 endpoint, or none
+    /// known: a DNS name may resolve to either family, so the larger is safe).
+    pub fn overhead(&self) -> u32 {
+        match self.underlay {
+            Some(IpAddr::V4(_)) => WG_OVERHEAD_IPV4,
+            Some(IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_some() => WG_OVERHEAD_IPV4,
+            _ => WG_OVERHEAD_IPV6,
+        }
+    }
 }
 
 /// One WireGuard peer of the local interface.

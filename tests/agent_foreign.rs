@@ -12,7 +12,8 @@ use crate::util::agent_netns::{AgentNode, AgentNodes};
 
 /// The kernel state wiremesh does not own, as text, volatile fields removed: routes of every
 /// table without `proto 104` and without our devices, rules without ours, the nftables ruleset
-/// without `inet wiremesh` (stateless: no counter values), links and addresses without ours.
+/// without `inet wiremesh` and `inet wiremesh_mss` (stateless: no counter values), links and
+/// addresses without ours.
 ///
 /// IPv6 `anycast` routes are left out too: the kernel adds a subnet-router anycast route per
 /// link when forwarding is switched on, which the agent does (a node forwards pod traffic).
@@ -44,7 +45,8 @@ fn foreign_snapshot(n: &AgentNode) -> String {
     let ruleset = n.ns.exec(&["nft", "-s", "list", "ruleset"], None);
     let mut skipping = false;
     for line in ruleset.lines() {
-        if line.starts_with("table inet wiremesh ") {
+        if line.starts_with("table inet wiremesh ") || line.starts_with("table inet wiremesh_mss ")
+        {
             skipping = true;
         }
         if !skipping {
@@ -447,6 +449,13 @@ fn the_agent_changes_nothing_on_an_interface_that_is_not_wiremeshs() {
     }
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(state(&mesh.nodes[0]), before, "{}", mesh.logs());
+    // Nor does it clamp the MSS of what crosses v1.
+    let tables = mesh.nodes[0].ns.exec(&["nft", "list", "tables"], None);
+    assert!(
+        !tables.contains("wiremesh_mss"),
+        "{tables}\n{}",
+        mesh.logs()
+    );
     assert!(
         mesh.nodes[0].pids().len() == 1,
         "a WireGuard daemon was started for v1: {:?}",

@@ -920,12 +920,14 @@ fn links_addresses_mtu_and_forwarding() {
         nl.set_up(WG).await.expect("up");
         assert!(nl.read_link(WG).await.unwrap().unwrap().up);
 
-        assert_eq!(nl.auto_mtu().await.unwrap(), 1500 - 80);
+        assert_eq!(nl.underlay_mtu(None).await.unwrap(), Some(1500), "private");
         ip(&name, &["link", "set", ETH, "mtu", "1300"]);
+        assert_eq!(nl.underlay_mtu(None).await.unwrap(), Some(1300));
+        let endpoint = "10.200.0.1".parse().ok();
         assert_eq!(
-            nl.auto_mtu().await.unwrap(),
-            1280,
-            "never below IPv6's minimum"
+            nl.underlay_mtu(endpoint).await.unwrap(),
+            Some(1300),
+            "the interface holding the endpoint"
         );
 
         let private = nl
@@ -992,14 +994,55 @@ fn links_addresses_mtu_and_forwarding() {
     not(feature = "netns-tests"),
     ignore = "needs root and network namespaces"
 )]
-fn auto_mtu_follows_the_default_route_without_a_private_interface() {
+fn the_underlay_mtu_follows_the_route_to_the_endpoint_then_the_default_route() {
     let ns = TestNs::new();
     ns.ip(&["link", "set", ETH, "mtu", "1400"]);
+    ns.ip(&["link", "set", WG, "mtu", "1500"]);
+    ns.ip(&["addr", "add", "10.201.0.1/24", "dev", WG]);
     ns.ip(&["route", "add", "default", "via", "10.200.0.254", "dev", ETH]);
+    // A PPPoE-like path: the route itself carries a smaller MTU than its interface.
+    ns.ip(&[
+        "route",
+        "add",
+        "192.0.2.0/24",
+        "via",
+        "10.200.0.254",
+        "dev",
+        ETH,
+        "mtu",
+        "1280",
+    ]);
     let mut d = devices();
     d.private = String::new();
     ns.run(d, async move |nl| {
-        assert_eq!(nl.auto_mtu().await.unwrap(), 1320);
+        let at = |s: &str| s.parse().ok();
+        assert_eq!(nl.underlay_mtu(None).await.unwrap(), Some(1400), "default");
+        assert_eq!(
+            nl.underlay_mtu(at("10.201.0.1")).await.unwrap(),
+            Some(1500),
+            "the endpoint's own interface, not the default route's"
+        );
+        assert_eq!(
+            nl.underlay_mtu(at("198.51.100.7")).await.unwrap(),
+            Some(1400),
+            "a NATed endpoint: the route to it"
+        );
+        assert_eq!(
+            nl.underlay_mtu(at("192.0.2.7")).await.unwrap(),
+            Some(1280),
+            "the route's mtu wins over its interface's"
+        );
+        assert_eq!(
+            nl.underlay_mtu(at("2001:db8::1")).await.unwrap(),
+            Some(1400),
+            "no IPv6 route: the default route's interface"
+        );
+    });
+    let mut d = devices();
+    d.private = String::new();
+    ns.ip(&["route", "del", "default"]);
+    ns.run(d, async move |nl| {
+        assert_eq!(nl.underlay_mtu(None).await.unwrap(), None, "no underlay");
     });
 }
 
@@ -1057,7 +1100,7 @@ fn netlink_kernel_applies_its_share_of_a_plan_and_reads_it_back() {
             addresses: vec![net("10.42.0.1/24")],
         };
         let ops = [
-            Op::SetMtu { mtu: None },
+            Op::SetMtu { mtu: 1420 },
             Op::AddAddress {
                 address: net("10.4.0.1/16"),
             },

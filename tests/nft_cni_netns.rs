@@ -1,6 +1,7 @@
-//! The masquerade table and the CNI config file against the real tools, in throw-away network
-//! namespaces: `nft`, `iptables-restore`, the containernetworking `bridge`, `host-local` and
-//! `portmap` plugins, and `ping` between namespaces the test creates.
+//! The masquerade table, the MSS clamp and the CNI config file against the real tools, in
+//! throw-away network namespaces: `nft`, `iptables-restore`, the containernetworking `bridge`,
+//! `host-local` and `portmap` plugins, and `ping` and bulk TCP between namespaces the test
+//! creates.
 //!
 //! Needs root, nftables, iptables and the CNI plugins in `/usr/lib/cni`: run with
 //! `--features netns-tests`. No traffic leaves the test's namespaces.
@@ -63,6 +64,8 @@ fn desired(m: &Masquerade) -> DesiredState {
             listen_port: 51820,
             address: None,
             mtu: None,
+            underlay: None,
+            mss_clamp: false,
         },
         peers: vec![],
         routes: vec![],
@@ -387,6 +390,227 @@ async fn nft_masquerade_lets_pods_out_and_leaves_exempt_traffic_alone() {
 )]
 async fn iptables_masquerade_lets_pods_out_and_leaves_exempt_traffic_alone() {
     masquerade_really_works(FirewallMode::Iptables).await;
+}
+
+/// podA ─ nodeA ═ "wiremesh0" (a veth of MTU 1280: the tunnel, smaller than the pods think) ═
+/// nodeB ─ podB, pods at MTU 1500, and both nodes dropping the ICMP "fragmentation needed" /
+/// "packet too big" they would send back: the path MTU can never be learnt, as behind a
+/// firewall that drops ICMP.
+struct SmallPath {
+    pod_a: Netns,
+    node_a: Netns,
+    node_b: Netns,
+    pod_b: Netns,
+}
+
+/// The MTU of the stand-in tunnel between the two nodes.
+const TUNNEL_MTU: &str = "1280";
+
+fn small_path() -> SmallPath {
+    let p = SmallPath {
+        pod_a: Netns::new(PREFIX),
+        node_a: Netns::new(PREFIX),
+        node_b: Netns::new(PREFIX),
+        pod_b: Netns::new(PREFIX),
+    };
+    veth(
+        &p.pod_a,
+        "eth0",
+        &["10.210.1.2/24", "fd00:211::2/64"],
+        &p.node_a,
+        "pod0",
+        &["10.210.1.1/24", "fd00:211::1/64"],
+    );
+    veth(
+        &p.node_a,
+        "wiremesh0",
+        &["10.210.9.1/30", "fd00:219::1/64"],
+        &p.node_b,
+        "wiremesh0",
+        &["10.210.9.2/30", "fd00:219::2/64"],
+    );
+    veth(
+        &p.node_b,
+        "pod0",
+        &["10.210.2.1/24", "fd00:212::1/64"],
+        &p.pod_b,
+        "eth0",
+        &["10.210.2.2/24", "fd00:212::2/64"],
+    );
+    for n in [&p.node_a, &p.node_b] {
+        n.ip(&["link", "set", "wiremesh0", "mtu", TUNNEL_MTU]);
+        n.sysctl("net.ipv4.ip_forward=1");
+        n.sysctl("net.ipv6.conf.all.forwarding=1");
+        n.exec(
+            &["nft", "-f", "-"],
+            Some(
+                "table inet icmpblock {\n\
+                 \tchain out {\n\
+                 \t\ttype filter hook output priority filter; policy accept;\n\
+                 \t\ticmp type destination-unreachable icmp code frag-needed counter drop\n\
+                 \t\ticmpv6 type packet-too-big counter drop\n\
+                 \t}\n\
+                 }\n",
+            ),
+        );
+    }
+    for (pod, gw4, gw6) in [
+        (&p.pod_a, "10.210.1.1", "fd00:211::1"),
+        (&p.pod_b, "10.210.2.1", "fd00:212::1"),
+    ] {
+        pod.ip(&["route", "add", "default", "via", gw4]);
+        pod.ip(&["-6", "route", "add", "default", "via", gw6]);
+    }
+    for (node, dst4, via4, dst6, via6) in [
+        (
+            &p.node_a,
+            "10.210.2.0/24",
+            "10.210.9.2",
+            "fd00:212::/64",
+            "fd00:219::2",
+        ),
+        (
+            &p.node_b,
+            "10.210.1.0/24",
+            "10.210.9.1",
+            "fd00:211::/64",
+            "fd00:219::1",
+        ),
+    ] {
+        node.ip(&["route", "add", dst4, "via", via4]);
+        node.ip(&["-6", "route", "add", dst6, "via", via6]);
+    }
+    // What podB receives: SYNs with the MSS clamped to the tunnel (1280 - 40 - TCP 20 over
+    // IPv4, 1280 - 60 over IPv6), or as the pods' MTU of 1500 makes them.
+    p.pod_b.exec(
+        &["nft", "-f", "-"],
+        Some(
+            "table inet seen {\n\
+             \tcounter clamped4 { }\n\
+             \tcounter clamped6 { }\n\
+             \tcounter unclamped { }\n\
+             \tchain input {\n\
+             \t\ttype filter hook input priority filter; policy accept;\n\
+             \t\ttcp flags syn / syn,ack meta nfproto ipv4 tcp option maxseg size 1240 counter name \"clamped4\"\n\
+             \t\ttcp flags syn / syn,ack meta nfproto ipv6 tcp option maxseg size 1220 counter name \"clamped6\"\n\
+             \t\ttcp flags syn / syn,ack tcp option maxseg size 1440-1460 counter name \"unclamped\"\n\
+             \t}\n\
+             }\n",
+        ),
+    );
+    p
+}
+
+/// One bulk transfer from podA to podB's `addr`.
+fn bulk_a_to_b(p: &SmallPath, addr: &str) -> wiremesh::lab::bulk::Transfer {
+    let pair = (
+        p.pod_a.name.clone(),
+        p.pod_b.name.clone(),
+        addr.parse().unwrap(),
+    );
+    wiremesh::lab::bulk::transfer_all(&[pair]).remove(0)
+}
+
+/// `[clamped4, clamped6, unclamped]` SYNs seen by podB.
+fn syns_seen(p: &SmallPath) -> [u64; 3] {
+    ["clamped4", "clamped6", "unclamped"].map(|c| named_counter(&p.pod_b, "seen", c))
+}
+
+/// Over a path smaller than the pods' MTU whose ICMP is dropped, bulk TCP stalls; with
+/// wiremesh's clamp on both nodes (the planner's `SetMssClamp`) the SYNs reach the other pod
+/// with the MSS of the tunnel, the same transfer completes over IPv4 and IPv6, the clamp reads
+/// back (the planner then does nothing), and deleting it leaves the other tables alone.
+async fn mss_clamp_keeps_tcp_alive_on_a_small_path(mode: FirewallMode) {
+    require_root_and_tools();
+    let p = small_path();
+    assert!(p.pod_a.ping("10.210.2.2", 3), "small packets pass");
+    assert!(p.pod_a.ping("fd00:212::2", 3), "small packets pass (v6)");
+
+    let stalled = bulk_a_to_b(&p, "10.210.2.2");
+    assert!(
+        !stalled.ok(),
+        "without the clamp, full-size segments must be lost here: {}",
+        stalled.line()
+    );
+    println!("without the clamp: {}", stalled.line());
+    let [c4, c6, unclamped] = syns_seen(&p);
+    assert_eq!((c4, c6), (0, 0));
+    assert!(unclamped >= 1, "podB saw the unclamped SYN");
+
+    let nodes = [&p.node_a, &p.node_b];
+    let mut fws = Vec::new();
+    for n in nodes {
+        let fw = Firewall::in_netns(mode, &n.name).await;
+        assert_eq!(fw.read_clamp().await.expect("read"), None);
+        fw.apply_clamp("wiremesh0").await.expect("apply clamp");
+        let read = fw.read_clamp().await.expect("read");
+        assert_eq!(read.as_deref(), Some("wiremesh0"));
+        // Read back, the planner leaves it alone.
+        let mut d = desired(&Masquerade::default());
+        d.interface.mss_clamp = true;
+        let actual = OwnedState {
+            mss_clamp: read,
+            ..OwnedState::default()
+        };
+        let ops = plan(&d, &actual, WgKey([1; 32]));
+        assert!(!ops.iter().any(|o| o.kind() == "mss-clamp"), "{ops:?}");
+        fws.push(fw);
+    }
+    for addr in ["10.210.2.2", "fd00:212::2"] {
+        let t = bulk_a_to_b(&p, addr);
+        assert!(t.ok(), "with the clamp: {}", t.line());
+        println!("with the clamp: {}", t.line());
+    }
+    let [c4, c6, _] = syns_seen(&p);
+    assert!(
+        c4 >= 1 && c6 >= 1,
+        "SYNs reached podB clamped: {c4} v4, {c6} v6"
+    );
+
+    let foreign_before = p
+        .node_a
+        .exec(&["nft", "list", "table", "inet", "icmpblock"], None);
+    for fw in &fws {
+        fw.delete_clamp().await.expect("delete clamp");
+        fw.delete_clamp()
+            .await
+            .expect("delete again: nothing to do");
+        assert_eq!(fw.read_clamp().await.expect("read"), None);
+    }
+    let ruleset = p.node_a.exec(&["nft", "list", "ruleset"], None);
+    assert!(!ruleset.contains("wiremesh_mss"), "{ruleset}");
+    for tool in ["iptables-save", "ip6tables-save"] {
+        let saved = p.node_a.exec(&[tool], None);
+        assert!(!saved.contains("WIREMESH-MSS"), "{saved}");
+    }
+    let foreign_after = p
+        .node_a
+        .exec(&["nft", "list", "table", "inet", "icmpblock"], None);
+    let strip = |t: &str| -> String {
+        t.lines()
+            .map(|l| l.split(" counter").next().unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(strip(&foreign_before), strip(&foreign_after));
+}
+
+#[tokio::test]
+#[cfg_attr(
+    not(feature = "netns-tests"),
+    ignore = "needs root, nftables, CNI plugins"
+)]
+async fn nft_mss_clamp_keeps_tcp_alive_on_a_small_path_without_icmp() {
+    mss_clamp_keeps_tcp_alive_on_a_small_path(FirewallMode::Nftables).await;
+}
+
+#[tokio::test]
+#[cfg_attr(
+    not(feature = "netns-tests"),
+    ignore = "needs root, nftables, CNI plugins"
+)]
+async fn iptables_mss_clamp_keeps_tcp_alive_on_a_small_path_without_icmp() {
+    mss_clamp_keeps_tcp_alive_on_a_small_path(FirewallMode::Iptables).await;
 }
 
 /// The handle of wiremesh's table: a new one whenever the table is replaced.

@@ -914,7 +914,6 @@ async fn sample_reachability<K: Kernel>(
 
 fn system_options(
     cfg: &KernelConfig,
-    mtu: Option<u32>,
     internal_ip: Option<std::net::IpAddr>,
     state_dir: Option<PathBuf>,
 ) -> Result<SystemOptions, AgentError> {
@@ -934,7 +933,6 @@ fn system_options(
             .parse::<FirewallMode>()
             .map_err(|e| bad("--firewall", e.to_string()))?,
         cni_config: cfg.cni_config.clone(),
-        mtu,
         internal_ip,
         private_interface: None,
         state_dir,
@@ -1037,12 +1035,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             (rx, Some(link), internal_ip)
         }
     };
-    let opts = system_options(
-        &cfg.kernel,
-        cfg.mesh.mtu,
-        internal_ip,
-        Some(state_dir(&cfg.private_key)),
-    )?;
+    let opts = system_options(&cfg.kernel, internal_ip, Some(state_dir(&cfg.private_key)))?;
     let mut kernel = SystemKernel::new(opts, key).await?;
     if let Some(server) = &server {
         server.set_device(Arc::new(kernel.wireguard().reader()));
@@ -1100,7 +1093,7 @@ pub async fn serve_http(addr: SocketAddr, observer: Observer) -> Result<http::Se
 /// with nothing touched, when something it is named is not wiremesh's.
 pub async fn cleanup(cfg: &KernelConfig, state_dir: Option<PathBuf>) -> Result<(), AgentError> {
     // The key is not needed to delete the interface; a throwaway one keeps the real one unread.
-    let mut opts = system_options(cfg, None, None, state_dir.clone())?;
+    let mut opts = system_options(cfg, None, state_dir.clone())?;
     opts.private_interface = state_dir
         .as_deref()
         .and_then(crate::reconcile::system::load_private_interface);

@@ -835,7 +835,8 @@ enum LabCommand {
         #[arg(value_name = "NODE")]
         node: Option<String>,
     },
-    /// Ping every pod from every pod and prove the underlay carries only WireGuard.
+    /// Ping every pod from every pod, move a few MiB over TCP between pods of two nodes, and
+    /// prove the underlay carries only WireGuard.
     Check {
         /// Pings run at the same time.
         #[arg(long, default_value_t = 8)]
@@ -981,6 +982,10 @@ struct LabUpArgs {
     /// Pod namespaces per node.
     #[arg(long, default_value_t = 1)]
     pods: usize,
+    /// MTU of every link of the lab's network (underlay, LANs, NAT uplinks), e.g. 1280 for a
+    /// small path; default: the kernel's 1500. The agents' automatic MTU follows it.
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u32).range(576..=65535))]
+    underlay_mtu: Option<u32>,
     /// Build underlay, NAT, keys and files only: no agents, no pods (a debugging aid).
     #[arg(long)]
     no_agents: bool,
@@ -1073,6 +1078,7 @@ fn lab_up(name: wiremesh::lab::LabName, root: PathBuf, a: LabUpArgs) -> Result<(
                 RegistryChoice::File => wiremesh::lab::spec::Registry::File,
                 RegistryChoice::Kube => wiremesh::lab::spec::Registry::Kube,
             },
+            underlay_mtu: a.underlay_mtu,
         },
         agents: !a.no_agents,
         agent_binary: a.agent,

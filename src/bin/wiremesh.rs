@@ -19,6 +19,7 @@ use wiremesh::agent::http::DEFAULT_LISTEN;
 use wiremesh::agent::{AgentConfig, FileRegistry, KernelConfig, RegistryConfig};
 use wiremesh::cli::args::with_leading;
 use wiremesh::model::{Granularity, NodeName};
+use wiremesh::reconcile::mtu::MIN_MTU_IPV4;
 use wiremesh::registry::annotations::DEFAULT_TOPOLOGY_LABEL;
 use wiremesh::registry::cluster::ClientOptions;
 use wiremesh::topology::{
@@ -182,9 +183,15 @@ struct AgentArgs {
     /// default; needs the ipip module, see `meshctl doctor`).
     #[arg(long, env = "WIREMESH_ENCAPSULATE", default_value = "always", value_parser = ["never", "crosssubnet", "always"])]
     encapsulate: String,
-    /// WireGuard MTU: a number, or auto (underlay MTU minus WireGuard overhead).
+    /// WireGuard MTU, also given to pods: a number (576 to 65535), or auto: the MTU of the
+    /// interface traffic to this node's endpoint leaves by, minus WireGuard's overhead (60 bytes
+    /// for an IPv4 endpoint, 80 otherwise).
     #[arg(long, env = "WIREMESH_MTU", default_value = "auto")]
     mtu: String,
+    /// Clamp the MSS of TCP SYNs forwarded into or out of the WireGuard interface to the
+    /// route's MTU (own firewall table), so a smaller path further on never stalls TCP.
+    #[arg(long, env = "WIREMESH_MSS_CLAMP", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    mss_clamp: bool,
     /// Node label that gives the location when no location annotation is set.
     #[arg(long, env = "WIREMESH_TOPOLOGY_LABEL", default_value = DEFAULT_TOPOLOGY_LABEL)]
     topology_label: String,
@@ -260,6 +267,18 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// `--mtu`: `auto` (`None`), or a number from [`MIN_MTU_IPV4`] to 65535.
+fn parse_mtu(s: &str) -> Result<Option<u32>, String> {
+    if s == "auto" {
+        return Ok(None);
+    }
+    s.parse::<u32>()
+        .ok()
+        .filter(|m| (MIN_MTU_IPV4..=65535).contains(m))
+        .map(Some)
+        .ok_or_else(|| format!("--mtu {s:?} is not auto or a number from {MIN_MTU_IPV4} to 65535"))
+}
+
 /// A period of something the agent repeats: above 0 (a zero period would spin).
 fn parse_period(s: &str) -> Result<Duration, String> {
     let d = parse_duration(s)?;
@@ -303,13 +322,7 @@ fn agent_config(a: AgentArgs) -> Result<AgentConfig> {
         Some(h) => h,
         None => hostname()?,
     };
-    let mtu = match a.mtu.as_str() {
-        "auto" => None,
-        n => Some(
-            n.parse()
-                .with_context(|| format!("--mtu {n:?} is not a number or auto"))?,
-        ),
-    };
+    let mtu = parse_mtu(&a.mtu).map_err(anyhow::Error::msg)?;
     Ok(AgentConfig {
         node: NodeName(node),
         registry: match a.nodes {
@@ -344,6 +357,7 @@ fn agent_config(a: AgentArgs) -> Result<AgentConfig> {
             cni: !a.no_cni,
             now: None,
             mtu,
+            mss_clamp: a.mss_clamp,
             service_cidrs: a.service_cidrs,
             allowed_location_ips_within: a.allowed_location_ips_within,
         },
@@ -494,6 +508,37 @@ mod tests {
             panic!("--resync-period 0s accepted");
         };
         assert!(e.to_string().contains("above 0"), "{e}");
+    }
+
+    #[test]
+    fn mtu_is_auto_or_a_number_an_ipv4_link_can_carry() {
+        assert_eq!(parse_mtu("auto"), Ok(None));
+        assert_eq!(parse_mtu("1280"), Ok(Some(1280)));
+        assert_eq!(parse_mtu("576"), Ok(Some(576)));
+        assert_eq!(parse_mtu("65535"), Ok(Some(65535)));
+        for bad in ["575", "0", "65536", "1420 ", "AUTO", ""] {
+            let e = parse_mtu(bad).unwrap_err();
+            assert!(
+                e.contains("not auto or a number from 576 to 65535"),
+                "{bad:?}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn mss_clamp_is_on_by_default_and_takes_false() {
+        let parsed = |extra: &[&str]| {
+            let mut args = vec!["wiremesh", "agent"];
+            args.extend_from_slice(extra);
+            let cli = parse_from(args).unwrap();
+            let Command::Agent(a) = cli.command else {
+                panic!("not agent")
+            };
+            a.mss_clamp
+        };
+        assert!(parsed(&[]));
+        assert!(!parsed(&["--mss-clamp", "false"]));
+        assert!(parsed(&["--mss-clamp", "true"]));
     }
 
     #[test]

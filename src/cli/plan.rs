@@ -57,7 +57,12 @@ struct JsonInterface<'a> {
     name: &'a str,
     address: Option<String>,
     listen_port: u16,
+    /// The fixed MTU; `null`: automatic, the underlay's MTU minus `mtu_overhead`.
     mtu: Option<u32>,
+    /// WireGuard's per-packet overhead on this node's underlay (60 over IPv4, else 80).
+    mtu_overhead: u32,
+    /// Whether TCP SYNs through the interface get their MSS clamped to the route's MTU.
+    mss_clamp: bool,
 }
 
 #[derive(Serialize)]
@@ -108,6 +113,8 @@ pub fn render_json(plan: &Plan, granularity: Granularity, devs: &DeviceNames) ->
             address: d.interface.address.map(|a| a.to_string()),
             listen_port: d.interface.listen_port,
             mtu: d.interface.mtu,
+            mtu_overhead: d.interface.overhead(),
+            mss_clamp: d.interface.mss_clamp,
         },
         peers: d
             .peers
@@ -181,8 +188,25 @@ pub fn render_text(plan: &Plan, granularity: Granularity, devs: &DeviceNames) ->
         }
     }
     let _ = writeln!(o, "  listening port: {}", d.interface.listen_port);
-    if let Some(m) = d.interface.mtu {
-        let _ = writeln!(o, "  mtu: {m}");
+    match d.interface.mtu {
+        Some(m) => {
+            let _ = writeln!(o, "  mtu: {m}");
+        }
+        None => {
+            let family = if d.interface.overhead() == crate::desired::WG_OVERHEAD_IPV4 {
+                "IPv4 endpoint"
+            } else {
+                "IPv6 or unknown endpoint"
+            };
+            let _ = writeln!(
+                o,
+                "  mtu: automatic (underlay MTU - {}, {family})",
+                d.interface.overhead()
+            );
+        }
+    }
+    if d.interface.mss_clamp {
+        let _ = writeln!(o, "  tcp mss: clamped to the route MTU");
     }
     for p in &d.peers {
         let _ = writeln!(o, "\npeer: {} ({})", p.public_key, p.name);

@@ -196,6 +196,7 @@ mod tests {
             nat: None,
             pods_per_node: 1,
             registry: crate::lab::spec::Registry::File,
+            underlay_mtu: None,
         })
         .unwrap();
         let state = LabState::new(&name, Path::new("/run/wiremesh-lab/wm"), spec, 0);
@@ -225,6 +226,7 @@ mod tests {
             nat: None,
             pods_per_node: 1,
             registry: crate::lab::spec::Registry::Kube,
+            underlay_mtu: None,
         })
         .unwrap();
         let state = LabState::new(&name, Path::new("/run/wiremesh-lab/wm"), spec, 0);

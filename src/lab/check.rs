@@ -1,11 +1,16 @@
-//! `lab check`: every pod pings every other pod, while a capture on the underlay proves that
+//! `lab check`: every pod pings every other pod and one pair of pods on different nodes moves
+//! a few MiB over TCP both ways ([`super::bulk`]), while a capture on the underlay proves that
 //! pod traffic crosses it only inside WireGuard.
 //!
 //! ```text
 //! tcpdump -i any in the underlay namespace (every port of its bridge) ─┐
-//! ping each pod pair both ways at once, about N pings at a time        ├─→ CheckReport
+//! ping each pod pair both ways at once, about N pings at a time        │
+//! bulk TCP between two pods on different nodes, both ways at once      ├─→ CheckReport
 //! pcap → packets → tally: WireGuard (UDP :port) / pod- or mesh-addressed / other ┘
 //! ```
+//!
+//! Why the bulk transfer: pings are small and pass a tunnel whose MTU does not fit the path;
+//! full-size TCP segments do not (without the MSS clamp or a fitting MTU they stall).
 //!
 //! The capture sees every frame the underlay bridge forwards between nodes and NAT routers. A
 //! packet whose source or destination lies in a pod CIDR or the mesh subnet is plaintext
@@ -33,6 +38,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use super::LabError;
+use super::bulk::{self, Transfer};
 use super::state::LabState;
 use super::sys;
 use crate::cli::table;
@@ -109,6 +115,27 @@ pub fn pairs(pods: &[Pod]) -> Vec<(usize, usize, IpAddr)> {
         }
     }
     out
+}
+
+/// The bulk TCP transfers to run, as `(from, to, the target's address)` indexes into the pods:
+/// the first pair of pods in different LANs (so the transfer crosses the underlay), else on
+/// different nodes, one way and back, each to the target's first address. Empty when every pod
+/// is on one node.
+pub fn bulk_pairs(pods: &[Pod]) -> Vec<(usize, usize, IpAddr)> {
+    let with_ip = |i: &usize| !pods[*i].ips.is_empty();
+    let all: Vec<usize> = (0..pods.len()).filter(with_ip).collect();
+    let find = |apart: &dyn Fn(&Pod, &Pod) -> bool| {
+        all.iter().find_map(|&a| {
+            all.iter()
+                .find(|&&b| apart(&pods[a], &pods[b]))
+                .map(|&b| (a, b))
+        })
+    };
+    let pair = find(&|a, b| a.lan != b.lan).or_else(|| find(&|a, b| a.node != b.node));
+    match pair {
+        Some((a, b)) => vec![(a, b, pods[b].ips[0]), (b, a, pods[a].ips[0])],
+        None => Vec::new(),
+    }
 }
 
 /// `(transmitted, received)` from ping's summary line.
@@ -566,6 +593,8 @@ pub struct CheckReport {
     /// Pairs of nodes whose traffic goes through a relay, as their WireGuard devices hold them
     /// after the pings: (node, peer, relay), each pair once.
     pub relayed: Vec<(String, String, String)>,
+    /// The bulk TCP transfers ([`bulk_pairs`]); empty when every pod is on one node.
+    pub bulk: Vec<Transfer>,
 }
 
 impl CheckReport {
@@ -588,9 +617,18 @@ impl CheckReport {
         !self.crosses_underlay || self.tally.wireguard > 0
     }
 
-    /// Whether every pod reached every other and the underlay carried no plaintext pod packet.
+    /// Whether every bulk transfer moved every byte in time.
+    pub fn bulk_ok(&self) -> bool {
+        self.bulk.iter().all(Transfer::ok)
+    }
+
+    /// Whether every pod reached every other, bulk TCP did not stall, and the underlay carried
+    /// no plaintext pod packet.
     pub fn passed(&self) -> bool {
-        self.losses() == 0 && self.tally.plaintext.is_empty() && self.wireguard_seen()
+        self.losses() == 0
+            && self.bulk_ok()
+            && self.tally.plaintext.is_empty()
+            && self.wireguard_seen()
     }
 
     /// The report as text: the matrix, then the underlay verdict.
@@ -616,12 +654,32 @@ impl CheckReport {
                 let _ = writeln!(s, "some pairs never answered");
             }
         }
+        if self.bulk.is_empty() {
+            let _ = writeln!(s, "\nbulk TCP: not run (every pod is on one node)");
+        } else {
+            let _ = writeln!(
+                s,
+                "\nbulk TCP: {} MiB each way at once, failing on {} s without progress or {} s in all",
+                bulk::BYTES >> 20,
+                bulk::STALL.as_secs(),
+                bulk::DEADLINE.as_secs()
+            );
+            for t in &self.bulk {
+                let _ = writeln!(s, "  {}", t.line());
+            }
+        }
         let ranges: Vec<String> = self.overlay.iter().map(ToString::to_string).collect();
         let _ = writeln!(
             s,
             "\nunderlay: captured every port of the underlay bridge ({}, tcpdump -i any) during \
-             the pings: {} IP packets",
-            self.capture_netns, self.tally.total
+             the pings{}: {} IP packets",
+            self.capture_netns,
+            if self.bulk.is_empty() {
+                ""
+            } else {
+                " and the bulk transfers"
+            },
+            self.tally.total
         );
         let _ = writeln!(
             s,
@@ -659,11 +717,16 @@ impl CheckReport {
         let verdict = |ok: bool| if ok { "ok" } else { "FAILED" };
         let _ = writeln!(
             s,
-            "\nresult: reachability {} ({} of {} pairs lost packets); no plaintext pod packets \
-             on the underlay {}; WireGuard seen on the underlay {}",
+            "\nresult: reachability {} ({} of {} pairs lost packets); bulk TCP {}; no plaintext \
+             pod packets on the underlay {}; WireGuard seen on the underlay {}",
             verdict(self.losses() == 0),
             self.losses(),
             self.pings.len(),
+            if self.bulk.is_empty() {
+                "not run"
+            } else {
+                verdict(self.bulk_ok())
+            },
             verdict(self.tally.plaintext.is_empty()),
             if self.crosses_underlay {
                 verdict(self.tally.wireguard > 0)
@@ -696,6 +759,11 @@ pub fn check(state: &LabState, parallel: usize) -> Result<CheckReport, LabError>
     overlay.push(state.spec.mesh_subnet);
     let capture = Capture::start(&state.underlay_ns)?;
     let pings = ping_all(&pods, parallel);
+    let transfers: Vec<(String, String, IpAddr)> = bulk_pairs(&pods)
+        .into_iter()
+        .map(|(a, b, ip)| (pods[a].netns.clone(), pods[b].netns.clone(), ip))
+        .collect();
+    let bulk = bulk::transfer_all(&transfers);
     // Let the last packets through the pipe before stopping.
     std::thread::sleep(Duration::from_millis(300));
     let data = capture.stop()?;
@@ -709,6 +777,7 @@ pub fn check(state: &LabState, parallel: usize) -> Result<CheckReport, LabError>
         port: state.spec.port,
         crosses_underlay,
         relayed: relayed(state),
+        bulk,
     })
 }
 
@@ -978,6 +1047,7 @@ mod tests {
             },
             crosses_underlay: true,
             relayed: Vec::new(),
+            bulk: vec![],
         };
         assert!(r.passed(), "{}", r.render());
         assert!(
@@ -1012,5 +1082,58 @@ mod tests {
         r.relayed = vec![("node3".into(), "node4".into(), "node1".into())];
         assert!(r.render().contains("relays: 1 pair(s)"));
         assert!(r.render().contains("  node3 <-> node4 through node1\n"));
+    }
+
+    #[test]
+    fn a_stalled_bulk_transfer_fails_the_check() {
+        let transfer = |received| Transfer {
+            from: "p1".into(),
+            to: "p2".into(),
+            addr: "10.42.1.2".parse().unwrap(),
+            received,
+            elapsed: Duration::from_millis(200),
+            error: (received < bulk::BYTES).then(|| "receiving stalled".to_owned()),
+        };
+        let mut r = CheckReport {
+            pods: vec![pod("a", "p1", "10.42.0.2", 0)],
+            pings: vec![],
+            capture_netns: "wml-wm-ul".into(),
+            overlay: vec![],
+            port: 51820,
+            tally: Tally::default(),
+            crosses_underlay: false,
+            relayed: Vec::new(),
+            bulk: vec![transfer(bulk::BYTES), transfer(bulk::BYTES)],
+        };
+        assert!(r.passed(), "{}", r.render());
+        assert!(r.render().contains("bulk TCP ok"), "{}", r.render());
+        r.bulk[1] = transfer(12_000);
+        assert!(!r.passed());
+        let text = r.render();
+        assert!(text.contains("bulk TCP FAILED"), "{text}");
+        assert!(text.contains("p1 → p2 (10.42.1.2): STALLED"), "{text}");
+        r.bulk.clear();
+        assert!(r.render().contains("bulk TCP not run"));
+    }
+
+    #[test]
+    fn bulk_pairs_cross_the_underlay_when_they_can_then_nodes_and_go_both_ways() {
+        let pods = vec![
+            pod("a", "p1", "10.42.0.2", 0),
+            pod("a", "p2", "10.42.0.3", 0),
+            pod("b", "p3", "10.42.1.2", 0),
+            pod("c", "p4", "10.42.2.2", 1),
+        ];
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            bulk_pairs(&pods),
+            vec![(0, 3, ip("10.42.2.2")), (3, 0, ip("10.42.0.2"))]
+        );
+        assert_eq!(
+            bulk_pairs(&pods[..3]),
+            vec![(0, 2, ip("10.42.1.2")), (2, 0, ip("10.42.0.2"))],
+            "one LAN: pods of two nodes"
+        );
+        assert_eq!(bulk_pairs(&pods[..2]), vec![], "one node");
     }
 }

@@ -28,6 +28,7 @@
 
 pub mod agent;
 pub mod apiserver;
+pub mod bulk;
 pub mod chaos;
 pub mod check;
 pub mod cluster;

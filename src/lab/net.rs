@@ -74,12 +74,24 @@ fn add_bridge(netns: &str) -> Result<(), LabError> {
     Ok(())
 }
 
-/// A veth pair: `inner` in `inner_ns`, `port` in `bridge_ns` enslaved to its bridge and up.
-fn add_port(inner_ns: &str, inner: &str, bridge_ns: &str, port: &str) -> Result<(), LabError> {
+/// A veth pair: `inner` in `inner_ns`, `port` in `bridge_ns` enslaved to its bridge and up;
+/// both ends with MTU `mtu` when given (the bridge takes the smallest MTU of its ports).
+fn add_port(
+    inner_ns: &str,
+    inner: &str,
+    bridge_ns: &str,
+    port: &str,
+    mtu: Option<u32>,
+) -> Result<(), LabError> {
     ip(&[
         "link", "add", inner, "netns", inner_ns, "type", "veth", "peer", "name", port, "netns",
         bridge_ns,
     ])?;
+    if let Some(m) = mtu {
+        let m = m.to_string();
+        ip_n(inner_ns, &["link", "set", inner, "mtu", &m])?;
+        ip_n(bridge_ns, &["link", "set", port, "mtu", &m])?;
+    }
     ip_n(bridge_ns, &["link", "set", port, "master", BRIDGE, "up"])?;
     Ok(())
 }
@@ -151,7 +163,13 @@ pub fn create_lan(state: &LabState, lan: &LanSpec) -> Result<(), LabError> {
                 BRIDGE,
             ],
         )?;
-        add_port(ns, UPLINK, &state.underlay_ns, &router_port(lan.index))?;
+        add_port(
+            ns,
+            UPLINK,
+            &state.underlay_ns,
+            &router_port(lan.index),
+            state.spec.underlay_mtu,
+        )?;
         add_addr(ns, UPLINK, underlay_ip, state.spec.underlay.prefix())?;
         ip_n(
             ns,
@@ -187,10 +205,22 @@ pub fn create_node(state: &LabState, node: &NodeSpec) -> Result<(), LabError> {
     add_netns(ns)?;
     let (ul_if, lan_if) = node_ifaces(node);
     if let (Some(ul_if), Some(addr)) = (ul_if, node.underlay_ip) {
-        add_port(ns, ul_if, &state.underlay_ns, &node_port(node.index))?;
+        add_port(
+            ns,
+            ul_if,
+            &state.underlay_ns,
+            &node_port(node.index),
+            state.spec.underlay_mtu,
+        )?;
         add_addr(ns, ul_if, addr, state.spec.underlay.prefix())?;
     }
-    add_port(ns, lan_if, lan_ns, &node_port(node.index))?;
+    add_port(
+        ns,
+        lan_if,
+        lan_ns,
+        &node_port(node.index),
+        state.spec.underlay_mtu,
+    )?;
     add_addr(ns, lan_if, node.lan_ip, lan.subnet.prefix())?;
     let gateway = match lan.nat {
         Some(r) => r.lan_ip,
@@ -215,7 +245,7 @@ pub fn create_attached(
     prefix: u8,
 ) -> Result<(), LabError> {
     add_netns(netns)?;
-    add_port(netns, iface, bridge_ns, port)?;
+    add_port(netns, iface, bridge_ns, port, None)?;
     add_addr(netns, iface, addr, prefix)
 }
 
@@ -240,6 +270,7 @@ mod tests {
             nat: Some(1),
             pods_per_node: 1,
             registry: crate::lab::spec::Registry::File,
+            underlay_mtu: None,
         })
         .unwrap();
         let rules = nat_ruleset(&spec.lans[1]);

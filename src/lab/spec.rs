@@ -113,6 +113,9 @@ pub struct SpecOptions {
     pub pods_per_node: usize,
     /// Where the agents read the cluster from.
     pub registry: Registry,
+    /// MTU of every link of the lab's network (underlay, LANs, NAT uplinks); `None`: the
+    /// kernel's 1500.
+    pub underlay_mtu: Option<u32>,
 }
 
 /// A NAT router: the LAN's gateway, masquerading onto the underlay.
@@ -188,6 +191,9 @@ pub struct LabSpec {
     pub pods_per_node: usize,
     /// The underlay subnet.
     pub underlay: Ipv4Network,
+    /// MTU of every link of the lab's network; `None`: the kernel's 1500.
+    #[serde(default)]
+    pub underlay_mtu: Option<u32>,
     /// The mesh subnet the agents allocate from.
     pub mesh_subnet: IpNetwork,
     /// The WireGuard listen port of every node.
@@ -427,6 +433,7 @@ pub fn plan(opts: &SpecOptions) -> Result<LabSpec, LabError> {
         registry: opts.registry,
         granularity,
         pods_per_node: opts.pods_per_node,
+        underlay_mtu: opts.underlay_mtu,
         underlay: UNDERLAY,
         mesh_subnet,
         port: DEFAULT_PORT,
@@ -811,6 +818,7 @@ mod tests {
             nat: None,
             pods_per_node: 1,
             registry: Registry::File,
+            underlay_mtu: None,
         }
     }
 

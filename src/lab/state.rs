@@ -372,6 +372,7 @@ mod tests {
             nat: None,
             pods_per_node: 2,
             registry: crate::lab::spec::Registry::File,
+            underlay_mtu: None,
         })
         .unwrap();
         let s = LabState::new(&name, Path::new("/run/wiremesh-lab/wm"), spec, 7);

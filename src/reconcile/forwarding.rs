@@ -84,7 +84,7 @@ pub fn needed_by_op(op: &Op) -> Families {
     match op {
         Op::AddRoute(r) if r.dev != RouteDev::Blackhole => f.add(&r.dst),
         Op::SetBridge(b) => b.addresses.iter().for_each(|a| f.add(a)),
-        Op::WriteCni { pod_cidrs } => pod_cidrs.iter().for_each(|c| f.add(c)),
+        Op::WriteCni { pod_cidrs, .. } => pod_cidrs.iter().for_each(|c| f.add(c)),
         _ => {}
     }
     f
@@ -407,6 +407,7 @@ mod tests {
             }),
             Op::WriteCni {
                 pod_cidrs: vec![net("fd00:42::/64")],
+                mtu: 1420,
             },
         ] {
             assert_eq!(

@@ -9,11 +9,13 @@
 //!
 //! `plan` is pure; the [`Kernel`] trait is the only door to the system. Its implementations live
 //! in `netlink` (routes, rules, links, bridge), `wg` (WireGuard device and peers), `nft`
-//! (masquerade) and `cni` (CNI config file); `port` finds what else holds the WireGuard listen
-//! port. May depend on the desired state and the model;
-//! never on the topology engine or Kubernetes.
+//! (masquerade, and the MSS clamp rendered by `mss`) and `cni` (CNI config file); `port` finds
+//! what else holds the WireGuard listen port, `mtu` computes the automatic MTU. May depend on
+//! the desired state and the model; never on the topology engine or Kubernetes.
 
 pub mod forwarding;
+pub mod mss;
+pub mod mtu;
 pub mod netlink;
 pub mod nft;
 pub mod plan;
@@ -92,6 +94,15 @@ pub trait Kernel {
     async fn port_holder(&mut self, _port: u16) -> Option<port::PortHolder> {
         None
     }
+    /// The MTU of the underlay interface WireGuard's packets to `towards` (the local node's
+    /// endpoint address, when known) leave by, for the automatic MTU; `None` when there is
+    /// none. By default `None`: only the system kernel has an underlay.
+    async fn underlay_mtu(
+        &mut self,
+        _towards: Option<std::net::IpAddr>,
+    ) -> Result<Option<u32>, KernelError> {
+        Ok(None)
+    }
     /// Apply one operation.
     async fn apply(&mut self, op: &Op) -> Result<(), KernelError>;
     /// Apply many operations; implementations may pipeline them. Returns one result per op.
@@ -156,13 +167,36 @@ pub async fn apply_ops<K: Kernel>(kernel: &mut K, ops: Vec<Op>) -> Report {
     Report::from_results(ops, results, drop)
 }
 
+/// Read what wiremesh owns for `desired`: [`Kernel::read_owned`], and the underlay's MTU when
+/// the MTU is automatic (with a warning when the underlay is too small for the tunnel's
+/// packets, see [`mtu::underlay_too_small`]).
+pub async fn read_for<K: Kernel>(
+    kernel: &mut K,
+    desired: &crate::desired::DesiredState,
+) -> Result<OwnedState, KernelError> {
+    let mut actual = kernel.read_owned().await?;
+    if desired.interface.mtu.is_none() {
+        actual.underlay_mtu = kernel.underlay_mtu(desired.interface.underlay).await?;
+        if mtu::underlay_too_small(desired, actual.underlay_mtu) {
+            tracing::warn!(
+                underlay_mtu = actual.underlay_mtu,
+                overhead = desired.interface.overhead(),
+                mtu = mtu::wanted_mtu(desired, actual.underlay_mtu),
+                "the underlay is too small for the tunnel's packets at the smallest MTU the \
+                 tunnel may have: outer packets will be fragmented"
+            );
+        }
+    }
+    Ok(actual)
+}
+
 /// Read the kernel, plan, apply. A failed operation does not stop the others.
 pub async fn reconcile<K: Kernel>(
     kernel: &mut K,
     desired: &crate::desired::DesiredState,
     public_key: WgKey,
 ) -> Result<Report, KernelError> {
-    let actual = kernel.read_owned().await?;
+    let actual = read_for(kernel, desired).await?;
     let ops = plan::plan(desired, &actual, public_key);
     Ok(apply_ops(kernel, ops).await)
 }
@@ -183,7 +217,7 @@ pub async fn reconcile_cached<K: Kernel>(
 ) -> Result<Report, KernelError> {
     let actual = match known.take() {
         Some(k) => k,
-        None => kernel.read_owned().await?,
+        None => read_for(kernel, &desired).await?,
     };
     let ops = plan::plan(&desired, &actual, public_key);
     drop(desired);

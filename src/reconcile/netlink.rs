@@ -58,9 +58,7 @@ use super::{KernelError, RTPROT_WIREMESH, RULE_PRIORITY};
 use crate::desired::{ENCAP_TABLE, MAIN_TABLE, RouteDev};
 
 pub use kernel::NetlinkKernel;
-pub use link::{
-    FALLBACK_MTU, LinkOwner, MIN_MTU, WIREGUARD_OVERHEAD, bridge_owner, wireguard_owner,
-};
+pub use link::{LinkOwner, bridge_owner, wireguard_owner};
 pub use route::{RouteDump, RouteResults, StrayRoute};
 pub use rule::{RuleDump, StrayRule};
 

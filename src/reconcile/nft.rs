@@ -1,6 +1,7 @@
 //! Masquerading in wiremesh's own firewall table or chain: render it, apply it atomically, read
 //! it back as a [`Masquerade`] so the planner can compare, and delete it. Nothing else in the
-//! firewall is read into the diff or ever changed.
+//! firewall is read into the diff or ever changed. [`Firewall`] also runs the MSS clamp, whose
+//! own table or chain [`super::mss`] renders and reads.
 //!
 //! ```text
 //! Masquerade ─ canonical() ─→ render_nft()            ─→ nft -f -                  (one transaction)
@@ -42,6 +43,7 @@ use tokio::io::AsyncWriteExt as _;
 use tracing::debug;
 
 use super::KernelError;
+use super::mss::{self, ClampState};
 use crate::desired::Masquerade;
 
 /// Family of wiremesh's nftables table.
@@ -110,6 +112,9 @@ pub enum IpFamily {
 }
 
 impl IpFamily {
+    /// Both families, IPv4 first.
+    pub const BOTH: [IpFamily; 2] = [IpFamily::V4, IpFamily::V6];
+
     fn of(net: &IpNetwork) -> IpFamily {
         match net {
             IpNetwork::V4(_) => IpFamily::V4,
@@ -425,7 +430,7 @@ pub fn render_nft_additions(from: &Masquerade, to: &Masquerade) -> Option<String
 /// Why a listing could not be read at all (as opposed to holding unexpected rules).
 #[derive(Debug, thiserror::Error)]
 #[error("cannot parse nft JSON: {0}")]
-pub struct ParseError(String);
+pub struct ParseError(pub(super) String);
 
 /// The address interval of one set element in `nft -j` output: an address, a prefix, a range,
 /// or any of these wrapped in `{"elem": {"val": …}}`.
@@ -629,7 +634,7 @@ fn jump_spec() -> String {
 }
 
 /// Split an `iptables-save` line into words, honouring double quotes and backslash escapes.
-fn split_words(line: &str) -> Vec<String> {
+pub(super) fn split_words(line: &str) -> Vec<String> {
     let mut words = Vec::new();
     let mut cur = String::new();
     let mut in_word = false;
@@ -664,37 +669,40 @@ fn split_words(line: &str) -> Vec<String> {
     words
 }
 
-/// wiremesh's part of one family's `iptables-save -t nat` output.
+/// wiremesh's part of one family's `iptables-save` output for one table: its chain, the jumps
+/// to it and its rules.
 #[derive(Debug, Default)]
-struct SavedNat {
-    /// Whether `:WIREMESH-NAT` is declared.
-    chain: bool,
-    /// Rule specs (after `-A POSTROUTING `) of `POSTROUTING` rules that jump to our chain.
-    jumps: Vec<String>,
-    /// Rule specs (after `-A WIREMESH-NAT `) of our chain, in order.
-    rules: Vec<String>,
+pub(super) struct SavedChain {
+    /// Whether our chain is declared.
+    pub chain: bool,
+    /// Rule specs (after `-A PARENT `) of the parent chain's rules that jump to ours.
+    pub jumps: Vec<String>,
+    /// Rule specs (after `-A CHAIN `) of our chain, in order.
+    pub rules: Vec<String>,
 }
 
-fn saved_nat(save: &str) -> SavedNat {
-    let mut s = SavedNat::default();
-    let mut in_nat = false;
-    let post = "-A POSTROUTING ";
-    let ours = format!("-A {IPT_CHAIN} ");
+/// Our `chain` in `table` of an `iptables-save` output, entered from the built-in `parent`.
+pub(super) fn saved_chain(save: &str, table: &str, parent: &str, chain: &str) -> SavedChain {
+    let mut s = SavedChain::default();
+    let mut in_table = false;
+    let from = format!("-A {parent} ");
+    let ours = format!("-A {chain} ");
+    let declared = format!(":{chain}");
     for line in save.lines() {
         let line = line.trim_end();
-        if let Some(table) = line.strip_prefix('*') {
-            in_nat = table == "nat";
+        if let Some(t) = line.strip_prefix('*') {
+            in_table = t == table;
             continue;
         }
-        if !in_nat {
+        if !in_table {
             continue;
         }
-        if line.split_whitespace().next() == Some(&format!(":{IPT_CHAIN}")) {
+        if line.split_whitespace().next() == Some(declared.as_str()) {
             s.chain = true;
-        } else if let Some(spec) = line.strip_prefix(post) {
+        } else if let Some(spec) = line.strip_prefix(&from) {
             let w = split_words(spec);
             if w.windows(2)
-                .any(|p| (p[0] == "-j" || p[0] == "-g") && p[1] == IPT_CHAIN)
+                .any(|p| (p[0] == "-j" || p[0] == "-g") && p[1] == chain)
             {
                 s.jumps.push(spec.to_owned());
             }
@@ -703,6 +711,10 @@ fn saved_nat(save: &str) -> SavedNat {
         }
     }
     s
+}
+
+fn saved_nat(save: &str) -> SavedChain {
+    saved_chain(save, "nat", "POSTROUTING", IPT_CHAIN)
 }
 
 /// One rule of our chain: role and network, if it has exactly the shape wiremesh renders.
@@ -1138,6 +1150,108 @@ impl Firewall {
         Ok(())
     }
 
+    /// What the firewall holds where wiremesh's MSS clamp lives ([`mss`]).
+    pub async fn read_clamp_state(&self) -> Result<ClampState, KernelError> {
+        match self.mode {
+            FirewallMode::Iptables => {
+                let v4 = self
+                    .save_table(IpFamily::V4, mss::IPT_TABLE, mss::IPT_CHAIN)
+                    .await?;
+                let v6 = self
+                    .save_table(IpFamily::V6, mss::IPT_TABLE, mss::IPT_CHAIN)
+                    .await?;
+                Ok(mss::join_families(
+                    mss::parse_iptables(&v4),
+                    mss::parse_iptables(&v6),
+                ))
+            }
+            FirewallMode::Nftables | FirewallMode::Auto => {
+                let op = format!("list table {NFT_FAMILY} {}", mss::NFT_TABLE);
+                let out = self
+                    .exec
+                    .output(
+                        &op,
+                        "nft",
+                        &["-j", "list", "table", NFT_FAMILY, mss::NFT_TABLE],
+                        None,
+                    )
+                    .await?;
+                if !out.success {
+                    if out.stderr.contains("No such file or directory") {
+                        return Ok(ClampState::Absent);
+                    }
+                    return Err(KernelError::Firewall {
+                        op,
+                        message: format!("nft failed ({}): {}", out.status, out.stderr),
+                    });
+                }
+                mss::parse_nft(&out.stdout).map_err(|e| KernelError::Firewall {
+                    op,
+                    message: e.to_string(),
+                })
+            }
+        }
+    }
+
+    /// The interface wiremesh's MSS clamp names, for [`OwnedState::mss_clamp`] (`None`: no
+    /// clamp; see [`ClampState::interface`]).
+    ///
+    /// [`OwnedState::mss_clamp`]: super::OwnedState::mss_clamp
+    pub async fn read_clamp(&self) -> Result<Option<String>, KernelError> {
+        Ok(self.read_clamp_state().await?.interface())
+    }
+
+    /// Replace wiremesh's MSS clamp with one for `interface`: one `nft` transaction, or one
+    /// restore per family. Refuses an interface name that is not plain ([`mss::plain_name`]).
+    pub async fn apply_clamp(&self, interface: &str) -> Result<(), KernelError> {
+        if !mss::plain_name(interface) {
+            return Err(KernelError::Unsupported(format!(
+                "interface name {interface:?}: only letters, digits, '-', '_' and '.' go into \
+                 the MSS clamp rules"
+            )));
+        }
+        match self.mode {
+            FirewallMode::Iptables => {
+                for fam in IpFamily::BOTH {
+                    let save = self.save_table(fam, mss::IPT_TABLE, mss::IPT_CHAIN).await?;
+                    let input = mss::render_iptables_apply(interface, &save);
+                    self.restore_chain(fam, &input, "replace", mss::IPT_CHAIN)
+                        .await?;
+                }
+            }
+            FirewallMode::Nftables | FirewallMode::Auto => {
+                let op = format!("replace table {NFT_FAMILY} {}", mss::NFT_TABLE);
+                self.exec
+                    .run(&op, "nft", &["-f", "-"], Some(&mss::render_nft(interface)))
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Remove wiremesh's MSS clamp table (or chains and jumps); nothing else. Succeeds when
+    /// absent.
+    pub async fn delete_clamp(&self) -> Result<(), KernelError> {
+        match self.mode {
+            FirewallMode::Iptables => {
+                for fam in IpFamily::BOTH {
+                    let save = self.save_table(fam, mss::IPT_TABLE, mss::IPT_CHAIN).await?;
+                    if let Some(input) = mss::render_iptables_delete(&save) {
+                        self.restore_chain(fam, &input, "delete", mss::IPT_CHAIN)
+                            .await?;
+                    }
+                }
+            }
+            FirewallMode::Nftables | FirewallMode::Auto => {
+                let op = format!("delete table {NFT_FAMILY} {}", mss::NFT_TABLE);
+                self.exec
+                    .run(&op, "nft", &["-f", "-"], Some(&mss::render_nft_delete()))
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Remove wiremesh's table (or chains and jumps); nothing else. Succeeds when absent.
     pub async fn delete(&mut self) -> Result<(), KernelError> {
         self.hold(None);
@@ -1161,12 +1275,33 @@ impl Firewall {
     }
 
     async fn save(&self, fam: IpFamily) -> Result<String, KernelError> {
-        let op = format!("read chain {IPT_CHAIN}");
-        self.exec.run(&op, fam.save(), &["-t", "nat"], None).await
+        self.save_table(fam, "nat", IPT_CHAIN).await
+    }
+
+    /// One family's `iptables-save -t TABLE`; `chain` names what is read, for errors.
+    async fn save_table(
+        &self,
+        fam: IpFamily,
+        table: &str,
+        chain: &str,
+    ) -> Result<String, KernelError> {
+        let op = format!("read chain {chain}");
+        self.exec.run(&op, fam.save(), &["-t", table], None).await
     }
 
     async fn restore(&self, fam: IpFamily, input: &str, what: &str) -> Result<(), KernelError> {
-        let op = format!("{what} chain {IPT_CHAIN}");
+        self.restore_chain(fam, input, what, IPT_CHAIN).await
+    }
+
+    /// Run one family's `iptables-restore --noflush` with `input`, which `what`s `chain`.
+    async fn restore_chain(
+        &self,
+        fam: IpFamily,
+        input: &str,
+        what: &str,
+        chain: &str,
+    ) -> Result<(), KernelError> {
+        let op = format!("{what} chain {chain}");
         // -w: wait for the xtables lock instead of failing (iptables-legacy takes it).
         self.exec
             .run(&op, fam.restore(), &["-w", "--noflush"], Some(input))

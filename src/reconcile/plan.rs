@@ -55,6 +55,13 @@ pub struct OwnedState {
     pub masquerade: Option<Masquerade>,
     /// Pod CIDRs in wiremesh's CNI config file, if the file exists.
     pub cni: Option<Vec<IpNetwork>>,
+    /// The pods' MTU in wiremesh's CNI config file, if the file exists and names one.
+    pub cni_mtu: Option<u32>,
+    /// The MTU of the underlay the WireGuard packets leave by, as read for the automatic MTU
+    /// ([`super::Kernel::underlay_mtu`]); `None` when none was found or none was asked for.
+    pub underlay_mtu: Option<u32>,
+    /// The WireGuard interface named by wiremesh's MSS clamp rules, if they exist.
+    pub mss_clamp: Option<String>,
 }
 
 /// One change to the kernel.
@@ -68,10 +75,10 @@ pub enum Op {
         /// The listen port.
         listen_port: u16,
     },
-    /// Set the link's MTU (`None`: the automatic value).
+    /// Set the link's MTU.
     SetMtu {
         /// The MTU.
-        mtu: Option<u32>,
+        mtu: u32,
     },
     /// Add an address to the WireGuard link.
     AddAddress {
@@ -98,11 +105,21 @@ pub enum Op {
     WriteCni {
         /// The node's pod CIDRs.
         pod_cidrs: Vec<IpNetwork>,
+        /// The pods' MTU: the WireGuard link's, so a full-size pod packet fits the tunnel.
+        mtu: u32,
     },
     /// Replace wiremesh's masquerade table.
     SetMasquerade(Box<Masquerade>),
     /// Remove wiremesh's masquerade table.
     DelMasquerade,
+    /// Clamp the MSS of TCP SYNs forwarded into or out of this WireGuard interface to the
+    /// route's MTU (replacing wiremesh's clamp rules).
+    SetMssClamp {
+        /// The WireGuard interface.
+        interface: String,
+    },
+    /// Remove wiremesh's MSS clamp rules.
+    DelMssClamp,
     /// Remove a rule.
     DelRule(Rule),
     /// Remove a route.
@@ -126,6 +143,7 @@ impl Op {
             Op::SetBridge(_) => "bridge",
             Op::WriteCni { .. } => "cni-config",
             Op::SetMasquerade(_) | Op::DelMasquerade => "masquerade",
+            Op::SetMssClamp { .. } | Op::DelMssClamp => "mss-clamp",
             Op::AddRoute(_) | Op::DelRoute(_) => "route",
             Op::AddRule(_) | Op::DelRule(_) => "rule",
         }
@@ -270,7 +288,8 @@ fn sorted_set<T: Ord>(items: &[T]) -> Vec<&T> {
 /// The operations that turn `actual` into `desired`, in the order they must run: interface
 /// first (a new address before the old one goes), then peers, bridge and firewall, then rule and
 /// route removals, then additions, and the CNI config last. Every route of the main table comes
-/// with its guard ([`Route::guard`]).
+/// with its guard ([`Route::guard`]). An automatic MTU is computed from `actual.underlay_mtu`
+/// ([`super::mtu::wanted_mtu`]), and the CNI config gives pods the same MTU.
 ///
 /// `public_key` is the public key of the private key the agent holds: when the device reports
 /// another one (or none), the device is configured again.
@@ -288,12 +307,9 @@ pub fn plan(desired: &DesiredState, actual: &OwnedState, public_key: WgKey) -> V
         });
     }
     let link = actual.link.clone().unwrap_or_default();
-    if let Some(mtu) = iface.mtu
-        && link.mtu != mtu
-    {
-        ops.push(Op::SetMtu { mtu: Some(mtu) });
-    } else if iface.mtu.is_none() && actual.link.is_none() {
-        ops.push(Op::SetMtu { mtu: None });
+    let mtu = super::mtu::wanted_mtu(desired, actual.underlay_mtu);
+    if link.mtu != mtu {
+        ops.push(Op::SetMtu { mtu });
     }
     let want_addrs: Vec<IpNetwork> = iface.address.into_iter().collect();
     // The new address before the old one goes: an interface left without an IPv4 address for
@@ -354,6 +370,15 @@ pub fn plan(desired: &DesiredState, actual: &OwnedState, public_key: WgKey) -> V
         (Some(_), false) => ops.push(Op::DelMasquerade),
         (None, false) => {}
     }
+    let clamp = iface.mss_clamp.then_some(&iface.name);
+    match (&actual.mss_clamp, clamp) {
+        (Some(have), Some(want)) if have == want => {}
+        (_, Some(want)) => ops.push(Op::SetMssClamp {
+            interface: want.clone(),
+        }),
+        (Some(_), None) => ops.push(Op::DelMssClamp),
+        (None, None) => {}
+    }
     ops.extend(del_rules.into_iter().cloned().map(Op::DelRule));
     ops.extend(del_routes.into_iter().cloned().map(Op::DelRoute));
     ops.extend(add_routes.into_iter().cloned().map(Op::AddRoute));
@@ -366,8 +391,11 @@ pub fn plan(desired: &DesiredState, actual: &OwnedState, public_key: WgKey) -> V
             .iter()
             .map(|a| crate::model::network_of(*a))
             .collect();
-        if actual.cni.as_ref() != Some(&cidrs) {
-            ops.push(Op::WriteCni { pod_cidrs: cidrs });
+        if actual.cni.as_ref() != Some(&cidrs) || actual.cni_mtu != Some(mtu) {
+            ops.push(Op::WriteCni {
+                pod_cidrs: cidrs,
+                mtu,
+            });
         }
     }
     ops
@@ -503,7 +531,7 @@ pub fn apply_op(state: &mut OwnedState, op: Op, public_key: WgKey) {
         }
         Op::SetMtu { mtu } => {
             if let Some(l) = &mut state.link {
-                l.mtu = mtu.unwrap_or(1420);
+                l.mtu = mtu;
             }
         }
         Op::AddAddress { address } => {
@@ -543,9 +571,14 @@ pub fn apply_op(state: &mut OwnedState, op: Op, public_key: WgKey) {
             }
         }
         Op::SetBridge(b) => state.bridge = Some(b),
-        Op::WriteCni { pod_cidrs } => state.cni = Some(pod_cidrs),
+        Op::WriteCni { pod_cidrs, mtu } => {
+            state.cni = Some(pod_cidrs);
+            state.cni_mtu = Some(mtu);
+        }
         Op::SetMasquerade(m) => state.masquerade = Some(*m),
         Op::DelMasquerade => state.masquerade = None,
+        Op::SetMssClamp { interface } => state.mss_clamp = Some(interface),
+        Op::DelMssClamp => state.mss_clamp = None,
         Op::DelRule(r) => sorted_remove(&mut state.rules, &r),
         Op::AddRule(r) => sorted_insert(&mut state.rules, r),
         Op::DelRoute(r) => sorted_remove(&mut state.routes, &r),
@@ -606,7 +639,14 @@ mod tests {
         assert_eq!(ops[0], Op::CreateInterface);
         assert_eq!(ops[1], Op::ConfigureDevice { listen_port: 51820 });
         assert!(ops.contains(&Op::WriteCni {
-            pod_cidrs: vec!["10.42.0.0/24".parse().unwrap()]
+            pod_cidrs: vec!["10.42.0.0/24".parse().unwrap()],
+            mtu: super::super::mtu::FALLBACK_MTU,
+        }));
+        assert!(ops.contains(&Op::SetMtu {
+            mtu: super::super::mtu::FALLBACK_MTU
+        }));
+        assert!(ops.contains(&Op::SetMssClamp {
+            interface: "wiremesh0".into()
         }));
         let first_route = ops
             .iter()
@@ -621,6 +661,67 @@ mod tests {
             ops.iter().filter(|o| matches!(o, Op::AddRoute(_))).count(),
             with_guards(&d.routes).len()
         );
+    }
+
+    #[test]
+    fn an_automatic_mtu_follows_the_underlay_and_pods_get_the_same() {
+        let d = desired(3, 0);
+        assert_eq!(d.interface.underlay, "203.0.113.0".parse().ok());
+        let mut k = OwnedState::default();
+        let first = plan(&d, &k, ME);
+        simulate(&mut k, &first, ME);
+        assert_eq!(
+            k.link.as_ref().map(|l| l.mtu),
+            Some(1420),
+            "no underlay read"
+        );
+        // The underlay turns out to be 1280 bytes (IPv4 endpoint: 60 bytes of overhead).
+        k.underlay_mtu = Some(1280);
+        let ops = plan(&d, &k, ME);
+        assert_eq!(
+            ops,
+            vec![
+                Op::SetMtu { mtu: 1220 },
+                Op::WriteCni {
+                    pod_cidrs: vec!["10.42.0.0/24".parse().unwrap()],
+                    mtu: 1220
+                }
+            ]
+        );
+        simulate(&mut k, &ops, ME);
+        assert_eq!(plan(&d, &k, ME), vec![], "in place: nothing to do");
+        // A fixed MTU wins over the underlay, for the link and the pods alike.
+        let mut fixed = d.clone();
+        fixed.interface.mtu = Some(1300);
+        let ops = plan(&fixed, &k, ME);
+        assert_eq!(ops.first(), Some(&Op::SetMtu { mtu: 1300 }));
+        assert!(matches!(ops.last(), Some(Op::WriteCni { mtu: 1300, .. })));
+    }
+
+    #[test]
+    fn the_mss_clamp_is_set_once_repaired_when_changed_and_removed_when_off() {
+        let d = desired(3, 0);
+        let clamp_ops = |d: &DesiredState, have: Option<&str>| -> Vec<Op> {
+            let actual = OwnedState {
+                mss_clamp: have.map(str::to_owned),
+                ..OwnedState::default()
+            };
+            plan(d, &actual, ME)
+                .into_iter()
+                .filter(|o| o.kind() == "mss-clamp")
+                .collect()
+        };
+        let set = vec![Op::SetMssClamp {
+            interface: "wiremesh0".into(),
+        }];
+        assert_eq!(clamp_ops(&d, None), set);
+        assert_eq!(clamp_ops(&d, Some("wiremesh0")), vec![], "read back: no-op");
+        assert_eq!(clamp_ops(&d, Some("")), set, "changed by hand: replaced");
+        assert_eq!(clamp_ops(&d, Some("wg9")), set, "another interface");
+        let mut off = d.clone();
+        off.interface.mss_clamp = false;
+        assert_eq!(clamp_ops(&off, Some("wiremesh0")), vec![Op::DelMssClamp]);
+        assert_eq!(clamp_ops(&off, None), vec![]);
     }
 
     #[test]

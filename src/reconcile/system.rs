@@ -1,5 +1,6 @@
 //! [`SystemKernel`]: the whole machine as one [`Kernel`]: netlink (links, addresses, routes,
-//! rules, bridge), the WireGuard device, the masquerade table and the CNI config file.
+//! rules, bridge, the underlay's MTU), the WireGuard device, the masquerade and MSS clamp
+//! tables and the CNI config file.
 //!
 //! Composes `netlink`, `wg`, `nft`, `forwarding` and `crate::cni`; dispatches each op to its
 //! owner and sends runs of WireGuard ops and of route/rule ops as batches. May depend on the
@@ -48,8 +49,6 @@ pub struct SystemOptions {
     pub firewall: FirewallMode,
     /// CNI config file path.
     pub cni_config: PathBuf,
-    /// Fixed MTU, or `None` for automatic.
-    pub mtu: Option<u32>,
     /// The node's internal IP: its interface is the private device of routes.
     pub internal_ip: Option<IpAddr>,
     /// The private device when no internal IP is given (`wiremesh cleanup`: the one the agent
@@ -103,12 +102,18 @@ pub struct SystemKernel {
     in_use: Families,
 }
 
-/// Whether `op` acts on the WireGuard link or device.
+/// Whether `op` acts on the WireGuard link or device, or on traffic through it (the MSS clamp:
+/// clamping a foreign interface such as a mistyped `--interface eth0` would rewrite the SYNs of
+/// everything that crosses it).
 fn on_wireguard_link(op: &Op) -> bool {
     is_wireguard(op)
         || matches!(
             op,
-            Op::SetMtu { .. } | Op::AddAddress { .. } | Op::DelAddress { .. } | Op::LinkUp
+            Op::SetMtu { .. }
+                | Op::AddAddress { .. }
+                | Op::DelAddress { .. }
+                | Op::LinkUp
+                | Op::SetMssClamp { .. }
         )
 }
 
@@ -194,11 +199,11 @@ impl SystemKernel {
         &self.wg
     }
 
-    async fn write_cni(&self, pod_cidrs: &[ipnetwork::IpNetwork]) -> Result<(), KernelError> {
-        let mtu = match self.opts.mtu {
-            Some(m) => m,
-            None => self.netlink.netlink.auto_mtu().await?,
-        };
+    async fn write_cni(
+        &self,
+        pod_cidrs: &[ipnetwork::IpNetwork],
+        mtu: u32,
+    ) -> Result<(), KernelError> {
         let path = &self.opts.cni_config;
         let cni_err = |e: cni::CniError| KernelError::Io {
             op: format!("write CNI config {}", path.display()),
@@ -270,9 +275,9 @@ impl SystemKernel {
     }
 
     /// Remove everything wiremesh created: routes and rules of ours, the bridge if ours, the
-    /// WireGuard interface, the firewall table, the CNI config file; then put back the sysctls
-    /// the agent turned on (see [`forwarding::Sysctls::restore`]). Nothing else, and forwarding
-    /// is never turned on.
+    /// WireGuard interface, the firewall tables (masquerade, MSS clamp), the CNI config file;
+    /// then put back the sysctls the agent turned on (see [`forwarding::Sysctls::restore`]).
+    /// Nothing else, and forwarding is never turned on.
     ///
     /// First checks what it was named ([`Self::refusals`]): if any of it is not wiremesh's,
     /// nothing at all is touched and the error says why for each.
@@ -295,6 +300,7 @@ impl SystemKernel {
             "routes, rules and bridge removed"
         );
         self.firewall.delete().await?;
+        self.firewall.delete_clamp().await?;
         let wg = self.wg.clone();
         tokio::task::spawn_blocking(move || wg.delete())
             .await
@@ -459,7 +465,9 @@ impl SystemKernel {
         match op {
             Op::SetMasquerade(m) => self.firewall.apply(m).await,
             Op::DelMasquerade => self.firewall.delete().await,
-            Op::WriteCni { pod_cidrs } => self.write_cni(pod_cidrs).await,
+            Op::WriteCni { pod_cidrs, mtu } => self.write_cni(pod_cidrs, *mtu).await,
+            Op::SetMssClamp { interface } => self.firewall.apply_clamp(interface).await,
+            Op::DelMssClamp => self.firewall.delete_clamp().await,
             other => self.netlink.apply(other).await,
         }
     }
@@ -493,12 +501,21 @@ impl Kernel for SystemKernel {
         let mut s = self.netlink.read_owned().await?;
         s.wireguard = self.wg.read_state().await?;
         s.masquerade = self.firewall.read().await?;
-        s.cni = cni::read_conflist_cidrs(&self.opts.cni_config).map_err(|e| KernelError::Io {
+        s.mss_clamp = self.firewall.read_clamp().await?;
+        let conflist = cni::read_conflist(&self.opts.cni_config).map_err(|e| KernelError::Io {
             op: format!("read CNI config {}", self.opts.cni_config.display()),
             source: std::io::Error::other(e.to_string()),
         })?;
+        (s.cni, s.cni_mtu) = match conflist {
+            Some(c) => (Some(c.pod_cidrs), c.mtu),
+            None => (None, None),
+        };
         self.in_use = forwarding::needed_by_state(&s);
         Ok(s)
+    }
+
+    async fn underlay_mtu(&mut self, towards: Option<IpAddr>) -> Result<Option<u32>, KernelError> {
+        self.netlink.underlay_mtu(towards).await
     }
 
     /// Only the device: the periodic check-in needs its peers, not a dump of every route.
@@ -610,11 +627,23 @@ mod tests {
         let e = blocked_reason(&v4, &both, None).expect("blocked");
         assert_eq!(e.to_string(), "set v4", "each family its own reason");
         let foreign = Some("not ours");
-        for op in [Op::LinkUp, Op::CreateInterface, Op::SetMtu { mtu: None }] {
+        let clamp = Op::SetMssClamp {
+            interface: "eth0".into(),
+        };
+        for op in [
+            Op::LinkUp,
+            Op::CreateInterface,
+            Op::SetMtu { mtu: 1420 },
+            clamp,
+        ] {
             let e = blocked_reason(&op, &Blocked::default(), foreign);
             assert!(matches!(e, Some(KernelError::NotOwned(_))), "{op:?}");
         }
         assert!(blocked_reason(&v4, &Blocked::default(), foreign).is_none());
+        assert!(
+            blocked_reason(&Op::DelMssClamp, &Blocked::default(), foreign).is_none(),
+            "removing our own clamp table touches no foreign interface"
+        );
     }
 
     #[test]

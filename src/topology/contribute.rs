@@ -128,6 +128,9 @@ pub(crate) struct LocalContext {
     pub interface: String,
     pub bridge: String,
     pub mtu: Option<u32>,
+    /// The local node's endpoint address (the automatic MTU's underlay), when it is an IP.
+    pub underlay: Option<IpAddr>,
+    pub mss_clamp: bool,
     pub service_cidrs: Vec<IpNetwork>,
     pub subnet: IpNetwork,
 }
@@ -185,6 +188,11 @@ impl LocalContext {
             interface: opts.interface.clone(),
             bridge: opts.bridge.clone(),
             mtu: opts.mtu,
+            underlay: match &me.endpoint {
+                Some(Endpoint::Addr(a)) => Some(a.ip()),
+                _ => None,
+            },
+            mss_clamp: opts.mss_clamp,
             service_cidrs: opts.service_cidrs.clone(),
             subnet: crate::model::network_of(subnet),
         }
@@ -435,6 +443,8 @@ impl LocalContext {
             listen_port: self.listen_port,
             address: self.address,
             mtu: self.mtu,
+            underlay: self.underlay,
+            mss_clamp: self.mss_clamp,
         }
     }
 

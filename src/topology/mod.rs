@@ -82,6 +82,8 @@ pub struct MeshOptions {
     pub now: Option<i64>,
     /// Fixed WireGuard MTU; `None` = automatic.
     pub mtu: Option<u32>,
+    /// Clamp the MSS of TCP SYNs forwarded through the WireGuard interface to the route's MTU.
+    pub mss_clamp: bool,
     /// Service CIDRs: never masqueraded, and no node may claim an address in them.
     pub service_cidrs: Vec<IpNetwork>,
     /// The ranges a node's allowed-location-ips must lie in (`--allowed-location-ips-within`);
@@ -102,6 +104,7 @@ impl Default for MeshOptions {
             cni: true,
             now: None,
             mtu: None,
+            mss_clamp: true,
             service_cidrs: Vec::new(),
             allowed_location_ips_within: claims::default_allowed_location_ips_within(),
         }

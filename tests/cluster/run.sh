@@ -243,6 +243,7 @@ uninstall() {
       ip route show table all proto 104 2>/dev/null
       ip rule show 2>/dev/null | grep 'proto 104'
       nft list table inet wiremesh 2>/dev/null | head -1
+      nft list table inet wiremesh_mss 2>/dev/null | head -1
       iptables-save 2>/dev/null | grep -i wiremesh
       ls $conf 2>/dev/null
       ls /run/wireguard /var/lib/wiremesh 2>/dev/null | grep -v ':\$' | grep ." || true)

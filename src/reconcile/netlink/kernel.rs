@@ -77,20 +77,24 @@ impl Kernel for NetlinkKernel {
             bridge: nl.read_bridge().await?,
             masquerade: None,
             cni: None,
+            cni_mtu: None,
+            underlay_mtu: None,
+            mss_clamp: None,
         })
+    }
+
+    async fn underlay_mtu(
+        &mut self,
+        towards: Option<std::net::IpAddr>,
+    ) -> Result<Option<u32>, KernelError> {
+        self.netlink.underlay_mtu(towards).await
     }
 
     async fn apply(&mut self, op: &Op) -> Result<(), KernelError> {
         let nl = &self.netlink;
         let wg = nl.devices().wireguard.as_str();
         match op {
-            Op::SetMtu { mtu } => {
-                let mtu = match mtu {
-                    Some(m) => *m,
-                    None => nl.auto_mtu().await?,
-                };
-                nl.set_mtu(wg, mtu).await
-            }
+            Op::SetMtu { mtu } => nl.set_mtu(wg, *mtu).await,
             Op::AddAddress { address } => nl.add_address(wg, *address).await,
             Op::DelAddress { address } => nl.del_address(wg, *address).await,
             Op::LinkUp => nl.set_up(wg).await,

@@ -1,5 +1,5 @@
-//! Links and addresses: the WireGuard link's state, addresses and MTU, the automatic MTU, the CNI
-//! bridge, and which interface holds an address.
+//! Links and addresses: the WireGuard link's state, addresses and MTU, the underlay's MTU (for
+//! the automatic MTU), the CNI bridge, and which interface holds an address.
 //!
 //! Only interfaces named in [`super::Devices`] are ever changed. IPv6 link-local addresses
 //! (`fe80::/10`) are left out of everything read and never removed: the kernel assigns them.
@@ -18,22 +18,15 @@ use rtnetlink::packet_route::link::{
     AfSpecInet, AfSpecUnspec, InetDevConf, InfoKind, LinkAttribute, LinkFlags, LinkInfo,
     LinkMessage,
 };
-use rtnetlink::packet_route::route::RouteAttribute;
-use rtnetlink::{AddressMessageBuilder, LinkBridge, LinkUnspec};
+use rtnetlink::packet_route::route::{
+    RouteAttribute, RouteMetric, RouteProtocol, RouteScope, RouteType,
+};
+use rtnetlink::{AddressMessageBuilder, LinkBridge, LinkUnspec, RouteMessageBuilder};
 use tracing::{debug, info, warn};
 
 use super::{Answer, BRIDGE_ALIAS, Netlink, WG_ALIAS, errno, nl_err, request};
 use crate::desired::{Bridge, MAIN_TABLE};
 use crate::reconcile::{KernelError, LinkState};
-
-/// WireGuard's worst-case overhead: outer IPv6 header (40) + UDP (8) + WireGuard data header
-/// (type and reserved 4, receiver index 4, counter 8) + Poly1305 tag (16). Over an IPv4 underlay
-/// it is 60; the larger value is used because an endpoint may be IPv6 (wg-quick does the same).
-pub const WIREGUARD_OVERHEAD: u32 = 80;
-/// The smallest MTU IPv6 allows; the automatic MTU never goes below it.
-pub const MIN_MTU: u32 = 1280;
-/// The automatic MTU when no underlay interface is found: WireGuard's own default.
-pub const FALLBACK_MTU: u32 = 1420;
 
 /// IPv4 link-local (169.254/16): never a node's reachable address. (IPv6 link-local addresses
 /// are already left out by [`parse_address`].)
@@ -336,25 +329,90 @@ impl Netlink {
         a.into_result(&[], || op)
     }
 
-    /// The WireGuard MTU to use when none is configured: the MTU of the private interface (or,
-    /// failing that, of the interface of the default route, IPv4 first) minus
-    /// [`WIREGUARD_OVERHEAD`], never below [`MIN_MTU`]. With no underlay interface at all it is
-    /// [`FALLBACK_MTU`] (logged as a warning).
-    pub async fn auto_mtu(&self) -> Result<u32, KernelError> {
+    /// The MTU of the underlay WireGuard's packets leave by, for the automatic MTU
+    /// ([`crate::reconcile::mtu`]): with the node's endpoint address `towards`, the interface
+    /// holding it, else the route to it (`ip route get`: its interface, and the route's own
+    /// `mtu` when smaller, as set for PPPoE or learnt by path MTU discovery). Without one, or
+    /// when neither is found, the private interface, else the interface of the default route
+    /// (IPv4 first). `None` (logged as a warning) when there is no underlay at all.
+    pub async fn underlay_mtu(&self, towards: Option<IpAddr>) -> Result<Option<u32>, KernelError> {
+        if let Some(ip) = towards {
+            if let Some(name) = self.private_interface_for(ip).await?
+                && let Some(link) = self.link_by_name(&name).await?
+                && let Some(mtu) = link_mtu(&link)
+            {
+                debug!(underlay = name, %ip, mtu, "underlay: the interface holding the endpoint");
+                return Ok(Some(mtu));
+            }
+            if let Some(mtu) = self.route_mtu(ip).await? {
+                return Ok(Some(mtu));
+            }
+        }
         let mut underlay = self.link_by_name(&self.devices.private).await?;
         if underlay.is_none() {
             underlay = self.default_route_link().await?;
         }
-        let Some(link) = underlay else {
+        let Some(mtu) = underlay.as_ref().and_then(link_mtu) else {
             warn!(
-                mtu = FALLBACK_MTU,
-                "no private interface and no default route: automatic MTU falls back"
+                "no underlay interface (endpoint, private interface or default route) to take the automatic MTU from"
             );
-            return Ok(FALLBACK_MTU);
+            return Ok(None);
         };
-        let base = link_mtu(&link).unwrap_or(1500);
-        let mtu = base.saturating_sub(WIREGUARD_OVERHEAD).max(MIN_MTU);
-        debug!(underlay = link_name(&link), base, mtu, "automatic MTU");
+        debug!(
+            underlay = underlay.as_ref().and_then(link_name),
+            mtu, "underlay: the private or default-route interface"
+        );
+        Ok(Some(mtu))
+    }
+
+    /// The MTU of the path to `ip` as the kernel routes it (`ip route get IP`): the outgoing
+    /// interface's, or the route's `mtu` metric when smaller; `None` when it has no route.
+    async fn route_mtu(&self, ip: IpAddr) -> Result<Option<u32>, KernelError> {
+        let mut msg = match ip {
+            IpAddr::V4(a) => RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(a, 32)
+                .build(),
+            IpAddr::V6(a) => RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(a, 128)
+                .build(),
+        };
+        // The builder fills in a route to add (main table, protocol static, unicast); with strict
+        // checking on, the kernel refuses a lookup whose header names any of them (EINVAL).
+        msg.header.table = 0;
+        msg.header.protocol = RouteProtocol::Unspec;
+        msg.header.scope = RouteScope::Universe;
+        msg.header.kind = RouteType::Unspec;
+        let route = match self.handle.route().get(msg).execute().try_next().await {
+            Ok(r) => r,
+            Err(e) if matches!(errno(&e), Some(libc::ENETUNREACH | libc::EHOSTUNREACH)) => {
+                return Ok(None);
+            }
+            Err(e) => return Err(nl_err(format!("get route to {ip}"), e)),
+        };
+        let Some(route) = route else {
+            return Ok(None);
+        };
+        let oif = route.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Oif(i) => Some(*i),
+            _ => None,
+        });
+        let metric = route.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Metrics(m) => m.iter().find_map(|x| match x {
+                RouteMetric::Mtu(n) if *n > 0 => Some(*n),
+                _ => None,
+            }),
+            _ => None,
+        });
+        let link = match oif {
+            Some(i) => self.link_by_index(i).await?,
+            None => None,
+        };
+        let dev = link.as_ref().and_then(link_mtu);
+        let mtu = match (dev, metric) {
+            (Some(d), Some(m)) => Some(d.min(m)),
+            (d, m) => d.or(m),
+        };
+        debug!(%ip, underlay = link.as_ref().and_then(link_name), ?dev, ?metric, "underlay: the route to the endpoint");
         Ok(mtu)
     }
 
