@@ -40,14 +40,8 @@ ip -n "$ns2" addr add 10.230.0.2/30 dev wmbare2; ip -n "$ns2" link set wmbare2 u
 ip netns exec "$ns1" ping -c 2 -W 2 10.230.0.2 >/dev/null
 ip netns exec "$p1" ping -c 2 -W 2 "$pod2" >/dev/null
 
-run_iperf() { # server-ns client-ns address
-  ip netns exec "$1" iperf3 -s -1 -p 5299 >/dev/null 2>&1 &
-  local srv=$!
-  sleep 0.3
-  ip netns exec "$2" iperf3 -c "$3" -p 5299 -t 5 -J \
-    | python3 -c 'import json,sys; print(int(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e6))'
-  wait "$srv" 2>/dev/null || true
-}
+source benches/common/iperf.sh
+run_iperf() { iperf_mbps "$1" "$2" "$3" 5299; }
 mesh=() bare=()
 for _ in 1 2 3 4 5; do
   mesh+=("$(run_iperf "$p2" "$p1" "$pod2")")

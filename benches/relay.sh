@@ -4,10 +4,11 @@
 # In the same run, node3's pod to node4's pod (relayed: two WireGuard legs through node1) against
 # node3's pod to node1's pod (direct: the first of those legs), alternating: ping RTT (40 pings,
 # 0.2 s apart) and iperf3 throughput (5 s), medians of 3 rounds.
+# MESHCTL=path overrides the meshctl binary (default the release build).
 # Prints `relay relayed_mbps=… direct_mbps=… relayed_rtt_ms=… direct_rtt_ms=… relayed_after_s=…`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-M=./target/release/meshctl
+M=${MESHCTL:-./target/release/meshctl}
 lab=rlbench
 cleanup() { "$M" lab down --name "$lab" >/dev/null 2>&1 || true; }
 trap cleanup EXIT
@@ -35,14 +36,8 @@ ip netns exec "$p1" ping -c 2 -W 2 "$(ip_of 2)" >/dev/null
 rtt() { # from-ns address: average RTT in ms of 40 pings
   ip netns exec "$1" ping -q -c 40 -i 0.2 "$2" | awk -F/ '/^rtt|^round-trip/ {print $5}'
 }
-mbps() { # server-ns client-ns address
-  ip netns exec "$1" iperf3 -s -1 -p 5298 >/dev/null 2>&1 &
-  local srv=$!
-  sleep 0.3
-  ip netns exec "$2" iperf3 -c "$3" -p 5298 -t 5 -J \
-    | python3 -c 'import json,sys; print(int(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e6))'
-  wait "$srv" 2>/dev/null || true
-}
+source benches/common/iperf.sh
+mbps() { iperf_mbps "$1" "$2" "$3" 5298; }
 rr=() dr=() rm=() dm=()
 for _ in 1 2 3; do
   rr+=("$(rtt "$p3" "$ip4")")

@@ -28,6 +28,12 @@ pub const UNREACHABLE_AFTER: Duration = Duration::from_secs(20);
 /// 90 s of attempts and does not try again until something is sent).
 pub const PROBE_EVERY: Duration = Duration::from_secs(60);
 
+/// The size of a WireGuard keepalive (a data message without payload). A persistent
+/// keepalive is never answered, so bytes sent in steps of at most this between two samples
+/// are no reason to expect an answer; data (48 bytes at least) and handshake initiations
+/// (148) are. Assumes a persistent keepalive interval of at least the sampling period (5 s).
+const KEEPALIVE_BYTES: u64 = 32;
+
 /// What the agent tracks of one peer.
 #[derive(Debug, Clone, Copy)]
 struct Trying {
@@ -88,7 +94,8 @@ impl Reachability {
                 t.since = None;
             } else if s.rx_bytes > t.rx {
                 t.since = None;
-            } else if s.tx_bytes > t.tx {
+            } else if s.tx_bytes > t.tx + KEEPALIVE_BYTES {
+                // More than a keepalive went out: data, or a handshake initiation.
                 t.since.get_or_insert(now);
             }
             (t.tx, t.rx) = (s.tx_bytes, s.rx_bytes);
@@ -215,12 +222,30 @@ mod tests {
     }
 
     #[test]
+    fn persistent_keepalives_that_nobody_answers_are_no_reason_to_report() {
+        let mut r = Reachability::default();
+        let t0 = Instant::now();
+        let all = |_: &WgKey| true;
+        // A NATed node keeps its mappings open every 25 s on a quiet mesh: one 32-byte
+        // keepalive per period, never answered (WireGuard answers data, not keepalives).
+        for i in 0..30u64 {
+            let tx = 1000 + 32 * (i / 5);
+            r.sample(t0 + secs(5 * i), &[shook(1, tx, 500, 1000)], all);
+            assert!(r.unreachable().is_empty(), "reported at sample {i}");
+        }
+        // A handshake initiation that goes unanswered is.
+        r.sample(t0 + secs(150), &[shook(1, 1500, 500, 1000)], all);
+        r.sample(t0 + secs(155), &[shook(1, 1648, 500, 1000)], all);
+        assert!(r.sample(t0 + secs(170), &[shook(1, 1796, 500, 1000)], all));
+    }
+
+    #[test]
     fn external_peers_and_peers_gone_are_never_reported() {
         let mut r = Reachability::default();
         let t0 = Instant::now();
         let segment = |k: &WgKey| k.0[0] == 1;
         r.sample(t0, &[stats(1, 0, 0), stats(2, 0, 0)], segment);
-        r.sample(t0 + secs(1), &[stats(1, 9, 0), stats(2, 9, 0)], segment);
+        r.sample(t0 + secs(1), &[stats(1, 148, 0), stats(2, 148, 0)], segment);
         r.sample(
             t0 + secs(25),
             &[stats(1, 500, 0), stats(2, 500, 0)],
@@ -250,8 +275,8 @@ mod tests {
         assert!(r.sample(t0 + secs(27), &[shook(1, 148, 92, 500)], all));
         assert!(r.unreachable().is_empty(), "the handshake was answered");
         // Made anew while reachable: judged afresh from the new counters, not reported at once.
-        assert!(!r.sample(t0 + secs(30), &[stats(1, 10, 0)], all));
-        assert!(!r.sample(t0 + secs(35), &[stats(1, 20, 0)], all));
+        assert!(!r.sample(t0 + secs(30), &[stats(1, 148, 0)], all));
+        assert!(!r.sample(t0 + secs(35), &[stats(1, 296, 0)], all));
         assert!(r.unreachable().is_empty());
     }
 
@@ -260,10 +285,10 @@ mod tests {
         let mut r = Reachability::default();
         let t0 = Instant::now();
         let all = |_: &WgKey| true;
-        r.sample(t0, &[stats(1, 10, 0)], all);
-        r.sample(t0 + secs(1), &[stats(1, 20, 0)], all);
+        r.sample(t0, &[stats(1, 148, 0)], all);
+        r.sample(t0 + secs(1), &[stats(1, 296, 0)], all);
         let t = t0 + secs(21);
-        r.sample(t, &[stats(1, 30, 0)], all);
+        r.sample(t, &[stats(1, 444, 0)], all);
         assert_eq!(r.probes_due(t), vec![WgKey([1; 32])]);
         assert!(r.probes_due(t + secs(30)).is_empty());
         assert_eq!(r.probes_due(t + PROBE_EVERY), vec![WgKey([1; 32])]);

@@ -30,7 +30,7 @@ use std::fmt::Write as _;
 
 use serde_json::Value;
 
-use super::nft::{ParseError, SavedChain, saved_chain, split_words};
+use super::nft::{ParseError, SavedChain, saved_chain, split_words, write_jumps};
 
 /// Name of wiremesh's nftables table for the clamp (`table inet wiremesh_mss`).
 pub const NFT_TABLE: &str = "wiremesh_mss";
@@ -288,17 +288,7 @@ pub fn render_iptables_apply(interface: &str, save: &str) -> String {
     let s = saved(save);
     let mine = jump_spec();
     let mut out = format!("*{IPT_TABLE}\n:{IPT_CHAIN} - [0:0]\n");
-    let mut kept = false;
-    for spec in &s.jumps {
-        if *spec == mine && !kept {
-            kept = true;
-        } else {
-            let _ = writeln!(out, "-D {IPT_PARENT} {spec}");
-        }
-    }
-    if !kept {
-        let _ = writeln!(out, "-I {IPT_PARENT} 1 {mine}");
-    }
+    write_jumps(&mut out, IPT_PARENT, &s.jumps, &mine);
     for spec in rule_specs(interface) {
         let _ = writeln!(out, "-A {IPT_CHAIN} {spec}");
     }

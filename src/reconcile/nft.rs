@@ -669,6 +669,23 @@ pub(super) fn split_words(line: &str) -> Vec<String> {
     words
 }
 
+/// `iptables-restore` lines that leave exactly one jump `mine` in `parent`, first: every saved
+/// jump (`jumps`, as `iptables-save` lists them) but the first exact one is deleted, and `mine`
+/// is inserted at the top when none was exact.
+pub(super) fn write_jumps(out: &mut String, parent: &str, jumps: &[String], mine: &str) {
+    let mut kept = false;
+    for spec in jumps {
+        if spec == mine && !kept {
+            kept = true;
+        } else {
+            let _ = writeln!(out, "-D {parent} {spec}");
+        }
+    }
+    if !kept {
+        let _ = writeln!(out, "-I {parent} 1 {mine}");
+    }
+}
+
 /// wiremesh's part of one family's `iptables-save` output for one table: its chain, the jumps
 /// to it and its rules.
 #[derive(Debug, Default)]
@@ -820,17 +837,7 @@ pub fn render_iptables_apply(fam: IpFamily, m: &Masquerade, save: &str) -> Optio
     let mine = jump_spec();
     let mut out = String::from("*nat\n");
     let _ = writeln!(out, ":{IPT_CHAIN} - [0:0]");
-    let mut kept = false;
-    for spec in &s.jumps {
-        if *spec == mine && !kept {
-            kept = true;
-        } else {
-            let _ = writeln!(out, "-D POSTROUTING {spec}");
-        }
-    }
-    if !kept {
-        let _ = writeln!(out, "-I POSTROUTING 1 {mine}");
-    }
+    write_jumps(&mut out, "POSTROUTING", &s.jumps, &mine);
     for (role, nets) in [
         (Role::Exempt, &c.exempt),
         (Role::Source, &c.sources),
