@@ -54,6 +54,11 @@ pub struct AgentStatus {
     /// documents of agents that predate it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listen_port_conflict: Option<String>,
+    /// Segment leaders this node cannot reach directly (no handshake completes): their traffic
+    /// is relayed through a third segment when one reaches both (docs/nat.md). Absent when none,
+    /// and from documents of agents that predate it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unreachable: Vec<WgKey>,
 }
 
 /// What a WireGuard peer stands for.
@@ -249,6 +254,7 @@ mod tests {
             leader: Some(true),
             wireguard_error: None,
             listen_port_conflict: None,
+            unreachable: Vec::new(),
             peers: vec![PeerStatus {
                 name: "hel-1".into(),
                 kind: PeerKind::Node,

@@ -441,6 +441,7 @@ pub fn status_document(view: &View, live: &Live, ready: bool) -> AgentStatus {
         wireguard_error,
         peers,
         listen_port_conflict: view.listen_port_conflict.clone(),
+        unreachable: view.unreachable.clone(),
     }
 }
 

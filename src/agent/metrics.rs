@@ -469,6 +469,34 @@ mod tests {
     }
 
     #[test]
+    fn every_metric_rendered_is_documented_in_metrics_md() {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let live = Live {
+            at,
+            peers: Ok(vec![stats(1, Some(12), at)]),
+        };
+        let mut v = view();
+        v.unreachable = vec![WgKey([7; 32]), WgKey([8; 32])];
+        let text = render(&v, &live, &LoopMetrics::default(), true);
+        assert_eq!(samples(&text, "wiremesh_unreachable_peers")[0].1, "2");
+        let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/metrics.md"))
+            .expect("docs/metrics.md");
+        let families: std::collections::BTreeSet<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        assert!(families.len() > 10, "{text}");
+        for f in families {
+            // Counters are documented with their `_total` sample name.
+            assert!(
+                doc.contains(&format!("`{f}`")) || doc.contains(&format!("`{f}_total`")),
+                "{f} is not in docs/metrics.md"
+            );
+        }
+    }
+
+    #[test]
     fn mesh_gauges_and_loop_counters_are_rendered() {
         let lm = LoopMetrics::default();
         let report = Report::from_results(

@@ -303,6 +303,9 @@ pub fn render_text(s: &AgentStatus) -> String {
             human_age(age),
             if s.wireguard_error.is_some() {
                 "-".to_owned()
+            } else if s.unreachable.contains(&p.public_key) {
+                // No handshake completes: its traffic goes through a relay, if one reaches both.
+                format!("{}, unreachable", p.health(s.time))
             } else {
                 p.health(s.time).to_string()
             },
@@ -379,6 +382,7 @@ mod tests {
             leader: Some(true),
             wireguard_error: None,
             listen_port_conflict: None,
+            unreachable: Vec::new(),
             peers: vec![
                 peer("hel-1", 2, Some(9_988), 100),
                 peer("par-1", 3, Some(10_000 - 200), 100),
@@ -387,6 +391,32 @@ mod tests {
                 peer("osl-1", 6, None, 148),
             ],
         }
+    }
+
+    #[test]
+    fn a_peer_the_agent_cannot_reach_directly_says_so_in_its_state() {
+        let mut d = doc();
+        d.unreachable = vec![WgKey([6; 32])];
+        let text = render_text(&d);
+        let osl = text
+            .lines()
+            .find(|l| l.starts_with("osl-1"))
+            .expect("osl-1");
+        assert!(osl.contains("stale, unreachable"), "{text}");
+        let hel = text
+            .lines()
+            .find(|l| l.starts_with("hel-1"))
+            .expect("hel-1");
+        assert!(!hel.contains("unreachable"), "{text}");
+        // The document round-trips; without reports the key is absent.
+        let json = serde_json::to_string(&d).expect("json");
+        let back: AgentStatus = serde_json::from_str(&json).expect("parse");
+        assert_eq!(back.unreachable, d.unreachable);
+        assert!(
+            !serde_json::to_string(&doc())
+                .expect("json")
+                .contains("unreachable")
+        );
     }
 
     #[test]

@@ -537,6 +537,7 @@ mod tests {
             wireguard_error: None,
             peers,
             listen_port_conflict: None,
+            unreachable: Vec::new(),
         }
     }
 

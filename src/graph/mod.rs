@@ -678,6 +678,7 @@ mod tests {
             leader: Some(true),
             wireguard_error: None,
             listen_port_conflict: None,
+            unreachable: Vec::new(),
             peers: vec![PeerStatus {
                 name: "hel-1".into(),
                 kind: PeerKind::Node,
