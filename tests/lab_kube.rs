@@ -783,7 +783,7 @@ fn report_each_other(lab: &Lab, a: &str, b: &str) -> bool {
 )]
 fn kube_lab_relays_nated_locations_and_a_broken_path_and_goes_direct_once_it_works() {
     require_kube_tools();
-    let lab = Lab::new("kr");
+    let lab = Lab::new("ry");
     let t0 = Instant::now();
     let up = lab.up(&[
         "--registry",
