@@ -743,21 +743,26 @@ struct Local {
 }
 
 impl Local {
+    /// What to publish: the key, what is detected from this node's Node object (when known) and
+    /// host addresses, the mesh IP, the discovered endpoints and the unreachable leaders.
+    fn publication(&self, cfg: &AgentConfig, host: &HostInfo) -> Publication {
+        let empty = k8s_openapi::api::core::v1::Node::default();
+        let node = self.node.as_deref().unwrap_or(&empty);
+        Publication {
+            key: Some(self.public_key),
+            endpoint: publish::detect_endpoint(node, &host.default_route, cfg.mesh.port),
+            internal_ip: publish::detect_internal_ip(node, &host.local, &host.default_route),
+            wireguard_ip: self.mesh_ip,
+            granularity: Some(cfg.mesh.granularity),
+            discovered_endpoints: self.discovered.clone(),
+            unreachable: self.reach.unreachable().clone(),
+        }
+    }
+
     /// Hand what this node publishes now to the publisher (without what the port guard says
     /// this node cannot serve), and remember all of it as what it is about to publish.
     fn publish(&mut self, cfg: &AgentConfig, link: &ClusterLink, host: &HostInfo) {
-        let p = publication(
-            cfg,
-            self.public_key,
-            self.node.as_deref(),
-            host,
-            self.mesh_ip,
-            &self.discovered,
-        );
-        let p = Publication {
-            unreachable: self.reach.unreachable().clone(),
-            ..p
-        };
+        let p = self.publication(cfg, host);
         let out = self.port.publication(p.clone());
         self.identity.publishing(&out);
         link.publish(out);
@@ -836,29 +841,6 @@ fn save_guards(path: &std::path::Path, known: &reconcile::OwnedState, saved: &mu
 pub fn staleness_grace() -> Duration {
     Duration::from_secs(2 * crate::topology::CHECK_IN_PERIOD_SECS as u64)
         + cluster::publish_backoff().longest()
-}
-
-/// What to publish: the key, what is detected from this node's Node object (when known) and
-/// host addresses, the mesh IP and the discovered endpoints.
-fn publication(
-    cfg: &AgentConfig,
-    public_key: WgKey,
-    node: Option<&k8s_openapi::api::core::v1::Node>,
-    host: &HostInfo,
-    mesh_ip: Option<IpNetwork>,
-    discovered: &BTreeMap<WgKey, std::net::SocketAddr>,
-) -> Publication {
-    let empty = k8s_openapi::api::core::v1::Node::default();
-    let node = node.unwrap_or(&empty);
-    Publication {
-        key: Some(public_key),
-        endpoint: publish::detect_endpoint(node, &host.default_route, cfg.mesh.port),
-        internal_ip: publish::detect_internal_ip(node, &host.local, &host.default_route),
-        wireguard_ip: mesh_ip,
-        granularity: Some(cfg.mesh.granularity),
-        discovered_endpoints: discovered.clone(),
-        unreachable: BTreeSet::new(),
-    }
 }
 
 /// How often the WireGuard device is sampled for unreachable peers.

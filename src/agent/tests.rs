@@ -868,6 +868,17 @@ async fn patch_recorder(patches: Arc<Mutex<Vec<serde_json::Value>>>) -> std::net
     addr
 }
 
+/// A cluster link for `cfg`'s node to a [`patch_recorder`], and the patches it records.
+async fn recorded_link(cfg: &AgentConfig) -> (Arc<Mutex<Vec<serde_json::Value>>>, ClusterLink) {
+    let patches = Arc::new(Mutex::new(Vec::new()));
+    let addr = patch_recorder(patches.clone()).await;
+    let client =
+        kube::Client::try_from(kube::Config::new(format!("http://{addr}").parse().unwrap()))
+            .unwrap();
+    let link = ClusterLink::spawn(client, cfg.node.0.clone(), cfg.check_in_period);
+    (patches, link)
+}
+
 /// The value of annotation `key` in a recorded merge patch: `None` when the patch removes it.
 fn annotation(patch: &serde_json::Value, key: &str) -> Option<String> {
     patch["metadata"]["annotations"][key]
@@ -898,12 +909,7 @@ async fn withholds_the_endpoint_while_the_port_is_held(kernel_style: bool) {
     *kernel.port_holder.lock().unwrap() = Some(crate::reconcile::port::PortHolder::WireGuardLink {
         name: "kilo0".into(),
     });
-    let patches = Arc::new(Mutex::new(Vec::new()));
-    let addr = patch_recorder(patches.clone()).await;
-    let client =
-        kube::Client::try_from(kube::Config::new(format!("http://{addr}").parse().unwrap()))
-            .unwrap();
-    let link = ClusterLink::spawn(client, cfg.node.0.clone(), cfg.check_in_period);
+    let (patches, link) = recorded_link(&cfg).await;
     let (tx, rx) = mpsc::channel(4);
     let agent = Running::with_registry(cfg, &kernel, rx, Some(link));
     let mut local = k8s_openapi::api::core::v1::Node::default();
@@ -985,12 +991,7 @@ async fn a_stopping_agent_writes_a_last_heartbeat_and_nothing_else() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path());
     let kernel = FakeKernel::default();
-    let patches = Arc::new(Mutex::new(Vec::new()));
-    let addr = patch_recorder(patches.clone()).await;
-    let client =
-        kube::Client::try_from(kube::Config::new(format!("http://{addr}").parse().unwrap()))
-            .unwrap();
-    let link = ClusterLink::spawn(client, cfg.node.0.clone(), cfg.check_in_period);
+    let (patches, link) = recorded_link(&cfg).await;
     let (tx, rx) = mpsc::channel(4);
     let agent = Running::with_registry(cfg, &kernel, rx, Some(link));
     let events = three_clouds().into_iter().map(Event::node).collect();

@@ -49,30 +49,8 @@ pub const IPT_JUMP_COMMENT: &str = "wiremesh: mss clamp";
 /// Comment on the rules of [`IPT_CHAIN`].
 const IPT_RULE_COMMENT: &str = "wiremesh: mss";
 
-/// What the firewall holds where wiremesh's clamp lives.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ClampState {
-    /// Nothing of wiremesh's clamp.
-    Absent,
-    /// The clamp, exactly as rendered, for this interface.
-    Present(String),
-    /// wiremesh's clamp table or chain exists but is not what wiremesh renders; replacing it
-    /// repairs it.
-    Unexpected(String),
-}
-
-impl ClampState {
-    /// The value the planner compares ([`super::OwnedState::mss_clamp`]): `None` when absent;
-    /// an empty name when unexpected, which no desired interface has, so the planner replaces
-    /// the clamp (or deletes it when none is wanted).
-    pub fn interface(&self) -> Option<String> {
-        match self {
-            ClampState::Absent => None,
-            ClampState::Present(i) => Some(i.clone()),
-            ClampState::Unexpected(_) => Some(String::new()),
-        }
-    }
-}
+/// What the firewall holds where wiremesh's clamp lives: present with the interface it clamps.
+pub type ClampState = super::nft::Found<String>;
 
 /// Whether `name` can be written into a rule as it is: an interface name of letters, digits,
 /// `-`, `_` and `.`, 1 to 15 bytes (a quote or a space would change the rule).
@@ -395,7 +373,7 @@ mod tests {
         for rules in cases {
             let state = parse_nft(&listing(&rules)).unwrap();
             assert!(matches!(state, ClampState::Unexpected(_)), "{rules:?}");
-            assert_eq!(state.interface(), Some(String::new()));
+            assert_eq!(state.compared(), Some(String::new()));
         }
         let other_chain = listing(&ours("wiremesh0")).replace("\"prio\": -150", "\"prio\": 0");
         assert!(matches!(

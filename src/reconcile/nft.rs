@@ -240,30 +240,34 @@ pub fn canonical(m: &Masquerade) -> Masquerade {
 // ---------------------------------------------------------------------------------------------
 // What the kernel holds
 
-/// What the firewall holds where wiremesh's rules live.
+/// What the firewall holds where one of wiremesh's tables (or iptables chains) lives, `T`
+/// being what wiremesh renders there, read back.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TableState {
+pub enum Found<T> {
     /// Nothing of wiremesh's: no table (nftables) or no chain in either family (iptables).
     Absent,
-    /// wiremesh's rules, exactly as rendered, matching these (canonical) lists.
-    Present(Masquerade),
+    /// wiremesh's rules, exactly as rendered, for this value.
+    Present(T),
     /// wiremesh's table or chain exists but is not what wiremesh renders (changed by hand, an
     /// older layout, a missing jump); replacing it repairs it.
     Unexpected(String),
 }
 
-impl TableState {
-    /// The value the planner compares: `None` when absent; an empty [`Masquerade`] when
-    /// unexpected, which differs from any desired state that masquerades, so the planner
-    /// replaces the table (or deletes it when nothing should be masqueraded).
-    pub fn masquerade(&self) -> Option<Masquerade> {
+impl<T: Clone + Default> Found<T> {
+    /// The value the planner compares: `None` when absent; `T`'s default when unexpected (an
+    /// empty [`Masquerade`], an empty interface name), which differs from anything wiremesh
+    /// wants, so the planner replaces the table (or deletes it when nothing is wanted).
+    pub fn compared(&self) -> Option<T> {
         match self {
-            TableState::Absent => None,
-            TableState::Present(m) => Some(m.clone()),
-            TableState::Unexpected(_) => Some(Masquerade::default()),
+            Found::Absent => None,
+            Found::Present(v) => Some(v.clone()),
+            Found::Unexpected(_) => Some(T::default()),
         }
     }
 }
+
+/// What the firewall holds where wiremesh's masquerade rules live.
+pub type TableState = Found<Masquerade>;
 
 // ---------------------------------------------------------------------------------------------
 // nftables
@@ -1107,7 +1111,7 @@ impl Firewall {
             (Ok(TableState::Present(m)), FirewallMode::Nftables) => Some(m.clone()),
             _ => None,
         });
-        Ok(state?.masquerade())
+        Ok(state?.compared())
     }
 
     /// Remember what the table holds (`None`: unknown).
@@ -1201,11 +1205,11 @@ impl Firewall {
     }
 
     /// The interface wiremesh's MSS clamp names, for [`OwnedState::mss_clamp`] (`None`: no
-    /// clamp; see [`ClampState::interface`]).
+    /// clamp; see [`Found::compared`]).
     ///
     /// [`OwnedState::mss_clamp`]: super::OwnedState::mss_clamp
     pub async fn read_clamp(&self) -> Result<Option<String>, KernelError> {
-        Ok(self.read_clamp_state().await?.interface())
+        Ok(self.read_clamp_state().await?.compared())
     }
 
     /// Replace wiremesh's MSS clamp with one for `interface`: one `nft` transaction, or one
@@ -1554,7 +1558,7 @@ table inet wiremesh {
         let json = listing(&rules.join(",\n"));
         let state = parse_nft_table(&json).unwrap();
         assert!(matches!(state, TableState::Unexpected(_)), "{state:?}");
-        assert_eq!(state.masquerade(), Some(Masquerade::default()));
+        assert_eq!(state.compared(), Some(Masquerade::default()));
     }
 
     #[test]

@@ -491,9 +491,6 @@ fn sorted_unique(mut v: Vec<IpNetwork>) -> Vec<IpNetwork> {
     v
 }
 
-/// Merge the accumulated contributions, in order, into a desired state. Where two contributions
-/// claim the same allowed IP or route destination the first keeps it; each such conflict is
-/// returned as a diagnostic (an empty list means the contributions were disjoint).
 /// Move the allowed IPs of each relayed segment's peer to its relay's peer. The direct peer
 /// stays, without allowed IPs and with a keepalive, so the direct path keeps being tried.
 fn relay(ctx: &LocalContext, peers: &mut [WgPeer]) {
@@ -516,6 +513,9 @@ fn relay(ctx: &LocalContext, peers: &mut [WgPeer]) {
     }
 }
 
+/// Merge the accumulated contributions, in order, into a desired state. Where two contributions
+/// claim the same allowed IP or route destination the first keeps it; each such conflict is
+/// returned as a diagnostic (an empty list means the contributions were disjoint).
 pub(crate) fn assemble(ctx: &LocalContext, acc: Contribution) -> (DesiredState, Vec<Diagnostic>) {
     let Contribution {
         mut peers,

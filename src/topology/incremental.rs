@@ -4,10 +4,11 @@
 //! Common events (a node changes inside its location, an endpoint moves, a key rotates, a node
 //! joins or leaves) recompute only the segments they touch: work proportional to the change.
 //! Events whose effect is global (the local node itself changes, its segment's leader changes,
-//! discovered endpoints change, allowed-location-ips, unreachable reports (relays) or conflicting
-//! claims exist, any external peer changes) fall back to a full recomputation and a diff. Both paths use the same
-//! per-segment contribution functions as [`super::compute`], so they cannot disagree; a property
-//! test checks that any event sequence ends in the full computation's state.
+//! discovered endpoints change, allowed-location-ips, unreachable reports (relays) or
+//! conflicting claims exist, any external peer changes) fall back to a full recomputation and a
+//! diff. Both paths use the same per-segment contribution functions as [`super::compute`], so
+//! they cannot disagree; a property test checks that any event sequence ends in the full
+//! computation's state.
 //!
 //! Pure: no I/O, no clock, no async. Depends on the topology module, model and desired state.
 
