@@ -17,7 +17,9 @@
 mod cluster;
 pub mod guards;
 pub mod http;
+mod icmp;
 mod identity;
+pub mod forward;
 mod machine;
 pub mod metrics;
 pub mod observe;
@@ -99,6 +101,9 @@ pub struct AgentConfig {
     /// Period of the last-seen heartbeat on this node's Node (Kubernetes registry); nodes whose
     /// heartbeat is older than two periods are left out, as Kilo does.
     pub check_in_period: Duration,
+    /// How long a location leader found not forwarding is passed over at first (Kubernetes
+    /// registry, location granularity; see [`forward`]); `None`: no probe, Kilo's leader.
+    pub failover_hold: Option<Duration>,
     /// Kernel-side settings.
     pub kernel: KernelConfig,
     /// Engine options.
@@ -338,7 +343,16 @@ pub async fn run_with<K: Kernel>(
         public_key,
         identity: identity::Identity::new(),
         reach: reach::Reachability::default(),
+        failover: cfg.failover_hold.map(forward::Failover::new),
     };
+    // Leader failover: a thread sends the echo rounds of the watched leader, the loop judges.
+    let failover_on = cluster.is_some() && me.failover.is_some();
+    let (probe_watch, probe_watched) = tokio::sync::watch::channel(None::<forward::Watch>);
+    let (probe_results, mut probe_rounds) = tokio::sync::mpsc::unbounded_channel();
+    let mut probe_open = failover_on && spawn_prober(probe_watched, probe_results);
+    let mut failover_tick = tokio::time::interval(forward::PROBE_EVERY);
+    failover_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failover_resumed = false;
     // Since when the registry has been listed and reachable without a break (for staleness).
     let mut live_since: Option<tokio::time::Instant> = None;
     me.port
@@ -513,6 +527,46 @@ pub async fn run_with<K: Kernel>(
                     info!(unreachable = ?me.reach.unreachable().iter().map(ToString::to_string).collect::<Vec<_>>(),
                         "segment leaders this node cannot reach directly changed; publishing them (relays go around them)");
                     observer.unreachable(me.reach.unreachable());
+                    me.publish(&cfg, link, &host);
+                }
+            }
+            _ = failover_tick.tick(), if probe_open => {
+                let (Mesh::Running(engine), Some(f)) = (&mesh, &mut me.failover) else { continue };
+                let now = std::time::Instant::now();
+                if !failover_resumed {
+                    // Reports this node carried before a restart are held again.
+                    failover_resumed = true;
+                    let own = engine.nodes().find(|n| n.name == cfg.node);
+                    f.resume(own.and_then(|n| n.forwarding_failed.clone()).unwrap_or_default(), now);
+                }
+                f.watch(engine.leader_probe(), now);
+                let watched = f.watching().cloned();
+                probe_watch.send_if_modified(|w| {
+                    let changed = *w != watched;
+                    *w = watched;
+                    changed
+                });
+                if f.expire(now) && let Some(link) = &cluster {
+                    info!(reported = ?f.reported().iter().map(ToString::to_string).collect::<Vec<_>>(),
+                        "a leader's failover hold ended; it may lead its location again");
+                    observer.forwarding_failed(&f.reported());
+                    me.publish(&cfg, link, &host);
+                }
+            }
+            round = probe_rounds.recv(), if probe_open => {
+                let Some((leader, answered)) = round else {
+                    probe_open = false;
+                    continue;
+                };
+                let Some(f) = &mut me.failover else { continue };
+                let now = std::time::Instant::now();
+                if f.watching().is_some_and(|w| w.leader == leader)
+                    && f.round(answered, now)
+                    && let Some(link) = &cluster
+                {
+                    warn!(leader = %leader, hold = ?f.hold_of(&leader),
+                        "the location's leader forwards nothing to other segments; reporting it (the location fails over to its next candidate)");
+                    observer.forwarding_failed(&f.reported());
                     me.publish(&cfg, link, &host);
                 }
             }
@@ -740,6 +794,8 @@ struct Local {
     identity: identity::Identity,
     /// Which segment leaders this node cannot reach directly (published for relays).
     reach: reach::Reachability,
+    /// Which leaders of this location this node reports not forwarding; `None`: failover off.
+    failover: Option<forward::Failover>,
 }
 
 impl Local {
@@ -756,6 +812,7 @@ impl Local {
             granularity: Some(cfg.mesh.granularity),
             discovered_endpoints: self.discovered.clone(),
             unreachable: self.reach.unreachable().clone(),
+            forwarding_failed: self.failover.as_ref().map(forward::Failover::reported),
         }
     }
 
@@ -841,6 +898,53 @@ fn save_guards(path: &std::path::Path, known: &reconcile::OwnedState, saved: &mu
 pub fn staleness_grace() -> Duration {
     Duration::from_secs(2 * crate::topology::CHECK_IN_PERIOD_SECS as u64)
         + cluster::publish_backoff().longest()
+}
+
+/// Start the thread that probes the watched leader's forwarding: one echo round per
+/// [`forward::PROBE_EVERY`] while something is watched, each result sent to the loop. It ends
+/// when the loop drops its receiver. Returns whether it started.
+fn spawn_prober(
+    watched: tokio::sync::watch::Receiver<Option<forward::Watch>>,
+    results: tokio::sync::mpsc::UnboundedSender<(NodeName, bool)>,
+) -> bool {
+    let run = move || {
+        // The identifier tells this agent's replies from other pingers'.
+        let mut pinger = icmp::Pinger::new((std::process::id() & 0xffff) as u16);
+        let mut failing: Option<String> = None;
+        while !results.is_closed() {
+            let started = std::time::Instant::now();
+            let current = watched.borrow().clone();
+            if let Some(w) = current {
+                match pinger.round(&w.targets, forward::PROBE_EVERY) {
+                    Ok(answered) => {
+                        failing = None;
+                        if results.send((w.leader, answered)).is_err() {
+                            return;
+                        }
+                    }
+                    // No socket, no verdict: a node that cannot probe never reports its leader.
+                    Err(e) => {
+                        let e = e.to_string();
+                        if failing.as_ref() != Some(&e) {
+                            warn!(error = %e, "cannot probe the location leader's forwarding (needs CAP_NET_RAW); no failover from this node");
+                            failing = Some(e);
+                        }
+                    }
+                }
+            }
+            std::thread::sleep(forward::PROBE_EVERY.saturating_sub(started.elapsed()));
+        }
+    };
+    match std::thread::Builder::new()
+        .name("wiremesh-probe".into())
+        .spawn(run)
+    {
+        Ok(_) => true,
+        Err(e) => {
+            warn!(error = %e, "cannot start the leader probe; no failover from this node");
+            false
+        }
+    }
 }
 
 /// How often the WireGuard device is sampled for unreachable peers.

@@ -103,6 +103,7 @@ fn config(dir: &std::path::Path) -> AgentConfig {
         node: NodeName("fra-1".into()),
         registry: RegistryConfig::File(FileRegistry { nodes, peers: None }),
         check_in_period: Duration::from_secs(30),
+        failover_hold: None,
         private_key: dir.join("key"),
         topology_label: crate::registry::annotations::DEFAULT_TOPOLOGY_LABEL.into(),
         resync_period: Duration::from_secs(3600),
