@@ -13,10 +13,7 @@ use gens::opts;
 
 /// Nodes with random forwarding reports naming nodes of the cluster (`None`: no report).
 fn reporting(max: u8) -> impl Strategy<Value = Vec<MeshNode>> {
-    let report = prop::option::weighted(
-        0.9,
-        prop::collection::btree_set(0..max, 0..3),
-    );
+    let report = prop::option::weighted(0.9, prop::collection::btree_set(0..max, 0..3));
     (
         gens::cluster(max, true),
         prop::collection::vec(report, max as usize),
@@ -89,9 +86,16 @@ fn the_strategy_produces_failovers() {
     let mut runner = TestRunner::deterministic();
     let mut failovers = 0;
     for _ in 0..512 {
-        let nodes = reporting(10).new_tree(&mut runner).expect("value").current();
+        let nodes = reporting(10)
+            .new_tree(&mut runner)
+            .expect("value")
+            .current();
         let t = build(&nodes, &[], &opts(false));
-        failovers += t.segments.iter().filter(|s| s.leader != s.preferred).count();
+        failovers += t
+            .segments
+            .iter()
+            .filter(|s| s.leader != s.preferred)
+            .count();
     }
     assert!(failovers > 10, "only {failovers} failovers in 512 clusters");
 }

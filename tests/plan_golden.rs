@@ -140,9 +140,12 @@ fn edited_example_at(dir: &Path, edits: &[(&str, &str)]) -> String {
 /// `examples/EXAMPLE` with `edits` applied, written under `dir`; returns its path.
 fn edited_at(dir: &Path, example: &str, edits: &[(&str, &str)]) -> String {
     let file = dir.join("nodes.yaml");
-    let mut text =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples").join(example))
-            .expect("example");
+    let mut text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("examples")
+            .join(example),
+    )
+    .expect("example");
     for (from, to) in edits {
         assert!(text.contains(from), "{from}");
         text = text.replacen(from, to, 1);
@@ -439,7 +442,8 @@ fn plan_and_graph_show_a_location_failed_over_from_a_leader_that_does_not_forwar
     assert_eq!(via, ["192.168.1.11"], "home-c routes through home-a: {c}");
     let (text, _) = run(&["plan", "--node", "home-b"]);
     assert!(
-        text.contains("home-b") && text.contains("wiremesh.io/forwarding-failed")
+        text.contains("home-b")
+            && text.contains("wiremesh.io/forwarding-failed")
             && text.contains("home-a, home-c")
             && text.contains("home-a leads location:home instead"),
         "{text}"
@@ -451,7 +455,13 @@ fn plan_and_graph_show_a_location_failed_over_from_a_leader_that_does_not_forwar
     assert!(svg.contains("failover from home-b"), "{svg}");
     // Without reports, Kilo's leader.
     let (plain, stderr, ok) = meshctl(&[
-        "plan", "--node", "home-a", "-o", "json", "--nodes", "examples/locations.yaml",
+        "plan",
+        "--node",
+        "home-a",
+        "-o",
+        "json",
+        "--nodes",
+        "examples/locations.yaml",
     ]);
     assert!(ok, "{stderr}");
     let plain: serde_json::Value = serde_json::from_str(&plain).expect("json");

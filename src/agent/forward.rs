@@ -1,7 +1,8 @@
 //! Failover of a location's leader whose forwarding broke: a member of a location (not its
 //! leader) sends an echo request every [`PROBE_EVERY`] through its leader to the mesh IPs of a
-//! few other segments; when [`FAILURES`] rounds in a row get no answer from any of them, it
-//! reports the leader (`wiremesh.io/forwarding-failed`) and the engine passes over a leader
+//! few other segments; when [`FAILURES`] rounds in a row get no answer from any of them, after
+//! the path through this leader was answered once (or after [`UNPROVEN_GRACE`]), it reports
+//! the leader (`wiremesh.io/forwarding-failed`) and the engine passes over a leader
 //! that more than half of the location's other nodes report (`topology::elect_leader`).
 //!
 //! A report is held, not withdrawn when the next leader works: the reported node is not in the
@@ -26,9 +27,11 @@ pub const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// Rounds in a row without an answer before the leader is reported.
 pub const FAILURES: u32 = 3;
 
-/// After the leader or the targets change, rounds are not counted for this long: the new
-/// leader programs its peers and shakes hands with the other segments first.
-pub const GRACE: Duration = Duration::from_secs(2);
+/// Unanswered rounds count once a round through this leader was answered (the path worked and
+/// stopped working), or after this long without any answer (a leader broken from the start).
+/// A mesh that is still forming, or a new leader still shaking hands with the other segments
+/// (behind NAT that takes seconds), is never reported.
+pub const UNPROVEN_GRACE: Duration = Duration::from_secs(30);
 
 /// How long a report is held by default (`--failover-hold`).
 pub const DEFAULT_HOLD: Duration = Duration::from_secs(60);
@@ -47,6 +50,8 @@ pub type Watch = LeaderProbe;
 pub struct Failover {
     hold: Duration,
     watching: Option<(Watch, Instant)>,
+    /// Whether a round through the watched leader was answered since it is watched.
+    proven: bool,
     failures: u32,
     /// Reported nodes and until when each report is held.
     held: BTreeMap<NodeName, Instant>,
@@ -60,6 +65,7 @@ impl Failover {
         Failover {
             hold,
             watching: None,
+            proven: false,
             failures: 0,
             held: BTreeMap::new(),
             strikes: BTreeMap::new(),
@@ -76,10 +82,11 @@ impl Failover {
     }
 
     /// What to probe from now on (`None`: this node leads, is alone in its location, or the
-    /// mesh is not by location). A change restarts the count after [`GRACE`].
+    /// mesh is not by location). A change starts over: unproven, no failure counted.
     pub fn watch(&mut self, watch: Option<Watch>, now: Instant) {
         if self.watching.as_ref().map(|(w, _)| w) != watch.as_ref() {
             self.watching = watch.map(|w| (w, now));
+            self.proven = false;
             self.failures = 0;
         }
     }
@@ -89,20 +96,25 @@ impl Failover {
         self.watching.as_ref().map(|(w, _)| w)
     }
 
-    /// Whether a round is due to be counted at `now` (something is watched, grace is over).
+    /// Whether an unanswered round counts at `now`: something is watched, and its path was
+    /// answered once or has been watched for [`UNPROVEN_GRACE`].
     pub fn counting(&self, now: Instant) -> bool {
         self.watching
             .as_ref()
-            .is_some_and(|(_, since)| now.duration_since(*since) >= GRACE)
+            .is_some_and(|(_, since)| self.proven || now.duration_since(*since) >= UNPROVEN_GRACE)
     }
 
     /// The result of one round at `now`. Returns whether the reported set changed.
     pub fn round(&mut self, answered: bool, now: Instant) -> bool {
-        if !self.counting(now) {
+        if self.watching.is_none() {
             return false;
         }
         if answered {
+            self.proven = true;
             self.failures = 0;
+            return false;
+        }
+        if !self.counting(now) {
             return false;
         }
         self.failures += 1;
@@ -174,12 +186,18 @@ mod tests {
         (t, changed)
     }
 
+    /// Watch `leader` from `t` and have one round answered: the path is proven.
+    fn proven(f: &mut Failover, leader: &str, t: Instant) -> Instant {
+        f.watch(watch(leader), t);
+        rounds(f, t, 1, true).0
+    }
+
     #[test]
     fn a_leader_is_reported_after_three_unanswered_rounds_in_a_row_and_not_before() {
         let t0 = Instant::now();
         let mut f = Failover::new(DEFAULT_HOLD);
-        f.watch(watch("a"), t0);
-        let (t, changed) = rounds(&mut f, t0 + GRACE, FAILURES - 1, false);
+        let t0 = proven(&mut f, "a", t0);
+        let (t, changed) = rounds(&mut f, t0, FAILURES - 1, false);
         assert!(!changed && f.reported().is_empty());
         let (t, _) = rounds(&mut f, t, 1, true);
         let (t, changed) = rounds(&mut f, t, FAILURES - 1, false);
@@ -190,16 +208,30 @@ mod tests {
     }
 
     #[test]
-    fn rounds_in_the_grace_after_a_new_leader_do_not_count() {
+    fn a_path_never_answered_counts_only_after_the_grace_and_a_new_leader_starts_over() {
         let t0 = Instant::now();
         let mut f = Failover::new(DEFAULT_HOLD);
         f.watch(watch("a"), t0);
-        // One second apart from t0: the first ones fall into the grace period.
-        let (_, changed) = rounds(&mut f, t0, FAILURES, false);
+        // A mesh still forming: nothing answers, nothing is reported for the grace period.
+        let (t, changed) = rounds(&mut f, t0, 29, false);
         assert!(!changed, "{:?}", f.reported());
-        f.watch(watch("b"), t0 + Duration::from_secs(10));
-        let (_, changed) = rounds(&mut f, t0 + Duration::from_secs(10), FAILURES, false);
-        assert!(!changed, "the count starts again for the new leader");
+        let (_, changed) = rounds(&mut f, t, FAILURES, false);
+        assert!(
+            changed,
+            "a leader broken from the start is reported after the grace"
+        );
+        // A new leader, answered once: three failures after that report it at once.
+        let t1 = t0 + Duration::from_secs(100);
+        let t1 = proven(&mut f, "b", t1);
+        let (_, changed) = rounds(&mut f, t1, FAILURES, false);
+        assert!(changed);
+        // Watching another leader forgets the proof and the count.
+        let t2 = t1 + Duration::from_secs(10);
+        let t2 = proven(&mut f, "c", t2);
+        rounds(&mut f, t2, FAILURES - 1, false);
+        f.watch(watch("d"), t2 + Duration::from_secs(5));
+        let (_, changed) = rounds(&mut f, t2 + Duration::from_secs(5), FAILURES, false);
+        assert!(!changed, "d's path was never answered");
     }
 
     #[test]
@@ -207,19 +239,18 @@ mod tests {
         let t0 = Instant::now();
         let hold = Duration::from_secs(30);
         let mut f = Failover::new(hold);
-        f.watch(watch("a"), t0);
-        let (t1, _) = rounds(&mut f, t0 + GRACE, FAILURES, false);
+        let t0 = proven(&mut f, "a", t0);
+        let (t1, _) = rounds(&mut f, t0, FAILURES, false);
         assert_eq!(f.hold_of(&name("a")), Some(hold));
         // The location fails over: this node now watches b, which works.
         f.watch(watch("b"), t1);
-        let (t, _) = rounds(&mut f, t1 + GRACE, 20, true);
+        let (t, _) = rounds(&mut f, t1, 20, true);
         assert!(!f.expire(t), "held while the period runs");
         assert!(f.expire(t1 + hold), "dropped when it ends");
         assert!(f.reported().is_empty());
         // Back to a, still broken: reported again, held for twice as long.
-        let t2 = t1 + hold;
-        f.watch(watch("a"), t2);
-        rounds(&mut f, t2 + GRACE, FAILURES, false);
+        let t2 = proven(&mut f, "a", t1 + hold);
+        rounds(&mut f, t2, FAILURES, false);
         assert_eq!(f.hold_of(&name("a")), Some(hold * 2));
     }
 
@@ -229,20 +260,25 @@ mod tests {
         let mut f = Failover::new(hold);
         let mut t = Instant::now();
         for _ in 0..8 {
-            f.watch(watch("a"), t);
-            let (end, _) = rounds(&mut f, t + GRACE, FAILURES, false);
+            let from = proven(&mut f, "a", t);
+            let (end, _) = rounds(&mut f, from, FAILURES, false);
             t = end + hold * MAX_HOLD_FACTOR;
             f.expire(t);
             f.watch(None, t);
         }
-        f.watch(watch("a"), t);
-        rounds(&mut f, t + GRACE, FAILURES, false);
+        let from = proven(&mut f, "a", t);
+        rounds(&mut f, from, FAILURES, false);
         assert_eq!(f.hold_of(&name("a")), Some(hold * MAX_HOLD_FACTOR));
         let later = t + REMEMBER + hold * MAX_HOLD_FACTOR;
         f.expire(later);
-        f.watch(watch("a"), later);
-        rounds(&mut f, later + GRACE, FAILURES, false);
-        assert_eq!(f.hold_of(&name("a")), Some(hold), "forgotten after a quiet while");
+        f.watch(None, later);
+        let from = proven(&mut f, "a", later);
+        rounds(&mut f, from, FAILURES, false);
+        assert_eq!(
+            f.hold_of(&name("a")),
+            Some(hold),
+            "forgotten after a quiet while"
+        );
     }
 
     #[test]

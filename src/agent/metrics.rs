@@ -486,7 +486,10 @@ mod tests {
         v.forwarding_failed = vec![crate::model::NodeName("fra-1".into())];
         let text = render(&v, &live, &LoopMetrics::default(), true);
         assert_eq!(samples(&text, "wiremesh_unreachable_peers")[0].1, "2");
-        assert_eq!(samples(&text, "wiremesh_forwarding_failed_leaders")[0].1, "1");
+        assert_eq!(
+            samples(&text, "wiremesh_forwarding_failed_leaders")[0].1,
+            "1"
+        );
         let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/metrics.md"))
             .expect("docs/metrics.md");
         let families: std::collections::BTreeSet<&str> = text

@@ -15,11 +15,11 @@
 //! readiness and a status document.
 
 mod cluster;
+pub mod forward;
 pub mod guards;
 pub mod http;
 mod icmp;
 mod identity;
-pub mod forward;
 mod machine;
 pub mod metrics;
 pub mod observe;

@@ -922,6 +922,19 @@ enum LabChaosCommand {
         #[arg(value_name = "NODE")]
         node: String,
     },
+    /// Stop a location leader's forwarding (an nft table in its namespace drops what it would
+    /// forward; its agent keeps running) until the location has failed over, then let it
+    /// forward again and wait until it leads again (`--registry kube`, by location); pings
+    /// from the other members' pods to another location and back. Passes when each cut-off
+    /// lasted at most --bound seconds and the leader changed exactly twice.
+    LeaderBlackhole {
+        /// The leader.
+        #[arg(value_name = "NODE")]
+        node: String,
+        /// The longest the location's pods may be cut off, each time, in seconds.
+        #[arg(long, default_value_t = 10)]
+        bound: u64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -1282,6 +1295,9 @@ fn lab(args: LabArgs) -> Result<(), LabError> {
                     Fault::StopAgent(node, std::time::Duration::from_secs(seconds))
                 }
                 LabChaosCommand::Renumber { node } => Fault::Renumber(node),
+                LabChaosCommand::LeaderBlackhole { node, bound } => {
+                    Fault::LeaderBlackhole(node, std::time::Duration::from_secs(bound))
+                }
             };
             let opts = ChaosOptions {
                 fault,
@@ -1293,13 +1309,19 @@ fn lab(args: LabArgs) -> Result<(), LabError> {
                 Ok(())
             } else {
                 Err(LabError::ChaosFailed(format!(
-                    "{} packets lost, {} in plaintext on the underlay{}",
+                    "{} packets lost, {} in plaintext on the underlay{}{}",
                     report.lost(),
                     report.plaintext.len(),
                     if report.converged_after.is_some() {
                         ""
                     } else {
                         ", mesh not converged"
+                    },
+                    match &report.failover {
+                        Some(f) if !f.passed() => {
+                            ", failover not within its bound (or flapping, or no return)"
+                        }
+                        _ => "",
                     }
                 )))
             }

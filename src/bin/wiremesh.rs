@@ -572,7 +572,11 @@ mod tests {
             parse_failover_hold("2m"),
             Ok(FailoverHold(Some(Duration::from_secs(120))))
         );
-        assert!(parse_failover_hold("4s").unwrap_err().contains("at least 5s"));
+        assert!(
+            parse_failover_hold("4s")
+                .unwrap_err()
+                .contains("at least 5s")
+        );
         assert!(parse_failover_hold("soon").is_err());
     }
 

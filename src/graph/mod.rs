@@ -466,11 +466,22 @@ fn leader_health(seg: &Segment<'_>, m: usize) -> Option<Row> {
         let reports = seg
             .nodes
             .iter()
-            .filter(|n| n.forwarding_failed.as_ref().is_some_and(|f| f.contains(name)))
+            .filter(|n| {
+                n.forwarding_failed
+                    .as_ref()
+                    .is_some_and(|f| f.contains(name))
+            })
             .count();
         Row {
             key: "forwarding",
-            value: format!("failed ({})", if reports == 1 { "1 report".to_owned() } else { format!("{reports} reports") }),
+            value: format!(
+                "failed ({})",
+                if reports == 1 {
+                    "1 report".to_owned()
+                } else {
+                    format!("{reports} reports")
+                }
+            ),
         }
     })
 }

@@ -497,15 +497,14 @@ pub(super) fn build(
                 match places[p].leader {
                     Some(l) => {
                         let end = places[p].nodes[l];
-                        b.rows.push(format!("leader {}", super::end_name(topo, end)));
+                        b.rows
+                            .push(format!("leader {}", super::end_name(topo, end)));
                         if let End::Node(s, _) = end
                             && let seg = &topo.segments[s]
                             && seg.leader != seg.preferred
                         {
-                            b.rows.push(format!(
-                                "failover from {}",
-                                seg.nodes[seg.preferred].name
-                            ));
+                            b.rows
+                                .push(format!("failover from {}", seg.nodes[seg.preferred].name));
                         }
                     }
                     None if is_full_granularity && b.count > 1 => {

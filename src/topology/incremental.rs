@@ -473,8 +473,7 @@ impl Engine {
             return None;
         }
         // A forwarding report may move the leader of its location (and back when it ends).
-        if old_ready.is_some_and(reports_forwarding) || new_ready.is_some_and(reports_forwarding)
-        {
+        if old_ready.is_some_and(reports_forwarding) || new_ready.is_some_and(reports_forwarding) {
             return None;
         }
         if let Some(k) = new_ready.and_then(|n| n.key)
@@ -896,14 +895,11 @@ impl Engine {
             .segments
             .iter()
             .any(|s| s.nodes.iter().any(|n| !n.allowed_location_ips.is_empty()));
-        let any_reports = topo
-            .segments
-            .iter()
-            .any(|s| {
-                s.nodes
-                    .iter()
-                    .any(|n| reports_unreachable(n) || reports_forwarding(n))
-            });
+        let any_reports = topo.segments.iter().any(|s| {
+            s.nodes
+                .iter()
+                .any(|n| reports_unreachable(n) || reports_forwarding(n))
+        });
         let Some(idx) = topo.segment_of(&self.local) else {
             self.local_error = topo.desired_for(&self.local, &self.opts).err();
             self.global_diagnostics = topo.diagnostics;

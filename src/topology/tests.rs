@@ -108,11 +108,39 @@ fn leader_is_first_public_volunteer_then_volunteer_then_public_then_first() {
 
 /// A location of three wiremesh nodes: a (volunteer, public), b (public), c (private).
 fn failover_location() -> Vec<MeshNode> {
-    let mut a = node("a", "x", 1, "8.8.8.1:51820", Some("10.0.0.1/24"), "10.2.1.0/24");
+    let mut a = node(
+        "a",
+        "x",
+        1,
+        "8.8.8.1:51820",
+        Some("10.0.0.1/24"),
+        "10.2.1.0/24",
+    );
     a.leader = true;
-    let b = node("b", "x", 2, "8.8.8.2:51820", Some("10.0.0.2/24"), "10.2.2.0/24");
-    let c = node("c", "x", 3, "10.0.0.3:51820", Some("10.0.0.3/24"), "10.2.3.0/24");
-    let d = node("d", "y", 4, "8.8.8.4:51820", Some("10.9.0.4/24"), "10.2.4.0/24");
+    let b = node(
+        "b",
+        "x",
+        2,
+        "8.8.8.2:51820",
+        Some("10.0.0.2/24"),
+        "10.2.2.0/24",
+    );
+    let c = node(
+        "c",
+        "x",
+        3,
+        "10.0.0.3:51820",
+        Some("10.0.0.3/24"),
+        "10.2.3.0/24",
+    );
+    let d = node(
+        "d",
+        "y",
+        4,
+        "8.8.8.4:51820",
+        Some("10.9.0.4/24"),
+        "10.2.4.0/24",
+    );
     let mut nodes = vec![a, b, c, d];
     for n in &mut nodes {
         n.forwarding_failed = Some(Default::default());
@@ -135,7 +163,11 @@ fn a_leader_most_other_members_report_is_passed_over_for_the_next_by_kilos_order
     let mut nodes = failover_location();
     assert_eq!(leader_of(&nodes, "a"), "a", "no report: Kilo's leader");
     report(&mut nodes[1], &["a"]);
-    assert_eq!(leader_of(&nodes, "a"), "a", "one of two others is no majority");
+    assert_eq!(
+        leader_of(&nodes, "a"),
+        "a",
+        "one of two others is no majority"
+    );
     report(&mut nodes[2], &["a"]);
     // b (public endpoint) comes before c (private) in Kilo's order.
     assert_eq!(leader_of(&nodes, "a"), "b");
@@ -201,7 +233,10 @@ fn when_every_candidate_is_reported_kilos_leader_stays_and_reports_elsewhere_do_
     report(&mut nodes[2], &["a"]);
     assert_eq!(leader_of(&nodes, "a"), "a");
     // In a location of two, the one other member decides.
-    let mut two: Vec<MeshNode> = failover_location().into_iter().filter(|n| n.name.as_str() != "c").collect();
+    let mut two: Vec<MeshNode> = failover_location()
+        .into_iter()
+        .filter(|n| n.name.as_str() != "c")
+        .collect();
     report(&mut two[1], &["a"]);
     assert_eq!(leader_of(&two, "a"), "b");
 }

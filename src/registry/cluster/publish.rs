@@ -119,12 +119,10 @@ impl Publication {
             format!("{WIREMESH_PREFIX}{}", keys::UNREACHABLE),
             Some(unreachable.join(",")),
         );
-        let failed = self.forwarding_failed.as_ref().map(|f| {
-            f.iter()
-                .map(NodeName::as_str)
-                .collect::<Vec<_>>()
-                .join(",")
-        });
+        let failed = self
+            .forwarding_failed
+            .as_ref()
+            .map(|f| f.iter().map(NodeName::as_str).collect::<Vec<_>>().join(","));
         out.insert(
             format!("{WIREMESH_PREFIX}{}", keys::FORWARDING_FAILED),
             failed,
@@ -347,7 +345,10 @@ mod tests {
         let mut q = p.clone();
         q.forwarding_failed = Some(["b".into(), "c".into()].map(NodeName).into());
         let v = merge_patch(&q.annotations(), 1_700_000_000);
-        assert_eq!(v["metadata"]["annotations"]["wiremesh.io/forwarding-failed"], "b,c");
+        assert_eq!(
+            v["metadata"]["annotations"]["wiremesh.io/forwarding-failed"],
+            "b,c"
+        );
         assert_eq!(ann["kilo.squat.ai/granularity"], "location");
         // What we write, our own parser (and Kilo's format) reads back.
         let mut n = Node::default();
