@@ -1000,3 +1000,106 @@ fn kube_lab_fails_a_location_over_when_its_leader_stops_forwarding_and_returns_o
     );
     eprintln!("{report}");
 }
+
+#[test]
+#[cfg_attr(
+    not(all(feature = "netns-tests", feature = "apiserver-tests")),
+    ignore = "needs root and a kube-apiserver: --features netns-tests,apiserver-tests"
+)]
+fn kube_lab_rotates_a_key_under_pings_and_the_old_key_is_gone_everywhere() {
+    require_kube_tools();
+    let lab = Lab::new("rk");
+    let up = lab.up(&["--registry", "kube", "--nodes", "3", "--locations", "3"]);
+    assert!(up.status.success(), "{}", text(&up));
+    let key_file =
+        |i: usize| std::fs::read_to_string(lab.state().nodes[i].private_key()).expect("key file");
+    let published = |name: &str| -> String {
+        api_nodes(&lab)
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(name))
+            .and_then(|n| n.metadata.annotations.clone())
+            .and_then(|a| a.get("wiremesh.io/key").cloned())
+            .expect("a published key")
+    };
+    let old_file = key_file(1);
+    let old = published("node2");
+    // Through the lab: pings to and from node2's pod across the rotation.
+    let chaos = lab.run(&["lab", "chaos", "rotate-key", "node2"]);
+    let report = text(&chaos);
+    assert!(chaos.status.success(), "{report}\n{}", lab.diagnostics());
+    assert!(report.contains("node2 publishes its new key"), "{report}");
+    let new = published("node2");
+    assert_ne!(new, old);
+    let file = key_file(1);
+    assert_ne!(file, old_file);
+    let derived = {
+        use std::io::Write as _;
+        let mut c = std::process::Command::new("wg")
+            .arg("pubkey")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("wg pubkey");
+        c.stdin
+            .take()
+            .expect("stdin")
+            .write_all(file.as_bytes())
+            .expect("write");
+        String::from_utf8(c.wait_with_output().expect("wg").stdout).expect("utf8")
+    };
+    assert_eq!(derived.trim(), new, "the key file holds the key published");
+    // The old key is gone from node2's device and every other node's peers.
+    let state = lab.state();
+    for (i, n) in state.nodes.iter().enumerate() {
+        let dev = wiremesh::lab::uapi::get(&n.uapi_socket(), Duration::from_secs(2)).expect("uapi");
+        let keys: Vec<String> = dev.peers.iter().map(|p| p.public_key.to_string()).collect();
+        assert!(!keys.contains(&old), "{} still has the old key", n.name);
+        if i != 1 {
+            assert!(keys.contains(&new), "{} lacks node2's new key", n.name);
+        }
+    }
+    // By hand, as an operator would: meshctl rotate-key against the API server, and back to
+    // a working mesh.
+    let kubeconfig = state
+        .apiserver
+        .as_ref()
+        .expect("kube lab")
+        .admin_kubeconfig();
+    let o = lab.exec(
+        "api",
+        &[
+            crate::util::lab::MESHCTL,
+            "rotate-key",
+            "node3",
+            "--kubeconfig",
+            kubeconfig.to_str().expect("path"),
+        ],
+    );
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("node node3: key rotated: "), "{out}");
+    let unknown = lab.exec(
+        "api",
+        &[
+            crate::util::lab::MESHCTL,
+            "rotate-key",
+            "node9",
+            "--kubeconfig",
+            kubeconfig.to_str().expect("path"),
+        ],
+    );
+    assert!(!unknown.status.success());
+    assert!(
+        text(&unknown).contains("no node named node9"),
+        "{}",
+        text(&unknown)
+    );
+    let check = lab.run(&["lab", "check"]);
+    assert!(
+        check.status.success(),
+        "{}\n{}",
+        text(&check),
+        lab.diagnostics()
+    );
+    eprintln!("{report}");
+}

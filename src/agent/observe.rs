@@ -325,6 +325,11 @@ impl Observer {
         }
     }
 
+    /// This node's public key changed (key rotation).
+    pub fn public_key(&self, key: WgKey) {
+        self.lock().public_key = Some(key);
+    }
+
     /// The nodes of this location this node reports not forwarding now.
     pub fn forwarding_failed(&self, names: &std::collections::BTreeSet<NodeName>) {
         self.lock().forwarding_failed = names.iter().cloned().collect();

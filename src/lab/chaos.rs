@@ -54,6 +54,10 @@ pub enum Fault {
     /// forward again and wait for it to lead again; each cut of the location's pods must stay
     /// within the bound (see [`super::failover`]).
     LeaderBlackhole(String, Duration),
+    /// Ask this node's agent to rotate its key (`wiremesh.io/rotate-key`, `--registry kube`)
+    /// and wait until every agent uses the new one; no flow may go unanswered longer than the
+    /// bound (about one handshake after the others learn the key).
+    RotateKey(String, Duration),
 }
 
 impl std::fmt::Display for Fault {
@@ -64,6 +68,7 @@ impl std::fmt::Display for Fault {
             Fault::StopAgent(n, d) => write!(f, "stop-agent {n} {}s", d.as_secs()),
             Fault::Renumber(n) => write!(f, "renumber {n}"),
             Fault::LeaderBlackhole(n, _) => write!(f, "leader-blackhole {n}"),
+            Fault::RotateKey(n, _) => write!(f, "rotate-key {n}"),
         }
     }
 }
@@ -136,11 +141,15 @@ impl ChaosReport {
     }
 
     /// No packet lost, none in plaintext on the underlay, every flow sent some, and the mesh
-    /// converged. A leader blackhole loses packets by design: its failover must pass instead.
+    /// converged. A leader blackhole loses packets by design: its failover must pass instead;
+    /// a key rotation may lose what fits in its bound (no flow's longest gap above it).
     pub fn passed(&self) -> bool {
-        let flows_ok = match &self.failover {
-            Some(f) => f.passed(),
-            None => self.flows.iter().all(|f| f.lost() == 0),
+        let flows_ok = match (&self.failover, &self.fault) {
+            (Some(f), _) => f.passed(),
+            (None, Fault::RotateKey(_, bound)) => {
+                self.flows.iter().all(|f| ping_interval() * f.gap <= *bound)
+            }
+            (None, _) => self.flows.iter().all(|f| f.lost() == 0),
         };
         self.converged_after.is_some()
             && self.plaintext.is_empty()
@@ -191,6 +200,15 @@ impl ChaosReport {
         }
         if let Some(f) = &self.failover {
             f.render(&mut out);
+        }
+        if let Fault::RotateKey(_, bound) = &self.fault {
+            let worst = self.flows.iter().map(|f| f.gap).max().unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "  longest gap {:.1}s (bound {:.1}s)",
+                (ping_interval() * worst).as_secs_f64(),
+                bound.as_secs_f64()
+            );
         }
         let sent: u32 = self.flows.iter().map(|f| f.sent).sum();
         let _ = writeln!(
@@ -394,6 +412,14 @@ fn flows(state: &LabState, fault: &Fault) -> Vec<Flow> {
             None => Vec::new(),
         },
         Fault::LeaderBlackhole(node, _) => failover::flows(state, node),
+        Fault::RotateKey(node, _) => match state.node(node) {
+            Some((i, _)) => (0..n)
+                .filter(|&j| j != i)
+                .flat_map(|j| [flow(i, j), flow(j, i)])
+                .flatten()
+                .collect(),
+            None => Vec::new(),
+        },
         Fault::ApiServerOutage(_) if n < 2 => Vec::new(),
         Fault::ApiServerOutage(_) => (0..n).filter_map(|i| flow(i, (i + 1) % n)).collect(),
     }
@@ -573,6 +599,17 @@ pub fn run(root: &Path, lab: &LabName, opts: &ChaosOptions) -> Result<ChaosRepor
             }
         }
         Fault::LeaderBlackhole(node, _) => failover::validate(&state, node)?,
+        Fault::RotateKey(node, _) => {
+            state.require_apiserver("chaos rotate-key")?;
+            let (_, n) = state
+                .node(node)
+                .ok_or_else(|| LabError::Options(format!("lab {lab} has no node {node}")))?;
+            if !n.agent.as_ref().is_some_and(sys::is_running) {
+                return Err(LabError::Options(format!(
+                    "the agent of node {node} does not run"
+                )));
+            }
+        }
         Fault::ApiServerOutage(_) => {
             let api = state.require_apiserver("chaos apiserver-outage")?;
             if !api.apiserver.as_ref().is_some_and(sys::is_running) {
@@ -617,6 +654,10 @@ pub fn run(root: &Path, lab: &LabName, opts: &ChaosOptions) -> Result<ChaosRepor
     std::thread::sleep(MARGIN);
     let mut timeline = None;
     let heartbeat_since = match &opts.fault {
+        Fault::RotateKey(node, _) => {
+            rotate_key(&state, node, opts.timeout, &mut steps, &at)?;
+            None
+        }
         Fault::LeaderBlackhole(node, bound) => {
             let converge = || Ok(wait_converged(root, lab, None, opts.timeout)?.is_ok());
             timeline = Some(failover::run(
@@ -693,6 +734,62 @@ pub fn run(root: &Path, lab: &LabName, opts: &ChaosOptions) -> Result<ChaosRepor
         plaintext: tally.plaintext,
         failover,
     })
+}
+
+/// Ask `node`'s agent for a new key through the lab's API server and wait until it published
+/// one (the run then waits for every agent to use it, as after any fault).
+fn rotate_key(
+    state: &LabState,
+    node: &str,
+    timeout: Duration,
+    steps: &mut Vec<String>,
+    at: &dyn Fn(String) -> String,
+) -> Result<(), LabError> {
+    use crate::agent::rotate;
+    let api = state.require_apiserver("chaos rotate-key")?;
+    let key_of = |nodes: &[k8s_openapi::api::core::v1::Node]| {
+        nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(node))
+            .map(|n| {
+                let a = n.metadata.annotations.clone().unwrap_or_default();
+                (
+                    a.get("wiremesh.io/key").cloned().unwrap_or_default(),
+                    rotate::done(n),
+                )
+            })
+    };
+    let (old, _) = key_of(&super::cluster::nodes(api)?).unwrap_or_default();
+    let token = unix_now().to_string();
+    super::cluster::annotate(
+        api,
+        node,
+        &[(rotate::REQUEST.to_owned(), Some(token.clone()))],
+    )?;
+    steps.push(at(format!("{node}: {} {token}", rotate::REQUEST)));
+    let t0 = Instant::now();
+    loop {
+        if let Some((new, Some(done))) = key_of(&super::cluster::nodes(api)?)
+            && done == token
+        {
+            if new == old {
+                return Err(LabError::CheckFailed(format!(
+                    "{node} says it rotated its key, but still publishes {old}"
+                )));
+            }
+            steps.push(at(format!(
+                "{node} publishes its new key {new} (was {old})"
+            )));
+            return Ok(());
+        }
+        if t0.elapsed() > timeout {
+            return Err(LabError::CheckFailed(format!(
+                "{node} did not publish a new key within {} s",
+                timeout.as_secs()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// The nodes file `text` without the item of node `name`.

@@ -55,6 +55,8 @@ pub mod keys {
     /// Comma-separated names of the location's nodes this node found not forwarding while they
     /// led it (wiremesh only: read and written under `wiremesh.io/` alone).
     pub const FORWARDING_FAILED: &str = "forwarding-failed";
+    /// The key-rotation request the node's agent handled last (wiremesh only).
+    pub const KEY_ROTATED: &str = "key-rotated";
 }
 
 /// The well-known label that gives a node's location when no annotation does.

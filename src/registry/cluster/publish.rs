@@ -67,6 +67,9 @@ pub struct Publication {
     /// says this node's agent probes and fails over.
     /// `None`: failover is off on this node; the annotation is removed.
     pub forwarding_failed: Option<std::collections::BTreeSet<NodeName>>,
+    /// The key-rotation request this agent handled last (`wiremesh.io/key-rotated`, ours only);
+    /// `None` leaves the annotation as it is.
+    pub key_rotated: Option<String>,
 }
 
 fn full(key: &str) -> String {
@@ -127,6 +130,12 @@ impl Publication {
             format!("{WIREMESH_PREFIX}{}", keys::FORWARDING_FAILED),
             failed,
         );
+        if let Some(t) = &self.key_rotated {
+            out.insert(
+                format!("{WIREMESH_PREFIX}{}", keys::KEY_ROTATED),
+                Some(t.clone()),
+            );
+        }
         out
     }
 
