@@ -217,7 +217,7 @@ for r in kv(os.path.join(out, "failover.txt"), "failover"):
     w("`--failover-hold=15s`. Each run is `meshctl lab chaos leader-blackhole`: the leader's forwarding")
     w("is dropped until the location has failed over, then lifted, and the run waits for the leader's")
     w("return ([docs/operations.md](docs/operations.md#leader-failover)); runs alternate between loc1's")
-    w("leader (node1, public) and loc2's (node3, behind NAT). *Cut* is the longest run of unanswered")
+    w("leader (public) and loc2's (behind NAT). *Cut* is the longest run of unanswered")
     w("pings (every 0.2 s) of the members' pods to a pod of the other location and back. Target:")
     w("cut ≤ 10 s.")
     w("")
@@ -229,7 +229,7 @@ for r in kv(os.path.join(out, "failover.txt"), "failover"):
         return sorted(float(x) for x in r[k].split(",") if x != "nan")
     def q(v, p):
         return v[min(len(v) - 1, int(round(p * (len(v) - 1))))] if v else float("nan")
-    for kind, label in (("public", "node1 (public)"), ("nat", "node3 (behind NAT)")):
+    for kind, label in (("public", "loc1's (public)"), ("nat", "loc2's (behind NAT)")):
         if f"{kind}_cut_s" not in r:
             continue
         t, c, rc, o = (vals(f"{kind}_{k}") for k in ("takeover_s", "cut_s", "return_cut_s", "overlap_s"))
@@ -240,6 +240,9 @@ for r in kv(os.path.join(out, "failover.txt"), "failover"):
     for kind in ("public", "nat"):
         if f"{kind}_cut_s" in r:
             w(f"Cuts (s), {kind}: {r[f'{kind}_cut_s'].replace(',', ', ')}.")
+    w("")
+    w("The members report after three unanswered one-second rounds; the cut is that plus one watch")
+    w("event and a handshake. The return follows the 15 s hold.")
     w("")
 scale = kv(os.path.join(out, "scale.txt"), "scale")
 if scale:
