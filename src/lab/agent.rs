@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use super::LabError;
 use super::state::{LabState, NodeState, ProcRef, create_dir};
 use super::sys;
+use crate::topology::DEFAULT_SUBNET;
 
 /// Where each agent serves its HTTP endpoint: the loopback of its own node namespace (each
 /// namespace has its own), so nothing of it reaches the host or the underlay.
@@ -57,7 +58,8 @@ pub fn find_binary(explicit: Option<&Path>) -> Result<PathBuf, LabError> {
 }
 
 /// The agent's arguments (after the binary) for `node`: the nodes file, or with the Kubernetes
-/// registry only the agent kubeconfig (the API server's address and the agent's token).
+/// registry only the agent kubeconfig (the API server's address and the agent's token); the
+/// lab's mesh subnet when it is not the agent's default (an IPv6-only lab).
 pub fn agent_args(state: &LabState, node: &NodeState, extra: &[String]) -> Vec<OsString> {
     let registry: [OsString; 2] = match &state.apiserver {
         Some(api) => ["--kubeconfig".into(), api.agent_kubeconfig().into()],
@@ -86,6 +88,9 @@ pub fn agent_args(state: &LabState, node: &NodeState, extra: &[String]) -> Vec<O
         AGENT_LISTEN.into(),
     ];
     args.extend(rest);
+    if DEFAULT_SUBNET.parse() != Ok(state.spec.mesh_subnet) {
+        args.extend(["--subnet".into(), state.spec.mesh_subnet.to_string().into()]);
+    }
     args.extend(extra.iter().map(OsString::from));
     args
 }
@@ -197,6 +202,7 @@ mod tests {
             pods_per_node: 1,
             registry: crate::lab::spec::Registry::File,
             underlay_mtu: None,
+            family: crate::lab::spec::Family::Ipv4,
         })
         .unwrap();
         let state = LabState::new(&name, Path::new("/run/wiremesh-lab/wm"), spec, 0);
@@ -227,6 +233,7 @@ mod tests {
             pods_per_node: 1,
             registry: crate::lab::spec::Registry::Kube,
             underlay_mtu: None,
+            family: crate::lab::spec::Family::Ipv4,
         })
         .unwrap();
         let state = LabState::new(&name, Path::new("/run/wiremesh-lab/wm"), spec, 0);
