@@ -252,4 +252,39 @@ mod tests {
         assert!(!line.contains("--nodes"), "{line}");
         assert_eq!(state.namespaces[..2], ["wml-wm-ul", "wml-wm-api"]);
     }
+
+    #[test]
+    fn only_an_ipv6_lab_gives_the_agents_its_mesh_subnet() {
+        use crate::lab::spec::Family;
+        let name: LabName = "wm".parse().unwrap();
+        for (family, subnet) in [
+            (Family::Ipv4, None),
+            (Family::DualStack, None),
+            (Family::Ipv6, Some("--subnet fd00:4::/64")),
+        ] {
+            let spec = plan(&SpecOptions {
+                source: Source::Generated {
+                    nodes: 2,
+                    locations: 2,
+                },
+                granularity: None,
+                nat: Some(0),
+                pods_per_node: 1,
+                registry: crate::lab::spec::Registry::File,
+                underlay_mtu: None,
+                family,
+            })
+            .unwrap();
+            let state = LabState::new(&name, Path::new("/run/wiremesh-lab/wm"), spec, 0);
+            let line = agent_args(&state, &state.nodes[0], &[])
+                .into_iter()
+                .map(|a| a.into_string().unwrap())
+                .collect::<Vec<_>>()
+                .join(" ");
+            match subnet {
+                Some(s) => assert!(line.ends_with(s), "{family}: {line}"),
+                None => assert!(!line.contains("--subnet"), "{family}: {line}"),
+            }
+        }
+    }
 }

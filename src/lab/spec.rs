@@ -1299,4 +1299,114 @@ mod tests {
             assert_eq!(m.internal_ip.map(|i| i.ip()), Some(n.lan_ip));
         }
     }
+
+    fn family_opts(family: Family) -> SpecOptions {
+        let mut o = opts(from_example(THREE_CLOUDS, THREE_CLOUDS_NAME));
+        o.family = family;
+        o
+    }
+
+    #[test]
+    fn an_ipv6_lab_has_ipv6_endpoints_internal_ips_pod_cidrs_and_mesh_subnet_and_no_nat() {
+        let name: LabName = "wm".parse().unwrap();
+        let spec = plan(&family_opts(Family::Ipv6)).unwrap();
+        assert_eq!(spec.family, Family::Ipv6);
+        assert_eq!(spec.underlay, "fd00:200::/64".parse().unwrap());
+        assert_eq!(spec.underlay6, None);
+        assert_eq!(spec.mesh_subnet, MESH_SUBNET6.parse().unwrap());
+        assert!(spec.nodes.iter().all(|n| !n.behind_nat()), "no NAT");
+        assert!(spec.lans.iter().all(|l| l.nat.is_none()));
+        let par = &spec.nodes[2];
+        assert_eq!(par.underlay_ip, Some("fd00:200::3".parse().unwrap()));
+        assert_eq!(par.lan_ip, "fd00:210:0:3::b".parse::<IpAddr>().unwrap());
+        assert_eq!(par.endpoint(51820).to_string(), "[fd00:200::3]:51820");
+        assert_eq!(
+            par.pod_cidrs,
+            vec!["fd00:201:0:3::/64".parse::<IpNetwork>().unwrap()],
+            "the file's IPv4 pod CIDR is left out"
+        );
+        assert_eq!((par.lan_ip6, par.underlay_ip6), (None, None));
+        // What the agents read back.
+        let text = render_nodes_file(&spec, &name, &keys(3)).unwrap();
+        let back = decode_nodes(&text, DEFAULT_TOPOLOGY_LABEL).unwrap();
+        assert!(back.diagnostics.is_empty(), "{:?}", back.diagnostics);
+        let n = &back.items[2];
+        assert_eq!(
+            n.endpoint.as_ref().map(ToString::to_string),
+            Some("[fd00:200::3]:51820".to_owned())
+        );
+        assert_eq!(n.internal_ip, Some("fd00:210:0:3::b/64".parse().unwrap()));
+        assert_eq!(n.pod_cidrs, par.pod_cidrs);
+    }
+
+    #[test]
+    fn a_dual_stack_lab_meshes_over_ipv4_and_gives_links_and_pods_both_families() {
+        let mut spec = plan(&family_opts(Family::DualStack)).unwrap();
+        assert_eq!(spec.mesh_subnet, DEFAULT_SUBNET.parse().unwrap());
+        assert_eq!(
+            spec.underlays(),
+            vec![
+                "10.200.0.0/24".parse::<IpNetwork>().unwrap(),
+                "fd00:200::/64".parse().unwrap()
+            ]
+        );
+        assert!(spec.nodes.iter().all(|n| !n.behind_nat()), "no NAT");
+        let fra = &spec.nodes[0];
+        assert_eq!(fra.endpoint(51820).to_string(), "10.200.0.1:51820");
+        assert_eq!(fra.lan_ip, IpAddr::from([10, 210, 1, 11]));
+        assert_eq!(fra.lan_ip6, Some("fd00:210:0:1::b".parse().unwrap()));
+        assert_eq!(fra.underlay_ip6, Some("fd00:200::1".parse().unwrap()));
+        assert_eq!(
+            spec.lans[0].subnet6,
+            Some("fd00:210:0:1::/64".parse().unwrap())
+        );
+        let cidrs =
+            |s: &[&str]| -> Vec<IpNetwork> { s.iter().map(|c| c.parse().unwrap()).collect() };
+        assert_eq!(
+            fra.pod_cidrs,
+            cidrs(&["10.42.0.0/24", "fd00:201:0:1::/64"]),
+            "the file's IPv4 CIDR, then a generated IPv6 one"
+        );
+        // A node added later gets both families too, in a new LAN of both.
+        let n4 = add_node(&mut spec, "node4", "far").unwrap();
+        assert_eq!(n4.pod_cidrs, cidrs(&["10.201.4.0/24", "fd00:201:0:4::/64"]));
+        assert_eq!(n4.underlay_ip, Some(IpAddr::from([10, 200, 0, 4])));
+        assert_eq!(n4.underlay_ip6, Some("fd00:200::4".parse().unwrap()));
+        assert_eq!(n4.lan_ip6, Some("fd00:210:0:4::b".parse().unwrap()));
+        assert_eq!(
+            spec.lans[3].subnet6,
+            Some("fd00:210:0:4::/64".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn ipv6_and_dual_stack_labs_refuse_nat_and_the_kube_registry_with_a_reason() {
+        for family in [Family::Ipv6, Family::DualStack] {
+            let mut o = family_opts(family);
+            o.nat = Some(1);
+            let err = plan(&o).unwrap_err().to_string();
+            assert!(err.contains("has no NAT routers"), "{err}");
+            o.nat = Some(0);
+            assert!(plan(&o).is_ok(), "--nat 0 is what it does anyway");
+            o.registry = Registry::Kube;
+            let err = plan(&o).unwrap_err().to_string();
+            assert!(
+                err.contains("--registry kube runs on an IPv4 lab only"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_pod_cidr_on_the_ipv6_lab_ranges_is_refused() {
+        let mut a = MeshNode::new("a");
+        a.pod_cidrs = vec!["fd00:210::/48".parse().unwrap()];
+        let mut o = opts(Source::File {
+            name: "f".into(),
+            nodes: vec![a],
+        });
+        o.family = Family::Ipv6;
+        let err = plan(&o).unwrap_err().to_string();
+        assert!(err.contains("overlaps the IPv6 LANs"), "{err}");
+    }
 }
