@@ -1110,15 +1110,40 @@ mod tests {
         );
     }
 
-    #[test]
-    fn bulk_pairs_run_once_per_family_to_the_targets_address_of_that_family() {
+    /// A report on `pods` in different LANs without pings yet: 8 packets on the underlay, all
+    /// WireGuard.
+    fn crossing_report(pods: Vec<Pod>) -> CheckReport {
+        CheckReport {
+            pods,
+            pings: vec![],
+            capture_netns: "wml-wm-ul".into(),
+            overlay: vec![],
+            port: 51820,
+            tally: Tally {
+                total: 8,
+                wireguard: 8,
+                ..Tally::default()
+            },
+            crosses_underlay: true,
+            relayed: Vec::new(),
+            bulk: vec![],
+        }
+    }
+
+    /// Two dual-stack pods on nodes in different LANs.
+    fn dual_stack_pods() -> Vec<Pod> {
         let mut a = pod("a", "p1", "10.42.0.2", 0);
         a.ips.push("fd00:201:0:1::2".parse().unwrap());
         let mut b = pod("b", "p2", "10.42.1.2", 1);
         b.ips.push("fd00:201:0:2::2".parse().unwrap());
+        vec![a, b]
+    }
+
+    #[test]
+    fn bulk_pairs_run_once_per_family_to_the_targets_address_of_that_family() {
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         assert_eq!(
-            bulk_pairs(&[a, b]),
+            bulk_pairs(&dual_stack_pods()),
             vec![
                 (0, 1, ip("10.42.1.2")),
                 (1, 0, ip("10.42.0.2")),
@@ -1126,11 +1151,10 @@ mod tests {
                 (1, 0, ip("fd00:201:0:1::2")),
             ]
         );
-        let v6 = |node: &str, ns: &str, ip: &str, lan| pod(node, ns, ip, lan);
         assert_eq!(
             bulk_pairs(&[
-                v6("a", "p1", "fd00:201:0:1::2", 0),
-                v6("b", "p2", "fd00:201:0:2::2", 1)
+                pod("a", "p1", "fd00:201:0:1::2", 0),
+                pod("b", "p2", "fd00:201:0:2::2", 1)
             ]),
             vec![(0, 1, ip("fd00:201:0:2::2")), (1, 0, ip("fd00:201:0:1::2"))],
             "IPv6 only"
@@ -1139,10 +1163,6 @@ mod tests {
 
     #[test]
     fn report_counts_each_family_apart_and_fails_on_loss_in_one() {
-        let mut a = pod("a", "p1", "10.42.0.2", 0);
-        a.ips.push("fd00:201:0:1::2".parse().unwrap());
-        let mut b = pod("b", "p2", "10.42.1.2", 1);
-        b.ips.push("fd00:201:0:2::2".parse().unwrap());
         let ping = |from, to, ip: &str, ok: bool| PingResult {
             from,
             to,
@@ -1159,18 +1179,7 @@ mod tests {
                 ping(1, 0, "10.42.0.2", true),
                 ping(1, 0, "fd00:201:0:1::2", true),
             ],
-            pods: vec![a, b],
-            capture_netns: "wml-wm-ul".into(),
-            overlay: vec![],
-            port: 51820,
-            tally: Tally {
-                total: 8,
-                wireguard: 8,
-                ..Tally::default()
-            },
-            crosses_underlay: true,
-            relayed: Vec::new(),
-            bulk: vec![],
+            ..crossing_report(dual_stack_pods())
         };
         assert_eq!(r.losses_by_family(), vec![("IPv4", 2, 0), ("IPv6", 2, 0)]);
         let text = r.render();
@@ -1223,18 +1232,8 @@ mod tests {
         };
         let mut r = CheckReport {
             pings: vec![ok(0, 1, "10.42.1.2", 5300), ok(1, 0, "10.42.0.2", 40)],
-            pods,
-            capture_netns: "wml-wm-ul".into(),
             overlay: vec!["10.42.0.0/16".parse().unwrap()],
-            port: 51820,
-            tally: Tally {
-                total: 8,
-                wireguard: 8,
-                ..Tally::default()
-            },
-            crosses_underlay: true,
-            relayed: Vec::new(),
-            bulk: vec![],
+            ..crossing_report(pods)
         };
         assert!(r.passed(), "{}", r.render());
         assert!(
