@@ -11,3 +11,4 @@ echo "-- wireguard";   ./target/release/examples/wg_bench 2>/dev/null | tee "$ou
 echo "-- convergence"; ./target/release/examples/convergence_bench 200 | tee "$out/convergence.txt"
 echo "-- data plane";  benches/dataplane.sh | tee "$out/dataplane.txt"
 echo "-- relayed vs direct"; benches/relay.sh | tee "$out/relay.txt"
+echo "-- leader failover"; benches/failover.sh | tee "$out/failover.txt"

@@ -209,6 +209,38 @@ for r in kv(os.path.join(out, "relay.txt"), "relay"):
     w("detection is 20 s of unanswered packets plus a sample, 5 s). Rounds (Mbit/s), relayed: "
       f"{r['runs_relayed_mbps'].replace(',', ', ')}; direct: {r['runs_direct_mbps'].replace(',', ', ')}.")
     w("")
+for r in kv(os.path.join(out, "failover.txt"), "failover"):
+    import statistics
+    w("## Leader failover (`benches/failover.sh`, root)")
+    w("")
+    w("A `meshctl lab --registry kube` of two locations of two nodes (loc2 behind NAT), agents with")
+    w("`--failover-hold=15s`. Each run is `meshctl lab chaos leader-blackhole`: the leader's forwarding")
+    w("is dropped until the location has failed over, then lifted, and the run waits for the leader's")
+    w("return ([docs/operations.md](docs/operations.md#leader-failover)); runs alternate between loc1's")
+    w("leader (node1, public) and loc2's (node3, behind NAT). *Cut* is the longest run of unanswered")
+    w("pings (every 0.2 s) of the members' pods to a pod of the other location and back. Target:")
+    w("cut ≤ 10 s.")
+    w("")
+    w(f"{r['passed']} of {r['runs']} runs passed (both cuts within 10 s, exactly two leader changes, no plaintext).")
+    w("")
+    w("| leader | runs | takeover (registry) median / max | cut min / median / p90 / max | return cut median / max | two leaders at once, max |")
+    w("| --- | ---: | ---: | ---: | ---: | ---: |")
+    def vals(k):
+        return sorted(float(x) for x in r[k].split(",") if x != "nan")
+    def q(v, p):
+        return v[min(len(v) - 1, int(round(p * (len(v) - 1))))] if v else float("nan")
+    for kind, label in (("public", "node1 (public)"), ("nat", "node3 (behind NAT)")):
+        if f"{kind}_cut_s" not in r:
+            continue
+        t, c, rc, o = (vals(f"{kind}_{k}") for k in ("takeover_s", "cut_s", "return_cut_s", "overlap_s"))
+        w(f"| {label} | {len(c)} | {statistics.median(t):.1f} s / {max(t):.1f} s | "
+          f"{min(c):.1f} / {statistics.median(c):.1f} / {q(c, 0.9):.1f} / {max(c):.1f} s | "
+          f"{statistics.median(rc):.1f} s / {max(rc):.1f} s | {max(o):.1f} s |")
+    w("")
+    for kind in ("public", "nat"):
+        if f"{kind}_cut_s" in r:
+            w(f"Cuts (s), {kind}: {r[f'{kind}_cut_s'].replace(',', ', ')}.")
+    w("")
 scale = kv(os.path.join(out, "scale.txt"), "scale")
 if scale:
     def ms(v):

@@ -343,6 +343,11 @@ pub struct MeshNode {
     /// only nodes that report take part in relays.
     #[serde(default)]
     pub unreachable: Option<BTreeSet<WgKey>>,
+    /// Nodes of this node's location (by name) whose forwarding this node's agent found broken
+    /// while they led it (`wiremesh.io/forwarding-failed`). `None` when its agent does not
+    /// report (Kilo, or not yet): a location fails over only when all its nodes report.
+    #[serde(default)]
+    pub forwarding_failed: Option<BTreeSet<NodeName>>,
     /// Granularity the node's agent published.
     pub granularity: Option<Granularity>,
     /// Unix time the Node object was created (`metadata.creationTimestamp`, set by the API
@@ -368,6 +373,7 @@ impl MeshNode {
             last_seen: None,
             discovered_endpoints: BTreeMap::new(),
             unreachable: None,
+            forwarding_failed: None,
             granularity: None,
             created: None,
         }

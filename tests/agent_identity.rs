@@ -29,6 +29,7 @@ fn config(dir: &std::path::Path) -> AgentConfig {
         topology_label: "topology.kubernetes.io/region".into(),
         resync_period: Duration::from_secs(3600),
         check_in_period: Duration::from_secs(30),
+        failover_hold: None,
         kernel: KernelConfig {
             interface: "wiremesh0".into(),
             bridge: "wmbr0".into(),

@@ -384,6 +384,8 @@ async fn publishing_writes_only_our_keys_on_our_node() {
         granularity: Some(Granularity::Location),
         discovered_endpoints: BTreeMap::from([(key, "198.51.100.7:4000".parse().unwrap())]),
         unreachable: Default::default(),
+        forwarding_failed: Some(Default::default()),
+        key_rotated: None,
     };
     let before = Api::<Node>::all(admin.clone()).get("a").await.unwrap();
     api.install_rbac().await;

@@ -528,15 +528,12 @@ fn kube_lab_survives_api_server_outages_and_an_agent_restarted_during_one_remove
     let peers_before = node(&status, "node1")["peers"].clone();
     let routes_before = lab.ip("n1", &["route", "show", "table", "all", "proto", "104"]);
     lab.ok(&["lab", "apiserver", "stop"]);
-    let mut ping = BackgroundPing::start(Flow {
-        from_pod: pod1.clone(),
-        from_node: "node1".into(),
-        to_node: "node2".into(),
-        to: ip2.parse().expect("pod IP"),
-        sent: 0,
-        received: 0,
-        gap: 0,
-    })
+    let mut ping = BackgroundPing::start(Flow::new(
+        pod1.clone(),
+        "node1".into(),
+        "node2".into(),
+        ip2.parse().expect("pod IP"),
+    ))
     .expect("start ping");
     let restarted = wiremesh::lab::chaos::kill_and_restart(
         std::path::Path::new(crate::util::lab::ROOT),
@@ -845,15 +842,12 @@ fn kube_lab_relays_nated_locations_and_a_broken_path_and_goes_direct_once_it_wor
     let nft = lab.exec("n1", &["nft", &rule]);
     assert!(nft.status.success(), "{}", text(&nft));
     let pod1 = state.nodes[0].pods[0].addrs().next().expect("a pod IP");
-    let pinger = BackgroundPing::start(Flow {
-        from_pod: state.nodes[1].pods[0].netns.clone(),
-        from_node: "node2".into(),
-        to_node: "node1".into(),
-        to: pod1,
-        sent: 0,
-        received: 0,
-        gap: 0,
-    })
+    let pinger = BackgroundPing::start(Flow::new(
+        state.nodes[1].pods[0].netns.clone(),
+        "node2".into(),
+        "node1".into(),
+        pod1,
+    ))
     .expect("start ping");
     let broken = Instant::now();
     // node2's packets go unanswered; node1's still arrive (its handshake initiations, which
@@ -921,4 +915,191 @@ fn kube_lab_relays_nated_locations_and_a_broken_path_and_goes_direct_once_it_wor
     let logs = agent_logs(&lab);
     assert!(!logs.contains("panicked"), "an agent panicked:\n{logs}");
     lab.down_and_assert_gone();
+}
+
+#[test]
+#[cfg_attr(
+    not(all(feature = "netns-tests", feature = "apiserver-tests")),
+    ignore = "needs root and a kube-apiserver: --features netns-tests,apiserver-tests"
+)]
+fn kube_lab_fails_a_location_over_when_its_leader_stops_forwarding_and_returns_once_it_does() {
+    require_kube_tools();
+    let lab = Lab::new("fo");
+    // Two locations of two nodes; loc2 behind NAT. A short hold keeps the return quick.
+    let up = lab.up(&[
+        "--registry",
+        "kube",
+        "--nodes",
+        "4",
+        "--locations",
+        "2",
+        "--agent-arg=--failover-hold=15s",
+    ]);
+    assert!(up.status.success(), "{}", text(&up));
+    // Only a leader can be blackholed.
+    let refused = lab.run(&["lab", "chaos", "leader-blackhole", "node2"]);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused).contains("node2 does not lead location:loc1 (node1 does)"),
+        "{}",
+        text(&refused)
+    );
+    let chaos = lab.run(&["lab", "chaos", "leader-blackhole", "node1"]);
+    let report = text(&chaos);
+    assert!(chaos.status.success(), "{report}\n{}", lab.diagnostics());
+    assert!(report.contains("node2 took over"), "{report}");
+    assert!(
+        report.contains("while its leader was broken (bound 10.0s): ok"),
+        "{report}"
+    );
+    assert!(report.contains("node1 led again"), "{report}");
+    assert!(
+        report.contains("leader changes: 2 (away and back)"),
+        "{report}"
+    );
+    assert!(
+        report.contains("plaintext pod packets on the underlay: 0"),
+        "{report}"
+    );
+    // Two nodes acting as leader at once: at most a moment (the monitor samples every 250 ms).
+    let both: f64 = report
+        .split("two nodes held peers at once for ")
+        .nth(1)
+        .and_then(|r| r.split('s').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no overlap figure: {report}"));
+    assert!(both <= 1.0, "two leaders for {both} s: {report}");
+    // The reports ended with their hold; the blackhole table is gone.
+    for n in &api_nodes(&lab) {
+        let failed = n
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("wiremesh.io/forwarding-failed"));
+        assert_eq!(
+            failed.map(String::as_str),
+            Some(""),
+            "{:?}",
+            n.metadata.name
+        );
+    }
+    let state = lab.state();
+    let (_, node1) = state.node("node1").expect("node1");
+    let tables = std::process::Command::new("ip")
+        .args(["netns", "exec", &node1.netns, "nft", "list", "tables"])
+        .output()
+        .expect("nft");
+    assert!(
+        !String::from_utf8_lossy(&tables.stdout).contains("lab_leader_blackhole"),
+        "the blackhole was not lifted"
+    );
+    let logs = agent_logs(&lab);
+    assert!(
+        logs.contains("the location's leader forwards nothing to other segments"),
+        "node2 logged no report: {logs}"
+    );
+    eprintln!("{report}");
+}
+
+#[test]
+#[cfg_attr(
+    not(all(feature = "netns-tests", feature = "apiserver-tests")),
+    ignore = "needs root and a kube-apiserver: --features netns-tests,apiserver-tests"
+)]
+fn kube_lab_rotates_a_key_under_pings_and_the_old_key_is_gone_everywhere() {
+    require_kube_tools();
+    let lab = Lab::new("rk");
+    let up = lab.up(&["--registry", "kube", "--nodes", "3", "--locations", "3"]);
+    assert!(up.status.success(), "{}", text(&up));
+    let key_file =
+        |i: usize| std::fs::read_to_string(lab.state().nodes[i].private_key()).expect("key file");
+    let published = |name: &str| -> String {
+        api_nodes(&lab)
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(name))
+            .and_then(|n| n.metadata.annotations.clone())
+            .and_then(|a| a.get("wiremesh.io/key").cloned())
+            .expect("a published key")
+    };
+    let old_file = key_file(1);
+    let old = published("node2");
+    // Through the lab: pings to and from node2's pod across the rotation.
+    let chaos = lab.run(&["lab", "chaos", "rotate-key", "node2"]);
+    let report = text(&chaos);
+    assert!(chaos.status.success(), "{report}\n{}", lab.diagnostics());
+    assert!(report.contains("node2 publishes its new key"), "{report}");
+    let new = published("node2");
+    assert_ne!(new, old);
+    let file = key_file(1);
+    assert_ne!(file, old_file);
+    let derived = {
+        use std::io::Write as _;
+        let mut c = std::process::Command::new("wg")
+            .arg("pubkey")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("wg pubkey");
+        c.stdin
+            .take()
+            .expect("stdin")
+            .write_all(file.as_bytes())
+            .expect("write");
+        String::from_utf8(c.wait_with_output().expect("wg").stdout).expect("utf8")
+    };
+    assert_eq!(derived.trim(), new, "the key file holds the key published");
+    // The old key is gone from node2's device and every other node's peers.
+    let state = lab.state();
+    for (i, n) in state.nodes.iter().enumerate() {
+        let dev = wiremesh::lab::uapi::get(&n.uapi_socket(), Duration::from_secs(2)).expect("uapi");
+        let keys: Vec<String> = dev.peers.iter().map(|p| p.public_key.to_string()).collect();
+        assert!(!keys.contains(&old), "{} still has the old key", n.name);
+        if i != 1 {
+            assert!(keys.contains(&new), "{} lacks node2's new key", n.name);
+        }
+    }
+    // By hand, as an operator would: meshctl rotate-key against the API server, and back to
+    // a working mesh.
+    let kubeconfig = state
+        .apiserver
+        .as_ref()
+        .expect("kube lab")
+        .admin_kubeconfig();
+    let o = lab.exec(
+        "api",
+        &[
+            crate::util::lab::MESHCTL,
+            "rotate-key",
+            "node3",
+            "--kubeconfig",
+            kubeconfig.to_str().expect("path"),
+        ],
+    );
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("node node3: key rotated: "), "{out}");
+    let unknown = lab.exec(
+        "api",
+        &[
+            crate::util::lab::MESHCTL,
+            "rotate-key",
+            "node9",
+            "--kubeconfig",
+            kubeconfig.to_str().expect("path"),
+        ],
+    );
+    assert!(!unknown.status.success());
+    assert!(
+        text(&unknown).contains("no node named node9"),
+        "{}",
+        text(&unknown)
+    );
+    let check = lab.run(&["lab", "check"]);
+    assert!(
+        check.status.success(),
+        "{}\n{}",
+        text(&check),
+        lab.diagnostics()
+    );
+    eprintln!("{report}");
 }

@@ -9,6 +9,7 @@ mod boundary;
 mod claims_props;
 mod cluster_registry;
 mod engine_props;
+mod failover_props;
 mod fuzz_parsers;
 mod lab;
 mod lab_chaos;

@@ -255,6 +255,7 @@ async fn the_agent_with_its_nodes_credentials_publishes_and_restores_its_own_ann
         topology_label: TOPOLOGY.into(),
         resync_period: Duration::from_secs(3600),
         check_in_period: Duration::from_secs(30),
+        failover_hold: None,
         kernel: KernelConfig {
             interface: "wiremesh0".into(),
             bridge: "wmbr0".into(),

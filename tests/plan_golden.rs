@@ -134,9 +134,16 @@ fn edited_example(dir: &Path, from: &str, to: &str) -> String {
 
 /// examples/three-clouds.yaml with each `from` replaced once by its `to`, written into `dir`.
 fn edited_example_at(dir: &Path, edits: &[(&str, &str)]) -> String {
+    edited_at(dir, "three-clouds.yaml", edits)
+}
+
+/// `examples/EXAMPLE` with `edits` applied, written under `dir`; returns its path.
+fn edited_at(dir: &Path, example: &str, edits: &[(&str, &str)]) -> String {
     let file = dir.join("nodes.yaml");
     let mut text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/three-clouds.yaml"),
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("examples")
+            .join(example),
     )
     .expect("example");
     for (from, to) in edits {
@@ -379,6 +386,86 @@ fn plan_leaves_out_a_node_whose_pod_cidr_covers_every_other_not_the_real_nodes()
             .any(|d| d["key"] == "podCIDR" && d["skipped"] == true),
         "{evil:?}"
     );
+}
+
+/// examples/locations.yaml with every home node's agent reporting, home-a and home-c finding
+/// their leader home-b not forwarding.
+fn failover_example(dir: &Path) -> String {
+    let report = |name: &str, failed: &str| {
+        (
+            format!("name: {name}\n    labels: {{kubernetes.io/arch: amd64}}\n    annotations:\n"),
+            format!(
+                "name: {name}\n    labels: {{kubernetes.io/arch: amd64}}\n    annotations:\n      \
+                 wiremesh.io/forwarding-failed: \"{failed}\"\n"
+            ),
+        )
+    };
+    let home_c = (
+        "name: home-c\n    labels: {kubernetes.io/arch: arm64}\n    annotations:\n".to_owned(),
+        "name: home-c\n    labels: {kubernetes.io/arch: arm64}\n    annotations:\n      \
+         wiremesh.io/forwarding-failed: home-b\n"
+            .to_owned(),
+    );
+    let edits = [report("home-a", "home-b"), report("home-b", ""), home_c];
+    let edits: Vec<(&str, &str)> = edits
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    edited_at(dir, "locations.yaml", &edits)
+}
+
+#[test]
+fn plan_and_graph_show_a_location_failed_over_from_a_leader_that_does_not_forward() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = failover_example(dir.path());
+    let run = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--nodes", file.as_str()]);
+        let (stdout, stderr, ok) = meshctl(&all);
+        assert!(ok, "{stderr}");
+        (stdout, stderr)
+    };
+    // home-b volunteers, but home-a (first by name of the rest) leads while reported.
+    let (a, _) = run(&["plan", "--node", "home-a", "-o", "json"]);
+    let a: serde_json::Value = serde_json::from_str(&a).expect("json");
+    assert_eq!(a["leader"], true, "{a}");
+    let (c, _) = run(&["plan", "--node", "home-c", "-o", "json"]);
+    let c: serde_json::Value = serde_json::from_str(&c).expect("json");
+    assert_eq!(c["leader"], false);
+    let via: Vec<&str> = c["routes"]
+        .as_array()
+        .expect("routes")
+        .iter()
+        .filter(|r| r["dst"] == "10.42.20.0/24")
+        .filter_map(|r| r["gateway"].as_str())
+        .collect();
+    assert_eq!(via, ["192.168.1.11"], "home-c routes through home-a: {c}");
+    let (text, _) = run(&["plan", "--node", "home-b"]);
+    assert!(
+        text.contains("home-b")
+            && text.contains("wiremesh.io/forwarding-failed")
+            && text.contains("home-a, home-c")
+            && text.contains("home-a leads location:home instead"),
+        "{text}"
+    );
+    let (dot, _) = run(&["graph", "--format", "dot"]);
+    assert!(dot.contains("failover from home-b"), "{dot}");
+    assert!(dot.contains("forwarding failed (2 reports)"), "{dot}");
+    let (svg, _) = run(&["graph", "--format", "svg"]);
+    assert!(svg.contains("failover from home-b"), "{svg}");
+    // Without reports, Kilo's leader.
+    let (plain, stderr, ok) = meshctl(&[
+        "plan",
+        "--node",
+        "home-a",
+        "-o",
+        "json",
+        "--nodes",
+        "examples/locations.yaml",
+    ]);
+    assert!(ok, "{stderr}");
+    let plain: serde_json::Value = serde_json::from_str(&plain).expect("json");
+    assert_eq!(plain["leader"], false);
 }
 
 #[test]

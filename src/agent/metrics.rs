@@ -292,6 +292,12 @@ pub fn render(view: &View, live: &Live, lm: &LoopMetrics, ready: bool) -> String
         count(view.unreachable.len()),
     );
     r.register(
+        "forwarding_failed_leaders",
+        "Nodes of this location this node found not forwarding while they led it (published \
+         as wiremesh.io/forwarding-failed; the location fails over to its next candidate)",
+        count(view.forwarding_failed.len()),
+    );
+    r.register(
         "wireguard_up",
         "1 when the WireGuard device could be read for this scrape",
         flag(live.peers.is_ok()),
@@ -477,8 +483,13 @@ mod tests {
         };
         let mut v = view();
         v.unreachable = vec![WgKey([7; 32]), WgKey([8; 32])];
+        v.forwarding_failed = vec![crate::model::NodeName("fra-1".into())];
         let text = render(&v, &live, &LoopMetrics::default(), true);
         assert_eq!(samples(&text, "wiremesh_unreachable_peers")[0].1, "2");
+        assert_eq!(
+            samples(&text, "wiremesh_forwarding_failed_leaders")[0].1,
+            "1"
+        );
         let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/metrics.md"))
             .expect("docs/metrics.md");
         let families: std::collections::BTreeSet<&str> = text

@@ -15,14 +15,17 @@
 //! readiness and a status document.
 
 mod cluster;
+pub mod forward;
 pub mod guards;
 pub mod http;
+mod icmp;
 mod identity;
 mod machine;
 pub mod metrics;
 pub mod observe;
 mod port;
 mod reach;
+pub mod rotate;
 mod source;
 mod watch;
 
@@ -42,7 +45,7 @@ use crate::diagnostic::Diagnostic;
 use crate::model::{MeshNode, MeshPeer, NodeName, WgKey};
 use crate::reconcile::nft::FirewallMode;
 use crate::reconcile::system::{SystemKernel, SystemOptions};
-use crate::reconcile::wg::{PrivateKey, WgMode, load_or_generate_private_key};
+use crate::reconcile::wg::{PrivateKey, WgMode, load_or_generate_private_key, replace_key_file};
 use crate::reconcile::{self, Kernel, KernelError, Op};
 use crate::registry::cluster::publish::{self, Publication};
 use crate::registry::cluster::{Batch, ClientOptions, ClusterError, WatchOptions};
@@ -99,6 +102,9 @@ pub struct AgentConfig {
     /// Period of the last-seen heartbeat on this node's Node (Kubernetes registry); nodes whose
     /// heartbeat is older than two periods are left out, as Kilo does.
     pub check_in_period: Duration,
+    /// How long a location leader found not forwarding is passed over at first (Kubernetes
+    /// registry, location granularity; see [`forward`]); `None`: no probe, Kilo's leader.
+    pub failover_hold: Option<Duration>,
     /// Kernel-side settings.
     pub kernel: KernelConfig,
     /// Engine options.
@@ -235,9 +241,15 @@ enum Mesh {
 
 /// The agent's own node as it goes into the engine: its key is the one this agent holds, and
 /// what it has not published yet (endpoint, internal IP) is what it is about to publish. Its
-/// own heartbeat never makes it stale.
-fn overlay_local(n: &mut MeshNode, public_key: WgKey, own: Option<&Publication>) {
-    if n.key.is_some_and(|k| k != public_key) {
+/// own heartbeat never makes it stale. `retired`: the key a rotation replaced, which the
+/// registry may still show until the new one is published (no warning for it).
+fn overlay_local(
+    n: &mut MeshNode,
+    public_key: WgKey,
+    retired: Option<WgKey>,
+    own: Option<&Publication>,
+) {
+    if n.key.is_some_and(|k| k != public_key && Some(k) != retired) {
         warn!(node = %n.name, published = ?n.key.map(|k| k.to_string()), ours = %public_key,
             "the registry has another public key for this node; using ours (republishing)");
     }
@@ -338,7 +350,23 @@ pub async fn run_with<K: Kernel>(
         public_key,
         identity: identity::Identity::new(),
         reach: reach::Reachability::default(),
+        failover: cfg.failover_hold.map(forward::Failover::new),
+        rotated: None,
+        rotation_failed: None,
+        retired: None,
     };
+    let mut public_key = public_key;
+    // After a key rotation: when to make every peer anew, so that a new handshake starts at
+    // once instead of after WireGuard's 5 s retry (the peers have the new key by then).
+    let mut remake_at: Option<tokio::time::Instant> = None;
+    // Leader failover: a thread sends the echo rounds of the watched leader, the loop judges.
+    let failover_on = cluster.is_some() && me.failover.is_some();
+    let (probe_watch, probe_watched) = tokio::sync::watch::channel(None::<forward::Watch>);
+    let (probe_results, mut probe_rounds) = tokio::sync::mpsc::unbounded_channel();
+    let mut probe_open = failover_on && spawn_prober(probe_watched, probe_results);
+    let mut failover_tick = tokio::time::interval(forward::PROBE_EVERY);
+    failover_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failover_resumed = false;
     // Since when the registry has been listed and reachable without a break (for staleness).
     let mut live_since: Option<tokio::time::Instant> = None;
     me.port
@@ -447,8 +475,21 @@ pub async fn run_with<K: Kernel>(
                         me.check_identity(&cfg, &n, link, &observer);
                     }
                     let first = me.own.is_none();
+                    if me.rotated.is_none() {
+                        me.rotated = rotate::done(&n);
+                    }
+                    let request = rotate::pending(&n, me.rotated.as_deref());
                     me.node = Some(n);
-                    if first && let Some(link) = &cluster {
+                    if let Some(link) = &cluster
+                        && let Some(new) = me.rotate(&cfg, kernel, request)
+                    {
+                        public_key = new;
+                        observer.public_key(new);
+                        known = None;
+                        machine.kernel_changed();
+                        remake_at = Some(tokio::time::Instant::now() + REMAKE_AFTER_ROTATION);
+                        me.publish(&cfg, link, &host);
+                    } else if first && let Some(link) = &cluster {
                         // Publish at once what is known before the first reconciliation.
                         me.publish(&cfg, link, &host);
                     }
@@ -463,7 +504,7 @@ pub async fn run_with<K: Kernel>(
                     if let Event::NodeUpsert(n) = ev
                         && n.name == cfg.node
                     {
-                        overlay_local(Arc::make_mut(n), public_key, me.own.as_ref());
+                        overlay_local(Arc::make_mut(n), public_key, me.retired, me.own.as_ref());
                     }
                 }
                 if interrupted {
@@ -514,6 +555,57 @@ pub async fn run_with<K: Kernel>(
                         "segment leaders this node cannot reach directly changed; publishing them (relays go around them)");
                     observer.unreachable(me.reach.unreachable());
                     me.publish(&cfg, link, &host);
+                }
+            }
+            _ = failover_tick.tick(), if probe_open => {
+                let (Mesh::Running(engine), Some(f)) = (&mesh, &mut me.failover) else { continue };
+                let now = std::time::Instant::now();
+                if !failover_resumed {
+                    // Reports this node carried before a restart are held again.
+                    failover_resumed = true;
+                    let own = engine.nodes().find(|n| n.name == cfg.node);
+                    f.resume(own.and_then(|n| n.forwarding_failed.clone()).unwrap_or_default(), now);
+                }
+                f.watch(engine.leader_probe(), now);
+                let watched = f.watching().cloned();
+                probe_watch.send_if_modified(|w| {
+                    let changed = *w != watched;
+                    *w = watched;
+                    changed
+                });
+                if f.expire(now) && let Some(link) = &cluster {
+                    info!(reported = ?f.reported().iter().map(ToString::to_string).collect::<Vec<_>>(),
+                        "a leader's failover hold ended; it may lead its location again");
+                    observer.forwarding_failed(&f.reported());
+                    me.publish(&cfg, link, &host);
+                }
+            }
+            round = probe_rounds.recv(), if probe_open => {
+                let Some((leader, answered)) = round else {
+                    probe_open = false;
+                    continue;
+                };
+                let Some(f) = &mut me.failover else { continue };
+                let now = std::time::Instant::now();
+                if f.watching().is_some_and(|w| w.leader == leader)
+                    && f.round(answered, now)
+                    && let Some(link) = &cluster
+                {
+                    warn!(leader = %leader, hold = ?f.hold_of(&leader),
+                        "the location's leader forwards nothing to other segments; reporting it (the location fails over to its next candidate)");
+                    observer.forwarding_failed(&f.reported());
+                    me.publish(&cfg, link, &host);
+                }
+            }
+            _ = tokio::time::sleep_until(remake_at.unwrap_or(deadline)), if remake_at.is_some() => {
+                remake_at = None;
+                match kernel.read_wireguard().await {
+                    Ok(Some(dev)) => {
+                        remake_peers(kernel, dev.peers.iter()).await;
+                        info!(peers = dev.peers.len(), "peers made anew after the key rotation: new handshakes start at once");
+                    }
+                    Ok(None) => {}
+                    Err(e) => warn!(error = %e, "cannot read the WireGuard device after the key rotation"),
                 }
             }
             _ = heartbeat.tick() => {}
@@ -740,6 +832,14 @@ struct Local {
     identity: identity::Identity,
     /// Which segment leaders this node cannot reach directly (published for relays).
     reach: reach::Reachability,
+    /// Which leaders of this location this node reports not forwarding; `None`: failover off.
+    failover: Option<forward::Failover>,
+    /// The key-rotation request handled last (by this run, or before it as the Node says).
+    rotated: Option<String>,
+    /// A rotation request that failed (not retried until a new one comes).
+    rotation_failed: Option<String>,
+    /// The key the last rotation replaced.
+    retired: Option<WgKey>,
 }
 
 impl Local {
@@ -756,7 +856,53 @@ impl Local {
             granularity: Some(cfg.mesh.granularity),
             discovered_endpoints: self.discovered.clone(),
             unreachable: self.reach.unreachable().clone(),
+            forwarding_failed: self.failover.as_ref().map(forward::Failover::reported),
+            key_rotated: self.rotated.clone(),
         }
+    }
+
+    /// Carry out rotation `request`: a new key in the key file and the kernel (configured at
+    /// the next reconciliation), remembered as handled. Returns the new public key, `None`
+    /// when nothing was rotated (nothing asked, or it failed: logged once per request).
+    fn rotate<K: Kernel>(
+        &mut self,
+        cfg: &AgentConfig,
+        kernel: &mut K,
+        request: rotate::Request,
+    ) -> Option<WgKey> {
+        let token = match request {
+            rotate::Request::None => return None,
+            rotate::Request::Invalid(len) => {
+                if self.rotation_failed.as_deref() != Some("invalid") {
+                    warn!(
+                        annotation = rotate::REQUEST,
+                        len,
+                        max = rotate::MAX_TOKEN,
+                        "key rotation request ignored: the value is too long"
+                    );
+                    self.rotation_failed = Some("invalid".into());
+                }
+                return None;
+            }
+            rotate::Request::Rotate(t) if self.rotation_failed.as_ref() == Some(&t) => return None,
+            rotate::Request::Rotate(t) => t,
+        };
+        let key = PrivateKey::generate();
+        let new = key.public_key();
+        // The file first: a restart must come back with the key the others are told about.
+        let done =
+            replace_key_file(&cfg.private_key, &key).and_then(|()| kernel.set_private_key(key));
+        if let Err(e) = done {
+            warn!(error = %e, token = %token, "key rotation failed; the old key stays");
+            self.rotation_failed = Some(token);
+            return None;
+        }
+        info!(old = %self.public_key, new = %new, token = %token,
+            "key rotated: the new public key is published, the old one is gone");
+        self.retired = Some(self.public_key);
+        self.public_key = new;
+        self.rotated = Some(token);
+        Some(new)
     }
 
     /// Hand what this node publishes now to the publisher (without what the port guard says
@@ -843,6 +989,53 @@ pub fn staleness_grace() -> Duration {
         + cluster::publish_backoff().longest()
 }
 
+/// Start the thread that probes the watched leader's forwarding: one echo round per
+/// [`forward::PROBE_EVERY`] while something is watched, each result sent to the loop. It ends
+/// when the loop drops its receiver. Returns whether it started.
+fn spawn_prober(
+    watched: tokio::sync::watch::Receiver<Option<forward::Watch>>,
+    results: tokio::sync::mpsc::UnboundedSender<(NodeName, bool)>,
+) -> bool {
+    let run = move || {
+        // The identifier tells this agent's replies from other pingers'.
+        let mut pinger = icmp::Pinger::new((std::process::id() & 0xffff) as u16);
+        let mut failing: Option<String> = None;
+        while !results.is_closed() {
+            let started = std::time::Instant::now();
+            let current = watched.borrow().clone();
+            if let Some(w) = current {
+                match pinger.round(&w.targets, forward::PROBE_EVERY) {
+                    Ok(answered) => {
+                        failing = None;
+                        if results.send((w.leader, answered)).is_err() {
+                            return;
+                        }
+                    }
+                    // No socket, no verdict: a node that cannot probe never reports its leader.
+                    Err(e) => {
+                        let e = e.to_string();
+                        if failing.as_ref() != Some(&e) {
+                            warn!(error = %e, "cannot probe the location leader's forwarding (needs CAP_NET_RAW); no failover from this node");
+                            failing = Some(e);
+                        }
+                    }
+                }
+            }
+            std::thread::sleep(forward::PROBE_EVERY.saturating_sub(started.elapsed()));
+        }
+    };
+    match std::thread::Builder::new()
+        .name("wiremesh-probe".into())
+        .spawn(run)
+    {
+        Ok(_) => true,
+        Err(e) => {
+            warn!(error = %e, "cannot start the leader probe; no failover from this node");
+            false
+        }
+    }
+}
+
 /// How often the WireGuard device is sampled for unreachable peers.
 const REACH_PERIOD: Duration = Duration::from_secs(5);
 
@@ -879,19 +1072,35 @@ async fn sample_reachability<K: Kernel>(
             .peers
             .iter()
             .filter(|p| due.contains(&p.public_key) && p.persistent_keepalive != 0);
-        for p in probed {
-            let remove = Op::RemovePeer {
-                public_key: p.public_key,
-            };
-            for op in [remove, Op::UpsertPeer(Box::new(p.clone()))] {
-                if let Err(e) = kernel.apply(&op).await {
-                    debug!(error = %e, peer = %p.public_key, "cannot try the direct path again");
-                }
-            }
-            debug!(peer = %p.public_key, "trying the direct path of an unreachable peer again");
-        }
+        remake_peers(kernel, probed).await;
     }
     changed
+}
+
+/// How long after a key rotation the peers are made anew (see [`remake_peers`]).
+const REMAKE_AFTER_ROTATION: Duration = Duration::from_secs(1);
+
+/// Remove each of `peers` and add it again as it was: without its old session and handshake
+/// state, its next packet (or keepalive) starts a new handshake at once.
+async fn remake_peers<'a, K: Kernel>(
+    kernel: &mut K,
+    peers: impl Iterator<Item = &'a crate::desired::WgPeer>,
+) {
+    let ops: Vec<Op> = peers
+        .flat_map(|p| {
+            [
+                Op::RemovePeer {
+                    public_key: p.public_key,
+                },
+                Op::UpsertPeer(Box::new(p.clone())),
+            ]
+        })
+        .collect();
+    for (op, r) in ops.iter().zip(kernel.apply_all(&ops).await) {
+        if let Err(e) = r {
+            debug!(error = %e, op = op.kind(), "cannot make a peer anew");
+        }
+    }
 }
 
 fn system_options(

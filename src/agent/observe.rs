@@ -22,7 +22,7 @@ use ipnetwork::IpNetwork;
 use super::metrics::LoopMetrics;
 use crate::desired::{DesiredDelta, DesiredState, WgPeer};
 use crate::diagnostic::{Diagnostic, Subject};
-use crate::model::{MeshNode, MeshPeer, WgKey};
+use crate::model::{MeshNode, MeshPeer, NodeName, WgKey};
 use crate::reconcile::Report;
 use crate::status::PeerKind;
 use crate::topology::NotReady;
@@ -108,6 +108,8 @@ pub struct View {
     pub loop_not_ready: Option<String>,
     /// Segment leaders this node cannot reach directly (relays go around them), by key.
     pub unreachable: Vec<WgKey>,
+    /// Nodes of this location this node reports not forwarding (the location fails over).
+    pub forwarding_failed: Vec<NodeName>,
 }
 
 /// The reason label of a diagnostic that left its object out: `invalid` for what the registry
@@ -321,6 +323,16 @@ impl Observer {
         if v.loop_not_ready != why {
             v.loop_not_ready = why;
         }
+    }
+
+    /// This node's public key changed (key rotation).
+    pub fn public_key(&self, key: WgKey) {
+        self.lock().public_key = Some(key);
+    }
+
+    /// The nodes of this location this node reports not forwarding now.
+    pub fn forwarding_failed(&self, names: &std::collections::BTreeSet<NodeName>) {
+        self.lock().forwarding_failed = names.iter().cloned().collect();
     }
 
     /// The segment leaders this node cannot reach directly now.

@@ -103,6 +103,7 @@ fn config(dir: &std::path::Path) -> AgentConfig {
         node: NodeName("fra-1".into()),
         registry: RegistryConfig::File(FileRegistry { nodes, peers: None }),
         check_in_period: Duration::from_secs(30),
+        failover_hold: None,
         private_key: dir.join("key"),
         topology_label: crate::registry::annotations::DEFAULT_TOPOLOGY_LABEL.into(),
         resync_period: Duration::from_secs(3600),
@@ -583,7 +584,7 @@ fn the_local_node_is_what_this_agent_holds_and_is_about_to_publish() {
         internal_ip: Some("10.0.0.1/24".parse().unwrap()),
         ..Default::default()
     };
-    overlay_local(&mut n, KEY, Some(&own));
+    overlay_local(&mut n, KEY, None, Some(&own));
     assert_eq!(n.key, Some(KEY));
     assert_eq!(
         n.last_seen, None,
@@ -594,7 +595,7 @@ fn the_local_node_is_what_this_agent_holds_and_is_about_to_publish() {
     // What the registry says wins over what is detected.
     let mut n2 = MeshNode::new("fra-1");
     n2.endpoint = Some("198.51.100.1:1".parse().unwrap());
-    overlay_local(&mut n2, KEY, Some(&own));
+    overlay_local(&mut n2, KEY, None, Some(&own));
     assert_eq!(n2.endpoint.unwrap().to_string(), "198.51.100.1:1");
 }
 

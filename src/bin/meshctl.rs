@@ -101,6 +101,9 @@ enum Command {
     Showconf(ShowconfArgs),
     /// Add, list and delete external peers (Kilo `Peer` resources) in the cluster.
     Peer(PeerArgs),
+    /// Make a node's agent replace its WireGuard key (`wiremesh.io/rotate-key`) and wait until
+    /// it has published the new public key; the old key is unusable afterwards.
+    RotateKey(RotateKeyArgs),
     /// Check what this machine offers wiremesh: WireGuard, IPIP, firewall, CNI plugins.
     Doctor(DoctorArgs),
     /// Run a throw-away mesh on this machine in network namespaces (needs root).
@@ -405,6 +408,18 @@ enum ShowconfKind {
     Node,
     /// Configuration for the external peer NAME (a laptop, another cluster).
     Peer,
+}
+
+/// `meshctl rotate-key`.
+#[derive(Args, Debug)]
+struct RotateKeyArgs {
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    /// The node whose key is replaced.
+    node: String,
+    /// Seconds to wait for the agent to publish the new key (0: do not wait).
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    wait: u64,
 }
 
 /// `meshctl peer`: external peers in the cluster.
@@ -767,6 +782,67 @@ fn showconf(args: ShowconfArgs) -> Result<()> {
     Ok(())
 }
 
+fn rotate_key(args: RotateKeyArgs) -> Result<()> {
+    use wiremesh::agent::rotate;
+    let token = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .context("the clock is before 1970")?
+        .as_nanos()
+        .to_string();
+    let (node, t, wait) = (args.node.clone(), token.clone(), args.wait);
+    let key_of = |n: &k8s_openapi::api::core::v1::Node| {
+        let a = n.metadata.annotations.clone().unwrap_or_default();
+        a.get("wiremesh.io/key")
+            .or_else(|| a.get("kilo.squat.ai/key"))
+            .cloned()
+            .unwrap_or_else(|| "(none)".into())
+    };
+    let (before, after) = args.cluster.run(|c| async move {
+        let before = c.node(&node).await?;
+        c.request_rotation(&node, &t).await?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait);
+        if wait == 0 {
+            return Ok((before, None));
+        }
+        loop {
+            let n = c.node(&node).await?;
+            if rotate::done(&n).as_deref() == Some(t.as_str()) {
+                return Ok((before, Some(n)));
+            }
+            if std::time::Instant::now() > deadline {
+                return Ok((before, None));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
+    })?;
+    match after {
+        Some(n) => {
+            println!(
+                "node {}: key rotated: {} -> {}",
+                args.node,
+                key_of(&before),
+                key_of(&n)
+            );
+            Ok(())
+        }
+        None if args.wait == 0 => {
+            println!(
+                "node {}: rotation requested ({} {token})",
+                args.node,
+                rotate::REQUEST
+            );
+            Ok(())
+        }
+        None => anyhow::bail!(
+            "node {}: rotation requested ({} {token}), but its agent has not published a new key \
+             within {} s (is it running wiremesh, with the Kubernetes registry?)",
+            args.node,
+            rotate::REQUEST,
+            args.wait
+        ),
+    }
+}
+
 fn peer(args: PeerArgs) -> Result<()> {
     match args.command {
         PeerCommand::Add(a) => {
@@ -921,6 +997,30 @@ enum LabChaosCommand {
         /// The node.
         #[arg(value_name = "NODE")]
         node: String,
+    },
+    /// Stop a location leader's forwarding (an nft table in its namespace drops what it would
+    /// forward; its agent keeps running) until the location has failed over, then let it
+    /// forward again and wait until it leads again (`--registry kube`, by location); pings
+    /// from the other members' pods to another location and back. Passes when each cut-off
+    /// lasted at most --bound seconds and the leader changed exactly twice.
+    LeaderBlackhole {
+        /// The leader.
+        #[arg(value_name = "NODE")]
+        node: String,
+        /// The longest the location's pods may be cut off, each time, in seconds.
+        #[arg(long, default_value_t = 10)]
+        bound: u64,
+    },
+    /// Ask the node's agent to rotate its WireGuard key (`--registry kube`) while pods ping to
+    /// and from it; passes when every agent uses the new key and no flow went unanswered longer
+    /// than --bound seconds.
+    RotateKey {
+        /// The node.
+        #[arg(value_name = "NODE")]
+        node: String,
+        /// The longest a flow may go unanswered, in seconds.
+        #[arg(long, default_value_t = 2.0)]
+        bound: f64,
     },
 }
 
@@ -1297,6 +1397,14 @@ fn lab(args: LabArgs) -> Result<(), LabError> {
                     Fault::StopAgent(node, std::time::Duration::from_secs(seconds))
                 }
                 LabChaosCommand::Renumber { node } => Fault::Renumber(node),
+                LabChaosCommand::LeaderBlackhole { node, bound } => {
+                    Fault::LeaderBlackhole(node, std::time::Duration::from_secs(bound))
+                }
+                LabChaosCommand::RotateKey { node, bound } => Fault::RotateKey(
+                    node,
+                    std::time::Duration::try_from_secs_f64(bound)
+                        .map_err(|e| LabError::Options(format!("--bound {bound}: {e}")))?,
+                ),
             };
             let opts = ChaosOptions {
                 fault,
@@ -1308,13 +1416,19 @@ fn lab(args: LabArgs) -> Result<(), LabError> {
                 Ok(())
             } else {
                 Err(LabError::ChaosFailed(format!(
-                    "{} packets lost, {} in plaintext on the underlay{}",
+                    "{} packets lost, {} in plaintext on the underlay{}{}",
                     report.lost(),
                     report.plaintext.len(),
                     if report.converged_after.is_some() {
                         ""
                     } else {
                         ", mesh not converged"
+                    },
+                    match &report.failover {
+                        Some(f) if !f.passed() => {
+                            ", failover not within its bound (or flapping, or no return)"
+                        }
+                        _ => "",
                     }
                 )))
             }
@@ -1372,6 +1486,7 @@ fn main() {
         Command::Graph(a) => graph(a),
         Command::Showconf(a) => showconf(a),
         Command::Peer(a) => peer(a),
+        Command::RotateKey(a) => rotate_key(a),
         Command::Doctor(a) => doctor(a),
         Command::Completion { shell } => completion(shell),
         Command::Lab(a) => {

@@ -222,6 +222,11 @@ struct AgentArgs {
     /// (an API-server outage never makes nodes stale).
     #[arg(long, env = "WIREMESH_CHECK_IN_PERIOD", default_value = "30s", value_parser = parse_check_in)]
     check_in_period: Duration,
+    /// Leader failover (location granularity, Kubernetes registry): how long a leader found not
+    /// forwarding is passed over at first (doubled each time it is found broken again within
+    /// 15 minutes, up to 16 times); `off` turns the probe off (Kilo's leader, always).
+    #[arg(long, env = "WIREMESH_FAILOVER_HOLD", value_name = "DURATION|off", default_value = "60s", value_parser = parse_failover_hold)]
+    failover_hold: FailoverHold,
     /// How often to compare the kernel with the desired state even without changes.
     #[arg(long, env = "WIREMESH_RESYNC_PERIOD", default_value = "30s", value_parser = parse_period)]
     resync_period: Duration,
@@ -288,6 +293,24 @@ fn parse_period(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// The `--failover-hold` value: `None` is off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FailoverHold(Option<Duration>);
+
+fn parse_failover_hold(s: &str) -> Result<FailoverHold, String> {
+    if s == "off" {
+        return Ok(FailoverHold(None));
+    }
+    let d = parse_duration(s)?;
+    if d < Duration::from_secs(5) {
+        return Err(format!(
+            "{s:?}: the failover hold must be at least 5s (or off): shorter, a leader that is \
+             still broken comes back before the probe can tell"
+        ));
+    }
+    Ok(FailoverHold(Some(d)))
+}
+
 fn parse_check_in(s: &str) -> Result<Duration, String> {
     let d = parse_duration(s)?;
     if d.is_zero() || d > Duration::from_secs(30) {
@@ -336,6 +359,7 @@ fn agent_config(a: AgentArgs) -> Result<AgentConfig> {
             }),
         },
         check_in_period: a.check_in_period,
+        failover_hold: a.failover_hold.0,
         private_key: a.private_key,
         topology_label: a.topology_label,
         resync_period: a.resync_period,
@@ -539,6 +563,21 @@ mod tests {
         assert!(parsed(&[]));
         assert!(!parsed(&["--mss-clamp", "false"]));
         assert!(parsed(&["--mss-clamp", "true"]));
+    }
+
+    #[test]
+    fn failover_hold_is_off_or_at_least_five_seconds() {
+        assert_eq!(parse_failover_hold("off"), Ok(FailoverHold(None)));
+        assert_eq!(
+            parse_failover_hold("2m"),
+            Ok(FailoverHold(Some(Duration::from_secs(120))))
+        );
+        assert!(
+            parse_failover_hold("4s")
+                .unwrap_err()
+                .contains("at least 5s")
+        );
+        assert!(parse_failover_hold("soon").is_err());
     }
 
     #[test]

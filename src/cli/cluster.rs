@@ -75,6 +75,9 @@ pub enum ClusterCliError {
     /// `peer delete` of a name that does not exist.
     #[error("no peer named {0} in the cluster")]
     NoSuchPeer(String),
+    /// `rotate-key` of a node that does not exist.
+    #[error("no node named {0} in the cluster")]
+    NoSuchNode(String),
     /// A Peer could not be turned into a request body.
     #[error("cannot encode peer {name}: {problem}")]
     Encode {
@@ -286,6 +289,51 @@ impl Cluster {
                         Ok(true) => Err(ClusterCliError::NoSuchPeer(name.to_owned())),
                         Err(e) => Err(self.cluster_error(e)),
                     }
+                }
+                Err(e) => Err(self.kube_error(e)),
+            }
+        })
+        .await
+    }
+
+    /// Ask node `name`'s agent to rotate its key: `token` into its `wiremesh.io/rotate-key`
+    /// (one merge patch of that key alone).
+    pub async fn request_rotation(&self, name: &str, token: &str) -> Result<(), ClusterCliError> {
+        let patch = serde_json::json!({
+            "metadata": {"annotations": {crate::agent::rotate::REQUEST: token}}
+        });
+        self.timed(async {
+            match kube::Api::<k8s_openapi::api::core::v1::Node>::all(self.client.clone())
+                .patch(
+                    name,
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(&patch),
+                )
+                .await
+            {
+                Ok(_) => Ok(()),
+                Err(kube::Error::Api(s)) if s.code == 404 => {
+                    Err(ClusterCliError::NoSuchNode(name.to_owned()))
+                }
+                Err(e) => Err(self.kube_error(e)),
+            }
+        })
+        .await
+    }
+
+    /// Node `name` as stored.
+    pub async fn node(
+        &self,
+        name: &str,
+    ) -> Result<k8s_openapi::api::core::v1::Node, ClusterCliError> {
+        self.timed(async {
+            match kube::Api::<k8s_openapi::api::core::v1::Node>::all(self.client.clone())
+                .get(name)
+                .await
+            {
+                Ok(n) => Ok(n),
+                Err(kube::Error::Api(s)) if s.code == 404 => {
+                    Err(ClusterCliError::NoSuchNode(name.to_owned()))
                 }
                 Err(e) => Err(self.kube_error(e)),
             }

@@ -443,7 +443,47 @@ fn node_card(topo: &Topology<'_>, s: usize, m: usize, cap: Option<usize>) -> Car
             .map_or_else(|| "none".to_owned(), |ip| ip.to_string()),
     });
     rows.push(endpoint_row(node.endpoint.as_ref()));
+    if let Some(row) = leader_health(seg, m) {
+        rows.push(row);
+    }
     Card { heading, rows }
+}
+
+/// The leader's health on member `m`'s card while its location has failed over: the acting
+/// leader says whom it replaces, the passed-over leader that it does not forward.
+fn leader_health(seg: &Segment<'_>, m: usize) -> Option<Row> {
+    if seg.leader == seg.preferred {
+        return None;
+    }
+    if m == seg.leader {
+        return Some(Row {
+            key: "leader",
+            value: format!("failover from {}", seg.nodes[seg.preferred].name),
+        });
+    }
+    (m == seg.preferred).then(|| {
+        let name = &seg.nodes[m].name;
+        let reports = seg
+            .nodes
+            .iter()
+            .filter(|n| {
+                n.forwarding_failed
+                    .as_ref()
+                    .is_some_and(|f| f.contains(name))
+            })
+            .count();
+        Row {
+            key: "forwarding",
+            value: format!(
+                "failed ({})",
+                if reports == 1 {
+                    "1 report".to_owned()
+                } else {
+                    format!("{reports} reports")
+                }
+            ),
+        }
+    })
 }
 
 /// The card of an external peer; lists longer than `cap` are shortened.

@@ -496,8 +496,16 @@ pub(super) fn build(
                 let p = kept[i];
                 match places[p].leader {
                     Some(l) => {
-                        let leader = super::end_name(topo, places[p].nodes[l]);
-                        b.rows.push(format!("leader {leader}"));
+                        let end = places[p].nodes[l];
+                        b.rows
+                            .push(format!("leader {}", super::end_name(topo, end)));
+                        if let End::Node(s, _) = end
+                            && let seg = &topo.segments[s]
+                            && seg.leader != seg.preferred
+                        {
+                            b.rows
+                                .push(format!("failover from {}", seg.nodes[seg.preferred].name));
+                        }
                     }
                     None if is_full_granularity && b.count > 1 => {
                         b.rows.push("each node its own tunnels".to_owned());

@@ -26,7 +26,9 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use super::state::{LabState, ProcRef};
-use super::{LabError, LabName, agent, apiserver, check, mesh_nodes, mesh_options, sys, uapi};
+use super::{
+    LabError, LabName, agent, apiserver, check, failover, mesh_nodes, mesh_options, sys, uapi,
+};
 use crate::agent::unix_now;
 use crate::model::{NodeName, WgKey};
 use crate::topology;
@@ -48,6 +50,14 @@ pub enum Fault {
     /// Take this node out of the nodes file, wait for the mesh to converge without it, then
     /// put it back (file registry): the nodes after it are renumbered, and back again.
     Renumber(String),
+    /// Stop this location leader's forwarding until its location failed over, then let it
+    /// forward again and wait for it to lead again; each cut of the location's pods must stay
+    /// within the bound (see [`super::failover`]).
+    LeaderBlackhole(String, Duration),
+    /// Ask this node's agent to rotate its key (`wiremesh.io/rotate-key`, `--registry kube`)
+    /// and wait until every agent uses the new one; no flow may go unanswered longer than the
+    /// bound (about one handshake after the others learn the key).
+    RotateKey(String, Duration),
 }
 
 impl std::fmt::Display for Fault {
@@ -57,6 +67,8 @@ impl std::fmt::Display for Fault {
             Fault::ApiServerOutage(d) => write!(f, "apiserver-outage {}s", d.as_secs()),
             Fault::StopAgent(n, d) => write!(f, "stop-agent {n} {}s", d.as_secs()),
             Fault::Renumber(n) => write!(f, "renumber {n}"),
+            Fault::LeaderBlackhole(n, _) => write!(f, "leader-blackhole {n}"),
+            Fault::RotateKey(n, _) => write!(f, "rotate-key {n}"),
         }
     }
 }
@@ -78,9 +90,25 @@ pub struct Flow {
     pub received: u32,
     /// The longest run of requests in a row without a reply.
     pub gap: u32,
+    /// Every run of requests without a reply: its first sequence number and its length.
+    pub gaps: Vec<(u32, u32)>,
 }
 
 impl Flow {
+    /// A flow from pod `from_pod` on `from_node` to address `to` on `to_node`, not run yet.
+    pub fn new(from_pod: String, from_node: String, to_node: String, to: IpAddr) -> Flow {
+        Flow {
+            from_pod,
+            from_node,
+            to_node,
+            to,
+            sent: 0,
+            received: 0,
+            gap: 0,
+            gaps: Vec::new(),
+        }
+    }
+
     /// Requests without a reply.
     pub fn lost(&self) -> u32 {
         self.sent.saturating_sub(self.received)
@@ -102,6 +130,8 @@ pub struct ChaosReport {
     pub divergence: Vec<String>,
     /// Pod (or mesh) packets the underlay carried unencrypted during the run.
     pub plaintext: Vec<check::Packet>,
+    /// What a leader-blackhole run saw of the failover.
+    pub failover: Option<failover::FailoverReport>,
 }
 
 impl ChaosReport {
@@ -111,12 +141,21 @@ impl ChaosReport {
     }
 
     /// No packet lost, none in plaintext on the underlay, every flow sent some, and the mesh
-    /// converged.
+    /// converged. A leader blackhole loses packets by design: its failover must pass instead;
+    /// a key rotation may lose what fits in its bound (no flow's longest gap above it).
     pub fn passed(&self) -> bool {
+        let flows_ok = match (&self.failover, &self.fault) {
+            (Some(f), _) => f.passed(),
+            (None, Fault::RotateKey(_, bound)) => {
+                self.flows.iter().all(|f| ping_interval() * f.gap <= *bound)
+            }
+            (None, _) => self.flows.iter().all(|f| f.lost() == 0),
+        };
         self.converged_after.is_some()
             && self.plaintext.is_empty()
             && !self.flows.is_empty()
-            && self.flows.iter().all(|f| f.sent > 0 && f.lost() == 0)
+            && self.flows.iter().all(|f| f.sent > 0)
+            && flows_ok
     }
 
     /// The report as text.
@@ -159,6 +198,18 @@ impl ChaosReport {
                 }
             }
         }
+        if let Some(f) = &self.failover {
+            f.render(&mut out);
+        }
+        if let Fault::RotateKey(_, bound) = &self.fault {
+            let worst = self.flows.iter().map(|f| f.gap).max().unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "  longest gap {:.1}s (bound {:.1}s)",
+                (ping_interval() * worst).as_secs_f64(),
+                bound.as_secs_f64()
+            );
+        }
         let sent: u32 = self.flows.iter().map(|f| f.sent).sum();
         let _ = writeln!(
             out,
@@ -178,6 +229,15 @@ pub fn ping_interval() -> Duration {
 /// The longest run of echo requests in a row without a reply, from ping's per-reply lines and
 /// the number sent (`sent`, as [`stopped_ping_counts`] counts it).
 pub fn longest_gap(text: &str, sent: u32) -> u32 {
+    gaps(text, sent)
+        .iter()
+        .map(|&(_, len)| len)
+        .max()
+        .unwrap_or(0)
+}
+
+/// Every run of echo requests in a row without a reply: its first sequence number and length.
+pub fn gaps(text: &str, sent: u32) -> Vec<(u32, u32)> {
     let mut answered: Vec<u32> = text
         .lines()
         .filter(|l| l.contains(" bytes from ") && !l.contains("DUP!"))
@@ -193,13 +253,15 @@ pub fn longest_gap(text: &str, sent: u32) -> u32 {
         .collect();
     answered.sort_unstable();
     answered.dedup();
-    let mut longest = 0;
+    let mut out = Vec::new();
     let mut last = 0;
     for seq in answered.into_iter().chain(std::iter::once(sent + 1)) {
-        longest = longest.max(seq - last - 1);
+        if seq - last > 1 {
+            out.push((last + 1, seq - last - 1));
+        }
         last = seq;
     }
-    longest
+    out
 }
 
 /// Options of a chaos run.
@@ -285,7 +347,8 @@ impl BackgroundPing {
         let mut flow = self.flow.clone();
         flow.sent = sent;
         flow.received = received;
-        flow.gap = longest_gap(&out, sent);
+        flow.gaps = gaps(&out, sent);
+        flow.gap = flow.gaps.iter().map(|&(_, len)| len).max().unwrap_or(0);
         flow
     }
 }
@@ -319,15 +382,12 @@ fn flows(state: &LabState, fault: &Fault) -> Vec<Flow> {
     let flow = |from: usize, to: usize| -> Option<Flow> {
         let (from_pod, _) = pods.get(from)?.clone()?;
         let (_, ip) = pods.get(to)?.clone()?;
-        Some(Flow {
+        Some(Flow::new(
             from_pod,
-            from_node: state.nodes[from].name.clone(),
-            to_node: state.nodes[to].name.clone(),
-            to: ip,
-            sent: 0,
-            received: 0,
-            gap: 0,
-        })
+            state.nodes[from].name.clone(),
+            state.nodes[to].name.clone(),
+            ip,
+        ))
     };
     let n = state.nodes.len();
     match fault {
@@ -348,6 +408,15 @@ fn flows(state: &LabState, fault: &Fault) -> Vec<Flow> {
             Some((i, _)) => (0..n)
                 .filter(|&j| j != i)
                 .filter_map(|j| flow(i, j))
+                .collect(),
+            None => Vec::new(),
+        },
+        Fault::LeaderBlackhole(node, _) => failover::flows(state, node),
+        Fault::RotateKey(node, _) => match state.node(node) {
+            Some((i, _)) => (0..n)
+                .filter(|&j| j != i)
+                .flat_map(|j| [flow(i, j), flow(j, i)])
+                .flatten()
                 .collect(),
             None => Vec::new(),
         },
@@ -529,6 +598,18 @@ pub fn run(root: &Path, lab: &LabName, opts: &ChaosOptions) -> Result<ChaosRepor
                 )));
             }
         }
+        Fault::LeaderBlackhole(node, _) => failover::validate(&state, node)?,
+        Fault::RotateKey(node, _) => {
+            state.require_apiserver("chaos rotate-key")?;
+            let (_, n) = state
+                .node(node)
+                .ok_or_else(|| LabError::Options(format!("lab {lab} has no node {node}")))?;
+            if !n.agent.as_ref().is_some_and(sys::is_running) {
+                return Err(LabError::Options(format!(
+                    "the agent of node {node} does not run"
+                )));
+            }
+        }
         Fault::ApiServerOutage(_) => {
             let api = state.require_apiserver("chaos apiserver-outage")?;
             if !api.apiserver.as_ref().is_some_and(sys::is_running) {
@@ -571,7 +652,27 @@ pub fn run(root: &Path, lab: &LabName, opts: &ChaosOptions) -> Result<ChaosRepor
     let at = |what: String| format!("+{:>5.1}s {what}", t0.elapsed().as_secs_f64());
     let mut steps = Vec::new();
     std::thread::sleep(MARGIN);
+    let mut timeline = None;
     let heartbeat_since = match &opts.fault {
+        Fault::RotateKey(node, _) => {
+            rotate_key(&state, node, opts.timeout, &mut steps, &at)?;
+            None
+        }
+        Fault::LeaderBlackhole(node, bound) => {
+            let converge = || Ok(wait_converged(root, lab, None, opts.timeout)?.is_ok());
+            timeline = Some(failover::run(
+                root,
+                lab,
+                &state,
+                node,
+                *bound,
+                opts.timeout,
+                &mut steps,
+                &at,
+                &converge,
+            )?);
+            None
+        }
         Fault::RestartAgent(node) => {
             restart_agent(root, lab, node, None, opts.timeout, &mut steps, &at)?;
             None
@@ -614,7 +715,8 @@ pub fn run(root: &Path, lab: &LabName, opts: &ChaosOptions) -> Result<ChaosRepor
         Err(_) => "gave up waiting for convergence".into(),
     }));
     std::thread::sleep(MARGIN);
-    let flows = pings.drain(..).map(BackgroundPing::stop).collect();
+    let flows: Vec<Flow> = pings.drain(..).map(BackgroundPing::stop).collect();
+    let failover = timeline.map(|t| failover::finish(t, &flows, t0));
     // Let the last packets through the pipe before stopping.
     std::thread::sleep(Duration::from_millis(300));
     let packets = check::parse_pcap(&capture.stop()?).map_err(LabError::Pcap)?;
@@ -630,7 +732,64 @@ pub fn run(root: &Path, lab: &LabName, opts: &ChaosOptions) -> Result<ChaosRepor
         converged_after,
         divergence,
         plaintext: tally.plaintext,
+        failover,
     })
+}
+
+/// Ask `node`'s agent for a new key through the lab's API server and wait until it published
+/// one (the run then waits for every agent to use it, as after any fault).
+fn rotate_key(
+    state: &LabState,
+    node: &str,
+    timeout: Duration,
+    steps: &mut Vec<String>,
+    at: &dyn Fn(String) -> String,
+) -> Result<(), LabError> {
+    use crate::agent::rotate;
+    let api = state.require_apiserver("chaos rotate-key")?;
+    let key_of = |nodes: &[k8s_openapi::api::core::v1::Node]| {
+        nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(node))
+            .map(|n| {
+                let a = n.metadata.annotations.clone().unwrap_or_default();
+                (
+                    a.get("wiremesh.io/key").cloned().unwrap_or_default(),
+                    rotate::done(n),
+                )
+            })
+    };
+    let (old, _) = key_of(&super::cluster::nodes(api)?).unwrap_or_default();
+    let token = unix_now().to_string();
+    super::cluster::annotate(
+        api,
+        node,
+        &[(rotate::REQUEST.to_owned(), Some(token.clone()))],
+    )?;
+    steps.push(at(format!("{node}: {} {token}", rotate::REQUEST)));
+    let t0 = Instant::now();
+    loop {
+        if let Some((new, Some(done))) = key_of(&super::cluster::nodes(api)?)
+            && done == token
+        {
+            if new == old {
+                return Err(LabError::CheckFailed(format!(
+                    "{node} says it rotated its key, but still publishes {old}"
+                )));
+            }
+            steps.push(at(format!(
+                "{node} publishes its new key {new} (was {old})"
+            )));
+            return Ok(());
+        }
+        if t0.elapsed() > timeout {
+            return Err(LabError::CheckFailed(format!(
+                "{node} did not publish a new key within {} s",
+                timeout.as_secs()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// The nodes file `text` without the item of node `name`.
@@ -824,6 +983,7 @@ mod tests {
             sent,
             received,
             gap: sent - received,
+            gaps: vec![(received + 1, sent - received)],
         }
     }
 
@@ -839,6 +999,7 @@ mod tests {
                 vec!["node2: peer X missing".into()]
             },
             plaintext: Vec::new(),
+            failover: None,
         }
     }
 
@@ -889,6 +1050,11 @@ mod tests {
         // A duplicate does not stand for an answer.
         let dup = format!("{}{}", reply(1), reply(2).replace(" ms", " ms (DUP!)"));
         assert_eq!(longest_gap(&dup, 3), 2);
+        // Each run where it starts, with its length.
+        assert_eq!(
+            gaps(&answered(&[1, 5, 6, 9]), 10),
+            [(2, 3), (7, 2), (10, 1)]
+        );
     }
 
     #[test]

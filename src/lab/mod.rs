@@ -35,6 +35,7 @@ pub mod cluster;
 pub mod cni;
 pub mod down;
 mod error;
+pub mod failover;
 pub mod keys;
 pub mod names;
 pub mod net;

@@ -103,6 +103,11 @@ pub trait Kernel {
     ) -> Result<Option<u32>, KernelError> {
         Ok(None)
     }
+    /// Hold `key` as the WireGuard interface's private key from now on (key rotation): the
+    /// next reconciliation configures the device with it. By default unsupported.
+    fn set_private_key(&mut self, _key: wg::PrivateKey) -> Result<(), KernelError> {
+        Err(KernelError::Unsupported("key rotation".into()))
+    }
     /// Apply one operation.
     async fn apply(&mut self, op: &Op) -> Result<(), KernelError>;
     /// Apply many operations; implementations may pipeline them. Returns one result per op.

@@ -518,6 +518,11 @@ impl Kernel for SystemKernel {
         self.netlink.underlay_mtu(towards).await
     }
 
+    fn set_private_key(&mut self, key: PrivateKey) -> Result<(), KernelError> {
+        self.wg.set_private_key(key);
+        Ok(())
+    }
+
     /// Only the device: the periodic check-in needs its peers, not a dump of every route.
     async fn read_wireguard(&mut self) -> Result<Option<WgDeviceState>, KernelError> {
         self.wg.read_state().await

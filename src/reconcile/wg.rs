@@ -332,11 +332,56 @@ fn decode_private_key(text: &str) -> Option<PrivateKey> {
 }
 
 fn write_new_key_file(path: &Path) -> Result<PrivateKey, KernelError> {
-    let op = format!("write new private key {}", path.display());
-    let io_err = |source| KernelError::Io {
-        op: op.clone(),
-        source,
-    };
+    let key = PrivateKey::generate();
+    // A hard link never replaces: if another agent created the file meanwhile, use its key.
+    match write_key_file(path, &key, |tmp, path| fs::hard_link(tmp, path)) {
+        Ok(()) => {
+            tracing::info!(path = %path.display(), public_key = %key.public_key(), "generated a new WireGuard private key");
+            Ok(key)
+        }
+        Err(KeyFileError::Io(e)) if e.kind() == io::ErrorKind::AlreadyExists => read_key_file(path),
+        Err(e) => Err(e.into_kernel(path, "write new private key")),
+    }
+}
+
+/// Replace the key file at `path` with `key` (key rotation): written to a temporary file of
+/// mode 0600 beside it, synced, then renamed over it, so a crash leaves the old key or the new
+/// one, never half of one. A symbolic link at `path` is refused, as when reading.
+pub fn replace_key_file(path: &Path, key: &PrivateKey) -> Result<(), KernelError> {
+    const OP: &str = "replace private key";
+    if fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(wg_err(
+            format!("{OP} {}", path.display()),
+            "a symbolic link; give the key file itself",
+        ));
+    }
+    write_key_file(path, key, |tmp, path| fs::rename(tmp, path))
+        .map_err(|e| e.into_kernel(path, OP))
+}
+
+/// Why a key file could not be written.
+enum KeyFileError {
+    Io(io::Error),
+    NoFileName,
+}
+
+impl KeyFileError {
+    fn into_kernel(self, path: &Path, what: &str) -> KernelError {
+        let op = format!("{what} {}", path.display());
+        match self {
+            KeyFileError::Io(source) => KernelError::Io { op, source },
+            KeyFileError::NoFileName => wg_err(&op, "the path has no file name"),
+        }
+    }
+}
+
+/// Write `key` to a temporary file of mode 0600 in `path`'s directory (created 0700 if
+/// missing), sync it, and put it in place with `place(tmp, path)`; the directory is synced after.
+fn write_key_file(
+    path: &Path,
+    key: &PrivateKey,
+    place: impl FnOnce(&Path, &Path) -> io::Result<()>,
+) -> Result<(), KeyFileError> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -345,17 +390,14 @@ fn write_new_key_file(path: &Path) -> Result<PrivateKey, KernelError> {
         .recursive(true)
         .mode(0o700)
         .create(&dir)
-        .map_err(io_err)?;
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| wg_err(&op, "the path has no file name"))?;
+        .map_err(KeyFileError::Io)?;
+    let file_name = path.file_name().ok_or(KeyFileError::NoFileName)?;
     let tmp = dir.join(format!(
         ".{}.{}.{}.tmp",
         file_name.to_string_lossy(),
         std::process::id(),
         next_id()
     ));
-    let key = PrivateKey::generate();
     let text = format!(
         "{}\n",
         base64::engine::general_purpose::STANDARD.encode(key.0)
@@ -370,21 +412,14 @@ fn write_new_key_file(path: &Path) -> Result<PrivateKey, KernelError> {
             .open(&tmp)?;
         f.write_all(text.as_bytes())?;
         f.sync_all()?;
-        // A hard link never replaces: if another agent created the file meanwhile, use its key.
-        fs::hard_link(&tmp, path)
+        place(&tmp, path)
     })();
     let _ = fs::remove_file(&tmp);
-    match written {
-        Ok(()) => {
-            if let Ok(d) = File::open(&dir) {
-                let _ = d.sync_all();
-            }
-            tracing::info!(path = %path.display(), public_key = %key.public_key(), "generated a new WireGuard private key");
-            Ok(key)
-        }
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => read_key_file(path),
-        Err(e) => Err(io_err(e)),
+    written.map_err(KeyFileError::Io)?;
+    if let Ok(d) = File::open(&dir) {
+        let _ = d.sync_all();
     }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -716,6 +751,11 @@ impl WgDevice {
             backend: self.backend,
             netns: self.netns.clone(),
         }
+    }
+
+    /// Hold `key` from now on: the next [`Self::configure`] gives it to the device (rotation).
+    pub fn set_private_key(&mut self, key: PrivateKey) {
+        self.private_key = key;
     }
 
     /// Set the private key and listen port; peers are not touched (no `replace_peers`). Only
@@ -1476,6 +1516,35 @@ mod tests {
         }
         assert!("boringtun".parse::<WgMode>().is_err());
         assert_eq!(WgMode::default(), WgMode::Auto);
+    }
+
+    #[test]
+    fn a_replaced_key_file_holds_the_new_key_with_mode_0600_and_a_link_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        let old = load_or_generate_private_key(&path).unwrap();
+        let new = PrivateKey::generate();
+        replace_key_file(&path, &new).unwrap();
+        assert_eq!(load_or_generate_private_key(&path).unwrap(), new);
+        assert_ne!(new, old);
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let leftovers: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name() != "key")
+            .collect();
+        assert!(leftovers.is_empty(), "no temporary file is left");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        let e = replace_key_file(&link, &PrivateKey::generate()).unwrap_err();
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        assert_eq!(
+            load_or_generate_private_key(&path).unwrap(),
+            new,
+            "untouched"
+        );
     }
 
     #[test]

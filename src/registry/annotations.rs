@@ -52,6 +52,11 @@ pub mod keys {
     /// Comma-separated public keys of the segment leaders this node cannot reach directly
     /// (wiremesh only: read and written under `wiremesh.io/` alone).
     pub const UNREACHABLE: &str = "unreachable";
+    /// Comma-separated names of the location's nodes this node found not forwarding while they
+    /// led it (wiremesh only: read and written under `wiremesh.io/` alone).
+    pub const FORWARDING_FAILED: &str = "forwarding-failed";
+    /// The key-rotation request the node's agent handled last (wiremesh only).
+    pub const KEY_ROTATED: &str = "key-rotated";
 }
 
 /// The well-known label that gives a node's location when no annotation does.
@@ -267,6 +272,7 @@ pub fn parse_parts(
 
     parse_discovered_endpoints(ann, &mut out, &mut found);
     parse_unreachable(ann, &mut out, &mut found);
+    parse_forwarding_failed(ann, &mut out, &mut found);
 
     if let Some((k, v)) = lookup(ann, keys::GRANULARITY).filter(|(_, v)| !v.is_empty()) {
         match v.parse::<Granularity>() {
@@ -486,6 +492,29 @@ fn parse_unreachable(ann: &BTreeMap<String, String>, out: &mut MeshNode, found: 
     out.unreachable = Some(keys);
 }
 
+/// `wiremesh.io/forwarding-failed`: present (even empty) when the node's agent probes its
+/// leader's forwarding; an entry that is no valid node name is dropped with a warning.
+fn parse_forwarding_failed(
+    ann: &BTreeMap<String, String>,
+    out: &mut MeshNode,
+    found: &mut Found<'_>,
+) {
+    let k = format!("{WIREMESH_PREFIX}{}", keys::FORWARDING_FAILED);
+    let Some(v) = ann.get(&k) else { return };
+    let mut names = std::collections::BTreeSet::new();
+    for item in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        if crate::model::is_dns1123_subdomain(item) {
+            names.insert(NodeName(item.to_owned()));
+        } else {
+            found.fallback(
+                &k,
+                format!("entry {item:?} is not a node name; the entry is ignored"),
+            );
+        }
+    }
+    out.forwarding_failed = Some(names);
+}
+
 /// The node name as a [`NodeName`].
 pub fn node_name(node: &Node) -> NodeName {
     NodeName(node.metadata.name.clone().unwrap_or_default())
@@ -527,6 +556,32 @@ mod tests {
                 ..Default::default()
             }),
         }
+    }
+
+    #[test]
+    fn forwarding_reports_are_ours_only_and_a_bad_entry_is_dropped_alone() {
+        let n = node(
+            "a",
+            &[
+                ("kilo.squat.ai/key", KEY),
+                ("wiremesh.io/forwarding-failed", "b, Not_A_Name ,c.example"),
+            ],
+        );
+        let p = parse_node(&n, DEFAULT_TOPOLOGY_LABEL).unwrap();
+        let want: std::collections::BTreeSet<NodeName> =
+            ["b", "c.example"].map(|s| NodeName(s.into())).into();
+        assert_eq!(p.value.forwarding_failed, Some(want));
+        let d = &p.warnings[0];
+        assert!(!d.skipped, "{d:?}");
+        assert_eq!(d.key.as_deref(), Some("wiremesh.io/forwarding-failed"));
+        assert!(d.problem.contains("Not_A_Name"), "{}", d.problem);
+        // Present and empty: the agent fails over, no report. Absent: it does not (Kilo).
+        let empty = node("a", &[("wiremesh.io/forwarding-failed", "")]);
+        let p = parse_node(&empty, DEFAULT_TOPOLOGY_LABEL).unwrap();
+        assert_eq!(p.value.forwarding_failed, Some(Default::default()));
+        let kilo = node("a", &[("kilo.squat.ai/forwarding-failed", "b")]);
+        let p = parse_node(&kilo, DEFAULT_TOPOLOGY_LABEL).unwrap();
+        assert_eq!(p.value.forwarding_failed, None);
     }
 
     #[test]

@@ -4,11 +4,11 @@
 //! Common events (a node changes inside its location, an endpoint moves, a key rotates, a node
 //! joins or leaves) recompute only the segments they touch: work proportional to the change.
 //! Events whose effect is global (the local node itself changes, its segment's leader changes,
-//! discovered endpoints change, allowed-location-ips, unreachable reports (relays) or
-//! conflicting claims exist, any external peer changes) fall back to a full recomputation and a
-//! diff. Both paths use the same per-segment contribution functions as [`super::compute`], so
-//! they cannot disagree; a property test checks that any event sequence ends in the full
-//! computation's state.
+//! discovered endpoints change, allowed-location-ips, unreachable reports (relays), forwarding
+//! reports (failover) or conflicting claims exist, any external peer changes) fall back to a
+//! full recomputation and a diff. Both paths use the same per-segment contribution functions
+//! as [`super::compute`], so they cannot disagree; a property test checks that any event
+//! sequence ends in the full computation's state.
 //!
 //! Pure: no I/O, no clock, no async. Depends on the topology module, model and desired state.
 
@@ -18,12 +18,12 @@ use std::sync::Arc;
 use ipnetwork::IpNetwork;
 
 use super::{
-    CidrIndex, Contribution, LocalContext, LocalError, MeshOptions, SegmentKey, allocate,
-    make_segment, not_ready_reason, segment_key,
+    CidrIndex, Contribution, LeaderProbe, LocalContext, LocalError, MeshOptions, PROBE_TARGETS,
+    SegmentKey, allocate, make_segment, not_ready_reason, segment_key,
 };
 use crate::desired::{DesiredDelta, DesiredState, Masquerade, Rule, WgPeer};
 use crate::diagnostic::Diagnostic;
-use crate::model::{MeshNode, MeshPeer, NodeName, WgKey};
+use crate::model::{Granularity, MeshNode, MeshPeer, NodeName, WgKey};
 
 /// One change in the cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -283,6 +283,26 @@ impl Engine {
         self.peers.values()
     }
 
+    /// What the local node probes of its location's leader's forwarding (location granularity,
+    /// a member that does not lead): the leader, and the mesh IPs of the (up to three) segments
+    /// after its own in the mesh's order, which it reaches through the leader.
+    pub fn leader_probe(&self) -> Option<LeaderProbe> {
+        let ctx = self.ctx.as_ref()?;
+        if ctx.leader || self.opts.granularity != Granularity::Location {
+            return None;
+        }
+        let key = self.local_segment.as_ref()?;
+        let leader = self.leaders.get(key)?.clone();
+        let pos = self.order.iter().position(|k| k == key)?;
+        let n = self.order.len();
+        let targets: Vec<_> = (1..n)
+            .map(|d| (pos + d) % n)
+            .take(PROBE_TARGETS)
+            .filter_map(|i| allocate(self.opts.subnet, i))
+            .collect();
+        (!targets.is_empty()).then_some(LeaderProbe { leader, targets })
+    }
+
     /// The local node's current desired state.
     pub fn desired(&self) -> Result<DesiredState, LocalError> {
         self.available()?;
@@ -450,6 +470,10 @@ impl Engine {
         }
         // An unreachable report may start, move or end a relay between any two segments.
         if new_ready.is_some_and(reports_unreachable) {
+            return None;
+        }
+        // A forwarding report may move the leader of its location (and back when it ends).
+        if old_ready.is_some_and(reports_forwarding) || new_ready.is_some_and(reports_forwarding) {
             return None;
         }
         if let Some(k) = new_ready.and_then(|n| n.key)
@@ -871,10 +895,11 @@ impl Engine {
             .segments
             .iter()
             .any(|s| s.nodes.iter().any(|n| !n.allowed_location_ips.is_empty()));
-        let any_reports = topo
-            .segments
-            .iter()
-            .any(|s| s.nodes.iter().any(|n| reports_unreachable(n)));
+        let any_reports = topo.segments.iter().any(|s| {
+            s.nodes
+                .iter()
+                .any(|n| reports_unreachable(n) || reports_forwarding(n))
+        });
         let Some(idx) = topo.segment_of(&self.local) else {
             self.local_error = topo.desired_for(&self.local, &self.opts).err();
             self.global_diagnostics = topo.diagnostics;
@@ -948,6 +973,12 @@ impl Engine {
         }
         self.slow = any_alips || any_reports || !self.global_diagnostics.is_empty();
     }
+}
+
+/// Whether `n` reports a node of its location not forwarding (failover needs the full
+/// computation: the leader of a location moves).
+fn reports_forwarding(n: &MeshNode) -> bool {
+    n.forwarding_failed.as_ref().is_some_and(|f| !f.is_empty())
 }
 
 /// Whether `n` reports a segment it cannot reach (relays then need the full computation).

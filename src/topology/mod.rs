@@ -150,6 +150,9 @@ pub struct Segment<'a> {
     pub nodes: Vec<&'a MeshNode>,
     /// Index of the leader in `nodes`.
     pub leader: usize,
+    /// Index in `nodes` of the leader Kilo's rule prefers ([`find_leader`]); differs from
+    /// `leader` while the location has failed over (see [`elect_leader`]).
+    pub preferred: usize,
     /// The segment's mesh IP (on its leader's WireGuard interface).
     pub mesh_ip: IpAddr,
     /// Allowed IPs: each node's pod CIDRs and internal IP, then the mesh IP.
@@ -185,7 +188,8 @@ impl<'a> Segment<'a> {
 /// Build a segment from members sorted by name, with its allocated mesh IP. Allowed-location-ips
 /// are deduplicated and sorted but not yet overlap-filtered.
 pub fn make_segment<'a>(key: SegmentKey, nodes: Vec<&'a MeshNode>, mesh_ip: IpAddr) -> Segment<'a> {
-    let leader = find_leader(&nodes);
+    let preferred = find_leader(&nodes);
+    let leader = elect_leader(&nodes);
     let mut allowed_ips = Vec::with_capacity(nodes.len() * 2 + 1);
     let mut alips = BTreeSet::new();
     for n in &nodes {
@@ -200,6 +204,7 @@ pub fn make_segment<'a>(key: SegmentKey, nodes: Vec<&'a MeshNode>, mesh_ip: IpAd
         key,
         nodes,
         leader,
+        preferred,
         mesh_ip,
         allowed_ips,
         allowed_location_ips: alips.into_iter().collect(),
@@ -216,6 +221,60 @@ pub fn find_leader(nodes: &[&MeshNode]) -> usize {
         .or_else(|| nodes.iter().position(|n| n.leader))
         .or_else(|| nodes.iter().position(|n| public(n)))
         .unwrap_or(0)
+}
+
+/// What a member of a location probes: its leader, and addresses reached through it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaderProbe {
+    /// The location's current leader.
+    pub leader: NodeName,
+    /// Mesh IPs of other segments (on their leaders' WireGuard interfaces).
+    pub targets: Vec<IpAddr>,
+}
+
+/// How many other segments a member probes through its leader: one that is down itself must
+/// not make the leader look broken.
+pub const PROBE_TARGETS: usize = 3;
+
+/// Kilo's order of leader candidates (ranked as [`find_leader`] picks the first) with
+/// failover: a candidate is passed over while more than half of the location's other nodes
+/// report it not forwarding (`MeshNode::forwarding_failed`). Only in a location where every
+/// node's agent reports (wiremesh): a Kilo agent would keep Kilo's leader, and two leaders
+/// would split the location. When every candidate is reported, Kilo's leader stays.
+pub fn elect_leader(nodes: &[&MeshNode]) -> usize {
+    let preferred = find_leader(nodes);
+    if nodes.len() < 2 || !nodes.iter().all(|n| n.forwarding_failed.is_some()) {
+        return preferred;
+    }
+    let public = |n: &MeshNode| n.endpoint.as_ref().is_some_and(Endpoint::is_public);
+    let rank = |n: &MeshNode| match (n.leader, public(n)) {
+        (true, true) => 0,
+        (true, false) => 1,
+        (false, true) => 2,
+        (false, false) => 3,
+    };
+    let mut order: Vec<usize> = (0..nodes.len()).collect();
+    order.sort_by_key(|&i| (rank(nodes[i]), i));
+    order
+        .into_iter()
+        .find(|&i| !forwarding_failed(nodes, i))
+        .unwrap_or(preferred)
+}
+
+/// Whether more than half of the other nodes of `nodes` report node `i` not forwarding.
+pub fn forwarding_failed(nodes: &[&MeshNode], i: usize) -> bool {
+    let name = &nodes[i].name;
+    let votes = nodes
+        .iter()
+        .enumerate()
+        .filter(|&(j, n)| {
+            j != i
+                && n.forwarding_failed
+                    .as_ref()
+                    .is_some_and(|f| f.contains(name))
+        })
+        .count();
+    2 * votes > nodes.len() - 1
 }
 
 /// The `index`-th mesh IP of `subnet` (index 0 is the first address after the network address).
@@ -408,6 +467,40 @@ pub fn relays(segments: &[Segment<'_>], diagnostics: &mut Vec<Diagnostic>) -> Ve
     }
     out
 }
+
+/// A warning for each location led by another node than Kilo's choice, naming who reported
+/// the preferred leader not forwarding.
+fn failovers(segments: &[Segment<'_>], diagnostics: &mut Vec<Diagnostic>) {
+    for s in segments.iter().filter(|s| s.leader != s.preferred) {
+        let preferred = s.nodes[s.preferred];
+        let reporters: Vec<&str> = s
+            .nodes
+            .iter()
+            .filter(|n| {
+                n.forwarding_failed
+                    .as_ref()
+                    .is_some_and(|f| f.contains(&preferred.name))
+            })
+            .map(|n| n.name.as_str())
+            .collect();
+        diagnostics.push(
+            Diagnostic::node(
+                preferred.name.as_str(),
+                Some(FORWARDING_FAILED_KEY),
+                format!(
+                    "does not forward for its location by the reports of {}; {} leads {} instead",
+                    reporters.join(", "),
+                    s.leader_node().name,
+                    s.key
+                ),
+            )
+            .kept(),
+        );
+    }
+}
+
+/// The annotation that carries forwarding reports, named in diagnostics.
+const FORWARDING_FAILED_KEY: &str = "wiremesh.io/forwarding-failed";
 
 /// The annotation that carries unreachable reports, named in diagnostics.
 const UNREACHABLE_KEY: &str = "wiremesh.io/unreachable";
@@ -712,6 +805,7 @@ fn finish<'a>(
         filter_allowed_location_ips(&mut segments, &peers, &mut diagnostics);
     }
     let relays = relays(&segments, &mut diagnostics);
+    failovers(&segments, &mut diagnostics);
     Topology {
         granularity: opts.granularity,
         subnet: opts.subnet,

@@ -106,6 +106,141 @@ fn leader_is_first_public_volunteer_then_volunteer_then_public_then_first() {
     }
 }
 
+/// A location of three wiremesh nodes: a (volunteer, public), b (public), c (private).
+fn failover_location() -> Vec<MeshNode> {
+    let mut a = node(
+        "a",
+        "x",
+        1,
+        "8.8.8.1:51820",
+        Some("10.0.0.1/24"),
+        "10.2.1.0/24",
+    );
+    a.leader = true;
+    let b = node(
+        "b",
+        "x",
+        2,
+        "8.8.8.2:51820",
+        Some("10.0.0.2/24"),
+        "10.2.2.0/24",
+    );
+    let c = node(
+        "c",
+        "x",
+        3,
+        "10.0.0.3:51820",
+        Some("10.0.0.3/24"),
+        "10.2.3.0/24",
+    );
+    let d = node(
+        "d",
+        "y",
+        4,
+        "8.8.8.4:51820",
+        Some("10.9.0.4/24"),
+        "10.2.4.0/24",
+    );
+    let mut nodes = vec![a, b, c, d];
+    for n in &mut nodes {
+        n.forwarding_failed = Some(Default::default());
+    }
+    nodes
+}
+
+fn report(n: &mut MeshNode, names: &[&str]) {
+    n.forwarding_failed = Some(names.iter().map(|s| name(s)).collect());
+}
+
+fn leader_of(nodes: &[MeshNode], node: &str) -> String {
+    let topo = build(nodes, &[], &opts(Granularity::Location));
+    let seg = &topo.segments[topo.segment_of(&name(node)).unwrap()];
+    seg.leader_node().name.to_string()
+}
+
+#[test]
+fn a_leader_most_other_members_report_is_passed_over_for_the_next_by_kilos_order() {
+    let mut nodes = failover_location();
+    assert_eq!(leader_of(&nodes, "a"), "a", "no report: Kilo's leader");
+    report(&mut nodes[1], &["a"]);
+    assert_eq!(
+        leader_of(&nodes, "a"),
+        "a",
+        "one of two others is no majority"
+    );
+    report(&mut nodes[2], &["a"]);
+    // b (public endpoint) comes before c (private) in Kilo's order.
+    assert_eq!(leader_of(&nodes, "a"), "b");
+    let topo = build(&nodes, &[], &opts(Granularity::Location));
+    let d = topo
+        .diagnostics
+        .iter()
+        .find(|d| d.name == "a")
+        .expect("a diagnostic names the passed-over leader");
+    assert!(!d.skipped, "a stays in the mesh");
+    assert_eq!(d.key.as_deref(), Some("wiremesh.io/forwarding-failed"));
+    assert!(
+        d.problem.contains("b, c") && d.problem.contains("b leads location:x"),
+        "{}",
+        d.problem
+    );
+    // Every node computes the same leader, members route through it.
+    let plan_c = compute(&nodes, &[], &name("c"), &opts(Granularity::Location)).unwrap();
+    let to_d: Vec<_> = plan_c
+        .desired
+        .routes
+        .iter()
+        .filter(|r| r.dst == net("10.2.4.0/24"))
+        .collect();
+    assert_eq!(to_d.len(), 1);
+    assert_eq!(to_d[0].gateway, Some("10.0.0.2".parse().unwrap()));
+    let plan_b = compute(&nodes, &[], &name("b"), &opts(Granularity::Location)).unwrap();
+    assert!(plan_b.desired.leader && plan_b.desired.interface.address.is_some());
+    let plan_a = compute(&nodes, &[], &name("a"), &opts(Granularity::Location)).unwrap();
+    assert!(!plan_a.desired.leader && plan_a.desired.peers.is_empty());
+    // The other location peers with b's key now.
+    let plan_d = compute(&nodes, &[], &name("d"), &opts(Granularity::Location)).unwrap();
+    assert_eq!(plan_d.desired.peers[0].public_key, key(2));
+}
+
+#[test]
+fn a_location_with_a_node_that_does_not_report_keeps_kilos_leader() {
+    let mut nodes = failover_location();
+    report(&mut nodes[1], &["a"]);
+    report(&mut nodes[2], &["a"]);
+    nodes[2].forwarding_failed = None;
+    nodes[1].forwarding_failed = None;
+    nodes[0].forwarding_failed = None;
+    assert_eq!(leader_of(&nodes, "a"), "a");
+    let mut nodes = failover_location();
+    report(&mut nodes[1], &["a"]);
+    report(&mut nodes[2], &["a"]);
+    // a runs Kilo's agent (or wiremesh with failover off): it would keep leading.
+    nodes[0].forwarding_failed = None;
+    assert_eq!(leader_of(&nodes, "a"), "a");
+}
+
+#[test]
+fn when_every_candidate_is_reported_kilos_leader_stays_and_reports_elsewhere_do_not_count() {
+    let mut nodes = failover_location();
+    report(&mut nodes[0], &["b", "c"]);
+    report(&mut nodes[1], &["a", "c"]);
+    report(&mut nodes[2], &["a", "b"]);
+    assert_eq!(leader_of(&nodes, "a"), "a");
+    // d (another location) reporting a is no vote in location x.
+    let mut nodes = failover_location();
+    report(&mut nodes[3], &["a"]);
+    report(&mut nodes[2], &["a"]);
+    assert_eq!(leader_of(&nodes, "a"), "a");
+    // In a location of two, the one other member decides.
+    let mut two: Vec<MeshNode> = failover_location()
+        .into_iter()
+        .filter(|n| n.name.as_str() != "c")
+        .collect();
+    report(&mut two[1], &["a"]);
+    assert_eq!(leader_of(&two, "a"), "b");
+}
+
 #[test]
 fn segments_are_ordered_like_kilo_and_get_mesh_ips_in_that_order() {
     let nodes = kilo_cluster();

@@ -42,6 +42,12 @@ pub fn node(i: u8, unique: bool) -> impl Strategy<Value = MeshNode> {
             0.8,
             prop_oneof![15 => Just(Vec::new()), 1 => prop::collection::vec(0..10u8, 1..3)],
         ),
+        // Reports of location leaders not forwarding (by node index), or none (a Kilo agent,
+        // or failover off); rare for the same reason.
+        prop::option::weighted(
+            0.8,
+            prop_oneof![15 => Just(Vec::new()), 1 => prop::collection::vec(0..10u8, 1..3)],
+        ),
     )
         .prop_map(
             move |(
@@ -55,6 +61,7 @@ pub fn node(i: u8, unique: bool) -> impl Strategy<Value = MeshNode> {
                 unready,
                 (pod, prefix),
                 unreachable,
+                forwarding,
             )| {
                 let mut n = MeshNode::new(format!("n{i:02}"));
                 n.location = format!("loc{loc}");
@@ -85,6 +92,11 @@ pub fn node(i: u8, unique: bool) -> impl Strategy<Value = MeshNode> {
                 n.leader = leader;
                 n.persistent_keepalive = ka;
                 n.unreachable = unreachable.map(|u| u.into_iter().map(key).collect());
+                n.forwarding_failed = forwarding.map(|f| {
+                    f.into_iter()
+                        .map(|j| NodeName(format!("n{j:02}")))
+                        .collect()
+                });
                 if let (Some(a), false) = (alip, unique) {
                     n.allowed_location_ips =
                         vec![format!("172.20.{a}.0/24").parse().expect("cidr")];

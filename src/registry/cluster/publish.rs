@@ -25,7 +25,7 @@ use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
 
 use super::ClusterError;
-use crate::model::{Endpoint, Granularity, WgKey};
+use crate::model::{Endpoint, Granularity, NodeName, WgKey};
 use crate::registry::annotations::{GoUdpAddr, KILO_PREFIX, WIREMESH_PREFIX, keys};
 
 /// The prefixes every published annotation is written under.
@@ -62,6 +62,14 @@ pub struct Publication {
     /// Written under `wiremesh.io/` only, always (empty when none): its presence says this
     /// node's agent relays.
     pub unreachable: std::collections::BTreeSet<WgKey>,
+    /// Nodes of this location found not forwarding while they led it (held for a while, see
+    /// `agent::forward`). Written under `wiremesh.io/` only (empty when none): its presence
+    /// says this node's agent probes and fails over.
+    /// `None`: failover is off on this node; the annotation is removed.
+    pub forwarding_failed: Option<std::collections::BTreeSet<NodeName>>,
+    /// The key-rotation request this agent handled last (`wiremesh.io/key-rotated`, ours only);
+    /// `None` leaves the annotation as it is.
+    pub key_rotated: Option<String>,
 }
 
 fn full(key: &str) -> String {
@@ -114,6 +122,20 @@ impl Publication {
             format!("{WIREMESH_PREFIX}{}", keys::UNREACHABLE),
             Some(unreachable.join(",")),
         );
+        let failed = self
+            .forwarding_failed
+            .as_ref()
+            .map(|f| f.iter().map(NodeName::as_str).collect::<Vec<_>>().join(","));
+        out.insert(
+            format!("{WIREMESH_PREFIX}{}", keys::FORWARDING_FAILED),
+            failed,
+        );
+        if let Some(t) = &self.key_rotated {
+            out.insert(
+                format!("{WIREMESH_PREFIX}{}", keys::KEY_ROTATED),
+                Some(t.clone()),
+            );
+        }
         out
     }
 
@@ -306,7 +328,8 @@ mod tests {
             .insert(key, "198.51.100.9:40000".parse().unwrap());
         let v = merge_patch(&p.annotations(), 1_700_000_000);
         let ann = v["metadata"]["annotations"].as_object().unwrap();
-        assert_eq!(ann.len(), 2 * PUBLISHED_KEYS.len() + 1);
+        // Both prefixes of each published key, unreachable and forwarding-failed (ours only).
+        assert_eq!(ann.len(), 2 * PUBLISHED_KEYS.len() + 2);
         for k in PUBLISHED_KEYS {
             for key in both(k) {
                 assert!(ann.contains_key(&key), "{key}");
@@ -323,6 +346,18 @@ mod tests {
             "reported, nothing unreachable"
         );
         assert!(!ann.contains_key("kilo.squat.ai/unreachable"), "not Kilo's");
+        assert_eq!(
+            ann["wiremesh.io/forwarding-failed"],
+            serde_json::Value::Null,
+            "failover off: the report is removed"
+        );
+        let mut q = p.clone();
+        q.forwarding_failed = Some(["b".into(), "c".into()].map(NodeName).into());
+        let v = merge_patch(&q.annotations(), 1_700_000_000);
+        assert_eq!(
+            v["metadata"]["annotations"]["wiremesh.io/forwarding-failed"],
+            "b,c"
+        );
         assert_eq!(ann["kilo.squat.ai/granularity"], "location");
         // What we write, our own parser (and Kilo's format) reads back.
         let mut n = Node::default();
