@@ -549,9 +549,9 @@ fn assert_check_passes_in(lab: &Lab, families: &[&str], pairs: usize) -> String 
 }
 
 /// `--ipv6`: an underlay without IPv4, endpoints, internal IPs, pod CIDRs and mesh IPs in IPv6;
-/// every agent's automatic MTU is 1500 minus IPv6's 80; every pod reaches every pod over IPv6,
-/// bulk TCP goes through, and the underlay carries only WireGuard (over IPv6 UDP, the only
-/// family it has).
+/// every agent's automatic MTU is 1500 minus IPv6's 80; pods reach the underlay through the
+/// agent's IPv6 masquerade; every pod reaches every pod over IPv6, bulk TCP goes through, and
+/// the underlay carries only WireGuard (over IPv6 UDP, the only family it has).
 #[test]
 #[cfg_attr(
     not(feature = "netns-tests"),
@@ -591,15 +591,23 @@ fn an_ipv6_only_lab_meshes_over_ipv6_and_check_passes_with_only_wireguard_on_the
             "{}'s pod: {pod:?}",
             n.name
         );
+        // The underlay edge has no route to any pod CIDR: only the agent's IPv6 masquerade
+        // gets the pod an answer.
+        assert!(
+            lab.pod_pings(&n.pods[0].netns, "fd00:200::fe"),
+            "{}'s pod reaches the underlay edge, masqueraded\n{}",
+            n.name,
+            lab.diagnostics()
+        );
     }
     assert_check_passes_in(&lab, &["IPv6"], 6);
     lab.down_and_assert_gone();
 }
 
-/// `--dual-stack`: both families on every link and in every pod, the mesh over IPv4; every pod
-/// reaches every other pod's IPv4 and IPv6 address, bulk TCP goes through in both, each
-/// agent masquerades its pods' IPv6 CIDR too, and no plaintext pod packet of either family
-/// crosses the underlay.
+/// `--dual-stack`: both families on every link and in every pod, the mesh over IPv4; each agent
+/// masquerades its pods' IPv6 CIDR too (pods reach the underlay edge in both families); every
+/// pod reaches every other pod's IPv4 and IPv6 address, bulk TCP goes through in both, and no
+/// plaintext pod packet of either family crosses the underlay.
 #[test]
 #[cfg_attr(
     not(feature = "netns-tests"),
@@ -631,6 +639,16 @@ fn a_dual_stack_lab_gives_pods_both_families_and_check_passes_in_each() {
             "{}: {nat}",
             n.name
         );
+        // The underlay edge has no route to any pod CIDR: only masquerading, in each family,
+        // gets the pod an answer.
+        for edge in ["10.200.0.254", "fd00:200::fe"] {
+            assert!(
+                lab.pod_pings(&n.pods[0].netns, edge),
+                "{}'s pod reaches {edge}, masqueraded\n{}",
+                n.name,
+                lab.diagnostics()
+            );
+        }
     }
     assert_check_passes_in(&lab, &["IPv4", "IPv6"], 6);
     lab.down_and_assert_gone();
