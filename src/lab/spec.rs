@@ -418,6 +418,8 @@ pub fn plan(opts: &SpecOptions) -> Result<LabSpec, LabError> {
             )));
         }
     }
+    let largest = locations.iter().map(|(_, m)| m.len()).max().unwrap_or(0);
+    check_dual_stack_segments(family, granularity, largest)?;
     let nat_count = match family {
         Family::Ipv4 => opts.nat.unwrap_or(if locations.len() >= 2 { 1 } else { 0 }),
         Family::Ipv6 | Family::DualStack => 0,
@@ -538,6 +540,27 @@ pub fn plan(opts: &SpecOptions) -> Result<LabSpec, LabError> {
         lans,
         nodes,
     })
+}
+
+/// A dual-stack lab in location granularity cannot have a location of two nodes or more
+/// (`largest`: the most nodes of one location): its members reach their leader by its IPv4
+/// internal IP only (a node has one internal IP), and an IPv6 route cannot take an IPv4
+/// gateway, so their IPv6 pods would be cut off.
+fn check_dual_stack_segments(
+    family: Family,
+    granularity: Granularity,
+    largest: usize,
+) -> Result<(), LabError> {
+    if family == Family::DualStack && granularity == Granularity::Location && largest > 1 {
+        return Err(LabError::Options(
+            "--dual-stack in location granularity with a location of two nodes or more: its \
+             members reach their leader by its IPv4 internal IP only (one internal IP per \
+             node), so their IPv6 pods would be cut off; pass --granularity full, or give \
+             each node a location of its own"
+                .to_owned(),
+        ));
+    }
+    Ok(())
 }
 
 /// Host `h` of an IPv4 network: its network address plus `h`.
@@ -706,6 +729,8 @@ pub fn add_node(spec: &mut LabSpec, name: &str, location: &str) -> Result<NodeSp
         )));
     }
     let index = spec.nodes.iter().map(|n| n.index).max().unwrap_or(0) + 1;
+    let members = spec.nodes.iter().filter(|n| n.location == location).count();
+    check_dual_stack_segments(spec.family, spec.granularity, members + 1)?;
     let v6 = spec.family == Family::Ipv6;
     let lan = match spec.lans.iter().position(|l| l.location == location) {
         Some(k) => k,
@@ -1395,6 +1420,36 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn dual_stack_refuses_locations_of_several_nodes_in_location_granularity_only() {
+        let mut o = opts(Source::Generated {
+            nodes: 4,
+            locations: 2,
+        });
+        o.family = Family::DualStack;
+        let err = plan(&o).unwrap_err().to_string();
+        assert!(err.contains("pass --granularity full"), "{err}");
+        o.granularity = Some(Granularity::Full);
+        let mut spec = plan(&o).unwrap();
+        assert!(add_node(&mut spec, "node5", "loc1").is_ok(), "full mesh");
+        o.family = Family::Ipv6;
+        o.granularity = None;
+        assert_eq!(plan(&o).unwrap().granularity, Granularity::Location);
+        // One node per location: location granularity is fine until a location gets two.
+        let mut o = opts(Source::Generated {
+            nodes: 2,
+            locations: 2,
+        });
+        o.family = Family::DualStack;
+        o.granularity = Some(Granularity::Location);
+        let mut spec = plan(&o).unwrap();
+        assert!(add_node(&mut spec, "node3", "far").is_ok());
+        let err = add_node(&mut spec, "node4", "loc1")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pass --granularity full"), "{err}");
     }
 
     #[test]
