@@ -101,6 +101,15 @@ impl Family {
     pub fn has_ipv6(self) -> bool {
         self != Family::Ipv4
     }
+
+    /// The `lab up` flag that asks for it (none for IPv4).
+    pub fn flag(self) -> &'static str {
+        match self {
+            Family::Ipv4 => "",
+            Family::Ipv6 => "--ipv6",
+            Family::DualStack => "--dual-stack",
+        }
+    }
 }
 
 impl std::fmt::Display for Family {
@@ -408,13 +417,15 @@ pub fn plan(opts: &SpecOptions) -> Result<LabSpec, LabError> {
     if family != Family::Ipv4 {
         if opts.nat.is_some_and(|n| n > 0) {
             return Err(LabError::Options(format!(
-                "--nat: an {family} lab has no NAT routers (IPv6 needs none); leave out --nat \
-                 or pass --nat 0"
+                "--nat: a lab with {} has no NAT routers (IPv6 needs none); leave out --nat \
+                 or pass --nat 0",
+                family.flag()
             )));
         }
         if opts.registry == Registry::Kube {
             return Err(LabError::Options(format!(
-                "--registry kube runs on an IPv4 lab only; an {family} lab takes --registry file"
+                "--registry kube runs on an IPv4 lab only: leave out {}",
+                family.flag()
             )));
         }
     }
