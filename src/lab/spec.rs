@@ -115,8 +115,8 @@ impl Family {
 impl std::fmt::Display for Family {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            Family::Ipv4 => "ipv4",
-            Family::Ipv6 => "ipv6",
+            Family::Ipv4 => "IPv4",
+            Family::Ipv6 => "IPv6",
             Family::DualStack => "dual-stack",
         })
     }
