@@ -143,6 +143,22 @@ pub fn guards_of(routes: &[Route]) -> Vec<Route> {
     out
 }
 
+/// Every guard a desired state needs, sorted and each once: those of its routes, and one for
+/// the subnet of the interface's address (a leader's mesh subnet, routed by the kernel's
+/// connected route rather than one of ours). When leadership moves, the address goes before
+/// the member's route to the leader is added (and comes before that route goes): the mesh
+/// subnet stays guarded through both.
+pub fn guards_of_state(d: &DesiredState) -> Vec<Route> {
+    let mut out = guards_of(&d.routes);
+    if let Some(a) = d.interface.address {
+        let g = Route::blackhole(MAIN_TABLE, crate::model::network_of(a));
+        if let Err(at) = out.binary_search(&g) {
+            out.insert(at, g);
+        }
+    }
+    out
+}
+
 /// The routes with their guards, sorted and each once: what the kernel holds when `routes` are
 /// programmed.
 pub fn with_guards(routes: &[Route]) -> Vec<Route> {

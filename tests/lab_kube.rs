@@ -998,7 +998,9 @@ fn kube_lab_fails_a_location_over_when_its_leader_stops_forwarding_and_returns_o
         logs.contains("the location's leader forwards nothing to other segments"),
         "node2 logged no report: {logs}"
     );
+    assert!(!logs.contains("panicked"), "an agent panicked:\n{logs}");
     eprintln!("{report}");
+    lab.down_and_assert_gone();
 }
 
 #[test]

@@ -171,6 +171,7 @@ mod tests {
         Some(Watch {
             leader: name(leader),
             targets: vec!["10.4.0.2".parse().unwrap()],
+            behind: vec![name("remote-1")],
         })
     }
 
@@ -232,6 +233,23 @@ mod tests {
         f.watch(watch("d"), t2 + Duration::from_secs(5));
         let (_, changed) = rounds(&mut f, t2 + Duration::from_secs(5), FAILURES, false);
         assert!(!changed, "d's path was never answered");
+    }
+
+    #[test]
+    fn a_new_leader_behind_a_target_starts_over() {
+        let t0 = Instant::now();
+        let mut f = Failover::new(DEFAULT_HOLD);
+        let t = proven(&mut f, "a", t0);
+        let (t, _) = rounds(&mut f, t, FAILURES - 1, false);
+        // The other location fails over: its mesh IP moves to another node.
+        let mut w = watch("a").unwrap();
+        w.behind = vec![name("remote-2")];
+        f.watch(Some(w), t);
+        let (_, changed) = rounds(&mut f, t, FAILURES, false);
+        assert!(
+            !changed,
+            "unproven again: the target's new leader may not answer yet"
+        );
     }
 
     #[test]

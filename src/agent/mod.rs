@@ -356,9 +356,12 @@ pub async fn run_with<K: Kernel>(
         retired: None,
     };
     let mut public_key = public_key;
-    // After a key rotation: when to make every peer anew, so that a new handshake starts at
-    // once instead of after WireGuard's 5 s retry (the peers have the new key by then).
-    let mut remake_at: Option<tokio::time::Instant> = None;
+    // After a key rotation, or after this node became its location's leader while running: when
+    // to make every peer anew, and why, so that a new handshake starts at once instead of after
+    // WireGuard's 5 s retry of one the other side refused (it has the new key or leader by then).
+    let mut remake_at: Option<(tokio::time::Instant, &'static str)> = None;
+    // Whether this node led at the last reconciliation (`None` before the first).
+    let mut leading: Option<bool> = None;
     // Leader failover: a thread sends the echo rounds of the watched leader, the loop judges.
     let failover_on = cluster.is_some() && me.failover.is_some();
     let (probe_watch, probe_watched) = tokio::sync::watch::channel(None::<forward::Watch>);
@@ -404,6 +407,16 @@ pub async fn run_with<K: Kernel>(
                 &mut me.mesh_ip,
             )
             .await;
+            // A node that takes over a location while running has only new peers, whose first
+            // handshakes may have reached the others before they knew it as the leader.
+            let now_leading = me.mesh_ip.is_some();
+            if leading == Some(false) && now_leading {
+                remake_at = Some((
+                    tokio::time::Instant::now() + REMAKE_AFTER,
+                    "after becoming the leader",
+                ));
+            }
+            leading = Some(now_leading);
             // The kernel drops routes without a word when an address goes: the machine has the
             // kernel read again at once.
             let routes_changed =
@@ -487,7 +500,10 @@ pub async fn run_with<K: Kernel>(
                         observer.public_key(new);
                         known = None;
                         machine.kernel_changed();
-                        remake_at = Some(tokio::time::Instant::now() + REMAKE_AFTER_ROTATION);
+                        remake_at = Some((
+                            tokio::time::Instant::now() + REMAKE_AFTER,
+                            "after the key rotation",
+                        ));
                         me.publish(&cfg, link, &host);
                     } else if first && let Some(link) = &cluster {
                         // Publish at once what is known before the first reconciliation.
@@ -597,15 +613,15 @@ pub async fn run_with<K: Kernel>(
                     me.publish(&cfg, link, &host);
                 }
             }
-            _ = tokio::time::sleep_until(remake_at.unwrap_or(deadline)), if remake_at.is_some() => {
-                remake_at = None;
+            _ = tokio::time::sleep_until(remake_at.map_or(deadline, |(t, _)| t)), if remake_at.is_some() => {
+                let why = remake_at.take().map_or("", |(_, why)| why);
                 match kernel.read_wireguard().await {
                     Ok(Some(dev)) => {
                         remake_peers(kernel, dev.peers.iter()).await;
-                        info!(peers = dev.peers.len(), "peers made anew after the key rotation: new handshakes start at once");
+                        info!(peers = dev.peers.len(), "peers made anew {why}: new handshakes start at once");
                     }
                     Ok(None) => {}
-                    Err(e) => warn!(error = %e, "cannot read the WireGuard device after the key rotation"),
+                    Err(e) => warn!(error = %e, "cannot read the WireGuard device to make its peers anew {why}"),
                 }
             }
             _ = heartbeat.tick() => {}
@@ -1077,8 +1093,9 @@ async fn sample_reachability<K: Kernel>(
     changed
 }
 
-/// How long after a key rotation the peers are made anew (see [`remake_peers`]).
-const REMAKE_AFTER_ROTATION: Duration = Duration::from_secs(1);
+/// How long after a key rotation, or after becoming a leader, the peers are made anew (see
+/// [`remake_peers`]): long enough for the others to have learnt of it (one watch event).
+const REMAKE_AFTER: Duration = Duration::from_secs(1);
 
 /// Remove each of `peers` and add it again as it was: without its old session and handshake
 /// state, its next packet (or keepalive) starts a new handshake at once.

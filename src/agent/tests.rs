@@ -212,8 +212,9 @@ async fn agent_follows_the_file_and_restores_lost_routes() {
     let kernel = FakeKernel::default();
     let agent = Running::start(cfg, &kernel);
     wait_for("two peers", || peers(&kernel) == 2).await;
-    // Two routes, each with its blackhole guard.
-    assert_eq!(kernel.state.lock().unwrap().routes.len(), 4);
+    // Two routes, each with its blackhole guard, and the guard of the mesh subnet (this node
+    // leads: its address's connected route carries the subnet).
+    assert_eq!(kernel.state.lock().unwrap().routes.len(), 5);
 
     // A node leaves the file: its peer and route go.
     let text = std::fs::read_to_string(&nodes_path).unwrap();
@@ -222,8 +223,8 @@ async fn agent_follows_the_file_and_restores_lost_routes() {
         .unwrap();
     std::fs::write(&nodes_path, &text[..cut]).unwrap();
     wait_for("one peer", || peers(&kernel) == 1).await;
-    wait_for("one route and its guard", || {
-        kernel.state.lock().unwrap().routes.len() == 2
+    wait_for("one route, its guard and the mesh subnet's", || {
+        kernel.state.lock().unwrap().routes.len() == 3
     })
     .await;
 
@@ -351,7 +352,9 @@ async fn the_saved_guards_follow_the_mesh() {
     let (agent, tx, nodes) = fra_1_listed(dir.path(), &kernel).await;
     let path = guards::path_for(&dir.path().join("key"));
     let saved = || guards::load(&path).unwrap();
+    // The mesh subnet (this node leads) and both remote pod CIDRs.
     let remote: Vec<ipnetwork::IpNetwork> = vec![
+        "10.4.0.0/16".parse().unwrap(),
         "10.42.1.0/24".parse().unwrap(),
         "10.42.2.0/24".parse().unwrap(),
     ];
@@ -360,7 +363,7 @@ async fn the_saved_guards_follow_the_mesh() {
         .await
         .unwrap();
     wait_for("par-1's pod CIDR no longer saved", || {
-        saved() == remote[..1]
+        saved() == remote[..2]
     })
     .await;
     agent.stop().await;

@@ -144,9 +144,8 @@ pub fn render_json(plan: &Plan, granularity: Granularity, devs: &DeviceNames) ->
 
 /// The destinations of the routes that get a guard, in route order.
 fn guard_destinations(d: &DesiredState) -> Vec<String> {
-    d.routes
+    crate::desired::guards_of_state(d)
         .iter()
-        .filter_map(Route::guard)
         .map(|g| g.dst.to_string())
         .collect()
 }

@@ -589,26 +589,12 @@ pub fn run(root: &Path, lab: &LabName, opts: &ChaosOptions) -> Result<ChaosRepor
                 .ok_or_else(|| LabError::Options(format!("lab {lab} has no node {node}")))?;
         }
         Fault::RestartAgent(node) | Fault::StopAgent(node, _) => {
-            let (_, n) = state
-                .node(node)
-                .ok_or_else(|| LabError::Options(format!("lab {lab} has no node {node}")))?;
-            if !n.agent.as_ref().is_some_and(sys::is_running) {
-                return Err(LabError::Options(format!(
-                    "the agent of node {node} does not run"
-                )));
-            }
+            require_running_agent(&state, lab, node)?;
         }
         Fault::LeaderBlackhole(node, _) => failover::validate(&state, node)?,
         Fault::RotateKey(node, _) => {
             state.require_apiserver("chaos rotate-key")?;
-            let (_, n) = state
-                .node(node)
-                .ok_or_else(|| LabError::Options(format!("lab {lab} has no node {node}")))?;
-            if !n.agent.as_ref().is_some_and(sys::is_running) {
-                return Err(LabError::Options(format!(
-                    "the agent of node {node} does not run"
-                )));
-            }
+            require_running_agent(&state, lab, node)?;
         }
         Fault::ApiServerOutage(_) => {
             let api = state.require_apiserver("chaos apiserver-outage")?;
@@ -734,6 +720,19 @@ pub fn run(root: &Path, lab: &LabName, opts: &ChaosOptions) -> Result<ChaosRepor
         plaintext: tally.plaintext,
         failover,
     })
+}
+
+/// Refuse a fault on `node` unless it is a node of the lab whose agent runs.
+fn require_running_agent(state: &LabState, lab: &LabName, node: &str) -> Result<(), LabError> {
+    let (_, n) = state
+        .node(node)
+        .ok_or_else(|| LabError::Options(format!("lab {lab} has no node {node}")))?;
+    if !n.agent.as_ref().is_some_and(sys::is_running) {
+        return Err(LabError::Options(format!(
+            "the agent of node {node} does not run"
+        )));
+    }
+    Ok(())
 }
 
 /// Ask `node`'s agent for a new key through the lab's API server and wait until it published

@@ -9,7 +9,7 @@ use ipnetwork::IpNetwork;
 use serde::Serialize;
 
 use crate::desired::{
-    Bridge, DesiredDelta, DesiredState, Masquerade, Route, Rule, WgPeer, guards_of,
+    Bridge, DesiredDelta, DesiredState, Masquerade, Route, Rule, WgPeer, guards_of, guards_of_state,
 };
 use crate::model::WgKey;
 
@@ -326,9 +326,9 @@ pub fn plan(desired: &DesiredState, actual: &OwnedState, public_key: WgKey) -> V
         device.map_or(&[][..], |d| &d.recent_handshakes),
     );
     let (add_rules, del_rules) = sorted_diff(&desired.rules, &actual.rules);
-    // Every route of the main table with its guard (see `Route::guard`), by reference: only
-    // the guards are new values, the routes are not copied to be compared.
-    let guards = guards_of(&desired.routes);
+    // Every route of the main table with its guard (see `Route::guard`), and the mesh subnet's
+    // on a leader, by reference: only the guards are new values, the routes are not copied.
+    let guards = guards_of_state(desired);
     let mut want_routes: Vec<&Route> = desired.routes.iter().chain(&guards).collect();
     want_routes.sort();
     want_routes.dedup();
@@ -603,7 +603,17 @@ fn sorted_remove<T: Ord>(v: &mut Vec<T>, item: &T) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::desired::with_guards;
+    use crate::desired::{guards_of_state, with_guards};
+
+    /// The routes the kernel holds once `d` is programmed: its routes, their guards and the
+    /// mesh subnet's guard on a leader.
+    fn kernel_routes(d: &DesiredState) -> Vec<Route> {
+        let mut all = with_guards(&d.routes);
+        all.extend(guards_of_state(d));
+        all.sort();
+        all.dedup();
+        all
+    }
     use crate::model::{MeshNode, NodeName};
     use crate::topology::{Encapsulate, MeshOptions, compute};
     use proptest::prelude::*;
@@ -659,7 +669,7 @@ mod tests {
         assert!(last_peer < first_route, "routes come after peers");
         assert_eq!(
             ops.iter().filter(|o| matches!(o, Op::AddRoute(_))).count(),
-            with_guards(&d.routes).len()
+            kernel_routes(&d).len()
         );
     }
 
@@ -792,12 +802,14 @@ mod tests {
             .iter()
             .filter(|g| g.dev == crate::desired::RouteDev::Blackhole)
             .count();
-        let main: std::collections::BTreeSet<_> = d
+        let mut main: std::collections::BTreeSet<_> = d
             .routes
             .iter()
             .filter(|r| r.table == crate::desired::MAIN_TABLE)
             .map(|r| r.dst)
             .collect();
+        // A leader's mesh subnet (its address's connected route) is guarded too.
+        main.extend(d.interface.address.map(crate::model::network_of));
         assert_eq!(guards, main.len(), "one guard per destination");
     }
 
@@ -1071,7 +1083,7 @@ mod tests {
             let ops = plan(&second, &k, ME);
         simulate(&mut k, &ops, ME);
             prop_assert_eq!(plan(&second, &k, ME), Vec::<Op>::new());
-            prop_assert_eq!(&k.routes, &with_guards(&second.routes));
+            prop_assert_eq!(&k.routes, &kernel_routes(&second));
             prop_assert_eq!(&k.rules, &second.rules);
         }
     }

@@ -295,12 +295,19 @@ impl Engine {
         let leader = self.leaders.get(key)?.clone();
         let pos = self.order.iter().position(|k| k == key)?;
         let n = self.order.len();
-        let targets: Vec<_> = (1..n)
+        let (targets, behind): (Vec<_>, Vec<_>) = (1..n)
             .map(|d| (pos + d) % n)
             .take(PROBE_TARGETS)
-            .filter_map(|i| allocate(self.opts.subnet, i))
-            .collect();
-        (!targets.is_empty()).then_some(LeaderProbe { leader, targets })
+            .filter_map(|i| {
+                let ip = allocate(self.opts.subnet, i)?;
+                Some((ip, self.leaders.get(&self.order[i])?.clone()))
+            })
+            .unzip();
+        (!targets.is_empty()).then_some(LeaderProbe {
+            leader,
+            targets,
+            behind,
+        })
     }
 
     /// The local node's current desired state.

@@ -230,6 +230,10 @@ pub struct LeaderProbe {
     pub leader: NodeName,
     /// Mesh IPs of other segments (on their leaders' WireGuard interfaces).
     pub targets: Vec<IpAddr>,
+    /// The leaders of those segments, in the same order: when one changes (that location fails
+    /// over, or a node joins), its mesh IP moves and answers again only after a handshake, which
+    /// is no fault of this location's leader; the prober starts over.
+    pub behind: Vec<NodeName>,
 }
 
 /// How many other segments a member probes through its leader: one that is down itself must
