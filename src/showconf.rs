@@ -803,6 +803,92 @@ PersistentKeepalive = 20
         assert!(text.contains("\nListenPort = 51830\n"), "{text}");
     }
 
+    /// The three clouds renumbered into IPv6 (endpoints, internal IPs, pod CIDRs, mesh subnet),
+    /// one of them with a dual-stack pod CIDR, and an outside peer with IPv6 allowed IPs.
+    fn three_clouds_in_ipv6() -> (Vec<MeshNode>, Vec<MeshPeer>, MeshOptions) {
+        let mut nodes = nodes("three-clouds.yaml");
+        for (i, n) in nodes.iter_mut().enumerate() {
+            n.endpoint = Some(format!("[2001:db8::{}]:51820", i + 1).parse().unwrap());
+            n.pod_cidrs = nets(&[&format!("fd42:0:{}::/64", i + 1)]);
+            n.internal_ip = Some(format!("fd00:210:0:{}::b/64", i + 1).parse().unwrap());
+        }
+        nodes[1]
+            .pod_cidrs
+            .insert(0, "10.42.1.0/24".parse().unwrap());
+        let peers = vec![MeshPeer {
+            name: "laptop".into(),
+            key: OFFICE.parse().unwrap(),
+            allowed_ips: nets(&["fd10::99/128"]),
+            endpoint: Some("[2001:db8::7]:51821".parse().unwrap()),
+            persistent_keepalive: 25,
+            preshared_key: None,
+        }];
+        let opts = MeshOptions {
+            subnet: "fd10::/64".parse().unwrap(),
+            ..full()
+        };
+        (nodes, peers, opts)
+    }
+
+    #[test]
+    fn an_ipv6_mesh_node_config_has_ipv6_address_endpoints_and_allowed_ips() {
+        let (nodes, peers, opts) = three_clouds_in_ipv6();
+        let topo = build(nodes.iter(), &peers, &opts);
+        let text = node_config(&topo, &name("fra-1"), &opts, None).unwrap();
+        assert_eq!(
+            text,
+            format!(
+                "[Interface]
+# PrivateKey = <contents of the node's private key>
+ListenPort = 51820
+Address = fd10::1/64
+
+[Peer]
+# hel-1
+PublicKey = {HEL}
+AllowedIPs = 10.42.1.0/24, fd42:0:2::/64, fd00:210:0:2::b/128, fd10::2/128
+Endpoint = [2001:db8::2]:51820
+PersistentKeepalive = 20
+
+[Peer]
+# par-1
+PublicKey = {PAR}
+AllowedIPs = fd42:0:3::/64, fd00:210:0:3::b/128, fd10::3/128
+Endpoint = [2001:db8::3]:51820
+PersistentKeepalive = 20
+
+[Peer]
+# laptop
+PublicKey = {OFFICE}
+AllowedIPs = fd10::99/128
+Endpoint = [2001:db8::7]:51821
+PersistentKeepalive = 20
+"
+            )
+        );
+    }
+
+    #[test]
+    fn an_ipv6_mesh_peer_config_routes_every_ipv6_pod_cidr_and_the_mesh_subnet() {
+        let (nodes, peers, opts) = three_clouds_in_ipv6();
+        let topo = build(nodes.iter(), &peers, &opts);
+        let text = peer_config(&topo, &name("laptop"), &opts, None).unwrap();
+        assert!(text.contains("\nAddress = fd10::99/128\n"), "{text}");
+        assert!(
+            text.contains(
+                "\nAllowedIPs = fd42:0:1::/64, fd00:210:0:1::b/128, fd10::1/128\n\
+                 Endpoint = [2001:db8::1]:51820\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "\nAllowedIPs = 10.42.1.0/24, fd42:0:2::/64, fd00:210:0:2::b/128, fd10::2/128\n"
+            ),
+            "{text}"
+        );
+    }
+
     #[test]
     fn natted_segment_is_reached_at_its_discovered_endpoint() {
         let mut nodes = nodes("locations.yaml");

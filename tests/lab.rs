@@ -508,6 +508,152 @@ fn a_1280_byte_underlay_gets_a_1220_byte_tunnel_pods_to_match_and_clamped_tcp() 
     lab.down_and_assert_gone();
 }
 
+/// The lines of `lab check`'s report a lab of `families` must show: every pair answered in
+/// each family, bulk TCP in each family, no plaintext pod packet and WireGuard seen.
+fn assert_check_passes_in(lab: &Lab, families: &[&str], pairs: usize) -> String {
+    let check = lab.run(&["lab", "check"]);
+    let report = text(&check);
+    assert!(check.status.success(), "{report}\n{}", lab.diagnostics());
+    for family in ["IPv4", "IPv6"] {
+        let line = format!("  {family}: {pairs} pairs, 0 lost packets\n");
+        let bulk = format!("({family} ");
+        if families.contains(&family) {
+            assert!(report.contains(&line), "{family}: {report}");
+            assert_eq!(
+                report
+                    .lines()
+                    .filter(|l| l.contains(&bulk) && l.ends_with(", ok"))
+                    .count(),
+                2,
+                "bulk TCP both ways in {family}: {report}"
+            );
+        } else {
+            assert!(
+                !report.contains(&format!("  {family}: ")),
+                "no {family} pings: {report}"
+            );
+            assert!(!report.contains(&bulk), "no {family} bulk TCP: {report}");
+        }
+    }
+    assert!(
+        report.contains("  0 packets from or to pod CIDRs or the mesh subnet"),
+        "{report}"
+    );
+    assert!(
+        report.contains(
+            "no plaintext pod packets on the underlay ok; WireGuard seen on the underlay ok"
+        ),
+        "{report}"
+    );
+    report
+}
+
+/// `--ipv6`: an underlay without IPv4, endpoints, internal IPs, pod CIDRs and mesh IPs in IPv6;
+/// every agent's automatic MTU is 1500 minus IPv6's 80; pods reach the underlay through the
+/// agent's IPv6 masquerade; every pod reaches every pod over IPv6, bulk TCP goes through, and
+/// the underlay carries only WireGuard (over IPv6 UDP, the only family it has).
+#[test]
+#[cfg_attr(
+    not(feature = "netns-tests"),
+    ignore = "needs root and network namespaces"
+)]
+fn an_ipv6_only_lab_meshes_over_ipv6_and_check_passes_with_only_wireguard_on_the_underlay() {
+    require_tools(&[]);
+    let lab = Lab::new("v6");
+    let up = lab.up(&["--ipv6"]);
+    assert!(up.status.success(), "{}", text(&up));
+    let state = lab.state();
+    for (i, n) in state.nodes.iter().enumerate() {
+        let ns = format!("n{}", i + 1);
+        assert_eq!(
+            lab.addrs(&ns, "eth0").trim(),
+            "",
+            "{}: no IPv4 underlay",
+            n.name
+        );
+        let eth0 = lab.ip(&ns, &["-6", "-o", "addr", "show", "dev", "eth0"]);
+        assert!(
+            eth0.contains(&format!("fd00:200::{}/64", i + 1)),
+            "{}: {eth0}",
+            n.name
+        );
+        let wg = lab.ip(&ns, &["addr", "show", "dev", "wiremesh0"]);
+        assert!(wg.contains(" mtu 1420 "), "{}: {wg}", n.name);
+        assert!(
+            wg.contains(&format!("inet6 fd00:4::{}/64", i + 1)),
+            "{}: a mesh IP from fd00:4::/64: {wg}",
+            n.name
+        );
+        assert!(!wg.contains("inet "), "{}: {wg}", n.name);
+        let pod = n.pods[0].addrs().collect::<Vec<_>>();
+        assert!(
+            pod.len() == 1 && pod[0].is_ipv6(),
+            "{}'s pod: {pod:?}",
+            n.name
+        );
+        // The underlay edge has no route to any pod CIDR: only the agent's IPv6 masquerade
+        // gets the pod an answer.
+        assert!(
+            lab.pod_pings(&n.pods[0].netns, "fd00:200::fe"),
+            "{}'s pod reaches the underlay edge, masqueraded\n{}",
+            n.name,
+            lab.diagnostics()
+        );
+    }
+    assert_check_passes_in(&lab, &["IPv6"], 6);
+    lab.down_and_assert_gone();
+}
+
+/// `--dual-stack`: both families on every link and in every pod, the mesh over IPv4; each agent
+/// masquerades its pods' IPv6 CIDR too (pods reach the underlay edge in both families); every
+/// pod reaches every other pod's IPv4 and IPv6 address, bulk TCP goes through in both, and no
+/// plaintext pod packet of either family crosses the underlay.
+#[test]
+#[cfg_attr(
+    not(feature = "netns-tests"),
+    ignore = "needs root and network namespaces"
+)]
+fn a_dual_stack_lab_gives_pods_both_families_and_check_passes_in_each() {
+    require_tools(&[]);
+    let lab = Lab::new("ds");
+    let up = lab.up(&["--dual-stack"]);
+    assert!(up.status.success(), "{}", text(&up));
+    let state = lab.state();
+    for (i, n) in state.nodes.iter().enumerate() {
+        let ns = format!("n{}", i + 1);
+        assert!(
+            lab.addrs(&ns, "eth0")
+                .contains(&format!("10.200.0.{}/24", i + 1))
+        );
+        let eth0 = lab.ip(&ns, &["-6", "-o", "addr", "show", "dev", "eth0"]);
+        assert!(eth0.contains(&format!("fd00:200::{}/64", i + 1)), "{eth0}");
+        let pod = n.pods[0].addrs().collect::<Vec<_>>();
+        assert!(
+            pod.len() == 2 && pod[0].is_ipv4() && pod[1].is_ipv6(),
+            "{}'s pod: {pod:?}",
+            n.name
+        );
+        let nat = text(&lab.exec(&ns, &["nft", "list", "set", "inet", "wiremesh", "sources6"]));
+        assert!(
+            nat.contains(&format!("fd00:201:0:{}::/64", i + 1)),
+            "{}: {nat}",
+            n.name
+        );
+        // The underlay edge has no route to any pod CIDR: only masquerading, in each family,
+        // gets the pod an answer.
+        for edge in ["10.200.0.254", "fd00:200::fe"] {
+            assert!(
+                lab.pod_pings(&n.pods[0].netns, edge),
+                "{}'s pod reaches {edge}, masqueraded\n{}",
+                n.name,
+                lab.diagnostics()
+            );
+        }
+    }
+    assert_check_passes_in(&lab, &["IPv4", "IPv6"], 6);
+    lab.down_and_assert_gone();
+}
+
 #[test]
 #[cfg_attr(
     not(feature = "netns-tests"),

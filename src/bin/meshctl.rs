@@ -1086,6 +1086,14 @@ struct LabUpArgs {
     /// small path; default: the kernel's 1500. The agents' automatic MTU follows it.
     #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u32).range(576..=65535))]
     underlay_mtu: Option<u32>,
+    /// IPv6 only: underlay, LANs, endpoints, internal IPs, pod CIDRs (fd00:201:0:i::/64) and
+    /// the mesh subnet (fd00:4::/64) are IPv6; no NAT.
+    #[arg(long, conflicts_with = "dual_stack")]
+    ipv6: bool,
+    /// IPv4 and IPv6 on every link and in every pod (an IPv6 pod CIDR per node besides the
+    /// IPv4 one); the mesh runs over IPv4; no NAT.
+    #[arg(long)]
+    dual_stack: bool,
     /// Build underlay, NAT, keys and files only: no agents, no pods (a debugging aid).
     #[arg(long)]
     no_agents: bool,
@@ -1122,7 +1130,7 @@ enum RegistryChoice {
 }
 
 fn lab_up(name: wiremesh::lab::LabName, root: PathBuf, a: LabUpArgs) -> Result<(), LabError> {
-    use wiremesh::lab::spec::{Source, SpecOptions, THREE_CLOUDS, THREE_CLOUDS_NAME};
+    use wiremesh::lab::spec::{Family, Source, SpecOptions, THREE_CLOUDS, THREE_CLOUDS_NAME};
     use wiremesh::registry::file::{decode_nodes, load_nodes};
     // The root check comes before reading any file the user named.
     wiremesh::lab::sys::require_root()?;
@@ -1179,6 +1187,13 @@ fn lab_up(name: wiremesh::lab::LabName, root: PathBuf, a: LabUpArgs) -> Result<(
                 RegistryChoice::Kube => wiremesh::lab::spec::Registry::Kube,
             },
             underlay_mtu: a.underlay_mtu,
+            family: if a.ipv6 {
+                Family::Ipv6
+            } else if a.dual_stack {
+                Family::DualStack
+            } else {
+                Family::Ipv4
+            },
         },
         agents: !a.no_agents,
         agent_binary: a.agent,

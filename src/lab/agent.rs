@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use super::LabError;
 use super::state::{LabState, NodeState, ProcRef, create_dir};
 use super::sys;
+use crate::topology::DEFAULT_SUBNET;
 
 /// Where each agent serves its HTTP endpoint: the loopback of its own node namespace (each
 /// namespace has its own), so nothing of it reaches the host or the underlay.
@@ -57,7 +58,8 @@ pub fn find_binary(explicit: Option<&Path>) -> Result<PathBuf, LabError> {
 }
 
 /// The agent's arguments (after the binary) for `node`: the nodes file, or with the Kubernetes
-/// registry only the agent kubeconfig (the API server's address and the agent's token).
+/// registry only the agent kubeconfig (the API server's address and the agent's token); the
+/// lab's mesh subnet when it is not the agent's default (an IPv6-only lab).
 pub fn agent_args(state: &LabState, node: &NodeState, extra: &[String]) -> Vec<OsString> {
     let registry: [OsString; 2] = match &state.apiserver {
         Some(api) => ["--kubeconfig".into(), api.agent_kubeconfig().into()],
@@ -86,6 +88,9 @@ pub fn agent_args(state: &LabState, node: &NodeState, extra: &[String]) -> Vec<O
         AGENT_LISTEN.into(),
     ];
     args.extend(rest);
+    if DEFAULT_SUBNET.parse() != Ok(state.spec.mesh_subnet) {
+        args.extend(["--subnet".into(), state.spec.mesh_subnet.to_string().into()]);
+    }
     args.extend(extra.iter().map(OsString::from));
     args
 }
@@ -197,6 +202,7 @@ mod tests {
             pods_per_node: 1,
             registry: crate::lab::spec::Registry::File,
             underlay_mtu: None,
+            family: crate::lab::spec::Family::Ipv4,
         })
         .unwrap();
         let state = LabState::new(&name, Path::new("/run/wiremesh-lab/wm"), spec, 0);
@@ -227,6 +233,7 @@ mod tests {
             pods_per_node: 1,
             registry: crate::lab::spec::Registry::Kube,
             underlay_mtu: None,
+            family: crate::lab::spec::Family::Ipv4,
         })
         .unwrap();
         let state = LabState::new(&name, Path::new("/run/wiremesh-lab/wm"), spec, 0);
@@ -244,5 +251,40 @@ mod tests {
         );
         assert!(!line.contains("--nodes"), "{line}");
         assert_eq!(state.namespaces[..2], ["wml-wm-ul", "wml-wm-api"]);
+    }
+
+    #[test]
+    fn only_an_ipv6_lab_gives_the_agents_its_mesh_subnet() {
+        use crate::lab::spec::Family;
+        let name: LabName = "wm".parse().unwrap();
+        for (family, subnet) in [
+            (Family::Ipv4, None),
+            (Family::DualStack, None),
+            (Family::Ipv6, Some("--subnet fd00:4::/64")),
+        ] {
+            let spec = plan(&SpecOptions {
+                source: Source::Generated {
+                    nodes: 2,
+                    locations: 2,
+                },
+                granularity: None,
+                nat: Some(0),
+                pods_per_node: 1,
+                registry: crate::lab::spec::Registry::File,
+                underlay_mtu: None,
+                family,
+            })
+            .unwrap();
+            let state = LabState::new(&name, Path::new("/run/wiremesh-lab/wm"), spec, 0);
+            let line = agent_args(&state, &state.nodes[0], &[])
+                .into_iter()
+                .map(|a| a.into_string().unwrap())
+                .collect::<Vec<_>>()
+                .join(" ");
+            match subnet {
+                Some(s) => assert!(line.ends_with(s), "{family}: {line}"),
+                None => assert!(!line.contains("--subnet"), "{family}: {line}"),
+            }
+        }
     }
 }

@@ -67,7 +67,7 @@ pub fn create_netns(state: &LabState, api: &ApiServerState) -> Result<(), LabErr
         API_IFACE,
         &state.underlay_ns,
         API_PORT_NAME,
-        api.ip,
+        api.ip.into(),
         state.spec.underlay.prefix(),
     )
 }

@@ -68,17 +68,19 @@ impl Transfer {
         let mib = self.received as f64 / f64::from(1u32 << 20);
         match &self.error {
             None if self.ok() => format!(
-                "{} → {} ({}): {mib:.1} MiB in {:.2} s, {:.0} Mbit/s, ok",
+                "{} → {} ({} {}): {mib:.1} MiB in {:.2} s, {:.0} Mbit/s, ok",
                 self.from,
                 self.to,
+                super::check::family_name(&self.addr),
                 self.addr,
                 self.elapsed.as_secs_f64(),
                 self.mbit_per_s()
             ),
             e => format!(
-                "{} → {} ({}): STALLED after {mib:.2} MiB of {} MiB, {:.1} s: {}",
+                "{} → {} ({} {}): STALLED after {mib:.2} MiB of {} MiB, {:.1} s: {}",
                 self.from,
                 self.to,
+                super::check::family_name(&self.addr),
                 self.addr,
                 BYTES >> 20,
                 self.elapsed.as_secs_f64(),

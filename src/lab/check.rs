@@ -117,25 +117,35 @@ pub fn pairs(pods: &[Pod]) -> Vec<(usize, usize, IpAddr)> {
     out
 }
 
-/// The bulk TCP transfers to run, as `(from, to, the target's address)` indexes into the pods:
-/// the first pair of pods in different LANs (so the transfer crosses the underlay), else on
-/// different nodes, one way and back, each to the target's first address. Empty when every pod
-/// is on one node.
+/// The bulk TCP transfers to run, as `(from, to, the target's address)` indexes into the pods,
+/// per address family (IPv4 first): the first pair of pods in different LANs with addresses of
+/// the family (so the transfer crosses the underlay), else on different nodes, one way and
+/// back, each to the target's address of the family. Empty when every pod is on one node.
 pub fn bulk_pairs(pods: &[Pod]) -> Vec<(usize, usize, IpAddr)> {
-    let with_ip = |i: &usize| !pods[*i].ips.is_empty();
-    let all: Vec<usize> = (0..pods.len()).filter(with_ip).collect();
-    let find = |apart: &dyn Fn(&Pod, &Pod) -> bool| {
-        all.iter().find_map(|&a| {
-            all.iter()
-                .find(|&&b| apart(&pods[a], &pods[b]))
-                .map(|&b| (a, b))
-        })
-    };
-    let pair = find(&|a, b| a.lan != b.lan).or_else(|| find(&|a, b| a.node != b.node));
-    match pair {
-        Some((a, b)) => vec![(a, b, pods[b].ips[0]), (b, a, pods[a].ips[0])],
-        None => Vec::new(),
+    let mut out = Vec::new();
+    for v6 in [false, true] {
+        let addr = |i: usize| pods[i].ips.iter().copied().find(|ip| ip.is_ipv6() == v6);
+        let all: Vec<usize> = (0..pods.len()).filter(|&i| addr(i).is_some()).collect();
+        let find = |apart: &dyn Fn(&Pod, &Pod) -> bool| {
+            all.iter().find_map(|&a| {
+                all.iter()
+                    .find(|&&b| apart(&pods[a], &pods[b]))
+                    .map(|&b| (a, b))
+            })
+        };
+        let pair = find(&|a, b| a.lan != b.lan).or_else(|| find(&|a, b| a.node != b.node));
+        if let Some((a, b)) = pair
+            && let (Some(to_b), Some(to_a)) = (addr(b), addr(a))
+        {
+            out.extend([(a, b, to_b), (b, a, to_a)]);
+        }
     }
+    out
+}
+
+/// The name of `ip`'s family, as the report writes it.
+pub fn family_name(ip: &IpAddr) -> &'static str {
+    if ip.is_ipv4() { "IPv4" } else { "IPv6" }
 }
 
 /// `(transmitted, received)` from ping's summary line.
@@ -603,6 +613,20 @@ impl CheckReport {
         self.pings.iter().filter(|r| !r.ok).count()
     }
 
+    /// Per address family the pings ran in (IPv4 first): its name, the pairs pinged and those
+    /// without all replies.
+    pub fn losses_by_family(&self) -> Vec<(&'static str, usize, usize)> {
+        let mut out = Vec::new();
+        for v6 in [false, true] {
+            let of: Vec<&PingResult> = self.pings.iter().filter(|r| r.ip.is_ipv6() == v6).collect();
+            if let Some(first) = of.first() {
+                let lost = of.iter().filter(|r| !r.ok).count();
+                out.push((family_name(&first.ip), of.len(), lost));
+            }
+        }
+        out
+    }
+
     /// How long after the first ping every pair had answered at least once: the time to full
     /// connectivity, or `None` when some pair never answered.
     pub fn connected_after(&self) -> Option<Duration> {
@@ -653,6 +677,13 @@ impl CheckReport {
             None => {
                 let _ = writeln!(s, "some pairs never answered");
             }
+        }
+        for (family, pairs, lost) in self.losses_by_family() {
+            let _ = writeln!(
+                s,
+                "  {family}: {pairs} pairs, {lost} lost packets{}",
+                if lost == 0 { "" } else { " (FAILED)" }
+            );
         }
         if self.bulk.is_empty() {
             let _ = writeln!(s, "\nbulk TCP: not run (every pod is on one node)");
@@ -717,11 +748,15 @@ impl CheckReport {
         let verdict = |ok: bool| if ok { "ok" } else { "FAILED" };
         let _ = writeln!(
             s,
-            "\nresult: reachability {} ({} of {} pairs lost packets); bulk TCP {}; no plaintext \
+            "\nresult: reachability {} ({} of {} pairs lost packets{}); bulk TCP {}; no plaintext \
              pod packets on the underlay {}; WireGuard seen on the underlay {}",
             verdict(self.losses() == 0),
             self.losses(),
             self.pings.len(),
+            self.losses_by_family()
+                .iter()
+                .map(|(family, pairs, lost)| format!("; {family} {lost} of {pairs}"))
+                .collect::<String>(),
             if self.bulk.is_empty() {
                 "not run"
             } else {
@@ -863,6 +898,26 @@ mod tests {
         p
     }
 
+    /// An IPv6 packet: fixed header (next header `proto`), then `l4`.
+    fn ipv6(src: &str, dst: &str, proto: u8, l4: &[u8]) -> Vec<u8> {
+        let mut p = vec![0x60, 0, 0, 0];
+        p.extend(u16::try_from(l4.len()).unwrap().to_be_bytes());
+        p.extend([proto, 64]);
+        p.extend(src.parse::<Ipv6Addr>().unwrap().octets());
+        p.extend(dst.parse::<Ipv6Addr>().unwrap().octets());
+        p.extend(l4);
+        p
+    }
+
+    fn ipv6_udp(src: &str, dst: &str, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+        let mut udp = Vec::new();
+        udp.extend(sport.to_be_bytes());
+        udp.extend(dport.to_be_bytes());
+        udp.extend([0, 0, 0, 0]);
+        udp.extend(payload);
+        ipv6(src, dst, 17, &udp)
+    }
+
     /// A little-endian pcap with Linux cooked v2 framing, as `tcpdump -i any` writes.
     fn pcap_sll2(packets: &[Vec<u8>]) -> Vec<u8> {
         let mut f = vec![0xd4, 0xc3, 0xb2, 0xa1, 2, 0, 4, 0];
@@ -870,7 +925,13 @@ mod tests {
         f.extend(65535u32.to_le_bytes());
         f.extend(276u32.to_le_bytes());
         for p in packets {
-            let mut frame = vec![0x08, 0x00, 0, 0, 0, 0, 0, 3, 0, 1, 0, 6];
+            let ethertype: [u8; 2] = if p[0] >> 4 == 6 {
+                [0x86, 0xdd]
+            } else {
+                [0x08, 0x00]
+            };
+            let mut frame = ethertype.to_vec();
+            frame.extend([0, 0, 0, 0, 0, 3, 0, 1, 0, 6]);
             frame.extend([0; 8]);
             frame.extend(p);
             let len = u32::try_from(frame.len()).unwrap();
@@ -1010,6 +1071,141 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_wireguard_is_wireguard_and_ipv6_pod_or_mesh_packets_are_plaintext() {
+        let wg_data = [4, 0, 0, 0, 1, 2, 3];
+        let echo = [128, 0, 0, 0, 0, 1, 0, 1];
+        let packets = vec![
+            ipv6_udp("fd00:200::1", "fd00:200::2", 51820, 51820, &wg_data),
+            ipv6_udp("fd00:200::3", "fd00:200::1", 51820, 51820, &[1, 0, 0, 0]),
+            ipv6("fd00:201:0:1::2", "fd00:201:0:2::2", 58, &echo),
+            ipv6("fd00:4::1", "fd00:4::2", 58, &echo),
+            ipv6_udp("fd00:200::1", "fd00:200::2", 53, 51820, b"hello"),
+            ipv6("fe80::1", "ff02::2", 58, &[133, 0, 0, 0]),
+            ipv4_udp([10, 200, 0, 1], [10, 200, 0, 2], 51820, 51820, &wg_data),
+        ];
+        let parsed = parse_pcap(&pcap_sll2(&packets)).unwrap();
+        assert_eq!(parsed.len(), 7);
+        assert_eq!(parsed[0].wg_type, Some(4));
+        assert_eq!(parsed[0].ports, Some((51820, 51820)));
+        let overlay: Vec<IpNetwork> = vec![
+            "10.42.0.0/16".parse().unwrap(),
+            "fd00:201:0:1::/64".parse().unwrap(),
+            "fd00:201:0:2::/64".parse().unwrap(),
+            "fd00:4::/64".parse().unwrap(),
+        ];
+        let t = classify(&parsed, &overlay, 51820);
+        assert_eq!(t.wireguard, 3, "WireGuard over IPv6 and over IPv4 UDP");
+        let plain: Vec<String> = t.plaintext.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            plain,
+            [
+                "fd00:201:0:1::2 > fd00:201:0:2::2 icmp6",
+                "fd00:4::1 > fd00:4::2 icmp6"
+            ]
+        );
+        assert_eq!(
+            t.other.len(),
+            2,
+            "non-WireGuard UDP and router solicitation"
+        );
+    }
+
+    /// A report on `pods` in different LANs without pings yet: 8 packets on the underlay, all
+    /// WireGuard.
+    fn crossing_report(pods: Vec<Pod>) -> CheckReport {
+        CheckReport {
+            pods,
+            pings: vec![],
+            capture_netns: "wml-wm-ul".into(),
+            overlay: vec![],
+            port: 51820,
+            tally: Tally {
+                total: 8,
+                wireguard: 8,
+                ..Tally::default()
+            },
+            crosses_underlay: true,
+            relayed: Vec::new(),
+            bulk: vec![],
+        }
+    }
+
+    /// Two dual-stack pods on nodes in different LANs.
+    fn dual_stack_pods() -> Vec<Pod> {
+        let mut a = pod("a", "p1", "10.42.0.2", 0);
+        a.ips.push("fd00:201:0:1::2".parse().unwrap());
+        let mut b = pod("b", "p2", "10.42.1.2", 1);
+        b.ips.push("fd00:201:0:2::2".parse().unwrap());
+        vec![a, b]
+    }
+
+    #[test]
+    fn bulk_pairs_run_once_per_family_to_the_targets_address_of_that_family() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            bulk_pairs(&dual_stack_pods()),
+            vec![
+                (0, 1, ip("10.42.1.2")),
+                (1, 0, ip("10.42.0.2")),
+                (0, 1, ip("fd00:201:0:2::2")),
+                (1, 0, ip("fd00:201:0:1::2")),
+            ]
+        );
+        assert_eq!(
+            bulk_pairs(&[
+                pod("a", "p1", "fd00:201:0:1::2", 0),
+                pod("b", "p2", "fd00:201:0:2::2", 1)
+            ]),
+            vec![(0, 1, ip("fd00:201:0:2::2")), (1, 0, ip("fd00:201:0:1::2"))],
+            "IPv6 only"
+        );
+    }
+
+    #[test]
+    fn report_counts_each_family_apart_and_fails_on_loss_in_one() {
+        let ping = |from, to, ip: &str, ok: bool| PingResult {
+            from,
+            to,
+            ip: ip.parse().unwrap(),
+            transmitted: 2,
+            received: if ok { 2 } else { 0 },
+            ok,
+            first_reply: ok.then_some(Duration::from_millis(10)),
+        };
+        let mut r = CheckReport {
+            pings: vec![
+                ping(0, 1, "10.42.1.2", true),
+                ping(0, 1, "fd00:201:0:2::2", true),
+                ping(1, 0, "10.42.0.2", true),
+                ping(1, 0, "fd00:201:0:1::2", true),
+            ],
+            ..crossing_report(dual_stack_pods())
+        };
+        assert_eq!(r.losses_by_family(), vec![("IPv4", 2, 0), ("IPv6", 2, 0)]);
+        let text = r.render();
+        assert!(r.passed(), "{text}");
+        assert!(text.contains("  IPv4: 2 pairs, 0 lost packets\n"), "{text}");
+        assert!(text.contains("  IPv6: 2 pairs, 0 lost packets\n"), "{text}");
+        assert!(
+            text.contains("reachability ok (0 of 4 pairs lost packets; IPv4 0 of 2; IPv6 0 of 2)"),
+            "{text}"
+        );
+        r.pings[3] = ping(1, 0, "fd00:201:0:1::2", false);
+        let text = r.render();
+        assert!(!r.passed());
+        assert!(
+            text.contains("  IPv6: 2 pairs, 1 lost packets (FAILED)"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "reachability FAILED (1 of 4 pairs lost packets; IPv4 0 of 2; IPv6 1 of 2)"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn bad_pcap_is_refused() {
         assert!(parse_pcap(b"").is_err());
         assert!(parse_pcap(&[0u8; 24]).is_err());
@@ -1036,18 +1232,8 @@ mod tests {
         };
         let mut r = CheckReport {
             pings: vec![ok(0, 1, "10.42.1.2", 5300), ok(1, 0, "10.42.0.2", 40)],
-            pods,
-            capture_netns: "wml-wm-ul".into(),
             overlay: vec!["10.42.0.0/16".parse().unwrap()],
-            port: 51820,
-            tally: Tally {
-                total: 8,
-                wireguard: 8,
-                ..Tally::default()
-            },
-            crosses_underlay: true,
-            relayed: Vec::new(),
-            bulk: vec![],
+            ..crossing_report(pods)
         };
         assert!(r.passed(), "{}", r.render());
         assert!(
@@ -1111,7 +1297,7 @@ mod tests {
         assert!(!r.passed());
         let text = r.render();
         assert!(text.contains("bulk TCP FAILED"), "{text}");
-        assert!(text.contains("p1 → p2 (10.42.1.2): STALLED"), "{text}");
+        assert!(text.contains("p1 → p2 (IPv4 10.42.1.2): STALLED"), "{text}");
         r.bulk.clear();
         assert!(r.render().contains("bulk TCP not run"));
     }

@@ -11,15 +11,21 @@
 //!  wml-<lab>-l1  wml-<lab>-l2       n3 eth0 10.210.3.11, default via 10.210.3.1
 //! ```
 //!
+//! An IPv6 or dual-stack lab ([`Family`]) has the same shape, without NAT routers: every
+//! address and default route is there once per family, IPv6 addresses without duplicate
+//! address detection (nothing else claims them, and DAD would hold them back a second or two).
+//!
 //! Public nodes route by default to the underlay edge, so a pod packet that missed the tunnel
 //! would show up on the underlay (where `lab check` looks for it) instead of vanishing.
 //! Every link is created directly inside its namespaces, so nothing appears in the host's
 //! namespace. Depends on the spec, the state (names) and `sys` (commands).
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
+
+use ipnetwork::IpNetwork;
 
 use super::LabError;
-use super::spec::{LabSpec, LanSpec, NatRouter, NodeSpec};
+use super::spec::{Family, LabSpec, LanSpec, NatRouter, NodeSpec, host};
 use super::state::LabState;
 use super::sys::{ip, ip_n, ns_exec, run_with};
 
@@ -32,10 +38,17 @@ pub const EDGE_HOST: u8 = 254;
 /// The nftables table of the NAT routers.
 pub const NAT_TABLE: &str = "wiremesh_lab";
 
-/// The underlay's edge address, `10.200.0.254`.
-pub fn edge_ip(spec: &LabSpec) -> Ipv4Addr {
-    let o = spec.underlay.network().octets();
-    Ipv4Addr::new(o[0], o[1], o[2], EDGE_HOST)
+/// The underlay's edge address, `10.200.0.254` (`fd00:200::fe` in an IPv6-only lab).
+pub fn edge_ip(spec: &LabSpec) -> IpAddr {
+    host(spec.underlay, EDGE_HOST)
+}
+
+/// The underlay's edge addresses with their subnets' prefixes, one per family.
+pub fn edge_addrs(spec: &LabSpec) -> Vec<IpNetwork> {
+    spec.underlays()
+        .into_iter()
+        .filter_map(|n| IpNetwork::new(host(n, EDGE_HOST), n.prefix()).ok())
+        .collect()
 }
 
 /// Port name of node `i` on a bridge.
@@ -64,8 +77,29 @@ fn add_netns(netns: &str) -> Result<(), LabError> {
     Ok(())
 }
 
-fn forward(netns: &str) -> Result<(), LabError> {
-    ns_exec(netns, "sysctl", &["-qw", "net.ipv4.ip_forward=1"]).map(drop)
+fn forward(netns: &str, family: Family) -> Result<(), LabError> {
+    ns_exec(netns, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+    if family.has_ipv6() {
+        ns_exec(netns, "sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"])?;
+    }
+    Ok(())
+}
+
+/// `ip route add default via gateway`, in the gateway's family.
+fn default_route(netns: &str, gateway: IpAddr) -> Result<(), LabError> {
+    let family = if gateway.is_ipv6() { "-6" } else { "-4" };
+    ip_n(
+        netns,
+        &[
+            family,
+            "route",
+            "add",
+            "default",
+            "via",
+            &gateway.to_string(),
+        ],
+    )
+    .map(drop)
 }
 
 fn add_bridge(netns: &str) -> Result<(), LabError> {
@@ -96,11 +130,13 @@ fn add_port(
     Ok(())
 }
 
-fn add_addr(netns: &str, dev: &str, addr: Ipv4Addr, prefix: u8) -> Result<(), LabError> {
-    ip_n(
-        netns,
-        &["addr", "add", &format!("{addr}/{prefix}"), "dev", dev],
-    )?;
+fn add_addr(netns: &str, dev: &str, addr: IpAddr, prefix: u8) -> Result<(), LabError> {
+    let cidr = format!("{addr}/{prefix}");
+    let mut args = vec!["addr", "add", &cidr, "dev", dev];
+    if addr.is_ipv6() {
+        args.push("nodad");
+    }
+    ip_n(netns, &args)?;
     ip_n(netns, &["link", "set", dev, "up"])?;
     Ok(())
 }
@@ -110,17 +146,9 @@ pub fn create_underlay(state: &LabState) -> Result<(), LabError> {
     let ns = &state.underlay_ns;
     add_netns(ns)?;
     add_bridge(ns)?;
-    let edge = edge_ip(&state.spec);
-    ip_n(
-        ns,
-        &[
-            "addr",
-            "add",
-            &format!("{edge}/{}", state.spec.underlay.prefix()),
-            "dev",
-            BRIDGE,
-        ],
-    )?;
+    for edge in edge_addrs(&state.spec) {
+        add_addr(ns, BRIDGE, edge.ip(), edge.prefix())?;
+    }
     Ok(())
 }
 
@@ -170,18 +198,14 @@ pub fn create_lan(state: &LabState, lan: &LanSpec) -> Result<(), LabError> {
             &router_port(lan.index),
             state.spec.underlay_mtu,
         )?;
-        add_addr(ns, UPLINK, underlay_ip, state.spec.underlay.prefix())?;
-        ip_n(
+        add_addr(
             ns,
-            &[
-                "route",
-                "add",
-                "default",
-                "via",
-                &edge_ip(&state.spec).to_string(),
-            ],
+            UPLINK,
+            IpAddr::V4(underlay_ip),
+            state.spec.underlay.prefix(),
         )?;
-        forward(ns)?;
+        default_route(ns, edge_ip(&state.spec))?;
+        forward(ns, state.spec.family)?;
         let rules = nat_ruleset(lan);
         run_with(
             "ip",
@@ -213,6 +237,9 @@ pub fn create_node(state: &LabState, node: &NodeSpec) -> Result<(), LabError> {
             state.spec.underlay_mtu,
         )?;
         add_addr(ns, ul_if, addr, state.spec.underlay.prefix())?;
+        if let (Some(addr6), Some(net6)) = (node.underlay_ip6, state.spec.underlay6) {
+            add_addr(ns, ul_if, IpAddr::V6(addr6), net6.prefix())?;
+        }
     }
     add_port(
         ns,
@@ -222,15 +249,18 @@ pub fn create_node(state: &LabState, node: &NodeSpec) -> Result<(), LabError> {
         state.spec.underlay_mtu,
     )?;
     add_addr(ns, lan_if, node.lan_ip, lan.subnet.prefix())?;
-    let gateway = match lan.nat {
-        Some(r) => r.lan_ip,
-        None => edge_ip(&state.spec),
-    };
-    ip_n(
-        ns,
-        &["route", "add", "default", "via", &gateway.to_string()],
-    )?;
-    forward(ns)?;
+    if let (Some(addr6), Some(net6)) = (node.lan_ip6, lan.subnet6) {
+        add_addr(ns, lan_if, IpAddr::V6(addr6), net6.prefix())?;
+    }
+    match lan.nat {
+        Some(r) => default_route(ns, IpAddr::V4(r.lan_ip))?,
+        None => {
+            for edge in edge_addrs(&state.spec) {
+                default_route(ns, edge.ip())?;
+            }
+        }
+    }
+    forward(ns, state.spec.family)?;
     Ok(())
 }
 
@@ -241,7 +271,7 @@ pub fn create_attached(
     iface: &str,
     bridge_ns: &str,
     port: &str,
-    addr: Ipv4Addr,
+    addr: IpAddr,
     prefix: u8,
 ) -> Result<(), LabError> {
     add_netns(netns)?;
@@ -271,13 +301,14 @@ mod tests {
             pods_per_node: 1,
             registry: crate::lab::spec::Registry::File,
             underlay_mtu: None,
+            family: Family::Ipv4,
         })
         .unwrap();
         let rules = nat_ruleset(&spec.lans[1]);
         assert!(rules.contains("oifname \"up0\" ip saddr 10.210.2.0/24 counter masquerade"));
         assert!(rules.contains("iifname \"up0\" ct state established,related counter accept"));
         assert!(rules.contains("iifname \"up0\" counter drop"));
-        assert_eq!(edge_ip(&spec), Ipv4Addr::new(10, 200, 0, 254));
+        assert_eq!(edge_ip(&spec), IpAddr::from([10, 200, 0, 254]));
         assert_eq!(node_ifaces(&spec.nodes[0]), (Some("eth0"), "eth1"));
         assert_eq!(node_ifaces(&spec.nodes[1]), (None, "eth0"));
     }

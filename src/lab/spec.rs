@@ -16,6 +16,15 @@
 //! | WireGuard mesh | the agent's default `10.4.0.0/16` |
 //! | the API server (`--registry kube`) | `10.200.0.253:6443` on the underlay |
 //!
+//! With IPv6 ([`Family::Ipv6`], [`Family::DualStack`]) the same plan repeats in unique local
+//! addresses, host numbers unchanged (`.11` is `::b`): underlay `fd00:200::/64`, LAN `k`
+//! `fd00:210:0:k::/64`, pod CIDR of node `i` `fd00:201:0:i::/64` (`--from` keeps the file's
+//! IPv6 CIDRs, if any). An IPv6-only lab meshes over IPv6 (endpoints, internal IPs) with mesh
+//! subnet [`MESH_SUBNET6`]; a dual-stack lab meshes over IPv4 (endpoints, internal IPs, mesh
+//! subnet as in an IPv4 lab) and gives every link and every pod both families. Neither has
+//! NAT routers: IPv6 needs none, and a dual-stack location behind an IPv4-only NAT would
+//! reach the others over IPv6 anyway.
+//!
 //! With the Kubernetes registry, [`kube_node`] renders each node as a kubelet would register it
 //! (name, labels, pod CIDRs, addresses, the user's annotations) and nothing of what the agent
 //! publishes itself. [`add_node`] and [`remove_node`] change a planned lab (`lab node add|remove`).
@@ -23,9 +32,9 @@
 //! Pure: depends on the model, the annotation key names, `ipnetwork` and `serde`; no I/O.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use ipnetwork::{IpNetwork, Ipv4Network};
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use serde::{Deserialize, Serialize};
 
 use super::LabError;
@@ -41,6 +50,16 @@ pub const THREE_CLOUDS_NAME: &str = "examples/three-clouds.yaml";
 /// The underlay network shared by public nodes and NAT routers.
 pub const UNDERLAY: Ipv4Network =
     Ipv4Network::new_checked(Ipv4Addr::new(10, 200, 0, 0), 24).expect("a /24 is a valid prefix");
+/// The IPv6 underlay, `fd00:200::/64`.
+pub const UNDERLAY6: Ipv6Network =
+    Ipv6Network::new_checked(Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 0), 64)
+        .expect("a /64 is a valid prefix");
+/// First two groups of the IPv6 location LANs, `fd00:210:0:k::/64`.
+pub const LAN6_BASE: [u16; 2] = [0xfd00, 0x210];
+/// First two groups of the generated IPv6 pod CIDRs, `fd00:201:0:i::/64`.
+pub const POD6_BASE: [u16; 2] = [0xfd00, 0x201];
+/// The mesh subnet of an IPv6-only lab.
+pub const MESH_SUBNET6: &str = "fd00:4::/64";
 /// First two octets of the location LANs, `10.210.k.0/24`.
 pub const LAN_BASE: [u8; 2] = [10, 210];
 /// First two octets of the generated pod CIDRs, `10.201.i.0/24`.
@@ -58,6 +77,50 @@ pub const MAX_NODES_PER_LAN: usize = 244;
 pub const API_HOST: u8 = 253;
 /// The API server's port.
 pub const API_PORT: u16 = 6443;
+
+/// The address families of the lab's networks (underlay, LANs, pods).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Family {
+    /// IPv4 only: the lab as it always was.
+    #[default]
+    Ipv4,
+    /// IPv6 only (`--ipv6`): endpoints, internal IPs, pod CIDRs and the mesh subnet are IPv6.
+    Ipv6,
+    /// Both (`--dual-stack`): every link and pod has both families; the mesh runs over IPv4.
+    DualStack,
+}
+
+impl Family {
+    /// Whether the lab's networks carry IPv4.
+    pub fn has_ipv4(self) -> bool {
+        self != Family::Ipv6
+    }
+
+    /// Whether the lab's networks carry IPv6.
+    pub fn has_ipv6(self) -> bool {
+        self != Family::Ipv4
+    }
+
+    /// The `lab up` flag that asks for it (none for IPv4).
+    pub fn flag(self) -> &'static str {
+        match self {
+            Family::Ipv4 => "",
+            Family::Ipv6 => "--ipv6",
+            Family::DualStack => "--dual-stack",
+        }
+    }
+}
+
+impl std::fmt::Display for Family {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Family::Ipv4 => "IPv4",
+            Family::Ipv6 => "IPv6",
+            Family::DualStack => "dual-stack",
+        })
+    }
+}
 
 /// Where the lab's agents read the cluster from.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,6 +179,8 @@ pub struct SpecOptions {
     /// MTU of every link of the lab's network (underlay, LANs, NAT uplinks); `None`: the
     /// kernel's 1500.
     pub underlay_mtu: Option<u32>,
+    /// The address families of the lab's networks.
+    pub family: Family,
 }
 
 /// A NAT router: the LAN's gateway, masquerading onto the underlay.
@@ -134,8 +199,11 @@ pub struct LanSpec {
     pub index: usize,
     /// The location it serves (may be empty: nodes without a location).
     pub location: String,
-    /// The LAN's subnet.
-    pub subnet: Ipv4Network,
+    /// The LAN's subnet (IPv6 in an IPv6-only lab).
+    pub subnet: IpNetwork,
+    /// Its IPv6 subnet in a dual-stack lab.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet6: Option<Ipv6Network>,
     /// The NAT router, when the location is behind NAT.
     pub nat: Option<NatRouter>,
 }
@@ -155,10 +223,16 @@ pub struct NodeSpec {
     pub leader: bool,
     /// Its pod CIDRs.
     pub pod_cidrs: Vec<IpNetwork>,
-    /// Its address on its location's LAN: the internal IP.
-    pub lan_ip: Ipv4Addr,
-    /// Its underlay address; `None` behind NAT.
-    pub underlay_ip: Option<Ipv4Addr>,
+    /// Its address on its location's LAN: the internal IP (IPv6 in an IPv6-only lab).
+    pub lan_ip: IpAddr,
+    /// Its underlay address, of the family of `lan_ip`; `None` behind NAT.
+    pub underlay_ip: Option<IpAddr>,
+    /// Its IPv6 address on its LAN in a dual-stack lab.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lan_ip6: Option<Ipv6Addr>,
+    /// Its IPv6 underlay address in a dual-stack lab.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub underlay_ip6: Option<Ipv6Addr>,
     /// Persistent keepalive in seconds (0 = off).
     pub persistent_keepalive: u16,
 }
@@ -172,8 +246,8 @@ impl NodeSpec {
     /// The endpoint written into the nodes file: the underlay address, or behind NAT the
     /// private LAN address (the others learn the router's address when the node's packets
     /// arrive: WireGuard roaming).
-    pub fn endpoint(&self, port: u16) -> SocketAddrV4 {
-        SocketAddrV4::new(self.underlay_ip.unwrap_or(self.lan_ip), port)
+    pub fn endpoint(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.underlay_ip.unwrap_or(self.lan_ip), port)
     }
 }
 
@@ -189,8 +263,14 @@ pub struct LabSpec {
     pub granularity: Granularity,
     /// Pod namespaces per node.
     pub pods_per_node: usize,
-    /// The underlay subnet.
-    pub underlay: Ipv4Network,
+    /// The address families of the lab's networks.
+    #[serde(default)]
+    pub family: Family,
+    /// The underlay subnet (IPv6 in an IPv6-only lab).
+    pub underlay: IpNetwork,
+    /// The IPv6 underlay subnet of a dual-stack lab.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub underlay6: Option<Ipv6Network>,
     /// MTU of every link of the lab's network; `None`: the kernel's 1500.
     #[serde(default)]
     pub underlay_mtu: Option<u32>,
@@ -218,10 +298,18 @@ impl LabSpec {
         &self.lans[node.lan]
     }
 
-    /// The API server's underlay address (`--registry kube`), `10.200.0.253`.
+    /// The API server's underlay address (`--registry kube`, which needs an IPv4 underlay),
+    /// `10.200.0.253`.
     pub fn api_ip(&self) -> Ipv4Addr {
-        let o = self.underlay.network().octets();
+        let o = UNDERLAY.network().octets();
         Ipv4Addr::new(o[0], o[1], o[2], API_HOST)
+    }
+
+    /// The underlay subnets: one per family.
+    pub fn underlays(&self) -> Vec<IpNetwork> {
+        std::iter::once(self.underlay)
+            .chain(self.underlay6.map(IpNetwork::V6))
+            .collect()
     }
 
     /// The node named `name`.
@@ -325,7 +413,28 @@ pub fn plan(opts: &SpecOptions) -> Result<LabSpec, LabError> {
         )
     });
 
-    let nat_count = opts.nat.unwrap_or(if locations.len() >= 2 { 1 } else { 0 });
+    let family = opts.family;
+    if family != Family::Ipv4 {
+        if opts.nat.is_some_and(|n| n > 0) {
+            return Err(LabError::Options(format!(
+                "--nat: a lab with {} has no NAT routers (IPv6 needs none); leave out --nat \
+                 or pass --nat 0",
+                family.flag()
+            )));
+        }
+        if opts.registry == Registry::Kube {
+            return Err(LabError::Options(format!(
+                "--registry kube runs on an IPv4 lab only: leave out {}",
+                family.flag()
+            )));
+        }
+    }
+    let largest = locations.iter().map(|(_, m)| m.len()).max().unwrap_or(0);
+    check_dual_stack_segments(family, granularity, largest)?;
+    let nat_count = match family {
+        Family::Ipv4 => opts.nat.unwrap_or(if locations.len() >= 2 { 1 } else { 0 }),
+        Family::Ipv6 | Family::DualStack => 0,
+    };
     if nat_count > 0 && nat_count >= locations.len() {
         return Err(LabError::Options(format!(
             "--nat {nat_count}: at most {} of the {} locations may be behind NAT (one must be \
@@ -350,48 +459,49 @@ pub fn plan(opts: &SpecOptions) -> Result<LabSpec, LabError> {
         natted[k] = true;
     }
 
-    let mut next_underlay = 1u32;
-    let mut take_underlay = || -> Result<Ipv4Addr, LabError> {
-        let ip = UNDERLAY
-            .nth(next_underlay)
-            .filter(|_| next_underlay < u32::from(API_HOST));
+    let v6 = family == Family::Ipv6;
+    let dual = family == Family::DualStack;
+    let underlay = if v6 {
+        IpNetwork::V6(UNDERLAY6)
+    } else {
+        IpNetwork::V4(UNDERLAY)
+    };
+    let underlay6 = dual.then_some(UNDERLAY6);
+    let mut next_underlay = 1u8;
+    let mut take_underlay = || -> Result<u8, LabError> {
+        let h = next_underlay;
+        if h >= API_HOST {
+            return Err(LabError::Options("the underlay is full".to_owned()));
+        }
         next_underlay += 1;
-        ip.ok_or_else(|| LabError::Options("the underlay /24 is full".to_owned()))
+        Ok(h)
     };
     let mut lans = Vec::with_capacity(locations.len());
     let mut nodes: Vec<Option<NodeSpec>> = vec![None; protos.len()];
     for (k, (location, members)) in locations.iter().enumerate() {
         let index = k + 1;
-        let third = u8::try_from(index)
-            .ok()
-            .filter(|&t| t < 255)
-            .ok_or_else(|| LabError::Options("more than 254 locations".to_owned()))?;
-        let base = Ipv4Addr::new(LAN_BASE[0], LAN_BASE[1], third, 0);
-        let subnet = Ipv4Network::new_checked(base, 24)
-            .ok_or_else(|| LabError::Options("bad LAN subnet".to_owned()))?;
-        let nat = if natted[k] {
-            Some(NatRouter {
-                lan_ip: Ipv4Addr::new(LAN_BASE[0], LAN_BASE[1], third, 1),
-                underlay_ip: take_underlay()?,
-            })
+        let subnet = lan_subnet(index, v6)?;
+        let subnet6 = if dual {
+            Some(lan_subnet6(index)?)
         } else {
             None
         };
+        let nat = match (natted[k], subnet) {
+            (true, IpNetwork::V4(lan)) => Some(NatRouter {
+                lan_ip: host4(lan, 1),
+                underlay_ip: host4(UNDERLAY, take_underlay()?),
+            }),
+            _ => None,
+        };
         for (j, &i) in members.iter().enumerate() {
             let p = &protos[i];
-            let host = u8::try_from(usize::from(LAN_FIRST_NODE) + j)
+            let h = u8::try_from(usize::from(LAN_FIRST_NODE) + j)
                 .map_err(|_| LabError::Options("LAN full".to_owned()))?;
-            let pod_cidrs = if p.pod_cidrs.is_empty() {
-                let third = u8::try_from(i + 1)
-                    .ok()
-                    .filter(|&t| t < 255)
-                    .ok_or_else(|| LabError::Options("too many nodes".to_owned()))?;
-                vec![IpNetwork::V4(
-                    Ipv4Network::new_checked(Ipv4Addr::new(POD_BASE[0], POD_BASE[1], third, 0), 24)
-                        .ok_or_else(|| LabError::Options("bad pod CIDR".to_owned()))?,
-                )]
+            let (underlay_ip, underlay_ip6) = if nat.is_some() {
+                (None, None)
             } else {
-                p.pod_cidrs.clone()
+                let u = take_underlay()?;
+                (Some(host(underlay, u)), underlay6.map(|n| host6(n, u)))
             };
             nodes[i] = Some(NodeSpec {
                 index: i + 1,
@@ -399,13 +509,11 @@ pub fn plan(opts: &SpecOptions) -> Result<LabSpec, LabError> {
                 location: location.clone(),
                 lan: k,
                 leader: p.leader,
-                pod_cidrs,
-                lan_ip: Ipv4Addr::new(LAN_BASE[0], LAN_BASE[1], third, host),
-                underlay_ip: if nat.is_some() {
-                    None
-                } else {
-                    Some(take_underlay()?)
-                },
+                pod_cidrs: pod_cidrs_of(family, &p.pod_cidrs, i + 1)?,
+                lan_ip: host(subnet, h),
+                underlay_ip,
+                lan_ip6: subnet6.map(|n| host6(n, h)),
+                underlay_ip6,
                 persistent_keepalive: if nat.is_some() && p.keepalive == 0 {
                     NAT_KEEPALIVE
                 } else {
@@ -417,11 +525,12 @@ pub fn plan(opts: &SpecOptions) -> Result<LabSpec, LabError> {
             index,
             location: location.clone(),
             subnet,
+            subnet6,
             nat,
         });
     }
     let nodes: Vec<NodeSpec> = nodes.into_iter().flatten().collect();
-    let mesh_subnet: IpNetwork = DEFAULT_SUBNET
+    let mesh_subnet: IpNetwork = if v6 { MESH_SUBNET6 } else { DEFAULT_SUBNET }
         .parse()
         .map_err(|_| LabError::Options("bad default mesh subnet".to_owned()))?;
     check_overlaps(&nodes, mesh_subnet)?;
@@ -434,7 +543,9 @@ pub fn plan(opts: &SpecOptions) -> Result<LabSpec, LabError> {
         granularity,
         pods_per_node: opts.pods_per_node,
         underlay_mtu: opts.underlay_mtu,
-        underlay: UNDERLAY,
+        family,
+        underlay,
+        underlay6,
         mesh_subnet,
         port: DEFAULT_PORT,
         lans,
@@ -442,17 +553,127 @@ pub fn plan(opts: &SpecOptions) -> Result<LabSpec, LabError> {
     })
 }
 
+/// A dual-stack lab in location granularity cannot have a location of two nodes or more
+/// (`largest`: the most nodes of one location): its members reach their leader by its IPv4
+/// internal IP only (a node has one internal IP), and an IPv6 route cannot take an IPv4
+/// gateway, so their IPv6 pods would be cut off.
+fn check_dual_stack_segments(
+    family: Family,
+    granularity: Granularity,
+    largest: usize,
+) -> Result<(), LabError> {
+    if family == Family::DualStack && granularity == Granularity::Location && largest > 1 {
+        return Err(LabError::Options(
+            "--dual-stack in location granularity with a location of two nodes or more: its \
+             members reach their leader by its IPv4 internal IP only (one internal IP per \
+             node), so their IPv6 pods would be cut off; pass --granularity full, or give \
+             each node a location of its own"
+                .to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+/// Host `h` of an IPv4 network: its network address plus `h`.
+pub fn host4(net: Ipv4Network, h: u8) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(net.network()).saturating_add(u32::from(h)))
+}
+
+/// Host `h` of an IPv6 network: its network address plus `h`.
+pub fn host6(net: Ipv6Network, h: u8) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(net.network()).saturating_add(u128::from(h)))
+}
+
+/// Host `h` of `net`: its network address plus `h`.
+pub fn host(net: IpNetwork, h: u8) -> IpAddr {
+    match net {
+        IpNetwork::V4(n) => IpAddr::V4(host4(n, h)),
+        IpNetwork::V6(n) => IpAddr::V6(host6(n, h)),
+    }
+}
+
+/// `index` (1-based: a LAN or node number) as the byte it takes in an address.
+fn address_index(index: usize, what: &str) -> Result<u8, LabError> {
+    u8::try_from(index)
+        .ok()
+        .filter(|&t| t < 255)
+        .ok_or_else(|| LabError::Options(format!("more than 254 {what}")))
+}
+
+/// The IPv6 LAN of location `index` (1-based), `fd00:210:0:index::/64`.
+fn lan_subnet6(index: usize) -> Result<Ipv6Network, LabError> {
+    let k = u16::from(address_index(index, "locations")?);
+    Ipv6Network::new_checked(
+        Ipv6Addr::new(LAN6_BASE[0], LAN6_BASE[1], 0, k, 0, 0, 0, 0),
+        64,
+    )
+    .ok_or_else(|| LabError::Options("bad LAN subnet".to_owned()))
+}
+
+/// The LAN of location `index` (1-based): `10.210.index.0/24`, or with `v6` [`lan_subnet6`].
+fn lan_subnet(index: usize, v6: bool) -> Result<IpNetwork, LabError> {
+    if v6 {
+        return lan_subnet6(index).map(IpNetwork::V6);
+    }
+    let k = address_index(index, "locations")?;
+    Ipv4Network::new_checked(Ipv4Addr::new(LAN_BASE[0], LAN_BASE[1], k, 0), 24)
+        .map(IpNetwork::V4)
+        .ok_or_else(|| LabError::Options("bad LAN subnet".to_owned()))
+}
+
+/// The generated pod CIDR of node `index` (1-based) in one family: `10.201.index.0/24` or
+/// `fd00:201:0:index::/64`.
+fn pod_cidr(index: usize, v6: bool) -> Result<IpNetwork, LabError> {
+    let i = address_index(index, "nodes")?;
+    let net = if v6 {
+        let base = Ipv6Addr::new(POD6_BASE[0], POD6_BASE[1], 0, u16::from(i), 0, 0, 0, 0);
+        Ipv6Network::new_checked(base, 64).map(IpNetwork::V6)
+    } else {
+        let base = Ipv4Addr::new(POD_BASE[0], POD_BASE[1], i, 0);
+        Ipv4Network::new_checked(base, 24).map(IpNetwork::V4)
+    };
+    net.ok_or_else(|| LabError::Options("bad pod CIDR".to_owned()))
+}
+
+/// The pod CIDRs of node `index` in a `family` lab: the source's (those of the lab's families
+/// in an IPv6-only lab), and a generated one for each family of the lab the source has none
+/// of. An IPv4 lab keeps the source's CIDRs as they are (an IPv6 one gives dual-stack pods
+/// meshed over IPv4).
+fn pod_cidrs_of(
+    family: Family,
+    source: &[IpNetwork],
+    index: usize,
+) -> Result<Vec<IpNetwork>, LabError> {
+    let mut out: Vec<IpNetwork> = source
+        .iter()
+        .filter(|c| family != Family::Ipv6 || c.is_ipv6())
+        .copied()
+        .collect();
+    if family.has_ipv4()
+        && (out.is_empty() || family == Family::DualStack)
+        && !out.iter().any(IpNetwork::is_ipv4)
+    {
+        out.push(pod_cidr(index, false)?);
+    }
+    if family.has_ipv6() && !out.iter().any(IpNetwork::is_ipv6) {
+        out.push(pod_cidr(index, true)?);
+    }
+    Ok(out)
+}
+
 /// Pod CIDRs must not overlap each other or the lab's own ranges, or routing would be ambiguous.
 fn check_overlaps(nodes: &[NodeSpec], mesh: IpNetwork) -> Result<(), LabError> {
+    let lans = |v6: bool| -> Result<IpNetwork, LabError> {
+        let prefix = if v6 { 32 } else { 16 };
+        IpNetwork::new(lan_subnet(1, v6)?.network(), prefix)
+            .and_then(|n| IpNetwork::new(n.network(), prefix))
+            .map_err(|_| LabError::Options("bad LAN range".to_owned()))
+    };
     let lab_ranges = [
         ("the underlay", IpNetwork::V4(UNDERLAY)),
-        (
-            "the LANs",
-            IpNetwork::V4(
-                Ipv4Network::new_checked(Ipv4Addr::new(LAN_BASE[0], LAN_BASE[1], 0, 0), 16)
-                    .ok_or_else(|| LabError::Options("bad LAN range".to_owned()))?,
-            ),
-        ),
+        ("the IPv6 underlay", IpNetwork::V6(UNDERLAY6)),
+        ("the LANs", lans(false)?),
+        ("the IPv6 LANs", lans(true)?),
         ("the mesh subnet", mesh),
     ];
     let all: Vec<(&str, IpNetwork)> = nodes
@@ -519,75 +740,69 @@ pub fn add_node(spec: &mut LabSpec, name: &str, location: &str) -> Result<NodeSp
         )));
     }
     let index = spec.nodes.iter().map(|n| n.index).max().unwrap_or(0) + 1;
+    let members = spec.nodes.iter().filter(|n| n.location == location).count();
+    check_dual_stack_segments(spec.family, spec.granularity, members + 1)?;
+    let v6 = spec.family == Family::Ipv6;
     let lan = match spec.lans.iter().position(|l| l.location == location) {
         Some(k) => k,
         None => {
             let k = spec.lans.len() + 1;
-            let third = u8::try_from(k)
-                .ok()
-                .filter(|&t| t < 255)
-                .ok_or_else(|| LabError::Options("more than 254 locations".to_owned()))?;
-            let subnet =
-                Ipv4Network::new_checked(Ipv4Addr::new(LAN_BASE[0], LAN_BASE[1], third, 0), 24)
-                    .ok_or_else(|| LabError::Options("bad LAN subnet".to_owned()))?;
+            let subnet6 = if spec.family == Family::DualStack {
+                Some(lan_subnet6(k)?)
+            } else {
+                None
+            };
             spec.lans.push(LanSpec {
                 index: k,
                 location: location.to_owned(),
-                subnet,
+                subnet: lan_subnet(k, v6)?,
+                subnet6,
                 nat: None,
             });
             k - 1
         }
     };
     let lan_spec = &spec.lans[lan];
-    let used_lan: Vec<Ipv4Addr> = spec
+    let used_lan: Vec<IpAddr> = spec
         .nodes
         .iter()
         .filter(|n| n.lan == lan)
         .map(|n| n.lan_ip)
         .collect();
-    let o = lan_spec.subnet.network().octets();
-    let lan_ip = (LAN_FIRST_NODE..=254)
-        .map(|h| Ipv4Addr::new(o[0], o[1], o[2], h))
-        .find(|ip| !used_lan.contains(ip))
+    let lan_host = (LAN_FIRST_NODE..=254)
+        .find(|&h| !used_lan.contains(&host(lan_spec.subnet, h)))
         .ok_or_else(|| LabError::Options(format!("the LAN of location {location:?} is full")))?;
-    let underlay_ip = if lan_spec.nat.is_some() {
+    let underlay_host = if lan_spec.nat.is_some() {
         None
     } else {
-        let used: Vec<Ipv4Addr> = spec
+        let used: Vec<IpAddr> = spec
             .nodes
             .iter()
             .filter_map(|n| n.underlay_ip)
             .chain(
                 spec.lans
                     .iter()
-                    .filter_map(|l| l.nat.map(|r| r.underlay_ip)),
+                    .filter_map(|l| l.nat.map(|r| IpAddr::V4(r.underlay_ip))),
             )
             .collect();
-        let o = spec.underlay.network().octets();
         Some(
             (1..API_HOST)
-                .map(|h| Ipv4Addr::new(o[0], o[1], o[2], h))
-                .find(|ip| !used.contains(ip))
-                .ok_or_else(|| LabError::Options("the underlay /24 is full".to_owned()))?,
+                .find(|&h| !used.contains(&host(spec.underlay, h)))
+                .ok_or_else(|| LabError::Options("the underlay is full".to_owned()))?,
         )
     };
-    let third = u8::try_from(index)
-        .ok()
-        .filter(|&t| t < 255)
-        .ok_or_else(|| LabError::Options("too many nodes".to_owned()))?;
-    let pod_cidr = Ipv4Network::new_checked(Ipv4Addr::new(POD_BASE[0], POD_BASE[1], third, 0), 24)
-        .ok_or_else(|| LabError::Options("bad pod CIDR".to_owned()))?;
     let node = NodeSpec {
         index,
         name: name.to_owned(),
         location: location.to_owned(),
         lan,
         leader: false,
-        pod_cidrs: vec![IpNetwork::V4(pod_cidr)],
-        lan_ip,
-        underlay_ip,
-        persistent_keepalive: if underlay_ip.is_none() {
+        pod_cidrs: pod_cidrs_of(spec.family, &[], index)?,
+        lan_ip: host(lan_spec.subnet, lan_host),
+        underlay_ip: underlay_host.map(|h| host(spec.underlay, h)),
+        lan_ip6: lan_spec.subnet6.map(|n| host6(n, lan_host)),
+        underlay_ip6: underlay_host.and_then(|h| spec.underlay6.map(|n| host6(n, h))),
+        persistent_keepalive: if underlay_host.is_none() {
             NAT_KEEPALIVE
         } else {
             0
@@ -819,6 +1034,7 @@ mod tests {
             pods_per_node: 1,
             registry: Registry::File,
             underlay_mtu: None,
+            family: Family::Ipv4,
         }
     }
 
@@ -843,7 +1059,7 @@ mod tests {
             .collect();
         assert_eq!(natted, ["par-1"]);
         let par = &spec.nodes[2];
-        assert_eq!(par.lan_ip, Ipv4Addr::new(10, 210, 3, 11));
+        assert_eq!(par.lan_ip, IpAddr::from([10, 210, 3, 11]));
         assert_eq!(par.endpoint(51820).to_string(), "10.210.3.11:51820");
         assert_eq!(par.persistent_keepalive, 20, "the file's keepalive is kept");
         assert_eq!(
@@ -855,11 +1071,11 @@ mod tests {
         );
         assert_eq!(
             spec.nodes[0].underlay_ip,
-            Some(Ipv4Addr::new(10, 200, 0, 1))
+            Some(IpAddr::from([10, 200, 0, 1]))
         );
         assert_eq!(
             spec.nodes[1].underlay_ip,
-            Some(Ipv4Addr::new(10, 200, 0, 2))
+            Some(IpAddr::from([10, 200, 0, 2]))
         );
         assert_eq!(
             spec.nodes[0].pod_cidrs,
@@ -880,7 +1096,7 @@ mod tests {
         // loc2 (the last) is behind NAT: its nodes have no underlay address, keepalive 25.
         assert!(spec.nodes[3].behind_nat() && spec.nodes[4].behind_nat());
         assert_eq!(spec.nodes[4].persistent_keepalive, NAT_KEEPALIVE);
-        assert_eq!(spec.nodes[4].lan_ip, Ipv4Addr::new(10, 210, 2, 12));
+        assert_eq!(spec.nodes[4].lan_ip, IpAddr::from([10, 210, 2, 12]));
         assert_eq!(spec.nodes[0].persistent_keepalive, 0);
         assert_eq!(
             spec.nodes[2].pod_cidrs,
@@ -889,7 +1105,7 @@ mod tests {
         // Public nodes 1..3, then the router of loc2: 10.200.0.1..4.
         assert_eq!(
             spec.nodes[2].underlay_ip,
-            Some(Ipv4Addr::new(10, 200, 0, 3))
+            Some(IpAddr::from([10, 200, 0, 3]))
         );
         assert_eq!(
             spec.lans[1].nat.map(|r| r.underlay_ip),
@@ -1040,8 +1256,8 @@ mod tests {
         let n4 = add_node(&mut spec, "node4", "loc1").unwrap();
         assert_eq!(n4.index, 4);
         assert_eq!(n4.lan, 0);
-        assert_eq!(n4.lan_ip, Ipv4Addr::new(10, 210, 1, 13));
-        assert_eq!(n4.underlay_ip, Some(Ipv4Addr::new(10, 200, 0, 4)));
+        assert_eq!(n4.lan_ip, IpAddr::from([10, 210, 1, 13]));
+        assert_eq!(n4.underlay_ip, Some(IpAddr::from([10, 200, 0, 4])));
         assert_eq!(n4.pod_cidrs, vec!["10.201.4.0/24".parse().unwrap()]);
         // Into loc2, behind NAT: no underlay address, the NAT keepalive.
         let n5 = add_node(&mut spec, "node5", "loc2").unwrap();
@@ -1052,11 +1268,11 @@ mod tests {
         assert_eq!(spec.lans.len(), 3);
         assert_eq!(spec.lans[2].location, "far");
         assert!(spec.lans[2].nat.is_none());
-        assert_eq!(n6.lan_ip, Ipv4Addr::new(10, 210, 3, 11));
+        assert_eq!(n6.lan_ip, IpAddr::from([10, 210, 3, 11]));
         // Removing frees the underlay address for the next one; indexes never repeat.
         assert_eq!(remove_node(&mut spec, "node4").unwrap().name, "node4");
         let n7 = add_node(&mut spec, "node7", "loc1").unwrap();
-        assert_eq!(n7.underlay_ip, Some(Ipv4Addr::new(10, 200, 0, 4)));
+        assert_eq!(n7.underlay_ip, Some(IpAddr::from([10, 200, 0, 4])));
         assert_eq!(n7.index, 7);
         for bad in ["node7", "Node8", "-x", "a..b", "a/b", ""] {
             assert!(add_node(&mut spec, bad, "loc1").is_err(), "{bad:?}");
@@ -1116,7 +1332,147 @@ mod tests {
             assert_eq!(m.location, n.location);
             assert_eq!(m.key, None);
             assert_eq!(m.endpoint, None);
-            assert_eq!(m.internal_ip.map(|i| i.ip()), Some(n.lan_ip.into()));
+            assert_eq!(m.internal_ip.map(|i| i.ip()), Some(n.lan_ip));
         }
+    }
+
+    fn family_opts(family: Family) -> SpecOptions {
+        let mut o = opts(from_example(THREE_CLOUDS, THREE_CLOUDS_NAME));
+        o.family = family;
+        o
+    }
+
+    #[test]
+    fn an_ipv6_lab_has_ipv6_endpoints_internal_ips_pod_cidrs_and_mesh_subnet_and_no_nat() {
+        let name: LabName = "wm".parse().unwrap();
+        let spec = plan(&family_opts(Family::Ipv6)).unwrap();
+        assert_eq!(spec.family, Family::Ipv6);
+        assert_eq!(spec.underlay, "fd00:200::/64".parse().unwrap());
+        assert_eq!(spec.underlay6, None);
+        assert_eq!(spec.mesh_subnet, MESH_SUBNET6.parse().unwrap());
+        assert!(spec.nodes.iter().all(|n| !n.behind_nat()), "no NAT");
+        assert!(spec.lans.iter().all(|l| l.nat.is_none()));
+        let par = &spec.nodes[2];
+        assert_eq!(par.underlay_ip, Some("fd00:200::3".parse().unwrap()));
+        assert_eq!(par.lan_ip, "fd00:210:0:3::b".parse::<IpAddr>().unwrap());
+        assert_eq!(par.endpoint(51820).to_string(), "[fd00:200::3]:51820");
+        assert_eq!(
+            par.pod_cidrs,
+            vec!["fd00:201:0:3::/64".parse::<IpNetwork>().unwrap()],
+            "the file's IPv4 pod CIDR is left out"
+        );
+        assert_eq!((par.lan_ip6, par.underlay_ip6), (None, None));
+        // What the agents read back.
+        let text = render_nodes_file(&spec, &name, &keys(3)).unwrap();
+        let back = decode_nodes(&text, DEFAULT_TOPOLOGY_LABEL).unwrap();
+        assert!(back.diagnostics.is_empty(), "{:?}", back.diagnostics);
+        let n = &back.items[2];
+        assert_eq!(
+            n.endpoint.as_ref().map(ToString::to_string),
+            Some("[fd00:200::3]:51820".to_owned())
+        );
+        assert_eq!(n.internal_ip, Some("fd00:210:0:3::b/64".parse().unwrap()));
+        assert_eq!(n.pod_cidrs, par.pod_cidrs);
+    }
+
+    #[test]
+    fn a_dual_stack_lab_meshes_over_ipv4_and_gives_links_and_pods_both_families() {
+        let mut spec = plan(&family_opts(Family::DualStack)).unwrap();
+        assert_eq!(spec.mesh_subnet, DEFAULT_SUBNET.parse().unwrap());
+        assert_eq!(
+            spec.underlays(),
+            vec![
+                "10.200.0.0/24".parse::<IpNetwork>().unwrap(),
+                "fd00:200::/64".parse().unwrap()
+            ]
+        );
+        assert!(spec.nodes.iter().all(|n| !n.behind_nat()), "no NAT");
+        let fra = &spec.nodes[0];
+        assert_eq!(fra.endpoint(51820).to_string(), "10.200.0.1:51820");
+        assert_eq!(fra.lan_ip, IpAddr::from([10, 210, 1, 11]));
+        assert_eq!(fra.lan_ip6, Some("fd00:210:0:1::b".parse().unwrap()));
+        assert_eq!(fra.underlay_ip6, Some("fd00:200::1".parse().unwrap()));
+        assert_eq!(
+            spec.lans[0].subnet6,
+            Some("fd00:210:0:1::/64".parse().unwrap())
+        );
+        let cidrs =
+            |s: &[&str]| -> Vec<IpNetwork> { s.iter().map(|c| c.parse().unwrap()).collect() };
+        assert_eq!(
+            fra.pod_cidrs,
+            cidrs(&["10.42.0.0/24", "fd00:201:0:1::/64"]),
+            "the file's IPv4 CIDR, then a generated IPv6 one"
+        );
+        // A node added later gets both families too, in a new LAN of both.
+        let n4 = add_node(&mut spec, "node4", "far").unwrap();
+        assert_eq!(n4.pod_cidrs, cidrs(&["10.201.4.0/24", "fd00:201:0:4::/64"]));
+        assert_eq!(n4.underlay_ip, Some(IpAddr::from([10, 200, 0, 4])));
+        assert_eq!(n4.underlay_ip6, Some("fd00:200::4".parse().unwrap()));
+        assert_eq!(n4.lan_ip6, Some("fd00:210:0:4::b".parse().unwrap()));
+        assert_eq!(
+            spec.lans[3].subnet6,
+            Some("fd00:210:0:4::/64".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn ipv6_and_dual_stack_labs_refuse_nat_and_the_kube_registry_with_a_reason() {
+        for family in [Family::Ipv6, Family::DualStack] {
+            let mut o = family_opts(family);
+            o.nat = Some(1);
+            let err = plan(&o).unwrap_err().to_string();
+            assert!(err.contains("has no NAT routers"), "{err}");
+            o.nat = Some(0);
+            assert!(plan(&o).is_ok(), "--nat 0 is what it does anyway");
+            o.registry = Registry::Kube;
+            let err = plan(&o).unwrap_err().to_string();
+            assert!(
+                err.contains("--registry kube runs on an IPv4 lab only"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn dual_stack_refuses_locations_of_several_nodes_in_location_granularity_only() {
+        let mut o = opts(Source::Generated {
+            nodes: 4,
+            locations: 2,
+        });
+        o.family = Family::DualStack;
+        let err = plan(&o).unwrap_err().to_string();
+        assert!(err.contains("pass --granularity full"), "{err}");
+        o.granularity = Some(Granularity::Full);
+        let mut spec = plan(&o).unwrap();
+        assert!(add_node(&mut spec, "node5", "loc1").is_ok(), "full mesh");
+        o.family = Family::Ipv6;
+        o.granularity = None;
+        assert_eq!(plan(&o).unwrap().granularity, Granularity::Location);
+        // One node per location: location granularity is fine until a location gets two.
+        let mut o = opts(Source::Generated {
+            nodes: 2,
+            locations: 2,
+        });
+        o.family = Family::DualStack;
+        o.granularity = Some(Granularity::Location);
+        let mut spec = plan(&o).unwrap();
+        assert!(add_node(&mut spec, "node3", "far").is_ok());
+        let err = add_node(&mut spec, "node4", "loc1")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pass --granularity full"), "{err}");
+    }
+
+    #[test]
+    fn a_pod_cidr_on_the_ipv6_lab_ranges_is_refused() {
+        let mut a = MeshNode::new("a");
+        a.pod_cidrs = vec!["fd00:210::/48".parse().unwrap()];
+        let mut o = opts(Source::File {
+            name: "f".into(),
+            nodes: vec![a],
+        });
+        o.family = Family::Ipv6;
+        let err = plan(&o).unwrap_err().to_string();
+        assert!(err.contains("overlaps the IPv6 LANs"), "{err}");
     }
 }

@@ -373,6 +373,7 @@ mod tests {
             pods_per_node: 2,
             registry: crate::lab::spec::Registry::File,
             underlay_mtu: None,
+            family: crate::lab::spec::Family::Ipv4,
         })
         .unwrap();
         let s = LabState::new(&name, Path::new("/run/wiremesh-lab/wm"), spec, 7);

@@ -297,12 +297,13 @@ pub fn summary(state: &LabState) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "lab {} is up ({} granularity, {} nodes from {}, {} registry){}",
+        "lab {} is up ({} granularity, {} nodes from {}, {} registry, {}){}",
         state.name,
         state.spec.granularity,
         state.nodes.len(),
         state.spec.source,
         state.spec.registry,
+        state.spec.family,
         if state.phase == Phase::NoAgents {
             ", without agents or pods"
         } else {

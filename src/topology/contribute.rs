@@ -223,10 +223,19 @@ impl LocalContext {
         if tunnel {
             r.dev = RouteDev::Tunnel;
             if r.src.is_none() {
-                r.src = self.private_ip.map(|p| p.ip());
+                r.src = self.src_for(&r.dst);
             }
         }
         r
+    }
+
+    /// The preferred source of a route to `dst`: the internal IP, when it is of `dst`'s
+    /// family (the kernel refuses a source of the other family: a dual-stack pod CIDR's second
+    /// family goes without one).
+    fn src_for(&self, dst: &IpNetwork) -> Option<IpAddr> {
+        self.private_ip
+            .map(|p| p.ip())
+            .filter(|ip| ip.is_ipv4() == dst.is_ipv4())
     }
 
     fn via_leader(&self, dst: IpNetwork) -> Route {
@@ -246,7 +255,7 @@ impl LocalContext {
             dst,
             gateway,
             dev: RouteDev::WireGuard,
-            src: self.private_ip.map(|p| p.ip()),
+            src: self.src_for(&dst),
             onlink: gateway.is_some(),
         }
     }

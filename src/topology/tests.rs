@@ -1010,3 +1010,30 @@ fn the_incremental_engine_refuses_a_claim_made_by_an_event_as_the_full_computati
             .any(|d| d.name == "c" && d.key.as_deref() == Some("internal-ip"))
     );
 }
+
+#[test]
+fn a_dual_stack_pod_cidr_routes_its_ipv6_half_without_the_ipv4_internal_ip_as_source() {
+    let mut nodes = kilo_cluster();
+    for (i, n) in nodes.iter_mut().enumerate() {
+        n.pod_cidrs.push(net(&format!("fd42:0:{}::/64", i + 1)));
+    }
+    let d = compute(&nodes, &[], &name("b"), &opts(Granularity::Full))
+        .unwrap()
+        .desired;
+    let to = |dst: &str| {
+        d.routes
+            .iter()
+            .find(|r| r.dst == net(dst) && r.dev == RouteDev::WireGuard)
+            .unwrap_or_else(|| panic!("no WireGuard route to {dst}: {:?}", d.routes))
+    };
+    // a's pod CIDRs: the IPv4 one keeps b's internal IP as source, the IPv6 one has none.
+    assert_eq!(to("10.2.1.0/24").src, Some("192.168.0.1".parse().unwrap()));
+    assert_eq!(to("fd42:0:1::/64").src, None);
+    assert!(
+        d.routes
+            .iter()
+            .all(|r| r.src.is_none_or(|s| s.is_ipv4() == r.dst.is_ipv4())),
+        "{:?}",
+        d.routes
+    );
+}
