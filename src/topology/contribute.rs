@@ -344,7 +344,14 @@ impl LocalContext {
             // No gateway (Kilo routes via the peer's mesh IP): WireGuard picks the peer by its
             // allowed IPs, so a renumbered segment changes that peer's allowed IPs and no route.
             let gw = None;
-            let endpoint_ip = seg_endpoint.as_ref().and_then(Endpoint::ip);
+            // Kilo routes a node's internal IP through the tunnel unless it is the endpoint in
+            // use. Here the published endpoint counts too: a NATed node publishes its internal
+            // address, and until the device has the discovered one (or while a handshake keeps
+            // the old endpoint) WireGuard would send to an address routed into itself.
+            let endpoint_ips = [
+                seg_endpoint.as_ref().and_then(Endpoint::ip),
+                leader.endpoint.as_ref().and_then(Endpoint::ip),
+            ];
             let mut allowed =
                 Vec::with_capacity(seg.allowed_ips.len() + seg.allowed_location_ips.len());
             allowed.extend_from_slice(&seg.allowed_ips);
@@ -362,7 +369,7 @@ impl LocalContext {
                     c.route(self.via_wireguard(*cidr, gw));
                 }
                 if let Some(ip) = n.internal_ip
-                    && Some(ip.ip()) != endpoint_ip
+                    && !endpoint_ips.contains(&Some(ip.ip()))
                 {
                     c.route(self.via_wireguard(host_net(ip.ip()), gw));
                 }

@@ -418,6 +418,50 @@ fn private_ip_route_is_skipped_when_it_equals_the_endpoint_ip() {
 }
 
 #[test]
+fn a_nated_nodes_internal_ip_that_is_its_published_endpoint_is_never_routed_into_the_tunnel() {
+    // b is behind NAT and publishes its internal address as endpoint; a discovered the NAT's.
+    let mut nodes = vec![
+        node(
+            "a",
+            "x",
+            1,
+            "203.0.113.1:51820",
+            Some("203.0.113.1/32"),
+            "10.42.0.0/24",
+        ),
+        node(
+            "b",
+            "y",
+            2,
+            "10.210.3.11:51820",
+            Some("10.210.3.11/24"),
+            "10.42.1.0/24",
+        ),
+    ];
+    nodes[1].persistent_keepalive = 25;
+    nodes[0]
+        .discovered_endpoints
+        .insert(key(2), "198.51.100.7:40000".parse().unwrap());
+    let d = compute(&nodes, &[], &name("a"), &opts(Granularity::Full))
+        .unwrap()
+        .desired;
+    let b = d.peers.iter().find(|p| p.public_key == key(2)).unwrap();
+    assert_eq!(
+        b.endpoint.as_ref().unwrap().to_string(),
+        "198.51.100.7:40000"
+    );
+    // Still b's allowed IP (mixed clusters agree), but no route: WireGuard may still send to
+    // the published endpoint, which a route through wiremesh0 would loop into the tunnel.
+    assert!(b.allowed_ips.contains(&net("10.210.3.11/32")));
+    assert!(
+        !d.routes.iter().any(|r| r.dst == net("10.210.3.11/32")),
+        "{:?}",
+        d.routes
+    );
+    assert!(d.routes.iter().any(|r| r.dst == net("10.42.1.0/24")));
+}
+
+#[test]
 fn listen_port_follows_local_endpoint_port() {
     let nodes = vec![
         node("a", "x", 1, "203.0.113.1:51999", None, "10.42.0.0/24"),
