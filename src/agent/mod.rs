@@ -24,6 +24,7 @@ pub mod observe;
 mod port;
 mod reach;
 mod source;
+mod stall;
 mod watch;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -326,6 +327,8 @@ pub async fn run_with<K: Kernel>(
     let mut reach_tick = tokio::time::interval(REACH_PERIOD);
     reach_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let judge_reach = cluster.is_some() && device.is_some();
+    let mut stall_tick = tokio::time::interval(stall::STALL_PERIOD);
+    stall_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     let mut kernel_events_open = true;
     let mut registry_open = true;
@@ -338,6 +341,7 @@ pub async fn run_with<K: Kernel>(
         public_key,
         identity: identity::Identity::new(),
         reach: reach::Reachability::default(),
+        stalls: stall::Stalls::default(),
     };
     // Since when the registry has been listed and reachable without a break (for staleness).
     let mut live_since: Option<tokio::time::Instant> = None;
@@ -515,6 +519,10 @@ pub async fn run_with<K: Kernel>(
                     observer.unreachable(me.reach.unreachable());
                     me.publish(&cfg, link, &host);
                 }
+            }
+            _ = stall_tick.tick(), if device.is_some() => {
+                let (Mesh::Running(_), Some(device)) = (&mesh, &device) else { continue };
+                break_crossed_initiations(device, kernel, &mut me).await;
             }
             _ = heartbeat.tick() => {}
             _ = tokio::time::sleep_until(deadline) => machine.tick(now()),
@@ -740,6 +748,8 @@ struct Local {
     identity: identity::Identity,
     /// Which segment leaders this node cannot reach directly (published for relays).
     reach: reach::Reachability,
+    /// Peers whose handshake initiations keep crossing ours.
+    stalls: stall::Stalls,
 }
 
 impl Local {
@@ -892,6 +902,56 @@ async fn sample_reachability<K: Kernel>(
         }
     }
     changed
+}
+
+/// Sample the device for peers whose handshake initiations keep crossing ours (see
+/// [`stall`]) and make each anew, as the kernel holds it: removed and added again, so it
+/// initiates at a moment of its own. Peers the reachability probe owns (unreachable ones) are
+/// left to it.
+async fn break_crossed_initiations<K: Kernel>(
+    device: &Arc<dyn http::DeviceReader>,
+    kernel: &mut K,
+    me: &mut Local,
+) {
+    let reader = device.clone();
+    let stats = match tokio::task::spawn_blocking(move || reader.peer_stats()).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            debug!(error = %e, "cannot read the WireGuard device for crossed handshakes");
+            return;
+        }
+        Err(e) => {
+            debug!(error = %e, "the WireGuard device read did not finish");
+            return;
+        }
+    };
+    let unreachable = me.reach.unreachable();
+    let due = me.stalls.sample(std::time::Instant::now(), &stats, |k| {
+        !unreachable.contains(k)
+    });
+    if due.is_empty() {
+        return;
+    }
+    let dev = match kernel.read_wireguard().await {
+        Ok(Some(dev)) => dev,
+        Ok(None) => return,
+        Err(e) => {
+            debug!(error = %e, "cannot read the WireGuard device to make peers anew");
+            return;
+        }
+    };
+    for p in dev.peers.iter().filter(|p| due.contains(&p.public_key)) {
+        info!(peer = %p.public_key,
+            "handshake initiations with this peer keep crossing and none completes; adding it again to break the tie");
+        let remove = Op::RemovePeer {
+            public_key: p.public_key,
+        };
+        for op in [remove, Op::UpsertPeer(Box::new(p.clone()))] {
+            if let Err(e) = kernel.apply(&op).await {
+                warn!(error = %e, peer = %p.public_key, "cannot add the peer again");
+            }
+        }
+    }
 }
 
 fn system_options(
