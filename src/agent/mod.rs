@@ -327,7 +327,12 @@ pub async fn run_with<K: Kernel>(
     let mut reach_tick = tokio::time::interval(REACH_PERIOD);
     reach_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let judge_reach = cluster.is_some() && device.is_some();
-    let mut stall_tick = tokio::time::interval(stall::STALL_PERIOD);
+    // Agents started together must not sample (and make peers anew) in step: both ends of a
+    // crossing would then add each other again at the same moment and cross once more.
+    let mut stall_tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + stall::phase(&public_key),
+        stall::STALL_PERIOD,
+    );
     stall_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     let mut kernel_events_open = true;

@@ -17,7 +17,7 @@
 //!
 //! The signature is unambiguous: bytes go out to the peer, and what comes back is only
 //! handshake initiations (148 bytes each; the response to our own is dropped before it is
-//! counted), with no handshake completed, at least twice over [`STALL_AFTER`]. A working
+//! counted), with no handshake completed, in two rounds or more ([`STALL_AFTER`]). A working
 //! session, or a peer that is down, never looks like that. The cure is to remove the peer and
 //! add it again as it was, at a moment that has nothing to do with the traffic: the new peer
 //! may initiate at once (its keepalive, or the next packet), the other end is not due to
@@ -36,14 +36,24 @@ use crate::reconcile::wg::WgPeerStats;
 /// two rounds in a row are seen as two.
 pub const STALL_PERIOD: Duration = Duration::from_secs(2);
 
-/// How long initiations must keep crossing (counted from the first sample that saw one
-/// arrive unanswered) before the peer is made anew: one REKEY_TIMEOUT, so a crossing that the
-/// next round resolves by itself is left alone.
-pub const STALL_AFTER: Duration = Duration::from_secs(5);
+/// How long initiations must keep crossing, counted from the first sample that saw one
+/// arrive unanswered, before the peer is made anew; two initiations at least must have
+/// arrived too. Rounds are REKEY_TIMEOUT (5 s) apart, so this is the second round, seen
+/// through samples up to [`STALL_PERIOD`] late: a single crossing, which the next round
+/// usually resolves, is left alone.
+pub const STALL_AFTER: Duration = Duration::from_secs(3);
 
 /// The least time between two re-adds of one peer: a peer whose path works one way only
 /// also sends initiations that never complete, and re-adding it again and again would not help.
 pub const REKEY_HOLDOFF: Duration = Duration::from_secs(60);
+
+/// Where in [`STALL_PERIOD`] the node with `key` samples: spread by the key, so two agents
+/// started at the same moment do not sample, and make each other anew, in step.
+pub fn phase(key: &WgKey) -> Duration {
+    let period = u64::try_from(STALL_PERIOD.as_millis()).unwrap_or(u64::MAX);
+    let spread = u64::from(u16::from_le_bytes([key.0[0], key.0[1]]));
+    Duration::from_millis(period.saturating_mul(spread) / 65_536)
+}
 
 /// The size of a handshake initiation.
 const INITIATION_BYTES: u64 = 148;
@@ -61,8 +71,19 @@ struct Watch {
     since: Option<Instant>,
     /// Initiations received since `since`.
     initiations: u64,
+    /// Bytes sent to it since `since`.
+    sent: u64,
     /// When it was last made anew.
     rekeyed: Option<Instant>,
+}
+
+impl Watch {
+    /// The session works (or is new): nothing is held against the peer.
+    fn clear(&mut self) {
+        self.since = None;
+        self.initiations = 0;
+        self.sent = 0;
+    }
 }
 
 /// Crossed-initiation detector over the peers of one device.
@@ -86,30 +107,36 @@ impl Stalls {
             .retain(|k, _| stats.iter().any(|s| s.public_key == *k));
         let mut due = Vec::new();
         for s in stats {
+            // A peer seen for the first time is judged from its counters' start (zero, no
+            // handshake), so the first round of a new peer is not lost to the first sample.
             let w = self.peers.entry(s.public_key).or_insert(Watch {
-                tx: s.tx_bytes,
-                rx: s.rx_bytes,
-                handshake: s.last_handshake,
+                tx: 0,
+                rx: 0,
+                handshake: None,
                 since: None,
                 initiations: 0,
+                sent: 0,
                 rekeyed: None,
             });
             if s.tx_bytes < w.tx || s.rx_bytes < w.rx {
-                // Made anew (by us or by someone else): its counters start again.
-                w.since = None;
-                w.initiations = 0;
+                // Made anew (by us or by someone else): its counters start again, from zero.
+                w.clear();
+                (w.tx, w.rx, w.handshake) = (0, 0, None);
+            }
+            let (sent, got) = (s.tx_bytes - w.tx, s.rx_bytes - w.rx);
+            let completed = s.last_handshake.is_some() && s.last_handshake != w.handshake;
+            if completed || got % INITIATION_BYTES != 0 {
+                // A handshake completed, or a response or data arrived: the session works.
+                w.clear();
             } else {
-                let (sent, got) = (s.tx_bytes - w.tx, s.rx_bytes - w.rx);
-                let completed = s.last_handshake.is_some() && s.last_handshake != w.handshake;
-                if completed || (got > 0 && got % INITIATION_BYTES != 0) {
-                    // A handshake completed, or a response or data arrived: the session works.
-                    w.since = None;
-                    w.initiations = 0;
-                } else if got > 0 && sent > 0 {
-                    // Only initiations came back while we sent: a crossing (or a peer that
-                    // cannot hear us), so far.
+                if got > 0 {
+                    // Only initiations came back: a crossing (or a peer that cannot hear us),
+                    // so far.
                     w.since.get_or_insert(now);
                     w.initiations += got / INITIATION_BYTES;
+                }
+                if w.since.is_some() {
+                    w.sent += sent;
                 }
             }
             (w.tx, w.rx, w.handshake) = (s.tx_bytes, s.rx_bytes, s.last_handshake);
@@ -117,11 +144,11 @@ impl Stalls {
                 .rekeyed
                 .is_some_and(|t| now.duration_since(t) < REKEY_HOLDOFF);
             let crossing = w.initiations >= 2
+                && w.sent > 0
                 && w.since
                     .is_some_and(|since| now.duration_since(since) >= STALL_AFTER);
             if crossing && !held && judged(&s.public_key) {
-                w.since = None;
-                w.initiations = 0;
+                w.clear();
                 w.rekeyed = Some(now);
                 due.push(s.public_key);
             }
@@ -171,16 +198,16 @@ mod tests {
             s.sample(t0 + secs(4), &[at(ROUND_TX, 148, None)], ALL)
                 .is_empty()
         );
-        // The second round, 5 s after the first: still within STALL_AFTER of the first sample.
-        assert!(
-            s.sample(t0 + secs(6), &[at(2 * ROUND_TX, 296, None)], ALL)
-                .is_empty()
-        );
+        // The second round, 5 s after the first.
         assert_eq!(
-            s.sample(t0 + secs(8), &[at(2 * ROUND_TX, 296, None)], ALL),
+            s.sample(t0 + secs(6), &[at(2 * ROUND_TX, 296, None)], ALL),
             vec![WgKey([1; 32])]
         );
-        // Held off: a third round is not acted on again at once.
+        // Held off: later rounds are not acted on again at once.
+        assert!(
+            s.sample(t0 + secs(8), &[at(2 * ROUND_TX, 296, None)], ALL)
+                .is_empty()
+        );
         assert!(
             s.sample(t0 + secs(12), &[at(3 * ROUND_TX, 444, None)], ALL)
                 .is_empty()
@@ -189,6 +216,55 @@ mod tests {
             s.sample(t0 + secs(20), &[at(4 * ROUND_TX, 592, None)], ALL)
                 .is_empty()
         );
+        // Still crossing when the hold-off ends: due again.
+        let t1 = t0 + secs(6) + REKEY_HOLDOFF;
+        assert_eq!(
+            s.sample(t1, &[at(5 * ROUND_TX, 740, None)], ALL),
+            vec![WgKey([1; 32])]
+        );
+    }
+
+    #[test]
+    fn initiations_and_our_sends_seen_in_different_samples_count_together() {
+        let mut s = Stalls::default();
+        let t0 = Instant::now();
+        s.sample(t0, &[at(0, 0, None)], ALL);
+        // Their initiation, then ours and our response two seconds later, and so on.
+        s.sample(t0 + secs(2), &[at(0, 148, None)], ALL);
+        s.sample(t0 + secs(4), &[at(ROUND_TX, 148, None)], ALL);
+        // Two initiations; nothing sent since the second, but what was sent before counts.
+        assert_eq!(
+            s.sample(t0 + secs(6), &[at(ROUND_TX, 296, None)], ALL),
+            vec![WgKey([1; 32])]
+        );
+    }
+
+    #[test]
+    fn the_first_round_of_a_peer_seen_late_or_made_anew_counts() {
+        let mut s = Stalls::default();
+        let t0 = Instant::now();
+        // First seen after its first round already crossed.
+        assert!(s.sample(t0, &[at(ROUND_TX, 148, None)], ALL).is_empty());
+        assert_eq!(
+            s.sample(t0 + secs(4), &[at(2 * ROUND_TX, 296, None)], ALL),
+            vec![WgKey([1; 32])]
+        );
+        // Made anew (here by someone else, the hold-off past), and crossing again at once.
+        let t1 = t0 + secs(4) + REKEY_HOLDOFF;
+        assert!(s.sample(t1, &[at(ROUND_TX, 148, None)], ALL).is_empty());
+        assert_eq!(
+            s.sample(t1 + secs(4), &[at(2 * ROUND_TX, 296, None)], ALL),
+            vec![WgKey([1; 32])]
+        );
+    }
+
+    #[test]
+    fn nodes_sample_at_phases_of_their_own() {
+        assert_eq!(phase(&WgKey([0; 32])), Duration::ZERO);
+        let mut k = [0; 32];
+        k[1] = 0x80;
+        assert_eq!(phase(&WgKey(k)), STALL_PERIOD / 2);
+        assert!(phase(&WgKey([0xff; 32])) < STALL_PERIOD);
     }
 
     #[test]
@@ -220,6 +296,13 @@ mod tests {
         let mut s = Stalls::default();
         for i in 0..20u64 {
             let st = at(1000 + 148 * i, 800, Some(1000));
+            assert!(s.sample(t0 + secs(2 * i), &[st], ALL).is_empty());
+        }
+        // Initiations arrive, but this end sends nothing at all (its responses are all it
+        // would send, and here not even those are counted): nothing to answer, not judged.
+        let mut s = Stalls::default();
+        for i in 0..20u64 {
+            let st = at(0, 148 * i, None);
             assert!(s.sample(t0 + secs(2 * i), &[st], ALL).is_empty());
         }
         // A peer that initiates while we have nothing to send is answered, not judged: its
