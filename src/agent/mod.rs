@@ -27,6 +27,7 @@ mod port;
 mod reach;
 pub mod rotate;
 mod source;
+mod stall;
 mod watch;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -338,6 +339,13 @@ pub async fn run_with<K: Kernel>(
     let mut reach_tick = tokio::time::interval(REACH_PERIOD);
     reach_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let judge_reach = cluster.is_some() && device.is_some();
+    // Agents started together must not sample (and make peers anew) in step: both ends of a
+    // crossing would then add each other again at the same moment and cross once more.
+    let mut stall_tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + stall::phase(&public_key),
+        stall::STALL_PERIOD,
+    );
+    stall_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     let mut kernel_events_open = true;
     let mut registry_open = true;
@@ -354,6 +362,7 @@ pub async fn run_with<K: Kernel>(
         rotated: None,
         rotation_failed: None,
         retired: None,
+        stalls: stall::Stalls::default(),
     };
     let mut public_key = public_key;
     // After a key rotation, or after this node became its location's leader while running: when
@@ -624,6 +633,10 @@ pub async fn run_with<K: Kernel>(
                     Err(e) => warn!(error = %e, "cannot read the WireGuard device to make its peers anew {why}"),
                 }
             }
+            _ = stall_tick.tick(), if device.is_some() => {
+                let (Mesh::Running(_), Some(device)) = (&mesh, &device) else { continue };
+                break_crossed_initiations(device, kernel, &mut me).await;
+            }
             _ = heartbeat.tick() => {}
             _ = tokio::time::sleep_until(deadline) => machine.tick(now()),
         }
@@ -856,6 +869,8 @@ struct Local {
     rotation_failed: Option<String>,
     /// The key the last rotation replaced.
     retired: Option<WgKey>,
+    /// Peers whose handshake initiations keep crossing ours.
+    stalls: stall::Stalls,
 }
 
 impl Local {
@@ -1118,6 +1133,54 @@ async fn remake_peers<'a, K: Kernel>(
             debug!(error = %e, op = op.kind(), "cannot make a peer anew");
         }
     }
+}
+
+/// Sample the device for peers whose handshake initiations keep crossing ours (see
+/// [`stall`]) and make each anew, as the kernel holds it: removed and added again, so it
+/// initiates at a moment of its own. Peers the reachability probe owns (unreachable ones) are
+/// left to it.
+async fn break_crossed_initiations<K: Kernel>(
+    device: &Arc<dyn http::DeviceReader>,
+    kernel: &mut K,
+    me: &mut Local,
+) {
+    let reader = device.clone();
+    let stats = match tokio::task::spawn_blocking(move || reader.peer_stats()).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            debug!(error = %e, "cannot read the WireGuard device for crossed handshakes");
+            return;
+        }
+        Err(e) => {
+            debug!(error = %e, "the WireGuard device read did not finish");
+            return;
+        }
+    };
+    let unreachable = me.reach.unreachable();
+    let due = me.stalls.sample(std::time::Instant::now(), &stats, |k| {
+        !unreachable.contains(k)
+    });
+    if due.is_empty() {
+        return;
+    }
+    let dev = match kernel.read_wireguard().await {
+        Ok(Some(dev)) => dev,
+        Ok(None) => return,
+        Err(e) => {
+            debug!(error = %e, "cannot read the WireGuard device to make peers anew");
+            return;
+        }
+    };
+    let made: Vec<&crate::desired::WgPeer> = dev
+        .peers
+        .iter()
+        .filter(|p| due.contains(&p.public_key))
+        .collect();
+    for p in &made {
+        info!(peer = %p.public_key,
+            "handshake initiations with this peer keep crossing and none completes; adding it again to break the tie");
+    }
+    remake_peers(kernel, made.into_iter()).await;
 }
 
 fn system_options(

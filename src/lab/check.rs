@@ -215,10 +215,10 @@ fn ping(netns: &str, ip: IpAddr, since: Instant) -> PingOutcome {
 /// address of each pod pinged from the other), to be started at the same moment.
 ///
 /// Both ends of a pair start their first handshake together, as nodes of a real cluster do
-/// all the time. WireGuard resolves crossed initiations itself: at worst both drop the
-/// response to their own initiation and the next retry (after REKEY_TIMEOUT, 5 s plus up to
-/// 1/3 s of jitter that sets the two ends apart) succeeds; [`PING_DEADLINE_SECS`] leaves room
-/// for that retry.
+/// all the time. Crossed initiations are usually resolved by the next round, 5 s later
+/// (REKEY_TIMEOUT); [`PING_DEADLINE_SECS`] leaves room for that. Two pings in step can make
+/// the rounds cross again and again (docs/lab.md); the agent breaks that tie itself within
+/// about two rounds (`agent::stall`).
 pub fn meetings(pods: &[Pod]) -> Vec<Vec<PingTarget>> {
     let mut groups: std::collections::BTreeMap<(usize, usize), Vec<PingTarget>> =
         std::collections::BTreeMap::new();
