@@ -258,6 +258,24 @@ pub fn same_peer(want: &WgPeer, have: &WgPeer, recent: bool) -> bool {
         && want.preshared_key == have.preshared_key
 }
 
+/// `want` as it goes to the device: with the device's endpoint instead of the desired address
+/// when the peer had a recent handshake from there (see [`same_peer`]). A change of anything
+/// else (allowed IPs, keepalive) must not undo the roaming of a peer behind NAT: sent to its
+/// published address, which it cannot be reached at, it would stay cut off until its next
+/// keepalive.
+fn upsert_of(want: &WgPeer, have: Option<&WgPeer>, recent: bool) -> WgPeer {
+    use crate::model::Endpoint;
+    let mut p = want.clone();
+    if recent
+        && matches!(want.endpoint, Some(Endpoint::Addr(_)))
+        && let Some(h) = have
+        && h.endpoint.is_some()
+    {
+        p.endpoint.clone_from(&h.endpoint);
+    }
+    p
+}
+
 /// Items of `want` not in `have`, and items of `have` not in `want`, each sorted and once, by
 /// reference (copied once, into their operations).
 fn sorted_diff<'a, T: Ord>(want: &'a [T], have: &'a [T]) -> (Vec<&'a T>, Vec<&'a T>) {
@@ -350,11 +368,23 @@ pub fn plan(desired: &DesiredState, actual: &OwnedState, public_key: WgKey) -> V
             .into_iter()
             .map(|public_key| Op::RemovePeer { public_key }),
     );
-    ops.extend(
-        upsert
-            .into_iter()
-            .map(|p| Op::UpsertPeer(Box::new(p.clone()))),
-    );
+    let have_of = |k: &WgKey| {
+        device.and_then(|d| {
+            d.peers
+                .binary_search_by_key(k, |q| q.public_key)
+                .ok()
+                .map(|i| &d.peers[i])
+        })
+    };
+    let recent_of =
+        |k: &WgKey| device.is_some_and(|d| d.recent_handshakes.binary_search(k).is_ok());
+    ops.extend(upsert.into_iter().map(|p| {
+        Op::UpsertPeer(Box::new(upsert_of(
+            p,
+            have_of(&p.public_key),
+            recent_of(&p.public_key),
+        )))
+    }));
     if let Some(b) = &desired.bridge
         && actual.bridge.as_ref() != Some(b)
     {
@@ -446,7 +476,7 @@ pub fn plan_delta(delta: DesiredDelta, actual: &OwnedState) -> Option<Vec<Op>> {
             .binary_search(&p.public_key)
             .is_ok();
         if !have.is_some_and(|h| same_peer(&p, h, recent)) {
-            ops.push(Op::UpsertPeer(Box::new(p)));
+            ops.push(Op::UpsertPeer(Box::new(upsert_of(&p, have, recent))));
         }
     }
     if let Some(m) = &delta.masquerade {
@@ -914,6 +944,50 @@ mod tests {
         let key = have[0].public_key;
         assert_eq!(peer_diff(&d.peers, &have, &[key]), (vec![], vec![]));
         assert_eq!(peer_diff(&d.peers, &have, &[]).0, vec![&d.peers[0]]);
+    }
+
+    #[test]
+    fn a_recent_peer_changed_for_another_reason_keeps_its_roamed_endpoint() {
+        let d = desired(3, 0);
+        let mut k = OwnedState::default();
+        let ops = plan(&d, &k, ME);
+        simulate(&mut k, &ops, ME);
+        // The peer roamed (behind NAT) and shook hands from there.
+        let roamed: crate::model::Endpoint = "198.51.100.77:40000".parse().unwrap();
+        let dev = k.wireguard.as_mut().unwrap();
+        dev.peers[0].endpoint = Some(roamed.clone());
+        let key = dev.peers[0].public_key;
+        dev.recent_handshakes = vec![key];
+        // Its allowed IPs change (a renumbering): the upsert keeps the roamed endpoint.
+        let mut d2 = d.clone();
+        let i = d2.peers.iter().position(|p| p.public_key == key).unwrap();
+        d2.peers[i]
+            .allowed_ips
+            .push("10.99.0.0/24".parse().unwrap());
+        let ups: Vec<WgPeer> = plan(&d2, &k, ME)
+            .into_iter()
+            .filter_map(|o| match o {
+                Op::UpsertPeer(p) => Some(*p),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ups.len(), 1);
+        assert_eq!(ups[0].endpoint, Some(roamed.clone()));
+        assert!(
+            ups[0]
+                .allowed_ips
+                .contains(&"10.99.0.0/24".parse().unwrap())
+        );
+        // Without a recent handshake the desired (published) endpoint is sent.
+        k.wireguard.as_mut().unwrap().recent_handshakes.clear();
+        let ups: Vec<WgPeer> = plan(&d2, &k, ME)
+            .into_iter()
+            .filter_map(|o| match o {
+                Op::UpsertPeer(p) => Some(*p),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ups[0].endpoint, d2.peers[i].endpoint);
     }
 
     #[test]
