@@ -418,14 +418,19 @@ pub async fn run_with<K: Kernel>(
             .await;
             // A node that takes over a location while running has only new peers, whose first
             // handshakes may have reached the others before they knew it as the leader.
-            let now_leading = me.mesh_ip.is_some();
-            if leading == Some(false) && now_leading {
-                remake_at = Some((
-                    tokio::time::Instant::now() + REMAKE_AFTER,
-                    "after becoming the leader",
-                ));
+            // Only a state the engine computed counts: an unavailable one (this node not in the
+            // mesh yet, at start) says nothing about leading, and agents started together would
+            // otherwise all make their peers anew at the same moment.
+            if !matches!(step, Step::Unavailable(_)) {
+                let now_leading = me.mesh_ip.is_some();
+                if leading == Some(false) && now_leading {
+                    remake_at = Some((
+                        tokio::time::Instant::now() + REMAKE_AFTER,
+                        "after becoming the leader",
+                    ));
+                }
+                leading = Some(now_leading);
             }
-            leading = Some(now_leading);
             // The kernel drops routes without a word when an address goes: the machine has the
             // kernel read again at once.
             let routes_changed =
