@@ -15,7 +15,6 @@
 
 use std::fmt::Write as _;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -241,33 +240,15 @@ impl Drop for Blackhole {
     }
 }
 
+/// Feed `script` to `nft -f -` in namespace `netns`.
 fn nft(netns: &str, script: &str) -> Result<(), LabError> {
-    use std::io::Write as _;
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", netns, "nft", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|source| LabError::Spawn {
-            program: "ip netns exec … nft".into(),
-            source,
-        })?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(script.as_bytes())
-            .map_err(LabError::io("write", "nft's input"))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(LabError::io("wait for", "nft"))?;
-    if !out.status.success() {
-        return Err(LabError::CheckFailed(format!(
-            "nft in {netns}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(())
+    super::sys::run_with(
+        "ip",
+        &["netns", "exec", netns, "nft", "-f", "-"].map(std::ffi::OsStr::new),
+        Some(script.as_bytes()),
+        &[],
+    )
+    .map(drop)
 }
 
 /// One sample of the monitor: when, the registry's leader, the nodes holding peers.

@@ -946,6 +946,16 @@ mod tests {
         assert_eq!(peer_diff(&d.peers, &have, &[]).0, vec![&d.peers[0]]);
     }
 
+    /// The peers a plan upserts, as sent.
+    fn upserts(ops: Vec<Op>) -> Vec<WgPeer> {
+        ops.into_iter()
+            .filter_map(|o| match o {
+                Op::UpsertPeer(p) => Some(*p),
+                _ => None,
+            })
+            .collect()
+    }
+
     #[test]
     fn a_recent_peer_changed_for_another_reason_keeps_its_roamed_endpoint() {
         let d = desired(3, 0);
@@ -964,13 +974,7 @@ mod tests {
         d2.peers[i]
             .allowed_ips
             .push("10.99.0.0/24".parse().unwrap());
-        let ups: Vec<WgPeer> = plan(&d2, &k, ME)
-            .into_iter()
-            .filter_map(|o| match o {
-                Op::UpsertPeer(p) => Some(*p),
-                _ => None,
-            })
-            .collect();
+        let ups = upserts(plan(&d2, &k, ME));
         assert_eq!(ups.len(), 1);
         assert_eq!(ups[0].endpoint, Some(roamed.clone()));
         assert!(
@@ -980,13 +984,7 @@ mod tests {
         );
         // Without a recent handshake the desired (published) endpoint is sent.
         k.wireguard.as_mut().unwrap().recent_handshakes.clear();
-        let ups: Vec<WgPeer> = plan(&d2, &k, ME)
-            .into_iter()
-            .filter_map(|o| match o {
-                Op::UpsertPeer(p) => Some(*p),
-                _ => None,
-            })
-            .collect();
+        let ups = upserts(plan(&d2, &k, ME));
         assert_eq!(ups[0].endpoint, d2.peers[i].endpoint);
     }
 
