@@ -7,7 +7,7 @@
 
 use tracing::{info, warn};
 
-use crate::desired::{Route, RouteDev, guards_of};
+use crate::desired::{DesiredState, MAIN_TABLE, Route, RouteDev, guards_of, guards_of_state};
 use crate::reconcile::netlink::{Devices, Netlink, NetlinkKernel, WG_ALIAS};
 use crate::reconcile::system::{TUNNEL_DEVICE, is_route_or_rule, is_wireguard, on_wireguard_link};
 use crate::reconcile::wg::{PrivateKey, WgDevice, WgOptions};
@@ -85,11 +85,13 @@ impl ConnectKernel {
         &self.wg
     }
 
-    /// Remove what `connect` made: the routes of ours through the interface, their guards (and
-    /// those of `desired`, the last state applied), then the interface itself (the kernel link,
-    /// or the userspace daemon). Nothing else.
-    pub async fn remove(&mut self, desired: &[Route]) -> Result<Removed, KernelError> {
-        let dump = self.netlink.netlink.read_route_dump().await?;
+    /// Remove what `connect` made: the routes of ours through the interface, the guards of
+    /// those, of the interface's addresses and of `last` (the last state applied, whose routes
+    /// the kernel may have dropped already), then the interface itself (the kernel link, or the
+    /// userspace daemon). Nothing else.
+    pub async fn remove(&mut self, last: Option<&DesiredState>) -> Result<Removed, KernelError> {
+        let nl = &self.netlink.netlink;
+        let dump = nl.read_route_dump().await?;
         let through: Vec<Route> = dump
             .routes
             .iter()
@@ -97,7 +99,16 @@ impl ConnectKernel {
             .cloned()
             .collect();
         let mut guards = guards_of(&through);
-        guards.extend(guards_of(desired));
+        if let Some(d) = last {
+            guards.extend(guards_of_state(d));
+        }
+        if let Some(link) = nl.read_link(&nl.devices().wireguard).await? {
+            guards.extend(
+                link.addresses
+                    .iter()
+                    .map(|a| Route::blackhole(MAIN_TABLE, crate::model::network_of(*a))),
+            );
+        }
         guards.sort();
         guards.dedup();
         let guards: Vec<Route> = guards

@@ -28,7 +28,7 @@ use tracing::{info, warn};
 use crate::cli::auto_granularity;
 use crate::cli::cluster::{Cluster, ClusterCliError};
 use crate::cli::peer::{NewPeer, PeerArgError, build};
-use crate::desired::{DesiredState, Route};
+use crate::desired::DesiredState;
 use crate::model::{Granularity, MeshNode, MeshPeer, NodeName, WgKey};
 use crate::reconcile::KernelError;
 use crate::reconcile::wg::{WgMode, WgOptions, load_or_generate_private_key};
@@ -279,7 +279,7 @@ pub async fn run(
     let mut registry = Registry::default();
     let mut resync = tokio::time::interval(cfg.resync.max(Duration::from_secs(1)));
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last: Vec<Route> = Vec::new();
+    let mut last: Option<DesiredState> = None;
     let mut first = true;
     let mut missing_logged = false;
     let ended = loop {
@@ -301,7 +301,7 @@ pub async fn run(
             Ok(desired) => {
                 missing_logged = false;
                 sync(&mut kernel, &desired, public_key, &mut first).await;
-                last = desired.routes;
+                last = Some(desired);
             }
             // Our Peer deleted by someone, or no node yet: keep what is programmed.
             Err(e) if !missing_logged => {
@@ -316,7 +316,7 @@ pub async fn run(
         info!("--keep: the interface, its routes and the Peer stay");
         return ended.map_or(Ok(()), Err);
     }
-    let removed = kernel.remove(&last).await;
+    let removed = kernel.remove(last.as_ref()).await;
     match &removed {
         Ok(r) => info!(
             interface = %cfg.outside.interface,
