@@ -17,6 +17,7 @@ pub mod agent;
 pub mod backoff;
 pub mod cli;
 pub mod cni;
+pub mod connect;
 pub mod desired;
 pub mod diagnostic;
 pub mod doctor;

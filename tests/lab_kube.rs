@@ -1105,3 +1105,323 @@ fn kube_lab_rotates_a_key_under_pings_and_the_old_key_is_gone_everywhere() {
     );
     eprintln!("{report}");
 }
+
+/// An outside machine of a kube lab: a namespace of its own plugged into the lab's underlay
+/// bridge (10.200.0.250/24, no default route: it reaches the lab and nothing else), with a
+/// temporary directory for its key and logs. Dropped: every process in it ends (by PID), then
+/// it goes.
+struct Outside {
+    ns: String,
+    dir: tempfile::TempDir,
+}
+
+/// The outside machine's underlay address: the lab gives nodes addresses from .1, the API server
+/// .253 and the edge .254.
+const OUTSIDE_IP: &str = "10.200.0.250";
+
+impl Outside {
+    fn new(lab: &Lab) -> Outside {
+        let ns = lab.ns("out");
+        wiremesh::lab::net::create_attached(
+            &ns,
+            "eth0",
+            &lab.ns("ul"),
+            "out",
+            OUTSIDE_IP.parse().expect("IP"),
+            24,
+        )
+        .expect("the outside namespace on the underlay");
+        Outside {
+            ns,
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    /// `ip netns exec <ns> args…`.
+    fn exec(&self, args: &[&str]) -> std::process::Output {
+        let mut all = vec!["netns", "exec", self.ns.as_str()];
+        all.extend_from_slice(args);
+        crate::util::lab::sh("ip", &all)
+    }
+
+    /// `meshctl args…` in the namespace, with the lab's admin kubeconfig.
+    fn meshctl(&self, lab: &Lab, args: &[&str]) -> std::process::Output {
+        let kubeconfig = lab.dir().join("apiserver/admin.kubeconfig");
+        let mut all = vec![crate::util::lab::MESHCTL];
+        all.extend_from_slice(args);
+        all.extend(["--kubeconfig", kubeconfig.to_str().expect("UTF-8")]);
+        self.exec(&all)
+    }
+
+    /// `ip -n <ns> args…`, its stdout whatever the status.
+    fn ip(&self, args: &[&str]) -> String {
+        let mut all = vec!["-n", self.ns.as_str()];
+        all.extend_from_slice(args);
+        String::from_utf8_lossy(&crate::util::lab::sh("ip", &all).stdout).into_owned()
+    }
+
+    /// Whether `addr` answers a ping from the namespace (up to 3 tries of 2 s).
+    fn pings(&self, addr: &str) -> bool {
+        (0..3).any(|_| {
+            self.exec(&["ping", "-n", "-c", "1", "-W", "2", addr])
+                .status
+                .success()
+        })
+    }
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        let procs: Vec<_> = wiremesh::lab::sys::pids_in_netns(std::slice::from_ref(&self.ns))
+            .into_iter()
+            .filter_map(wiremesh::lab::sys::proc_ref)
+            .collect();
+        wiremesh::lab::sys::terminate(&procs, Duration::from_secs(3));
+        let _ = crate::util::lab::sh("ip", &["netns", "del", &self.ns]);
+    }
+}
+
+/// A running `meshctl connect` in the outside namespace, its output in a file.
+struct Connect {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl Connect {
+    fn start(lab: &Lab, out: &Outside, name: &str, extra: &[&str]) -> Connect {
+        let log = out
+            .dir
+            .path()
+            .join(format!("connect-{name}-{}.log", unix_now()));
+        let file = std::fs::File::create(&log).expect("log file");
+        let kubeconfig = lab.dir().join("apiserver/admin.kubeconfig");
+        let key = out.dir.path().join("connect.key");
+        let child = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &out.ns,
+                crate::util::lab::MESHCTL,
+                "connect",
+                name,
+            ])
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .arg("--private-key")
+            .arg(&key)
+            .args(extra)
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file)
+            .spawn()
+            .expect("meshctl connect starts");
+        Connect { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then its exit status (bounded wait).
+    fn stop(&mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        poll(Duration::from_secs(20), || {
+            self.child.try_wait().ok().flatten()
+        })
+        .unwrap_or_else(|| panic!("connect did not exit within 20 s:\n{}", self.log()))
+    }
+}
+
+impl Drop for Connect {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// `meshctl connect` from a namespace acting as a machine outside the cluster: it creates its
+/// Peer, reaches every pod of the lab (the location behind NAT too: with `--endpoint`, that
+/// location's leader opens its NAT towards it), and on SIGTERM exits 0 having removed its
+/// interface, routes, guards, WireGuard daemon and Peer. With `--keep` everything stays, and
+/// the next run (same key) adopts the Peer and the interface. A Peer someone else made is
+/// refused in one line and left as it was.
+#[test]
+#[cfg_attr(
+    not(all(feature = "netns-tests", feature = "apiserver-tests")),
+    ignore = "needs root and a kube-apiserver: --features netns-tests,apiserver-tests"
+)]
+fn kube_lab_connect_reaches_every_pod_from_outside_and_cleans_up_on_sigterm() {
+    require_kube_tools();
+    let t0 = Instant::now();
+    let lab = Lab::new("cn");
+    let up = lab.up(&[
+        "--registry",
+        "kube",
+        "--nodes",
+        "3",
+        "--locations",
+        "2",
+        CHECK_IN,
+    ]);
+    assert!(up.status.success(), "{}", text(&up));
+    let out = Outside::new(&lab);
+    let name = format!("out{}", std::process::id() % 100_000);
+    let iface = format!("wmc{}", std::process::id() % 100_000);
+    let endpoint = format!("{OUTSIDE_IP}:51820");
+    let args = [
+        "--allowed-ip",
+        "10.5.0.1/32",
+        "--endpoint",
+        &endpoint,
+        "--interface",
+        &iface,
+        "--service-cidr",
+        "10.96.0.0/12",
+        "--resync-period",
+        "5",
+    ];
+    let pods: Vec<String> = lab.status()["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .flat_map(|n| n["pods"].as_array().cloned().unwrap_or_default())
+        .filter_map(|p| p["ips"][0].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(pods.len(), 3, "one pod per node");
+    let peers = |o: &Outside| {
+        String::from_utf8_lossy(&o.meshctl(&lab, &["peer", "list"]).stdout).into_owned()
+    };
+
+    // 1. A Peer someone else made is not touched.
+    let other = "someone-else";
+    let add = out.meshctl(
+        &lab,
+        &[
+            "peer",
+            "add",
+            other,
+            "--public-key",
+            "GFq2ybvXDH4BtAkl+fuAkW+BXmYhN6V8gl5nE4bkJXo=",
+            "--allowed-ips",
+            "10.5.0.9/32",
+        ],
+    );
+    assert!(add.status.success(), "{}", text(&add));
+    let mut refused = Connect::start(&lab, &out, other, &args);
+    let status = poll(Duration::from_secs(30), || {
+        refused.child.try_wait().ok().flatten()
+    })
+    .unwrap_or_else(|| panic!("connect to a foreign Peer kept running:\n{}", refused.log()));
+    assert_eq!(status.code(), Some(1), "{}", refused.log());
+    let log = refused.log();
+    let last = log.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("meshctl: peer someone-else exists and is not this machine's"),
+        "{log}"
+    );
+    assert!(
+        peers(&out).contains("10.5.0.9/32"),
+        "the foreign Peer is unchanged"
+    );
+    assert!(!out.ip(&["link"]).contains(&iface), "nothing was set up");
+
+    // 2. Connected with --keep: reaches every pod; SIGTERM leaves everything in place.
+    let mut keep_args = args.to_vec();
+    keep_args.push("--keep");
+    let mut first = Connect::start(&lab, &out, &name, &keep_args);
+    let reached = poll(Duration::from_secs(60), || {
+        pods.iter().all(|p| out.pings(p)).then_some(())
+    });
+    assert!(
+        reached.is_some(),
+        "not every pod answered within 60 s:\n{}\nroutes:\n{}\n{}",
+        first.log(),
+        out.ip(&["route", "show", "table", "all"]),
+        lab.diagnostics()
+    );
+    eprintln!("every pod reached from outside after {:?}", t0.elapsed());
+    assert!(peers(&out).contains(&name), "{}", peers(&out));
+    let routes = out.ip(&["route", "show", "proto", "104"]);
+    for cidr in [
+        "10.201.1.0/24",
+        "10.201.2.0/24",
+        "10.201.3.0/24",
+        "10.96.0.0/12",
+    ] {
+        assert!(
+            routes.contains(&format!("{cidr} dev {iface}")),
+            "{cidr}: {routes}"
+        );
+        assert!(
+            routes.contains(&format!("blackhole {cidr}")),
+            "guard of {cidr}: {routes}"
+        );
+    }
+    assert!(
+        out.ip(&["-4", "addr", "show", "dev", &iface])
+            .contains("10.5.0.1/32")
+    );
+    assert_eq!(first.stop().code(), Some(0), "{}", first.log());
+    assert!(first.log().contains("--keep"), "{}", first.log());
+    assert!(peers(&out).contains(&name), "--keep leaves the Peer");
+    assert!(
+        out.ip(&["link"]).contains(&iface),
+        "--keep leaves the interface"
+    );
+    assert!(!out.ip(&["route", "show", "proto", "104"]).is_empty());
+
+    // 3. The next run adopts the Peer and the interface (the WireGuard daemon the first run
+    // started keeps running); SIGTERM removes everything.
+    let daemons = wiremesh::lab::sys::pids_in_netns(std::slice::from_ref(&out.ns));
+    assert_eq!(
+        daemons.len(),
+        1,
+        "the first run's WireGuard daemon: {daemons:?}"
+    );
+    let mut second = Connect::start(&lab, &out, &name, &args);
+    let connected = poll(Duration::from_secs(60), || {
+        second.log().contains("connected").then_some(())
+    });
+    let log = second.log();
+    assert!(
+        connected.is_some(),
+        "the second run never connected:\n{log}"
+    );
+    assert!(log.contains("Peer adopted as it is"), "{log}");
+    assert!(
+        daemons
+            .iter()
+            .all(|p| std::path::Path::new(&format!("/proc/{p}")).exists()),
+        "the WireGuard daemon was restarted instead of adopted"
+    );
+    let reached = poll(Duration::from_secs(60), || {
+        pods.iter().all(|p| out.pings(p)).then_some(())
+    });
+    assert!(
+        reached.is_some(),
+        "not every pod answered again:\n{}",
+        second.log()
+    );
+    assert_eq!(second.stop().code(), Some(0), "{}", second.log());
+    let log = second.log();
+    assert!(log.contains("Peer deleted"), "{log}");
+    assert!(
+        !peers(&out).contains(&name),
+        "the Peer is gone: {}",
+        peers(&out)
+    );
+    assert!(!out.ip(&["link"]).contains(&iface), "the interface is gone");
+    assert_eq!(
+        out.ip(&["route", "show", "table", "all", "proto", "104"]),
+        "",
+        "routes and guards are gone"
+    );
+    let left = wiremesh::lab::sys::pids_in_netns(std::slice::from_ref(&out.ns));
+    assert!(left.is_empty(), "processes left in the namespace: {left:?}");
+    assert!(peers(&out).contains(other), "the foreign Peer stays");
+    drop(out);
+    lab.down_and_assert_gone();
+    eprintln!("connect scenario in {:?}", t0.elapsed());
+}

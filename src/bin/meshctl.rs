@@ -102,6 +102,14 @@ enum Command {
     Showconf(ShowconfArgs),
     /// Add, list and delete external peers (Kilo `Peer` resources) in the cluster.
     Peer(PeerArgs),
+    /// Join the mesh from this machine, outside the cluster, until stopped (like `kgctl
+    /// connect`; needs root).
+    ///
+    /// Creates (or adopts) the Peer NAME with this machine's key, brings up a WireGuard
+    /// interface with routes to the cluster's pod CIDRs, mesh and internal IPs (and the service
+    /// CIDRs on request), and keeps it in step with the cluster's Nodes and Peers. On SIGINT or
+    /// SIGTERM it removes the interface, its routes and the Peer it made (unless `--keep`).
+    Connect(ConnectArgs),
     /// Make a node's agent replace its WireGuard key (`wiremesh.io/rotate-key`) and wait until
     /// it has published the new public key; the old key is unusable afterwards.
     RotateKey(RotateKeyArgs),
@@ -426,6 +434,85 @@ enum ShowconfKind {
     Node,
     /// Configuration for the external peer NAME (a laptop, another cluster).
     Peer,
+}
+
+/// `meshctl connect`.
+#[derive(Args, Debug)]
+struct ConnectArgs {
+    /// The Peer's name (lowercase letters, digits, '-' and '.').
+    name: String,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    /// This machine's address in the mesh, and any other CIDR the mesh routes to it
+    /// (repeatable or comma-separated); the first is the interface's address.
+    #[arg(
+        long = "allowed-ip",
+        value_name = "CIDR",
+        value_delimiter = ',',
+        required = true
+    )]
+    allowed_ips: Vec<String>,
+    /// Where the cluster can reach this machine (`ip:port`, `[ipv6]:port`, `name:port`); leave
+    /// it out behind NAT. Needed to reach a location that is itself behind NAT.
+    #[arg(long, value_name = "HOST:PORT")]
+    endpoint: Option<String>,
+    /// Seconds between keepalives this machine sends (0: off); they keep NAT mappings open.
+    #[arg(
+        long,
+        visible_alias = "keepalive",
+        value_name = "SECS",
+        default_value_t = 10
+    )]
+    persistent_keepalive: u16,
+    /// The private key file; generated (mode 0600) when missing, so a restart adopts the Peer
+    /// [default: /var/lib/wiremesh/connect/NAME.key].
+    #[arg(long, value_name = "FILE")]
+    private_key: Option<PathBuf>,
+    /// The local WireGuard interface.
+    #[arg(short = 'i', long, default_value = "wm-connect0")]
+    interface: String,
+    /// The interface's UDP listen port [default: the --endpoint's port, else 51820].
+    #[arg(long, value_name = "PORT")]
+    listen_port: Option<u16>,
+    /// The interface's MTU [default: the path towards the cluster's, minus WireGuard's 60 or
+    /// 80 bytes].
+    #[arg(long)]
+    mtu: Option<u32>,
+    /// A service CIDR of the cluster to reach too (repeatable): routed to the first segment,
+    /// whose leader's service proxy takes it.
+    #[arg(long = "service-cidr", value_name = "CIDR")]
+    service_cidrs: Vec<IpNetwork>,
+    /// Seconds between full comparisons with the kernel, besides each change of the cluster.
+    #[arg(
+        long,
+        visible_alias = "resync",
+        value_name = "SECS",
+        default_value_t = 30
+    )]
+    resync_period: u64,
+    /// Leave the interface, its routes and the Peer in place on exit.
+    #[arg(long)]
+    keep: bool,
+    /// WireGuard implementation: the kernel module where present, else the userspace daemon.
+    #[arg(long, value_enum, default_value_t = wiremesh::reconcile::wg::WgMode::Auto)]
+    wireguard: wiremesh::reconcile::wg::WgMode,
+    /// The userspace WireGuard program [default: $WG_USERSPACE_IMPLEMENTATION, else
+    /// wireguard-go].
+    #[arg(long, value_name = "PATH")]
+    wireguard_userspace: Option<PathBuf>,
+    /// Mesh granularity; `auto` reads the granularity the agents publish (default location).
+    #[arg(long, value_enum, default_value_t = GranularityArg::Auto)]
+    granularity: GranularityArg,
+    /// Subnet of the mesh IPs (the agents' --subnet); default: read from the mesh IPs the
+    /// agents published, else 10.4.0.0/16.
+    #[arg(long, value_name = "CIDR")]
+    subnet: Option<IpNetwork>,
+    /// Node label that gives the location when no location annotation is set.
+    #[arg(long, default_value = DEFAULT_TOPOLOGY_LABEL)]
+    topology_label: String,
+    /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
+    #[arg(long, default_value = "info")]
+    log_level: String,
 }
 
 /// `meshctl rotate-key`.
@@ -1079,6 +1166,74 @@ fn peer(args: PeerArgs) -> Result<()> {
     Ok(())
 }
 
+fn connect(a: ConnectArgs) -> Result<()> {
+    use wiremesh::connect::{ConnectConfig, outside::OutsideOptions};
+    let endpoint_port = match &a.endpoint {
+        Some(e) => Some(
+            e.parse::<wiremesh::model::Endpoint>()
+                .map_err(|err| anyhow::anyhow!("--endpoint: {e:?} is not an endpoint: {err}"))?
+                .port(),
+        ),
+        None => None,
+    };
+    let host = nix::unistd::gethostname()
+        .context("reading the host name")?
+        .to_string_lossy()
+        .into_owned();
+    let cfg = ConnectConfig {
+        private_key: a
+            .private_key
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("/var/lib/wiremesh/connect/{}.key", a.name))),
+        name: a.name,
+        host,
+        client: ClientOptions {
+            kubeconfig: a.cluster.kubeconfig,
+            context: a.cluster.context,
+        },
+        request_timeout: std::time::Duration::from_secs(a.cluster.request_timeout),
+        allowed_ips: a.allowed_ips,
+        endpoint: a.endpoint,
+        persistent_keepalive: a.persistent_keepalive,
+        outside: OutsideOptions {
+            interface: a.interface,
+            listen_port: a
+                .listen_port
+                .or(endpoint_port)
+                .unwrap_or(topology::DEFAULT_PORT),
+            mtu: a.mtu,
+            service_cidrs: a.service_cidrs,
+        },
+        resync: std::time::Duration::from_secs(a.resync_period),
+        keep: a.keep,
+        wireguard: a.wireguard,
+        wireguard_userspace: a
+            .wireguard_userspace
+            .unwrap_or_else(wiremesh::reconcile::wg::userspace_binary_from_env),
+        granularity: a.granularity.fixed(),
+        subnet: a.subnet,
+        topology_label: a.topology_label,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).context("catching SIGTERM")?;
+        let mut int = signal(SignalKind::interrupt()).context("catching SIGINT")?;
+        let stop = async move {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: disconnecting"),
+                _ = int.recv() => tracing::info!("SIGINT: disconnecting"),
+            }
+        };
+        wiremesh::connect::run(cfg, stop).await?;
+        Ok(())
+    })
+}
+
 /// Which lab, and where its state lives.
 #[derive(Args, Debug)]
 struct LabArgs {
@@ -1670,15 +1825,23 @@ fn completion(shell: clap_complete::Shell) -> Result<()> {
 const DEFAULT_LOG: &str = "warn,kube_client=off,rustls_platform_verifier=off";
 
 fn main() {
+    let cli = parse_from(std::env::args_os()).unwrap_or_else(|e| e.exit());
+    // `connect` runs for long and says what it does; the other commands print their result.
+    let default_log = match &cli.command {
+        Command::Connect(a) => format!(
+            "{},kube_client=off,rustls_platform_verifier=off",
+            a.log_level
+        ),
+        _ => DEFAULT_LOG.to_owned(),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG)),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = parse_from(std::env::args_os()).unwrap_or_else(|e| e.exit());
     let result = match cli.command {
         Command::Plan(a) => plan(a),
         Command::Status(a) => status(a),
@@ -1687,6 +1850,7 @@ fn main() {
         Command::Peer(a) => peer(a),
         Command::RotateKey(a) => rotate_key(a),
         Command::Multicluster(a) => multicluster(a),
+        Command::Connect(a) => connect(a),
         Command::Doctor(a) => doctor(a),
         Command::Completion { shell } => completion(shell),
         Command::Lab(a) => {

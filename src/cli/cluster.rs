@@ -251,7 +251,7 @@ impl Cluster {
         .await
     }
 
-    /// The client, for watches.
+    /// The client, for watches of one's own (`meshctl connect`, `multicluster link`).
     pub fn client(&self) -> &Client {
         &self.client
     }
@@ -295,6 +295,66 @@ impl Cluster {
         }
         peers.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
         Ok((peers, diagnostics))
+    }
+
+    /// The Peer `name` as stored, or `None` when there is none (or no Peer CRD: then creating
+    /// it says so).
+    pub async fn peer(&self, name: &str) -> Result<Option<PeerResource>, ClusterCliError> {
+        let obj = self
+            .timed(async {
+                match peers_api(self.client.clone()).get_opt(name).await {
+                    Ok(o) => Ok(o),
+                    Err(kube::Error::Api(s)) if s.code == 404 => Ok(None),
+                    Err(e) => Err(self.kube_error(e)),
+                }
+            })
+            .await?;
+        obj.map(|o| {
+            serde_json::to_value(&o)
+                .and_then(serde_json::from_value::<PeerResource>)
+                .map_err(|e| ClusterCliError::Encode {
+                    name: name.to_owned(),
+                    problem: format!("not a Peer: {e}"),
+                })
+        })
+        .transpose()
+    }
+
+    /// Replace the spec and set the annotations of the existing Peer `peer` (one merge patch:
+    /// lists such as the allowed IPs are replaced whole, an endpoint left out is removed).
+    pub async fn update_peer(&self, peer: &PeerResource) -> Result<(), ClusterCliError> {
+        let name = peer.metadata.name.clone().unwrap_or_default();
+        let mut spec = serde_json::to_value(&peer.spec).map_err(|e| ClusterCliError::Encode {
+            name: name.clone(),
+            problem: e.to_string(),
+        })?;
+        if let Some(map) = spec.as_object_mut() {
+            // Fields the serializer leaves out when empty must go from the stored object too.
+            for key in ["endpoint", "persistentKeepalive", "presharedKey"] {
+                map.entry(key).or_insert(serde_json::Value::Null);
+            }
+        }
+        let patch = serde_json::json!({
+            "metadata": {"annotations": peer.metadata.annotations.clone().unwrap_or_default()},
+            "spec": spec,
+        });
+        self.timed(async {
+            match peers_api(self.client.clone())
+                .patch(
+                    &name,
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(&patch),
+                )
+                .await
+            {
+                Ok(_) => Ok(()),
+                Err(kube::Error::Api(s)) if s.code == 404 => {
+                    Err(ClusterCliError::NoSuchPeer(name.clone()))
+                }
+                Err(e) => Err(self.kube_error(e)),
+            }
+        })
+        .await
     }
 
     /// Delete the Peer `name`.

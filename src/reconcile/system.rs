@@ -105,7 +105,7 @@ pub struct SystemKernel {
 /// Whether `op` acts on the WireGuard link or device, or on traffic through it (the MSS clamp:
 /// clamping a foreign interface such as a mistyped `--interface eth0` would rewrite the SYNs of
 /// everything that crosses it).
-fn on_wireguard_link(op: &Op) -> bool {
+pub(crate) fn on_wireguard_link(op: &Op) -> bool {
     is_wireguard(op)
         || matches!(
             op,
@@ -117,7 +117,7 @@ fn on_wireguard_link(op: &Op) -> bool {
         )
 }
 
-fn is_wireguard(op: &Op) -> bool {
+pub(crate) fn is_wireguard(op: &Op) -> bool {
     matches!(
         op,
         Op::CreateInterface
@@ -127,7 +127,7 @@ fn is_wireguard(op: &Op) -> bool {
     )
 }
 
-fn is_route_or_rule(op: &Op) -> bool {
+pub(crate) fn is_route_or_rule(op: &Op) -> bool {
     matches!(
         op,
         Op::AddRoute(_) | Op::DelRoute(_) | Op::AddRule(_) | Op::DelRule(_)
@@ -364,27 +364,6 @@ impl SystemKernel {
         blocked
     }
 
-    /// `Err` when ops must not reach the WireGuard link (another kind of link, or another
-    /// alias); marks an unmarked WireGuard link as wiremesh's (adoption).
-    async fn check_wireguard_link(&self) -> Result<(), KernelError> {
-        let nl = &self.netlink.netlink;
-        match nl.wireguard_owner().await? {
-            Some(LinkOwner::Foreign(reason)) => Err(KernelError::NotOwned(format!(
-                "interface {}: not wiremesh's WireGuard interface ({reason}); left alone",
-                self.opts.interface
-            ))),
-            Some(LinkOwner::Unmarked) => {
-                if let Err(e) = nl.mark_link(&self.opts.interface, WG_ALIAS).await {
-                    warn!(error = %e, "cannot mark the WireGuard interface as wiremesh's");
-                } else {
-                    info!(interface = %self.opts.interface, "WireGuard interface adopted and marked");
-                }
-                Ok(())
-            }
-            Some(LinkOwner::Ours) | None => Ok(()),
-        }
-    }
-
     /// [`Kernel::apply_all`] for the ops nothing blocks: in order, except the masquerade
     /// operation (at most one per plan), which runs beside the others, as nothing else depends on
     /// it and `nft` is a process of its own; a plan then takes as long as the slower of the two
@@ -552,7 +531,7 @@ impl Kernel for SystemKernel {
         let need = forwarding::needed_by_ops(ops).union(self.in_use);
         let blocked = self.ensure_forwarding(need);
         let link_why = if ops.iter().any(on_wireguard_link) {
-            match self.check_wireguard_link().await {
+            match self.netlink.netlink.claim_wireguard_link().await {
                 Ok(()) => None,
                 Err(e) => Some(e.to_string()),
             }

@@ -519,6 +519,27 @@ impl Netlink {
             .map(|l| wireguard_owner(link_kind(&l), link_alias(&l))))
     }
 
+    /// `Err` when operations must not reach the configured WireGuard link (another kind of
+    /// link, or another alias: [`LinkOwner::Foreign`]); marks an unmarked WireGuard link as
+    /// wiremesh's ([`WG_ALIAS`]: adoption). No link of that name is `Ok`: it will be created.
+    pub async fn claim_wireguard_link(&self) -> Result<(), KernelError> {
+        let name = &self.devices.wireguard;
+        match self.wireguard_owner().await? {
+            Some(LinkOwner::Foreign(reason)) => Err(KernelError::NotOwned(format!(
+                "interface {name}: not wiremesh's WireGuard interface ({reason}); left alone"
+            ))),
+            Some(LinkOwner::Unmarked) => {
+                if let Err(e) = self.mark_link(name, WG_ALIAS).await {
+                    warn!(error = %e, "cannot mark the WireGuard interface as wiremesh's");
+                } else {
+                    info!(interface = %name, "WireGuard interface adopted and marked");
+                }
+                Ok(())
+            }
+            Some(LinkOwner::Ours) | None => Ok(()),
+        }
+    }
+
     /// Whose the configured CNI bridge is ([`bridge_owner`]); `None` when no link has its name.
     pub async fn bridge_owner(&self) -> Result<Option<LinkOwner>, KernelError> {
         Ok(self
