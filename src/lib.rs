@@ -23,6 +23,7 @@ pub mod doctor;
 pub mod graph;
 pub mod lab;
 pub mod model;
+pub mod multicluster;
 pub mod reconcile;
 pub mod registry;
 pub mod showconf;

@@ -17,6 +17,7 @@ mod lab_kube;
 mod manifests;
 mod meshctl_cluster;
 mod meshctl_flags;
+mod multicluster;
 mod netlink_netns;
 mod nft_cni_netns;
 mod node_credentials;

@@ -35,7 +35,7 @@ const OTHER_KEY: &str = "xNJEOu7NN15eM+y5mY6klkIdXAJfF9u84LdBYLvztTc=";
 const PSK: &str = "0UHno+lxky2QJBklRgi1B3PLoZTn07vdJ1FhoO19AGo=";
 
 /// What one run of meshctl gave.
-struct Run {
+pub(crate) struct Run {
     stdout: String,
     stderr: String,
     code: Option<i32>,
@@ -51,13 +51,13 @@ impl Run {
     }
 
     /// Succeeded; returns stdout.
-    fn ok(self, what: &str) -> String {
+    pub(crate) fn ok(self, what: &str) -> String {
         assert_eq!(self.code, Some(0), "{what} failed: {}", self.stderr);
         self.stdout
     }
 
     /// Failed with exit code 1 and exactly one line on stderr; returns that line.
-    fn one_line_error(self, what: &str) -> String {
+    pub(crate) fn one_line_error(self, what: &str) -> String {
         assert_eq!(
             self.code,
             Some(1),
@@ -74,7 +74,7 @@ impl Run {
 }
 
 /// The command, with no ambient Kubernetes configuration or log filter.
-fn command(args: &[&str]) -> std::process::Command {
+pub(crate) fn command(args: &[&str]) -> std::process::Command {
     let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_meshctl"));
     c.args(args)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -85,12 +85,12 @@ fn command(args: &[&str]) -> std::process::Command {
     c
 }
 
-fn meshctl(args: &[&str]) -> Run {
+pub(crate) fn meshctl(args: &[&str]) -> Run {
     Run::from(command(args).output().expect("run meshctl"))
 }
 
 /// [`meshctl`] without blocking the test's runtime.
-async fn meshctl_async(args: &[&str]) -> Run {
+pub(crate) async fn meshctl_async(args: &[&str]) -> Run {
     let out = tokio::process::Command::from(command(args))
         .output()
         .await
@@ -146,7 +146,7 @@ async fn create_nodes(client: &Client, nodes: &[serde_json::Value]) {
 }
 
 /// Install the Peer CRD from `manifests/crd-peer.yaml` and wait until Peers can be listed.
-async fn apply_crd(client: &Client) {
+pub(crate) async fn apply_crd(client: &Client) {
     let text = std::fs::read_to_string(example("manifests/crd-peer.yaml")).expect("crd file");
     let crd: CustomResourceDefinition = wiremesh::yaml::from_str(&text).expect("a CRD");
     let api = Api::<CustomResourceDefinition>::all(client.clone());
@@ -174,7 +174,7 @@ async fn apply_crd(client: &Client) {
     panic!("the Peer resource is never served");
 }
 
-async fn create_peers(client: &Client, peers: &[serde_json::Value]) {
+pub(crate) async fn create_peers(client: &Client, peers: &[serde_json::Value]) {
     let api = peers_api(client.clone());
     for v in peers {
         let obj: DynamicObject = serde_json::from_value(v.clone()).expect("an object");
@@ -184,7 +184,7 @@ async fn create_peers(client: &Client, peers: &[serde_json::Value]) {
     }
 }
 
-async fn stored_peers(client: &Client) -> Vec<DynamicObject> {
+pub(crate) async fn stored_peers(client: &Client) -> Vec<DynamicObject> {
     peers_api(client.clone())
         .list(&ListParams::default())
         .await

@@ -18,6 +18,7 @@ use ipnetwork::IpNetwork;
 
 use wiremesh::cli::args::with_leading;
 use wiremesh::cli::cluster::Cluster;
+use wiremesh::cli::link;
 use wiremesh::cli::peer::{NewPeer, render_table, render_yaml};
 use wiremesh::cli::plan::{DeviceNames, render_json, render_text};
 use wiremesh::cli::{Inputs, auto_granularity, load};
@@ -104,6 +105,12 @@ enum Command {
     /// Make a node's agent replace its WireGuard key (`wiremesh.io/rotate-key`) and wait until
     /// it has published the new public key; the old key is unusable afterwards.
     RotateKey(RotateKeyArgs),
+    /// Link two clusters: each holds one Peer per segment of the other, kept in sync.
+    ///
+    /// `link` checks that the clusters' pod CIDRs, mesh subnets and service CIDRs are disjoint,
+    /// writes the Peers, and keeps them in sync (Nodes joining, leaving, moving, rotating keys)
+    /// until stopped; `unlink` removes exactly the Peers the link wrote. See docs/multicluster.md.
+    Multicluster(MulticlusterArgs),
     /// Check what this machine offers wiremesh: WireGuard, IPIP, firewall, CNI plugins.
     Doctor(DoctorArgs),
     /// Run a throw-away mesh on this machine in network namespaces (needs root).
@@ -420,6 +427,173 @@ struct RotateKeyArgs {
     /// Seconds to wait for the agent to publish the new key (0: do not wait).
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     wait: u64,
+}
+
+/// `meshctl multicluster`.
+#[derive(Args, Debug)]
+struct MulticlusterArgs {
+    #[command(subcommand)]
+    command: MulticlusterCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum MulticlusterCommand {
+    /// Link the cluster of --kubeconfig with the cluster of --remote-kubeconfig and keep the
+    /// link in sync until SIGINT or SIGTERM (the Peers stay; `unlink` removes them).
+    Link(LinkArgs),
+    /// Delete, in both clusters, the Peers a link between them wrote; nothing else.
+    Unlink(LinkSides),
+}
+
+/// The two clusters of a link and their names.
+#[derive(Args, Debug)]
+struct LinkSides {
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    /// Kubeconfig of the other cluster.
+    #[arg(long, value_name = "FILE")]
+    remote_kubeconfig: PathBuf,
+    /// Kubeconfig context of the other cluster instead of the file's current one.
+    #[arg(long, value_name = "NAME")]
+    remote_context: Option<String>,
+    /// The name of the --kubeconfig cluster in the link: the other cluster's Peers for it are
+    /// named `<NAME>-<node>` or `<NAME>-location-<location>` and labelled
+    /// `wiremesh.io/linked-cluster=<NAME>`.
+    #[arg(long, value_name = "NAME")]
+    name: String,
+    /// The name of the --remote-kubeconfig cluster in the link.
+    #[arg(long, value_name = "NAME")]
+    remote_name: String,
+}
+
+/// `meshctl multicluster link`.
+#[derive(Args, Debug)]
+struct LinkArgs {
+    #[command(flatten)]
+    sides: LinkSides,
+    /// Mesh subnet of the --kubeconfig cluster; default: read from the mesh IPs its agents
+    /// published, else 10.4.0.0/16.
+    #[arg(long, value_name = "CIDR")]
+    subnet: Option<IpNetwork>,
+    /// Mesh subnet of the other cluster; default as for --subnet.
+    #[arg(long, value_name = "CIDR")]
+    remote_subnet: Option<IpNetwork>,
+    /// Service CIDR of the --kubeconfig cluster to make reachable from the other (repeatable).
+    #[arg(long, value_name = "CIDR")]
+    service_cidr: Vec<IpNetwork>,
+    /// Service CIDR of the other cluster to make reachable from this one (repeatable).
+    #[arg(long, value_name = "CIDR")]
+    remote_service_cidr: Vec<IpNetwork>,
+    /// Label (or annotation) giving a node's location, as the agents use it.
+    #[arg(long, default_value = DEFAULT_TOPOLOGY_LABEL)]
+    topology_label: String,
+    /// Sync once and exit instead of keeping the link in sync.
+    #[arg(long)]
+    once: bool,
+    /// Seconds between full syncs besides those every change triggers.
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    resync: u64,
+}
+
+impl LinkSides {
+    /// Connect to both clusters (sends nothing yet).
+    async fn connect(
+        &self,
+        subnets: (Option<IpNetwork>, Option<IpNetwork>),
+        services: (Vec<IpNetwork>, Vec<IpNetwork>),
+    ) -> Result<(link::Side, link::Side)> {
+        let timeout = std::time::Duration::from_secs(self.cluster.request_timeout);
+        let local = ClientOptions {
+            kubeconfig: self.cluster.kubeconfig.clone(),
+            context: self.cluster.context.clone(),
+        };
+        let remote = ClientOptions {
+            kubeconfig: Some(self.remote_kubeconfig.clone()),
+            context: self.remote_context.clone(),
+        };
+        let a = Cluster::connect(&local, timeout)
+            .await
+            .with_context(|| format!("cluster {}", self.name))?;
+        let b = Cluster::connect(&remote, timeout)
+            .await
+            .with_context(|| format!("cluster {}", self.remote_name))?;
+        Ok((
+            link::Side {
+                name: self.name.clone(),
+                cluster: a,
+                subnet: subnets.0,
+                service_cidrs: services.0,
+                granularity: None,
+            },
+            link::Side {
+                name: self.remote_name.clone(),
+                cluster: b,
+                subnet: subnets.1,
+                service_cidrs: services.1,
+                granularity: None,
+            },
+        ))
+    }
+}
+
+fn multicluster(args: MulticlusterArgs) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async {
+        match args.command {
+            MulticlusterCommand::Link(l) => {
+                let (a, b) = l
+                    .sides
+                    .connect(
+                        (l.subnet, l.remote_subnet),
+                        (l.service_cidr.clone(), l.remote_service_cidr.clone()),
+                    )
+                    .await?;
+                if l.once {
+                    let r = link::sync(&a, &b, &l.topology_label, true).await?;
+                    for p in &r.problems {
+                        eprintln!("meshctl: {p}");
+                    }
+                    for (ap, remote) in [(&r.a, &b.name), (&r.b, &a.name)] {
+                        println!(
+                            "cluster {}: {} Peers for cluster {remote} ({} created, {} updated, {} deleted)",
+                            ap.cluster,
+                            ap.linked.len(),
+                            ap.created.len(),
+                            ap.updated.len(),
+                            ap.deleted.len()
+                        );
+                    }
+                    return Ok(());
+                }
+                let resync = std::time::Duration::from_secs(l.resync);
+                link::run(&a, &b, &l.topology_label, resync, stop_signal()?).await?;
+                Ok(())
+            }
+            MulticlusterCommand::Unlink(s) => {
+                let (a, b) = s.connect((None, None), (Vec::new(), Vec::new())).await?;
+                let (da, db) = link::unlink(&a, &b).await?;
+                println!("cluster {}: {} Peers deleted", a.name, da.len());
+                println!("cluster {}: {} Peers deleted", b.name, db.len());
+                Ok(())
+            }
+        }
+    })
+}
+
+/// Completes at the first SIGINT or SIGTERM.
+fn stop_signal() -> Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }
 
 /// `meshctl peer`: external peers in the cluster.
@@ -1509,6 +1683,7 @@ fn main() {
         Command::Showconf(a) => showconf(a),
         Command::Peer(a) => peer(a),
         Command::RotateKey(a) => rotate_key(a),
+        Command::Multicluster(a) => multicluster(a),
         Command::Doctor(a) => doctor(a),
         Command::Completion { shell } => completion(shell),
         Command::Lab(a) => {

@@ -8,6 +8,7 @@
 
 pub mod args;
 pub mod cluster;
+pub mod link;
 pub mod peer;
 pub mod plan;
 pub mod status;

@@ -26,6 +26,15 @@ pub struct ApiServer {
     apiserver_pid: Option<i32>,
 }
 
+/// Wait until `k` more servers may run, and count them as running.
+fn acquire(k: usize) {
+    let mut n = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
+    while *n + k > MAX_RUNNING {
+        n = FREED.wait(n).unwrap_or_else(|e| e.into_inner());
+    }
+    *n += k;
+}
+
 fn free_port(pair: bool) -> u16 {
     for _ in 0..100 {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
@@ -52,13 +61,19 @@ fn value<'a>(out: &'a str, key: &str) -> &'a str {
 impl ApiServer {
     /// Start a fresh etcd and kube-apiserver (waits for `/readyz`).
     pub fn start() -> ApiServer {
-        {
-            let mut n = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
-            while *n >= MAX_RUNNING {
-                n = FREED.wait(n).unwrap_or_else(|e| e.into_inner());
-            }
-            *n += 1;
-        }
+        acquire(1);
+        ApiServer::launch()
+    }
+
+    /// Start two, for tests of two clusters: both slots are taken at once, so two such tests
+    /// never each hold one and wait for the other's.
+    pub fn start_pair() -> (ApiServer, ApiServer) {
+        acquire(2);
+        (ApiServer::launch(), ApiServer::launch())
+    }
+
+    /// Start one in a slot already taken.
+    fn launch() -> ApiServer {
         let dir = tempfile::Builder::new()
             .prefix("wm-kas.")
             .tempdir()
@@ -279,6 +294,7 @@ impl Drop for ApiServer {
         kill_wait(self.etcd_pid);
         let mut n = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
         *n -= 1;
-        FREED.notify_one();
+        // A pair may be waiting for two slots: wake every waiter to recount.
+        FREED.notify_all();
     }
 }
