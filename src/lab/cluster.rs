@@ -42,7 +42,7 @@ pub const FIELD_MANAGER: &str = "meshctl-lab";
 
 /// The label `meshctl multicluster link` puts on the Peers it keeps in a cluster: the name of
 /// the cluster whose segment each stands for.
-pub const LINKED_CLUSTER_LABEL: &str = "wiremesh.io/linked-cluster";
+pub const LINKED_CLUSTER_LABEL: &str = crate::multicluster::LINK_LABEL;
 
 /// Run `f` on a thread that entered network namespace `netns`, on a current-thread runtime.
 pub fn in_netns<T, Fut>(netns: &str, f: impl FnOnce() -> Fut + Send) -> Result<T, LabError>

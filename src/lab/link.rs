@@ -34,7 +34,9 @@ fn cluster_name(state: &LabState, k: usize) -> String {
         .map_or_else(|| format!("cluster{k}"), |c| c.name.clone())
 }
 
-/// The link's arguments after the meshctl binary: both clusters' admin kubeconfigs and names.
+/// The link's arguments after the meshctl binary: both clusters' admin kubeconfigs, names and
+/// mesh subnets (given, not read from what the agents published: that needs a leader of each
+/// cluster to have published already).
 pub fn link_args(state: &LabState, link: &LinkState) -> Result<Vec<OsString>, LabError> {
     let kubeconfig = |k: usize| {
         state
@@ -53,6 +55,10 @@ pub fn link_args(state: &LabState, link: &LinkState) -> Result<Vec<OsString>, La
         cluster_name(state, link.cluster).into(),
         "--remote-name".into(),
         cluster_name(state, link.remote).into(),
+        "--subnet".into(),
+        state.spec.mesh_subnet_of(link.cluster).to_string().into(),
+        "--remote-subnet".into(),
+        state.spec.mesh_subnet_of(link.remote).to_string().into(),
     ])
 }
 
@@ -189,7 +195,8 @@ mod tests {
             line.join(" "),
             "multicluster link --kubeconfig /run/wiremesh-lab/wm/apiserver/admin.kubeconfig \
              --remote-kubeconfig /run/wiremesh-lab/wm/apiserver2/admin.kubeconfig \
-             --name cluster1 --remote-name cluster2"
+             --name cluster1 --remote-name cluster2 --subnet 10.4.0.0/16 \
+             --remote-subnet 10.5.0.0/16"
         );
     }
 }
