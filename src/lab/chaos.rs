@@ -455,7 +455,6 @@ fn divergence_without(
 }
 
 /// What differs for node `n` (see [`divergence_without`]), appended to `out`.
-#[allow(clippy::too_many_arguments)]
 fn divergence_of(
     n: &super::state::NodeState,
     loaded: &crate::registry::file::Loaded<crate::model::MeshNode>,

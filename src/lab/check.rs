@@ -745,8 +745,9 @@ impl CheckReport {
         );
         let _ = writeln!(
             s,
-            "  {} packets from or to pod CIDRs or the mesh subnet ({})",
+            "  {} packets from or to pod CIDRs or the mesh subnet{} ({})",
             self.tally.plaintext.len(),
+            if self.multi_cluster { "s" } else { "" },
             ranges.join(", ")
         );
         for (flow, n) in flows(&self.tally.plaintext, 10) {

@@ -15,6 +15,10 @@
 //! Two registries: `file` (default) writes `nodes.yaml`, which every agent reads; `kube` starts a
 //! real etcd + kube-apiserver in the lab's namespace `wml-<lab>-api` on the underlay, registers
 //! one Node per lab node as a kubelet would, and the agents know nothing but that API server.
+//! With `--clusters N` (kube only) the nodes are split in order into N clusters, each with its
+//! own API server (`wml-<lab>-api`, `wml-<lab>-api2`, …) and mesh subnet, linked by the
+//! product's `meshctl multicluster link` ([`link`]); whatever reads the lab's nodes reads them
+//! per cluster ([`cluster_view`]: a cluster's Nodes and Peers).
 //!
 //! Where to start: [`up::up`] for the order of creation, [`spec`] for names and addresses,
 //! `docs/lab.md` for the user's view. Every namespace is named `wml-<lab>-…`
