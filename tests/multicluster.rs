@@ -16,6 +16,7 @@ use crate::meshctl_cluster::{apply_crd, command, create_peers, meshctl_async, st
 use crate::util::apiserver::ApiServer;
 
 const LABEL: &str = "wiremesh.io/linked-cluster";
+const LINK_USER: &str = "system:serviceaccount:kube-system:wiremesh-multicluster";
 
 fn key(i: u8) -> String {
     WgKey([i; 32]).to_string()
@@ -131,7 +132,14 @@ fn link_args<'a>(a: &'a ApiServer, b: &'a ApiServer, cmd: &'a str) -> Vec<&'a st
 #[tokio::test]
 async fn link_once_writes_each_cluster_a_peer_per_segment_of_the_other_and_unlink_removes_them() {
     let (a, b, ca, cb) = two_clusters("10.5").await;
+    // As the ServiceAccount of manifests/multicluster-link.yaml, not as an administrator.
+    a.install_link_rbac().await;
+    b.install_link_rbac().await;
+    let (ka, kb) = (a.kubeconfig_as(LINK_USER), b.kubeconfig_as(LINK_USER));
+    let (ka, kb) = (ka.to_str().expect("utf-8"), kb.to_str().expect("utf-8"));
     let mut args = link_args(&a, &b, "link");
+    args[3] = ka;
+    args[5] = kb;
     args.extend(["--remote-service-cidr", "10.97.0.0/16", "--once"]);
     let out = meshctl_async(&args).await.ok("link --once");
     assert!(
@@ -167,9 +175,10 @@ async fn link_once_writes_each_cluster_a_peer_per_segment_of_the_other_and_unlin
         "{again}"
     );
 
-    let out = meshctl_async(&link_args(&a, &b, "unlink"))
-        .await
-        .ok("unlink");
+    let mut unlink = link_args(&a, &b, "unlink");
+    unlink[3] = ka;
+    unlink[5] = kb;
+    let out = meshctl_async(&unlink).await.ok("unlink");
     assert_eq!(
         out,
         "cluster east: 2 Peers deleted\ncluster west: 1 Peers deleted\n"

@@ -217,6 +217,17 @@ enum GranularityArg {
     Full,
 }
 
+impl GranularityArg {
+    /// The granularity given, or `None` for `auto`.
+    fn fixed(self) -> Option<Granularity> {
+        match self {
+            GranularityArg::Auto => None,
+            GranularityArg::Location => Some(Granularity::Location),
+            GranularityArg::Full => Some(Granularity::Full),
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum EncapArg {
     Never,
@@ -484,6 +495,13 @@ struct LinkArgs {
     /// Service CIDR of the other cluster to make reachable from this one (repeatable).
     #[arg(long, value_name = "CIDR")]
     remote_service_cidr: Vec<IpNetwork>,
+    /// Granularity of the --kubeconfig cluster's mesh; `auto` reads what its agents publish
+    /// (Kilo's agents publish none: location).
+    #[arg(long, value_enum, default_value_t = GranularityArg::Auto)]
+    granularity: GranularityArg,
+    /// Granularity of the other cluster's mesh, as for --granularity.
+    #[arg(long, value_enum, default_value_t = GranularityArg::Auto)]
+    remote_granularity: GranularityArg,
     /// Label (or annotation) giving a node's location, as the agents use it.
     #[arg(long, default_value = DEFAULT_TOPOLOGY_LABEL)]
     topology_label: String,
@@ -501,6 +519,7 @@ impl LinkSides {
         &self,
         subnets: (Option<IpNetwork>, Option<IpNetwork>),
         services: (Vec<IpNetwork>, Vec<IpNetwork>),
+        granularities: (GranularityArg, GranularityArg),
     ) -> Result<(link::Side, link::Side)> {
         let timeout = std::time::Duration::from_secs(self.cluster.request_timeout);
         let local = ClientOptions {
@@ -523,14 +542,14 @@ impl LinkSides {
                 cluster: a,
                 subnet: subnets.0,
                 service_cidrs: services.0,
-                granularity: None,
+                granularity: granularities.0.fixed(),
             },
             link::Side {
                 name: self.remote_name.clone(),
                 cluster: b,
                 subnet: subnets.1,
                 service_cidrs: services.1,
-                granularity: None,
+                granularity: granularities.1.fixed(),
             },
         ))
     }
@@ -549,6 +568,7 @@ fn multicluster(args: MulticlusterArgs) -> Result<()> {
                     .connect(
                         (l.subnet, l.remote_subnet),
                         (l.service_cidr.clone(), l.remote_service_cidr.clone()),
+                        (l.granularity, l.remote_granularity),
                     )
                     .await?;
                 if l.once {
@@ -573,7 +593,13 @@ fn multicluster(args: MulticlusterArgs) -> Result<()> {
                 Ok(())
             }
             MulticlusterCommand::Unlink(s) => {
-                let (a, b) = s.connect((None, None), (Vec::new(), Vec::new())).await?;
+                let (a, b) = s
+                    .connect(
+                        (None, None),
+                        (Vec::new(), Vec::new()),
+                        (GranularityArg::Auto, GranularityArg::Auto),
+                    )
+                    .await?;
                 let (da, db) = link::unlink(&a, &b).await?;
                 println!("cluster {}: {} Peers deleted", a.name, da.len());
                 println!("cluster {}: {} Peers deleted", b.name, db.len());
@@ -688,11 +714,10 @@ impl MeshArgs {
     }
 
     fn options(&self, inputs: &Inputs) -> MeshOptions {
-        let granularity = match self.granularity {
-            GranularityArg::Auto => auto_granularity(&inputs.nodes),
-            GranularityArg::Location => Granularity::Location,
-            GranularityArg::Full => Granularity::Full,
-        };
+        let granularity = self
+            .granularity
+            .fixed()
+            .unwrap_or_else(|| auto_granularity(&inputs.nodes));
         MeshOptions {
             granularity,
             subnet: self.subnet,

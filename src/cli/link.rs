@@ -34,12 +34,14 @@ use crate::topology::MeshOptions;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LinkCliError {
     /// A request to one of the clusters failed.
-    #[error("cluster {name}: {source}")]
+    /// (Rendered into the message, not a `#[source]`: the binary prints the chain, and
+    /// the cause would come twice.)
+    #[error("cluster {name}: {cause}")]
     Cluster {
         /// The cluster's name in the link.
         name: String,
         /// What failed.
-        source: ClusterCliError,
+        cause: ClusterCliError,
     },
     /// The clusters cannot be linked (names, overlapping ranges).
     #[error(transparent)]
@@ -99,10 +101,10 @@ pub struct SyncReport {
 }
 
 impl Side {
-    fn err(&self, source: ClusterCliError) -> LinkCliError {
+    fn err(&self, cause: ClusterCliError) -> LinkCliError {
         LinkCliError::Cluster {
             name: self.name.clone(),
-            source,
+            cause,
         }
     }
 

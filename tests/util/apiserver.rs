@@ -187,6 +187,28 @@ impl ApiServer {
             .await;
     }
 
+    /// Install `manifests/multicluster-link.yaml`: the identity of `meshctl multicluster link`.
+    pub async fn install_link_rbac(&self) {
+        self.install_rbac_file("manifests/multicluster-link.yaml")
+            .await;
+    }
+
+    /// A kubeconfig of the administrator acting as `user` (impersonation): that user's rights
+    /// only, as RBAC grants them.
+    pub fn kubeconfig_as(&self, user: &str) -> PathBuf {
+        let text = std::fs::read_to_string(&self.kubeconfig).expect("read the kubeconfig");
+        let mut v: serde_json::Value = wiremesh::yaml::from_str(&text).expect("a kubeconfig");
+        for u in v["users"].as_array_mut().expect("users") {
+            u["user"]["as"] = serde_json::Value::String(user.to_owned());
+        }
+        let path = self
+            .dir
+            .path()
+            .join(format!("as-{}.kubeconfig", user.replace(':', "-")));
+        std::fs::write(&path, wiremesh::yaml::to_string(&v).expect("yaml")).expect("write");
+        path
+    }
+
     async fn install_rbac_file(&self, file: &str) {
         use k8s_openapi::api::core::v1::ServiceAccount;
         use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
