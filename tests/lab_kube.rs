@@ -1425,3 +1425,203 @@ fn kube_lab_connect_reaches_every_pod_from_outside_and_cleans_up_on_sigterm() {
     lab.down_and_assert_gone();
     eprintln!("connect scenario in {:?}", t0.elapsed());
 }
+
+/// `lab up --registry kube --clusters 2`: two clusters (each its own API server, mesh subnet
+/// and nodes) on one underlay, linked by the product's own `meshctl multicluster link`, which
+/// the lab runs and records; `lab check` passes for every pod pair, across the clusters too; a
+/// node joining cluster 2 shows up in cluster 1's Peers (the time it takes is printed); `down`
+/// leaves nothing, the link included.
+#[test]
+#[cfg_attr(
+    not(all(feature = "netns-tests", feature = "apiserver-tests")),
+    ignore = "needs root and a kube-apiserver: --features netns-tests,apiserver-tests"
+)]
+fn kube_lab_of_two_linked_clusters_passes_check_across_them_and_links_a_joining_node() {
+    require_kube_tools();
+    let lab = Lab::new("mc");
+    // Refused before anything is touched: two clusters need the kube registry, and no NAT.
+    for (args, says) in [
+        (
+            vec!["--clusters", "2"],
+            "--clusters 2 needs --registry kube",
+        ),
+        (
+            vec![
+                "--registry",
+                "kube",
+                "--clusters",
+                "2",
+                "--nodes",
+                "4",
+                "--nat",
+                "1",
+            ],
+            "--clusters 2 has no NAT routers",
+        ),
+    ] {
+        let up = lab.up(&args);
+        assert_eq!(up.status.code(), Some(1), "{}", text(&up));
+        assert!(text(&up).contains(says), "{}", text(&up));
+        assert!(!lab.dir().exists());
+    }
+
+    let t0 = Instant::now();
+    let up = lab.up(&[
+        "--registry",
+        "kube",
+        "--clusters",
+        "2",
+        "--nodes",
+        "4",
+        "--locations",
+        "2",
+        CHECK_IN,
+    ]);
+    assert!(up.status.success(), "{}", text(&up));
+    eprintln!("two-cluster lab up (and linked) in {:?}", t0.elapsed());
+
+    let state = lab.state();
+    let apis: Vec<_> = state.apiservers().cloned().collect();
+    assert_eq!(apis.len(), 2);
+    assert_eq!(
+        (apis[0].netns.clone(), apis[1].netns.clone()),
+        (lab.ns("api"), lab.ns("api2"))
+    );
+    for a in &apis {
+        for p in [a.apiserver, a.etcd] {
+            assert!(
+                wiremesh::lab::sys::is_running(&p.expect("recorded")),
+                "{a:?}"
+            );
+        }
+    }
+    // Each cluster's API server knows its own nodes only.
+    let names = |a: &wiremesh::lab::state::ApiServerState| -> Vec<String> {
+        let mut v: Vec<String> = wiremesh::lab::cluster::nodes(a)
+            .expect("list Nodes")
+            .into_iter()
+            .filter_map(|n| n.metadata.name)
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&apis[0]), ["node1", "node2"]);
+    assert_eq!(names(&apis[1]), ["node3", "node4"]);
+    // Every agent reads its own cluster and allocates from its cluster's mesh subnet.
+    for n in &state.nodes {
+        let pid = n.agent.expect("agent started").pid;
+        let args = std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+            .expect("agent cmdline")
+            .replace('\0', " ");
+        let (dir, subnet) = if state.spec.cluster_of(&n.name) == 1 {
+            ("apiserver/", "--subnet 10.4.0.0/16")
+        } else {
+            ("apiserver2/", "--subnet 10.5.0.0/16")
+        };
+        assert!(
+            args.contains(dir) && args.contains(subnet),
+            "{}: {args}",
+            n.name
+        );
+    }
+    // The link runs as a process of the lab, in cluster 1's API namespace.
+    let link = state.links[0].process.expect("link recorded");
+    assert!(wiremesh::lab::sys::is_running(&link));
+    let cmdline = std::fs::read_to_string(format!("/proc/{}/cmdline", link.pid))
+        .expect("link cmdline")
+        .replace('\0', " ");
+    assert!(
+        cmdline.contains("multicluster link")
+            && cmdline.contains("--name cluster1 --remote-name cluster2"),
+        "{cmdline}"
+    );
+    let status = lab.status();
+    assert_eq!(node(&status, "node3")["cluster"], "cluster2", "{status}");
+    assert_eq!(status["links"][0]["running"], true, "{status}");
+    // node1 leads loc1 of cluster 1 and has cluster 2's leader as its WireGuard peer.
+    assert!(
+        peer(node(&status, "node1"), &lab.public_key("node3")).is_some(),
+        "{status}"
+    );
+
+    let t1 = Instant::now();
+    let check = lab.run(&["lab", "check"]);
+    let report = text(&check);
+    if !check.status.success() || report.contains("LOSS") {
+        panic!("{report}\n{}", lab.diagnostics());
+    }
+    assert!(
+        report.contains("across clusters: 8 pairs, 0 lost packets; within clusters: 4 pairs"),
+        "{report}"
+    );
+    assert!(
+        report.contains("no plaintext pod packets on the underlay ok"),
+        "{report}"
+    );
+    eprintln!("check across both clusters in {:?}", t1.elapsed());
+
+    // A node joins cluster 2 in a location of its own: cluster 1 gets a Peer for it.
+    let t2 = Instant::now();
+    let out = lab.ok(&[
+        "lab",
+        "node",
+        "add",
+        "node5",
+        "--cluster",
+        "2",
+        "--location",
+        "loc5",
+    ]);
+    assert!(out.contains("node node5 added"), "{out}");
+    let added = t2.elapsed();
+    let state = lab.state();
+    let linked = poll(Duration::from_secs(60), || {
+        wiremesh::lab::link::missing_peers(&state)
+            .ok()?
+            .is_empty()
+            .then(Instant::now)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "cluster 1 has no Peer for node5 after 60 s: {:?}",
+            wiremesh::lab::link::missing_peers(&state)
+        )
+    });
+    let converged = poll(Duration::from_secs(60), || {
+        wiremesh::lab::chaos::divergence(&lab.state(), None)
+            .ok()?
+            .is_empty()
+            .then(Instant::now)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "not converged 60 s after node5 joined: {:?}",
+            wiremesh::lab::chaos::divergence(&lab.state(), None)
+        )
+    });
+    eprintln!(
+        "node5 joined cluster 2: `node add` {:?}; in cluster 1's Peers {:?} after it returned; \
+         every agent of both clusters runs it {:?} after it returned",
+        added,
+        linked.duration_since(t2) - added,
+        converged.duration_since(t2) - added
+    );
+    let check = lab.run(&["lab", "check"]);
+    let report = text(&check);
+    if !check.status.success() || report.contains("LOSS") {
+        panic!("{report}\n{}", lab.diagnostics());
+    }
+    assert!(
+        report.contains("across clusters: 12 pairs, 0 lost packets"),
+        "{report}"
+    );
+
+    let logs = agent_logs(&lab);
+    assert!(!logs.contains("panicked"), "an agent panicked:\n{logs}");
+    lab.down_and_assert_gone();
+    assert!(
+        !wiremesh::lab::sys::is_running(&link),
+        "the link still runs"
+    );
+    eprintln!("two-cluster lab scenario in {:?}", t0.elapsed());
+}

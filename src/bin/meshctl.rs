@@ -1283,6 +1283,10 @@ enum LabCommand {
         /// Highlight this node.
         #[arg(long)]
         node: Option<String>,
+        /// Draw this cluster of a multi-cluster lab (the others appear as its Peers); default:
+        /// the cluster of --node, else 1.
+        #[arg(long, value_name = "K")]
+        cluster: Option<usize>,
         #[command(flatten)]
         view: ViewArgs,
         /// Write to this file instead of stdout.
@@ -1390,6 +1394,10 @@ enum LabNodeCommand {
         /// its own, named after the node.
         #[arg(long)]
         location: Option<String>,
+        /// Its cluster in a multi-cluster lab (1, 2, …); default: the cluster of its
+        /// location's nodes, else 1.
+        #[arg(long, value_name = "K")]
+        cluster: Option<usize>,
         /// Seconds to wait for its agent's CNI configuration.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
@@ -1467,6 +1475,15 @@ struct LabUpArgs {
     /// The kube-apiserver binary for `--registry kube` (tests/apiserver/setup.sh builds it).
     #[arg(long, value_name = "PATH", default_value = wiremesh::lab::apiserver::DEFAULT_APISERVER_BIN)]
     apiserver_bin: PathBuf,
+    /// Split the nodes, in order, into this many clusters (`--registry kube`, no NAT): each
+    /// its own API server and mesh subnet (10.4.0.0/16, 10.5.0.0/16, …), linked with
+    /// `meshctl multicluster link`.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    clusters: usize,
+    /// With --clusters: leave the clusters unlinked (a debugging aid; pods of different
+    /// clusters then cannot reach each other).
+    #[arg(long)]
+    no_link: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -1541,6 +1558,7 @@ fn lab_up(name: wiremesh::lab::LabName, root: PathBuf, a: LabUpArgs) -> Result<(
                 RegistryChoice::Kube => wiremesh::lab::spec::Registry::Kube,
             },
             underlay_mtu: a.underlay_mtu,
+            clusters: a.clusters,
             family: if a.ipv6 {
                 Family::Ipv6
             } else if a.dual_stack {
@@ -1554,6 +1572,7 @@ fn lab_up(name: wiremesh::lab::LabName, root: PathBuf, a: LabUpArgs) -> Result<(
         agent_args: a.agent_args,
         timeout: std::time::Duration::from_secs(a.timeout),
         apiserver_binary: Some(a.apiserver_bin),
+        link: !a.no_link,
     };
     let state = wiremesh::lab::up::up(&opts)?;
     println!("{}", wiremesh::lab::up::summary(&state));
@@ -1571,11 +1590,13 @@ fn lab_node(
         LabNodeCommand::Add {
             node: node_name,
             location,
+            cluster,
             timeout,
         } => {
             let opts = node::AddOptions {
                 name: node_name.clone(),
                 location,
+                cluster,
                 timeout: std::time::Duration::from_secs(timeout),
             };
             let state = node::add(root, name, &opts)?;
@@ -1681,6 +1702,7 @@ fn lab(args: LabArgs) -> Result<(), LabError> {
             format,
             live,
             node,
+            cluster,
             view,
             out,
         } => {
@@ -1690,7 +1712,7 @@ fn lab(args: LabArgs) -> Result<(), LabError> {
                 GraphFormat::Dot => G::Dot,
             };
             let view = view.view();
-            let (text, warnings) = l::graph(&state, format, node.as_deref(), live, view)?;
+            let (text, warnings) = l::graph(&state, format, node.as_deref(), cluster, live, view)?;
             for w in warnings {
                 eprintln!("warning: {w}");
             }
@@ -1716,7 +1738,7 @@ fn lab(args: LabArgs) -> Result<(), LabError> {
                 .map(|a| l::cluster::parse_annotation(a))
                 .collect::<Result<Vec<_>, _>>()?;
             let state = l::load(&args.root, &name)?;
-            let api = state.require_apiserver("annotate")?;
+            let api = state.require_apiserver_of("annotate", &node)?;
             l::cluster::annotate(api, &node, &changes)?;
             println!("node {node} annotated");
             Ok(())

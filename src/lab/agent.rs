@@ -58,10 +58,13 @@ pub fn find_binary(explicit: Option<&Path>) -> Result<PathBuf, LabError> {
 }
 
 /// The agent's arguments (after the binary) for `node`: the nodes file, or with the Kubernetes
-/// registry only the agent kubeconfig (the API server's address and the agent's token); the
-/// lab's mesh subnet when it is not the agent's default (an IPv6-only lab).
+/// registry only the agent kubeconfig of its cluster's API server (its address and the agent's
+/// token); the mesh subnet of its cluster in a multi-cluster lab, else the lab's when it is not
+/// the agent's default (an IPv6-only lab).
 pub fn agent_args(state: &LabState, node: &NodeState, extra: &[String]) -> Vec<OsString> {
-    let registry: [OsString; 2] = match &state.apiserver {
+    let cluster = state.spec.cluster_of(&node.name);
+    let api = state.apiserver_of(cluster).or(state.apiserver.as_ref());
+    let registry: [OsString; 2] = match api {
         Some(api) => ["--kubeconfig".into(), api.agent_kubeconfig().into()],
         None => ["--nodes".into(), state.nodes_file().into()],
     };
@@ -88,8 +91,9 @@ pub fn agent_args(state: &LabState, node: &NodeState, extra: &[String]) -> Vec<O
         AGENT_LISTEN.into(),
     ];
     args.extend(rest);
-    if DEFAULT_SUBNET.parse() != Ok(state.spec.mesh_subnet) {
-        args.extend(["--subnet".into(), state.spec.mesh_subnet.to_string().into()]);
+    let subnet = state.spec.mesh_subnet_of(cluster);
+    if state.spec.multi_cluster() || DEFAULT_SUBNET.parse() != Ok(subnet) {
+        args.extend(["--subnet".into(), subnet.to_string().into()]);
     }
     args.extend(extra.iter().map(OsString::from));
     args
@@ -202,6 +206,7 @@ mod tests {
             pods_per_node: 1,
             registry: crate::lab::spec::Registry::File,
             underlay_mtu: None,
+            clusters: 1,
             family: crate::lab::spec::Family::Ipv4,
         })
         .unwrap();
@@ -233,6 +238,7 @@ mod tests {
             pods_per_node: 1,
             registry: crate::lab::spec::Registry::Kube,
             underlay_mtu: None,
+            clusters: 1,
             family: crate::lab::spec::Family::Ipv4,
         })
         .unwrap();
@@ -254,6 +260,46 @@ mod tests {
     }
 
     #[test]
+    fn each_agent_of_a_two_cluster_lab_gets_its_clusters_kubeconfig_and_mesh_subnet() {
+        let name: LabName = "wm".parse().unwrap();
+        let spec = plan(&SpecOptions {
+            source: Source::Generated {
+                nodes: 4,
+                locations: 2,
+            },
+            granularity: None,
+            nat: None,
+            pods_per_node: 1,
+            registry: crate::lab::spec::Registry::Kube,
+            underlay_mtu: None,
+            clusters: 2,
+            family: crate::lab::spec::Family::Ipv4,
+        })
+        .unwrap();
+        let state = LabState::new(&name, Path::new("/run/wiremesh-lab/wm"), spec, 0);
+        let line = |i: usize| {
+            agent_args(&state, &state.nodes[i], &[])
+                .into_iter()
+                .map(|a| a.into_string().unwrap())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        for (i, kubeconfig, subnet) in [
+            (0, "apiserver/agent.kubeconfig", "--subnet 10.4.0.0/16"),
+            (1, "apiserver/agent.kubeconfig", "--subnet 10.4.0.0/16"),
+            (2, "apiserver2/agent.kubeconfig", "--subnet 10.5.0.0/16"),
+            (3, "apiserver2/agent.kubeconfig", "--subnet 10.5.0.0/16"),
+        ] {
+            let l = line(i);
+            assert!(
+                l.contains(&format!("--kubeconfig /run/wiremesh-lab/wm/{kubeconfig} ")),
+                "{l}"
+            );
+            assert!(l.ends_with(subnet), "{l}");
+        }
+    }
+
+    #[test]
     fn only_an_ipv6_lab_gives_the_agents_its_mesh_subnet() {
         use crate::lab::spec::Family;
         let name: LabName = "wm".parse().unwrap();
@@ -272,6 +318,7 @@ mod tests {
                 pods_per_node: 1,
                 registry: crate::lab::spec::Registry::File,
                 underlay_mtu: None,
+                clusters: 1,
                 family,
             })
             .unwrap();

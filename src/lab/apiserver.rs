@@ -39,7 +39,8 @@ pub const DEFAULT_APISERVER_BIN: &str = "/var/cache/wiremesh/kube-apiserver-v1.2
 pub const ETCD_PORT: u16 = 2379;
 /// The API server's interface in its namespace.
 pub const API_IFACE: &str = "eth0";
-/// The API namespace's port name on the underlay bridge.
+/// The API namespace's port name on the underlay bridge (cluster 1's; cluster `k` > 1 has
+/// `api<k>`).
 pub const API_PORT_NAME: &str = "api";
 /// The user the agents authenticate as: the wiremesh ServiceAccount, as in a cluster.
 pub const AGENT_USER: &str = "system:serviceaccount:kube-system:wiremesh";
@@ -66,7 +67,7 @@ pub fn create_netns(state: &LabState, api: &ApiServerState) -> Result<(), LabErr
         &api.netns,
         API_IFACE,
         &state.underlay_ns,
-        API_PORT_NAME,
+        &api.port_name(),
         api.ip.into(),
         state.spec.underlay.prefix(),
     )
@@ -128,6 +129,13 @@ pub fn kubeconfig(
 /// Write the PKI (CA, serving certificate for the underlay address, service-account key pair),
 /// the token file and both kubeconfigs.
 pub fn write_pki(lab: &str, api: &ApiServerState) -> Result<(), LabError> {
+    // Cluster k > 1 of a multi-cluster lab names its CA and kubeconfigs `<lab>-cluster<k>`.
+    let label = if api.cluster > 1 {
+        format!("{lab}-cluster{}", api.cluster)
+    } else {
+        lab.to_owned()
+    };
+    let lab = label.as_str();
     let pki = api.pki();
     create_dir(&api.dir, 0o700)?;
     create_dir(&pki, 0o700)?;

@@ -26,9 +26,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use super::state::{LabState, ProcRef};
-use super::{
-    LabError, LabName, agent, apiserver, check, failover, mesh_nodes, mesh_options, sys, uapi,
-};
+use super::{LabError, LabName, agent, apiserver, check, cluster_views, failover, sys, uapi};
 use crate::agent::unix_now;
 use crate::model::{NodeName, WgKey};
 use crate::topology;
@@ -438,69 +436,89 @@ fn divergence_without(
     heartbeat_since: Option<i64>,
     absent: Option<&str>,
 ) -> Result<Vec<String>, LabError> {
-    let loaded = mesh_nodes(state)?;
-    let opts = mesh_options(state);
-    let checked = topology::claims::check(&loaded.items, &opts);
-    let topo = topology::build_checked(&checked, &[], &opts);
     let mut out = Vec::new();
-    for n in &state.nodes {
-        if !n.agent.as_ref().is_some_and(sys::is_running) || Some(n.name.as_str()) == absent {
-            continue;
-        }
-        if let Some(since) = heartbeat_since {
-            let seen = loaded
-                .items
-                .iter()
-                .find(|m| m.name.as_str() == n.name)
-                .and_then(|m| m.last_seen);
-            if seen.is_none_or(|s| s < since) {
-                out.push(format!(
-                    "{}: no heartbeat since the API server returned",
-                    n.name
-                ));
-            }
-        }
-        let desired = match topo.local_state(&NodeName(n.name.clone()), &opts) {
-            Ok((d, _)) => d,
-            Err(e) => {
-                out.push(format!("{}: not in the mesh yet ({e})", n.name));
-                continue;
-            }
-        };
-        let want: BTreeMap<WgKey, Vec<String>> = desired
-            .peers
+    // Each node against its own cluster's mesh: its Nodes and its Peers (in a multi-cluster
+    // lab, those the link keeps for the other clusters' segments).
+    for view in cluster_views(state)? {
+        let (loaded, opts) = (&view.nodes, &view.opts);
+        let checked = topology::claims::check(&loaded.items, opts);
+        let topo = topology::build_checked(&checked, &view.peers, opts);
+        let members = state
+            .nodes
             .iter()
-            .map(|p| (p.public_key, sorted(p.allowed_ips.iter())))
-            .collect();
-        let have: BTreeMap<WgKey, Vec<String>> =
-            match uapi::get(&n.uapi_socket(), Duration::from_secs(2)) {
-                Ok(dev) => dev
-                    .peers
-                    .iter()
-                    .map(|p| (p.public_key, sorted(p.allowed_ips.iter())))
-                    .collect(),
-                Err(e) => {
-                    out.push(format!("{}: cannot read WireGuard: {e}", n.name));
-                    continue;
-                }
-            };
-        for (k, ips) in &want {
-            match have.get(k) {
-                None => out.push(format!("{}: peer {k} missing", n.name)),
-                Some(h) if h != ips => out.push(format!(
-                    "{}: peer {k} has allowed IPs {} instead of {}",
-                    n.name,
-                    h.join(","),
-                    ips.join(",")
-                )),
-                Some(_) => {}
-            }
-        }
-        for k in have.keys().filter(|k| !want.contains_key(k)) {
-            out.push(format!("{}: unexpected peer {k}", n.name));
+            .filter(|n| state.spec.cluster_of(&n.name) == view.cluster);
+        for n in members {
+            divergence_of(n, loaded, &topo, opts, heartbeat_since, absent, &mut out);
         }
     }
     Ok(out)
+}
+
+/// What differs for node `n` (see [`divergence_without`]), appended to `out`.
+fn divergence_of(
+    n: &super::state::NodeState,
+    loaded: &crate::registry::file::Loaded<crate::model::MeshNode>,
+    topo: &topology::Topology<'_>,
+    opts: &topology::MeshOptions,
+    heartbeat_since: Option<i64>,
+    absent: Option<&str>,
+    out: &mut Vec<String>,
+) {
+    if !n.agent.as_ref().is_some_and(sys::is_running) || Some(n.name.as_str()) == absent {
+        return;
+    }
+    if let Some(since) = heartbeat_since {
+        let seen = loaded
+            .items
+            .iter()
+            .find(|m| m.name.as_str() == n.name)
+            .and_then(|m| m.last_seen);
+        if seen.is_none_or(|s| s < since) {
+            out.push(format!(
+                "{}: no heartbeat since the API server returned",
+                n.name
+            ));
+        }
+    }
+    let desired = match topo.local_state(&NodeName(n.name.clone()), opts) {
+        Ok((d, _)) => d,
+        Err(e) => {
+            out.push(format!("{}: not in the mesh yet ({e})", n.name));
+            return;
+        }
+    };
+    let want: BTreeMap<WgKey, Vec<String>> = desired
+        .peers
+        .iter()
+        .map(|p| (p.public_key, sorted(p.allowed_ips.iter())))
+        .collect();
+    let have: BTreeMap<WgKey, Vec<String>> =
+        match uapi::get(&n.uapi_socket(), Duration::from_secs(2)) {
+            Ok(dev) => dev
+                .peers
+                .iter()
+                .map(|p| (p.public_key, sorted(p.allowed_ips.iter())))
+                .collect(),
+            Err(e) => {
+                out.push(format!("{}: cannot read WireGuard: {e}", n.name));
+                return;
+            }
+        };
+    for (k, ips) in &want {
+        match have.get(k) {
+            None => out.push(format!("{}: peer {k} missing", n.name)),
+            Some(h) if h != ips => out.push(format!(
+                "{}: peer {k} has allowed IPs {} instead of {}",
+                n.name,
+                h.join(","),
+                ips.join(",")
+            )),
+            Some(_) => {}
+        }
+    }
+    for k in have.keys().filter(|k| !want.contains_key(k)) {
+        out.push(format!("{}: unexpected peer {k}", n.name));
+    }
 }
 
 fn sorted<T: ToString>(v: impl Iterator<Item = T>) -> Vec<String> {
@@ -745,7 +763,7 @@ fn rotate_key(
     at: &dyn Fn(String) -> String,
 ) -> Result<(), LabError> {
     use crate::agent::rotate;
-    let api = state.require_apiserver("chaos rotate-key")?;
+    let api = state.require_apiserver_of("chaos rotate-key", node)?;
     let key_of = |nodes: &[k8s_openapi::api::core::v1::Node]| {
         nodes
             .iter()

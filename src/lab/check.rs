@@ -63,6 +63,8 @@ pub struct Pod {
     pub ips: Vec<IpAddr>,
     /// Index of its node's LAN (pods of different LANs talk across the underlay).
     pub lan: usize,
+    /// Its node's cluster (1-based; pairs of different clusters go through the link's Peers).
+    pub cluster: usize,
 }
 
 /// The outcome of pinging one address from one pod.
@@ -96,6 +98,7 @@ pub fn pods(state: &LabState) -> Vec<Pod> {
                 netns: p.netns.clone(),
                 ips: p.addrs().collect(),
                 lan: s.lan,
+                cluster: s.cluster,
             })
         })
         .collect()
@@ -605,6 +608,8 @@ pub struct CheckReport {
     pub relayed: Vec<(String, String, String)>,
     /// The bulk TCP transfers ([`bulk_pairs`]); empty when every pod is on one node.
     pub bulk: Vec<Transfer>,
+    /// Whether the lab has two clusters or more (the report then counts the pairs across them).
+    pub multi_cluster: bool,
 }
 
 impl CheckReport {
@@ -625,6 +630,16 @@ impl CheckReport {
             }
         }
         out
+    }
+
+    /// The pairs whose pods are in different clusters, and those without all replies.
+    pub fn cross_cluster(&self) -> (usize, usize) {
+        let across: Vec<&PingResult> = self
+            .pings
+            .iter()
+            .filter(|r| self.pods[r.from].cluster != self.pods[r.to].cluster)
+            .collect();
+        (across.len(), across.iter().filter(|r| !r.ok).count())
     }
 
     /// How long after the first ping every pair had answered at least once: the time to full
@@ -685,6 +700,17 @@ impl CheckReport {
                 if lost == 0 { "" } else { " (FAILED)" }
             );
         }
+        if self.multi_cluster {
+            let (pairs, lost) = self.cross_cluster();
+            let _ = writeln!(
+                s,
+                "  across clusters: {pairs} pairs, {lost} lost packets{}; within clusters: {} \
+                 pairs, {} lost packets",
+                if lost == 0 { "" } else { " (FAILED)" },
+                self.pings.len() - pairs,
+                self.losses() - lost
+            );
+        }
         if self.bulk.is_empty() {
             let _ = writeln!(s, "\nbulk TCP: not run (every pod is on one node)");
         } else {
@@ -719,8 +745,9 @@ impl CheckReport {
         );
         let _ = writeln!(
             s,
-            "  {} packets from or to pod CIDRs or the mesh subnet ({})",
+            "  {} packets from or to pod CIDRs or the mesh subnet{} ({})",
             self.tally.plaintext.len(),
+            if self.multi_cluster { "s" } else { "" },
             ranges.join(", ")
         );
         for (flow, n) in flows(&self.tally.plaintext, 10) {
@@ -748,8 +775,8 @@ impl CheckReport {
         let verdict = |ok: bool| if ok { "ok" } else { "FAILED" };
         let _ = writeln!(
             s,
-            "\nresult: reachability {} ({} of {} pairs lost packets{}); bulk TCP {}; no plaintext \
-             pod packets on the underlay {}; WireGuard seen on the underlay {}",
+            "\nresult: reachability {} ({} of {} pairs lost packets{}{}); bulk TCP {}; no \
+             plaintext pod packets on the underlay {}; WireGuard seen on the underlay {}",
             verdict(self.losses() == 0),
             self.losses(),
             self.pings.len(),
@@ -757,6 +784,12 @@ impl CheckReport {
                 .iter()
                 .map(|(family, pairs, lost)| format!("; {family} {lost} of {pairs}"))
                 .collect::<String>(),
+            if self.multi_cluster {
+                let (pairs, lost) = self.cross_cluster();
+                format!("; across clusters {lost} of {pairs}")
+            } else {
+                String::new()
+            },
             if self.bulk.is_empty() {
                 "not run"
             } else {
@@ -791,7 +824,7 @@ pub fn check(state: &LabState, parallel: usize) -> Result<CheckReport, LabError>
             .any(|b| a.lan != b.lan && !a.ips.is_empty() && !b.ips.is_empty())
     });
     let mut overlay = state.spec.pod_cidrs();
-    overlay.push(state.spec.mesh_subnet);
+    overlay.extend(state.spec.mesh_subnets());
     let capture = Capture::start(&state.underlay_ns)?;
     let pings = ping_all(&pods, parallel);
     let transfers: Vec<(String, String, IpAddr)> = bulk_pairs(&pods)
@@ -813,6 +846,7 @@ pub fn check(state: &LabState, parallel: usize) -> Result<CheckReport, LabError>
         crosses_underlay,
         relayed: relayed(state),
         bulk,
+        multi_cluster: state.spec.multi_cluster(),
     })
 }
 
@@ -876,6 +910,7 @@ mod tests {
             netns: ns.into(),
             ips: vec![ip.parse().unwrap()],
             lan,
+            cluster: 1,
         }
     }
 
@@ -1127,7 +1162,53 @@ mod tests {
             crosses_underlay: true,
             relayed: Vec::new(),
             bulk: vec![],
+            multi_cluster: false,
         }
+    }
+
+    #[test]
+    fn a_two_cluster_report_counts_the_pairs_across_clusters_and_their_losses() {
+        let mut pods = vec![
+            pod("a", "p1", "10.201.1.2", 0),
+            pod("b", "p2", "10.201.2.2", 0),
+            pod("c", "p3", "10.201.3.2", 1),
+        ];
+        pods[2].cluster = 2;
+        let mut r = crossing_report(pods);
+        r.multi_cluster = true;
+        let ping = |from: usize, to: usize, ok: bool| PingResult {
+            from,
+            to,
+            ip: r.pods[to].ips[0],
+            transmitted: 2,
+            received: if ok { 2 } else { 0 },
+            ok,
+            first_reply: ok.then_some(Duration::from_millis(100)),
+        };
+        r.pings = vec![
+            ping(0, 1, true),
+            ping(1, 0, true),
+            ping(0, 2, true),
+            ping(2, 0, false),
+            ping(1, 2, true),
+            ping(2, 1, true),
+        ];
+        assert_eq!(r.cross_cluster(), (4, 1));
+        let text = r.render();
+        assert!(
+            text.contains(
+                "across clusters: 4 pairs, 1 lost packets (FAILED); within clusters: 2 pairs, \
+                 0 lost packets"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("; across clusters 1 of 4)"), "{text}");
+        assert!(!r.passed());
+        r.multi_cluster = false;
+        assert!(
+            !r.render().contains("across clusters"),
+            "one cluster: no such line"
+        );
     }
 
     /// Two dual-stack pods on nodes in different LANs.
@@ -1290,6 +1371,7 @@ mod tests {
             crosses_underlay: false,
             relayed: Vec::new(),
             bulk: vec![transfer(bulk::BYTES), transfer(bulk::BYTES)],
+            multi_cluster: false,
         };
         assert!(r.passed(), "{}", r.render());
         assert!(r.render().contains("bulk TCP ok"), "{}", r.render());

@@ -25,6 +25,9 @@ use super::LabError;
 use super::spec::{NodeSpec, kube_node};
 use super::state::ApiServerState;
 use super::sys::NETNS_DIR;
+use crate::model::{MeshNode, MeshPeer};
+use crate::registry::annotations::DEFAULT_TOPOLOGY_LABEL;
+use crate::registry::file::Loaded;
 
 /// The Peer CRD, as shipped in `manifests/`.
 pub const CRD_PEER: &str = include_str!("../../manifests/crd-peer.yaml");
@@ -36,6 +39,10 @@ pub const RBAC: &str = include_str!("../../manifests/rbac.yaml");
 
 /// The field manager of the lab's server-side applies.
 pub const FIELD_MANAGER: &str = "meshctl-lab";
+
+/// The label `meshctl multicluster link` puts on the Peers it keeps in a cluster: the name of
+/// the cluster whose segment each stands for.
+pub const LINKED_CLUSTER_LABEL: &str = crate::multicluster::LINK_LABEL;
 
 /// Run `f` on a thread that entered network namespace `netns`, on a current-thread runtime.
 pub fn in_netns<T, Fut>(netns: &str, f: impl FnOnce() -> Fut + Send) -> Result<T, LabError>
@@ -369,6 +376,35 @@ pub fn nodes(api: &ApiServerState) -> Result<Vec<Node>, LabError> {
             .await
             .map(|l| l.items)
             .map_err(LabError::kube("listing Nodes"))
+    })
+}
+
+/// The Nodes and Peers on `api`, parsed as the agents parse them (those left out come back as
+/// diagnostics).
+pub fn mesh(api: &ApiServerState) -> Result<(Loaded<MeshNode>, Loaded<MeshPeer>), LabError> {
+    with_admin(api, |c| async move {
+        crate::registry::cluster::list(&c, DEFAULT_TOPOLOGY_LABEL)
+            .await
+            .map_err(|e| {
+                LabError::Options(format!("reading Nodes and Peers from {}: {e}", api.url()))
+            })
+    })
+}
+
+/// The Peers on `api` that link cluster `remote` (label [`LINKED_CLUSTER_LABEL`]`=remote`),
+/// parsed; none while the Peer CRD is missing.
+pub fn linked_peers(api: &ApiServerState, remote: &str) -> Result<Vec<MeshPeer>, LabError> {
+    let selector = format!("{LINKED_CLUSTER_LABEL}={remote}");
+    with_admin(api, |c| async move {
+        let list = crate::registry::cluster::peers_api(c)
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .map_err(LabError::kube(format!("listing Peers {selector}")))?;
+        Ok(list
+            .items
+            .iter()
+            .filter_map(|o| crate::registry::cluster::peer_entry(o).ok())
+            .collect())
     })
 }
 

@@ -1,11 +1,12 @@
 //! `lab down`: remove everything a lab made, also what a half-failed `up` left, and say so.
 //!
 //! Order (lab notes §10.12: a namespace whose processes still run outlives `ip netns del`):
-//! 1. end every process of the lab by PID: the recorded agents, kube-apiserver and etcd, and
+//! 1. end every process of the lab by PID: the recorded agents, kube-apiserver and etcd (of
+//!    every cluster), the links between clusters, and
 //!    every process whose network namespace is one of the lab's (the wireguard-go daemons the
 //!    agents spawned, a left-over ping or tcpdump), SIGTERM then SIGKILL;
 //! 2. CNI `DEL` for each pod, best effort;
-//! 3. delete the namespaces: pods, nodes, LANs (with their NAT routers), the API server's,
+//! 3. delete the namespaces: pods, nodes, LANs (with their NAT routers), the API servers',
 //!    underlay; the links inside go with them;
 //! 4. remove the lab directory, and the root directory (and `/run/wireguard` if a lab created
 //!    it) when no other lab is left.
@@ -49,14 +50,10 @@ impl DownReport {
 fn lab_procs(state: Option<&LabState>, namespaces: &[String]) -> Vec<ProcRef> {
     let mut pids: BTreeSet<u32> = sys::pids_in_netns(namespaces).into_iter().collect();
     if let Some(s) = state {
-        let api = s.apiserver.iter().flat_map(|a| [a.apiserver, a.etcd]);
         pids.extend(
-            s.nodes
+            s.recorded_processes()
                 .iter()
-                .map(|n| n.agent)
-                .chain(api)
-                .flatten()
-                .filter(sys::is_running)
+                .filter(|p| sys::is_running(p))
                 .map(|p| p.pid),
         );
     }

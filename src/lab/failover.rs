@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use super::chaos::{Flow, ping_interval};
 use super::state::LabState;
-use super::{LabError, LabName, mesh_nodes, mesh_options, uapi};
+use super::{LabError, LabName, cluster_view, uapi};
 use crate::model::{Granularity, NodeName};
 use crate::topology;
 
@@ -129,10 +129,10 @@ impl FailoverReport {
 /// The segment of `node` in the lab's mesh as the registry says now: its key, its leader and
 /// its members' names.
 fn location_of(state: &LabState, node: &str) -> Result<(String, String, Vec<String>), LabError> {
-    let loaded = mesh_nodes(state)?;
-    let opts = mesh_options(state);
-    let checked = topology::claims::check(&loaded.items, &opts);
-    let topo = topology::build_checked(&checked, &[], &opts);
+    let view = cluster_view(state, state.spec.cluster_of(node))?;
+    let (loaded, opts) = (&view.nodes, &view.opts);
+    let checked = topology::claims::check(&loaded.items, opts);
+    let topo = topology::build_checked(&checked, &view.peers, opts);
     let i = topo
         .segment_of(&NodeName(node.to_owned()))
         .ok_or_else(|| LabError::Options(format!("node {node} is not in the mesh")))?;

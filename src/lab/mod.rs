@@ -15,6 +15,10 @@
 //! Two registries: `file` (default) writes `nodes.yaml`, which every agent reads; `kube` starts a
 //! real etcd + kube-apiserver in the lab's namespace `wml-<lab>-api` on the underlay, registers
 //! one Node per lab node as a kubelet would, and the agents know nothing but that API server.
+//! With `--clusters N` (kube only) the nodes are split in order into N clusters, each with its
+//! own API server (`wml-<lab>-api`, `wml-<lab>-api2`, …) and mesh subnet, linked by the
+//! product's `meshctl multicluster link` ([`link`]); whatever reads the lab's nodes reads them
+//! per cluster ([`cluster_view`]: a cluster's Nodes and Peers).
 //!
 //! Where to start: [`up::up`] for the order of creation, [`spec`] for names and addresses,
 //! `docs/lab.md` for the user's view. Every namespace is named `wml-<lab>-…`
@@ -37,6 +41,7 @@ pub mod down;
 mod error;
 pub mod failover;
 pub mod keys;
+pub mod link;
 pub mod names;
 pub mod net;
 pub mod node;
@@ -55,7 +60,7 @@ pub use names::LabName;
 pub use state::LabState;
 
 use crate::graph::{GraphOptions, Live, render_dot, render_svg};
-use crate::model::{MeshNode, NodeName};
+use crate::model::{MeshNode, MeshPeer, NodeName};
 use crate::registry::annotations::{DEFAULT_TOPOLOGY_LABEL, parse_node};
 use crate::registry::file::{Loaded, load_nodes};
 use crate::topology::{self, Encapsulate, MeshOptions};
@@ -92,47 +97,114 @@ pub fn parse_nodes(nodes: &[k8s_openapi::api::core::v1::Node]) -> Loaded<MeshNod
     out
 }
 
-/// The lab's nodes as its agents see them: the nodes file, or with the Kubernetes registry the
-/// Nodes on the lab's API server, with what the agents published.
-pub fn mesh_nodes(state: &LabState) -> Result<Loaded<MeshNode>, LabError> {
+/// One cluster of the lab as its agents see it: its nodes (the nodes file, or the Nodes on
+/// its API server with what the agents published), the Peers on its API server (in a
+/// multi-cluster lab those the link keeps for the other clusters' segments) and the mesh
+/// options its agents run with.
+#[derive(Debug, Clone)]
+pub struct ClusterView {
+    /// The cluster (1-based).
+    pub cluster: usize,
+    /// Its nodes, with the diagnostics of those left out.
+    pub nodes: Loaded<MeshNode>,
+    /// Its Peers (none with the file registry).
+    pub peers: Vec<MeshPeer>,
+    /// Its agents' mesh options.
+    pub opts: MeshOptions,
+}
+
+/// Cluster `cluster` (1-based) of the lab as its agents see it.
+pub fn cluster_view(state: &LabState, cluster: usize) -> Result<ClusterView, LabError> {
+    let opts = mesh_options(state, cluster);
     match &state.apiserver {
-        Some(api) => Ok(parse_nodes(&cluster::nodes(api)?)),
+        Some(_) => {
+            let api = state.apiserver_of(cluster).ok_or_else(|| {
+                LabError::Options(format!("lab {} has no cluster {cluster}", state.name))
+            })?;
+            let (nodes, peers) = cluster::mesh(api)?;
+            Ok(ClusterView {
+                cluster,
+                nodes,
+                peers: peers.items,
+                opts,
+            })
+        }
         None => {
             let path = state.nodes_file();
-            load_nodes(&path, DEFAULT_TOPOLOGY_LABEL).map_err(|source| LabError::From {
-                path: path.display().to_string(),
-                source,
+            let nodes =
+                load_nodes(&path, DEFAULT_TOPOLOGY_LABEL).map_err(|source| LabError::From {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+            Ok(ClusterView {
+                cluster,
+                nodes,
+                peers: Vec::new(),
+                opts,
             })
         }
     }
 }
 
-/// The mesh options the lab's agents run with.
-pub fn mesh_options(state: &LabState) -> MeshOptions {
+/// Every cluster of the lab as its agents see it, in order.
+pub fn cluster_views(state: &LabState) -> Result<Vec<ClusterView>, LabError> {
+    clusters(state)
+        .into_iter()
+        .map(|k| cluster_view(state, k))
+        .collect()
+}
+
+/// The lab's cluster indexes (1-based): `[1]` unless `--clusters`.
+pub fn clusters(state: &LabState) -> Vec<usize> {
+    let v: Vec<usize> = state.spec.clusters.iter().map(|c| c.index).collect();
+    if v.is_empty() { vec![1] } else { v }
+}
+
+/// The nodes of cluster `cluster` as its agents see them: the nodes file, or with the
+/// Kubernetes registry the Nodes on the cluster's API server, with what the agents published.
+pub fn mesh_nodes(state: &LabState, cluster: usize) -> Result<Loaded<MeshNode>, LabError> {
+    match state.apiserver_of(cluster) {
+        Some(api) => Ok(parse_nodes(&cluster::nodes(api)?)),
+        None => cluster_view(state, cluster).map(|v| v.nodes),
+    }
+}
+
+/// The mesh options the agents of cluster `cluster` run with (its mesh subnet).
+pub fn mesh_options(state: &LabState, cluster: usize) -> MeshOptions {
     MeshOptions {
         granularity: state.spec.granularity,
-        subnet: state.spec.mesh_subnet,
+        subnet: state.spec.mesh_subnet_of(cluster),
         port: state.spec.port,
         encapsulate: Encapsulate::Never,
         ..MeshOptions::default()
     }
 }
 
-/// Draw the lab's mesh from its nodes (file or API server), as the agents compute it; `local`
-/// highlights a node; `live` colours the tunnels by the handshakes every agent reports (an
-/// agent that does not answer leaves its tunnels unknown, with a warning). Returns the drawing
-/// and the warnings.
+/// Draw one cluster of the lab from its nodes (file or API server) and Peers, as its agents
+/// compute it; `local` highlights a node; `cluster` chooses the cluster (default: `local`'s,
+/// else 1; the other clusters appear as its Peers); `live` colours the tunnels by the
+/// handshakes every agent reports (an agent that does not answer leaves its tunnels unknown,
+/// with a warning). Returns the drawing and the warnings.
 pub fn graph(
     state: &LabState,
     format: GraphFormat,
     local: Option<&str>,
+    cluster: Option<usize>,
     live: bool,
     view: crate::graph::View,
 ) -> Result<(String, Vec<String>), LabError> {
-    let loaded = mesh_nodes(state)?;
-    let opts = mesh_options(state);
-    let checked = topology::claims::check(&loaded.items, &opts);
-    let topo = topology::build_checked(&checked, &[], &opts);
+    let k = cluster.unwrap_or_else(|| local.map_or(1, |n| state.spec.cluster_of(n)));
+    if !clusters(state).contains(&k) {
+        return Err(LabError::Options(format!(
+            "--cluster {k}: lab {} has clusters 1 to {}",
+            state.name,
+            clusters(state).len()
+        )));
+    }
+    let v = cluster_view(state, k)?;
+    let (loaded, opts) = (&v.nodes, &v.opts);
+    let checked = topology::claims::check(&loaded.items, opts);
+    let topo = topology::build_checked(&checked, &v.peers, opts);
     if let Some(n) = local
         && topo.segment_of(&NodeName(n.to_owned())).is_none()
     {
@@ -161,7 +233,11 @@ pub fn graph(
     });
     let gopts = GraphOptions {
         local: local.map(|n| NodeName(n.to_owned())),
-        title: Some(format!("wiremesh lab {}", state.name)),
+        title: Some(if state.spec.multi_cluster() {
+            format!("wiremesh lab {}, cluster{k}", state.name)
+        } else {
+            format!("wiremesh lab {}", state.name)
+        }),
         live,
         view,
     };

@@ -81,6 +81,16 @@ impl LabName {
         format!("{}api", self.prefix())
     }
 
+    /// The API namespace of cluster `k` (1-based) of a multi-cluster lab: `wml-<lab>-api` for
+    /// cluster 1 (as in a one-cluster lab), `wml-<lab>-api<k>` for the others.
+    pub fn cluster_api_ns(&self, k: usize) -> String {
+        if k <= 1 {
+            self.api_ns()
+        } else {
+            format!("{}api{k}", self.prefix())
+        }
+    }
+
     /// The namespace of location LAN `k` (1-based): its bridge, and its NAT router if any.
     pub fn lan_ns(&self, k: usize) -> String {
         format!("{}l{k}", self.prefix())
@@ -122,6 +132,7 @@ mod tests {
         for ns in [
             a.underlay_ns(),
             a.api_ns(),
+            a.cluster_api_ns(2),
             a.lan_ns(3),
             a.node_ns(12),
             a.pod_ns(12, 2),
@@ -130,6 +141,8 @@ mod tests {
             assert!(!ab.owns(&ns), "{ns}");
         }
         assert_eq!(a.pod_ns(2, 1), "wml-a-n2p1");
+        assert_eq!(a.cluster_api_ns(1), "wml-a-api");
+        assert_eq!(a.cluster_api_ns(2), "wml-a-api2");
         assert!(!a.owns(&ab.node_ns(1)));
     }
 }

@@ -301,6 +301,7 @@ mod tests {
             pods_per_node: 1,
             registry: crate::lab::spec::Registry::File,
             underlay_mtu: None,
+            clusters: 1,
             family: Family::Ipv4,
         })
         .unwrap();

@@ -28,6 +28,8 @@ pub struct AddOptions {
     pub name: String,
     /// Its location; `None`: a location of its own, named after the node.
     pub location: Option<String>,
+    /// Its cluster (1-based, `--cluster`); `None`: the cluster of its location's nodes, else 1.
+    pub cluster: Option<usize>,
     /// How long to wait for its agent's CNI configuration.
     pub timeout: Duration,
 }
@@ -83,7 +85,7 @@ pub fn add(root: &Path, lab: &LabName, opts: &AddOptions) -> Result<LabState, La
     };
     let location = opts.location.clone().unwrap_or_else(|| opts.name.clone());
     let lans_before = state.spec.lans.len();
-    let node = spec::add_node(&mut state.spec, &opts.name, &location)?;
+    let node = spec::add_node(&mut state.spec, &opts.name, &location, opts.cluster)?;
     let new_lan = state.spec.lans.get(lans_before).cloned();
     if let Some(l) = &new_lan {
         let ns = lab.lan_ns(l.index);
@@ -111,9 +113,15 @@ pub fn add(root: &Path, lab: &LabName, opts: &AddOptions) -> Result<LabState, La
     )?;
     state.nodes[i].public_key = Some(key.to_string());
     state.save()?;
-    match &state.apiserver {
-        Some(api) => cluster::register(api, std::slice::from_ref(&node))?,
-        None => write_nodes_file(&state, lab)?,
+    match (&state.apiserver, state.apiserver_of(node.cluster)) {
+        (Some(_), Some(api)) => cluster::register(api, std::slice::from_ref(&node))?,
+        (Some(_), None) => {
+            return Err(LabError::Options(format!(
+                "lab {lab} has no API server for cluster {}",
+                node.cluster
+            )));
+        }
+        (None, _) => write_nodes_file(&state, lab)?,
     }
     tracing::info!(node = %node.name, location = %node.location, "node registered");
     let Some(binary) = binary else {
@@ -144,7 +152,7 @@ pub fn remove(root: &Path, lab: &LabName, name: &str) -> Result<RemoveReport, La
     // Unregister first, so the other agents forget the node right away.
     let removed_spec = spec::remove_node(&mut state.spec, name)?;
     state.nodes.remove(i);
-    match &state.apiserver {
+    match state.apiserver_of(removed_spec.cluster) {
         Some(api) => report.node_deleted = cluster::delete_node(api, name)?,
         None if state.nodes_file().exists() => write_nodes_file(&state, lab)?,
         None => {}

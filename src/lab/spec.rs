@@ -77,6 +77,12 @@ pub const MAX_NODES_PER_LAN: usize = 244;
 pub const API_HOST: u8 = 253;
 /// The API server's port.
 pub const API_PORT: u16 = 6443;
+/// Most clusters a lab may have (`--clusters`): API servers at `.253` down to `.250`, mesh
+/// subnets `10.4.0.0/16` to `10.7.0.0/16`.
+pub const MAX_CLUSTERS: usize = 4;
+/// Second octet of cluster 1's mesh subnet (the agent's default `10.4.0.0/16`); cluster `k`
+/// has `10.<3+k>.0.0/16`.
+pub const MESH_OCTET: u8 = 4;
 
 /// The address families of the lab's networks (underlay, LANs, pods).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -181,6 +187,59 @@ pub struct SpecOptions {
     pub underlay_mtu: Option<u32>,
     /// The address families of the lab's networks.
     pub family: Family,
+    /// Number of clusters (`--clusters`, 1 = the lab as it always was): the nodes are split
+    /// into them in order, each with its own API server and mesh subnet.
+    pub clusters: usize,
+}
+
+/// One cluster of the lab: its own API server (namespace, address, files) and mesh subnet.
+/// A lab without `--clusters` has one, `cluster1`, which is the lab as it always was.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterSpec {
+    /// 1-based index.
+    pub index: usize,
+    /// Its name, `cluster<index>` (what the link command calls it).
+    pub name: String,
+    /// The mesh subnet its agents allocate from (`--subnet`).
+    pub mesh_subnet: IpNetwork,
+    /// Host number of its API server on the underlay (`.253` for cluster 1, then down).
+    pub api_host: u8,
+}
+
+impl ClusterSpec {
+    /// Cluster `index` (1-based) of a lab meshing in `mesh_subnet` when it has one cluster:
+    /// `cluster<index>`, mesh subnet `10.<3+index>.0.0/16` (cluster 1 keeps `mesh_subnet`), API
+    /// server at `10.200.0.<254-index>`.
+    pub fn new(index: usize, mesh_subnet: IpNetwork) -> Result<ClusterSpec, LabError> {
+        if index == 0 || index > MAX_CLUSTERS {
+            return Err(LabError::Options(format!(
+                "--clusters: a lab has 1 to {MAX_CLUSTERS} clusters"
+            )));
+        }
+        let offset = u8::try_from(index - 1).unwrap_or(u8::MAX);
+        let mesh_subnet = if index == 1 {
+            mesh_subnet
+        } else {
+            Ipv4Network::new(Ipv4Addr::new(10, MESH_OCTET + offset, 0, 0), 16)
+                .map(IpNetwork::V4)
+                .map_err(|_| LabError::Options("bad mesh subnet".to_owned()))?
+        };
+        Ok(ClusterSpec {
+            index,
+            name: format!("cluster{index}"),
+            mesh_subnet,
+            api_host: API_HOST - offset,
+        })
+    }
+
+    /// Its API server's underlay address (`--registry kube`, IPv4 only).
+    pub fn api_ip(&self) -> Ipv4Addr {
+        host4(UNDERLAY, self.api_host)
+    }
+}
+
+fn first_cluster() -> usize {
+    1
 }
 
 /// A NAT router: the LAN's gateway, masquerading onto the underlay.
@@ -235,6 +294,9 @@ pub struct NodeSpec {
     pub underlay_ip6: Option<Ipv6Addr>,
     /// Persistent keepalive in seconds (0 = off).
     pub persistent_keepalive: u16,
+    /// Its cluster (1-based index into [`LabSpec::clusters`]).
+    #[serde(default = "first_cluster")]
+    pub cluster: usize,
 }
 
 impl NodeSpec {
@@ -282,6 +344,10 @@ pub struct LabSpec {
     pub lans: Vec<LanSpec>,
     /// The nodes, in source order.
     pub nodes: Vec<NodeSpec>,
+    /// The clusters, in order (one unless `--clusters`); empty in a state file written before
+    /// clusters existed, which [`LabSpec::normalize`] fills in.
+    #[serde(default)]
+    pub clusters: Vec<ClusterSpec>,
 }
 
 impl LabSpec {
@@ -299,10 +365,55 @@ impl LabSpec {
     }
 
     /// The API server's underlay address (`--registry kube`, which needs an IPv4 underlay),
-    /// `10.200.0.253`.
+    /// `10.200.0.253`: cluster 1's.
     pub fn api_ip(&self) -> Ipv4Addr {
-        let o = UNDERLAY.network().octets();
-        Ipv4Addr::new(o[0], o[1], o[2], API_HOST)
+        host4(UNDERLAY, API_HOST)
+    }
+
+    /// Give a spec read from an older state file its one cluster.
+    pub fn normalize(&mut self) -> Result<(), LabError> {
+        if self.clusters.is_empty() {
+            self.clusters = vec![ClusterSpec::new(1, self.mesh_subnet)?];
+        }
+        Ok(())
+    }
+
+    /// Whether the lab has two clusters or more (`--clusters`).
+    pub fn multi_cluster(&self) -> bool {
+        self.clusters.len() > 1
+    }
+
+    /// Cluster `index` (1-based).
+    pub fn cluster(&self, index: usize) -> Option<&ClusterSpec> {
+        self.clusters.iter().find(|c| c.index == index)
+    }
+
+    /// The cluster of node `name` (1 for a node the spec does not know).
+    pub fn cluster_of(&self, name: &str) -> usize {
+        self.node(name).map_or(1, |n| n.cluster)
+    }
+
+    /// The mesh subnet of cluster `index` (the lab's for an unknown one).
+    pub fn mesh_subnet_of(&self, index: usize) -> IpNetwork {
+        self.cluster(index)
+            .map_or(self.mesh_subnet, |c| c.mesh_subnet)
+    }
+
+    /// Every cluster's mesh subnet.
+    pub fn mesh_subnets(&self) -> Vec<IpNetwork> {
+        if self.clusters.is_empty() {
+            return vec![self.mesh_subnet];
+        }
+        self.clusters.iter().map(|c| c.mesh_subnet).collect()
+    }
+
+    /// The lowest underlay host number an API server takes; nodes and routers stay below it.
+    pub fn lowest_api_host(&self) -> u8 {
+        self.clusters
+            .iter()
+            .map(|c| c.api_host)
+            .min()
+            .unwrap_or(API_HOST)
     }
 
     /// The underlay subnets: one per family.
@@ -431,7 +542,9 @@ pub fn plan(opts: &SpecOptions) -> Result<LabSpec, LabError> {
     }
     let largest = locations.iter().map(|(_, m)| m.len()).max().unwrap_or(0);
     check_dual_stack_segments(family, granularity, largest)?;
+    check_clusters(opts, protos.len())?;
     let nat_count = match family {
+        Family::Ipv4 if opts.clusters > 1 => 0,
         Family::Ipv4 => opts.nat.unwrap_or(if locations.len() >= 2 { 1 } else { 0 }),
         Family::Ipv6 | Family::DualStack => 0,
     };
@@ -468,9 +581,12 @@ pub fn plan(opts: &SpecOptions) -> Result<LabSpec, LabError> {
     };
     let underlay6 = dual.then_some(UNDERLAY6);
     let mut next_underlay = 1u8;
+    // Cluster k's API server takes host 254 - k.
+    let lowest_api = u8::try_from(usize::from(API_HOST) + 1 - opts.clusters.max(1))
+        .map_err(|_| LabError::Options("too many clusters".to_owned()))?;
     let mut take_underlay = || -> Result<u8, LabError> {
         let h = next_underlay;
-        if h >= API_HOST {
+        if h >= lowest_api {
             return Err(LabError::Options("the underlay is full".to_owned()));
         }
         next_underlay += 1;
@@ -519,6 +635,7 @@ pub fn plan(opts: &SpecOptions) -> Result<LabSpec, LabError> {
                 } else {
                     p.keepalive
                 },
+                cluster: cluster_of_index(i, protos.len(), opts.clusters),
             });
         }
         lans.push(LanSpec {
@@ -533,7 +650,11 @@ pub fn plan(opts: &SpecOptions) -> Result<LabSpec, LabError> {
     let mesh_subnet: IpNetwork = if v6 { MESH_SUBNET6 } else { DEFAULT_SUBNET }
         .parse()
         .map_err(|_| LabError::Options("bad default mesh subnet".to_owned()))?;
-    check_overlaps(&nodes, mesh_subnet)?;
+    let clusters = (1..=opts.clusters.max(1))
+        .map(|k| ClusterSpec::new(k, mesh_subnet))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mesh_subnets: Vec<IpNetwork> = clusters.iter().map(|c| c.mesh_subnet).collect();
+    check_overlaps(&nodes, &mesh_subnets)?;
     Ok(LabSpec {
         source: match &opts.source {
             Source::Generated { .. } => "generated".to_owned(),
@@ -550,9 +671,46 @@ pub fn plan(opts: &SpecOptions) -> Result<LabSpec, LabError> {
         port: DEFAULT_PORT,
         lans,
         nodes,
+        clusters,
     })
 }
 
+/// The cluster (1-based) of node `i` (0-based) of `nodes` split in order into `clusters`
+/// blocks, as generated locations are: the first block is cluster 1.
+pub fn cluster_of_index(i: usize, nodes: usize, clusters: usize) -> usize {
+    i * clusters.max(1) / nodes.max(1) + 1
+}
+
+/// `--clusters`: 1 to [`MAX_CLUSTERS`]; two or more only with the Kubernetes registry (each
+/// cluster is an API server), without NAT (a cluster's Peers carry a fixed endpoint, which a
+/// leader behind NAT does not have), and with a node per cluster at least.
+fn check_clusters(opts: &SpecOptions, nodes: usize) -> Result<(), LabError> {
+    let n = opts.clusters;
+    if n == 0 || n > MAX_CLUSTERS {
+        return Err(LabError::Options(format!(
+            "--clusters {n}: a lab has 1 to {MAX_CLUSTERS} clusters"
+        )));
+    }
+    if n == 1 {
+        return Ok(());
+    }
+    if opts.registry != Registry::Kube {
+        return Err(LabError::Options(format!(
+            "--clusters {n} needs --registry kube (each cluster is its own API server)"
+        )));
+    }
+    if opts.nat.is_some_and(|k| k > 0) {
+        return Err(LabError::Options(format!(
+            "--clusters {n} has no NAT routers (the Peers that link the clusters carry each              leader's published endpoint, which a leader behind NAT does not have): leave out              --nat or pass --nat 0"
+        )));
+    }
+    if nodes < n {
+        return Err(LabError::Options(format!(
+            "--clusters {n}: {nodes} nodes are too few, each cluster needs one at least"
+        )));
+    }
+    Ok(())
+}
 /// A dual-stack lab in location granularity cannot have a location of two nodes or more
 /// (`largest`: the most nodes of one location): its members reach their leader by its IPv4
 /// internal IP only (a node has one internal IP), and an IPv6 route cannot take an IPv4
@@ -661,21 +819,22 @@ fn pod_cidrs_of(
     Ok(out)
 }
 
-/// Pod CIDRs must not overlap each other or the lab's own ranges, or routing would be ambiguous.
-fn check_overlaps(nodes: &[NodeSpec], mesh: IpNetwork) -> Result<(), LabError> {
+/// Pod CIDRs must not overlap each other or the lab's own ranges (`meshes`: every cluster's mesh
+/// subnet), or routing would be ambiguous.
+fn check_overlaps(nodes: &[NodeSpec], meshes: &[IpNetwork]) -> Result<(), LabError> {
     let lans = |v6: bool| -> Result<IpNetwork, LabError> {
         let prefix = if v6 { 32 } else { 16 };
         IpNetwork::new(lan_subnet(1, v6)?.network(), prefix)
             .and_then(|n| IpNetwork::new(n.network(), prefix))
             .map_err(|_| LabError::Options("bad LAN range".to_owned()))
     };
-    let lab_ranges = [
+    let mut lab_ranges = vec![
         ("the underlay", IpNetwork::V4(UNDERLAY)),
         ("the IPv6 underlay", IpNetwork::V6(UNDERLAY6)),
         ("the LANs", lans(false)?),
         ("the IPv6 LANs", lans(true)?),
-        ("the mesh subnet", mesh),
     ];
+    lab_ranges.extend(meshes.iter().map(|m| ("the mesh subnet", *m)));
     let all: Vec<(&str, IpNetwork)> = nodes
         .iter()
         .flat_map(|n| n.pod_cidrs.iter().map(move |c| (n.name.as_str(), *c)))
@@ -725,10 +884,30 @@ pub fn check_node_name(name: &str) -> Result<(), LabError> {
 }
 
 /// Add node `name` to a planned lab, in `location` (its LAN, or a new LAN without NAT for a new
-/// location): the next index, a free underlay address, the next free LAN host, pod CIDR
+/// location) and `cluster` (default: the cluster of the location's first node, else 1): the
+/// next index, a free underlay address, the next free LAN host, pod CIDR
 /// `10.201.<index>.0/24`. Returns the new node.
-pub fn add_node(spec: &mut LabSpec, name: &str, location: &str) -> Result<NodeSpec, LabError> {
+pub fn add_node(
+    spec: &mut LabSpec,
+    name: &str,
+    location: &str,
+    cluster: Option<usize>,
+) -> Result<NodeSpec, LabError> {
     check_node_name(name)?;
+    let cluster = match cluster {
+        Some(k) if spec.cluster(k).is_none() => {
+            return Err(LabError::Options(format!(
+                "--cluster {k}: lab clusters are 1 to {}",
+                spec.clusters.len().max(1)
+            )));
+        }
+        Some(k) => k,
+        None => spec
+            .nodes
+            .iter()
+            .find(|n| n.location == location)
+            .map_or(1, |n| n.cluster),
+    };
     if spec.node(name).is_some() {
         return Err(LabError::Options(format!(
             "the lab already has a node {name}"
@@ -786,7 +965,7 @@ pub fn add_node(spec: &mut LabSpec, name: &str, location: &str) -> Result<NodeSp
             )
             .collect();
         Some(
-            (1..API_HOST)
+            (1..spec.lowest_api_host())
                 .find(|&h| !used.contains(&host(spec.underlay, h)))
                 .ok_or_else(|| LabError::Options("the underlay is full".to_owned()))?,
         )
@@ -807,10 +986,11 @@ pub fn add_node(spec: &mut LabSpec, name: &str, location: &str) -> Result<NodeSp
         } else {
             0
         },
+        cluster,
     };
     let mut all = spec.nodes.clone();
     all.push(node.clone());
-    check_overlaps(&all, spec.mesh_subnet)?;
+    check_overlaps(&all, &spec.mesh_subnets())?;
     spec.nodes = all;
     Ok(node)
 }
@@ -1034,6 +1214,7 @@ mod tests {
             pods_per_node: 1,
             registry: Registry::File,
             underlay_mtu: None,
+            clusters: 1,
             family: Family::Ipv4,
         }
     }
@@ -1081,6 +1262,155 @@ mod tests {
             spec.nodes[0].pod_cidrs,
             vec!["10.42.0.0/24".parse::<IpNetwork>().unwrap()]
         );
+    }
+
+    fn two_clusters(nodes: usize, locations: usize) -> SpecOptions {
+        let mut o = opts(Source::Generated { nodes, locations });
+        o.registry = Registry::Kube;
+        o.clusters = 2;
+        o
+    }
+
+    #[test]
+    fn two_clusters_split_the_nodes_in_order_each_with_its_api_server_and_mesh_subnet() {
+        let spec = plan(&two_clusters(4, 2)).unwrap();
+        let of: Vec<(&str, usize)> = spec
+            .nodes
+            .iter()
+            .map(|n| (n.name.as_str(), n.cluster))
+            .collect();
+        assert_eq!(of, [("node1", 1), ("node2", 1), ("node3", 2), ("node4", 2)]);
+        assert!(spec.multi_cluster());
+        let c: Vec<(usize, &str, String, Ipv4Addr)> = spec
+            .clusters
+            .iter()
+            .map(|c| {
+                (
+                    c.index,
+                    c.name.as_str(),
+                    c.mesh_subnet.to_string(),
+                    c.api_ip(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            c,
+            [
+                (
+                    1,
+                    "cluster1",
+                    "10.4.0.0/16".to_owned(),
+                    Ipv4Addr::new(10, 200, 0, 253)
+                ),
+                (
+                    2,
+                    "cluster2",
+                    "10.5.0.0/16".to_owned(),
+                    Ipv4Addr::new(10, 200, 0, 252)
+                ),
+            ]
+        );
+        assert_eq!(
+            spec.mesh_subnet.to_string(),
+            "10.4.0.0/16",
+            "cluster 1 keeps the lab's"
+        );
+        assert_eq!(spec.mesh_subnet_of(2).to_string(), "10.5.0.0/16");
+        assert_eq!(spec.cluster_of("node3"), 2);
+        assert_eq!(spec.lowest_api_host(), 252);
+        // No NAT by default: every node is on the underlay, pod CIDRs unique per node.
+        assert!(spec.lans.iter().all(|l| l.nat.is_none()));
+        let cidrs: Vec<String> = spec.pod_cidrs().iter().map(ToString::to_string).collect();
+        assert_eq!(
+            cidrs,
+            [
+                "10.201.1.0/24",
+                "10.201.2.0/24",
+                "10.201.3.0/24",
+                "10.201.4.0/24"
+            ]
+        );
+        // Uneven splits put the larger block first, like locations.
+        let odd = plan(&two_clusters(5, 5)).unwrap();
+        let k: Vec<usize> = odd.nodes.iter().map(|n| n.cluster).collect();
+        assert_eq!(k, [1, 1, 1, 2, 2]);
+        // One cluster: the lab as it always was.
+        let one = plan(&opts(Source::Generated {
+            nodes: 3,
+            locations: 3,
+        }))
+        .unwrap();
+        assert!(!one.multi_cluster());
+        assert_eq!(one.clusters.len(), 1);
+        assert!(one.nodes.iter().all(|n| n.cluster == 1));
+        assert_eq!(one.lowest_api_host(), API_HOST);
+    }
+
+    #[test]
+    fn more_clusters_are_refused_clearly_where_they_do_not_fit() {
+        let err = |o: SpecOptions| plan(&o).unwrap_err().to_string();
+        let mut file = two_clusters(4, 2);
+        file.registry = Registry::File;
+        assert!(err(file).contains("--clusters 2 needs --registry kube"));
+        let mut nat = two_clusters(4, 2);
+        nat.nat = Some(1);
+        assert!(err(nat).contains("--clusters 2 has no NAT routers"));
+        assert!(
+            plan(&{
+                let mut o = two_clusters(4, 2);
+                o.nat = Some(0);
+                o
+            })
+            .is_ok()
+        );
+        assert!(err(two_clusters(1, 1)).contains("1 nodes are too few"));
+        let mut five = two_clusters(6, 2);
+        five.clusters = MAX_CLUSTERS + 1;
+        assert!(err(five).contains("a lab has 1 to 4 clusters"));
+        let mut zero = two_clusters(4, 2);
+        zero.clusters = 0;
+        assert!(err(zero).contains("a lab has 1 to 4 clusters"));
+        let mut v6 = two_clusters(4, 2);
+        v6.family = Family::Ipv6;
+        v6.nat = None;
+        assert!(err(v6).contains("--registry kube runs on an IPv4 lab only"));
+    }
+
+    #[test]
+    fn a_pod_cidr_in_another_clusters_mesh_subnet_is_refused() {
+        let loaded = decode_nodes(
+            "apiVersion: v1\nkind: NodeList\nitems:\n\
+             - metadata: {name: a}\n  spec: {podCIDR: 10.42.0.0/24}\n\
+             - metadata: {name: b}\n  spec: {podCIDR: 10.5.1.0/24}\n",
+            DEFAULT_TOPOLOGY_LABEL,
+        )
+        .unwrap();
+        let mut o = opts(Source::File {
+            name: "f".into(),
+            nodes: loaded.items,
+        });
+        assert!(plan(&o).is_ok(), "one cluster: 10.5.0.0/16 is nobody's");
+        o.registry = Registry::Kube;
+        o.clusters = 2;
+        let e = plan(&o).unwrap_err().to_string();
+        assert!(e.contains("overlaps the mesh subnet (10.5.0.0/16)"), "{e}");
+    }
+
+    #[test]
+    fn a_node_added_to_a_two_cluster_lab_joins_its_locations_cluster_or_the_one_asked() {
+        let mut spec = plan(&two_clusters(4, 2)).unwrap();
+        let n5 = add_node(&mut spec, "node5", "loc2", None).unwrap();
+        assert_eq!(n5.cluster, 2, "loc2's nodes are in cluster 2");
+        let n6 = add_node(&mut spec, "node6", "far", Some(2)).unwrap();
+        assert_eq!(n6.cluster, 2);
+        let n7 = add_node(&mut spec, "node7", "farther", None).unwrap();
+        assert_eq!(n7.cluster, 1, "a new location defaults to cluster 1");
+        assert!(add_node(&mut spec, "node8", "x", Some(3)).is_err());
+        // Underlay hosts stay below both API servers.
+        assert!(spec.nodes.iter().all(|n| match n.underlay_ip {
+            Some(IpAddr::V4(a)) => a.octets()[3] < 252,
+            _ => true,
+        }));
     }
 
     #[test]
@@ -1253,29 +1583,29 @@ mod tests {
         .unwrap();
         // Into loc1 (public LAN): next LAN host, first free underlay address after the
         // router of loc2 (10.200.0.3).
-        let n4 = add_node(&mut spec, "node4", "loc1").unwrap();
+        let n4 = add_node(&mut spec, "node4", "loc1", None).unwrap();
         assert_eq!(n4.index, 4);
         assert_eq!(n4.lan, 0);
         assert_eq!(n4.lan_ip, IpAddr::from([10, 210, 1, 13]));
         assert_eq!(n4.underlay_ip, Some(IpAddr::from([10, 200, 0, 4])));
         assert_eq!(n4.pod_cidrs, vec!["10.201.4.0/24".parse().unwrap()]);
         // Into loc2, behind NAT: no underlay address, the NAT keepalive.
-        let n5 = add_node(&mut spec, "node5", "loc2").unwrap();
+        let n5 = add_node(&mut spec, "node5", "loc2", None).unwrap();
         assert!(n5.behind_nat());
         assert_eq!(n5.persistent_keepalive, NAT_KEEPALIVE);
         // A new location: LAN 3, public.
-        let n6 = add_node(&mut spec, "node6", "far").unwrap();
+        let n6 = add_node(&mut spec, "node6", "far", None).unwrap();
         assert_eq!(spec.lans.len(), 3);
         assert_eq!(spec.lans[2].location, "far");
         assert!(spec.lans[2].nat.is_none());
         assert_eq!(n6.lan_ip, IpAddr::from([10, 210, 3, 11]));
         // Removing frees the underlay address for the next one; indexes never repeat.
         assert_eq!(remove_node(&mut spec, "node4").unwrap().name, "node4");
-        let n7 = add_node(&mut spec, "node7", "loc1").unwrap();
+        let n7 = add_node(&mut spec, "node7", "loc1", None).unwrap();
         assert_eq!(n7.underlay_ip, Some(IpAddr::from([10, 200, 0, 4])));
         assert_eq!(n7.index, 7);
         for bad in ["node7", "Node8", "-x", "a..b", "a/b", ""] {
-            assert!(add_node(&mut spec, bad, "loc1").is_err(), "{bad:?}");
+            assert!(add_node(&mut spec, bad, "loc1", None).is_err(), "{bad:?}");
         }
         assert!(remove_node(&mut spec, "nope").is_err());
     }
@@ -1404,7 +1734,7 @@ mod tests {
             "the file's IPv4 CIDR, then a generated IPv6 one"
         );
         // A node added later gets both families too, in a new LAN of both.
-        let n4 = add_node(&mut spec, "node4", "far").unwrap();
+        let n4 = add_node(&mut spec, "node4", "far", None).unwrap();
         assert_eq!(n4.pod_cidrs, cidrs(&["10.201.4.0/24", "fd00:201:0:4::/64"]));
         assert_eq!(n4.underlay_ip, Some(IpAddr::from([10, 200, 0, 4])));
         assert_eq!(n4.underlay_ip6, Some("fd00:200::4".parse().unwrap()));
@@ -1444,7 +1774,10 @@ mod tests {
         assert!(err.contains("pass --granularity full"), "{err}");
         o.granularity = Some(Granularity::Full);
         let mut spec = plan(&o).unwrap();
-        assert!(add_node(&mut spec, "node5", "loc1").is_ok(), "full mesh");
+        assert!(
+            add_node(&mut spec, "node5", "loc1", None).is_ok(),
+            "full mesh"
+        );
         o.family = Family::Ipv6;
         o.granularity = None;
         assert_eq!(plan(&o).unwrap().granularity, Granularity::Location);
@@ -1456,8 +1789,8 @@ mod tests {
         o.family = Family::DualStack;
         o.granularity = Some(Granularity::Location);
         let mut spec = plan(&o).unwrap();
-        assert!(add_node(&mut spec, "node3", "far").is_ok());
-        let err = add_node(&mut spec, "node4", "loc1")
+        assert!(add_node(&mut spec, "node3", "far", None).is_ok());
+        let err = add_node(&mut spec, "node4", "loc1", None)
             .unwrap_err()
             .to_string();
         assert!(err.contains("pass --granularity full"), "{err}");

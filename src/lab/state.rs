@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::LabError;
 use super::names::LabName;
-use super::spec::{API_PORT, LabSpec, NodeSpec, Registry};
+use super::spec::{API_PORT, ClusterSpec, LabSpec, NodeSpec, Registry};
 
 /// Version of the state file layout.
 pub const STATE_VERSION: u32 = 1;
@@ -143,7 +143,10 @@ impl NodeState {
 /// etcd and kube-apiserver processes, both running in the lab's API namespace.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiServerState {
-    /// Its namespace, `wml-<lab>-api`.
+    /// The cluster it serves (1-based; a one-cluster lab has cluster 1).
+    #[serde(default = "first_cluster")]
+    pub cluster: usize,
+    /// Its namespace, `wml-<lab>-api` (cluster `k` > 1: `wml-<lab>-api<k>`).
     pub netns: String,
     /// Its underlay address (it listens there; also in its certificate).
     pub ip: Ipv4Addr,
@@ -159,7 +162,40 @@ pub struct ApiServerState {
     pub apiserver: Option<ProcRef>,
 }
 
+fn first_cluster() -> usize {
+    1
+}
+
 impl ApiServerState {
+    /// The API server of `cluster` in lab `name` (directory `dir`): namespace, address,
+    /// directory (`apiserver/`, cluster `k` > 1: `apiserver<k>/`); nothing started yet.
+    pub fn new(name: &LabName, dir: &Path, cluster: &ClusterSpec) -> ApiServerState {
+        let sub = if cluster.index <= 1 {
+            "apiserver".to_owned()
+        } else {
+            format!("apiserver{}", cluster.index)
+        };
+        ApiServerState {
+            cluster: cluster.index,
+            netns: name.cluster_api_ns(cluster.index),
+            ip: cluster.api_ip(),
+            port: API_PORT,
+            dir: dir.join(sub),
+            binary: PathBuf::new(),
+            etcd: None,
+            apiserver: None,
+        }
+    }
+
+    /// Its port name on the underlay bridge: `api`, cluster `k` > 1: `api<k>`.
+    pub fn port_name(&self) -> String {
+        if self.cluster <= 1 {
+            "api".to_owned()
+        } else {
+            format!("api{}", self.cluster)
+        }
+    }
+
     /// `https://<ip>:<port>`.
     pub fn url(&self) -> String {
         format!("https://{}:{}", self.ip, self.port)
@@ -197,6 +233,22 @@ impl ApiServerState {
     }
 }
 
+/// The link between two clusters of a multi-cluster lab: `meshctl multicluster link`, run by
+/// the lab in cluster 1's API namespace (it reaches every API server over the underlay).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkState {
+    /// The cluster passed as `--kubeconfig`/`--name` (1-based).
+    pub cluster: usize,
+    /// The cluster passed as `--remote-kubeconfig`/`--remote-name`.
+    pub remote: usize,
+    /// The namespace it runs in.
+    pub netns: String,
+    /// The link process, once started.
+    pub process: Option<ProcRef>,
+    /// Its output.
+    pub log: PathBuf,
+}
+
 /// The state file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LabState {
@@ -225,9 +277,15 @@ pub struct LabState {
     /// Extra arguments of every agent (`--agent-arg`), also for nodes added later.
     #[serde(default)]
     pub agent_args: Vec<String>,
-    /// The API server, with the Kubernetes registry.
+    /// The API server, with the Kubernetes registry (cluster 1's in a multi-cluster lab).
     #[serde(default)]
     pub apiserver: Option<ApiServerState>,
+    /// The API servers of clusters 2, 3, … (`--clusters`), in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub more_apiservers: Vec<ApiServerState>,
+    /// The links between the clusters (`--clusters`): one per pair.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<LinkState>,
 }
 
 impl LabState {
@@ -239,17 +297,39 @@ impl LabState {
             .iter()
             .map(|n| NodeState::new(name, dir, n, spec.pods_per_node))
             .collect();
-        let apiserver = (spec.registry == Registry::Kube).then(|| ApiServerState {
-            netns: name.api_ns(),
-            ip: spec.api_ip(),
-            port: API_PORT,
-            dir: dir.join("apiserver"),
-            binary: PathBuf::new(),
-            etcd: None,
-            apiserver: None,
-        });
+        let mut apiservers: Vec<ApiServerState> = if spec.registry == Registry::Kube {
+            spec.clusters
+                .iter()
+                .map(|c| ApiServerState::new(name, dir, c))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let more_apiservers = if apiservers.len() > 1 {
+            apiservers.split_off(1)
+        } else {
+            Vec::new()
+        };
+        let apiserver = apiservers.pop();
+        let links = spec
+            .clusters
+            .iter()
+            .flat_map(|a| {
+                spec.clusters
+                    .iter()
+                    .filter(move |b| b.index > a.index)
+                    .map(move |b| LinkState {
+                        cluster: a.index,
+                        remote: b.index,
+                        netns: name.api_ns(),
+                        process: None,
+                        log: dir.join(format!("link-{}-{}.log", a.name, b.name)),
+                    })
+            })
+            .collect();
         let mut namespaces = vec![name.underlay_ns()];
         namespaces.extend(apiserver.as_ref().map(|a| a.netns.clone()));
+        namespaces.extend(more_apiservers.iter().map(|a| a.netns.clone()));
         namespaces.extend(lan_ns.iter().cloned());
         namespaces.extend(nodes.iter().map(|n| n.netns.clone()));
         namespaces.extend(
@@ -271,7 +351,55 @@ impl LabState {
             agent_binary: None,
             agent_args: Vec::new(),
             apiserver,
+            more_apiservers,
+            links,
         }
+    }
+
+    /// Every API server, cluster 1's first.
+    pub fn apiservers(&self) -> impl Iterator<Item = &ApiServerState> {
+        self.apiserver.iter().chain(&self.more_apiservers)
+    }
+
+    /// The API server of cluster `k` (1-based).
+    pub fn apiserver_of(&self, k: usize) -> Option<&ApiServerState> {
+        self.apiservers().find(|a| a.cluster == k)
+    }
+
+    /// The API server of cluster `k`, to change it.
+    pub fn apiserver_of_mut(&mut self, k: usize) -> Option<&mut ApiServerState> {
+        self.apiserver
+            .iter_mut()
+            .chain(self.more_apiservers.iter_mut())
+            .find(|a| a.cluster == k)
+    }
+
+    /// The API server of node `node`'s cluster, or why a command that needs it cannot run.
+    pub fn require_apiserver_of(
+        &self,
+        command: &str,
+        node: &str,
+    ) -> Result<&ApiServerState, LabError> {
+        self.require_apiserver(command)?;
+        let k = self.spec.cluster_of(node);
+        self.apiserver_of(k).ok_or_else(|| {
+            LabError::Options(format!(
+                "lab {} has no API server for cluster {k}",
+                self.name
+            ))
+        })
+    }
+
+    /// Every process the state records: agents, etcd and kube-apiserver of every cluster, links.
+    pub fn recorded_processes(&self) -> Vec<ProcRef> {
+        let api = self.apiservers().flat_map(|a| [a.apiserver, a.etcd]);
+        self.nodes
+            .iter()
+            .map(|n| n.agent)
+            .chain(api)
+            .chain(self.links.iter().map(|l| l.process))
+            .flatten()
+            .collect()
     }
 
     /// The lab's name, validated.
@@ -305,10 +433,11 @@ impl LabState {
     pub fn load(dir: &Path) -> Result<LabState, LabError> {
         let path = dir.join(STATE_FILE);
         let text = fs::read_to_string(&path).map_err(LabError::io("read", &path))?;
-        let state: LabState = serde_json::from_str(&text).map_err(|source| LabError::Json {
+        let mut state: LabState = serde_json::from_str(&text).map_err(|source| LabError::Json {
             what: path.display().to_string(),
             source,
         })?;
+        state.spec.normalize()?;
         if state.version != STATE_VERSION {
             return Err(LabError::Options(format!(
                 "{}: state version {} is not {STATE_VERSION}; remove the lab with the meshctl \
@@ -358,7 +487,7 @@ pub fn create_dir(path: &Path, mode: u32) -> Result<(), LabError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lab::spec::{Source, SpecOptions, plan};
+    use crate::lab::spec::{Registry, Source, SpecOptions, plan};
 
     #[test]
     fn new_state_names_every_namespace_and_round_trips_through_json() {
@@ -373,6 +502,7 @@ mod tests {
             pods_per_node: 2,
             registry: crate::lab::spec::Registry::File,
             underlay_mtu: None,
+            clusters: 1,
             family: crate::lab::spec::Family::Ipv4,
         })
         .unwrap();
@@ -399,6 +529,74 @@ mod tests {
             s.nodes[0].uapi_socket(),
             Path::new("/run/wiremesh-lab/wm/nodes/node1/wireguard/wiremesh0.sock")
         );
+        let json = serde_json::to_string(&s).unwrap();
+        assert_eq!(serde_json::from_str::<LabState>(&json).unwrap(), s);
+        assert!(!json.contains("more_apiservers") && !json.contains("\"links\""));
+    }
+
+    #[test]
+    fn a_two_cluster_state_has_an_api_server_per_cluster_and_one_link() {
+        let name: LabName = "wm".parse().unwrap();
+        let spec = plan(&SpecOptions {
+            source: Source::Generated {
+                nodes: 2,
+                locations: 2,
+            },
+            granularity: None,
+            nat: None,
+            pods_per_node: 1,
+            registry: Registry::Kube,
+            underlay_mtu: None,
+            clusters: 2,
+            family: crate::lab::spec::Family::Ipv4,
+        })
+        .unwrap();
+        let mut s = LabState::new(&name, Path::new("/run/wiremesh-lab/wm"), spec, 7);
+        assert_eq!(
+            s.namespaces[..3],
+            ["wml-wm-ul", "wml-wm-api", "wml-wm-api2"]
+        );
+        let apis: Vec<(usize, &str, Ipv4Addr, String, PathBuf)> = s
+            .apiservers()
+            .map(|a| {
+                (
+                    a.cluster,
+                    a.netns.as_str(),
+                    a.ip,
+                    a.port_name(),
+                    a.dir.clone(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            apis,
+            [
+                (
+                    1,
+                    "wml-wm-api",
+                    Ipv4Addr::new(10, 200, 0, 253),
+                    "api".to_owned(),
+                    PathBuf::from("/run/wiremesh-lab/wm/apiserver")
+                ),
+                (
+                    2,
+                    "wml-wm-api2",
+                    Ipv4Addr::new(10, 200, 0, 252),
+                    "api2".to_owned(),
+                    PathBuf::from("/run/wiremesh-lab/wm/apiserver2")
+                ),
+            ]
+        );
+        assert_eq!(s.require_apiserver_of("x", "node2").unwrap().cluster, 2);
+        assert_eq!((s.links[0].cluster, s.links[0].remote), (1, 2));
+        let p = |pid| ProcRef { pid, start_time: 1 };
+        s.nodes[0].agent = Some(p(1));
+        if let Some(a) = s.apiserver_of_mut(2) {
+            a.etcd = Some(p(2));
+        }
+        s.links[0].process = Some(p(3));
+        let pids: Vec<u32> = s.recorded_processes().iter().map(|p| p.pid).collect();
+        assert_eq!(pids, [1, 2, 3]);
         let json = serde_json::to_string(&s).unwrap();
         assert_eq!(serde_json::from_str::<LabState>(&json).unwrap(), s);
     }

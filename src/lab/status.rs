@@ -36,11 +36,43 @@ pub struct LabStatus {
     pub source: String,
     /// Where the agents read the cluster: `file` or `kube`.
     pub registry: String,
-    /// The API server (`kube` registry).
+    /// The API server (`kube` registry; cluster 1's in a multi-cluster lab).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub apiserver: Option<ApiServerStatus>,
+    /// Every cluster with its API server (`--clusters` 2 or more only).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub clusters: Vec<ClusterStatus>,
+    /// The links between the clusters (`--clusters` 2 or more only).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<LinkStatus>,
     /// The nodes.
     pub nodes: Vec<NodeStatus>,
+}
+
+/// One cluster of a multi-cluster lab.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ClusterStatus {
+    /// Its name, `cluster<k>`.
+    pub name: String,
+    /// Its mesh subnet.
+    pub mesh_subnet: String,
+    /// Its API server.
+    pub apiserver: Option<ApiServerStatus>,
+}
+
+/// One `meshctl multicluster link` process of a multi-cluster lab.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LinkStatus {
+    /// `--name`.
+    pub cluster: String,
+    /// `--remote-name`.
+    pub remote: String,
+    /// Its PID, once started.
+    pub pid: Option<u32>,
+    /// Whether it runs.
+    pub running: bool,
+    /// Its log.
+    pub log: String,
 }
 
 /// The lab's API server.
@@ -69,6 +101,9 @@ pub struct ApiServerStatus {
 pub struct NodeStatus {
     /// The Node name.
     pub name: String,
+    /// Its cluster, `cluster<k>` (multi-cluster labs only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
     /// Its network namespace.
     pub namespace: String,
     /// Its location.
@@ -136,15 +171,10 @@ struct Mesh {
     by_key: BTreeMap<WgKey, String>,
 }
 
-fn mesh(state: &LabState, nodes: &[MeshNode]) -> Mesh {
-    let opts = super::mesh_options(state);
+fn mesh(state: &LabState, cluster: usize, nodes: &[MeshNode], m: &mut Mesh) {
+    let opts = super::mesh_options(state, cluster);
     let checked = topology::claims::check(nodes, &opts);
     let topo = topology::build_checked(&checked, &[], &opts);
-    let mut m = Mesh {
-        leader: BTreeMap::new(),
-        mesh_ip: BTreeMap::new(),
-        by_key: BTreeMap::new(),
-    };
     for seg in &topo.segments {
         let leader = seg.leader_node();
         m.mesh_ip
@@ -156,7 +186,6 @@ fn mesh(state: &LabState, nodes: &[MeshNode]) -> Mesh {
             m.leader.insert(n.name.to_string(), n.name == leader.name);
         }
     }
-    m
 }
 
 /// The mesh annotations of each Node, by node name.
@@ -164,10 +193,13 @@ type Annotations = BTreeMap<String, BTreeMap<String, String>>;
 
 /// The nodes as the agents see them, and with the `kube` registry each Node's mesh annotations
 /// and the API server's status.
-fn read_nodes(state: &LabState) -> (Option<Vec<MeshNode>>, Annotations, Option<ApiServerStatus>) {
-    let Some(api) = &state.apiserver else {
+fn read_nodes(
+    state: &LabState,
+    cluster: usize,
+) -> (Option<Vec<MeshNode>>, Annotations, Option<ApiServerStatus>) {
+    let Some(api) = state.apiserver_of(cluster) else {
         return (
-            super::mesh_nodes(state).ok().map(|l| l.items),
+            super::mesh_nodes(state, cluster).ok().map(|l| l.items),
             BTreeMap::new(),
             None,
         );
@@ -219,8 +251,64 @@ fn read_nodes(state: &LabState) -> (Option<Vec<MeshNode>>, Annotations, Option<A
 
 /// Gather the status of every node. `now_unix` turns handshake times into ages.
 pub fn collect(state: &LabState, now_unix: u64) -> LabStatus {
-    let (mesh_nodes, mut annotations, apiserver) = read_nodes(state);
-    let mesh = mesh_nodes.as_deref().map(|n| mesh(state, n));
+    // Each cluster from its own registry; node names are unique across the lab.
+    let mut mesh_nodes: Option<Vec<MeshNode>> = None;
+    let mut annotations = Annotations::new();
+    let mut mesh_of = Mesh {
+        leader: BTreeMap::new(),
+        mesh_ip: BTreeMap::new(),
+        by_key: BTreeMap::new(),
+    };
+    let mut any_mesh = false;
+    let mut clusters = Vec::new();
+    let mut apiserver = None;
+    for k in super::clusters(state) {
+        let (nodes, a, api) = read_nodes(state, k);
+        if let Some(nodes) = nodes {
+            mesh(state, k, &nodes, &mut mesh_of);
+            any_mesh = true;
+            mesh_nodes.get_or_insert_with(Vec::new).extend(nodes);
+        }
+        annotations.extend(a);
+        if k == 1 {
+            apiserver.clone_from(&api);
+        }
+        if let (true, Some(c)) = (state.spec.multi_cluster(), state.spec.cluster(k)) {
+            clusters.push(ClusterStatus {
+                name: c.name.clone(),
+                mesh_subnet: c.mesh_subnet.to_string(),
+                apiserver: api,
+            });
+        }
+    }
+    let mesh = any_mesh.then_some(mesh_of);
+    let cluster_name = |name: &str| {
+        state
+            .spec
+            .multi_cluster()
+            .then(|| state.spec.cluster(state.spec.cluster_of(name)))
+            .flatten()
+            .map(|c| c.name.clone())
+    };
+    let links = state
+        .links
+        .iter()
+        .map(|l| {
+            let name = |k: usize| {
+                state
+                    .spec
+                    .cluster(k)
+                    .map_or_else(|| format!("cluster{k}"), |c| c.name.clone())
+            };
+            LinkStatus {
+                cluster: name(l.cluster),
+                remote: name(l.remote),
+                pid: l.process.map(|p| p.pid),
+                running: l.process.as_ref().is_some_and(sys::is_running),
+                log: l.log.display().to_string(),
+            }
+        })
+        .collect();
     let published = |name: &str| {
         mesh_nodes
             .iter()
@@ -266,6 +354,7 @@ pub fn collect(state: &LabState, now_unix: u64) -> LabStatus {
             };
             NodeStatus {
                 name: n.name.clone(),
+                cluster: cluster_name(&n.name),
                 namespace: n.netns.clone(),
                 location: match &state.apiserver {
                     // The Node's location (an annotation may have moved it).
@@ -314,6 +403,8 @@ pub fn collect(state: &LabState, now_unix: u64) -> LabStatus {
         source: state.spec.source.clone(),
         registry: state.spec.registry.to_string(),
         apiserver,
+        clusters,
+        links,
         nodes,
     }
 }
@@ -334,15 +425,26 @@ pub fn render_text(s: &LabStatus) -> String {
         },
         s.dir
     );
-    if let Some(a) = &s.apiserver {
-        let proc_state = |pid: Option<u32>, running: bool| match (pid, running) {
-            (None, _) => "stopped".to_owned(),
-            (Some(p), true) => format!("{p} running"),
-            (Some(p), false) => format!("{p} exited"),
-        };
+    let proc_state = |pid: Option<u32>, running: bool| match (pid, running) {
+        (None, _) => "stopped".to_owned(),
+        (Some(p), true) => format!("{p} running"),
+        (Some(p), false) => format!("{p} exited"),
+    };
+    let apis: Vec<(String, &ApiServerStatus)> = if s.clusters.is_empty() {
+        s.apiserver.iter().map(|a| (String::new(), a)).collect()
+    } else {
+        s.clusters
+            .iter()
+            .filter_map(|c| {
+                let a = c.apiserver.as_ref()?;
+                Some((format!("{} (mesh {}): ", c.name, c.mesh_subnet), a))
+            })
+            .collect()
+    };
+    for (cluster, a) in apis {
         let _ = writeln!(
             out,
-            "Kubernetes API server {} in {}: kube-apiserver {}, etcd {}{}\n  \
+            "{cluster}Kubernetes API server {} in {}: kube-apiserver {}, etcd {}{}\n  \
              kubectl: ip netns exec {} kubectl --kubeconfig {} get nodes\n",
             a.url,
             a.namespace,
@@ -356,9 +458,21 @@ pub fn render_text(s: &LabStatus) -> String {
             a.admin_kubeconfig
         );
     }
+    for l in &s.links {
+        let _ = writeln!(
+            out,
+            "link {} <-> {} (meshctl multicluster link): {}, log {}\n",
+            l.cluster,
+            l.remote,
+            proc_state(l.pid, l.running),
+            l.log
+        );
+    }
+    let multi = s.nodes.iter().any(|n| n.cluster.is_some());
     let mut rows = vec![
         [
             "NODE",
+            "CLUSTER",
             "NAMESPACE",
             "LOCATION",
             "AGENT",
@@ -379,6 +493,7 @@ pub fn render_text(s: &LabStatus) -> String {
         let pods: Vec<String> = n.pods.iter().flat_map(|p| p.ips.iter().cloned()).collect();
         rows.push(vec![
             n.name.clone(),
+            n.cluster.clone().unwrap_or_default(),
             n.namespace.clone(),
             if n.location.is_empty() {
                 "-".to_owned()
@@ -395,6 +510,12 @@ pub fn render_text(s: &LabStatus) -> String {
                 pods.join(",")
             },
         ]);
+    }
+    if !multi {
+        // One cluster: no CLUSTER column.
+        for r in &mut rows {
+            r.remove(1);
+        }
     }
     out.push_str(&table(&rows));
     for n in &s.nodes {
@@ -442,8 +563,11 @@ mod tests {
             source: "examples/three-clouds.yaml".into(),
             registry: "file".into(),
             apiserver: None,
+            clusters: Vec::new(),
+            links: Vec::new(),
             nodes: vec![NodeStatus {
                 name: "fra-1".into(),
+                cluster: None,
                 namespace: "wml-wm-n1".into(),
                 location: "de-fra".into(),
                 behind_nat: false,
@@ -508,5 +632,34 @@ mod tests {
         let mut s = sample();
         s.nodes[0].wireguard_error = Some("no socket".into());
         assert!(render_text(&s).contains("fra-1 peers: none readable (no socket)"));
+        assert!(
+            !text.contains("CLUSTER"),
+            "one cluster: no cluster column\n{text}"
+        );
+        let json = serde_json::to_value(sample()).unwrap();
+        assert!(json.get("clusters").is_none() && json["nodes"][0].get("cluster").is_none());
+    }
+
+    #[test]
+    fn a_multi_cluster_status_shows_each_nodes_cluster_and_the_link() {
+        let mut s = sample();
+        s.nodes[0].cluster = Some("cluster2".into());
+        s.links.push(LinkStatus {
+            cluster: "cluster1".into(),
+            remote: "cluster2".into(),
+            pid: Some(77),
+            running: true,
+            log: "/run/wiremesh-lab/wm/link-cluster1-cluster2.log".into(),
+        });
+        let text = render_text(&s);
+        assert!(text.contains("NODE   CLUSTER   NAMESPACE"), "{text}");
+        assert!(text.contains("fra-1  cluster2  wml-wm-n1"), "{text}");
+        assert!(
+            text.contains("link cluster1 <-> cluster2 (meshctl multicluster link): 77 running"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["nodes"][0]["cluster"], "cluster2");
+        assert_eq!(json["links"][0]["pid"], 77);
     }
 }

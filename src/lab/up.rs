@@ -1,9 +1,11 @@
 //! `lab up`: plan the lab, then create it step by step, recording each step in the state file.
 //!
-//! Order: state file → underlay (and the API namespace) → LANs and NAT routers → node
-//! namespaces → keys → nodes file, or with the Kubernetes registry: PKI, etcd, kube-apiserver,
-//! Peer CRD and RBAC, one Node per node → agents (wait for each agent's CNI configuration) →
-//! pods (CNI ADD). Everything that can be checked without touching the machine (root, tools,
+//! Order: state file → underlay (and the API namespaces) → LANs and NAT routers → node
+//! namespaces → keys → nodes file, or with the Kubernetes registry, per cluster: PKI, etcd,
+//! kube-apiserver, Peer CRD and RBAC, one Node per node of the cluster → agents (wait for each
+//! agent's CNI configuration) → pods (CNI ADD) → with two clusters or more, the links
+//! (`meshctl multicluster link`; wait until every cluster holds the others' segments as Peers
+//! and every agent runs them). Everything that can be checked without touching the machine (root, tools,
 //! options, agent and kube-apiserver binaries, name clash) is checked first. A failed step
 //! leaves the lab as it is, for inspection; `lab down` removes it (processes are recorded in
 //! the state file as soon as they start). Depends on every other lab module.
@@ -15,7 +17,7 @@ use super::LabError;
 use super::names::LabName;
 use super::spec::{self, Registry, SpecOptions};
 use super::state::{self, LabState, Phase, create_dir, write_private};
-use super::{agent, apiserver, cluster, cni, keys, net, sys};
+use super::{agent, apiserver, cluster, cni, keys, link, net, sys};
 
 /// The directory every agent's private `/run/wireguard` is bind-mounted on.
 pub const RUN_WIREGUARD: &str = "/run/wireguard";
@@ -42,6 +44,9 @@ pub struct UpOptions {
     /// The kube-apiserver binary (`--registry kube`); `None`:
     /// [`apiserver::DEFAULT_APISERVER_BIN`].
     pub apiserver_binary: Option<PathBuf>,
+    /// Link the clusters of a multi-cluster lab (`meshctl multicluster link`); off
+    /// (`--no-link`): the clusters stay apart, a debugging aid.
+    pub link: bool,
 }
 
 /// The tools `up` needs for this lab.
@@ -115,8 +120,14 @@ pub fn up(opts: &UpOptions) -> Result<LabState, LabError> {
     let mut state = LabState::new(&opts.name, &dir, spec, now_unix());
     state.agent_binary = binary.clone();
     state.agent_args = opts.agent_args.clone();
-    if let (Some(api), Some(bin)) = (&mut state.apiserver, apiserver_binary) {
-        api.binary = bin;
+    if let Some(bin) = apiserver_binary {
+        for api in state
+            .apiserver
+            .iter_mut()
+            .chain(state.more_apiservers.iter_mut())
+        {
+            api.binary = bin.clone();
+        }
     }
     let failed = |e: LabError| LabError::UpFailed {
         name: opts.name.to_string(),
@@ -135,7 +146,7 @@ pub fn up(opts: &UpOptions) -> Result<LabState, LabError> {
 fn build(state: &mut LabState, opts: &UpOptions, binary: Option<&Path>) -> Result<(), LabError> {
     tracing::info!(lab = %state.name, "creating underlay, LANs and nodes");
     net::create_underlay(state)?;
-    if let Some(api) = &state.apiserver {
+    for api in state.apiservers() {
         apiserver::create_netns(state, api)?;
     }
     for lan in &state.spec.lans {
@@ -158,7 +169,11 @@ fn build(state: &mut LabState, opts: &UpOptions, binary: Option<&Path>) -> Resul
             let text = spec::render_nodes_file(&state.spec, &opts.name, &public_keys)?;
             write_private(&state.nodes_file(), text.as_bytes())?;
         }
-        Registry::Kube => start_cluster(state, opts.timeout)?,
+        Registry::Kube => {
+            for k in super::clusters(state) {
+                start_cluster(state, k, opts.timeout)?;
+            }
+        }
     }
     state.save()?;
 
@@ -188,8 +203,45 @@ fn build(state: &mut LabState, opts: &UpOptions, binary: Option<&Path>) -> Resul
     }
     agent::check_alive(&state.nodes, &mut children)?;
     wait_for_natted_handshakes(state, std::time::Duration::from_secs(20));
+    if opts.link && !state.links.is_empty() {
+        start_links(state, opts.timeout)?;
+    }
     state.phase = Phase::Up;
     state.save()
+}
+
+/// Start every link of a multi-cluster lab (`meshctl multicluster link`, recorded in the state
+/// as soon as it runs), then wait (bounded by `timeout`) until each cluster holds a Peer for
+/// every pod CIDR of the others and every agent runs the mesh its cluster's Nodes and Peers
+/// give it, failing as soon as a link exits (with its log's tail).
+pub fn start_links(state: &mut LabState, timeout: Duration) -> Result<(), LabError> {
+    let meshctl = std::env::current_exe().map_err(LabError::io("locate", "current executable"))?;
+    let mut children = Vec::with_capacity(state.links.len());
+    for i in 0..state.links.len() {
+        let (child, r) = link::spawn(state, &state.links[i], &meshctl)?;
+        state.links[i].process = Some(r);
+        state.save()?;
+        children.push(child);
+    }
+    let t0 = std::time::Instant::now();
+    loop {
+        link::check_alive(&state.links, &mut children)?;
+        let mut missing = link::missing_peers(state)?;
+        if missing.is_empty() {
+            missing = super::chaos::divergence(state, None)?;
+        }
+        if missing.is_empty() {
+            tracing::info!(after = ?t0.elapsed(), "clusters linked");
+            return Ok(());
+        }
+        if t0.elapsed() > timeout {
+            return Err(LabError::Timeout {
+                what: format!("the clusters to be linked: {}", missing.join("; ")),
+                secs: timeout.as_secs(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }
 
 /// Create and attach the pods of `state.nodes[i]` with the CNI configuration its agent wrote,
@@ -225,20 +277,19 @@ pub fn attach_pods(state: &mut LabState, i: usize) -> Result<(), LabError> {
 /// Start the lab's API server (PKI, etcd, kube-apiserver, each recorded in the state as soon as
 /// it runs), wait until it answers (bounded by `timeout`), install the Peer CRD and the agents'
 /// RBAC, and register every node's Node.
-fn start_cluster(state: &mut LabState, timeout: Duration) -> Result<(), LabError> {
-    let mut api = state
-        .apiserver
-        .clone()
-        .ok_or_else(|| LabError::Options("no API server in the state".to_owned()))?;
+fn start_cluster(state: &mut LabState, cluster: usize, timeout: Duration) -> Result<(), LabError> {
+    let mut api = state.apiserver_of(cluster).cloned().ok_or_else(|| {
+        LabError::Options(format!("no API server of cluster {cluster} in the state"))
+    })?;
     tracing::info!(lab = %state.name, url = %api.url(), "starting the Kubernetes API server");
     apiserver::write_pki(&state.name, &api)?;
     let (mut etcd, etcd_ref) = apiserver::start_etcd(&api)?;
     api.etcd = Some(etcd_ref);
-    state.apiserver = Some(api.clone());
+    record(state, &api);
     state.save()?;
     let (mut kas, kas_ref) = apiserver::start_apiserver(&api)?;
     api.apiserver = Some(kas_ref);
-    state.apiserver = Some(api.clone());
+    record(state, &api);
     state.save()?;
     let (etcd_log, kas_log) = (api.etcd_log(), api.apiserver_log());
     cluster::wait_ready(&api, timeout, || {
@@ -255,7 +306,21 @@ fn start_cluster(state: &mut LabState, timeout: Duration) -> Result<(), LabError
             (&mut kas, "kube-apiserver", &kas_log),
         ])
     })?;
-    cluster::register(&api, &state.spec.nodes)
+    let nodes: Vec<spec::NodeSpec> = state
+        .spec
+        .nodes
+        .iter()
+        .filter(|n| n.cluster == cluster)
+        .cloned()
+        .collect();
+    cluster::register(&api, &nodes)
+}
+
+/// Put `api` into the state in place of its cluster's entry.
+fn record(state: &mut LabState, api: &state::ApiServerState) {
+    if let Some(slot) = state.apiserver_of_mut(api.cluster) {
+        *slot = api.clone();
+    }
 }
 
 /// Wait (bounded) until every leader behind NAT has a handshake with each of its peers, so the
@@ -340,6 +405,47 @@ pub fn summary(state: &LabState) -> String {
         );
     }
     match &state.apiserver {
+        Some(_) if state.spec.multi_cluster() => {
+            let _ = writeln!(s, "state {}", state.dir.join(state::STATE_FILE).display());
+            for api in state.apiservers() {
+                let c = state.spec.cluster(api.cluster);
+                let members: Vec<&str> = state
+                    .spec
+                    .nodes
+                    .iter()
+                    .filter(|n| n.cluster == api.cluster)
+                    .map(|n| n.name.as_str())
+                    .collect();
+                let _ = writeln!(
+                    s,
+                    "{} ({}; mesh {}): Kubernetes API server {} in namespace {}\n  \
+                     kubectl: ip netns exec {} kubectl --kubeconfig {} get nodes",
+                    c.map_or("?", |c| c.name.as_str()),
+                    members.join(", "),
+                    c.map_or_else(String::new, |c| c.mesh_subnet.to_string()),
+                    api.url(),
+                    api.netns,
+                    api.netns,
+                    api.admin_kubeconfig().display()
+                );
+            }
+            for l in &state.links {
+                let _ = writeln!(
+                    s,
+                    "link cluster{} <-> cluster{}: {}",
+                    l.cluster,
+                    l.remote,
+                    match l.process {
+                        Some(p) => format!(
+                            "meshctl multicluster link, PID {}, log {}",
+                            p.pid,
+                            l.log.display()
+                        ),
+                        None => "not started (--no-link)".to_owned(),
+                    }
+                );
+            }
+        }
         Some(api) => {
             let _ = writeln!(
                 s,

@@ -274,16 +274,9 @@ impl Lab {
         out
     }
 
-    /// Every process the state records (agents, kube-apiserver, etcd).
+    /// Every process the state records (agents, kube-apiserver and etcd of every cluster, links).
     pub fn recorded_processes(&self) -> Vec<ProcRef> {
-        let s = self.state();
-        let api = s.apiserver.iter().flat_map(|a| [a.apiserver, a.etcd]);
-        s.nodes
-            .iter()
-            .map(|n| n.agent)
-            .chain(api)
-            .flatten()
-            .collect()
+        self.state().recorded_processes()
     }
 
     /// Take the lab down and assert that nothing of it is left: namespaces, directory,

@@ -736,6 +736,7 @@ impl Scale {
             agent_ns: format!("{name}-ag"),
             namespaces: Vec::new(),
             api: ApiServerState {
+                cluster: 1,
                 netns: format!("{name}-api"),
                 ip: API_IP.parse().expect("an address"),
                 port: 6443,
