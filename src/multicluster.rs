@@ -362,7 +362,8 @@ pub fn linked_cluster(p: &PeerResource) -> Option<&str> {
 pub struct Changes {
     /// Peers to create.
     pub create: Vec<PeerResource>,
-    /// Peers to replace: the wanted object carrying the stored one's `resourceVersion`.
+    /// Peers to update (spec and annotations): the wanted object, with the stored one's
+    /// `resourceVersion` and the labels and annotations others added kept.
     pub update: Vec<PeerResource>,
     /// Names of the link's Peers no longer wanted.
     pub delete: Vec<String>,

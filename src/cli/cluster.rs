@@ -231,26 +231,6 @@ impl Cluster {
         .await
     }
 
-    /// Replace the stored Peer `peer` (its `metadata.resourceVersion` says which version it
-    /// replaces: a concurrent change makes this fail with 409 and leaves the object as it is).
-    pub async fn replace_peer(&self, peer: &PeerResource) -> Result<(), ClusterCliError> {
-        let name = peer.metadata.name.clone().unwrap_or_default();
-        let obj: DynamicObject = serde_json::to_value(peer)
-            .and_then(serde_json::from_value)
-            .map_err(|e| ClusterCliError::Encode {
-                name: name.clone(),
-                problem: e.to_string(),
-            })?;
-        self.timed(async {
-            peers_api(self.client.clone())
-                .replace(&name, &PostParams::default(), &obj)
-                .await
-                .map(|_| ())
-                .map_err(|e| self.kube_error(e))
-        })
-        .await
-    }
-
     /// The client, for watches of one's own (`meshctl connect`, `multicluster link`).
     pub fn client(&self) -> &Client {
         &self.client

@@ -156,9 +156,9 @@ impl Side {
         }
         for p in &changes.update {
             let name = p.metadata.name.clone().unwrap_or_default();
-            match self.cluster.replace_peer(p).await {
+            match self.cluster.update_peer(p).await {
                 Ok(()) => out.updated.push(name),
-                Err(e) => problems.push(format!("cluster {}: replacing {name}: {e}", self.name)),
+                Err(e) => problems.push(format!("cluster {}: updating {name}: {e}", self.name)),
             }
         }
         for name in &changes.delete {

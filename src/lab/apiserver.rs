@@ -285,15 +285,20 @@ pub fn apiserver_args(api: &ApiServerState) -> Vec<String> {
     ]
 }
 
-/// Start `args` in `netns` with output appended to `log`, in its own process group.
-fn spawn_in(netns: &str, args: &[String], log: &Path) -> Result<(Child, ProcRef), LabError> {
+/// Start `args` in `netns` with output appended to `log`, in its own process group; `what`
+/// names the program in errors.
+pub(super) fn spawn_in<S: AsRef<std::ffi::OsStr>>(
+    netns: &str,
+    args: &[S],
+    log: &Path,
+    what: &str,
+) -> Result<(Child, ProcRef), LabError> {
     let out = OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .map_err(LabError::io("open", log))?;
     let err = out.try_clone().map_err(LabError::io("open", log))?;
-    let program = args.first().cloned().unwrap_or_default();
     let child = Command::new("ip")
         .args(["netns", "exec", netns])
         .args(args)
@@ -303,7 +308,7 @@ fn spawn_in(netns: &str, args: &[String], log: &Path) -> Result<(Child, ProcRef)
         .process_group(0)
         .spawn()
         .map_err(|source| LabError::Spawn {
-            program: format!("ip netns exec {netns} {program}"),
+            program: format!("ip netns exec {netns} {what}"),
             source,
         })?;
     let pid = child.id();
@@ -315,14 +320,19 @@ fn spawn_in(netns: &str, args: &[String], log: &Path) -> Result<(Child, ProcRef)
 pub fn start_etcd(api: &ApiServerState) -> Result<(Child, ProcRef), LabError> {
     create_dir(&api.etcd_data(), 0o700)?;
     tracing::info!(netns = %api.netns, "starting etcd");
-    spawn_in(&api.netns, &etcd_args(api), &api.etcd_log())
+    spawn_in(&api.netns, &etcd_args(api), &api.etcd_log(), "etcd")
 }
 
 /// Start kube-apiserver (etcd must run).
 pub fn start_apiserver(api: &ApiServerState) -> Result<(Child, ProcRef), LabError> {
     create_dir(&api.dir.join("certs"), 0o700)?;
     tracing::info!(netns = %api.netns, url = %api.url(), "starting kube-apiserver");
-    spawn_in(&api.netns, &apiserver_args(api), &api.apiserver_log())
+    spawn_in(
+        &api.netns,
+        &apiserver_args(api),
+        &api.apiserver_log(),
+        "kube-apiserver",
+    )
 }
 
 /// Fail with the log tail of the first of `procs` (child, name, log) that has exited.

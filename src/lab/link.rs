@@ -17,10 +17,8 @@
 //! `cluster` (the Peers).
 
 use std::ffi::OsString;
-use std::fs::OpenOptions;
-use std::os::unix::process::CommandExt as _;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 
 use super::LabError;
 use super::state::{LabState, LinkState, ProcRef};
@@ -68,34 +66,15 @@ pub fn spawn(
     link: &LinkState,
     meshctl: &Path,
 ) -> Result<(Child, ProcRef), LabError> {
-    let out = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&link.log)
-        .map_err(LabError::io("open", &link.log))?;
-    let err = out.try_clone().map_err(LabError::io("open", &link.log))?;
     tracing::info!(
         netns = %link.netns,
         cluster = link.cluster,
         remote = link.remote,
         "starting meshctl multicluster link"
     );
-    let child = Command::new("ip")
-        .args(["netns", "exec", &link.netns])
-        .arg(meshctl)
-        .args(link_args(state, link)?)
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .process_group(0)
-        .spawn()
-        .map_err(|source| LabError::Spawn {
-            program: format!("ip netns exec {} meshctl multicluster link", link.netns),
-            source,
-        })?;
-    let pid = child.id();
-    let start_time = sys::start_time(pid).unwrap_or_default();
-    Ok((child, ProcRef { pid, start_time }))
+    let mut args = vec![meshctl.as_os_str().to_owned()];
+    args.extend(link_args(state, link)?);
+    super::apiserver::spawn_in(&link.netns, &args, &link.log, "meshctl multicluster link")
 }
 
 /// Fail with the log's tail when one of `links` (their `children`, in order) has exited.
