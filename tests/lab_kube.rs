@@ -1404,6 +1404,27 @@ fn kube_lab_connect_reaches_every_pod_from_outside_and_cleans_up_on_sigterm() {
         "not every pod answered again:\n{}",
         second.log()
     );
+    // A node joins while connect runs: its pod is reached without a restart (the watch).
+    lab.ok(&["lab", "node", "add", "node4", "--location", "loc3"]);
+    let joined = Instant::now();
+    let pod4 = lab.status()["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .find(|n| n["name"] == "node4")
+        .and_then(|n| n["pods"][0]["ips"][0].as_str().map(str::to_owned))
+        .expect("node4's pod");
+    let reached = poll(Duration::from_secs(30), || out.pings(&pod4).then_some(()));
+    assert!(
+        reached.is_some(),
+        "node4's pod {pod4} not reached from outside within 30 s:\n{}\n{}",
+        second.log(),
+        out.ip(&["route", "show", "proto", "104"])
+    );
+    eprintln!(
+        "a node joined while connected: its pod reached {:?} after `lab node add` returned",
+        joined.elapsed()
+    );
     assert_eq!(second.stop().code(), Some(0), "{}", second.log());
     let log = second.log();
     assert!(log.contains("Peer deleted"), "{log}");
