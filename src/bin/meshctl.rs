@@ -1848,12 +1848,16 @@ const DEFAULT_LOG: &str = "warn,kube_client=off,rustls_platform_verifier=off";
 
 fn main() {
     let cli = parse_from(std::env::args_os()).unwrap_or_else(|e| e.exit());
-    // `connect` runs for long and says what it does; the other commands print their result.
+    // `connect` and a running `multicluster link` run for long and say what they do; the other
+    // commands print their result.
     let default_log = match &cli.command {
         Command::Connect(a) => format!(
             "{},kube_client=off,rustls_platform_verifier=off",
             a.log_level
         ),
+        Command::Multicluster(MulticlusterArgs {
+            command: MulticlusterCommand::Link(l),
+        }) if !l.once => "info,kube_client=off,rustls_platform_verifier=off".to_owned(),
         _ => DEFAULT_LOG.to_owned(),
     };
     tracing_subscriber::fmt()
