@@ -61,9 +61,38 @@ pub fn done(node: &Node) -> Option<String> {
         .filter(|v| !v.is_empty())
 }
 
+/// The public key node `node` publishes: Kilo's annotation when set (the registry reads it
+/// first when the two differ), else wiremesh's.
+pub fn published_key(node: &Node) -> Option<String> {
+    let a = node.metadata.annotations.as_ref()?;
+    ["kilo.squat.ai/key", "wiremesh.io/key"]
+        .iter()
+        .filter_map(|k| a.get(*k))
+        .map(|v| v.trim().to_owned())
+        .find(|v| !v.is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_published_key_is_kilos_annotation_first_then_ours() {
+        let mut n = Node::default();
+        assert_eq!(published_key(&n), None);
+        n.metadata.annotations = Some(
+            [("wiremesh.io/key".to_owned(), "ours".to_owned())]
+                .into_iter()
+                .collect(),
+        );
+        assert_eq!(published_key(&n).as_deref(), Some("ours"));
+        n.metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert("kilo.squat.ai/key".into(), " kilo ".into());
+        assert_eq!(published_key(&n).as_deref(), Some("kilo"));
+    }
 
     fn node(ann: &[(&str, &str)]) -> Node {
         let mut n = Node::default();

@@ -1077,11 +1077,7 @@ fn rotate_key(args: RotateKeyArgs) -> Result<()> {
         .to_string();
     let (node, t, wait) = (args.node.clone(), token.clone(), args.wait);
     let key_of = |n: &k8s_openapi::api::core::v1::Node| {
-        let a = n.metadata.annotations.clone().unwrap_or_default();
-        a.get("wiremesh.io/key")
-            .or_else(|| a.get("kilo.squat.ai/key"))
-            .cloned()
-            .unwrap_or_else(|| "(none)".into())
+        rotate::published_key(n).unwrap_or_else(|| "(none)".into())
     };
     let (before, after) = args.cluster.run(|c| async move {
         let before = c.node(&node).await?;

@@ -769,9 +769,8 @@ fn rotate_key(
             .iter()
             .find(|n| n.metadata.name.as_deref() == Some(node))
             .map(|n| {
-                let a = n.metadata.annotations.clone().unwrap_or_default();
                 (
-                    a.get("wiremesh.io/key").cloned().unwrap_or_default(),
+                    rotate::published_key(n).unwrap_or_default(),
                     rotate::done(n),
                 )
             })
