@@ -191,25 +191,12 @@ pub fn check_alive(nodes: &[NodeState], agents: &mut [Child]) -> Result<(), LabE
 mod tests {
     use super::*;
     use crate::lab::names::LabName;
-    use crate::lab::spec::{Source, SpecOptions, plan};
+    use crate::lab::spec::{SpecOptions, plan};
 
     #[test]
     fn agent_command_line_follows_the_agent_contract() {
         let name: LabName = "wm".parse().unwrap();
-        let spec = plan(&SpecOptions {
-            source: Source::Generated {
-                nodes: 2,
-                locations: 2,
-            },
-            granularity: None,
-            nat: None,
-            pods_per_node: 1,
-            registry: crate::lab::spec::Registry::File,
-            underlay_mtu: None,
-            clusters: 1,
-            family: crate::lab::spec::Family::Ipv4,
-        })
-        .unwrap();
+        let spec = plan(&SpecOptions::generated(2, 2)).unwrap();
         let state = LabState::new(&name, Path::new("/run/wiremesh-lab/wm"), spec, 0);
         let args: Vec<String> = agent_args(&state, &state.nodes[1], &["--x".to_owned()])
             .into_iter()
@@ -229,17 +216,8 @@ mod tests {
     fn with_the_kube_registry_the_agent_gets_only_the_agent_kubeconfig() {
         let name: LabName = "wm".parse().unwrap();
         let spec = plan(&SpecOptions {
-            source: Source::Generated {
-                nodes: 2,
-                locations: 2,
-            },
-            granularity: None,
-            nat: None,
-            pods_per_node: 1,
             registry: crate::lab::spec::Registry::Kube,
-            underlay_mtu: None,
-            clusters: 1,
-            family: crate::lab::spec::Family::Ipv4,
+            ..SpecOptions::generated(2, 2)
         })
         .unwrap();
         let state = LabState::new(&name, Path::new("/run/wiremesh-lab/wm"), spec, 0);
@@ -263,17 +241,9 @@ mod tests {
     fn each_agent_of_a_two_cluster_lab_gets_its_clusters_kubeconfig_and_mesh_subnet() {
         let name: LabName = "wm".parse().unwrap();
         let spec = plan(&SpecOptions {
-            source: Source::Generated {
-                nodes: 4,
-                locations: 2,
-            },
-            granularity: None,
-            nat: None,
-            pods_per_node: 1,
             registry: crate::lab::spec::Registry::Kube,
-            underlay_mtu: None,
             clusters: 2,
-            family: crate::lab::spec::Family::Ipv4,
+            ..SpecOptions::generated(4, 2)
         })
         .unwrap();
         let state = LabState::new(&name, Path::new("/run/wiremesh-lab/wm"), spec, 0);
@@ -309,17 +279,9 @@ mod tests {
             (Family::Ipv6, Some("--subnet fd00:4::/64")),
         ] {
             let spec = plan(&SpecOptions {
-                source: Source::Generated {
-                    nodes: 2,
-                    locations: 2,
-                },
-                granularity: None,
                 nat: Some(0),
-                pods_per_node: 1,
-                registry: crate::lab::spec::Registry::File,
-                underlay_mtu: None,
-                clusters: 1,
                 family,
+                ..SpecOptions::generated(2, 2)
             })
             .unwrap();
             let state = LabState::new(&name, Path::new("/run/wiremesh-lab/wm"), spec, 0);

@@ -138,23 +138,15 @@ pub fn missing_peers(state: &LabState) -> Result<Vec<String>, LabError> {
 mod tests {
     use super::*;
     use crate::lab::names::LabName;
-    use crate::lab::spec::{Family, Registry, Source, SpecOptions, plan};
+    use crate::lab::spec::{SpecOptions, plan};
 
     #[test]
     fn a_two_cluster_lab_links_cluster1_to_cluster2_with_both_admin_kubeconfigs() {
         let name: LabName = "wm".parse().unwrap();
         let spec = plan(&SpecOptions {
-            source: Source::Generated {
-                nodes: 4,
-                locations: 2,
-            },
-            granularity: None,
-            nat: None,
-            pods_per_node: 1,
-            registry: Registry::Kube,
-            underlay_mtu: None,
+            registry: crate::lab::spec::Registry::Kube,
             clusters: 2,
-            family: Family::Ipv4,
+            ..SpecOptions::generated(4, 2)
         })
         .unwrap();
         let state = LabState::new(&name, Path::new("/run/wiremesh-lab/wm"), spec, 0);

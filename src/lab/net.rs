@@ -287,22 +287,13 @@ pub fn create_pod_ns(netns: &str) -> Result<(), LabError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lab::spec::{Source, SpecOptions, plan};
+    use crate::lab::spec::{SpecOptions, plan};
 
     #[test]
     fn nat_ruleset_masquerades_the_lan_and_drops_new_inbound() {
         let spec = plan(&SpecOptions {
-            source: Source::Generated {
-                nodes: 2,
-                locations: 2,
-            },
-            granularity: None,
             nat: Some(1),
-            pods_per_node: 1,
-            registry: crate::lab::spec::Registry::File,
-            underlay_mtu: None,
-            clusters: 1,
-            family: Family::Ipv4,
+            ..SpecOptions::generated(2, 2)
         })
         .unwrap();
         let rules = nat_ruleset(&spec.lans[1]);

@@ -192,6 +192,24 @@ pub struct SpecOptions {
     pub clusters: usize,
 }
 
+impl SpecOptions {
+    /// `nodes` generated nodes in `locations` generated locations, the rest as `lab up`
+    /// defaults it: granularity and NAT chosen by the shape, one pod per node, the nodes file,
+    /// IPv4, one cluster.
+    pub fn generated(nodes: usize, locations: usize) -> SpecOptions {
+        SpecOptions {
+            source: Source::Generated { nodes, locations },
+            granularity: None,
+            nat: None,
+            pods_per_node: 1,
+            registry: Registry::File,
+            underlay_mtu: None,
+            family: Family::Ipv4,
+            clusters: 1,
+        }
+    }
+}
+
 /// One cluster of the lab: its own API server (namespace, address, files) and mesh subnet.
 /// A lab without `--clusters` has one, `cluster1`, which is the lab as it always was.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

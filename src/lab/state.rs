@@ -487,23 +487,14 @@ pub fn create_dir(path: &Path, mode: u32) -> Result<(), LabError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lab::spec::{Registry, Source, SpecOptions, plan};
+    use crate::lab::spec::{SpecOptions, plan};
 
     #[test]
     fn new_state_names_every_namespace_and_round_trips_through_json() {
         let name: LabName = "wm".parse().unwrap();
         let spec = plan(&SpecOptions {
-            source: Source::Generated {
-                nodes: 3,
-                locations: 2,
-            },
-            granularity: None,
-            nat: None,
             pods_per_node: 2,
-            registry: crate::lab::spec::Registry::File,
-            underlay_mtu: None,
-            clusters: 1,
-            family: crate::lab::spec::Family::Ipv4,
+            ..SpecOptions::generated(3, 2)
         })
         .unwrap();
         let s = LabState::new(&name, Path::new("/run/wiremesh-lab/wm"), spec, 7);
@@ -538,17 +529,9 @@ mod tests {
     fn a_two_cluster_state_has_an_api_server_per_cluster_and_one_link() {
         let name: LabName = "wm".parse().unwrap();
         let spec = plan(&SpecOptions {
-            source: Source::Generated {
-                nodes: 2,
-                locations: 2,
-            },
-            granularity: None,
-            nat: None,
-            pods_per_node: 1,
-            registry: Registry::Kube,
-            underlay_mtu: None,
+            registry: crate::lab::spec::Registry::Kube,
             clusters: 2,
-            family: crate::lab::spec::Family::Ipv4,
+            ..SpecOptions::generated(2, 2)
         })
         .unwrap();
         let mut s = LabState::new(&name, Path::new("/run/wiremesh-lab/wm"), spec, 7);
