@@ -8,8 +8,11 @@
 use tracing::{info, warn};
 
 use crate::desired::{DesiredState, MAIN_TABLE, Route, RouteDev, guards_of, guards_of_state};
-use crate::reconcile::netlink::{Devices, Netlink, NetlinkKernel, WG_ALIAS};
-use crate::reconcile::system::{TUNNEL_DEVICE, is_route_or_rule, is_wireguard, on_wireguard_link};
+use crate::reconcile::netlink::{Devices, Netlink, NetlinkKernel};
+use crate::reconcile::system::{
+    Run, TUNNEL_DEVICE, device_results, mark_if_created, on_wireguard_link, runs,
+    wireguard_link_refusal,
+};
 use crate::reconcile::wg::{PrivateKey, WgDevice, WgOptions};
 use crate::reconcile::{Kernel, KernelError, Op, OwnedState};
 
@@ -169,52 +172,26 @@ impl Kernel for ConnectKernel {
     /// batch, the rest one by one. Operations on a WireGuard link that is not wiremesh's fail,
     /// the others still run; a link created here is marked as wiremesh's.
     async fn apply_all(&mut self, ops: &[Op]) -> Vec<Result<(), KernelError>> {
-        let link_why = if ops.iter().any(on_wireguard_link) {
-            self.netlink
-                .netlink
-                .claim_wireguard_link()
-                .await
-                .err()
-                .map(|e| e.to_string())
-        } else {
-            None
-        };
+        let nl = &self.netlink.netlink;
+        let link_why = wireguard_link_refusal(nl, ops).await;
         let mut out = Vec::with_capacity(ops.len());
-        let mut i = 0;
-        while i < ops.len() {
-            if let Some(why) = link_why.as_deref().filter(|_| on_wireguard_link(&ops[i])) {
-                out.push(Err(KernelError::NotOwned(why.to_owned())));
-                i += 1;
-            } else if is_wireguard(&ops[i]) {
-                let end = i + ops[i..].iter().take_while(|o| is_wireguard(o)).count();
-                for r in self.wg.apply_ops(&ops[i..end]).await {
-                    out.push(r.unwrap_or_else(|| {
-                        Err(KernelError::Unsupported("not a WireGuard op".into()))
-                    }));
+        for (run, r) in runs(ops) {
+            // A run acts on the WireGuard link as a whole or not at all.
+            if let Some(why) = link_why.as_deref()
+                && on_wireguard_link(&ops[r.start])
+            {
+                out.extend(r.map(|_| Err(KernelError::NotOwned(why.to_owned()))));
+                continue;
+            }
+            match run {
+                Run::WireGuard => {
+                    out.extend(device_results(self.wg.apply_ops(&ops[r]).await));
                 }
-                i = end;
-            } else if is_route_or_rule(&ops[i]) {
-                let end = i + ops[i..].iter().take_while(|o| is_route_or_rule(o)).count();
-                out.extend(self.netlink.apply_all(&ops[i..end]).await);
-                i = end;
-            } else {
-                out.push(self.netlink.apply(&ops[i]).await);
-                i += 1;
+                Run::RoutesAndRules => out.extend(self.netlink.apply_all(&ops[r]).await),
+                Run::One => out.push(self.netlink.apply(&ops[r.start]).await),
             }
         }
-        let created = ops
-            .iter()
-            .zip(&out)
-            .any(|(op, r)| matches!(op, Op::CreateInterface) && r.is_ok());
-        if created
-            && let Err(e) = self
-                .netlink
-                .netlink
-                .mark_link(self.wg.name(), WG_ALIAS)
-                .await
-        {
-            warn!(error = %e, "cannot mark the WireGuard interface as wiremesh's");
-        }
+        mark_if_created(&self.netlink.netlink, self.wg.name(), ops, &out).await;
         out
     }
 }

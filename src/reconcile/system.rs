@@ -117,7 +117,7 @@ pub(crate) fn on_wireguard_link(op: &Op) -> bool {
         )
 }
 
-pub(crate) fn is_wireguard(op: &Op) -> bool {
+fn is_wireguard(op: &Op) -> bool {
     matches!(
         op,
         Op::CreateInterface
@@ -127,11 +127,82 @@ pub(crate) fn is_wireguard(op: &Op) -> bool {
     )
 }
 
-pub(crate) fn is_route_or_rule(op: &Op) -> bool {
+fn is_route_or_rule(op: &Op) -> bool {
     matches!(
         op,
         Op::AddRoute(_) | Op::DelRoute(_) | Op::AddRule(_) | Op::DelRule(_)
     )
+}
+
+/// How a run of operations goes to the kernel (see [`runs`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Run {
+    /// Consecutive WireGuard operations: one device update.
+    WireGuard,
+    /// Consecutive routes and rules: one netlink batch.
+    RoutesAndRules,
+    /// Anything else, alone.
+    One,
+}
+
+/// `ops` cut into runs, in order: consecutive WireGuard operations, consecutive routes and
+/// rules, anything else one by one.
+pub(crate) fn runs(ops: &[Op]) -> Vec<(Run, std::ops::Range<usize>)> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < ops.len() {
+        let (run, len) = if is_wireguard(&ops[i]) {
+            (
+                Run::WireGuard,
+                ops[i..].iter().take_while(|o| is_wireguard(o)).count(),
+            )
+        } else if is_route_or_rule(&ops[i]) {
+            (
+                Run::RoutesAndRules,
+                ops[i..].iter().take_while(|o| is_route_or_rule(o)).count(),
+            )
+        } else {
+            (Run::One, 1)
+        };
+        out.push((run, i..i + len));
+        i += len;
+    }
+    out
+}
+
+/// The results of a WireGuard device update, one per operation sent (an operation the device
+/// does not take is an error).
+pub(crate) fn device_results(
+    results: Vec<Option<Result<(), KernelError>>>,
+) -> impl Iterator<Item = Result<(), KernelError>> {
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(KernelError::Unsupported("not a WireGuard op".into()))))
+}
+
+/// Why the operations of `ops` that act on the WireGuard link must not run (a link of that
+/// name that is not wiremesh's); `None` when they may, or when there are none.
+pub(crate) async fn wireguard_link_refusal(nl: &Netlink, ops: &[Op]) -> Option<String> {
+    if !ops.iter().any(on_wireguard_link) {
+        return None;
+    }
+    nl.claim_wireguard_link().await.err().map(|e| e.to_string())
+}
+
+/// Mark the WireGuard link `name` as wiremesh's when `ops` created it (`results` in order).
+pub(crate) async fn mark_if_created(
+    nl: &Netlink,
+    name: &str,
+    ops: &[Op],
+    results: &[Result<(), KernelError>],
+) {
+    let created = ops
+        .iter()
+        .zip(results)
+        .any(|(op, r)| matches!(op, Op::CreateInterface) && r.is_ok());
+    if created && let Err(e) = nl.mark_link(name, WG_ALIAS).await {
+        warn!(error = %e, "cannot mark the WireGuard interface as wiremesh's");
+    }
 }
 
 impl SystemKernel {
@@ -398,36 +469,27 @@ impl SystemKernel {
     /// update, consecutive routes and rules in one netlink batch, anything else alone.
     async fn apply_in_order(&mut self, ops: &[Op]) -> Vec<Result<(), KernelError>> {
         let mut out = Vec::with_capacity(ops.len());
-        let mut i = 0;
-        while i < ops.len() {
-            if is_wireguard(&ops[i]) {
-                let end = i + ops[i..].iter().take_while(|o| is_wireguard(o)).count();
-                let started = std::time::Instant::now();
-                let results = self.wg.apply_ops(&ops[i..end]).await;
-                info!(
-                    ops = end - i,
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "wireguard applied"
-                );
-                for r in results {
-                    out.push(r.unwrap_or_else(|| {
-                        Err(KernelError::Unsupported("not a WireGuard op".into()))
-                    }));
+        for (run, r) in runs(ops) {
+            let started = std::time::Instant::now();
+            match run {
+                Run::WireGuard => {
+                    let results = self.wg.apply_ops(&ops[r.clone()]).await;
+                    info!(
+                        ops = r.len(),
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "wireguard applied"
+                    );
+                    out.extend(device_results(results));
                 }
-                i = end;
-            } else if is_route_or_rule(&ops[i]) {
-                let end = i + ops[i..].iter().take_while(|o| is_route_or_rule(o)).count();
-                out.extend(self.netlink.apply_all(&ops[i..end]).await);
-                i = end;
-            } else {
-                let started = std::time::Instant::now();
-                out.push(self.apply_one(&ops[i]).await);
-                debug!(
-                    op = ops[i].kind(),
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "applied"
-                );
-                i += 1;
+                Run::RoutesAndRules => out.extend(self.netlink.apply_all(&ops[r]).await),
+                Run::One => {
+                    out.push(self.apply_one(&ops[r.start]).await);
+                    debug!(
+                        op = ops[r.start].kind(),
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "applied"
+                    );
+                }
             }
         }
         out
@@ -530,14 +592,7 @@ impl Kernel for SystemKernel {
     async fn apply_all(&mut self, ops: &[Op]) -> Vec<Result<(), KernelError>> {
         let need = forwarding::needed_by_ops(ops).union(self.in_use);
         let blocked = self.ensure_forwarding(need);
-        let link_why = if ops.iter().any(on_wireguard_link) {
-            match self.netlink.netlink.claim_wireguard_link().await {
-                Ok(()) => None,
-                Err(e) => Some(e.to_string()),
-            }
-        } else {
-            None
-        };
+        let link_why = wireguard_link_refusal(&self.netlink.netlink, ops).await;
         let reasons: Vec<Option<KernelError>> = ops
             .iter()
             .map(|op| blocked_reason(op, &blocked, link_why.as_deref()))
@@ -560,19 +615,7 @@ impl Kernel for SystemKernel {
                 })
                 .collect()
         };
-        let created = ops
-            .iter()
-            .zip(&results)
-            .any(|(op, r)| matches!(op, Op::CreateInterface) && r.is_ok());
-        if created
-            && let Err(e) = self
-                .netlink
-                .netlink
-                .mark_link(&self.opts.interface, WG_ALIAS)
-                .await
-        {
-            warn!(error = %e, "cannot mark the WireGuard interface as wiremesh's");
-        }
+        mark_if_created(&self.netlink.netlink, &self.opts.interface, ops, &results).await;
         results
     }
 }
@@ -581,6 +624,36 @@ impl Kernel for SystemKernel {
 mod tests {
     use super::*;
     use crate::desired::{MAIN_TABLE, Route, RouteDev};
+
+    #[test]
+    fn runs_group_wireguard_ops_and_routes_and_leave_the_rest_alone() {
+        let route = Op::AddRoute(Route::blackhole(
+            MAIN_TABLE,
+            "10.42.1.0/24".parse().unwrap(),
+        ));
+        let ops = [
+            Op::CreateInterface,
+            Op::RemovePeer {
+                public_key: crate::model::WgKey([1; 32]),
+            },
+            route.clone(),
+            route,
+            Op::LinkUp,
+            Op::LinkUp,
+            Op::CreateInterface,
+        ];
+        assert_eq!(
+            runs(&ops),
+            [
+                (Run::WireGuard, 0..2),
+                (Run::RoutesAndRules, 2..4),
+                (Run::One, 4..5),
+                (Run::One, 5..6),
+                (Run::WireGuard, 6..7),
+            ]
+        );
+        assert!(runs(&[]).is_empty());
+    }
 
     #[test]
     fn blocked_ops_are_those_needing_a_blocked_family_or_touching_a_foreign_link() {
