@@ -28,7 +28,10 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 
-use scale::{Mix, Options, Scale, StreamOptions, activity, probe_latencies, quantile, unix_secs};
+use scale::{
+    Mix, Options, Scale, StreamOptions, activity, membership_latencies, probe_latencies, quantile,
+    unix_secs,
+};
 
 /// Load test of one wiremesh agent against a real kube-apiserver.
 #[derive(Parser)]
@@ -161,6 +164,11 @@ fn main() -> Result<()> {
     };
     let probes = sorted(|p| p.applied);
     let probes_seen = sorted(|p| p.seen);
+    // Joins and leaves: each renumbers the mesh IPs after it in full granularity.
+    let joins = membership_latencies(&log, &rep.memberships);
+    let mut joins_applied: Vec<f64> = joins.iter().filter_map(|p| p.applied).collect();
+    joins_applied.sort_by(f64::total_cmp);
+    let joins_missed = joins.len() - joins_applied.len();
     let mut delivered: Vec<f64> = rep.delivered.iter().flatten().copied().collect();
     delivered.sort_by(f64::total_cmp);
     let rss_stream_max = s.sampler().max_between(rep.first_sent, stream_end);
@@ -189,6 +197,7 @@ fn main() -> Result<()> {
          batches={} engine_events={} reconciles={} ops={} warnings={} \
          lag_s={:.3} probe_p50_ms={:.0} probe_p99_ms={:.0} probe_max_ms={:.0} \
          probe_seen_p50_ms={:.0} probe_seen_p99_ms={:.0} \
+         membership_p50_ms={:.0} membership_p99_ms={:.0} membership_unseen={} \
          api_delivery_p50_ms={:.0} api_delivery_p99_ms={:.0} \
          stream_cpu_s={:.2} cpu_us_per_change={:.0} \
          rss_converged_mib={} rss_idle_mib={} rss_stream_max_mib={} rss_end_mib={} \
@@ -231,6 +240,9 @@ fn main() -> Result<()> {
         probes.last().copied().unwrap_or_default() * 1000.0,
         quantile(&probes_seen, 0.5) * 1000.0,
         quantile(&probes_seen, 0.99) * 1000.0,
+        quantile(&joins_applied, 0.5) * 1000.0,
+        quantile(&joins_applied, 0.99) * 1000.0,
+        joins_missed,
         quantile(&delivered, 0.5) * 1000.0,
         quantile(&delivered, 0.99) * 1000.0,
         cpu_stream,

@@ -248,6 +248,120 @@ proptest! {
     }
 }
 
+/// `events` applied to the inputs `nodes` and `peers`, as the engine takes them.
+fn apply_inputs(
+    nodes: &mut BTreeMap<NodeName, MeshNode>,
+    peers: &mut BTreeMap<NodeName, MeshPeer>,
+    events: &[Event],
+) {
+    for ev in events {
+        match ev {
+            Event::NodeUpsert(n) => {
+                nodes.insert(n.name.clone(), (**n).clone());
+            }
+            Event::NodeRemove(n) => {
+                nodes.remove(n);
+            }
+            Event::PeerUpsert(p) => {
+                peers.insert(p.name.clone(), p.clone());
+            }
+            Event::PeerRemove(p) => {
+                peers.remove(p);
+            }
+        }
+    }
+}
+
+/// The objects (node or external peer, by name) that `events` touch.
+fn touched(events: &[Event]) -> BTreeSet<(bool, NodeName)> {
+    events
+        .iter()
+        .map(|ev| match ev {
+            Event::NodeUpsert(n) => (false, n.name.clone()),
+            Event::NodeRemove(n) => (false, n.clone()),
+            Event::PeerUpsert(p) => (true, p.name.clone()),
+            Event::PeerRemove(p) => (true, p.clone()),
+        })
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// Property: a batch split into its cheap and costly events (the agent reconciles the cheap
+    /// ones first) keeps every object's events on one side, the engine between the two parts
+    /// has the full recomputation's state of the inputs with only the cheap part applied, and
+    /// it ends where the whole batch folded at once ends: in the full recomputation's state.
+    #[test]
+    fn a_batch_split_into_cheap_and_costly_events_ends_in_the_full_recompute_state(
+        start in gens::cluster(8, true),
+        batches in prop::collection::vec(prop::collection::vec(event(), 1..12), 1..6),
+        full in any::<bool>(),
+    ) {
+        let o = opts(full);
+        let local = first(&start);
+        let mut split = Engine::new(start.clone(), Vec::new(), local.clone(), o.clone());
+        let mut folded = Engine::new(start.clone(), Vec::new(), local.clone(), o.clone());
+        let mut nodes: BTreeMap<NodeName, MeshNode> = start.into_iter().map(|n| (n.name.clone(), n)).collect();
+        let mut peers: BTreeMap<NodeName, MeshPeer> = BTreeMap::new();
+        for batch in batches {
+            let (cheap, costly) = split.split_costly(batch.clone());
+            prop_assert_eq!(cheap.len() + costly.len(), batch.len());
+            prop_assert!(touched(&cheap).is_disjoint(&touched(&costly)));
+            prop_assert!(cheap.iter().all(|ev| !split.costly(ev)));
+            apply_inputs(&mut nodes, &mut peers, &cheap);
+            split.fold_batch(cheap);
+            prop_assert_eq!(&split.desired(), &full_state(&nodes, &peers, &local, &o));
+            apply_inputs(&mut nodes, &mut peers, &costly);
+            split.fold_batch(costly);
+            folded.fold_batch(batch);
+            let expected = full_state(&nodes, &peers, &local, &o);
+            prop_assert_eq!(&split.desired(), &expected);
+            prop_assert_eq!(&folded.desired(), &expected);
+        }
+    }
+}
+
+#[test]
+fn a_batch_with_a_leave_is_folded_into_one_recomputation_without_the_fast_path() {
+    let nodes = mesh(300);
+    let mut engine = Engine::new(
+        nodes.clone(),
+        Vec::new(),
+        NodeName("n000".into()),
+        opts(true),
+    );
+    // A move, then a node leaving the middle of the mesh (renumbering the 150 segments after
+    // it): the fast path would recompute those before giving up; the fold goes straight to one
+    // recomputation.
+    let mut moved = nodes[10].clone();
+    moved.endpoint = Some("198.51.100.7:4000".parse().unwrap());
+    let leave = Event::NodeRemove(nodes[150].name.clone());
+    assert!(engine.costly(&leave));
+    assert!(!engine.costly(&Event::node(moved.clone())));
+    let before = engine.stats();
+    engine.fold_batch([Event::node(moved.clone()), leave]);
+    let after = engine.stats();
+    assert_eq!(after.full - before.full, 1, "one recomputation: {after:?}");
+    assert_eq!(
+        after.incremental, before.incremental,
+        "no fast path: {after:?}"
+    );
+    let mut rest: BTreeMap<NodeName, MeshNode> =
+        nodes.into_iter().map(|n| (n.name.clone(), n)).collect();
+    rest.remove(&NodeName("n150".into()));
+    rest.insert(moved.name.clone(), moved);
+    assert_eq!(
+        engine.desired(),
+        full_state(
+            &rest,
+            &BTreeMap::new(),
+            &NodeName("n000".into()),
+            &opts(true)
+        )
+    );
+}
+
 /// A full mesh of `n` ready nodes `n000`… (the local node is `n000`).
 fn mesh(n: usize) -> Vec<MeshNode> {
     (0..n)

@@ -381,6 +381,8 @@ pub async fn run_with<K: Kernel>(
     let mut failover_resumed = false;
     // Since when the registry has been listed and reachable without a break (for staleness).
     let mut live_since: Option<tokio::time::Instant> = None;
+    // Events of the last batch that wait for its cheap ones to reach the kernel.
+    let mut deferred: Vec<Event> = Vec::new();
     me.port
         .found(kernel.port_holder(cfg.mesh.port).await, &observer);
     // The guards of the last run first: after a reboot pods may run before the registry is
@@ -467,6 +469,16 @@ pub async fn run_with<K: Kernel>(
                 me.publish(&cfg, link, &host);
             }
         }
+        // The costly part of the last batch, held back so that its cheap changes reached the
+        // kernel first (see `take_events`): folded now, reconciled at once.
+        if !deferred.is_empty()
+            && let Mesh::Running(engine) = &mut mesh
+        {
+            let later = std::mem::take(&mut deferred);
+            debug!(events = later.len(), "folding the batch's costly events in");
+            fold(engine, &mut machine, later);
+            continue;
+        }
         observer.loop_not_ready(machine.not_ready());
         let deadline = tokio::time::Instant::from_std(machine.deadline());
         tokio::select! {
@@ -546,7 +558,7 @@ pub async fn run_with<K: Kernel>(
                         link.reconnected();
                     }
                 }
-                take_events(&cfg, &mut mesh, &mut machine, &diags.registry, events, batch.synced);
+                deferred = take_events(&cfg, &mut mesh, &mut machine, &diags.registry, events, batch.synced);
             }
             ev = kernel_events.recv(), if kernel_events_open => {
                 match ev {
@@ -650,6 +662,12 @@ pub async fn run_with<K: Kernel>(
 
 /// Hand a batch's `events` to the mesh: gathered until the registry has listed everything
 /// (`synced`), then the engine is made; afterwards into the engine, its updates to `machine`.
+///
+/// A running mesh takes a batch's cheap events now and returns its costly ones (a node joining
+/// or leaving, which renumbers every segment after it in full granularity, an external peer,
+/// the local node; see `Engine::split_costly`) for after the next reconciliation: an endpoint
+/// move then reaches the kernel in a reconciliation of its own, instead of waiting behind a
+/// renumbering of thousands of peers.
 fn take_events(
     cfg: &AgentConfig,
     mesh: &mut Mesh,
@@ -657,7 +675,7 @@ fn take_events(
     registry: &[Diagnostic],
     events: Vec<Event>,
     synced: bool,
-) {
+) -> Vec<Event> {
     match mesh {
         Mesh::Listing { nodes, peers } => {
             for ev in events {
@@ -685,28 +703,46 @@ fn take_events(
                 *mesh = Mesh::Running(Box::new(engine));
                 machine.listed();
             }
+            Vec::new()
         }
         Mesh::Running(engine) => {
             debug!(events = events.len(), "registry changed");
+            let (now, later) = engine.split_costly(events);
+            let (now, later) = if now.is_empty() {
+                (later, Vec::new())
+            } else {
+                (now, later)
+            };
             // Event by event while the one delta the machine keeps is still to come; from the
             // second change on the whole state is planned, so the rest is folded in without
             // updates (no diff of the whole mesh per burst).
-            let mut events = events.into_iter();
+            let mut now = now.into_iter();
             while machine.wants_deltas() {
-                let Some(ev) = events.next() else { break };
+                let Some(ev) = now.next() else { break };
                 engine.apply_batch([ev], |u| absorb(machine, u, registry));
             }
-            let rest: Vec<Event> = events.collect();
+            let rest: Vec<Event> = now.collect();
             if !rest.is_empty() {
                 debug!(events = rest.len(), "folding the rest of the batch in");
-                if tracing::enabled!(tracing::Level::DEBUG) {
-                    rest.iter().for_each(log_folded);
-                }
-                engine.fold_batch(rest);
-                machine.folded();
+                fold(engine, machine, rest);
             }
+            later
         }
     }
+}
+
+/// Fold `events` into the engine without updates; the machine plans the whole state.
+fn fold(engine: &mut Engine, machine: &mut Machine, events: Vec<Event>) {
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        events.iter().for_each(log_folded);
+    }
+    let started = std::time::Instant::now();
+    engine.fold_batch(events);
+    debug!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "batch folded into the engine"
+    );
+    machine.folded();
 }
 
 /// The loop's clock as the machine takes it: tokio's (paused in tests), as a std `Instant`.

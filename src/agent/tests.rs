@@ -17,6 +17,8 @@ struct FakeKernel {
     refuse: Arc<Mutex<Option<(ipnetwork::IpNetwork, usize)>>>,
     /// How many times operations were applied (one reconciliation each).
     reconciles: Arc<Mutex<usize>>,
+    /// The operations of each reconciliation, in order.
+    rounds: Arc<Mutex<Vec<Vec<Op>>>>,
     /// Drop every WireGuard route when an address is removed (as the kernel does with the last
     /// IPv4 address of a link), and count how often that happened.
     flush_on_address_removal: Arc<Mutex<Option<usize>>>,
@@ -84,6 +86,7 @@ impl Kernel for FakeKernel {
     }
     async fn apply_all(&mut self, ops: &[Op]) -> Vec<Result<(), KernelError>> {
         *self.reconciles.lock().unwrap() += 1;
+        self.rounds.lock().unwrap().push(ops.to_vec());
         let mut out = Vec::with_capacity(ops.len());
         for op in ops {
             out.push(self.apply(op).await);
@@ -533,6 +536,51 @@ async fn a_burst_taken_in_one_batch_reaches_the_kernel_as_its_net_change() {
         upserted.contains(&par) && upserted.contains(&hel),
         "{ops:?}"
     );
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_batchs_cheap_changes_reach_the_kernel_before_its_costly_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = FakeKernel::default();
+    let (agent, tx, nodes) = fra_1_listed(dir.path(), &kernel).await;
+    let before = kernel.rounds.lock().unwrap().len();
+    let index = |name: &str| nodes.iter().position(|n| n.name.0 == name).unwrap();
+    let mut moved = nodes[index("par-1")].clone();
+    moved.endpoint = Some("203.0.113.99:40001".parse().unwrap());
+    // A node joining adds a segment (in full granularity it renumbers every segment after
+    // it): costly. It comes first in the batch; the move still reaches the kernel first.
+    let mut joined = nodes[index("hel-1")].clone();
+    joined.name = NodeName("zrh-1".into());
+    joined.location = "zrh".into();
+    joined.key = Some(WgKey([9; 32]));
+    joined.endpoint = Some("203.0.113.77:51820".parse().unwrap());
+    joined.internal_ip = None;
+    joined.pod_cidrs = vec!["10.99.0.0/24".parse().unwrap()];
+    let par = key_of(&nodes, "par-1");
+    tx.send(batch(vec![Event::node(joined), Event::node(moved)], true))
+        .await
+        .unwrap();
+    wait_for("the joined node's peer", || {
+        peer_keys(&kernel).contains(&WgKey([9; 32]))
+    })
+    .await;
+    let rounds = kernel.rounds.lock().unwrap()[before..].to_vec();
+    let upserts = |ops: &[Op]| -> Vec<WgKey> {
+        ops.iter()
+            .filter_map(|o| match o {
+                Op::UpsertPeer(p) => Some(p.public_key),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(
+        rounds.len(),
+        2,
+        "the cheap part, then the costly one: {rounds:?}"
+    );
+    assert_eq!(upserts(&rounds[0]), vec![par], "{rounds:?}");
+    assert!(upserts(&rounds[1]).contains(&WgKey([9; 32])), "{rounds:?}");
     agent.stop().await;
 }
 

@@ -12,7 +12,7 @@
 //!
 //! Pure: no I/O, no clock, no async. Depends on the topology module, model and desired state.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use ipnetwork::IpNetwork;
@@ -408,10 +408,73 @@ impl Engine {
     /// but a recomputation only rebuilds, without materialising the whole desired state before
     /// and after it to diff them. At 5,000 nodes in full granularity those two copies and their
     /// diff are most of a burst's memory peak (`examples/engine_memory.rs`).
+    ///
+    /// A batch holding an event that needs a recomputation anyway (an external peer, the local
+    /// node) or that adds or removes a segment (which renumbers every segment after it, and
+    /// costs the fast path more than one recomputation) goes straight to one recomputation:
+    /// the fast path's work for the events before it would be thrown away.
     pub fn fold_batch(&mut self, events: impl IntoIterator<Item = Event>) {
+        let events: Vec<Event> = events.into_iter().collect();
         self.folding = true;
-        self.apply_batch(events, |_| {});
+        if events.iter().any(|ev| self.costly(ev)) {
+            events.into_iter().for_each(|ev| self.set_input(ev));
+            self.recompute();
+        } else {
+            self.apply_batch(events, |_| {});
+        }
         self.folding = false;
+    }
+
+    /// Split a batch into the events the fast path takes cheaply and the rest: every event of a
+    /// node (or external peer) that has a costly one in the batch goes with the rest, so each
+    /// object's events keep their order. Applying the first part and then the second ends in
+    /// the same state as applying the batch (the engine is a function of its inputs), and the
+    /// state between is that of inputs that all existed.
+    pub fn split_costly(&self, events: Vec<Event>) -> (Vec<Event>, Vec<Event>) {
+        let name = |ev: &Event| match ev {
+            Event::NodeUpsert(n) => (false, n.name.clone()),
+            Event::NodeRemove(n) => (false, n.clone()),
+            Event::PeerUpsert(p) => (true, p.name.clone()),
+            Event::PeerRemove(p) => (true, p.clone()),
+        };
+        let costly: HashSet<(bool, NodeName)> = events
+            .iter()
+            .filter(|ev| self.costly(ev))
+            .map(name)
+            .collect();
+        if costly.is_empty() {
+            return (events, Vec::new());
+        }
+        events
+            .into_iter()
+            .partition(|ev| !costly.contains(&name(ev)))
+    }
+
+    /// Whether `ev`, taken against the current inputs, needs a recomputation or changes which
+    /// segments exist. Only a cost estimate: both ways end in the same state.
+    pub fn costly(&self, ev: &Event) -> bool {
+        let (name, new) = match ev {
+            Event::PeerUpsert(_) | Event::PeerRemove(_) => return true,
+            Event::NodeUpsert(n) => (&n.name, Some(&**n)),
+            Event::NodeRemove(name) => (name, None),
+        };
+        if *name == self.local {
+            return true;
+        }
+        let seg =
+            |n: Option<&MeshNode>| self.ready(n).map(|n| segment_key(n, self.opts.granularity));
+        let old_seg = seg(self.nodes.get(name).map(|n| &**n));
+        let new_seg = seg(new);
+        if old_seg == new_seg {
+            return false;
+        }
+        let emptied = old_seg
+            .as_ref()
+            .is_some_and(|k| self.members.get(k).is_none_or(|m| m.len() <= 1));
+        let created = new_seg
+            .as_ref()
+            .is_some_and(|k| self.members.get(k).is_none_or(Vec::is_empty));
+        emptied || created
     }
 
     /// Record an event in the inputs only (a recomputation must follow).

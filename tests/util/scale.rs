@@ -313,6 +313,48 @@ pub fn probe_latencies(log: &str, probes: &[(String, f64)]) -> Vec<ProbeTimes> {
         .collect()
 }
 
+/// For each node created or deleted at `sent` (Unix seconds), from the agent's log: seconds
+/// until the first line that names it after `sent` ("node changed (folded)", "node removed
+/// (folded)", or "peer added or changed" for a change taken with its own delta) and until the
+/// reconciliation after that line. `None` for one the log never names.
+pub fn membership_latencies(log: &str, changes: &[(String, f64)]) -> Vec<ProbeTimes> {
+    let mut named: BTreeMap<&str, Vec<(usize, f64)>> = BTreeMap::new();
+    let mut reconciled: Vec<(usize, f64)> = Vec::new();
+    for (i, line) in log.lines().enumerate() {
+        let Some(t) = log_time(line) else { continue };
+        let key =
+            if line.contains("node changed (folded)") || line.contains("node removed (folded)") {
+                "node="
+            } else if line.contains("peer added or changed") {
+                "peer="
+            } else {
+                if line.contains("kernel reconciled") || line.contains("kernel partly reconciled") {
+                    reconciled.push((i, t));
+                }
+                continue;
+            };
+        if let Some(name) = line.split_whitespace().find_map(|w| w.strip_prefix(key)) {
+            named.entry(name).or_default().push((i, t));
+        }
+    }
+    changes
+        .iter()
+        .map(|(name, sent)| {
+            let Some(&(line, t)) = named
+                .get(name.as_str())
+                .and_then(|v| v.iter().find(|(_, t)| t >= sent))
+            else {
+                return ProbeTimes::default();
+            };
+            let at = reconciled.partition_point(|(i, _)| *i < line);
+            ProbeTimes {
+                seen: Some(t - sent),
+                applied: reconciled.get(at).map(|(_, r)| r - sent),
+            }
+        })
+        .collect()
+}
+
 /// One WireGuard peer as the kernel holds it or the plan wants it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerView {
@@ -597,6 +639,8 @@ pub struct StreamReport {
     /// Per probe: seconds from its write until a watcher of the harness's own (next to the
     /// generator) received it: what the API server takes to deliver a change.
     pub delivered: Vec<Option<f64>>,
+    /// Nodes created or deleted (joins and leaves) and when each was sent (Unix seconds).
+    pub memberships: Vec<(String, f64)>,
 }
 
 impl StreamReport {
@@ -1220,7 +1264,7 @@ impl Scale {
                             .map(drop),
                     };
                     busy.borrow_mut().remove(&node);
-                    (i, kind, sent, unix_secs(SystemTime::now()), r)
+                    (i, kind, node, sent, unix_secs(SystemTime::now()), r)
                 }
             });
             let results: Vec<_> = futures::stream::iter(changes)
@@ -1247,7 +1291,7 @@ impl Scale {
             ..StreamReport::default()
         };
         let mut sent_at = BTreeMap::new();
-        for (slot, kind, sent, acked, r) in &results {
+        for (slot, kind, node, sent, acked, r) in &results {
             rep.first_sent = rep.first_sent.min(*sent);
             rep.latencies.push(acked - sent);
             match r {
@@ -1255,6 +1299,9 @@ impl Scale {
                     *rep.accepted.entry(*kind).or_default() += 1;
                     rep.last_ack = rep.last_ack.max(*acked);
                     sent_at.insert(*slot, *sent);
+                    if matches!(*kind, "add" | "remove") {
+                        rep.memberships.push((node_name(*node), *sent));
+                    }
                 }
                 Err(e) => {
                     rep.refused += 1;
@@ -1310,5 +1357,67 @@ impl Drop for Scale {
                 .stderr(Stdio::null())
                 .status();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LOG: &str = "\
+2026-12-03T10:00:00.100000Z DEBUG wiremesh::agent: registry changed events=3
+2026-12-03T10:00:00.110000Z DEBUG wiremesh::agent: node changed (folded) node=node-00001 location=loc-1 endpoint=Some(\"192.0.2.1:1\")
+2026-12-03T10:00:00.120000Z  INFO wiremesh::agent: kernel reconciled ops=1
+2026-12-03T10:00:00.130000Z DEBUG wiremesh::agent: node removed (folded) node=node-00002
+2026-12-03T10:00:00.140000Z  INFO wiremesh::agent: peer added or changed peer=node-00003 key=K endpoint=Some(\"192.0.2.3:3\")
+2026-12-03T10:00:00.300000Z  INFO wiremesh::agent: kernel reconciled ops=4000
+2026-12-03T10:00:01.000000Z DEBUG wiremesh::agent: node changed (folded) node=node-00001 location=loc-2 endpoint=Some(\"192.0.2.1:1\")
+";
+
+    #[test]
+    fn a_join_or_leave_is_timed_from_its_write_to_the_reconciliation_after_the_agent_named_it() {
+        let t0 = log_time("2026-12-03T10:00:00.000000Z x").unwrap();
+        let changes = vec![
+            ("node-00002".to_string(), t0),
+            ("node-00003".to_string(), t0),
+            // Written after the line naming it at 0.11 s: the line at 1 s names it, and no
+            // reconciliation follows that one.
+            ("node-00001".to_string(), t0 + 0.5),
+            ("node-00009".to_string(), t0),
+        ];
+        let got = membership_latencies(LOG, &changes);
+        let close = |a: Option<f64>, b: f64| a.is_some_and(|a| (a - b).abs() < 1e-6);
+        assert!(
+            close(got[0].seen, 0.13) && close(got[0].applied, 0.3),
+            "{got:?}"
+        );
+        assert!(
+            close(got[1].seen, 0.14) && close(got[1].applied, 0.3),
+            "{got:?}"
+        );
+        assert!(
+            close(got[2].seen, 0.5) && got[2].applied.is_none(),
+            "{got:?}"
+        );
+        assert_eq!(got[3], ProbeTimes::default());
+    }
+
+    #[test]
+    fn a_probe_is_timed_to_the_first_reconciliation_after_the_agent_saw_it() {
+        let t0 = log_time("2026-12-03T10:00:00.000000Z x").unwrap();
+        let probes = vec![
+            ("192.0.2.1:1".to_string(), t0),
+            ("192.0.2.3:3".to_string(), t0 + 0.05),
+        ];
+        let got = probe_latencies(LOG, &probes);
+        let close = |a: Option<f64>, b: f64| a.is_some_and(|a| (a - b).abs() < 1e-6);
+        assert!(
+            close(got[0].seen, 0.11) && close(got[0].applied, 0.12),
+            "{got:?}"
+        );
+        assert!(
+            close(got[1].seen, 0.09) && close(got[1].applied, 0.25),
+            "{got:?}"
+        );
     }
 }
