@@ -11,7 +11,7 @@ use wiremesh::desired::WgPeer;
 use wiremesh::model::{Endpoint, WgKey};
 use wiremesh::reconcile::Op;
 use wiremesh::reconcile::wg::{
-    WgBackend, WgDevice, WgMode, detect_kernel_wireguard, load_or_generate_private_key,
+    PeerChange, WgBackend, WgDevice, WgMode, detect_kernel_wireguard, load_or_generate_private_key,
 };
 
 use crate::util::wg_dev::{TestNs, alive, daemons_for};
@@ -258,6 +258,40 @@ fn wg_changing_one_peer_keeps_the_other_peers_sessions() {
     );
     assert_eq!(find(&state_after, peer_d.public_key), peer_d);
     assert_eq!(find(&state_after, peer_c.public_key), peer_c2);
+
+    // Renumber peer B (a join or leave elsewhere in a full mesh): only its allowed IPs go to
+    // the device; its endpoint, keepalive and session stay, and the tunnel still carries.
+    let renumbered: Vec<IpNetwork> = vec![
+        "10.202.0.2/32".parse().unwrap(),
+        "10.203.0.0/24".parse().unwrap(),
+    ];
+    let r = da
+        .apply_changes(vec![PeerChange::AllowedIps(
+            peer_b.public_key,
+            renumbered.clone(),
+        )])
+        .unwrap();
+    assert!(r.failed.is_empty(), "{:?}", r.failed);
+    let state_renumbered = da.read().unwrap().unwrap();
+    let b_now = find(&state_renumbered, peer_b.public_key);
+    let b_before = find(&state_after, peer_b.public_key);
+    let mut got = b_now.allowed_ips.clone();
+    got.sort();
+    assert_eq!(got, renumbered);
+    assert_eq!(b_now.endpoint, b_before.endpoint);
+    assert_eq!(b_now.persistent_keepalive, b_before.persistent_keepalive);
+    assert_eq!(find(&state_renumbered, peer_d.public_key), peer_d);
+    assert_eq!(
+        stats_of(&da, peer_b.public_key).last_handshake,
+        before.last_handshake,
+        "peer B's session was reset by new allowed IPs"
+    );
+    assert!(
+        a.exec(&["ping", "-c", "1", "-W", "2", "10.202.0.2"])
+            .status
+            .success(),
+        "no ping through the tunnel after the renumbering"
+    );
 
     // Control: removing and re-adding B does lose the session, so the check above can fail.
     da.apply_peers(&[], &[peer_b.public_key]).unwrap();

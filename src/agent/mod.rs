@@ -5,7 +5,9 @@
 //! (a route deleted by hand), on a resync period, after failures (with backoff), and right after
 //! an address of the WireGuard link went (Linux may have flushed routes silently). Logs what
 //! changed and why. When and what to reconcile is decided by a sans-I/O state machine
-//! ([`machine`]); this loop only feeds it events and carries out its decisions. On Kubernetes it
+//! ([`machine`]); this loop only feeds it events and carries out its decisions. A batch's cheap
+//! changes (an endpoint move) are reconciled before its costly ones (a join or leave, which in
+//! full granularity renumbers half the mesh) are folded in: see `take_events`. On Kubernetes it
 //! publishes this node's annotations and re-asserts them when someone else writes them
 //! ([`identity`]). May depend on every library module; the kernel is reached only through
 //! [`crate::reconcile::Kernel`].
@@ -188,14 +190,15 @@ const MERGE_MAX: usize = 16;
 /// can change thousands of peers: a line each made the log, not the kernel, the agent's work.
 const LOG_PEERS_MAX: usize = 8;
 
-/// One event folded into the engine without an update of its own (debug): what arrived.
-fn log_folded(ev: &Event) {
+/// One event taken into the engine (debug): what arrived, and `how` ("folded": without an
+/// update of its own; "delta": with one).
+fn log_event(ev: &Event, how: &str) {
     match ev {
         Event::NodeUpsert(n) => debug!(node = %n.name, location = %n.location,
-            endpoint = ?n.endpoint.as_ref().map(ToString::to_string), "node changed (folded)"),
-        Event::NodeRemove(n) => debug!(node = %n, "node removed (folded)"),
-        Event::PeerUpsert(p) => debug!(peer = %p.name, "peer resource changed (folded)"),
-        Event::PeerRemove(n) => debug!(peer = %n, "peer resource removed (folded)"),
+            endpoint = ?n.endpoint.as_ref().map(ToString::to_string), "node changed ({how})"),
+        Event::NodeRemove(n) => debug!(node = %n, "node removed ({how})"),
+        Event::PeerUpsert(p) => debug!(peer = %p.name, "peer resource changed ({how})"),
+        Event::PeerRemove(n) => debug!(peer = %n, "peer resource removed ({how})"),
     }
 }
 
@@ -719,6 +722,9 @@ fn take_events(
             let mut now = now.into_iter();
             while machine.wants_deltas() {
                 let Some(ev) = now.next() else { break };
+                if tracing::enabled!(tracing::Level::DEBUG) {
+                    log_event(&ev, "delta");
+                }
                 engine.apply_batch([ev], |u| absorb(machine, u, registry));
             }
             let rest: Vec<Event> = now.collect();
@@ -734,7 +740,7 @@ fn take_events(
 /// Fold `events` into the engine without updates; the machine plans the whole state.
 fn fold(engine: &mut Engine, machine: &mut Machine, events: Vec<Event>) {
     if tracing::enabled!(tracing::Level::DEBUG) {
-        events.iter().for_each(log_folded);
+        events.iter().for_each(|ev| log_event(ev, "folded"));
     }
     let started = std::time::Instant::now();
     engine.fold_batch(events);

@@ -94,6 +94,15 @@ pub enum Op {
     LinkUp,
     /// Add or change one peer (its allowed IPs are replaced, other peers are left alone).
     UpsertPeer(Box<WgPeer>),
+    /// Replace the allowed IPs of a peer the device has, and change nothing else of it: a
+    /// renumbered mesh IP (a join or leave in full granularity renumbers half the mesh) goes to
+    /// the device as the peer's key and allowed IPs only.
+    SetAllowedIps {
+        /// The peer's public key.
+        public_key: WgKey,
+        /// Its allowed IPs, all of them.
+        allowed_ips: Vec<IpNetwork>,
+    },
     /// Remove one peer.
     RemovePeer {
         /// The peer's public key.
@@ -139,7 +148,7 @@ impl Op {
             Op::SetMtu { .. } => "set-mtu",
             Op::AddAddress { .. } | Op::DelAddress { .. } => "address",
             Op::LinkUp => "link-up",
-            Op::UpsertPeer(_) | Op::RemovePeer { .. } => "peer",
+            Op::UpsertPeer(_) | Op::SetAllowedIps { .. } | Op::RemovePeer { .. } => "peer",
             Op::SetBridge(_) => "bridge",
             Op::WriteCni { .. } => "cni-config",
             Op::SetMasquerade(_) | Op::DelMasquerade => "masquerade",
@@ -240,11 +249,17 @@ fn by_key(peers: &[WgPeer]) -> Vec<&WgPeer> {
 /// - the peer had a recent handshake (`recent`): it reached us from where it really is, e.g.
 ///   behind NAT, and overwriting that with the published address would cut it off.
 pub fn same_peer(want: &WgPeer, have: &WgPeer, recent: bool) -> bool {
-    use crate::model::Endpoint;
     let mut a = want.allowed_ips.clone();
     let mut b = have.allowed_ips.clone();
     a.sort();
     b.sort();
+    a == b && same_but_allowed_ips(want, have, recent)
+}
+
+/// Whether the kernel's peer matches the desired one in everything but its allowed IPs
+/// (endpoint as [`same_peer`] takes it, keepalive, preshared key).
+fn same_but_allowed_ips(want: &WgPeer, have: &WgPeer, recent: bool) -> bool {
+    use crate::model::Endpoint;
     let endpoint_ok = match (&want.endpoint, &have.endpoint) {
         (None, _) => true,
         (Some(w), Some(h)) if w == h => true,
@@ -252,8 +267,7 @@ pub fn same_peer(want: &WgPeer, have: &WgPeer, recent: bool) -> bool {
         (Some(_), Some(_)) => recent,
         (Some(_), None) => false,
     };
-    a == b
-        && endpoint_ok
+    endpoint_ok
         && want.persistent_keepalive == have.persistent_keepalive
         && want.preshared_key == have.preshared_key
 }
@@ -263,6 +277,18 @@ pub fn same_peer(want: &WgPeer, have: &WgPeer, recent: bool) -> bool {
 /// else (allowed IPs, keepalive) must not undo the roaming of a peer behind NAT: sent to its
 /// published address, which it cannot be reached at, it would stay cut off until its next
 /// keepalive.
+/// The operation that makes the device's peer `have` (if any) the desired `want`: its allowed
+/// IPs alone when nothing else differs, else the whole peer (see [`upsert_of`]).
+fn peer_op(want: &WgPeer, have: Option<&WgPeer>, recent: bool) -> Op {
+    match have {
+        Some(h) if same_but_allowed_ips(want, h, recent) => Op::SetAllowedIps {
+            public_key: want.public_key,
+            allowed_ips: want.allowed_ips.clone(),
+        },
+        _ => Op::UpsertPeer(Box::new(upsert_of(want, have, recent))),
+    }
+}
+
 fn upsert_of(want: &WgPeer, have: Option<&WgPeer>, recent: bool) -> WgPeer {
     use crate::model::Endpoint;
     let mut p = want.clone();
@@ -378,13 +404,11 @@ pub fn plan(desired: &DesiredState, actual: &OwnedState, public_key: WgKey) -> V
     };
     let recent_of =
         |k: &WgKey| device.is_some_and(|d| d.recent_handshakes.binary_search(k).is_ok());
-    ops.extend(upsert.into_iter().map(|p| {
-        Op::UpsertPeer(Box::new(upsert_of(
-            p,
-            have_of(&p.public_key),
-            recent_of(&p.public_key),
-        )))
-    }));
+    ops.extend(
+        upsert
+            .into_iter()
+            .map(|p| peer_op(p, have_of(&p.public_key), recent_of(&p.public_key))),
+    );
     if let Some(b) = &desired.bridge
         && actual.bridge.as_ref() != Some(b)
     {
@@ -476,7 +500,7 @@ pub fn plan_delta(delta: DesiredDelta, actual: &OwnedState) -> Option<Vec<Op>> {
             .binary_search(&p.public_key)
             .is_ok();
         if !have.is_some_and(|h| same_peer(&p, h, recent)) {
-            ops.push(Op::UpsertPeer(Box::new(upsert_of(&p, have, recent))));
+            ops.push(peer_op(&p, have, recent));
         }
     }
     if let Some(m) = &delta.masquerade {
@@ -591,6 +615,16 @@ pub fn apply_op(state: &mut OwnedState, op: Op, public_key: WgKey) {
             {
                 Ok(i) => d.peers[i] = p,
                 Err(i) => d.peers.insert(i, p),
+            }
+        }
+        Op::SetAllowedIps {
+            public_key,
+            allowed_ips,
+        } => {
+            if let Some(d) = &mut state.wireguard
+                && let Ok(i) = d.peers.binary_search_by_key(&public_key, |q| q.public_key)
+            {
+                d.peers[i].allowed_ips = allowed_ips;
             }
         }
         Op::RemovePeer { public_key } => {
@@ -968,13 +1002,28 @@ mod tests {
         dev.peers[0].endpoint = Some(roamed.clone());
         let key = dev.peers[0].public_key;
         dev.recent_handshakes = vec![key];
-        // Its allowed IPs change (a renumbering): the upsert keeps the roamed endpoint.
+        // Its allowed IPs change (a renumbering): only they go to the device, which keeps the
+        // roamed endpoint.
         let mut d2 = d.clone();
         let i = d2.peers.iter().position(|p| p.public_key == key).unwrap();
         d2.peers[i]
             .allowed_ips
             .push("10.99.0.0/24".parse().unwrap());
-        let ups = upserts(plan(&d2, &k, ME));
+        let peer_ops: Vec<Op> = plan(&d2, &k, ME)
+            .into_iter()
+            .filter(|o| o.kind() == "peer")
+            .collect();
+        assert_eq!(
+            peer_ops,
+            vec![Op::SetAllowedIps {
+                public_key: key,
+                allowed_ips: d2.peers[i].allowed_ips.clone()
+            }]
+        );
+        // Its keepalive changes too: the whole peer goes, with the roamed endpoint.
+        let mut d3 = d2.clone();
+        d3.peers[i].persistent_keepalive += 7;
+        let ups = upserts(plan(&d3, &k, ME));
         assert_eq!(ups.len(), 1);
         assert_eq!(ups[0].endpoint, Some(roamed.clone()));
         assert!(
@@ -1061,6 +1110,85 @@ mod tests {
         }
     }
 
+    fn renumbered() -> (WgPeer, WgPeer) {
+        let old = WgPeer {
+            public_key: WgKey([3; 32]),
+            endpoint: Some(crate::model::Endpoint::Addr(
+                "203.0.113.3:51820".parse().unwrap(),
+            )),
+            allowed_ips: vec![
+                "10.9.3.0/24".parse().unwrap(),
+                "10.4.0.4/32".parse().unwrap(),
+            ],
+            persistent_keepalive: 25,
+            preshared_key: None,
+            name: "n3".into(),
+        };
+        let mut new = old.clone();
+        new.allowed_ips[1] = "10.4.0.3/32".parse().unwrap();
+        (old, new)
+    }
+
+    /// The state a plan of `peers` alone leaves.
+    fn with_peers(peers: &[WgPeer]) -> (DesiredState, OwnedState) {
+        let mut d = desired(2, 0);
+        d.peers = peers.to_vec();
+        let mut k = OwnedState::default();
+        let ops = plan(&d, &k, ME);
+        simulate(&mut k, &ops, ME);
+        (d, k)
+    }
+
+    #[test]
+    fn a_renumbered_peer_gets_its_allowed_ips_and_nothing_else() {
+        let (old, new) = renumbered();
+        let (mut d, k) = with_peers(std::slice::from_ref(&old));
+        d.peers = vec![new.clone()];
+        let want = vec![Op::SetAllowedIps {
+            public_key: new.public_key,
+            allowed_ips: new.allowed_ips.clone(),
+        }];
+        assert_eq!(plan(&d, &k, ME), want);
+        // The engine's delta plans the same.
+        let delta = DesiredDelta {
+            peers_upserted: vec![new.clone()],
+            ..DesiredDelta::default()
+        };
+        assert_eq!(plan_delta(delta, &k), Some(want.clone()));
+        let mut after = k.clone();
+        simulate(&mut after, &want, ME);
+        assert_eq!(plan(&d, &after, ME), Vec::<Op>::new());
+        let held = &after.wireguard.as_ref().unwrap().peers[0];
+        assert_eq!(held.endpoint, old.endpoint);
+        assert_eq!(held.persistent_keepalive, 25);
+    }
+
+    #[test]
+    fn a_peer_whose_endpoint_or_keepalive_changes_too_is_upserted_whole() {
+        let (old, new) = renumbered();
+        let (mut d, k) = with_peers(std::slice::from_ref(&old));
+        let mut moved = new.clone();
+        moved.endpoint = Some(crate::model::Endpoint::Addr(
+            "203.0.113.9:51820".parse().unwrap(),
+        ));
+        let mut slower = new;
+        slower.persistent_keepalive = 0;
+        for p in [moved, slower] {
+            d.peers = vec![p.clone()];
+            assert_eq!(plan(&d, &k, ME), vec![Op::UpsertPeer(Box::new(p))]);
+        }
+        // A peer the device does not have is never changed in part.
+        let (_, fresh) = with_peers(&[]);
+        d.peers = vec![old.clone()];
+        assert_eq!(
+            plan(&d, &fresh, ME)
+                .into_iter()
+                .filter(|o| o.kind() == "peer")
+                .collect::<Vec<_>>(),
+            vec![Op::UpsertPeer(Box::new(old))]
+        );
+    }
+
     /// One operation on a small universe of peers (by key byte) and routes (by /24).
     fn peer_or_route_op() -> impl Strategy<Value = Op> {
         let peer = |k: u8, ip: u8| WgPeer {
@@ -1083,6 +1211,10 @@ mod tests {
             (0..12u8, 0..4u8).prop_map(move |(k, ip)| Op::UpsertPeer(Box::new(peer(k, ip)))),
             (0..12u8).prop_map(|k| Op::RemovePeer {
                 public_key: WgKey([k; 32])
+            }),
+            (0..12u8, 0..4u8).prop_map(|(k, ip)| Op::SetAllowedIps {
+                public_key: WgKey([k; 32]),
+                allowed_ips: vec![format!("10.7.{ip}.0/24").parse().unwrap()],
             }),
             (0..12u8).prop_map(move |i| Op::AddRoute(route(i))),
             (0..12u8).prop_map(move |i| Op::DelRoute(route(i))),
@@ -1133,6 +1265,12 @@ mod tests {
                         peers.insert(p.public_key, p);
                     }
                     Op::RemovePeer { public_key } => { peers.remove(public_key); }
+                    // Only a peer the device has changes; nothing else of it does.
+                    Op::SetAllowedIps { public_key, allowed_ips } => {
+                        if let Some(p) = peers.get_mut(public_key) {
+                            p.allowed_ips.clone_from(allowed_ips);
+                        }
+                    }
                     Op::AddRoute(r) => { routes.insert(r.clone()); }
                     Op::DelRoute(r) => { routes.remove(r); }
                     _ => unreachable!(),

@@ -123,6 +123,7 @@ fn is_wireguard(op: &Op) -> bool {
         Op::CreateInterface
             | Op::ConfigureDevice { .. }
             | Op::UpsertPeer(_)
+            | Op::SetAllowedIps { .. }
             | Op::RemovePeer { .. }
     )
 }

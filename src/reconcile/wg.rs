@@ -801,8 +801,19 @@ impl WgDevice {
         upsert: &[WgPeer],
         remove: &[WgKey],
     ) -> Result<PeersApplied, KernelError> {
+        let changes = remove
+            .iter()
+            .map(|k| PeerChange::Remove(*k))
+            .chain(upsert.iter().cloned().map(PeerChange::Upsert))
+            .collect();
+        self.apply_changes(changes)
+    }
+
+    /// Apply peer `changes` as [`Self::apply_peers`] does; a [`PeerChange::AllowedIps`] sends
+    /// the peer's key and allowed IPs only (a renumbered peer: nothing else of it is touched).
+    pub fn apply_changes(&self, changes: Vec<PeerChange>) -> Result<PeersApplied, KernelError> {
         let mut result = PeersApplied::default();
-        if upsert.is_empty() && remove.is_empty() {
+        if changes.is_empty() {
             return Ok(result);
         }
         let op = format!("apply peers to {}", self.name);
@@ -810,23 +821,36 @@ impl WgDevice {
             return Err(wg_err(&op, "the device does not exist"));
         }
         // Removals first: a key that is both removed and upserted ends up present.
-        let mut items: Vec<(WgKey, bool, PeerConfigBuilder)> =
-            Vec::with_capacity(upsert.len() + remove.len());
-        for k in remove {
-            items.push((*k, false, PeerConfigBuilder::new(&Key(k.0)).remove()));
-        }
-        for p in upsert {
-            let endpoint = match &p.endpoint {
-                Some(e) => match resolve_endpoint(e) {
-                    Ok(a) => Some(a),
-                    Err(e) => {
-                        result.failed.push((p.public_key, e));
-                        continue;
+        let mut items: Vec<(WgKey, bool, PeerConfigBuilder)> = Vec::with_capacity(changes.len());
+        let (removals, others): (Vec<PeerChange>, Vec<PeerChange>) = changes
+            .into_iter()
+            .partition(|c| matches!(c, PeerChange::Remove(_)));
+        for change in removals.into_iter().chain(others) {
+            match change {
+                PeerChange::Remove(k) => {
+                    items.push((k, false, PeerConfigBuilder::new(&Key(k.0)).remove()));
+                }
+                PeerChange::AllowedIps(k, allowed) => {
+                    let mut b = PeerConfigBuilder::new(&Key(k.0)).replace_allowed_ips();
+                    for net in &allowed {
+                        b = b.add_allowed_ip(net.network(), net.prefix());
                     }
-                },
-                None => None,
-            };
-            items.push((p.public_key, true, peer_builder(p, endpoint)));
+                    items.push((k, true, b));
+                }
+                PeerChange::Upsert(p) => {
+                    let endpoint = match &p.endpoint {
+                        Some(e) => match resolve_endpoint(e) {
+                            Ok(a) => Some(a),
+                            Err(e) => {
+                                result.failed.push((p.public_key, e));
+                                continue;
+                            }
+                        },
+                        None => None,
+                    };
+                    items.push((p.public_key, true, peer_builder(&p, endpoint)));
+                }
+            }
         }
         for chunk in items.chunks(PEERS_PER_UPDATE) {
             let update = DeviceUpdate::new()
@@ -910,7 +934,7 @@ impl WgDevice {
     }
 
     /// Apply one WireGuard operation (`CreateInterface`, `ConfigureDevice`, `UpsertPeer`,
-    /// `RemovePeer`) on the blocking pool; `None` for any other operation (not ours).
+    /// `SetAllowedIps`, `RemovePeer`) on the blocking pool; `None` for any other operation (not ours).
     pub async fn apply_op(&self, op: &Op) -> Option<Result<(), KernelError>> {
         self.apply_ops(std::slice::from_ref(op))
             .await
@@ -919,7 +943,8 @@ impl WgDevice {
     }
 
     /// Apply `ops` in order, one result per op (`None`: not a WireGuard op). Consecutive
-    /// `UpsertPeer`/`RemovePeer` ops go to the device as one [`Self::apply_peers`] call.
+    /// `UpsertPeer`/`SetAllowedIps`/`RemovePeer` ops go to the device as one
+    /// [`Self::apply_changes`] call.
     pub async fn apply_ops(&self, ops: &[Op]) -> Vec<Option<Result<(), KernelError>>> {
         let mut out: Vec<Option<Result<(), KernelError>>> = Vec::with_capacity(ops.len());
         let mut i = 0;
@@ -938,10 +963,13 @@ impl WgDevice {
                     ));
                     i += 1;
                 }
-                Op::UpsertPeer(_) | Op::RemovePeer { .. } => {
+                Op::UpsertPeer(_) | Op::SetAllowedIps { .. } | Op::RemovePeer { .. } => {
                     let start = i;
                     while i < ops.len()
-                        && matches!(ops[i], Op::UpsertPeer(_) | Op::RemovePeer { .. })
+                        && matches!(
+                            ops[i],
+                            Op::UpsertPeer(_) | Op::SetAllowedIps { .. } | Op::RemovePeer { .. }
+                        )
                     {
                         i += 1;
                     }
@@ -967,34 +995,39 @@ impl WgDevice {
     }
 
     async fn apply_peer_chunk(&self, ops: &[Op]) -> Vec<Option<Result<(), KernelError>>> {
-        let mut upsert = Vec::new();
-        let mut remove = Vec::new();
-        for op in ops {
-            match op {
-                Op::UpsertPeer(p) => upsert.push((**p).clone()),
-                Op::RemovePeer { public_key } => remove.push(*public_key),
-                _ => {}
-            }
-        }
+        let changes: Vec<PeerChange> = ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::UpsertPeer(p) => Some(PeerChange::Upsert((**p).clone())),
+                Op::SetAllowedIps {
+                    public_key,
+                    allowed_ips,
+                } => Some(PeerChange::AllowedIps(*public_key, allowed_ips.clone())),
+                Op::RemovePeer { public_key } => Some(PeerChange::Remove(*public_key)),
+                _ => None,
+            })
+            .collect();
         let res = self
-            .blocking("apply peers", move |d| d.apply_peers(&upsert, &remove))
+            .blocking("apply peers", move |d| d.apply_changes(changes))
             .await;
         match res {
             Err(e) => ops.iter().map(|_| Some(Err(same_error(&e)))).collect(),
-            Ok(mut applied) => ops
-                .iter()
-                .map(|op| {
-                    let key = match op {
-                        Op::UpsertPeer(p) => p.public_key,
-                        Op::RemovePeer { public_key } => *public_key,
-                        _ => return None,
-                    };
-                    match applied.failed.iter().position(|(k, _)| *k == key) {
-                        Some(pos) => Some(Err(applied.failed.swap_remove(pos).1)),
-                        None => Some(Ok(())),
-                    }
-                })
-                .collect(),
+            Ok(mut applied) => {
+                ops.iter()
+                    .map(|op| {
+                        let key = match op {
+                            Op::UpsertPeer(p) => p.public_key,
+                            Op::SetAllowedIps { public_key, .. }
+                            | Op::RemovePeer { public_key } => *public_key,
+                            _ => return None,
+                        };
+                        match applied.failed.iter().position(|(k, _)| *k == key) {
+                            Some(pos) => Some(Err(applied.failed.swap_remove(pos).1)),
+                            None => Some(Ok(())),
+                        }
+                    })
+                    .collect()
+            }
         }
     }
 
@@ -1086,6 +1119,17 @@ impl WgDevice {
 // ---------------------------------------------------------------------------------------------
 // Conversions
 // ---------------------------------------------------------------------------------------------
+
+/// One change of a device's peers (see [`WgDevice::apply_changes`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerChange {
+    /// Add or change the whole peer.
+    Upsert(WgPeer),
+    /// Replace the allowed IPs of the peer with this key; nothing else of it changes.
+    AllowedIps(WgKey, Vec<IpNetwork>),
+    /// Remove the peer with this key.
+    Remove(WgKey),
+}
 
 fn peer_builder(p: &WgPeer, endpoint: Option<SocketAddr>) -> PeerConfigBuilder {
     let mut b = PeerConfigBuilder::new(&Key(p.public_key.0))

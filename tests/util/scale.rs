@@ -255,9 +255,9 @@ pub fn activity(log: &str, from: f64, to: f64) -> Activity {
     a
 }
 
-/// When the agent had one probe: seconds from its write to the engine's delta ("peer added or
-/// changed", or "node changed (folded)" for a change folded into a burst: the watch delivered
-/// it) and to the reconciliation that put it into the kernel.
+/// When the agent had one probe: seconds from its write to the agent's line for the event
+/// ("node changed (folded)" or "(delta)", or "peer added or changed": the watch delivered it)
+/// and to the reconciliation that put it into the kernel.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct ProbeTimes {
     /// Write → the agent's engine.
@@ -279,7 +279,7 @@ pub fn probe_latencies(log: &str, probes: &[(String, f64)]) -> Vec<ProbeTimes> {
     let mut applied: Vec<Option<f64>> = vec![None; probes.len()];
     let mut waiting: Vec<usize> = Vec::new();
     for line in log.lines() {
-        if line.contains("peer added or changed") || line.contains("node changed (folded)") {
+        if line.contains("peer added or changed") || line.contains("node changed (") {
             if let Some(i) = line
                 .split_once("endpoint=Some(\"")
                 .and_then(|(_, r)| r.split_once('"'))
@@ -314,25 +314,21 @@ pub fn probe_latencies(log: &str, probes: &[(String, f64)]) -> Vec<ProbeTimes> {
 }
 
 /// For each node created or deleted at `sent` (Unix seconds), from the agent's log: seconds
-/// until the first line that names it after `sent` ("node changed (folded)", "node removed
-/// (folded)", or "peer added or changed" for a change taken with its own delta) and until the
-/// reconciliation after that line. `None` for one the log never names.
+/// until the first line that names it after `sent` ("node changed (…)", "node removed (…)":
+/// the agent's debug line for each event it takes, folded or with its own delta) and until
+/// the reconciliation after that line. `None` for one the log never names.
 pub fn membership_latencies(log: &str, changes: &[(String, f64)]) -> Vec<ProbeTimes> {
     let mut named: BTreeMap<&str, Vec<(usize, f64)>> = BTreeMap::new();
     let mut reconciled: Vec<(usize, f64)> = Vec::new();
     for (i, line) in log.lines().enumerate() {
         let Some(t) = log_time(line) else { continue };
-        let key =
-            if line.contains("node changed (folded)") || line.contains("node removed (folded)") {
-                "node="
-            } else if line.contains("peer added or changed") {
-                "peer="
-            } else {
-                if line.contains("kernel reconciled") || line.contains("kernel partly reconciled") {
-                    reconciled.push((i, t));
-                }
-                continue;
-            };
+        if !(line.contains("node changed (") || line.contains("node removed (")) {
+            if line.contains("kernel reconciled") || line.contains("kernel partly reconciled") {
+                reconciled.push((i, t));
+            }
+            continue;
+        }
+        let key = "node=";
         if let Some(name) = line.split_whitespace().find_map(|w| w.strip_prefix(key)) {
             named.entry(name).or_default().push((i, t));
         }
@@ -1369,7 +1365,8 @@ mod tests {
 2026-12-03T10:00:00.110000Z DEBUG wiremesh::agent: node changed (folded) node=node-00001 location=loc-1 endpoint=Some(\"192.0.2.1:1\")
 2026-12-03T10:00:00.120000Z  INFO wiremesh::agent: kernel reconciled ops=1
 2026-12-03T10:00:00.130000Z DEBUG wiremesh::agent: node removed (folded) node=node-00002
-2026-12-03T10:00:00.140000Z  INFO wiremesh::agent: peer added or changed peer=node-00003 key=K endpoint=Some(\"192.0.2.3:3\")
+2026-12-03T10:00:00.140000Z DEBUG wiremesh::agent: node changed (delta) node=node-00003 location=loc-3 endpoint=Some(\"192.0.2.3:3\")
+2026-12-03T10:00:00.141000Z  INFO wiremesh::agent: peer added or changed peer=node-00003 key=K endpoint=Some(\"192.0.2.3:3\")
 2026-12-03T10:00:00.300000Z  INFO wiremesh::agent: kernel reconciled ops=4000
 2026-12-03T10:00:01.000000Z DEBUG wiremesh::agent: node changed (folded) node=node-00001 location=loc-2 endpoint=Some(\"192.0.2.1:1\")
 ";
