@@ -185,6 +185,13 @@ fn log_new_diagnostics(seen: &mut BTreeSet<String>, diags: &[Diagnostic]) {
 /// Batches ready behind the one taken that join it (see the loop), at most.
 const MERGE_MAX: usize = 16;
 
+/// The least time between two recomputations for costly events (joins and leaves; see
+/// `take_events`). Under sustained churn they gather meanwhile and go in together: each
+/// recomputation renumbers the whole mesh once whatever it covers, so at 5,000 nodes in full
+/// granularity a recomputation per batch would keep the loop in them and make every cheap
+/// change wait behind one. A lone join or leave is not delayed.
+const COSTLY_GAP: Duration = Duration::from_millis(250);
+
 /// Peers of one change logged one by one; a bigger change is logged as counts. A node leaving
 /// a full mesh renumbers the mesh IPs of every node after it (Kilo's allocation), so one event
 /// can change thousands of peers: a line each made the log, not the kernel, the agent's work.
@@ -384,8 +391,11 @@ pub async fn run_with<K: Kernel>(
     let mut failover_resumed = false;
     // Since when the registry has been listed and reachable without a break (for staleness).
     let mut live_since: Option<tokio::time::Instant> = None;
-    // Events of the last batch that wait for its cheap ones to reach the kernel.
+    // Costly events that wait for the cheap ones to reach the kernel, and for the next
+    // recomputation the rate limit allows (see `COSTLY_GAP`).
     let mut deferred: Vec<Event> = Vec::new();
+    let mut last_costly: Option<tokio::time::Instant> = None;
+    let mut costly_at: Option<tokio::time::Instant> = None;
     me.port
         .found(kernel.port_holder(cfg.mesh.port).await, &observer);
     // The guards of the last run first: after a reboot pods may run before the registry is
@@ -472,15 +482,21 @@ pub async fn run_with<K: Kernel>(
                 me.publish(&cfg, link, &host);
             }
         }
-        // The costly part of the last batch, held back so that its cheap changes reached the
-        // kernel first (see `take_events`): folded now, reconciled at once.
-        if !deferred.is_empty()
-            && let Mesh::Running(engine) = &mut mesh
-        {
-            let later = std::mem::take(&mut deferred);
-            debug!(events = later.len(), "folding the batch's costly events in");
-            fold(engine, &mut machine, later);
-            continue;
+        // The costly events held back so that the cheap ones reached the kernel first (see
+        // `take_events`): folded now and reconciled at once, unless the last recomputation for
+        // costly events was less than `COSTLY_GAP` ago (then when it allows).
+        if !deferred.is_empty() && costly_at.is_none() {
+            let due = last_costly.map_or_else(tokio::time::Instant::now, |t| t + COSTLY_GAP);
+            if due <= tokio::time::Instant::now()
+                && let Mesh::Running(engine) = &mut mesh
+            {
+                let later = std::mem::take(&mut deferred);
+                debug!(events = later.len(), "folding the batch's costly events in");
+                fold(engine, &mut machine, later);
+                last_costly = Some(tokio::time::Instant::now());
+                continue;
+            }
+            costly_at = Some(due);
         }
         observer.loop_not_ready(machine.not_ready());
         let deadline = tokio::time::Instant::from_std(machine.deadline());
@@ -561,7 +577,8 @@ pub async fn run_with<K: Kernel>(
                         link.reconnected();
                     }
                 }
-                deferred = take_events(&cfg, &mut mesh, &mut machine, &diags.registry, events, batch.synced);
+                let later = take_events(&cfg, &mut mesh, &mut machine, &diags.registry, events, batch.synced, &deferred);
+                deferred.extend(later);
             }
             ev = kernel_events.recv(), if kernel_events_open => {
                 match ev {
@@ -657,6 +674,15 @@ pub async fn run_with<K: Kernel>(
                 let (Mesh::Running(_), Some(device)) = (&mesh, &device) else { continue };
                 break_crossed_initiations(device, kernel, &mut me).await;
             }
+            _ = tokio::time::sleep_until(costly_at.unwrap_or(deadline)), if costly_at.is_some() => {
+                costly_at = None;
+                if let Mesh::Running(engine) = &mut mesh {
+                    let later = std::mem::take(&mut deferred);
+                    debug!(events = later.len(), "folding the held costly events in");
+                    fold(engine, &mut machine, later);
+                    last_costly = Some(tokio::time::Instant::now());
+                }
+            }
             _ = heartbeat.tick() => {}
             _ = tokio::time::sleep_until(deadline) => machine.tick(now()),
         }
@@ -671,6 +697,9 @@ pub async fn run_with<K: Kernel>(
 /// the local node; see `Engine::split_costly`) for after the next reconciliation: an endpoint
 /// move then reaches the kernel in a reconciliation of its own, instead of waiting behind a
 /// renumbering of thousands of peers.
+///
+/// `held`: costly events still waiting; a new event of an object among them waits behind
+/// them, so that each object's events keep their order.
 fn take_events(
     cfg: &AgentConfig,
     mesh: &mut Mesh,
@@ -678,6 +707,7 @@ fn take_events(
     registry: &[Diagnostic],
     events: Vec<Event>,
     synced: bool,
+    held: &[Event],
 ) -> Vec<Event> {
     match mesh {
         Mesh::Listing { nodes, peers } => {
@@ -710,12 +740,7 @@ fn take_events(
         }
         Mesh::Running(engine) => {
             debug!(events = events.len(), "registry changed");
-            let (now, later) = engine.split_costly(events);
-            let (now, later) = if now.is_empty() {
-                (later, Vec::new())
-            } else {
-                (now, later)
-            };
+            let (now, later) = engine.split_costly(events, held);
             // Event by event while the one delta the machine keeps is still to come; from the
             // second change on the whole state is planned, so the rest is folded in without
             // updates (no diff of the whole mesh per burst).

@@ -17,8 +17,9 @@ struct FakeKernel {
     refuse: Arc<Mutex<Option<(ipnetwork::IpNetwork, usize)>>>,
     /// How many times operations were applied (one reconciliation each).
     reconciles: Arc<Mutex<usize>>,
-    /// The operations of each reconciliation, in order.
+    /// The operations of each reconciliation, in order, and when it began (tokio's clock).
     rounds: Arc<Mutex<Vec<Vec<Op>>>>,
+    rounds_at: Arc<Mutex<Vec<tokio::time::Instant>>>,
     /// Drop every WireGuard route when an address is removed (as the kernel does with the last
     /// IPv4 address of a link), and count how often that happened.
     flush_on_address_removal: Arc<Mutex<Option<usize>>>,
@@ -87,6 +88,10 @@ impl Kernel for FakeKernel {
     async fn apply_all(&mut self, ops: &[Op]) -> Vec<Result<(), KernelError>> {
         *self.reconciles.lock().unwrap() += 1;
         self.rounds.lock().unwrap().push(ops.to_vec());
+        self.rounds_at
+            .lock()
+            .unwrap()
+            .push(tokio::time::Instant::now());
         let mut out = Vec::with_capacity(ops.len());
         for op in ops {
             out.push(self.apply(op).await);
@@ -581,6 +586,66 @@ async fn a_batchs_cheap_changes_reach_the_kernel_before_its_costly_ones() {
     );
     assert_eq!(upserts(&rounds[0]), vec![par], "{rounds:?}");
     assert!(upserts(&rounds[1]).contains(&WgKey([9; 32])), "{rounds:?}");
+    agent.stop().await;
+}
+
+/// A node of the three clouds' mesh joining as `name` with key byte `k` and pod CIDR
+/// 10.`k`.0.0/24: in full granularity a new segment (costly).
+fn joining(nodes: &[MeshNode], name: &str, k: u8) -> MeshNode {
+    let mut n = nodes[nodes.len() - 1].clone();
+    n.name = NodeName(name.into());
+    n.location = name.into();
+    n.key = Some(WgKey([k; 32]));
+    n.endpoint = Some(format!("203.0.113.{k}:51820").parse().unwrap());
+    n.internal_ip = None;
+    n.pod_cidrs = vec![format!("10.{k}.0.0/24").parse().unwrap()];
+    n
+}
+
+#[tokio::test(start_paused = true)]
+async fn joins_in_quick_succession_wait_for_the_costly_gap_while_cheap_changes_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = FakeKernel::default();
+    let (agent, tx, nodes) = fra_1_listed(dir.path(), &kernel).await;
+    let round_of = |k: WgKey| {
+        let rounds = kernel.rounds.lock().unwrap();
+        rounds.iter().position(|ops| {
+            ops.iter()
+                .any(|o| matches!(o, Op::UpsertPeer(p) if p.public_key == k))
+        })
+    };
+    let at = |i: usize| kernel.rounds_at.lock().unwrap()[i];
+    tx.send(batch(vec![Event::node(joining(&nodes, "zrh-1", 91))], true))
+        .await
+        .unwrap();
+    wait_for("the first join", || round_of(WgKey([91; 32])).is_some()).await;
+    let first = round_of(WgKey([91; 32])).unwrap();
+    // A second join right after it, with an endpoint move of par-1.
+    let index = |name: &str| nodes.iter().position(|n| n.name.0 == name).unwrap();
+    let mut moved = nodes[index("par-1")].clone();
+    moved.endpoint = Some("203.0.113.99:40001".parse().unwrap());
+    let par = key_of(&nodes, "par-1");
+    tx.send(batch(
+        vec![
+            Event::node(joining(&nodes, "vie-1", 92)),
+            Event::node(moved),
+        ],
+        true,
+    ))
+    .await
+    .unwrap();
+    wait_for("the second join", || round_of(WgKey([92; 32])).is_some()).await;
+    let (moved_in, second) = (round_of(par).unwrap(), round_of(WgKey([92; 32])).unwrap());
+    assert!(moved_in < second, "the move waited for the join");
+    assert!(
+        at(moved_in) - at(first) < COSTLY_GAP,
+        "the move waited for the gap"
+    );
+    assert!(
+        at(second) - at(first) >= COSTLY_GAP,
+        "two recomputations for joins {:?} apart",
+        at(second) - at(first)
+    );
     agent.stop().await;
 }
 

@@ -430,7 +430,10 @@ impl Engine {
     /// object's events keep their order. Applying the first part and then the second ends in
     /// the same state as applying the batch (the engine is a function of its inputs), and the
     /// state between is that of inputs that all existed.
-    pub fn split_costly(&self, events: Vec<Event>) -> (Vec<Event>, Vec<Event>) {
+    ///
+    /// `held`: costly events of earlier batches not applied yet; the events of their objects
+    /// go with the rest too.
+    pub fn split_costly(&self, events: Vec<Event>, held: &[Event]) -> (Vec<Event>, Vec<Event>) {
         let name = |ev: &Event| match ev {
             Event::NodeUpsert(n) => (false, n.name.clone()),
             Event::NodeRemove(n) => (false, n.clone()),
@@ -440,6 +443,7 @@ impl Engine {
         let costly: HashSet<(bool, NodeName)> = events
             .iter()
             .filter(|ev| self.costly(ev))
+            .chain(held)
             .map(name)
             .collect();
         if costly.is_empty() {
