@@ -694,8 +694,9 @@ pub async fn run_with<K: Kernel>(
 ///
 /// A running mesh takes a batch's cheap events now and returns its costly ones (a node joining
 /// or leaving, which renumbers every segment after it in full granularity, an external peer,
-/// the local node; see `Engine::split_costly`) for after the next reconciliation: an endpoint
-/// move then reaches the kernel in a reconciliation of its own, instead of waiting behind a
+/// the local node; see `Engine::split_costly`) for after the next reconciliation, and no
+/// sooner than `COSTLY_GAP` after the last recomputation for such events: an endpoint move
+/// then reaches the kernel in a reconciliation of its own, instead of waiting behind a
 /// renumbering of thousands of peers.
 ///
 /// `held`: costly events still waiting; a new event of an object among them waits behind
