@@ -182,12 +182,7 @@ proptest! {
         let mut mirror = engine.desired();
         prop_assert_eq!(&mirror, &full_state(&nodes, &peers, &local, &o));
         for ev in events {
-            match &ev {
-                Event::NodeUpsert(n) => { nodes.insert(n.name.clone(), (**n).clone()); }
-                Event::NodeRemove(n) => { nodes.remove(n); }
-                Event::PeerUpsert(p) => { peers.insert(p.name.clone(), p.clone()); }
-                Event::PeerRemove(p) => { peers.remove(p); }
-            }
+            apply_inputs(&mut nodes, &mut peers, std::slice::from_ref(&ev));
             match engine.apply(ev) {
                 Update::Delta(d) => {
                     let m = mirror.as_mut().expect("a delta needs a previous state");
@@ -221,14 +216,7 @@ proptest! {
         let mut peers: BTreeMap<NodeName, MeshPeer> = BTreeMap::new();
         let mut mirror = engine.desired();
         for batch in batches {
-            for ev in &batch {
-                match ev {
-                    Event::NodeUpsert(n) => { nodes.insert(n.name.clone(), (**n).clone()); }
-                    Event::NodeRemove(n) => { nodes.remove(n); }
-                    Event::PeerUpsert(p) => { peers.insert(p.name.clone(), p.clone()); }
-                    Event::PeerRemove(p) => { peers.remove(p); }
-                }
-            }
+            apply_inputs(&mut nodes, &mut peers, &batch);
             let mut updates = Vec::new();
             engine.apply_batch(batch, |u| updates.push(u));
             for u in updates {
@@ -276,11 +264,9 @@ fn apply_inputs(
 fn touched(events: &[Event]) -> BTreeSet<(bool, NodeName)> {
     events
         .iter()
-        .map(|ev| match ev {
-            Event::NodeUpsert(n) => (false, n.name.clone()),
-            Event::NodeRemove(n) => (false, n.clone()),
-            Event::PeerUpsert(p) => (true, p.name.clone()),
-            Event::PeerRemove(p) => (true, p.clone()),
+        .map(|ev| {
+            let (peer, name) = ev.object();
+            (peer, name.clone())
         })
         .collect()
 }

@@ -487,13 +487,8 @@ pub async fn run_with<K: Kernel>(
         // costly events was less than `COSTLY_GAP` ago (then when it allows).
         if !deferred.is_empty() && costly_at.is_none() {
             let due = last_costly.map_or_else(tokio::time::Instant::now, |t| t + COSTLY_GAP);
-            if due <= tokio::time::Instant::now()
-                && let Mesh::Running(engine) = &mut mesh
-            {
-                let later = std::mem::take(&mut deferred);
-                debug!(events = later.len(), "folding the batch's costly events in");
-                fold(engine, &mut machine, later);
-                last_costly = Some(tokio::time::Instant::now());
+            if due <= tokio::time::Instant::now() {
+                fold_held(&mut mesh, &mut machine, &mut deferred, &mut last_costly);
                 continue;
             }
             costly_at = Some(due);
@@ -676,12 +671,7 @@ pub async fn run_with<K: Kernel>(
             }
             _ = tokio::time::sleep_until(costly_at.unwrap_or(deadline)), if costly_at.is_some() => {
                 costly_at = None;
-                if let Mesh::Running(engine) = &mut mesh {
-                    let later = std::mem::take(&mut deferred);
-                    debug!(events = later.len(), "folding the held costly events in");
-                    fold(engine, &mut machine, later);
-                    last_costly = Some(tokio::time::Instant::now());
-                }
+                fold_held(&mut mesh, &mut machine, &mut deferred, &mut last_costly);
             }
             _ = heartbeat.tick() => {}
             _ = tokio::time::sleep_until(deadline) => machine.tick(now()),
@@ -760,6 +750,22 @@ fn take_events(
             }
             later
         }
+    }
+}
+
+/// Fold the costly events `held` back (see `take_events`) into a running mesh and note when
+/// (`last`, for `COSTLY_GAP`).
+fn fold_held(
+    mesh: &mut Mesh,
+    machine: &mut Machine,
+    held: &mut Vec<Event>,
+    last: &mut Option<tokio::time::Instant>,
+) {
+    if let Mesh::Running(engine) = mesh {
+        let events = std::mem::take(held);
+        debug!(events = events.len(), "folding the held costly events in");
+        fold(engine, machine, events);
+        *last = Some(tokio::time::Instant::now());
     }
 }
 

@@ -555,13 +555,7 @@ async fn a_batchs_cheap_changes_reach_the_kernel_before_its_costly_ones() {
     moved.endpoint = Some("203.0.113.99:40001".parse().unwrap());
     // A node joining adds a segment (in full granularity it renumbers every segment after
     // it): costly. It comes first in the batch; the move still reaches the kernel first.
-    let mut joined = nodes[index("hel-1")].clone();
-    joined.name = NodeName("zrh-1".into());
-    joined.location = "zrh".into();
-    joined.key = Some(WgKey([9; 32]));
-    joined.endpoint = Some("203.0.113.77:51820".parse().unwrap());
-    joined.internal_ip = None;
-    joined.pod_cidrs = vec!["10.99.0.0/24".parse().unwrap()];
+    let joined = joining(&nodes, "zrh-1", 9);
     let par = key_of(&nodes, "par-1");
     tx.send(batch(vec![Event::node(joined), Event::node(moved)], true))
         .await

@@ -44,6 +44,16 @@ impl Event {
     pub fn node(node: MeshNode) -> Self {
         Event::NodeUpsert(Arc::new(node))
     }
+
+    /// The object the event is about: whether it is an external peer, and its name.
+    pub fn object(&self) -> (bool, &NodeName) {
+        match self {
+            Event::NodeUpsert(n) => (false, &n.name),
+            Event::NodeRemove(n) => (false, n),
+            Event::PeerUpsert(p) => (true, &p.name),
+            Event::PeerRemove(p) => (true, p),
+        }
+    }
 }
 
 /// What an event did to the local node's desired state.
@@ -434,24 +444,22 @@ impl Engine {
     /// `held`: costly events of earlier batches not applied yet; the events of their objects
     /// go with the rest too.
     pub fn split_costly(&self, events: Vec<Event>, held: &[Event]) -> (Vec<Event>, Vec<Event>) {
-        let name = |ev: &Event| match ev {
-            Event::NodeUpsert(n) => (false, n.name.clone()),
-            Event::NodeRemove(n) => (false, n.clone()),
-            Event::PeerUpsert(p) => (true, p.name.clone()),
-            Event::PeerRemove(p) => (true, p.clone()),
-        };
         let costly: HashSet<(bool, NodeName)> = events
             .iter()
             .filter(|ev| self.costly(ev))
             .chain(held)
-            .map(name)
+            .map(|ev| {
+                let (peer, name) = ev.object();
+                (peer, name.clone())
+            })
             .collect();
         if costly.is_empty() {
             return (events, Vec::new());
         }
-        events
-            .into_iter()
-            .partition(|ev| !costly.contains(&name(ev)))
+        events.into_iter().partition(|ev| {
+            let (peer, name) = ev.object();
+            !costly.contains(&(peer, name.clone()))
+        })
     }
 
     /// Whether `ev`, taken against the current inputs, needs a recomputation or changes which

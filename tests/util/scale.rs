@@ -1360,6 +1360,11 @@ impl Drop for Scale {
 mod tests {
     use super::*;
 
+    /// Whether `a` is `b` seconds, to the log's microsecond.
+    fn close(a: Option<f64>, b: f64) -> bool {
+        a.is_some_and(|a| (a - b).abs() < 1e-6)
+    }
+
     const LOG: &str = "\
 2026-12-03T10:00:00.100000Z DEBUG wiremesh::agent: registry changed events=3
 2026-12-03T10:00:00.110000Z DEBUG wiremesh::agent: node changed (folded) node=node-00001 location=loc-1 endpoint=Some(\"192.0.2.1:1\")
@@ -1383,7 +1388,6 @@ mod tests {
             ("node-00009".to_string(), t0),
         ];
         let got = membership_latencies(LOG, &changes);
-        let close = |a: Option<f64>, b: f64| a.is_some_and(|a| (a - b).abs() < 1e-6);
         assert!(
             close(got[0].seen, 0.13) && close(got[0].applied, 0.3),
             "{got:?}"
@@ -1407,7 +1411,6 @@ mod tests {
             ("192.0.2.3:3".to_string(), t0 + 0.05),
         ];
         let got = probe_latencies(LOG, &probes);
-        let close = |a: Option<f64>, b: f64| a.is_some_and(|a| (a - b).abs() < 1e-6);
         assert!(
             close(got[0].seen, 0.11) && close(got[0].applied, 0.12),
             "{got:?}"
